@@ -1,0 +1,252 @@
+"""The `darkstore` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from storage.errors import DarkstoreError
+
+app = typer.Typer(
+    name="darkstore",
+    help="Run a teacher ensemble once over a transfer set; distill many students from the cached soft targets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False, disable=not console.is_terminal and not _force_progress(),
+    )
+
+
+def _force_progress() -> bool:
+    import os
+
+    return os.environ.get("DARKSTORE_PROGRESS", "") == "1"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+# --- generate ---------------------------------------------------------------------
+@app.command()
+def generate(
+    out_: Annotated[Path, typer.Option("--out", help="store directory to create or resume")],
+    teachers: Annotated[Optional[Path], typer.Option(help="ensemble spec (YAML/JSON)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="transfer set: spec file (YAML/JSON), .npz/.npy, or image folder")] = None,
+    job: Annotated[Optional[Path], typer.Option(help="a whole job spec file instead of --teachers/--data/options")] = None,
+    combine: Annotated[str, typer.Option(help="geometric | arithmetic")] = "geometric",
+    temperature: Annotated[float, typer.Option(help="generation temperature (used by arithmetic)")] = 1.0,
+    keep_members: Annotated[bool, typer.Option("--keep-members", help="also store each teacher's logits")] = False,
+    dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
+    compressor: Annotated[str, typer.Option(help="zstd | blosc | none")] = "zstd",
+    chunk_rows: Annotated[int, typer.Option(help="rows per chunk: the unit of work and commit")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 256,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store of another job at --out")] = False,
+):
+    """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
+    from darkstore.data import parse_data_spec
+    from teacher_service.generate import generate as run
+    from teacher_service.spec import EnsembleSpec, JobSpec
+
+    if job is not None:
+        spec = JobSpec.from_file(job)
+    else:
+        if teachers is None or data is None:
+            raise typer.BadParameter("give --teachers and --data, or --job")
+        spec = JobSpec.model_validate({
+            "teachers": EnsembleSpec.from_file(teachers), "data": parse_data_spec(data), "combine": combine,
+            "temperature": temperature, "dtype": dtype, "compressor": compressor, "chunk_rows": chunk_rows,
+            "keep_members": keep_members,
+        })
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        task = {}
+
+        def on_start(writer):
+            done = writer.meta.num_rows - sum(b - a for a, b in map(writer.bounds, writer.pending_chunks()))
+            task["id"] = progress.add_task("generating", total=writer.meta.num_rows, completed=done, rate="")
+            task["t"], task["n"] = time.perf_counter(), 0
+            if done:
+                console.print(f"resuming: {done} of {writer.meta.num_rows} rows already committed")
+
+        def on_rows(n):
+            task["n"] += n
+            rate = task["n"] / max(1e-9, time.perf_counter() - task["t"])
+            progress.update(task["id"], advance=n, rate=f"{rate:,.0f} rows/s")
+
+        writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
+                     allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows)
+    wrote = task.get("n", 0)
+    console.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed now "
+                  f"in {time.perf_counter() - t0:.1f} s)")
+
+
+# --- inspect ---------------------------------------------------------------------
+@app.command()
+def inspect(
+    store: Annotated[Path, typer.Argument(help="store directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="also read every committed row and check it")] = False,
+):
+    """Describe a store: shape, size, teachers, combine rule, completeness, accuracies."""
+    from storage import open_store
+
+    reader = open_store(store, allow_incomplete=True)
+    if verify:
+        reader.verify()
+    s = reader.summary()
+    if as_json:
+        out.print_json(json.dumps(s))
+        return
+    t = Table(title=f"darkstore store {s['path']}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    state = "[green]complete[/]" if s["complete"] else f"[yellow]incomplete[/] ({s['chunks_done']}/{s['chunks']} chunks)"
+    t.add_row("state", state + (" (verified)" if verify else ""))
+    t.add_row("logits", f"[{s['rows']}, {s['classes']}] {s['dtype']}, chunks of {s['chunk_rows']} rows, {s['compressor']}")
+    if s["keep_members"]:
+        t.add_row("members", f"[{len(s['teachers'])}, {s['rows']}, {s['classes']}] {s['dtype']}")
+    t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_sample']:.1f} B/sample; "
+              f"{s['raw_bytes_per_sample']} B/sample uncompressed)")
+    t.add_row("combine", f"{s['combine']} mean, generation T={s['temperature']:g}")
+    ts = s["transfer_set"]
+    t.add_row("transfer set", f"{ts['spec'].get('kind')} {ts['spec'].get('path') or ts['spec'].get('root') or ts['spec'].get('name') or ''}"
+              f" — {ts['num_samples']} samples, fingerprint {ts['fingerprint'][:16]}…")
+    acc = s["accuracy"] or {}
+    for tr in s["teachers"]:
+        a = f", accuracy {100 * acc[tr['name']]:.2f} %" if tr["name"] in acc else ""
+        h = tr["sha256"][:16] + "…" if tr["sha256"] else "-"
+        t.add_row(f"teacher {tr['name']}", f"{tr['arch']} ({tr['format']}), {tr['num_params']:,} params, sha256 {h}{a}")
+    if acc:
+        t.add_row("ensemble accuracy", f"{100 * acc['ensemble']:.2f} % on {acc['labeled_rows']} labeled rows")
+    t.add_row("job key", s["job_key"][:16] + "…")
+    t.add_row("created", f"{s['created_at']} by darkstore {s['software_version']}")
+    out.print(t)
+
+
+# --- train -----------------------------------------------------------------------
+@app.command()
+def train(
+    store: Annotated[Path, typer.Option(help="store to distill from")],
+    out_: Annotated[Path, typer.Option("--out", help="run directory")],
+    student: Annotated[Optional[str], typer.Option(help="student architecture (see `darkstore archs`)")] = None,
+    arch_kwargs: Annotated[str, typer.Option(help="JSON keyword arguments for the architecture")] = "{}",
+    student_spec: Annotated[Optional[Path], typer.Option(help="student model spec file (YAML/JSON) instead of --student")] = None,
+    data: Annotated[Optional[str], typer.Option(help="transfer set (default: the one recorded in the store)")] = None,
+    eval_store: Annotated[Optional[Path], typer.Option(help="store over a held-out set to evaluate on")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="inputs of --eval-store (default: as recorded)")] = None,
+    temperature: Annotated[float, typer.Option(help="distillation temperature T")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="weight of the soft term (0 = hard labels only)")] = 0.9,
+    loss: Annotated[str, typer.Option(help="kl | mse")] = "kl",
+    epochs: Annotated[int, typer.Option()] = 30,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    weight_decay: Annotated[float, typer.Option()] = 0.0,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
+    seed: Annotated[int, typer.Option()] = 0,
+    holdout: Annotated[float, typer.Option(help="fraction of rows held out when no --eval-store")] = 0.1,
+    device: Annotated[str, typer.Option()] = "cpu",
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store")] = False,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
+):
+    """Train one student against the store's soft targets; saves safetensors + metrics."""
+    from darkstore.data import open_transfer_set
+    from darkstore.models import ModelSpec
+    from darkstore.specfile import load_spec_file
+    from student_trainer.train import TrainConfig, train as run
+
+    if student_spec is not None:
+        spec = ModelSpec.model_validate(load_spec_file(student_spec))
+    elif student is not None:
+        spec = ModelSpec(arch=student, arch_kwargs=json.loads(arch_kwargs))
+    else:
+        raise typer.BadParameter("give --student ARCH or --student-spec FILE")
+    cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
+                      holdout=holdout, device=device)
+    tset = open_transfer_set(data, allow_code=allow_code) if data else None
+    etset = open_transfer_set(eval_data, allow_code=allow_code) if eval_data else None
+    with _progress() as progress:
+        task = progress.add_task("training", total=epochs, rate="")
+
+        def on_epoch(row):
+            acc = row.get("eval_accuracy")
+            progress.update(task, advance=1, rate=f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else ""))
+
+        r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset, allow_incomplete=allow_incomplete,
+                allow_code=allow_code, on_epoch=on_epoch, log=lambda m: console.print(m))
+    f = r.final
+    console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in {r.out / 'metrics.jsonl'}")
+    line = f"held-out: accuracy {f.get('accuracy', float('nan')):.4f}  agreement {f['agreement']:.4f}  NLL {f.get('nll', float('nan')):.4f}  ({f['rows']} rows)"
+    out.print(line)
+
+
+# --- demo ------------------------------------------------------------------------
+@app.command()
+def demo(
+    out_: Annotated[Path, typer.Option("--out", help="folder for data, teachers, stores, runs and results")] = Path("darkstore-demo"),
+    seeds: Annotated[int, typer.Option(help="student seeds")] = 3,
+    quick: Annotated[bool, typer.Option("--quick", help="a few epochs only (smoke test)")] = False,
+):
+    """The whole pipeline on scikit-learn's real handwritten digits: teachers, store, baseline vs distilled students."""
+    from darkstore.demo import run_demo
+
+    t0 = time.perf_counter()
+    r = run_demo(out_, seeds=seeds, quick=quick, log=lambda m: console.print(m))
+    out.print()
+    out.print(r.table)
+    console.print(f"\n[green]done[/] in {time.perf_counter() - t0:.0f} s; everything is under {r.out.resolve()} "
+                  f"(results.md, results.json, stores/, runs/, teachers/)")
+
+
+@app.command()
+def archs():
+    """List the architectures teachers and students can use."""
+    from darkstore.models import BUILTINS, torchvision_classifiers
+
+    out.print("built-in: " + ", ".join(sorted(BUILTINS)))
+    out.print("torchvision: " + ", ".join(torchvision_classifiers()))
+
+
+def main() -> None:
+    try:
+        app()
+    except DarkstoreError as exc:
+        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
+        sys.exit(2)
+    except ValidationError as exc:
+        console.print("[red]invalid spec:[/]", escape(str(exc)), highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: committed chunks are kept; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Transfer sets: where the inputs (and hard labels) come from.
+
+Four kinds, chosen by ``kind`` in a data spec:
+
+- ``arrays``: a ``.npz`` with ``x`` and optional ``y`` (or a ``.npy`` of ``x``);
+- ``image_folder``: an ``ImageFolder`` tree (labeled) or a flat folder of images (unlabeled);
+- ``torchvision``: a torchvision dataset by name from a local root — never downloads;
+- ``factory``: ``module:function`` returning a dataset — only with ``allow_code``.
+
+Every set yields ``(x, y)`` with ``x`` a float32 tensor (images ``[C, H, W]`` in
+[0, 1]) and ``y`` an int (−1 when unlabeled), and has a content *fingerprint*: a
+sha256 over the samples themselves, not their path, that the store records and the
+trainer checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from storage.errors import DataNotFoundError, SpecError
+
+from .paths import import_callable, resolve
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArraysSpec(_Spec):
+    kind: Literal["arrays"] = "arrays"
+    path: str
+    x_key: str = "x"
+    y_key: str | None = "y"
+
+
+class ImageFolderSpec(_Spec):
+    kind: Literal["image_folder"] = "image_folder"
+    root: str
+    labeled: bool | None = Field(None, description="None: labeled when root holds class folders")
+    mode: Literal["RGB", "L"] = "RGB"
+    size: int | tuple[int, int] | None = Field(None, description="resize every image to this size on load")
+
+
+class TorchvisionSpec(_Spec):
+    kind: Literal["torchvision"] = "torchvision"
+    name: str
+    root: str
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {train: false} or {split: val}")
+
+
+class FactorySpec(_Spec):
+    kind: Literal["factory"] = "factory"
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+DataSpec = Annotated[Union[ArraysSpec, ImageFolderSpec, TorchvisionSpec, FactorySpec], Field(discriminator="kind")]
+DATA_SPEC = TypeAdapter(DataSpec)
+
+
+def parse_data_spec(value: Any) -> DataSpec:
+    """A spec from a dict, a YAML/JSON file, a ``.npz``/``.npy`` file or an image directory."""
+    if isinstance(value, BaseModel):
+        return value
+    if isinstance(value, (str, Path)):
+        p = Path(value)
+        if p.suffix in (".yaml", ".yml", ".json"):
+            from .specfile import load_spec_file
+
+            raw = load_spec_file(p)
+            return _rebase(DATA_SPEC.validate_python(raw), p.resolve().parent)
+        if p.suffix in (".npz", ".npy"):
+            return ArraysSpec(path=str(p))
+        if p.is_dir():
+            return ImageFolderSpec(root=str(p))
+        raise DataNotFoundError(
+            f"cannot read data spec {str(value)!r}: give a .yaml/.json spec, a .npz/.npy file or an image folder"
+        )
+    try:
+        return DATA_SPEC.validate_python(value)
+    except Exception as exc:
+        raise SpecError(f"invalid data spec: {exc}") from exc
+
+
+def _rebase(spec: DataSpec, base: Path) -> DataSpec:
+    """Make a spec file's relative paths relative to the file."""
+    field = {"arrays": "path", "image_folder": "root", "torchvision": "root"}.get(spec.kind)
+    if field and not Path(getattr(spec, field)).is_absolute():
+        spec = spec.model_copy(update={field: str(base / getattr(spec, field))})
+    return spec
+
+
+# --- the sets --------------------------------------------------------------------
+class TransferSet(torch.utils.data.Dataset):
+    """Base: subclasses fill ``__len__``, ``__getitem__``, ``_hash_content``."""
+
+    spec: DataSpec
+    class_names: list[str] | None = None
+
+    def labels(self) -> np.ndarray:
+        """All hard labels (−1 where unlabeled)."""
+        return np.array([int(self[i][1]) for i in range(len(self))], dtype=np.int64)
+
+    def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of ``rows``; subclasses with array storage do this without a loop."""
+        xs, ys = zip(*(self[int(i)] for i in rows))
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"darkstore-transfer-set-v1:{len(self)}".encode())
+        self._hash_content(h)
+        return h.hexdigest()
+
+    def _hash_content(self, h) -> None:  # default: every decoded sample
+        for i in range(len(self)):
+            x, y = self[i]
+            _hash_tensor(h, x)
+            h.update(int(y).to_bytes(8, "little", signed=True))
+
+
+def _hash_tensor(h, x: torch.Tensor | np.ndarray) -> None:
+    a = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+
+
+class ArraysSet(TransferSet):
+    def __init__(self, spec: ArraysSpec, path: Path):
+        self.spec = spec
+        try:
+            if path.suffix == ".npy":
+                self._x, self._y = np.load(path, mmap_mode="r"), None
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    if spec.x_key not in z:
+                        raise SpecError(f"{path} has no array {spec.x_key!r} (has: {', '.join(z.files)})")
+                    self._x = z[spec.x_key]
+                    self._y = z[spec.y_key] if spec.y_key and spec.y_key in z else None
+                    if "class_names" in z:
+                        self.class_names = [str(s) for s in z["class_names"]]
+        except FileNotFoundError as exc:
+            raise DataNotFoundError(f"transfer set file not found: {path}") from exc
+        except (OSError, ValueError) as exc:
+            raise DataNotFoundError(f"cannot read transfer set {path}: {exc}") from exc
+        if self._x.ndim < 2:
+            raise SpecError(f"{path}: x must be [N, ...] with one sample per row, got shape {self._x.shape}")
+        if self._y is not None:
+            if self._y.shape != (len(self._x),) or not np.issubdtype(self._y.dtype, np.integer):
+                raise SpecError(f"{path}: y must be integer [N] matching x, got {self._y.dtype} {self._y.shape}")
+
+    def __len__(self) -> int:
+        return len(self._x)
+
+    def __getitem__(self, i: int):
+        y = int(self._y[i]) if self._y is not None else -1
+        return torch.from_numpy(np.asarray(self._x[i], dtype=np.float32)), y
+
+    def get_batch(self, rows):
+        x = torch.from_numpy(np.asarray(self._x[rows], dtype=np.float32))
+        y = torch.from_numpy(self._y[rows].astype(np.int64)) if self._y is not None else torch.full((len(rows),), -1)
+        return x, y
+
+    def labels(self) -> np.ndarray:
+        return self._y.astype(np.int64) if self._y is not None else np.full(len(self), -1, dtype=np.int64)
+
+    def _hash_content(self, h) -> None:
+        step = max(1, (64 << 20) // max(1, self._x[0].nbytes))
+        h.update(f"{np.dtype(self._x.dtype).str}{self._x.shape}".encode())
+        for s in range(0, len(self._x), step):
+            h.update(np.ascontiguousarray(self._x[s:s + step]).tobytes())
+        if self._y is not None:
+            h.update(self.labels().tobytes())
+
+
+class ImageFolderSet(TransferSet):
+    def __init__(self, spec: ImageFolderSpec, root: Path):
+        self.spec = spec
+        if not root.is_dir():
+            raise DataNotFoundError(f"image folder not found: {root}")
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+        labeled = spec.labeled if spec.labeled is not None else bool(subdirs)
+        if labeled:
+            self.class_names = [d.name for d in subdirs]
+            self.samples = [
+                (f, c) for c, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if _is_image(f)
+            ]
+        else:
+            self.samples = [(f, -1) for f in sorted(root.rglob("*")) if _is_image(f)]
+        if not self.samples:
+            raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+        from torchvision.transforms.v2 import functional as TF
+
+        path, y = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert(self.spec.mode)
+                x = TF.to_dtype(TF.to_image(im), torch.float32, scale=True)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataNotFoundError(f"cannot read image {path}: {exc}") from exc
+        if self.spec.size is not None:
+            size = [self.spec.size] * 2 if isinstance(self.spec.size, int) else list(self.spec.size)
+            x = TF.resize(x, size, antialias=True)
+        return x, y
+
+    def get_batch(self, rows):
+        xs, ys = zip(*(self[int(i)] for i in rows))
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) > 1:
+            raise SpecError(f"images under {self.root} differ in size {sorted(shapes)[:3]}; set size: in the data spec")
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+    def labels(self) -> np.ndarray:
+        return np.array([y for _, y in self.samples], dtype=np.int64)
+
+    def _hash_content(self, h) -> None:
+        # Files, not decoded pixels: the same bytes decode to the same pixels.
+        h.update(json.dumps([self.spec.mode, self.spec.size, self.class_names]).encode())
+        for path, y in self.samples:
+            h.update(f"{path.relative_to(self.root).as_posix()}\0{y}\0".encode())
+            with open(path, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+class WrappedSet(TransferSet):
+    """A torchvision or user dataset; samples are converted to float tensors."""
+
+    def __init__(self, spec: DataSpec, dataset: Any):
+        self.spec, self.dataset = spec, dataset
+        classes = getattr(dataset, "classes", None)
+        self.class_names = [str(c) for c in classes] if classes is not None else None
+        try:
+            self._len = len(dataset)
+        except TypeError as exc:
+            raise SpecError("the dataset must have a length (map-style dataset)") from exc
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int):
+        from torchvision.transforms.v2 import functional as TF
+
+        item = self.dataset[i]
+        x, y = item if isinstance(item, (tuple, list)) else (item, -1)
+        if not isinstance(x, torch.Tensor):
+            if isinstance(x, np.ndarray):
+                x = torch.from_numpy(x)
+            else:  # PIL image
+                x = TF.to_dtype(TF.to_image(x), torch.float32, scale=True)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        return x.float(), int(y) if y is not None else -1
+
+
+def open_transfer_set(
+    spec: DataSpec | dict | str | Path,
+    *,
+    allow_code: bool = False,
+    base_dir: str | Path | None = None,
+    roots: Sequence[str | Path] | None = None,
+) -> TransferSet:
+    """Open a transfer set. Paths resolve against ``base_dir`` and must lie in ``roots`` when given."""
+    spec = parse_data_spec(spec)
+    if isinstance(spec, ArraysSpec):
+        return ArraysSet(spec, resolve(spec.path, base_dir=base_dir, roots=roots))
+    if isinstance(spec, ImageFolderSpec):
+        return ImageFolderSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
+    if isinstance(spec, TorchvisionSpec):
+        import torchvision
+
+        root = resolve(spec.root, base_dir=base_dir, roots=roots)
+        cls = getattr(torchvision.datasets, spec.name, None)
+        if cls is None or not isinstance(cls, type):
+            raise SpecError(f"torchvision has no dataset {spec.name!r}")
+        if "download" in spec.kwargs:
+            raise SpecError("darkstore never downloads datasets; remove 'download' and point root at local files")
+        if not root.exists():
+            raise DataNotFoundError(f"dataset root not found: {root}")
+        try:
+            ds = cls(root=str(root), download=False, **spec.kwargs) if _takes_download(cls) else cls(root=str(root), **spec.kwargs)
+        except (RuntimeError, FileNotFoundError, OSError) as exc:
+            raise DataNotFoundError(f"torchvision {spec.name} not found under {root}: {exc}") from exc
+        except TypeError as exc:
+            raise SpecError(f"bad kwargs for torchvision {spec.name}: {exc}") from exc
+        return WrappedSet(spec, ds)
+    fn = import_callable(spec.factory, allow_code=allow_code, what="dataset factory")
+    return WrappedSet(spec, fn(**spec.kwargs))
+
+
+def _takes_download(cls: type) -> bool:
+    import inspect
+
+    try:
+        return "download" in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False

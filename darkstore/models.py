@@ -1,0 +1,346 @@
+"""Architecture registry and safe model loading, shared by teachers and students.
+
+An architecture is a built-in (``mlp``, ``small_cnn``) for small inputs or any
+torchvision classification model (``resnet18``, ``mobilenet_v3_small`` …).
+Weights load from safetensors or from a ``torch.load(weights_only=True)`` state
+dict — never by full unpickling. TorchScript, ``torch.export`` archives and
+``module:function`` factories carry code and load only with ``allow_code``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from storage.errors import (
+    CodeNotAllowedError,
+    SpecError,
+    UnknownArchitectureError,
+    UnsafeWeightsError,
+    WeightsError,
+    WeightsNotFoundError,
+)
+
+from .paths import import_callable, resolve
+
+WeightFormat = Literal["auto", "safetensors", "state_dict", "torchscript", "export"]
+CODE_FORMATS = ("torchscript", "export")
+
+
+# --- specs --------------------------------------------------------------------
+class Preprocess(BaseModel):
+    """What a model does to its input before the forward pass, on the device.
+
+    Inputs arrive as float tensors (images in [0, 1], ``[B, C, H, W]``; arrays as
+    stored). ``channels`` repeats a 1-channel image to 3 channels; ``resize``
+    resamples images (bilinear, antialiased); ``mean``/``std`` normalise per
+    channel (images) or per feature / globally (flat vectors).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    channels: int | None = Field(None, ge=1)
+    resize: int | tuple[int, int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Preprocess":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        if self.mean is not None and len(self.mean) != len(self.std or []):
+            raise ValueError("mean and std must have the same length")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """A teacher (ensemble member) or a student.
+
+    Either ``arch`` (+ optional ``weights``), or a code-carrying source:
+    ``format: torchscript|export`` with ``weights``, or ``factory: module:function``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_classes: int | None = Field(None, gt=1)
+    weights: str | None = None
+    format: WeightFormat = "auto"
+    factory: str | None = None
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        sources = sum([self.arch is not None, self.factory is not None, self.format in CODE_FORMATS])
+        if sources != 1:
+            raise ValueError("give exactly one of: arch, factory, or format torchscript/export with weights")
+        if self.format in CODE_FORMATS and not self.weights:
+            raise ValueError(f"format {self.format} needs weights: the file to load")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch or self.factory or Path(self.weights or "model").stem
+
+
+# --- built-in architectures -----------------------------------------------------
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU blocks. ``in_features`` must be given."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256), dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv stages with max-pool, global average pool, linear head.
+    Works for any image size ≥ 4 px (digits 8x8, CIFAR 32x32)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.0):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+BUILTINS = {"mlp": MLP, "small_cnn": SmallCNN}
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def available_architectures() -> list[str]:
+    return sorted(BUILTINS) + torchvision_classifiers()
+
+
+def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A freshly initialised model of a registered architecture."""
+    if arch in BUILTINS:
+        try:
+            return BUILTINS[arch](num_classes=num_classes, **kwargs)
+        except TypeError as exc:
+            raise SpecError(f"bad arch_kwargs for {arch}: {exc}") from exc
+    import torchvision
+
+    if arch not in torchvision_classifiers():
+        raise UnknownArchitectureError(
+            f"unknown architecture {arch!r}: not a built-in ({', '.join(sorted(BUILTINS))}) "
+            "nor a torchvision classification model (see `darkstore archs`)"
+        )
+    try:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"bad arch_kwargs for {arch}: {exc}") from exc
+
+
+# --- safe weight loading ---------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def detect_format(path: Path, declared: WeightFormat) -> str:
+    if declared != "auto":
+        return declared
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix == ".pt2":
+        return "export"
+    return "state_dict"
+
+
+def load_state_dict(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """Load tensors only. A pickle that would run code is refused, never executed."""
+    if fmt == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeWeightsError(
+            f"{path} is a pickle that needs code to load ({first[:200]}). darkstore loads only "
+            "safetensors or plain state dicts (torch.load weights_only=True); re-save it with "
+            "`torch.save(model.state_dict(), path)` or safetensors.torch.save_file"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsError(f"{path} is not a readable PyTorch state dict: {exc}") from exc
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _check_code(fmt: str, ref: str, allow_code: bool) -> None:
+    if not allow_code:
+        raise CodeNotAllowedError(
+            f"{ref} is a {fmt} file, which carries code; enable it with --allow-code (CLI) "
+            "or DARKSTORE_ALLOW_CODE=true (service)"
+        )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference (or training), with its provenance."""
+
+    spec: ModelSpec
+    module: nn.Module
+    format: str
+    weights_path: Path | None
+    sha256: str | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.label
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.module(preprocess(x, self.spec.preprocess)))
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """Torchvision models may return named tuples in training mode (inception, googlenet)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise SpecError(f"model returned {type(out).__name__}, expected a logits tensor")
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    num_classes: int | None = None,
+    allow_code: bool = False,
+    base_dir: str | Path | None = None,
+    roots: Sequence[str | Path] | None = None,
+    require_weights: bool = True,
+) -> LoadedModel:
+    """Build ``spec``'s model and load its weights safely."""
+    c = spec.num_classes or num_classes
+    path = resolve(spec.weights, base_dir=base_dir, roots=roots) if spec.weights else None
+    if path is not None and not path.is_file():
+        raise WeightsNotFoundError(f"weights of {spec.label!r} not found: {path}")
+    fmt = detect_format(path, spec.format) if path else "none"
+    digest = sha256_file(path) if path else None
+
+    if spec.factory is not None:
+        fn = import_callable(spec.factory, allow_code=allow_code, what="model factory")
+        module = fn(**spec.arch_kwargs)
+        if not isinstance(module, nn.Module):
+            raise SpecError(f"factory {spec.factory} returned {type(module).__name__}, not a torch.nn.Module")
+        if path is not None:
+            _load_into(module, load_state_dict(path, fmt), path)
+        return LoadedModel(spec, module, "factory", path, digest)
+
+    if fmt in CODE_FORMATS:
+        _check_code(fmt, str(path), allow_code)
+        try:
+            if fmt == "torchscript":
+                module = torch.jit.load(str(path), map_location="cpu")
+            else:
+                module = torch.export.load(str(path)).module()
+        except Exception as exc:  # torch raises many types for a broken archive
+            raise WeightsError(f"cannot load {fmt} file {path}: {exc}") from exc
+        return LoadedModel(spec, module, fmt, path, digest)
+
+    if c is None:
+        raise SpecError(f"{spec.label!r}: num_classes is unknown; set it on the model or the ensemble")
+    module = build_model(spec.arch, c, **spec.arch_kwargs)
+    if path is not None:
+        _load_into(module, load_state_dict(path, fmt), path)
+    elif require_weights:
+        raise SpecError(f"{spec.label!r} names no weights; a teacher without weights would be random")
+    return LoadedModel(spec, module, fmt, path, digest)
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        msg = str(exc).split("\n\t", 1)[-1].replace("\n\t", "; ")
+        raise WeightsError(f"{path} does not fit the architecture: {msg[:600]}") from exc
+
+
+def save_weights(module: nn.Module, path: str | Path) -> str:
+    """Save a state dict as safetensors; returns its sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+    return sha256_file(path)
+
+
+# --- preprocessing -------------------------------------------------------------
+def preprocess(x: torch.Tensor, p: Preprocess) -> torch.Tensor:
+    if p.channels is not None and x.ndim == 4 and x.shape[1] != p.channels:
+        if x.shape[1] != 1:
+            raise SpecError(f"cannot turn {x.shape[1]}-channel input into {p.channels} channels")
+        x = x.expand(-1, p.channels, -1, -1)
+    if p.resize is not None:
+        if x.ndim != 4:
+            raise SpecError("resize needs image input [B, C, H, W]")
+        size = (p.resize, p.resize) if isinstance(p.resize, int) else tuple(p.resize)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if p.mean is not None:
+        mean = torch.tensor(p.mean, dtype=x.dtype, device=x.device)
+        std = torch.tensor(p.std, dtype=x.dtype, device=x.device)
+        if x.ndim == 4:
+            mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x

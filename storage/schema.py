@@ -1,0 +1,103 @@
+"""Schema v1 of a darkstore store: a Zarr v3 group.
+
+=============  =====================  ===============================================
+node           shape / dtype          meaning
+=============  =====================  ===============================================
+``logits``     [N, C] f16/f32         ensemble targets in log space, row-centred
+``members``    [M, N, C] (optional)   each teacher's own logits, row-centred
+``labels``     [N] int64              hard labels, -1 where unlabeled
+``index``      [N] int64              position of each row in the transfer set
+``stats``      [n_chunks, 2+M] int64  per chunk: labeled rows, ensemble correct,
+                                      then each member's correct count
+``done``       [n_chunks] uint8       commit mark, written after a chunk's rows
+=============  =====================  ===============================================
+
+Every array is chunked by ``chunk_rows`` rows, so chunk *i* of each array holds
+exactly rows ``[i*chunk_rows, (i+1)*chunk_rows)``: one unit of work, retry and
+commit. ``done`` and ``stats`` have one chunk per element so that two writers
+never touch the same object. Attributes live under the ``darkstore`` key and are
+validated by :class:`StoreMeta`.
+
+Accuracies are *derived* from ``stats`` by the reader rather than written as
+attributes at the end: a store filled by many workers then needs no final
+"finalise" step that a crash could skip.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+ATTR_KEY = "darkstore"
+
+Dtype = Literal["float16", "float32"]
+Compressor = Literal["zstd", "blosc", "none"]
+Combine = Literal["geometric", "arithmetic"]
+
+
+class TeacherRecord(BaseModel):
+    """Provenance of one ensemble member."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arch: str
+    format: str = Field(description="safetensors | state_dict | torchscript | export | factory | none")
+    weights: str | None = None
+    sha256: str | None = None
+    num_params: int
+    spec: dict[str, Any] = Field(default_factory=dict)
+
+
+class TransferSetRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    spec: dict[str, Any]
+    fingerprint: str
+    num_samples: int
+
+
+class StoreMeta(BaseModel):
+    """The attributes of a store (``group.attrs['darkstore']``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    software_version: str
+    created_at: str
+    job_key: str = Field(description="sha256 of teachers (by weight hash), data fingerprint and options")
+    num_rows: int = Field(gt=0)
+    num_classes: int = Field(gt=1)
+    class_names: list[str] | None = None
+    chunk_rows: int = Field(gt=0)
+    dtype: Dtype
+    compressor: Compressor
+    combine: Combine
+    temperature: float = Field(gt=0)
+    keep_members: bool
+    teachers: list[TeacherRecord] = Field(min_length=1)
+    transfer_set: TransferSetRecord
+    job: dict[str, Any] = Field(default_factory=dict, description="the job spec, enough for a worker to resume")
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.num_rows / self.chunk_rows)
+
+    @property
+    def num_members(self) -> int:
+        return len(self.teachers)
+
+
+def chunk_bounds(i: int, chunk_rows: int, num_rows: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of chunk *i*."""
+    start = i * chunk_rows
+    if not 0 <= start < num_rows:
+        raise IndexError(f"chunk {i} out of range")
+    return start, min(start + chunk_rows, num_rows)
+
+
+def bytes_per_row(meta: StoreMeta) -> int:
+    """Uncompressed bytes one row costs (logits, members, label, index)."""
+    item = 2 if meta.dtype == "float16" else 4
+    members = meta.num_members if meta.keep_members else 0
+    return item * meta.num_classes * (1 + members) + 16

@@ -1,0 +1,153 @@
+"""Write a store: allocate the full shape once, then commit whole chunks.
+
+A chunk is written in this order: logits, members, labels, index, stats, and
+only then its ``done`` mark. A writer killed at any point leaves at worst a chunk
+without a mark, which the next run rewrites; rewriting a chunk with the same
+data is harmless, so duplicate delivery of work is safe.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ._zarr import compressors, is_store, open_group
+from .errors import NonFiniteLogitsError, SchemaError, StoreExistsError
+from .schema import ATTR_KEY, StoreMeta, chunk_bounds
+
+#: float16 cannot hold values below this; row-centred logits are clipped here.
+#: exp(-60000 / T) is 0 in float64 for any T < 80, so nothing a softmax sees changes.
+FLOAT16_FLOOR = -60000.0
+
+
+def _create(path: Path, meta: StoreMeta) -> None:
+    """Create the group and every array at full size, then move it into place atomically."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
+    group = zarr.create_group(str(tmp), zarr_format=3, attributes={ATTR_KEY: meta.model_dump(mode="json")})
+    n, c, m, k, rows = meta.num_rows, meta.num_classes, meta.num_members, meta.n_chunks, meta.chunk_rows
+    comp = compressors(meta.compressor)
+    group.create_array("logits", shape=(n, c), chunks=(rows, c), dtype=meta.dtype, compressors=comp,
+                       fill_value=np.nan, dimension_names=("row", "class"))
+    if meta.keep_members:
+        group.create_array("members", shape=(m, n, c), chunks=(m, rows, c), dtype=meta.dtype,
+                           compressors=comp, fill_value=np.nan, dimension_names=("member", "row", "class"))
+    group.create_array("labels", shape=(n,), chunks=(rows,), dtype="int64", compressors=comp,
+                       fill_value=-1, dimension_names=("row",))
+    group.create_array("index", shape=(n,), chunks=(rows,), dtype="int64", compressors=comp,
+                       fill_value=-1, dimension_names=("row",))
+    group.create_array("stats", shape=(k, 2 + m), chunks=(1, 2 + m), dtype="int64", compressors=None,
+                       fill_value=0, dimension_names=("chunk", "stat"))
+    # One uncompressed byte per chunk object: a commit mark is a single atomic file write.
+    group.create_array("done", shape=(k,), chunks=(1,), dtype="uint8", compressors=None,
+                       fill_value=0, dimension_names=("chunk",))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_store(path):
+            raise
+
+
+class StoreWriter:
+    """Writes the chunks of one store. Safe to use from several processes at once,
+    provided no chunk is handed to two of them at the same time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.group, self.meta = open_group(self.path, mode="r+")
+        self._arrays = {name: self.group[name] for name in ("logits", "labels", "index", "stats", "done")}
+        if self.meta.keep_members:
+            self._arrays["members"] = self.group["members"]
+
+    # -- creation -------------------------------------------------------------
+    @classmethod
+    def open_or_create(cls, path: str | Path, meta: StoreMeta, *, overwrite: bool = False) -> "StoreWriter":
+        """Open the store for ``meta``'s job, creating it if absent.
+
+        An existing store of the same job (same ``job_key``) is reopened so that the
+        job resumes; one of another job is an error unless ``overwrite``.
+        """
+        path = Path(path)
+        if path.exists():
+            if is_store(path):
+                _, existing = open_group(path)
+                if existing.job_key == meta.job_key:
+                    return cls(path)
+                if not overwrite:
+                    raise StoreExistsError(
+                        f"{path} holds another job's store (job {existing.job_key[:12]}, this one "
+                        f"{meta.job_key[:12]}); choose another --out or pass --overwrite"
+                    )
+            elif not overwrite and not (path.is_dir() and not any(path.iterdir())):
+                raise StoreExistsError(f"{path} exists and is not a darkstore store; refusing to write there")
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        _create(path, meta)
+        return cls(path)
+
+    # -- state ----------------------------------------------------------------
+    def done_mask(self) -> np.ndarray:
+        return self._arrays["done"][:].astype(bool)
+
+    def pending_chunks(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.done_mask())]
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        return chunk_bounds(i, self.meta.chunk_rows, self.meta.num_rows)
+
+    # -- writing --------------------------------------------------------------
+    def write_chunk(
+        self,
+        i: int,
+        *,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        index: np.ndarray,
+        members: np.ndarray | None = None,
+        stats: np.ndarray | None = None,
+    ) -> None:
+        """Write chunk ``i`` whole and commit it. Arrays are float32/float64 logits
+        already row-centred; they are clipped and cast to the store's dtype here."""
+        start, stop = self.bounds(i)
+        rows, c = stop - start, self.meta.num_classes
+        _check_shape("logits", logits, (rows, c))
+        _check_shape("labels", labels, (rows,))
+        _check_shape("index", index, (rows,))
+        if not np.all(np.isfinite(logits)):
+            bad = np.flatnonzero(~np.isfinite(logits).all(axis=1)) + start
+            raise NonFiniteLogitsError(f"non-finite ensemble logits in rows {_rows(bad)}; chunk {i} not written")
+        a = self._arrays
+        a["logits"][start:stop] = self._cast(logits)
+        if self.meta.keep_members:
+            if members is None:
+                raise SchemaError("this store keeps members; write_chunk needs members=")
+            _check_shape("members", members, (self.meta.num_members, rows, c))
+            a["members"][:, start:stop] = self._cast(members)
+        a["labels"][start:stop] = labels.astype(np.int64)
+        a["index"][start:stop] = index.astype(np.int64)
+        if stats is not None:
+            a["stats"][i] = np.asarray(stats, dtype=np.int64)
+        a["done"][i] = 1  # the commit mark, strictly last
+
+    def _cast(self, x: np.ndarray) -> np.ndarray:
+        if self.meta.dtype == "float16":
+            return np.clip(x, FLOAT16_FLOOR, None).astype(np.float16)
+        return x.astype(np.float32)
+
+
+def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> None:
+    if tuple(x.shape) != shape:
+        raise SchemaError(f"{name} has shape {tuple(x.shape)}, chunk needs {shape}")
+
+
+def _rows(rows: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return shown + (f" … ({len(rows)} rows)" if len(rows) > limit else "")

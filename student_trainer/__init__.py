@@ -1,0 +1,1 @@
+"""darkstore student trainer: distill students from a store's cached soft targets."""

@@ -1,0 +1,66 @@
+"""Re-temperature stored targets on the fly, and say whether it is exact.
+
+=====================  ==============  =========================================
+store                  T at training   target used                    exact?
+=====================  ==============  =========================================
+geometric              any             softmax(ℓ / T)                 yes
+arithmetic             T == T_gen      softmax(ℓ / T)                 yes
+arithmetic + members   any             mean_m softmax(z_m / T)        yes
+arithmetic             T != T_gen      softmax(ℓ / T)                 no: a sharpened
+                                                                       (T<T_gen) or flattened
+                                                                       arithmetic mean
+=====================  ==============  =========================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from storage import StoreMeta
+
+
+@dataclass(frozen=True)
+class Retemper:
+    temperature: float
+    mode: str  # "geometric" | "arithmetic@T_gen" | "arithmetic-members" | "arithmetic-approx"
+    exact: bool
+
+    @property
+    def needs_members(self) -> bool:
+        return self.mode == "arithmetic-members"
+
+    def __call__(self, logits: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher log-probabilities at ``temperature``: logits [B, C] (members [B, M, C]) -> [B, C]."""
+        t = self.temperature
+        if self.needs_members:
+            if members is None:
+                raise ValueError("exact arithmetic re-temperature needs the members' logits")
+            logp = torch.log_softmax(members.float() / t, dim=-1)
+            return torch.logsumexp(logp, dim=1) - math.log(members.shape[1])
+        return torch.log_softmax(logits.float() / t, dim=-1)
+
+    def describe(self) -> str:
+        return {
+            "geometric": f"geometric mean re-tempered to T={self.temperature:g}: exact",
+            "arithmetic@T_gen": f"arithmetic mean at its generation temperature T={self.temperature:g}: exact",
+            "arithmetic-members": f"arithmetic mean re-mixed from stored members at T={self.temperature:g}: exact",
+            "arithmetic-approx": (
+                f"APPROXIMATE: arithmetic-mean store re-tempered to T={self.temperature:g} without members; "
+                "this is a sharpened/flattened mean, not mean_m softmax(z_m/T). Generate with --keep-members "
+                "or at this temperature for exact targets"
+            ),
+        }[self.mode]
+
+
+def plan(meta: StoreMeta, temperature: float, *, use_members: bool | None = None) -> Retemper:
+    """Choose the most exact re-temperature the store allows."""
+    if meta.combine == "geometric":
+        return Retemper(temperature, "geometric", True)
+    if math.isclose(temperature, meta.temperature, rel_tol=1e-9):
+        return Retemper(temperature, "arithmetic@T_gen", True)
+    if meta.keep_members and use_members is not False:
+        return Retemper(temperature, "arithmetic-members", True)
+    return Retemper(temperature, "arithmetic-approx", False)

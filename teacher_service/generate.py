@@ -1,0 +1,253 @@
+"""The pure generation function: job spec -> store.
+
+The CLI (`darkstore generate`), the local runner and the Celery workers all end
+in :func:`run_chunks`; only how chunks are handed out differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+import darkstore
+from darkstore.data import TransferSet, open_transfer_set
+from darkstore.models import LoadedModel, load_model
+from storage import StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord
+from storage.errors import ClassCountMismatchError, NonFiniteLogitsError, SpecError
+
+from .combine import combine
+from .spec import EnsembleSpec, JobSpec
+
+log = logging.getLogger(__name__)
+OnRows = Callable[[int], None]
+
+
+@dataclass
+class Ensemble:
+    members: list[LoadedModel]
+    num_classes: int
+    device: torch.device
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """[B, ...] -> [M, B, C] float32 logits. Non-finite output names the member and rows."""
+        outs = []
+        for m in self.members:
+            z = m.forward(x).float()
+            finite = torch.isfinite(z).all(dim=1)
+            if not bool(finite.all()):
+                bad = rows[(~finite).cpu().numpy()]
+                shown = ", ".join(map(str, bad[:10])) + (f" … ({len(bad)} rows)" if len(bad) > 10 else "")
+                raise NonFiniteLogitsError(f"teacher {m.name!r} produced NaN/Inf logits for rows {shown}")
+            outs.append(z)
+        return torch.stack(outs)
+
+
+def load_ensemble(
+    spec: EnsembleSpec,
+    *,
+    device: str | torch.device = "cpu",
+    allow_code: bool = False,
+    roots: Sequence[str | Path] | None = None,
+    num_classes_hint: int | None = None,
+) -> list[LoadedModel]:
+    """Load every member safely, in eval mode on ``device``; weights move there once."""
+    c = spec.num_classes or (len(spec.class_names) if spec.class_names else None) or num_classes_hint
+    members = []
+    for m in spec.members:
+        lm = load_model(m, num_classes=c, allow_code=allow_code, roots=roots)
+        lm.module.to(device).eval()
+        members.append(lm)
+    return members
+
+
+def probe_classes(members: list[LoadedModel], x: torch.Tensor, declared: int | None) -> int:
+    """Run each member on a couple of samples: they must agree on the class count."""
+    counts = {}
+    with torch.inference_mode():
+        for m in members:
+            try:
+                out = m.forward(x)
+            except SpecError:
+                raise
+            except Exception as exc:
+                raise SpecError(f"teacher {m.name!r} fails on the transfer set's inputs {tuple(x.shape)}: {exc}") from exc
+            if out.ndim != 2:
+                raise SpecError(f"teacher {m.name!r} returns shape {tuple(out.shape)}, expected [batch, classes]")
+            counts[m.name] = int(out.shape[1])
+    if len(set(counts.values())) > 1 or (declared is not None and declared not in counts.values()):
+        shown = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        extra = f"; the ensemble/data declares {declared}" if declared is not None else ""
+        raise ClassCountMismatchError(f"ensemble members disagree on the class count ({shown}{extra})")
+    return next(iter(counts.values()))
+
+
+@dataclass
+class PreparedJob:
+    """Everything a process needs to write chunks of one job."""
+
+    spec: JobSpec
+    members: list[LoadedModel]
+    data: TransferSet
+    meta: StoreMeta
+    device: torch.device
+
+    @property
+    def ensemble(self) -> Ensemble:
+        return Ensemble(self.members, self.meta.num_classes, self.device)
+
+
+def prepare(
+    spec: JobSpec,
+    *,
+    device: str = "cpu",
+    allow_code: bool = False,
+    roots: Sequence[str | Path] | None = None,
+    data: TransferSet | None = None,
+) -> PreparedJob:
+    """Open the data, load the teachers, check they fit each other, build the store's metadata."""
+    dev = torch.device(device)
+    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots)
+    if len(data) == 0:
+        raise SpecError("the transfer set is empty")
+    names = spec.teachers.class_names or data.class_names
+    declared = spec.teachers.num_classes or (len(spec.teachers.class_names) if spec.teachers.class_names else None)
+    members = load_ensemble(spec.teachers, device=dev, allow_code=allow_code, roots=roots,
+                            num_classes_hint=declared or (len(names) if names else None))
+    x, _ = data.get_batch(np.arange(min(2, len(data))))
+    c = probe_classes(members, x.to(dev), declared)
+    if names is not None and len(names) != c:
+        raise ClassCountMismatchError(f"the teachers predict {c} classes but the data names {len(names)} classes")
+    meta = StoreMeta(
+        software_version=darkstore.__version__,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        job_key=spec.job_key([m.sha256 for m in members], data.fingerprint),
+        num_rows=len(data),
+        num_classes=c,
+        class_names=names,
+        chunk_rows=spec.chunk_rows,
+        dtype=spec.dtype,
+        compressor=spec.compressor,
+        combine=spec.combine,
+        temperature=spec.temperature,
+        keep_members=spec.keep_members,
+        teachers=[
+            TeacherRecord(name=m.name, arch=m.spec.arch or m.spec.factory or m.format, format=m.format,
+                          weights=str(m.weights_path) if m.weights_path else None, sha256=m.sha256,
+                          num_params=m.num_params, spec=m.spec.model_dump(mode="json"))
+            for m in members
+        ],
+        transfer_set=TransferSetRecord(spec=data.spec.model_dump(mode="json"), fingerprint=data.fingerprint,
+                                       num_samples=len(data)),
+        job=spec.model_dump(mode="json"),
+    )
+    return PreparedJob(spec, members, data, meta, dev)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Lets a DataLoader fetch whole batches through ``TransferSet.get_batch``."""
+
+    def __init__(self, data: TransferSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, rows):
+        x, y = self.data.get_batch(rows)
+        return x, y, torch.from_numpy(np.asarray(rows, dtype=np.int64))
+
+
+def _chunk_batches(writer: StoreWriter, chunks: Iterable[int], batch_size: int):
+    """Batches never straddle chunks, so a chunk is computed the same way on every run."""
+    for i in chunks:
+        start, stop = writer.bounds(i)
+        for b in range(start, stop, batch_size):
+            yield np.arange(b, min(b + batch_size, stop))
+
+
+def run_chunks(
+    job: PreparedJob,
+    writer: StoreWriter,
+    chunks: Sequence[int],
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    on_rows: OnRows | None = None,
+) -> int:
+    """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written."""
+    done = writer.done_mask()
+    chunks = [i for i in chunks if not done[i]]
+    if not chunks:
+        return 0
+    ens, meta = job.ensemble, writer.meta
+    m, c = meta.num_members, meta.num_classes
+    loader = torch.utils.data.DataLoader(
+        _Batches(job.data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
+        num_workers=num_workers, pin_memory=job.device.type == "cuda",
+    )
+    it = iter(loader)
+    written = 0
+    for i in chunks:
+        start, stop = writer.bounds(i)
+        rows = stop - start
+        z_all = np.empty((m, rows, c), dtype=np.float32)
+        y_all = np.empty(rows, dtype=np.int64)
+        filled = 0
+        while filled < rows:
+            x, y, idx = next(it)
+            b = len(idx)
+            z = ens.forward(x.to(job.device, non_blocking=True), idx.numpy())
+            z_all[:, filled:filled + b] = z.cpu().numpy()
+            y_all[filled:filled + b] = y.numpy()
+            filled += b
+        if (y_all >= c).any():
+            raise ClassCountMismatchError(
+                f"labels up to {int(y_all.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes"
+            )
+        zt = torch.from_numpy(z_all)
+        ell = combine(zt, meta.combine, meta.temperature)
+        members = (zt - zt.amax(dim=-1, keepdim=True)).numpy() if meta.keep_members else None
+        writer.write_chunk(i, logits=ell.numpy(), labels=y_all, index=np.arange(start, stop), members=members,
+                           stats=_stats(zt, ell, y_all))
+        written += rows
+        if on_rows:
+            on_rows(rows)
+    return written
+
+
+def _stats(z: torch.Tensor, ell: torch.Tensor, y: np.ndarray) -> np.ndarray:
+    """labeled rows, ensemble correct, each member's correct."""
+    lab = torch.from_numpy(y >= 0)
+    yt = torch.from_numpy(y)
+    out = [int(lab.sum()), int(((ell.argmax(-1) == yt) & lab).sum())]
+    out += [int(((zm.argmax(-1) == yt) & lab).sum()) for zm in z]
+    return np.array(out, dtype=np.int64)
+
+
+def generate(
+    spec: JobSpec,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    allow_code: bool = False,
+    overwrite: bool = False,
+    roots: Sequence[str | Path] | None = None,
+    on_start: Callable[[StoreWriter], None] | None = None,
+    on_rows: OnRows | None = None,
+) -> StoreWriter:
+    """Run ``spec`` into the store at ``out``; resumes an interrupted run, does nothing for a finished one."""
+    job = prepare(spec, device=device, allow_code=allow_code, roots=roots)
+    writer = StoreWriter.open_or_create(out, job.meta, overwrite=overwrite)
+    if on_start:
+        on_start(writer)
+    run_chunks(job, writer, writer.pending_chunks(), batch_size=batch_size, num_workers=num_workers, on_rows=on_rows)
+    return writer

@@ -1,0 +1,112 @@
+"""Job specs: what the CLI, the HTTP API and Celery all accept (pydantic, unknown fields rejected)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from darkstore.data import DataSpec, parse_data_spec
+from darkstore.models import ModelSpec
+from darkstore.specfile import load_spec_file
+from storage.errors import SpecError
+from storage.schema import Combine, Compressor, Dtype
+
+
+class EnsembleSpec(BaseModel):
+    """The teachers. Relative weight paths in a spec file resolve against the file."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_classes: int | None = Field(None, gt=1)
+    class_names: list[str] | None = None
+    members: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> "EnsembleSpec":
+        named = []
+        for i, m in enumerate(self.members):
+            named.append(m if m.name else m.model_copy(update={"name": f"{m.label}_{i}"}))
+        names = [m.name for m in named]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        self.members = named
+        if self.class_names is not None and self.num_classes not in (None, len(self.class_names)):
+            raise ValueError("class_names and num_classes disagree")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "EnsembleSpec":
+        path = Path(path)
+        spec = _validate(cls, load_spec_file(path), str(path))
+        return spec.rebased(path.resolve().parent)
+
+    def rebased(self, base: Path) -> "EnsembleSpec":
+        members = [
+            m.model_copy(update={"weights": str(base / m.weights)}) if m.weights and not Path(m.weights).is_absolute() else m
+            for m in self.members
+        ]
+        return self.model_copy(update={"members": members})
+
+
+class JobSpec(BaseModel):
+    """One generation job: teachers over a transfer set, with the store's options."""
+
+    model_config = ConfigDict(extra="forbid")
+    teachers: EnsembleSpec
+    data: DataSpec
+    combine: Combine = "geometric"
+    temperature: float = Field(1.0, gt=0, le=100, description="generation temperature (matters for arithmetic)")
+    dtype: Dtype = "float16"
+    compressor: Compressor = "zstd"
+    chunk_rows: int = Field(1024, ge=1, le=1 << 20)
+    keep_members: bool = False
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "JobSpec":
+        path = Path(path)
+        raw = load_spec_file(path)
+        if isinstance(raw, dict):
+            base = path.resolve().parent
+            if isinstance(raw.get("teachers"), str):
+                raw["teachers"] = EnsembleSpec.from_file(base / raw["teachers"]).model_dump()
+            if isinstance(raw.get("data"), str):
+                raw["data"] = parse_data_spec(base / raw["data"]).model_dump()
+        return _validate(cls, raw, str(path))
+
+    def identity(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> dict[str, Any]:
+        """What makes two jobs the same: teachers by weight hash (not path, not name),
+        data by content fingerprint, and the options."""
+        return {
+            "teachers": [
+                {**m.model_dump(include={"arch", "arch_kwargs", "num_classes", "factory", "preprocess"}),
+                 "format": m.format, "sha256": h}
+                for m, h in zip(self.teachers.members, weight_hashes)
+            ],
+            "num_classes": self.teachers.num_classes,
+            "data": data_fingerprint,
+            "combine": self.combine,
+            # the geometric mean does not depend on T: the same store serves every T
+            "temperature": self.temperature if self.combine == "arithmetic" else None,
+            "dtype": self.dtype,
+            "compressor": self.compressor,
+            "chunk_rows": self.chunk_rows,
+            "keep_members": self.keep_members,
+        }
+
+    def job_key(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> str:
+        blob = json.dumps(self.identity(weight_hashes, data_fingerprint), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _validate(cls, raw: Any, where: str):
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"invalid {cls.__name__} in {where}:\n{_errors(exc)}") from exc
+
+
+def _errors(exc: ValidationError) -> str:
+    return "\n".join(f"  {'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
