@@ -1,0 +1,98 @@
+"""Shared fixtures: small real files on disk — arrays, weights, ensemble specs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from darkstore.models import build_model, save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+DARKSTORE = [sys.executable, "-m", "darkstore.cli"]
+torch.set_num_threads(1)
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def make_arrays(path: Path, n: int = 300, classes: int = 5, seed: int = 0, labeled: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 1, 8, 8), dtype=np.float32)
+    arrays = {"x": x}
+    if labeled:
+        arrays["y"] = rng.integers(0, classes, n).astype(np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+def make_ensemble(folder: Path, members: list[dict], num_classes: int | None = 5, seed: int = 0) -> Path:
+    """Save randomly initialised members as safetensors and write ensemble.yaml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for i, m in enumerate(members):
+        torch.manual_seed(seed + i)
+        c = m.get("num_classes", num_classes)
+        model = build_model(m["arch"], c, **m.get("arch_kwargs", {}))
+        for p in model.parameters():  # spread the logits so the ensemble is not trivially uniform
+            p.data.mul_(3.0)
+        name = m.get("name", f"t{i}")
+        save_weights(model, folder / f"{name}.safetensors")
+        spec = {"name": name, "arch": m["arch"], "arch_kwargs": m.get("arch_kwargs", {}), "weights": f"{name}.safetensors"}
+        if "num_classes" in m:
+            spec["num_classes"] = c
+        specs.append(spec)
+    doc = {"members": specs}
+    if num_classes is not None:
+        doc["num_classes"] = num_classes
+    (folder / "ensemble.yaml").write_text(yaml.safe_dump(doc))
+    return folder / "ensemble.yaml"
+
+
+MEMBERS = [
+    {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 4}},
+    {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]}},
+    {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 6}},
+]
+
+
+@pytest.fixture
+def arrays(tmp_path) -> Path:
+    return make_arrays(tmp_path / "transfer.npz")
+
+
+@pytest.fixture
+def ensemble(tmp_path) -> Path:
+    return make_ensemble(tmp_path / "teachers", MEMBERS)
+
+
+def job(ensemble: Path, data: Path, **options):
+    from darkstore.data import parse_data_spec
+    from teacher_service.spec import EnsembleSpec, JobSpec
+
+    return JobSpec.model_validate({"teachers": EnsembleSpec.from_file(ensemble), "data": parse_data_spec(data), **options})
+
+
+def reference_member_logits(ensemble: Path, data: Path) -> np.ndarray:
+    """Each member's logits in float64, computed directly — independent of the generation code."""
+    from darkstore.models import ModelSpec, load_model
+
+    doc = yaml.safe_load(ensemble.read_text())
+    with np.load(data) as z:
+        x = torch.from_numpy(z["x"]).double()
+    out = []
+    for m in doc["members"]:
+        spec = ModelSpec(**{**m, "weights": str(ensemble.parent / m["weights"])})
+        lm = load_model(spec, num_classes=doc.get("num_classes"))
+        with torch.no_grad():
+            out.append(lm.module.double().eval()(x).numpy())
+    return np.stack(out)

@@ -1,0 +1,152 @@
+"""The Zarr store: round trips, commit marks, completeness, schema checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, open_store
+from storage.errors import (
+    IncompleteStoreError,
+    NonFiniteLogitsError,
+    SchemaError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+
+
+def meta(n=1000, c=7, rows=128, dtype="float32", members=2, keep=False, key="k" * 64, compressor="zstd"):
+    return StoreMeta(
+        software_version="test", created_at="now", job_key=key, num_rows=n, num_classes=c, chunk_rows=rows,
+        dtype=dtype, compressor=compressor, combine="geometric", temperature=1.0, keep_members=keep,
+        teachers=[TeacherRecord(name=f"t{i}", arch="mlp", format="safetensors", num_params=10) for i in range(members)],
+        transfer_set=TransferSetRecord(spec={"kind": "arrays", "path": "x.npz"}, fingerprint="f" * 64, num_samples=n),
+    )
+
+
+def centred(rng, shape, scale=8.0):
+    x = rng.normal(0, scale, shape)
+    return x - x.max(axis=-1, keepdims=True)
+
+
+def fill(writer: StoreWriter, logits, members=None, chunks=None):
+    for i in chunks if chunks is not None else range(writer.meta.n_chunks):
+        a, b = writer.bounds(i)
+        writer.write_chunk(i, logits=logits[a:b], labels=np.arange(a, b) % writer.meta.num_classes,
+                           index=np.arange(a, b), members=None if members is None else members[:, a:b],
+                           stats=np.array([b - a, b - a, 0, 1]))
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "blosc", "none"])
+def test_float32_round_trip_is_exact(tmp_path, compressor):
+    rng = np.random.default_rng(0)
+    m = meta(n=1000, rows=128, compressor=compressor, keep=True)  # 1000 = 7 full chunks + a partial one
+    w = StoreWriter.open_or_create(tmp_path / "s", m)
+    x = centred(rng, (1000, 7)).astype(np.float32)
+    mem = centred(rng, (2, 1000, 7)).astype(np.float32)
+    fill(w, x, mem)
+    r = open_store(tmp_path / "s")
+    assert r.complete
+    got = r.read_all(members=True)
+    np.testing.assert_array_equal(got.logits, x)
+    np.testing.assert_array_equal(got.members, mem)
+    np.testing.assert_array_equal(got.index, np.arange(1000))
+    rows = rng.permutation(1000)[:50]
+    logits, members = r.read_rows(rows, members=True)
+    np.testing.assert_array_equal(logits, x[rows])
+    np.testing.assert_array_equal(members, mem[:, rows])
+
+
+def test_float16_round_trip_within_half_ulp(tmp_path):
+    """float16 keeps 11 significant bits: |stored − x| ≤ 2⁻¹¹·|x| (+ subnormal spacing near 0);
+    values below the float16 range are clipped to FLOAT16_FLOOR, never −inf."""
+    rng = np.random.default_rng(1)
+    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=500, rows=100, dtype="float16"))
+    x = centred(rng, (500, 7), scale=30.0)
+    x[3, 2] = -1e6  # a class the teacher rules out completely
+    fill(w, x)
+    got = open_store(tmp_path / "s").read_all().logits
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    assert got[3, 2] == np.float16(FLOAT16_FLOOR)
+    mask = np.ones_like(x, dtype=bool)
+    mask[3, 2] = False
+    err = np.abs(got.astype(np.float64) - x)[mask]
+    bound = 2.0**-11 * np.abs(x)[mask] + 2.0**-25
+    assert (err <= bound).all(), float((err - bound).max())
+
+
+def test_incomplete_store_is_refused_and_finished_part_readable(tmp_path):
+    rng = np.random.default_rng(2)
+    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=1000, rows=128))
+    x = centred(rng, (1000, 7)).astype(np.float32)
+    fill(w, x, chunks=[0, 2, 7])
+    with pytest.raises(IncompleteStoreError, match="3 of 8 chunks"):
+        open_store(tmp_path / "s")
+    r = open_store(tmp_path / "s", allow_incomplete=True)
+    assert not r.complete and r.finished_chunks() == [0, 2, 7]
+    rows = r.finished_rows()
+    assert rows.tolist() == list(range(0, 128)) + list(range(256, 384)) + list(range(896, 1000))
+    np.testing.assert_array_equal(r.read_all().logits, x[rows])
+    with pytest.raises(IncompleteStoreError):
+        r.read_chunk(1)
+    with pytest.raises(IncompleteStoreError):
+        r.read_rows(np.array([0, 130]))
+    assert w.pending_chunks() == [1, 3, 4, 5, 6]
+
+
+def test_non_finite_chunk_is_not_committed(tmp_path):
+    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=256, rows=128))
+    x = np.zeros((128, 7), dtype=np.float32)
+    x[5, 1] = np.nan
+    with pytest.raises(NonFiniteLogitsError, match="rows 5"):
+        w.write_chunk(0, logits=x, labels=np.zeros(128), index=np.arange(128))
+    assert not w.done_mask().any()
+
+
+def test_accuracy_is_derived_from_committed_stats(tmp_path):
+    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=256, rows=128))
+    z = np.zeros((128, 7), dtype=np.float32)
+    w.write_chunk(0, logits=z, labels=np.zeros(128), index=np.arange(128), stats=np.array([100, 90, 80, 70]))
+    w.write_chunk(1, logits=z, labels=np.zeros(128), index=np.arange(128, 256), stats=np.array([100, 50, 40, 30]))
+    acc = open_store(tmp_path / "s").accuracy()
+    assert acc == {"ensemble": 0.7, "t0": 0.6, "t1": 0.5, "labeled_rows": 200}
+
+
+def test_reopen_same_job_resumes_other_job_refused(tmp_path):
+    w = StoreWriter.open_or_create(tmp_path / "s", meta(key="a" * 64))
+    fill(w, np.zeros((1000, 7), np.float32), chunks=[0])
+    again = StoreWriter.open_or_create(tmp_path / "s", meta(key="a" * 64))
+    assert again.pending_chunks() == list(range(1, 8))
+    with pytest.raises(StoreExistsError, match="another job"):
+        StoreWriter.open_or_create(tmp_path / "s", meta(key="b" * 64))
+    fresh = StoreWriter.open_or_create(tmp_path / "s", meta(key="b" * 64), overwrite=True)
+    assert fresh.pending_chunks() == list(range(8))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreExistsError, match="not a darkstore store"):
+        StoreWriter.open_or_create(tmp_path / "other", meta())
+    assert (tmp_path / "other" / "precious.txt").read_text() == "keep me"
+
+
+def test_schema_checks(tmp_path):
+    with pytest.raises(StoreNotFoundError):
+        open_store(tmp_path / "nothing")
+    w = StoreWriter.open_or_create(tmp_path / "s", meta())
+    fill(w, np.zeros((1000, 7), np.float32))
+    doc = json.loads((tmp_path / "s" / "zarr.json").read_text())
+    doc["attributes"]["darkstore"]["schema_version"] = 99
+    (tmp_path / "s" / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="schema version 99"):
+        open_store(tmp_path / "s")
+    doc["attributes"]["darkstore"]["schema_version"] = 1
+    doc["attributes"]["darkstore"]["num_classes"] = 8
+    (tmp_path / "s" / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="logits"):
+        open_store(tmp_path / "s")
+
+
+def test_errors_inherit_builtins():
+    assert issubclass(StoreNotFoundError, FileNotFoundError)
+    assert issubclass(IncompleteStoreError, RuntimeError)
