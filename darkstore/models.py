@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -196,14 +195,17 @@ def load_state_dict(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)
+        reason = next((ln.strip() for ln in text.splitlines() if "global" in ln.lower()), None)
+        if reason is None:  # not a refused global: the bytes are simply not a valid pickle
+            raise WeightsError(f"{path} is not a readable PyTorch state dict: {text.strip()[:300]}") from exc
         raise UnsafeWeightsError(
-            f"{path} is a pickle that needs code to load ({first[:200]}). darkstore loads only "
-            "safetensors or plain state dicts (torch.load weights_only=True); re-save it with "
-            "`torch.save(model.state_dict(), path)` or safetensors.torch.save_file"
+            f"{path} is a pickle that needs code to load ({reason[:200]}). darkstore loads only "
+            "safetensors or plain state dicts (torch.load weights_only=True) and never unpickles code; "
+            "re-save it with `torch.save(model.state_dict(), path)` or safetensors.torch.save_file"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise WeightsError(f"{path} is not a readable PyTorch state dict: {exc}") from exc
+    except Exception as exc:  # truncated zip, random bytes, …: torch raises many types
+        raise WeightsError(f"{path} is not a readable PyTorch state dict: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -1,0 +1,264 @@
+"""Generation: correctness, kill-and-resume, and every bad input the issue names."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from darkstore.models import build_model, save_weights
+from storage import open_store
+from storage.errors import (
+    ClassCountMismatchError,
+    CodeNotAllowedError,
+    DataNotFoundError,
+    DarkstoreError,
+    NonFiniteLogitsError,
+    UnknownArchitectureError,
+    UnsafeWeightsError,
+    WeightsError,
+    WeightsNotFoundError,
+)
+from teacher_service.generate import generate
+from teacher_service.spec import EnsembleSpec
+
+from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble, reference_member_logits
+
+
+def arrays_of(store: Path) -> dict[str, np.ndarray]:
+    r = open_store(store)
+    out = {name: r.group[name][:] for name in ("logits", "labels", "index", "stats", "done")}
+    if r.meta.keep_members:
+        out["members"] = r.group["members"][:]
+    return out
+
+
+def test_store_holds_the_ensemble_mean_and_provenance(tmp_path, ensemble, arrays):
+    w = generate(job(ensemble, arrays, dtype="float32", chunk_rows=64, keep_members=True), tmp_path / "s")
+    r = open_store(w.path)
+    z = reference_member_logits(ensemble, arrays)
+    ref = z.mean(0)
+    ref -= ref.max(-1, keepdims=True)
+    c = r.read_all(members=True)
+    np.testing.assert_allclose(c.logits, ref, atol=1e-4)
+    np.testing.assert_allclose(c.members, z - z.max(-1, keepdims=True), atol=1e-4)
+    assert (c.logits.max(-1) == 0).all()
+    with np.load(arrays) as a:
+        np.testing.assert_array_equal(c.labels, a["y"])
+        y = a["y"]
+    # provenance: hashes, parameter counts, fingerprint, recorded accuracy
+    m = r.meta
+    assert [t.name for t in m.teachers] == ["t0", "t1", "t2"]
+    for t in m.teachers:
+        import hashlib
+
+        assert t.sha256 == hashlib.sha256(Path(t.weights).read_bytes()).hexdigest()
+        assert t.num_params > 0
+    assert m.transfer_set.num_samples == 300 and len(m.transfer_set.fingerprint) == 64
+    acc = r.accuracy()
+    assert acc["ensemble"] == pytest.approx((ref.argmax(-1) == y).mean())
+    assert acc["t1"] == pytest.approx((z[1].argmax(-1) == y).mean())
+
+
+def test_rerunning_a_finished_job_does_nothing(tmp_path, ensemble, arrays):
+    spec = job(ensemble, arrays, chunk_rows=64)
+    generate(spec, tmp_path / "s")
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    rows = []
+    generate(spec, tmp_path / "s", on_rows=rows.append)
+    assert rows == []
+    assert files == {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*") if p.is_file()}
+
+
+def test_killed_generation_resumes_to_identical_store(tmp_path):
+    """SIGKILL a `darkstore generate` subprocess mid-run, rerun it, compare with an uninterrupted run."""
+    data = make_arrays(tmp_path / "big.npz", n=6000, classes=5, seed=3)
+    ens = make_ensemble(tmp_path / "teachers", [
+        {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 48}},
+        {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 48}},
+    ])
+    args = ["generate", "--teachers", str(ens), "--data", str(data), "--chunk-rows", "100", "--batch-size", "50",
+            "--keep-members", "--combine", "arithmetic", "--temperature", "3"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    committed = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        committed = len(list((killed / "done" / "c").glob("*"))) if (killed / "done" / "c").exists() else 0
+        if committed >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"generation ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = open_store(killed, allow_incomplete=True)
+    assert 0 < int(partial.done.sum()) < partial.meta.n_chunks, "the kill must land mid-job"
+
+    resumed = subprocess.run([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    clean = subprocess.run([*DARKSTORE, *args, "--out", str(tmp_path / "clean")], env=cli_env(),
+                           capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    a, b = arrays_of(killed), arrays_of(tmp_path / "clean")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert open_store(killed).complete
+
+
+# --- bad inputs: clear errors, nothing marked complete --------------------------------
+def _no_complete_store(path: Path) -> None:
+    if path.exists():
+        assert not open_store(path, allow_incomplete=True).complete
+
+
+def _ensemble_doc(tmp_path, members, **extra) -> Path:
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"members": members, **extra}))
+    return p
+
+
+def test_unknown_architecture(tmp_path, arrays):
+    ens = _ensemble_doc(tmp_path, [{"arch": "resnet9000", "weights": "x.safetensors"}], num_classes=5)
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    with pytest.raises(UnknownArchitectureError, match="resnet9000"):
+        generate(job(ens, arrays), tmp_path / "s")
+    _no_complete_store(tmp_path / "s")
+
+
+def test_missing_weights(tmp_path, arrays):
+    ens = _ensemble_doc(tmp_path, [{"arch": "mlp", "arch_kwargs": {"in_features": 64}, "weights": "gone.safetensors"}],
+                        num_classes=5)
+    with pytest.raises(WeightsNotFoundError, match="gone.safetensors"):
+        generate(job(ens, arrays), tmp_path / "s")
+    _no_complete_store(tmp_path / "s")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_corrupt_weights(tmp_path, arrays, suffix):
+    (tmp_path / f"w{suffix}").write_bytes(os.urandom(4096))
+    ens = _ensemble_doc(tmp_path, [{"arch": "mlp", "arch_kwargs": {"in_features": 64}, "weights": f"w{suffix}"}],
+                        num_classes=5)
+    with pytest.raises(WeightsError):
+        generate(job(ens, arrays), tmp_path / "s")
+    _no_complete_store(tmp_path / "s")
+
+
+def test_weights_of_another_architecture(tmp_path, arrays):
+    save_weights(build_model("mlp", 5, in_features=64, hidden=[8]), tmp_path / "w.safetensors")
+    ens = _ensemble_doc(tmp_path, [{"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]},
+                                    "weights": "w.safetensors"}], num_classes=5)
+    with pytest.raises(WeightsError, match="does not fit"):
+        generate(job(ens, arrays), tmp_path / "s")
+
+
+class Payload:
+    """Unpickling this would call os.system: the classic malicious checkpoint."""
+
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ.get("PWNED_MARKER", "/tmp/darkstore-pwned"),))
+
+
+def test_pickle_carrying_code_is_refused_not_run(tmp_path, arrays, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+    state = build_model("mlp", 5, in_features=64).state_dict()
+    state["evil"] = Payload()
+    torch.save(state, tmp_path / "evil.pt")
+    ens = _ensemble_doc(tmp_path, [{"arch": "mlp", "arch_kwargs": {"in_features": 64}, "weights": "evil.pt"}],
+                        num_classes=5)
+    with pytest.raises(UnsafeWeightsError, match="needs code"):
+        generate(job(ens, arrays), tmp_path / "s")
+    assert not marker.exists(), "the payload ran"
+    _no_complete_store(tmp_path / "s")
+
+
+def test_plain_state_dict_pt_loads(tmp_path, arrays):
+    torch.save({"state_dict": build_model("mlp", 5, in_features=64).state_dict()}, tmp_path / "ok.pt")
+    ens = _ensemble_doc(tmp_path, [{"arch": "mlp", "arch_kwargs": {"in_features": 64}, "weights": "ok.pt"}],
+                        num_classes=5)
+    w = generate(job(ens, arrays), tmp_path / "s")
+    assert open_store(w.path).meta.teachers[0].format == "state_dict"
+
+
+def test_class_count_mismatch(tmp_path, arrays):
+    ens = make_ensemble(tmp_path / "t", [
+        {"arch": "mlp", "arch_kwargs": {"in_features": 64}, "num_classes": 5},
+        {"arch": "mlp", "arch_kwargs": {"in_features": 64}, "num_classes": 7},
+    ], num_classes=None)
+    with pytest.raises(ClassCountMismatchError, match="t0: 5, t1: 7"):
+        generate(job(ens, arrays), tmp_path / "s")
+    _no_complete_store(tmp_path / "s")
+
+
+def test_labels_beyond_class_count(tmp_path, ensemble):
+    data = make_arrays(tmp_path / "d.npz", classes=9)
+    with pytest.raises(ClassCountMismatchError, match="labels up to 8"):
+        generate(job(ensemble, data, chunk_rows=64), tmp_path / "s")
+    _no_complete_store(tmp_path / "s")
+
+
+def test_nan_output_names_member_and_rows(tmp_path, ensemble):
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 1, 8, 8), dtype=np.float32)
+    x[[130, 170]] = np.nan  # e.g. corrupt inputs in the second chunk
+    np.savez(tmp_path / "nan.npz", x=x, y=rng.integers(0, 5, 200))
+    with pytest.raises(NonFiniteLogitsError, match=r"teacher 't0'.*rows 130, 170"):
+        generate(job(ensemble, tmp_path / "nan.npz", chunk_rows=100), tmp_path / "s")
+    r = open_store(tmp_path / "s", allow_incomplete=True)
+    assert r.done.tolist() == [True, False]  # the clean chunk is kept, the bad one never marked
+
+
+def test_unreadable_data_path(tmp_path, ensemble):
+    with pytest.raises(DataNotFoundError, match="missing.npz"):
+        generate(job(ensemble, tmp_path / "missing.npz"), tmp_path / "s")
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataNotFoundError, match="cannot read"):
+        generate(job(ensemble, tmp_path / "garbage.npz"), tmp_path / "s")
+    _no_complete_store(tmp_path / "s")
+
+
+def test_code_formats_need_allow_code(tmp_path, arrays):
+    model = build_model("mlp", 5, in_features=64).eval()
+    torch.jit.script(model).save(str(tmp_path / "m.ts"))
+    ens = _ensemble_doc(tmp_path, [{"name": "ts", "format": "torchscript", "weights": "m.ts"}])
+    with pytest.raises(CodeNotAllowedError, match="torchscript"):
+        generate(job(ens, arrays), tmp_path / "s")
+    w = generate(job(ens, arrays, dtype="float32"), tmp_path / "s", allow_code=True)
+    with np.load(arrays) as a, torch.no_grad():
+        ref = model(torch.from_numpy(a["x"])).numpy()
+    np.testing.assert_allclose(open_store(w.path).read_all().logits, ref - ref.max(-1, keepdims=True), atol=1e-5)
+
+    dyn = {"x": {0: torch.export.Dim("batch", min=2, max=4096)}}
+    torch.export.save(torch.export.export(model, (torch.zeros(4, 1, 8, 8),), dynamic_shapes=dyn), str(tmp_path / "m.pt2"))
+    exp = _ensemble_doc(tmp_path, [{"name": "ex", "format": "export", "weights": "m.pt2"}])
+    with pytest.raises(CodeNotAllowedError, match="export"):
+        generate(job(exp, arrays), tmp_path / "s3")
+    w = generate(job(exp, arrays, dtype="float32"), tmp_path / "s3", allow_code=True)
+    np.testing.assert_allclose(open_store(w.path).read_all().logits, ref - ref.max(-1, keepdims=True), atol=1e-5)
+
+    fac = _ensemble_doc(tmp_path, [{"name": "f", "factory": "os:getcwd"}], num_classes=5)
+    with pytest.raises(CodeNotAllowedError, match="factory"):
+        generate(job(fac, arrays), tmp_path / "s2")
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, arrays):
+    ens = _ensemble_doc(tmp_path, [{"arch": "nope", "weights": "w.safetensors"}], num_classes=5)
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(ens), "--data", str(arrays), "--out",
+                        str(tmp_path / "s")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump({"members": [{"arch": "mlp", "wieghts": "w.safetensors"}]}))
+    with pytest.raises(DarkstoreError, match="wieghts"):
+        EnsembleSpec.from_file(bad)
