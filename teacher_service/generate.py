@@ -62,7 +62,11 @@ def load_ensemble(
     members = []
     for m in spec.members:
         lm = load_model(m, num_classes=c, allow_code=allow_code, roots=roots)
-        lm.module.to(device).eval()
+        lm.module.to(device)
+        try:
+            lm.module.eval()
+        except NotImplementedError:  # torch.export programs keep the mode they were exported in
+            pass
         members.append(lm)
     return members
 
