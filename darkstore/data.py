@@ -150,6 +150,8 @@ class ArraysSet(TransferSet):
                     self._y = z[spec.y_key] if spec.y_key and spec.y_key in z else None
                     if "class_names" in z:
                         self.class_names = [str(s) for s in z["class_names"]]
+        except SpecError:
+            raise
         except FileNotFoundError as exc:
             raise DataNotFoundError(f"transfer set file not found: {path}") from exc
         except (OSError, ValueError) as exc:
