@@ -92,7 +92,9 @@ def generate(
             done = writer.meta.num_rows - sum(b - a for a, b in map(writer.bounds, writer.pending_chunks()))
             task["id"] = progress.add_task("generating", total=writer.meta.num_rows, completed=done, rate="")
             task["t"], task["n"] = time.perf_counter(), 0
-            if done:
+            if done == writer.meta.num_rows:
+                console.print("this job's store is already complete: nothing to compute")
+            elif done:
                 console.print(f"resuming: {done} of {writer.meta.num_rows} rows already committed")
 
         def on_rows(n):
