@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from darkstore.data import parse_data_spec
 from darkstore.models import build_model, save_weights
 from storage import open_store
 from storage.errors import (
@@ -262,3 +263,43 @@ def test_cli_errors_are_one_clear_line(tmp_path, arrays):
     bad.write_text(yaml.safe_dump({"members": [{"arch": "mlp", "wieghts": "w.safetensors"}]}))
     with pytest.raises(DarkstoreError, match="wieghts"):
         EnsembleSpec.from_file(bad)
+
+
+def test_torchvision_teacher_with_its_own_preprocessing(tmp_path, arrays):
+    """A real torchvision architecture as a member: grayscale 8x8 -> 3 channels, 32x32, normalised."""
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    tv = get_model("resnet18", weights=None, num_classes=5).eval()
+    save_weights(tv, tmp_path / "r18.safetensors")
+    pre = {"channels": 3, "resize": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    ens = _ensemble_doc(tmp_path, [{"name": "r18", "arch": "resnet18", "weights": "r18.safetensors",
+                                    "preprocess": pre}], num_classes=5)
+    w = generate(job(ens, arrays, dtype="float32", chunk_rows=128), tmp_path / "s")
+    with np.load(arrays) as a:
+        x = torch.from_numpy(a["x"][:20]).expand(-1, 3, -1, -1)
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - torch.tensor(pre["mean"]).view(1, 3, 1, 1)) / torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = tv(x).numpy()
+    r = open_store(w.path)
+    np.testing.assert_allclose(r.read_all().logits[:20], ref - ref.max(-1, keepdims=True), atol=1e-4)
+    assert r.meta.teachers[0].num_params == sum(p.numel() for p in tv.parameters())
+
+
+def test_factories_run_only_when_allowed(tmp_path):
+    ens = _ensemble_doc(tmp_path, [{"name": "f", "factory": "tests.factories:tiny_mlp"}], num_classes=5)
+    data = {"kind": "factory", "factory": "tests.factories:digits_like", "kwargs": {"n": 40}}
+    spec = job(ens, make_arrays(tmp_path / "a.npz")).model_copy(update={"data": parse_data_spec(data)})
+    with pytest.raises(CodeNotAllowedError):
+        generate(spec, tmp_path / "s")
+    w = generate(spec, tmp_path / "s", allow_code=True)
+    r = open_store(w.path)
+    assert r.meta.num_rows == 40 and r.meta.teachers[0].format == "factory"
+    from tests.factories import digits_like, tiny_mlp
+
+    ds = digits_like(40)
+    with torch.no_grad():
+        ref = tiny_mlp()(ds.tensors[0]).numpy()
+    np.testing.assert_allclose(r.read_all().logits.astype(np.float32), ref - ref.max(-1, keepdims=True), atol=2e-2)
+    np.testing.assert_array_equal(r.read_all().labels, ds.tensors[1].numpy())
