@@ -25,6 +25,10 @@ from .combine import combine
 from .spec import EnsembleSpec, JobSpec
 
 log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """A run stopped on request between chunks."""
 OnRows = Callable[[int], None]
 
 
@@ -184,8 +188,12 @@ def run_chunks(
     batch_size: int = 256,
     num_workers: int = 0,
     on_rows: OnRows | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
-    """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written."""
+    """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written.
+
+    ``should_stop`` is asked before each chunk; when it answers True the run raises
+    :class:`Cancelled` and every chunk committed so far stays committed."""
     done = writer.done_mask()
     chunks = [i for i in chunks if not done[i]]
     if not chunks:
@@ -199,6 +207,8 @@ def run_chunks(
     it = iter(loader)
     written = 0
     for i in chunks:
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"stopped before chunk {i}; {written} rows were committed in this run")
         start, stop = writer.bounds(i)
         rows = stop - start
         z_all = np.empty((m, rows, c), dtype=np.float32)
@@ -247,11 +257,13 @@ def generate(
     roots: Sequence[str | Path] | None = None,
     on_start: Callable[[StoreWriter], None] | None = None,
     on_rows: OnRows | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> StoreWriter:
     """Run ``spec`` into the store at ``out``; resumes an interrupted run, does nothing for a finished one."""
     job = prepare(spec, device=device, allow_code=allow_code, roots=roots)
     writer = StoreWriter.open_or_create(out, job.meta, overwrite=overwrite)
     if on_start:
         on_start(writer)
-    run_chunks(job, writer, writer.pending_chunks(), batch_size=batch_size, num_workers=num_workers, on_rows=on_rows)
+    run_chunks(job, writer, writer.pending_chunks(), batch_size=batch_size, num_workers=num_workers, on_rows=on_rows,
+               should_stop=should_stop)
     return writer
