@@ -82,7 +82,7 @@ def probe_classes(members: list[LoadedModel], x: torch.Tensor, declared: int | N
         for m in members:
             try:
                 out = m.forward(x)
-            except SpecError:
+            except SpecError:  # already a clear message (e.g. bad preprocessing)
                 raise
             except Exception as exc:
                 raise SpecError(f"teacher {m.name!r} fails on the transfer set's inputs {tuple(x.shape)}: {exc}") from exc

@@ -24,7 +24,7 @@ from darkstore.data import open_transfer_set
 from darkstore.models import sha256_file
 from darkstore.paths import resolve
 from storage import open_store
-from storage.errors import DarkstoreError, SpecError, StoreNotFoundError, WeightsNotFoundError
+from storage.errors import DarkstoreError, StoreNotFoundError, WeightsNotFoundError
 
 from .generate import Cancelled, generate
 from .spec import JobSpec
@@ -213,4 +213,4 @@ class LocalRunner:
                 self._futures.pop(job_id, None)
 
 
-__all__ = ["JobBook", "JobRecord", "JobStatus", "LocalRunner", "identify", "SpecError"]
+__all__ = ["JobBook", "JobRecord", "JobStatus", "LocalRunner", "identify"]
