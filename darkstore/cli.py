@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line
 out = Console()
 
 
@@ -234,6 +234,176 @@ def archs():
 
     out.print("built-in: " + ", ".join(sorted(BUILTINS)))
     out.print("torchvision: " + ", ".join(torchvision_classifiers()))
+
+
+# --- service ---------------------------------------------------------------------
+def _settings(**overrides):
+    from teacher_service.settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None and v != []})
+
+
+@app.command()
+def serve(
+    local: Annotated[bool, typer.Option("--local", help="run jobs in this process (no Redis): the embedded default")] = False,
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 in a container)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    home: Annotated[Optional[Path], typer.Option(help="job records and stores [env DARKSTORE_HOME]")] = None,
+    data_root: Annotated[Optional[list[Path]], typer.Option("--data-root", help="allowed data root (repeatable) [env DARKSTORE_DATA_ROOTS]")] = None,
+    broker: Annotated[Optional[str], typer.Option(help="Redis URL [env DARKSTORE_BROKER_URL]")] = None,
+    allow_code: Annotated[Optional[bool], typer.Option("--allow-code/--no-allow-code", help="allow code-carrying teachers/data [env DARKSTORE_ALLOW_CODE]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="device of the local runner [env DARKSTORE_DEVICE]")] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+):
+    """Serve the HTTP job API (uvicorn). With a broker configured jobs go to Celery workers; without one (or with
+    --local) they run in this process."""
+    import logging
+
+    import uvicorn
+
+    from teacher_service.api import create_app
+
+    s = _settings(home=home, data_roots=data_root, broker_url=broker, allow_code=allow_code, device=device,
+                  mode="local" if local else None)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = "in-process runner" if not s.use_celery else f"Celery via {s.redacted()['broker_url']}"
+    console.print(f"darkstore API on http://{host}:{port} — jobs: {engine}; home {s.home.resolve()}; "
+                  f"data roots {', '.join(map(str, s.roots))}" + ("; bearer token required" if s.token else ""))
+    uvicorn.run(create_app(s), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="worker processes (one per GPU is typical)")] = 1,
+    broker: Annotated[Optional[str], typer.Option(help="Redis URL [env DARKSTORE_BROKER_URL]")] = None,
+    home: Annotated[Optional[Path], typer.Option(help="shared job records and stores [env DARKSTORE_HOME]")] = None,
+    hostname: Annotated[Optional[str], typer.Option(help="Celery node name (default worker@<host>, with a pid suffix)")] = None,
+    pool: Annotated[str, typer.Option(help="prefork | solo | threads")] = "prefork",
+    log_level: Annotated[str, typer.Option()] = "info",
+):
+    """Run a Celery worker that takes chunk-range tasks of any job (needs DARKSTORE_BROKER_URL)."""
+    import os
+    import socket
+
+    for env, value in (("DARKSTORE_BROKER_URL", broker), ("DARKSTORE_HOME", home)):
+        if value is not None:
+            os.environ[env] = str(value)
+    s = _settings()
+    if not s.broker_url:
+        raise typer.BadParameter("a worker needs a broker: --broker redis://HOST:6379/0 or DARKSTORE_BROKER_URL")
+    from teacher_service.celery_app import QUEUE, app as celery
+
+    name = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
+    console.print(f"darkstore worker {name}: {concurrency} process(es), queue {QUEUE!r}, device {s.device}, "
+                  f"home {s.home.resolve()}")
+    celery.worker_main(["worker", f"--loglevel={log_level.upper()}", f"--concurrency={concurrency}", "-Q", QUEUE,
+                        "-n", name, f"--pool={pool}", "--without-gossip", "--without-mingle"])
+
+
+def _client(api: Optional[str], token: Optional[str]):
+    from teacher_service.client import DarkstoreClient
+
+    return DarkstoreClient(api, token)
+
+
+Api = Annotated[Optional[str], typer.Option("--api", help="API base URL [env DARKSTORE_API_URL]")]
+Token = Annotated[Optional[str], typer.Option("--token", help="bearer token [env DARKSTORE_TOKEN]")]
+
+
+def _state_style(state: str) -> str:
+    return {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}.get(state, "white")
+
+
+def _job_line(v) -> str:
+    p = v.progress
+    rate = f", {v.rows_per_second:,.0f} rows/s" if v.rows_per_second else ""
+    eta = f", ETA {v.eta_seconds:.0f} s" if v.eta_seconds is not None else ""
+    total = p.rows_total if p.rows_total is not None else "?"
+    return (f"job {v.id} [{_state_style(v.state)}]{v.state}[/]: {p.rows_done}/{total} rows, "
+            f"{p.chunks_done}/{p.chunks_total or '?'} chunks{rate}{eta}")
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="job spec file (YAML/JSON); paths resolve on the server, against its first data root")],
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="seconds to wait at most")] = None,
+    api: Api = None,
+    token: Token = None,
+):
+    """Submit a teacher job to the service. The same job submitted twice returns the first one."""
+    with _client(api, token) as c:
+        view, created = c.submit(spec)
+        console.print(("submitted new " if created else "already known: ") + _job_line(view), highlight=False)
+        out.print(view.id)
+        if wait and view.state in ("queued", "running"):
+            with _progress() as progress:
+                task = progress.add_task(f"job {view.id[:8]}", total=view.progress.rows_total,
+                                         completed=view.progress.rows_done, rate="")
+
+                def show(v):
+                    rate = f"{v.rows_per_second:,.0f} rows/s" if v.rows_per_second else v.state
+                    progress.update(task, total=v.progress.rows_total, completed=v.progress.rows_done, rate=rate)
+
+                view = c.wait(view.id, timeout=timeout, on_progress=show)
+            console.print(_job_line(view), highlight=False)
+        if view.state in ("failed", "cancelled"):
+            if view.error:
+                console.print(f"[red]error:[/] {escape(view.error)}", highlight=False)
+            raise typer.Exit(1)
+        if wait:
+            console.print(f"store: {view.store}")
+
+
+@app.command()
+def jobs(
+    job_id: Annotated[Optional[str], typer.Argument(help="show one job in full")] = None,
+    state: Annotated[Optional[str], typer.Option(help="queued | running | succeeded | failed | cancelled")] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+    offset: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    api: Api = None,
+    token: Token = None,
+):
+    """List the service's jobs (newest first), or show one."""
+    with _client(api, token) as c:
+        if job_id:
+            v = c.job(job_id)
+            if as_json:
+                out.print_json(v.model_dump_json())
+                return
+            out.print(_job_line(v), highlight=False)
+            out.print(f"store {v.store}\ncreated {v.created_at}, started {v.started_at}, finished {v.finished_at}, "
+                      f"attempt {v.attempt}" + (f"\nerror: {escape(v.error)}" if v.error else ""), highlight=False)
+            return
+        items, total = c.jobs(state, limit, offset)
+        if as_json:
+            out.print_json(json.dumps({"total": total, "items": [v.model_dump(mode="json") for v in items]}))
+            return
+        t = Table(title=f"{total} job(s)" + (f" {state}" if state else ""), title_justify="left")
+        for col in ("id", "state", "rows", "chunks", "rows/s", "created", "error"):
+            t.add_column(col)
+        for v in items:
+            p = v.progress
+            t.add_row(v.id, f"[{_state_style(v.state)}]{v.state}[/]", f"{p.rows_done}/{p.rows_total or '?'}",
+                      f"{p.chunks_done}/{p.chunks_total or '?'}",
+                      f"{v.rows_per_second:,.0f}" if v.rows_per_second else "", v.created_at[:19],
+                      escape((v.error or "")[:60]))
+        out.print(t)
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument()], api: Api = None, token: Token = None):
+    """Cancel a job: it stops after the chunk in progress; committed chunks stay."""
+    with _client(api, token) as c:
+        out.print(_job_line(c.cancel(job_id)), highlight=False)
+
+
+@app.command()
+def resume(job_id: Annotated[str, typer.Argument()], api: Api = None, token: Token = None):
+    """Resume a cancelled or failed job from its committed chunks."""
+    with _client(api, token) as c:
+        out.print(_job_line(c.resume(job_id)), highlight=False)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ dict — never by full unpickling. TorchScript, ``torch.export`` archives and
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +168,22 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 # --- safe weight loading ---------------------------------------------------------
+_DIGESTS: dict[tuple, str] = {}
+
+
 def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """sha256 of a file, remembered per (path, inode, size, mtime) so a service hashes a
+    multi-GB weight file once, not at every submit."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if len(_DIGESTS) > 4096:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def detect_format(path: Path, declared: WeightFormat) -> str:
@@ -197,7 +211,10 @@ def load_state_dict(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         text = str(exc)
         reason = next((ln.strip() for ln in text.splitlines() if "global" in ln.lower()), None)
-        if reason is None:  # not a refused global: the bytes are simply not a valid pickle
+        if reason is None and "Weights only load failed" in text:  # refused for another reason (e.g. an opcode)
+            after = text.split("WeightsUnpickler error:", 1)[-1]
+            reason = next((ln.strip() for ln in after.splitlines() if ln.strip()), "refused by the safe unpickler")
+        if reason is None:  # not refused: the bytes are simply not a valid pickle
             raise WeightsError(f"{path} is not a readable PyTorch state dict: {text.strip()[:300]}") from exc
         raise UnsafeWeightsError(
             f"{path} is a pickle that needs code to load ({reason[:200]}). darkstore loads only "

@@ -188,9 +188,12 @@ def run_chunks(
     batch_size: int = 256,
     num_workers: int = 0,
     on_rows: OnRows | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> int:
     """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written.
+
+    ``on_rows(rows)`` and ``on_chunk(chunk, rows)`` are called after each commit.
 
     ``should_stop`` is asked before each chunk; when it answers True the run raises
     :class:`Cancelled` and every chunk committed so far stays committed."""
@@ -233,6 +236,8 @@ def run_chunks(
         written += rows
         if on_rows:
             on_rows(rows)
+        if on_chunk:
+            on_chunk(i, rows)
     return written
 
 

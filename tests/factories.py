@@ -1,5 +1,7 @@
 """Factories that tests load through `module:function` (code the operator allows)."""
 
+import time
+
 import numpy as np
 import torch
 
@@ -16,3 +18,29 @@ def digits_like(n: int = 40, seed: int = 0):
 def tiny_mlp(num_classes: int = 5):
     torch.manual_seed(0)
     return MLP(64, num_classes, hidden=[8])
+
+
+class Slow(torch.nn.Module):
+    """A teacher that takes its time and counts its forward passes in a file (across processes)."""
+
+    def __init__(self, inner: torch.nn.Module, delay: float, counter: str | None):
+        super().__init__()
+        self.inner, self.delay, self.counter = inner, delay, counter
+
+    def forward(self, x):
+        if self.counter:
+            import os
+
+            fd = os.open(self.counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, b"x")
+            os.close(fd)
+        time.sleep(self.delay)
+        return self.inner(x)
+
+
+def slow_mlp(num_classes: int = 5, delay: float = 0.1, counter: str | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    inner = MLP(64, num_classes, hidden=[16])
+    for p in inner.parameters():
+        p.data.mul_(3.0)
+    return Slow(inner, delay, counter)

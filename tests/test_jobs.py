@@ -12,6 +12,7 @@ from storage.errors import WeightsNotFoundError
 from teacher_service import generate as gen_mod
 from teacher_service.generate import generate
 from teacher_service.jobs import LocalRunner
+from teacher_service.settings import Settings
 
 from .conftest import job, make_arrays, make_ensemble
 
@@ -30,8 +31,12 @@ def forwards(monkeypatch):
     return calls
 
 
+def runner_at(tmp_path, **kw) -> LocalRunner:
+    return LocalRunner(Settings(home=tmp_path / "svc", data_roots=[tmp_path], **kw))
+
+
 def test_same_job_twice_runs_teachers_once(tmp_path, ensemble, arrays, forwards):
-    runner = LocalRunner(tmp_path / "svc")
+    runner = runner_at(tmp_path)
     try:
         rec, created = runner.submit(job(ensemble, arrays, chunk_rows=64))
         assert created and runner.wait(rec.id).state == "succeeded"
@@ -43,7 +48,7 @@ def test_same_job_twice_runs_teachers_once(tmp_path, ensemble, arrays, forwards)
         other, created = runner.submit(job(ensemble, arrays, chunk_rows=64, dtype="float32"))
         assert created and other.id != rec.id
         assert runner.wait(other.id).state == "succeeded"
-        st = runner.book.status(rec.id)
+        st = runner.get(rec.id).progress
         assert st.rows_done == st.rows_total == 300 and st.chunks_done == st.chunks_total == 5
     finally:
         runner.shutdown()
@@ -53,15 +58,15 @@ def test_cancel_keeps_committed_chunks_and_resume_finishes(tmp_path):
     data = make_arrays(tmp_path / "d.npz", n=3000)
     ens = make_ensemble(tmp_path / "t", [{"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 48}}])
     spec = job(ens, data, chunk_rows=50)
-    runner = LocalRunner(tmp_path / "svc", batch_size=50)
+    runner = runner_at(tmp_path, batch_size=50)
     try:
         rec, _ = runner.submit(spec)
         deadline = time.monotonic() + 60
-        while runner.book.status(rec.id).chunks_done < 2 and time.monotonic() < deadline:
+        while runner.get(rec.id).progress.chunks_done < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         runner.cancel(rec.id)
         assert runner.wait(rec.id).state == "cancelled"
-        st = runner.book.status(rec.id)
+        st = runner.get(rec.id).progress
         assert 2 <= st.chunks_done < st.chunks_total
         kept = open_store(rec.store, allow_incomplete=True).read_all().logits
         runner.resume(rec.id)
@@ -75,12 +80,12 @@ def test_cancel_keeps_committed_chunks_and_resume_finishes(tmp_path):
 
 
 def test_restarted_runner_requeues_unfinished_jobs(tmp_path, ensemble, arrays):
-    first = LocalRunner(tmp_path / "svc")
+    first = runner_at(tmp_path)
     rec, _ = first.submit(job(ensemble, arrays, chunk_rows=64))
     first.wait(rec.id)
     first.shutdown()
     first.book.update(rec.id, state="running")  # as if the process died mid-job
-    second = LocalRunner(tmp_path / "svc")
+    second = runner_at(tmp_path)
     try:
         assert second.wait(rec.id).state == "succeeded"
     finally:
@@ -92,7 +97,7 @@ def test_failures_are_recorded_not_lost(tmp_path, ensemble):
     x = rng.random((100, 1, 8, 8), dtype=np.float32)
     x[42] = np.nan
     np.savez(tmp_path / "nan.npz", x=x, y=rng.integers(0, 5, 100))
-    runner = LocalRunner(tmp_path / "svc")
+    runner = runner_at(tmp_path)
     try:
         rec, _ = runner.submit(job(ensemble, tmp_path / "nan.npz"))
         done = runner.wait(rec.id)

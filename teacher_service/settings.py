@@ -1,0 +1,98 @@
+"""Service settings: one pydantic-settings class, read from ``DARKSTORE_*`` environment variables.
+
+The API, the Celery workers and the CLI client all read the same class, so one
+``.env`` (or the compose file's ``environment:``) configures the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DARKSTORE_", extra="ignore", validate_default=True)
+
+    # --- where things live -----------------------------------------------------
+    home: Path = Field(Path("darkstore-service"), description="job records (jobs/) and stores (stores/<job id>)")
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="every path a request names must resolve inside one of these (os.pathsep- or comma-separated); "
+        "relative paths resolve against the first. Empty: the server's working directory.",
+    )
+
+    # --- HTTP API --------------------------------------------------------------
+    token: SecretStr | None = Field(None, description="bearer token required on every route but /healthz and /readyz")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted (413 above)")
+    api_url: str = Field("http://127.0.0.1:8000", description="where `darkstore submit/jobs` find the API")
+
+    # --- jobs ------------------------------------------------------------------
+    broker_url: str | None = Field(None, description="Redis URL; unset: jobs run in-process (serve --local)")
+    allow_code: bool = Field(False, description="allow TorchScript/export files and module:function factories")
+    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
+    batch_size: int = Field(256, gt=0, description="rows per teacher forward pass")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes inside a task")
+    chunks_per_task: int = Field(4, gt=0, description="store chunks per Celery task: the unit of sharding")
+    task_time_limit: int = Field(3600, gt=0, description="hard time limit of one chunk-range task, seconds")
+    task_soft_time_limit: int | None = Field(None, gt=0, description="default: 90 % of the hard limit")
+    visibility_timeout: int = Field(7200, gt=0, description="Redis redelivers an unacknowledged task after this")
+    redelivery_check_interval: int = Field(30, gt=0, description="seconds between sweeps for tasks to redeliver")
+    max_retries: int = Field(3, ge=0, description="Celery retries of a task after an unexpected error")
+    ensemble_cache: int = Field(1, ge=1, description="ensembles a worker process keeps loaded")
+    mode: Literal["auto", "local", "celery"] = Field("auto", description="auto: celery when broker_url is set")
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v):
+        if isinstance(v, str):
+            parts = v.replace(",", os.pathsep).split(os.pathsep)
+            return [p.strip() for p in parts if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> "Settings":
+        if self.soft_time_limit >= self.task_time_limit:
+            raise ValueError("task_soft_time_limit must be below task_time_limit")
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout} s) must be longer than task_time_limit "
+                f"({self.task_time_limit} s), or Redis hands running tasks to a second worker"
+            )
+        return self
+
+    @property
+    def soft_time_limit(self) -> int:
+        return self.task_soft_time_limit or max(1, int(self.task_time_limit * 0.9))
+
+    @cached_property
+    def roots(self) -> list[Path]:
+        return [p.expanduser().resolve() for p in (self.data_roots or [Path.cwd()])]
+
+    @property
+    def use_celery(self) -> bool:
+        if self.mode == "auto":
+            return self.broker_url is not None
+        return self.mode == "celery"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def redacted(self) -> dict:
+        d = self.model_dump(mode="json")
+        d["token"] = "***" if self.token else None
+        if self.broker_url and "@" in self.broker_url:  # redis://user:password@host
+            scheme, _, rest = self.broker_url.partition("://")
+            d["broker_url"] = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        return d
+
+
+__all__ = ["Settings"]

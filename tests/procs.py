@@ -1,0 +1,129 @@
+"""Real processes for service tests: redis-server on a free loopback port, uvicorn, Celery workers.
+
+Everything binds 127.0.0.1, runs in its own session (so a SIGKILL reaches a worker's
+pool children too) and logs to a file that a failing test prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import DARKSTORE, ROOT, cli_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_redis() -> str:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        msg = "redis-server is not installed (apt-get install -y redis-server; .ci/run does it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT):
+        self.name, self.cmd, self.log = name, cmd, log
+        self._fh = open(log, "ab")
+        self.p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for_log(self, needle: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.text():
+                return
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.p.returncode}):\n{self.text()[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: no {needle!r} in its log after {timeout} s:\n{self.text()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (the worker and its pool children)."""
+        if self.alive():
+            try:
+                os.killpg(self.p.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            self.p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait(timeout=10)
+        self._fh.close()
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+class Redis(Proc):
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        super().__init__("redis", [need_redis(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", str(tmp)], dict(os.environ), tmp / "redis.log")
+        self.wait_for_log("Ready to accept connections", timeout=20)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def service_env(**settings: object) -> dict[str, str]:
+    env = cli_env()
+    for k in list(env):
+        if k.startswith("DARKSTORE_"):
+            del env[k]
+    for k, v in settings.items():
+        if v is not None:
+            env[f"DARKSTORE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
+    return env
+
+
+class Api(Proc):
+    def __init__(self, env: dict[str, str], log: Path, *args: str, port: int | None = None):
+        self.port = port or free_port()
+        super().__init__("api", [*DARKSTORE, "serve", "--port", str(self.port), *args], env, log)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"API exited:\n{self.text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"API not healthy after 60 s:\n{self.text()[-3000:]}")
+
+
+class Worker(Proc):
+    def __init__(self, env: dict[str, str], log: Path, name: str):
+        super().__init__(name, [*DARKSTORE, "worker", "--hostname", f"{name}@localhost", "--concurrency", "1"],
+                         env, log)
+        self.wait_for_log("ready.", timeout=90)

@@ -1,0 +1,290 @@
+"""The HTTP API over real HTTP (uvicorn in a subprocess), in local mode: no Redis.
+
+Security and bad input: every refusal is a 4xx with a clear JSON message, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from storage import open_store
+from teacher_service.client import ApiError, DarkstoreClient
+from teacher_service.generate import generate
+from teacher_service.jobs import rebase
+
+from .conftest import DARKSTORE, MEMBERS, job, make_arrays, make_ensemble
+from .procs import Api, service_env
+
+TOKEN = "s3cret-token"
+
+
+class Evil:
+    """A pickle whose loading would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A data root with teachers, a transfer set and some traps, plus a folder outside it."""
+    tmp = tmp_path_factory.mktemp("api")
+    root = tmp / "data"
+    root.mkdir()
+    make_ensemble(root / "teachers", MEMBERS)
+    make_arrays(root / "transfer.npz", n=300)
+    outside = tmp / "outside"
+    make_ensemble(outside, MEMBERS[:1])
+    (root / "teachers" / "link.safetensors").symlink_to(outside / "t0.safetensors")
+    with open(root / "teachers" / "evil.pt", "wb") as f:
+        pickle.dump(Evil(tmp / "PWNED"), f)
+    env = service_env(home=tmp / "home", data_roots=root, token=TOKEN, max_body_bytes=20_000)
+    api = Api(env, tmp / "api.log", "--local")
+    yield {"tmp": tmp, "root": root, "api": api, "outside": outside}
+    api.stop()
+
+
+def body(**changes) -> dict:
+    """A valid job body with paths relative to the data root, as a client would send it."""
+    doc = {
+        "teachers": {
+            "num_classes": 5,
+            "members": [
+                {"name": f"t{i}", "arch": m["arch"], "arch_kwargs": m["arch_kwargs"],
+                 "weights": f"teachers/t{i}.safetensors"}
+                for i, m in enumerate(MEMBERS)
+            ],
+        },
+        "data": {"kind": "arrays", "path": "transfer.npz"},
+        "chunk_rows": 64,
+    }
+    doc.update(changes)
+    return doc
+
+
+def with_member(**member) -> dict:
+    b = body()
+    b["teachers"]["members"][0] = {**b["teachers"]["members"][0], **member}
+    return b
+
+
+def client(site, token=TOKEN) -> DarkstoreClient:
+    return DarkstoreClient(site["api"].url, token=token, timeout=60)
+
+
+def test_submit_dedup_wait_store_list_metrics(site):
+    with client(site) as c:
+        view, created = c.submit(body())
+        assert created and view.state in ("queued", "running", "succeeded")
+        done = c.wait(view.id, timeout=120)
+        assert done.state == "succeeded", done.error
+        assert done.progress.rows_done == done.progress.rows_total == 300
+        assert done.progress.chunks_done == done.progress.chunks_total == 5
+        assert done.rows_per_second and done.rows_per_second > 0 and done.eta_seconds is None
+
+        again, created = c.submit(body())  # same teachers, data and options
+        assert not created and again.id == view.id
+
+        # the store is exactly what `darkstore generate` writes for the same spec
+        from teacher_service.spec import JobSpec
+
+        spec = rebase(JobSpec.model_validate(body()), site["root"])
+        ref = open_store(generate(spec, site["tmp"] / "ref").path).read_all()
+        got = open_store(done.store).read_all()
+        np.testing.assert_array_equal(got.logits, ref.logits)
+        np.testing.assert_array_equal(got.labels, ref.labels)
+
+        summary = c.store(view.id)
+        assert summary["complete"] and summary["rows"] == 300 and len(summary["teachers"]) == 3
+
+        other, created = c.submit(body(dtype="float32"))
+        assert created and other.id != view.id
+        c.wait(other.id, timeout=120)
+        items, total = c.jobs(state="succeeded")
+        assert total >= 2 and {view.id, other.id} <= {v.id for v in items}
+        page, total_all = c.jobs(limit=1, offset=1)
+        assert len(page) == 1 and total_all >= 2
+        assert c.jobs(state="failed")[1] == 0
+
+        events = [e["event"] for e in c.events(view.id)]
+        assert events[0] == "submitted" and events.count("chunk_committed") == 5
+
+    text = httpx.get(site["api"].url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    assert 'darkstore_jobs{state="succeeded"}' in text
+    line = next(ln for ln in text.splitlines() if ln.startswith('darkstore_jobs{state="succeeded"}'))
+    assert float(line.split()[-1]) >= 2
+    rows = next(ln for ln in text.splitlines() if ln.startswith("darkstore_rows_written"))
+    assert float(rows.split()[-1]) >= 600
+    assert "darkstore_rows_per_second" in text
+
+
+def test_token_required_everywhere_but_health(site):
+    url = site["api"].url
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert httpx.get(url + "/readyz").json()["status"] == "ready"
+    for method, path in [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/abc"), ("DELETE", "/v1/jobs/abc"),
+                         ("POST", "/v1/jobs/abc/resume"), ("GET", "/v1/stores/abc"), ("GET", "/metrics")]:
+        r = httpx.request(method, url + path, json=body() if method == "POST" else None)
+        assert r.status_code == 401, (method, path, r.text)
+        assert r.json()["detail"] == "missing bearer token" and r.headers["www-authenticate"] == "Bearer"
+        r = httpx.request(method, url + path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["detail"] == "wrong bearer token"
+    with pytest.raises(ApiError) as e:
+        with client(site, token="nope") as c:
+            c.jobs()
+    assert e.value.status == 401
+
+
+BAD = [
+    # (name, request body or raw bytes, status, words in the message)
+    ("malformed json", b'{"teachers": ', 422, "JSON"),
+    ("not an object", b"[1, 2]", 422, "invalid request"),
+    ("unknown top-level field", body(colour="blue"), 422, "colour: Extra inputs are not permitted"),
+    ("unknown member field", with_member(weigths="x"), 422, "weigths"),
+    ("unknown data kind", body(data={"kind": "parquet", "path": "x"}), 422, "parquet"),
+    ("bad dtype", body(dtype="float8"), 422, "dtype"),
+    ("zero chunk rows", body(chunk_rows=0), 422, "chunk_rows"),
+    ("missing teachers", {"data": {"kind": "arrays", "path": "transfer.npz"}}, 422, "teachers: Field required"),
+    ("dot-dot outside roots", with_member(weights="../outside/t0.safetensors"), 403, "outside the data roots"),
+    ("absolute path outside roots", body(data={"kind": "arrays", "path": "/etc/hostname"}), 403, "outside the data roots"),
+    ("symlink out of the roots", with_member(weights="teachers/link.safetensors"), 403, "outside the data roots"),
+    ("missing weights", with_member(weights="teachers/nope.safetensors"), 422, "not found"),
+    ("missing data", body(data={"kind": "arrays", "path": "nope.npz"}), 422, "nope.npz"),
+    ("unsafe pickle", with_member(weights="teachers/evil.pt"), 422, "needs code to load"),
+    ("torchscript not allowed", with_member(arch=None, arch_kwargs={}, format="torchscript",
+                                            weights="teachers/t0.safetensors"), 403, "allow"),
+    ("factory not allowed", with_member(arch=None, arch_kwargs={}, weights=None, factory="tests.factories:tiny_mlp"),
+     403, "DARKSTORE_ALLOW_CODE"),
+    ("weights of another architecture", with_member(arch_kwargs={"in_channels": 1, "width": 9}), 422,
+     "does not fit the architecture"),
+    ("too large", body(padding="x" * 30_000), 413, "over 20000 bytes"),
+]
+
+
+@pytest.mark.parametrize("name,payload,code,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_clear_4xx(site, name, payload, code, words):
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    r = httpx.post(site["api"].url + "/v1/jobs", content=content, headers=headers, timeout=60)
+    assert r.status_code == code, r.text
+    b = r.json()
+    assert set(b) >= {"error", "detail"} and words in b["detail"], b
+    assert not (site["tmp"] / "PWNED").exists()  # the pickle's payload never ran
+
+
+def test_chunked_body_over_the_limit_is_refused(site):
+    def gen():
+        for _ in range(30):
+            yield b" " * 1000
+
+    r = httpx.post(site["api"].url + "/v1/jobs", content=gen(),
+                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "over 20000 bytes" in r.json()["detail"]
+
+
+def test_unknown_ids_and_bad_queries(site):
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    url = site["api"].url
+    for path in ("/v1/jobs/0123456789abcdef01234567", "/v1/stores/0123456789abcdef01234567", "/v1/jobs/a.b"):
+        r = httpx.get(url + path, headers=h)
+        assert r.status_code == 404 and "no job" in r.json()["detail"], r.text
+    r = httpx.get(url + "/v1/jobs/..%2F..%2Fetc%2Fpasswd", headers=h)
+    assert r.status_code == 404 and r.json()["error"] == "NotFound"
+    assert httpx.delete(url + "/v1/jobs/nope", headers=h).status_code == 404
+    assert httpx.post(url + "/v1/jobs/nope/resume", headers=h).status_code == 404
+    r = httpx.get(url + "/v1/jobs?state=exploded", headers=h)
+    assert r.status_code == 422 and "state" in r.json()["detail"]
+    assert httpx.get(url + "/v1/jobs?limit=0", headers=h).status_code == 422
+
+
+def test_openapi_describes_every_route_and_error(site):
+    doc = httpx.get(site["api"].url + "/openapi.json").json()
+    paths = doc["paths"]
+    for p in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/resume", "/v1/stores/{job_id}", "/healthz",
+              "/readyz", "/metrics"):
+        assert p in paths
+    post = paths["/v1/jobs"]["post"]["responses"]
+    assert {"200", "201", "401", "403", "413", "422"} <= set(post)
+    assert post["403"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert "404" in paths["/v1/jobs/{job_id}"]["get"]["responses"]
+    assert "JobSpec" in doc["components"]["schemas"]
+
+
+def test_cli_submit_wait_and_jobs(site, tmp_path):
+    spec = site["root"] / "job.yaml"
+    spec.write_text(yaml.safe_dump(body(chunk_rows=100)))
+    env = service_env(api_url=site["api"].url, token=TOKEN)
+    r = subprocess.run([*DARKSTORE, "submit", str(spec), "--wait"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[0]
+    assert "succeeded" in r.stderr and "300/300 rows" in r.stderr
+    r = subprocess.run([*DARKSTORE, "jobs", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert job_id in {j["id"] for j in json.loads(r.stdout)["items"]}
+    r = subprocess.run([*DARKSTORE, "jobs", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert "succeeded" in r.stdout and "300/300" in r.stdout
+    # the same spec again: known, nothing to do
+    r = subprocess.run([*DARKSTORE, "submit", str(spec)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "already known" in r.stderr and r.stdout.strip() == job_id
+    # errors are one clear line, exit code 2
+    bad = site["root"] / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_member(weights="../outside/t0.safetensors")))
+    r = subprocess.run([*DARKSTORE, "submit", str(bad)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "outside the data roots" in r.stderr and "HTTP 403" in r.stderr
+    r = subprocess.run([*DARKSTORE, "jobs", "--token", "wrong"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "wrong bearer token" in r.stderr
+    env["DARKSTORE_API_URL"] = "http://127.0.0.1:9"  # nothing listens there
+    r = subprocess.run([*DARKSTORE, "jobs"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach the darkstore API" in r.stderr
+
+
+def test_local_api_restart_mid_job_keeps_state_and_finishes(tmp_path):
+    """`serve --local`: stop the API mid-job; the restarted one picks the job up where it was."""
+    root = tmp_path / "data"
+    root.mkdir()
+    make_arrays(root / "transfer.npz", n=400)
+    counter = tmp_path / "forwards"
+    spec = {"teachers": {"num_classes": 5, "members": [{"name": "slow", "factory": "tests.factories:slow_mlp",
+                                                         "arch_kwargs": {"delay": 0.15, "counter": str(counter)}}]},
+            "data": {"kind": "arrays", "path": "transfer.npz"}, "chunk_rows": 25}
+    env = service_env(home=tmp_path / "home", data_roots=root, allow_code=True, batch_size=25)
+    api = Api(env, tmp_path / "api1.log", "--local")
+    try:
+        with DarkstoreClient(api.url, timeout=60) as c:
+            view, _ = c.submit(spec)
+            deadline = time.monotonic() + 60
+            while c.job(view.id).progress.chunks_done < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        api.kill(signal.SIGTERM)  # graceful: stops after the chunk in progress
+    rec = json.loads((tmp_path / "home" / "jobs" / f"{view.id}.json").read_text())
+    assert rec["state"] == "running"  # not cancelled, not failed: it will be picked up again
+    before = open_store(rec["store"], allow_incomplete=True).finished_chunks()
+    assert 3 <= len(before) < 16
+
+    api = Api(env, tmp_path / "api2.log", "--local")
+    try:
+        with DarkstoreClient(api.url, timeout=60) as c:
+            v = c.job(view.id)
+            assert v.state in ("queued", "running") and v.progress.chunks_done >= len(before)
+            done = c.wait(view.id, timeout=120)
+            assert done.state == "succeeded", done.error
+            events = [e["event"] for e in c.events(view.id)]
+            assert "requeued" in events
+    finally:
+        api.stop()
+    # each chunk's forward ran once, plus the probes at submit and at each (re)start
+    n_forwards = len(counter.read_bytes())
+    assert 16 <= n_forwards <= 16 + 1 + 3
