@@ -211,10 +211,13 @@ def load_state_dict(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         text = str(exc)
         reason = next((ln.strip() for ln in text.splitlines() if "global" in ln.lower()), None)
-        if reason is None and "Weights only load failed" in text:  # refused for another reason (e.g. an opcode)
-            after = text.split("WeightsUnpickler error:", 1)[-1]
-            reason = next((ln.strip() for ln in after.splitlines() if ln.strip()), "refused by the safe unpickler")
-        if reason is None:  # not refused: the bytes are simply not a valid pickle
+        if reason is None and "Weights only load failed" in text:
+            # refused for another reason (an opcode the safe unpickler lacks): a plain pickle with
+            # code in it, or just bytes that are no pickle at all? Read the opcodes, run nothing.
+            found = _pickle_code_refs(path)
+            if found:
+                reason = "it references " + ", ".join(found[:5])
+        if reason is None:  # not refused for code: the bytes are simply not a valid state dict
             raise WeightsError(f"{path} is not a readable PyTorch state dict: {text.strip()[:300]}") from exc
         raise UnsafeWeightsError(
             f"{path} is a pickle that needs code to load ({reason[:200]}). darkstore loads only "
@@ -231,6 +234,37 @@ def load_state_dict(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return obj
+
+
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _pickle_code_refs(path: Path) -> list[str]:
+    """Callables a pickle would import or call, read with ``pickletools`` (nothing is executed).
+    Empty when the file is no valid pickle or calls nothing."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            data = Path(path).read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name == "GLOBAL" and isinstance(arg, str):
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif op.name in _CODE_OPS and not found:
+                found.append(f"opcode {op.name}")
+        return found
+    except Exception:  # noqa: BLE001 — not a pickle (random bytes, truncated): no code found
+        return []
 
 
 def _check_code(fmt: str, ref: str, allow_code: bool) -> None:

@@ -89,8 +89,8 @@ class CeleryManager(JobManager):
         ranges = [pending[i:i + n] for i in range(0, len(pending), n)]
         try:
             for chunks in ranges:
-                self.app.send_task(RUN_CHUNKS, args=(rec.id, rec.attempt, chunks), queue=QUEUE)
-        except OperationalError as exc:
+                self.app.send_task(RUN_CHUNKS, args=(rec.id, rec.attempt, chunks), queue=QUEUE, ignore_result=True)
+        except (OperationalError, ConnectionError, OSError) as exc:
             self.book.log_event(rec.id, "dispatch_failed", attempt=rec.attempt, error=str(exc))
             raise BrokerUnavailableError(
                 f"job {rec.id} is recorded but the broker is unreachable ({exc}); "
@@ -164,7 +164,7 @@ def run_chunks_task(self, job_id: str, attempt: int, chunks: list[int]) -> str:
                      f"task soft time limit ({settings.soft_time_limit} s); submit with smaller chunk_rows or raise "
                      "DARKSTORE_TASK_TIME_LIMIT")
             return "failed"
-        self.app.send_task(RUN_CHUNKS, args=(job_id, attempt, rest), queue=QUEUE)
+        self.app.send_task(RUN_CHUNKS, args=(job_id, attempt, rest), queue=QUEUE, ignore_result=True)
         book.log_event(job_id, "task_split", attempt=attempt, chunks=rest, pid=os.getpid())
         return "split"
     except DarkstoreError as exc:

@@ -121,15 +121,7 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
 
 def rebase(spec: JobSpec, base: Path) -> JobSpec:
     """Make a request's relative paths relative to ``base`` (the first data root)."""
-    members = [
-        m.model_copy(update={"weights": str(base / m.weights)}) if m.weights and not Path(m.weights).is_absolute() else m
-        for m in spec.teachers.members
-    ]
-    data = spec.data
-    field = {"arrays": "path", "image_folder": "root", "torchvision": "root"}.get(data.kind)
-    if field and not Path(getattr(data, field)).is_absolute():
-        data = data.model_copy(update={field: str(base / getattr(data, field))})
-    return spec.model_copy(update={"teachers": spec.teachers.model_copy(update={"members": members}), "data": data})
+    return spec.rebased(base)
 
 
 class JobBook:

@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     @field_validator("data_roots", mode="before")
     @classmethod
     def _split_roots(cls, v):
-        if isinstance(v, str):
-            parts = v.replace(",", os.pathsep).split(os.pathsep)
+        if isinstance(v, (str, Path)):
+            parts = str(v).replace(",", os.pathsep).split(os.pathsep)
             return [p.strip() for p in parts if p.strip()]
         return v
 

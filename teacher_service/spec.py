@@ -74,7 +74,15 @@ class JobSpec(BaseModel):
                 raw["teachers"] = EnsembleSpec.from_file(base / raw["teachers"]).model_dump()
             if isinstance(raw.get("data"), str):
                 raw["data"] = parse_data_spec(base / raw["data"]).model_dump()
-        return _validate(cls, raw, str(path))
+        return _validate(cls, raw, str(path)).rebased(path.resolve().parent)
+
+    def rebased(self, base: str | Path) -> "JobSpec":
+        """Relative paths (weights, data) made relative to ``base``: the spec file's folder
+        for the CLI, the first data root for the service."""
+        from darkstore.data import _rebase
+
+        base = Path(base)
+        return self.model_copy(update={"teachers": self.teachers.rebased(base), "data": _rebase(self.data, base)})
 
     def identity(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> dict[str, Any]:
         """What makes two jobs the same: teachers by weight hash (not path, not name),
