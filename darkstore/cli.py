@@ -155,8 +155,10 @@ def inspect(
 # --- train -----------------------------------------------------------------------
 @app.command()
 def train(
-    store: Annotated[Path, typer.Option(help="store to distill from")],
     out_: Annotated[Path, typer.Option("--out", help="run directory")],
+    store: Annotated[Optional[Path], typer.Option(help="store to distill from")] = None,
+    job: Annotated[Optional[Path], typer.Option(help="instead of --store: submit this job spec to the service (a known "
+                                                 "job is not rerun), wait for it, train from its store")] = None,
     student: Annotated[Optional[str], typer.Option(help="student architecture (see `darkstore archs`)")] = None,
     arch_kwargs: Annotated[str, typer.Option(help="JSON keyword arguments for the architecture")] = "{}",
     student_spec: Annotated[Optional[Path], typer.Option(help="student model spec file (YAML/JSON) instead of --student")] = None,
@@ -176,6 +178,8 @@ def train(
     device: Annotated[str, typer.Option()] = "cpu",
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
+    api: Annotated[Optional[str], typer.Option("--api", help="with --job: API base URL [env DARKSTORE_API_URL]")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", help="with --job: bearer token [env DARKSTORE_TOKEN]")] = None,
 ):
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     from darkstore.data import open_transfer_set
@@ -189,6 +193,18 @@ def train(
         spec = ModelSpec(arch=student, arch_kwargs=json.loads(arch_kwargs))
     else:
         raise typer.BadParameter("give --student ARCH or --student-spec FILE")
+    if (store is None) == (job is None):
+        raise typer.BadParameter("give --store STORE or --job SPEC (one of them)")
+    if job is not None:
+        with _client(api, token) as c:
+            view, created = c.submit(job)
+            console.print(("submitted " if created else "found ") + _job_line(view), highlight=False)
+            view = c.wait(view.id, on_progress=lambda v: None, poll=1.0)
+            if view.state != "succeeded":
+                console.print(f"[red]job {view.id} {view.state}[/]: {escape(view.error or '')}", highlight=False)
+                raise typer.Exit(1)
+            store = Path(view.store)
+            console.print(f"training from {store}")
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                       holdout=holdout, device=device)
@@ -225,6 +241,18 @@ def demo(
     out.print(r.table)
     console.print(f"\n[green]done[/] in {time.perf_counter() - t0:.0f} s; everything is under {r.out.resolve()} "
                   f"(results.md, results.json, stores/, runs/, teachers/)")
+
+
+@app.command("example-data")
+def example_data(
+    root: Annotated[Path, typer.Argument(help="data root to fill (the service's DARKSTORE_DATA_ROOTS)")],
+    quick: Annotated[bool, typer.Option("--quick", help="teachers trained for a few epochs only")] = False,
+):
+    """Write a ready-to-submit example into a data root: digits, trained teachers, job.yaml, student.yaml."""
+    from darkstore.demo import write_example
+
+    job = write_example(root, quick=quick, log=lambda m: console.print(m))
+    console.print(f"[green]ready[/]: submit {job} (e.g. `darkstore submit {job} --wait`)")
 
 
 @app.command()

@@ -76,6 +76,44 @@ def fit_supervised(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     return model.eval()
 
 
+def make_teachers(train_npz: Path, tdir: Path, *, epochs: int = TEACHER_EPOCHS) -> list[dict]:
+    """Train the demo's teachers on ``train_npz``; write safetensors and ``ensemble.yaml`` to ``tdir``."""
+    with np.load(train_npz) as z:
+        x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
+    members = []
+    for t in TEACHERS:
+        torch.manual_seed(t["seed"])
+        model = fit_supervised(build_model(t["arch"], 10, **t["arch_kwargs"]), x, y, epochs=epochs, seed=t["seed"])
+        save_weights(model, tdir / f"{t['name']}.safetensors")
+        members.append({"name": t["name"], "arch": t["arch"], "arch_kwargs": t["arch_kwargs"],
+                        "weights": f"{t['name']}.safetensors"})
+    (tdir / "ensemble.yaml").write_text(yaml.safe_dump({"num_classes": 10, "members": members}, sort_keys=False))
+    return members
+
+
+def write_example(root: Path, *, quick: bool = False, log: Callable[[str], None] = print) -> Path:
+    """A data root the service can run as is: digits, trained teachers, ``job.yaml`` and ``student.yaml``.
+
+    Paths in ``job.yaml`` are relative to ``root``, as the service resolves them against its first data root."""
+    root = Path(root)
+    log(f"digits -> {root / 'digits'}")
+    train_npz, _ = prepare_digits(root / "digits")
+    epochs = 3 if quick else TEACHER_EPOCHS
+    log(f"training {len(TEACHERS)} teachers ({epochs} epochs each) -> {root / 'teachers'}")
+    members = make_teachers(train_npz, root / "teachers", epochs=epochs)
+    job = {
+        "teachers": {"num_classes": 10, "members": [{**m, "weights": f"teachers/{m['weights']}"} for m in members]},
+        "data": {"kind": "arrays", "path": "digits/train.npz"},
+        "combine": "geometric",
+        "dtype": "float16",
+        "chunk_rows": 256,
+    }
+    (root / "job.yaml").write_text("# submit with: darkstore submit job.yaml --wait (paths relative to the data root)\n"
+                                   + yaml.safe_dump(job, sort_keys=False))
+    (root / "student.yaml").write_text(yaml.safe_dump(STUDENT, sort_keys=False))
+    return root / "job.yaml"
+
+
 @dataclass
 class DemoResult:
     out: Path
@@ -96,19 +134,10 @@ def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, q
 
     log(f"[1/4] digits -> {out / 'data'}")
     train_npz, test_npz = prepare_digits(out / "data")
-    with np.load(train_npz) as z:
-        x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
 
     log(f"[2/4] training {len(TEACHERS)} teachers ({teacher_epochs} epochs each)")
     tdir = out / "teachers"
-    members = []
-    for t in TEACHERS:
-        torch.manual_seed(t["seed"])
-        model = fit_supervised(build_model(t["arch"], 10, **t["arch_kwargs"]), x, y, epochs=teacher_epochs, seed=t["seed"])
-        save_weights(model, tdir / f"{t['name']}.safetensors")
-        members.append({"name": t["name"], "arch": t["arch"], "arch_kwargs": t["arch_kwargs"],
-                        "weights": f"{t['name']}.safetensors"})
-    (tdir / "ensemble.yaml").write_text(yaml.safe_dump({"num_classes": 10, "members": members}, sort_keys=False))
+    make_teachers(train_npz, tdir, epochs=teacher_epochs)
     ensemble = EnsembleSpec.from_file(tdir / "ensemble.yaml")
 
     log("[3/4] running the ensemble once over the transfer set and the test set")

@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
@@ -143,6 +144,26 @@ def _get_book() -> JobBook:
     if _book is None:
         _book = JobBook(settings.home)
     return _book
+
+
+@worker_process_init.connect
+def _one_gpu_per_process(**_: Any) -> None:
+    """With ``--concurrency N`` on a machine with G GPUs, pool process i uses ``cuda:(i mod G)``:
+    one worker container can drive every GPU of its host."""
+    global settings
+    if settings.device not in ("auto", "cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from billiard.process import current_process
+
+    index = int(getattr(current_process(), "index", 0) or 0)
+    device = f"cuda:{index % torch.cuda.device_count()}"
+    torch.cuda.set_device(device)
+    settings = settings.model_copy(update={"device": device})
+    log.info("pool process %d uses %s", index, device)
 
 
 @app.task(name=RUN_CHUNKS, bind=True)

@@ -16,7 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DARKSTORE_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="DARKSTORE_", extra="ignore", validate_default=True,
+                                      env_ignore_empty=True)  # DARKSTORE_TOKEN= (empty) means no token
 
     # --- where things live -----------------------------------------------------
     home: Path = Field(Path("darkstore-service"), description="job records (jobs/) and stores (stores/<job id>)")

@@ -1,0 +1,168 @@
+"""docker-compose.yml: validated by Debian's docker-compose, then its services' own commands,
+with the file's environment, started as local processes (this machine has no Docker engine).
+
+Only what a container would provide is mapped: the service hostnames (redis, api) become
+loopback addresses on free ports, and the container paths /data and /darkstore become
+temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from storage import open_store
+from teacher_service.client import DarkstoreClient
+
+from .conftest import ROOT, cli_env
+from .procs import Proc, free_port, need_redis
+
+pytestmark = pytest.mark.slow
+
+
+def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        msg = "docker-compose is not installed (apt-get install -y docker-compose; .ci/run does it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "--project-directory", str(ROOT), *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    r = compose("--profile", "example", "config", env={"TRAIN_EPOCHS": "3"})
+    assert r.returncode == 0, r.stderr
+    return yaml.safe_load(r.stdout)
+
+
+def test_compose_file_is_valid_and_has_the_topology(config):
+    for profile in ([], ["--profile", "example"]):
+        r = compose(*profile, "config", "-q")
+        assert r.returncode == 0 and r.stdout == "", r.stderr
+    s = config["services"]
+    assert {"redis", "api", "worker", "trainer", "example"} <= set(s)
+    assert s["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert s["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert s["trainer"]["depends_on"]["api"]["condition"] == "service_healthy"
+    assert "healthcheck" in s["redis"] and "healthcheck" in s["api"]
+    gpu = s["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    # `--scale worker=N` needs no fixed container name and no published port
+    assert "container_name" not in s["worker"] and "ports" not in s["worker"]
+    for name in ("api", "worker", "trainer"):
+        env = s[name]["environment"]
+        assert env["DARKSTORE_BROKER_URL"] == "redis://redis:6379/0" and env["DARKSTORE_DATA_ROOTS"] == "/data"
+        targets = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in s[name]["volumes"]}
+        assert {"/data", "/darkstore"} <= targets
+    assert s["trainer"]["restart"] == "no"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER darkstore$", dockerfile, re.M) and "pytorch/pytorch" in dockerfile
+
+
+class Local:
+    """Maps a compose service to a local process: hostnames -> loopback ports, container paths -> folders."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.redis_port, self.api_port = free_port(), free_port()
+        self.data, self.home = tmp / "data", tmp / "darkstore"
+        self.data.mkdir()
+        self.home.mkdir()
+
+    def value(self, v: str) -> str:
+        v = v.replace("redis://redis:6379", f"redis://127.0.0.1:{self.redis_port}")
+        v = re.sub(r"http://(api|127\.0\.0\.1):8000", f"http://127.0.0.1:{self.api_port}", v)
+        v = re.sub(r"(?<![\w.])/data(?=/|$)", str(self.data), v)
+        return re.sub(r"(?<![\w.])/darkstore(?=/|$)", str(self.home), v)
+
+    def command(self, cmd: list[str]) -> list[str]:
+        out, prev = [], None
+        for a in cmd:
+            a = str(a)
+            if prev == "--port" and a == "8000":
+                a = str(self.api_port)
+            out.append(self.value(a))
+            prev = a
+        if out[0] == "darkstore":
+            out = [sys.executable, "-m", "darkstore.cli", *out[1:]]
+        elif out[0] == "python":
+            out[0] = sys.executable
+        elif out[0] == "redis-server":
+            out = [need_redis(), *out[1:], "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.tmp)]
+        elif out[0] == "redis-cli":
+            out = [shutil.which("redis-cli") or "redis-cli", "-p", str(self.redis_port), *out[1:]]
+        return out
+
+    def env(self, service: dict) -> dict[str, str]:
+        env = {k: v for k, v in cli_env().items() if not k.startswith("DARKSTORE_")}
+        env.update({k: self.value(str(v)) for k, v in (service.get("environment") or {}).items()})
+        return env
+
+    def healthy(self, service: dict, timeout: float = 90) -> None:
+        """Run the service's own healthcheck until it passes."""
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        cmd = self.command(test[1:])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if subprocess.run(cmd, capture_output=True, env=cli_env(), timeout=30).returncode == 0:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"healthcheck {cmd} never passed")
+
+
+def test_compose_services_run_the_pipeline_as_local_processes(config, tmp_path):
+    s = config["services"]
+    local = Local(tmp_path)
+    procs: list[Proc] = []
+    try:
+        # the optional example service fills the data volume (--quick: teachers trained for 3 epochs)
+        r = subprocess.run(local.command(s["example"]["command"]) + ["--quick"], env=local.env(s["example"]),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert (local.data / "job.yaml").exists() and (local.data / "student.yaml").exists()
+
+        procs.append(Proc("redis", local.command(s["redis"]["command"]), dict(os.environ), tmp_path / "redis.log"))
+        local.healthy(s["redis"])
+        procs.append(Proc("api", local.command(s["api"]["command"]), local.env(s["api"]), tmp_path / "api.log"))
+        local.healthy(s["api"])
+        worker = Proc("worker", local.command(s["worker"]["command"]), local.env(s["worker"]), tmp_path / "worker.log")
+        procs.append(worker)
+        worker.wait_for_log("ready.", timeout=90)
+
+        # the one-shot trainer: submits /data/job.yaml, waits for the workers, trains the student
+        t0 = time.monotonic()
+        r = subprocess.run(local.command(s["trainer"]["command"]), env=local.env(s["trainer"]), capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n--- api\n{procs[1].text()[-2000:]}\n--- worker\n{worker.text()[-3000:]}"
+        assert "submitted" in r.stderr and "training from" in r.stderr
+        run = local.home / "runs" / "student"
+        summary = json.loads((run / "summary.json").read_text())
+        assert (run / "student.safetensors").exists() and summary["final"]["rows"] > 0
+        assert summary["final"]["agreement"] > 0.5  # it learned the teachers, not noise
+
+        with DarkstoreClient(f"http://127.0.0.1:{local.api_port}") as c:
+            items, total = c.jobs()
+            assert total == 1 and items[0].state == "succeeded"
+            store = open_store(items[0].store)
+            assert store.complete and store.meta.num_rows == 1198 and Path(items[0].store).is_relative_to(local.home)
+            assert any(e["event"] == "task_finished" and e["worker"].startswith("worker-") for e in c.events(items[0].id))
+        # a second trainer reuses the cache: the job is found, no teacher runs again
+        r = subprocess.run(local.command(s["trainer"]["command"]), env=local.env(s["trainer"]), capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0 and "found job" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 300
+    finally:
+        for p in reversed(procs):
+            p.stop()
