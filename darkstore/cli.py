@@ -25,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in logs and pipes
 
 
 def _progress() -> Progress:
@@ -409,13 +409,14 @@ def jobs(
             out.print_json(json.dumps({"total": total, "items": [v.model_dump(mode="json") for v in items]}))
             return
         t = Table(title=f"{total} job(s)" + (f" {state}" if state else ""), title_justify="left")
-        for col in ("id", "state", "rows", "chunks", "rows/s", "created", "error"):
-            t.add_column(col)
+        t.add_column("id", no_wrap=True)
+        for col in ("state", "rows", "chunks", "rows/s", "created", "error"):
+            t.add_column(col, no_wrap=col != "error")
         for v in items:
             p = v.progress
             t.add_row(v.id, f"[{_state_style(v.state)}]{v.state}[/]", f"{p.rows_done}/{p.rows_total or '?'}",
                       f"{p.chunks_done}/{p.chunks_total or '?'}",
-                      f"{v.rows_per_second:,.0f}" if v.rows_per_second else "", v.created_at[:19],
+                      f"{v.rows_per_second:,.0f}" if v.rows_per_second else "", v.created_at[:19].replace("T", " "),
                       escape((v.error or "")[:60]))
         out.print(t)
 

@@ -129,7 +129,7 @@ class JobBook:
     the API and any number of worker processes can share them), plus an event log per job."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).expanduser().resolve()
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         (self.root / "stores").mkdir(parents=True, exist_ok=True)
 

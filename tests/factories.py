@@ -34,7 +34,8 @@ class Slow(torch.nn.Module):
             fd = os.open(self.counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             os.write(fd, b"x")
             os.close(fd)
-        time.sleep(self.delay)
+        if x.shape[0] > 2:  # the class-count probe (2 rows) stays quick
+            time.sleep(self.delay)
         return self.inner(x)
 
 

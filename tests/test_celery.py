@@ -201,6 +201,31 @@ def test_direct_celery_submission(cluster):
         submit_via_celery(bad, c["settings"], timeout=60)
 
 
+def test_soft_time_limit_requeues_the_rest_of_a_range_or_fails_clearly(cluster):
+    """Soft limit 4.5 s: a 3-chunk task at 2 s per chunk commits 2 chunks, then hands the third back
+    to the queue; a single chunk longer than the limit fails the job with advice instead of looping."""
+    c = cluster
+    make_arrays(c["root"] / "small.npz", n=3 * CHUNK, seed=1)
+    with api(c) as client:
+        slow = spec_for(c["counter"], 2.0, data={"kind": "arrays", "path": "small.npz"})
+        view, _ = client.submit(slow)
+        done = client.wait(view.id, timeout=60)
+        assert done.state == "succeeded", done.error
+        events = client.events(view.id)
+        split = [e for e in events if e["event"] == "task_split"]
+        assert split and all(e["chunks"] and e["chunks"][-1] == 2 and len(e["chunks"]) < 3 for e in split)
+        assert sorted(e["chunk"] for e in events if e["event"] == "chunk_committed") == [0, 1, 2]
+        r = open_store(done.store)
+        r.verify()
+        assert r.complete
+
+        hopeless = spec_for(c["counter"], 5.0, data={"kind": "arrays", "path": "small.npz"})
+        view, _ = client.submit(hopeless)
+        failed = client.wait(view.id, timeout=60)
+        assert failed.state == "failed" and "smaller chunk_rows" in failed.error
+        assert failed.progress.chunks_done == 0
+
+
 def test_worker_killed_mid_job_the_range_is_redelivered(cluster):
     c = cluster
     a = c["procs"]["a"]
