@@ -1,0 +1,230 @@
+"""Stream a store's soft targets, joined with their inputs, chunk by chunk.
+
+Each epoch:
+
+1. the store's chunks are put in a seeded order (``seed``, ``epoch``);
+2. chunks are dealt round-robin to *shards*: one shard per (DDP rank, DataLoader worker),
+   shard ``rank * num_workers + worker``; every chunk goes to exactly one shard;
+3. a shard reads its chunks ``buffer_chunks`` at a time, shuffles the rows of that window
+   (seeded by ``seed``, ``epoch``, shard) and cuts them into batches; a partial batch
+   carries over into the next window.
+
+So every row is seen exactly once per epoch across all ranks and workers, the order is
+a pure function of (seed, epoch, ranks, workers, batch size, buffer), and memory holds at
+most two windows of chunks. Batches carry (shard, position), so a consumer can record how
+far each shard got (:meth:`StudentLoader.state_dict`) and resume mid-epoch: each shard
+skips the batches it had delivered, without reading them.
+
+The store and the transfer set are opened lazily inside each worker process (never
+shared across a fork). zarr-python ≥ 3.0.7 also resets its I/O thread after a fork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from darkstore.data import TransferSet, open_transfer_set
+from storage import StoreReader, open_store
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # [B, ...] float32 inputs
+    logits: torch.Tensor  # [B, C] stored teacher logits, in the store's dtype
+    labels: torch.Tensor  # [B] int64, −1 unlabeled
+    rows: torch.Tensor  # [B] int64 store rows
+    members: torch.Tensor | None = None  # [B, M, C], store dtype
+    shard: int = 0
+    seq: int = 0  # position of this batch in its shard's epoch
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        pin = (lambda t: t.pin_memory() if t is not None else None)
+        return Batch(pin(self.x), pin(self.logits), pin(self.labels), self.rows, pin(self.members), self.shard,
+                     self.seq)
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "Batch":
+        mv = (lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None)
+        return Batch(mv(self.x), mv(self.logits), mv(self.labels), self.rows, mv(self.members), self.shard, self.seq)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def shard_plan(rows_by_chunk: Sequence[np.ndarray], *, epoch: int, shard: int, num_shards: int, seed: int,
+               shuffle: bool, buffer_chunks: int, batch_size: int, drop_last: bool = False) -> list[np.ndarray]:
+    """The store rows of each batch one shard yields in one epoch (no data is read)."""
+    n = len(rows_by_chunk)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    mine = order[shard::num_shards]
+    rng = np.random.default_rng([seed, epoch, shard, 7])
+    batches: list[np.ndarray] = []
+    carry = np.empty(0, dtype=np.int64)
+    for w in range(0, len(mine), buffer_chunks):
+        new = np.concatenate([rows_by_chunk[c] for c in mine[w:w + buffer_chunks]] or [carry[:0]])
+        if shuffle:
+            new = rng.permutation(new)
+        pool = np.concatenate([carry, new])
+        full = len(pool) // batch_size * batch_size
+        batches += [pool[s:s + batch_size] for s in range(0, full, batch_size)]
+        carry = pool[full:]
+    if len(carry) and not drop_last:
+        batches.append(carry)
+    return batches
+
+
+class StoreStream(torch.utils.data.IterableDataset):
+    """One epoch of batches for one rank; DataLoader workers split it by shard."""
+
+    def __init__(self, store: str | Path, data_spec: Any, rows: np.ndarray, *, batch_size: int, seed: int = 0,
+                 shuffle: bool = True, buffer_chunks: int = 4, rank: int = 0, world_size: int = 1,
+                 members: bool = False, drop_last: bool = False, allow_code: bool = False,
+                 roots: Sequence[str | Path] | None = None, data: TransferSet | None = None):
+        super().__init__()
+        self.store, self.data_spec, self.members = str(store), data_spec, members
+        self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, max(1, buffer_chunks)
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.allow_code, self.roots = allow_code, roots
+        self._data = data  # in-process use (num_workers=0) may pass an open set
+        meta = open_store(store, allow_incomplete=True).meta
+        self.chunk_rows = meta.chunk_rows
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        cut = np.searchsorted(rows, np.arange(0, meta.num_rows + meta.chunk_rows, meta.chunk_rows))
+        self.rows_by_chunk = [rows[a:b] for a, b in zip(cut[:-1], cut[1:])][: meta.n_chunks]
+        self.epoch = 0
+        self.skip: dict[int, int] = {}
+        self.num_workers = 1  # set by StudentLoader
+
+    def shards(self) -> list[int]:
+        return [self.rank * self.num_workers + w for w in range(self.num_workers)]
+
+    def plan(self, shard: int) -> list[np.ndarray]:
+        return shard_plan(self.rows_by_chunk, epoch=self.epoch, shard=shard,
+                          num_shards=self.world_size * self.num_workers, seed=self.seed, shuffle=self.shuffle,
+                          buffer_chunks=self.buffer_chunks, batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        shard = self.rank * self.num_workers + worker
+        batches = self.plan(shard)
+        skip = self.skip.get(shard, 0)
+        if skip >= len(batches):
+            return
+        reader = open_store(self.store, allow_incomplete=True)  # opened here: inside the worker process
+        data = self._data if info is None and self._data is not None else open_transfer_set(
+            self.data_spec, allow_code=self.allow_code, roots=self.roots)
+        # when each chunk is needed for the last time, so memory holds only live chunks
+        last_use: dict[int, int] = {}
+        for i, rows in enumerate(batches):
+            for c in np.unique(rows // self.chunk_rows):
+                last_use[int(c)] = i
+        cache: dict[int, Any] = {}
+        for i in range(skip, len(batches)):
+            rows = batches[i]
+            chunk_ids = rows // self.chunk_rows
+            for c in np.unique(chunk_ids):
+                if int(c) not in cache:
+                    cache[int(c)] = reader.read_chunk(int(c), members=self.members)
+            yield self._batch(rows, chunk_ids, cache, data, shard, i)
+            for c in [c for c in cache if last_use[c] <= i]:
+                del cache[c]
+
+    def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, cache: dict, data: TransferSet, shard: int,
+               seq: int) -> Batch:
+        logits, labels, index, members = [], [], [], []
+        order = np.argsort(chunk_ids, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        sorted_rows, sorted_chunks = rows[order], chunk_ids[order]
+        for c in np.unique(sorted_chunks):
+            ch = cache[int(c)]
+            pos = sorted_rows[sorted_chunks == c] - int(c) * self.chunk_rows
+            logits.append(ch.logits[pos])
+            labels.append(ch.labels[pos])
+            index.append(ch.index[pos])
+            if self.members:
+                members.append(ch.members[:, pos])
+        lg = np.concatenate(logits)[inverse]
+        lb = np.concatenate(labels)[inverse]
+        ix = np.concatenate(index)[inverse]
+        mem = torch.from_numpy(np.ascontiguousarray(np.concatenate(members, axis=1)[:, inverse].transpose(1, 0, 2))) \
+            if self.members else None
+        x, _ = data.get_batch(ix)
+        return Batch(x, torch.from_numpy(lg), torch.from_numpy(lb), torch.from_numpy(rows.copy()), mem, shard, seq)
+
+
+@dataclass
+class StudentLoader:
+    """Epochs of :class:`Batch` from a store, with state for mid-epoch resume.
+
+    ``state_dict()`` after any batch, ``load_state_dict()`` on a fresh loader, then
+    ``epoch(e)`` yields exactly the batches the interrupted epoch had not delivered."""
+
+    stream: StoreStream
+    num_workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    multiprocessing_context: str | None = None
+    _seen: dict[int, int] = field(default_factory=dict)
+    _epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.stream.num_workers = max(1, self.num_workers)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        self.stream.epoch = epoch
+        return sum(len(self.stream.plan(s)) for s in self.stream.shards())
+
+    def rows_in_epoch(self) -> int:
+        return int(sum(len(r) for r in self.stream.rows_by_chunk))
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if epoch != self._epoch:
+            self._seen = {}
+        self._epoch = epoch
+        self.stream.epoch, self.stream.skip = epoch, dict(self._seen)
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context}
+        dl = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                         pin_memory=self.pin_memory, **kw)
+        for b in dl:
+            self._seen[b.shard] = b.seq + 1
+            yield b
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "seen": {str(k): v for k, v in self._seen.items()},
+                "seed": self.stream.seed, "num_shards": self.stream.world_size * self.stream.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shards = self.stream.world_size * self.stream.num_workers
+        if state.get("num_shards", shards) != shards or state.get("seed", self.stream.seed) != self.stream.seed:
+            raise ValueError(
+                f"loader state was saved with {state.get('num_shards')} shards and seed {state.get('seed')}; "
+                f"this loader has {shards} shards and seed {self.stream.seed}: resume with the same ranks, workers "
+                "and seed"
+            )
+        self._epoch = int(state["epoch"])
+        self._seen = {int(k): int(v) for k, v in state["seen"].items()}
+
+
+def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_size: int, seed: int = 0,
+                shuffle: bool = True, num_workers: int = 0, buffer_chunks: int = 4, rank: int = 0,
+                world_size: int = 1, members: bool = False, data_spec: Any = None, data: TransferSet | None = None,
+                pin_memory: bool = False, allow_code: bool = False, roots: Sequence[str | Path] | None = None,
+                drop_last: bool = False) -> StudentLoader:
+    path = reader.path if isinstance(reader, StoreReader) else Path(reader)
+    if data_spec is None:
+        data_spec = data.spec if data is not None else open_store(path, allow_incomplete=True).meta.transfer_set.spec
+    stream = StoreStream(path, data_spec, rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                         buffer_chunks=buffer_chunks, rank=rank, world_size=world_size, members=members,
+                         drop_last=drop_last, allow_code=allow_code, roots=roots, data=data)
+    return StudentLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+
+
+__all__ = ["Batch", "StoreStream", "StudentLoader", "make_loader", "shard_plan"]
