@@ -176,6 +176,7 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     holdout: Annotated[float, typer.Option(help="fraction of rows held out when no --eval-store")] = 0.1,
     device: Annotated[str, typer.Option()] = "cpu",
+    num_workers: Annotated[int, typer.Option(help="DataLoader processes streaming the store")] = 0,
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
     api: Annotated[Optional[str], typer.Option("--api", help="with --job: API base URL [env DARKSTORE_API_URL]")] = None,
@@ -207,7 +208,7 @@ def train(
             console.print(f"training from {store}")
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
-                      holdout=holdout, device=device)
+                      holdout=holdout, device=device, num_workers=num_workers)
     tset = open_transfer_set(data, allow_code=allow_code) if data else None
     etset = open_transfer_set(eval_data, allow_code=allow_code) if eval_data else None
     with _progress() as progress:

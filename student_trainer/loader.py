@@ -21,6 +21,8 @@ shared across a fork). zarr-python ≥ 3.0.7 also resets its I/O thread after a 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -90,6 +92,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.allow_code, self.roots = allow_code, roots
         self._data = data  # in-process use (num_workers=0) may pass an open set
+        self._opened: tuple[int, StoreReader, TransferSet] | None = None
+        self.readahead_chunks = 2 * self.buffer_chunks
         meta = open_store(store, allow_incomplete=True).meta
         self.chunk_rows = meta.chunk_rows
         rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -98,6 +102,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.skip: dict[int, int] = {}
         self.num_workers = 1  # set by StudentLoader
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned worker opens its own store and data
+        return {**self.__dict__, "_opened": None}
 
     def shards(self) -> list[int]:
         return [self.rank * self.num_workers + w for w in range(self.num_workers)]
@@ -115,24 +122,44 @@ class StoreStream(torch.utils.data.IterableDataset):
         skip = self.skip.get(shard, 0)
         if skip >= len(batches):
             return
-        reader = open_store(self.store, allow_incomplete=True)  # opened here: inside the worker process
-        data = self._data if info is None and self._data is not None else open_transfer_set(
-            self.data_spec, allow_code=self.allow_code, roots=self.roots)
-        # when each chunk is needed for the last time, so memory holds only live chunks
+        reader, data = self._open(info is None)
+        # when each chunk is first and last needed: read ahead in a thread, keep only live chunks
         last_use: dict[int, int] = {}
-        for i, rows in enumerate(batches):
-            for c in np.unique(rows // self.chunk_rows):
-                last_use[int(c)] = i
-        cache: dict[int, Any] = {}
+        first_use: list[int] = []
         for i in range(skip, len(batches)):
-            rows = batches[i]
-            chunk_ids = rows // self.chunk_rows
-            for c in np.unique(chunk_ids):
-                if int(c) not in cache:
-                    cache[int(c)] = reader.read_chunk(int(c), members=self.members)
-            yield self._batch(rows, chunk_ids, cache, data, shard, i)
-            for c in [c for c in cache if last_use[c] <= i]:
-                del cache[c]
+            for c in np.unique(batches[i] // self.chunk_rows):
+                if int(c) not in last_use:
+                    first_use.append(int(c))
+                last_use[int(c)] = i
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkstore-readahead")
+        pending: dict[int, Future] = {}
+        cache: dict[int, Any] = {}
+        nxt = 0
+        try:
+            for i in range(skip, len(batches)):
+                while nxt < len(first_use) and len(pending) < self.readahead_chunks:
+                    pending[first_use[nxt]] = pool.submit(reader.read_chunk, first_use[nxt], members=self.members)
+                    nxt += 1
+                rows = batches[i]
+                chunk_ids = rows // self.chunk_rows
+                for c in np.unique(chunk_ids):
+                    if int(c) not in cache:
+                        cache[int(c)] = pending.pop(int(c)).result()
+                yield self._batch(rows, chunk_ids, cache, data, shard, i)
+                for c in [c for c in cache if last_use[c] <= i]:
+                    del cache[c]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _open(self, in_process: bool) -> tuple[StoreReader, TransferSet]:
+        """The store and the transfer set, opened once per process (inside each DataLoader worker)."""
+        pid = os.getpid()
+        if self._opened is None or self._opened[0] != pid:
+            reader = open_store(self.store, allow_incomplete=True)
+            data = self._data if in_process and self._data is not None else open_transfer_set(
+                self.data_spec, allow_code=self.allow_code, roots=self.roots)
+            self._opened = (pid, reader, data)
+        return self._opened[1], self._opened[2]
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, cache: dict, data: TransferSet, shard: int,
                seq: int) -> Batch:

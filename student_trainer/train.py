@@ -1,13 +1,13 @@
 """Train one student against a store's cached soft targets.
 
-One readable loop over reusable pieces: :class:`StoreTargets` (data),
-:mod:`retemper` (targets at T), :mod:`losses` (the objective), :mod:`metrics`.
+One readable loop over reusable pieces: :mod:`loader` (targets streamed from the store,
+joined with their inputs), :mod:`retemper` (targets at T), :mod:`losses` (the objective),
+:mod:`metrics`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from darkstore.data import TransferSet
+from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
 from storage import StoreReader, open_store
 
 from . import losses
-from .dataset import StoreTargets
+from .dataset import check_transfer_set
+from .loader import make_loader
 from .metrics import evaluate_logits
 from .retemper import Retemper, plan
 
@@ -46,6 +47,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     holdout: float = Field(0.1, ge=0, lt=1, description="fraction of store rows held out when no eval store is given")
     device: str = "cpu"
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes streaming the store")
+    buffer_chunks: int = Field(4, ge=1, description="store chunks shuffled together")
 
 
 @dataclass
@@ -68,19 +71,28 @@ def split_rows(n: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
+def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: bool = False,
+                 roots: Sequence[str | Path] | None = None) -> TransferSet:
+    """The transfer set a store was generated from (as recorded, unless given), checked by fingerprint."""
+    if data is None:
+        data = open_transfer_set(reader.meta.transfer_set.spec, allow_code=allow_code, roots=roots)
+    check_transfer_set(reader, data)
+    return data
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, spec: ModelSpec, targets: StoreTargets, positions: np.ndarray, device: str,
-            batch_size: int = 1024) -> torch.Tensor:
+def evaluate(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet, rows: np.ndarray,
+             device: str, batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy, agreement with the teachers and NLL of ``model`` on ``rows`` of the store."""
     model.eval()
-    outs = []
-    for b in targets.batches(positions, batch_size):
-        outs.append(logits_of(model(preprocess(b.x.to(device), spec.preprocess))).float().cpu())
-    return torch.cat(outs) if outs else torch.zeros(0, targets.reader.meta.num_classes)
-
-
-def evaluate(model, spec: ModelSpec, targets: StoreTargets, positions: np.ndarray, device: str) -> dict[str, float]:
-    s = predict(model, spec, targets, positions, device)
-    return evaluate_logits(s, torch.from_numpy(targets.logits[positions]).float(), torch.from_numpy(targets.labels[positions]))
+    s, t, y = [], [], []
+    for b in make_loader(reader, rows, batch_size=batch_size, shuffle=False, data=data).epoch(0):
+        s.append(logits_of(model(preprocess(b.x.to(device), spec.preprocess))).float().cpu())
+        t.append(b.logits.float())
+        y.append(b.labels)
+    if not s:
+        return {}
+    return evaluate_logits(torch.cat(s), torch.cat(t), torch.cat(y))
 
 
 def train(
@@ -104,7 +116,8 @@ def train(
     rt = plan(meta, config.temperature)
     if log and config.alpha > 0:
         log(f"targets: {rt.describe()}")
-    targets = StoreTargets(reader, data, members=rt.needs_members, allow_code=allow_code, roots=roots)
+    data = open_checked(reader, data, allow_code=allow_code, roots=roots)
+    rows = reader.finished_rows()
 
     if eval_store is not None:
         ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
@@ -112,11 +125,16 @@ def train(
             from storage.errors import SchemaError
 
             raise SchemaError("the eval store has a different class count from the training store")
-        ev_targets = StoreTargets(ev_reader, eval_data, allow_code=allow_code, roots=roots)
-        train_pos, ev_pos = np.arange(len(targets)), np.arange(len(ev_targets))
+        ev_data = open_checked(ev_reader, eval_data, allow_code=allow_code, roots=roots)
+        train_rows, ev_rows = rows, ev_reader.finished_rows()
     else:
-        ev_targets = targets
-        train_pos, ev_pos = split_rows(len(targets), config.holdout)
+        ev_reader, ev_data = reader, data
+        tr_pos, ev_pos = split_rows(len(rows), config.holdout)
+        train_rows, ev_rows = rows[tr_pos], rows[ev_pos]
+    loader = make_loader(reader, train_rows, batch_size=config.batch_size, seed=config.seed, shuffle=True,
+                         num_workers=config.num_workers, buffer_chunks=config.buffer_chunks,
+                         members=rt.needs_members, data=data, pin_memory=config.device.startswith("cuda"),
+                         allow_code=allow_code, roots=roots)
 
     _seed_everything(config.seed)
     lm = load_model(config.student, num_classes=meta.num_classes, allow_code=allow_code, roots=roots,
@@ -127,7 +145,7 @@ def train(
     opt = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
            if config.optimizer == "adamw" else
            torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True))
-    steps = config.epochs * math.ceil(len(train_pos) / config.batch_size)
+    steps = sum(loader.batches_in_epoch(e) for e in range(1, config.epochs + 1))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
              if config.schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
 
@@ -137,15 +155,15 @@ def train(
     for epoch in range(1, config.epochs + 1):
         model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
-        rng = np.random.default_rng([config.seed, epoch])
-        for b in targets.batches(train_pos, config.batch_size, rng=rng):
-            x, y = b.x.to(config.device), b.labels.to(config.device)
+        for b in loader.epoch(epoch):
+            b = b.to(config.device)
+            x, y = b.x, b.labels
             s = logits_of(model(preprocess(x, spec.preprocess)))
             if config.loss == "kl":
-                tlogp = rt(b.logits.to(config.device), None if b.members is None else b.members.to(config.device))
+                tlogp = rt(b.logits.float(), None if b.members is None else b.members.float())
                 loss = losses.kd_loss(s, tlogp, y, temperature=config.temperature, alpha=config.alpha)
             else:
-                loss = losses.logit_mse_loss(s, b.logits.to(config.device), y, alpha=config.alpha)
+                loss = losses.logit_mse_loss(s, b.logits.float(), y, alpha=config.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -154,8 +172,9 @@ def train(
             seen += len(y)
         row = {"epoch": epoch, "train_loss": total / max(1, seen), "lr": sched.get_last_lr()[0],
                "seconds": round(time.perf_counter() - t0, 4)}
-        if len(ev_pos):
-            row.update({f"eval_{k}": v for k, v in evaluate(model, spec, ev_targets, ev_pos, config.device).items()})
+        if len(ev_rows):
+            row.update({f"eval_{k}": v for k, v in evaluate(model, spec, ev_reader, ev_data, ev_rows,
+                                                             config.device).items()})
         history.append(row)
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -167,7 +186,7 @@ def train(
     summary = {
         "store": str(reader.path),
         "store_job_key": meta.job_key,
-        "eval": "eval store " + str(ev_targets.reader.path) if eval_store is not None else f"holdout {config.holdout:g}",
+        "eval": "eval store " + str(ev_reader.path) if eval_store is not None else f"holdout {config.holdout:g}",
         "config": config.model_dump(mode="json"),
         "student": spec.model_dump(mode="json"),
         "num_params": count_params(model),

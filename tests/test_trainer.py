@@ -14,7 +14,6 @@ from darkstore.data import open_transfer_set
 from darkstore.models import ModelSpec, build_model
 from storage import StoreWriter, open_store
 from storage.errors import IncompleteStoreError, TransferSetMismatchError
-from student_trainer.dataset import StoreTargets
 from student_trainer.train import TrainConfig, train
 from teacher_service.generate import generate
 
@@ -34,15 +33,7 @@ def test_mismatched_transfer_set_is_refused(tmp_path, store):
         train(TrainConfig(student=STUDENT, epochs=1), store, tmp_path / "run", data=open_transfer_set(other))
     smaller = make_arrays(tmp_path / "small.npz", n=200)
     with pytest.raises(TransferSetMismatchError, match="200 samples"):
-        StoreTargets(open_store(store), open_transfer_set(smaller))
-
-
-def test_rows_join_their_inputs(store, arrays):
-    t = StoreTargets(open_store(store))
-    b = t.batch(np.array([5, 200, 17]))
-    with np.load(arrays) as a:
-        np.testing.assert_array_equal(b.x.numpy(), a["x"][[5, 200, 17]])
-        np.testing.assert_array_equal(b.labels.numpy(), a["y"][[5, 200, 17]])
+        train(TrainConfig(student=STUDENT, epochs=1), store, tmp_path / "run", data=open_transfer_set(smaller))
 
 
 def test_incomplete_store_needs_explicit_consent(tmp_path, ensemble, arrays):
@@ -59,7 +50,7 @@ def test_incomplete_store_needs_explicit_consent(tmp_path, ensemble, arrays):
     assert r.final["rows"] == 32  # a quarter of the 128 committed rows
 
 
-def test_training_is_deterministic_and_outputs_reload(tmp_path, store):
+def test_training_is_deterministic_and_outputs_reload(tmp_path, store, arrays):
     cfg = TrainConfig(student=STUDENT, epochs=3, seed=7, batch_size=32)
     a = train(cfg, store, tmp_path / "a")
     b = train(cfg, store, tmp_path / "b")
@@ -75,9 +66,16 @@ def test_training_is_deterministic_and_outputs_reload(tmp_path, store):
     model.load_state_dict(wa)
     from student_trainer.train import evaluate, split_rows
 
-    targets = StoreTargets(open_store(store))
-    _, held = split_rows(len(targets), cfg.holdout)
-    assert evaluate(model, STUDENT, targets, held, "cpu") == a.final
+    reader = open_store(store)
+    _, held = split_rows(reader.meta.num_rows, cfg.holdout)
+    assert evaluate(model, STUDENT, reader, open_transfer_set(arrays), held, "cpu") == a.final
+
+    # streaming from DataLoader worker processes: another (seeded) order, just as reproducible
+    two = cfg.model_copy(update={"num_workers": 2})
+    c, d = train(two, store, tmp_path / "c"), train(two, store, tmp_path / "d")
+    wc, wd = (load_file(str(tmp_path / r / "student.safetensors")) for r in "cd")
+    assert all(torch.equal(wc[k], wd[k]) for k in wc) and c.final == d.final
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
 def test_soft_targets_teach_unlabeled_rows(tmp_path, ensemble):
