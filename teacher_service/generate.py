@@ -7,6 +7,8 @@ in :func:`run_chunks`; only how chunks are handed out differs.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,12 +40,23 @@ class Ensemble:
     num_classes: int
     device: torch.device
 
+    precision: str = "float32"
+    channels_last: bool = False
+
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """[B, ...] -> [M, B, C] float32 logits. Non-finite output names the member and rows."""
+    def forward(self, x: torch.Tensor, rows: np.ndarray, check: bool = True) -> torch.Tensor:
+        """[B, ...] -> [M, B, C] float32 logits. With ``check``, non-finite output names the member
+        and rows here (a device sync); :func:`run_chunks` checks on the host instead."""
         outs = []
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = self.precision != "float32"
         for m in self.members:
-            z = m.forward(x).float()
+            with torch.autocast(self.device.type, dtype=getattr(torch, self.precision), enabled=amp):
+                z = m.forward(x).float()
+            if not check:
+                outs.append(z)
+                continue
             finite = torch.isfinite(z).all(dim=1)
             if not bool(finite.all()):
                 bad = rows[(~finite).cpu().numpy()]
@@ -105,10 +118,11 @@ class PreparedJob:
     data: TransferSet
     meta: StoreMeta
     device: torch.device
+    channels_last: bool = False
 
     @property
     def ensemble(self) -> Ensemble:
-        return Ensemble(self.members, self.meta.num_classes, self.device)
+        return Ensemble(self.members, self.meta.num_classes, self.device, self.spec.precision, self.channels_last)
 
 
 def prepare(
@@ -118,6 +132,7 @@ def prepare(
     allow_code: bool = False,
     roots: Sequence[str | Path] | None = None,
     data: TransferSet | None = None,
+    channels_last: bool = False,
 ) -> PreparedJob:
     """Open the data, load the teachers, check they fit each other, build the store's metadata."""
     dev = torch.device(device)
@@ -155,7 +170,10 @@ def prepare(
                                        num_samples=len(data)),
         job=spec.model_dump(mode="json"),
     )
-    return PreparedJob(spec, members, data, meta, dev)
+    if channels_last:
+        for mm in members:
+            mm.module.to(memory_format=torch.channels_last)
+    return PreparedJob(spec, members, data, meta, dev, channels_last)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -180,6 +198,27 @@ def _chunk_batches(writer: StoreWriter, chunks: Iterable[int], batch_size: int):
             yield np.arange(b, min(b + batch_size, stop))
 
 
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """Start a device->host copy without waiting for it (pinned memory + an event on CUDA)."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    return host, ev
+
+
+def _check_finite(z: np.ndarray, names: Sequence[str], start: int) -> None:
+    """z [M, rows, C]: name the first member with NaN/Inf output and its rows."""
+    for name, zm in zip(names, z):
+        bad = np.flatnonzero(~np.isfinite(zm).all(axis=1))
+        if len(bad):
+            rows = bad + start
+            shown = ", ".join(map(str, rows[:10])) + (f" … ({len(rows)} rows)" if len(rows) > 10 else "")
+            raise NonFiniteLogitsError(f"teacher {name!r} produced NaN/Inf logits for rows {shown}")
+
+
 def run_chunks(
     job: PreparedJob,
     writer: StoreWriter,
@@ -190,54 +229,85 @@ def run_chunks(
     on_rows: OnRows | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_inflight: int = 2,
 ) -> int:
     """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written.
 
-    ``on_rows(rows)`` and ``on_chunk(chunk, rows)`` are called after each commit.
+    The device computes chunk i+1 while a background thread combines, checks, compresses and
+    writes chunk i: at most ``max_inflight`` finished chunks wait for storage, so memory stays
+    bounded whatever the store's size. Inputs come from ``num_workers`` DataLoader processes
+    (pinned memory and non-blocking copies on CUDA). ``on_rows(rows)`` and
+    ``on_chunk(chunk, rows)`` are called after each commit.
 
-    ``should_stop`` is asked before each chunk; when it answers True the run raises
-    :class:`Cancelled` and every chunk committed so far stays committed."""
+    ``should_stop`` is asked before each chunk; when it answers True the chunks in flight are
+    committed and the run raises :class:`Cancelled`. Any error stops the run; chunks already
+    handed to the writer are finished first, and a failing chunk is never committed."""
     done = writer.done_mask()
     chunks = [i for i in chunks if not done[i]]
     if not chunks:
         return 0
     ens, meta = job.ensemble, writer.meta
-    m, c = meta.num_members, meta.num_classes
+    names = [mm.name for mm in job.members]
     loader = torch.utils.data.DataLoader(
         _Batches(job.data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
         num_workers=num_workers, pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkstore-writer")
+    inflight: deque[tuple[int, int, Future]] = deque()
     written = 0
-    for i in chunks:
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"stopped before chunk {i}; {written} rows were committed in this run")
-        start, stop = writer.bounds(i)
-        rows = stop - start
-        z_all = np.empty((m, rows, c), dtype=np.float32)
-        y_all = np.empty(rows, dtype=np.int64)
-        filled = 0
-        while filled < rows:
-            x, y, idx = next(it)
-            b = len(idx)
-            z = ens.forward(x.to(job.device, non_blocking=True), idx.numpy())
-            z_all[:, filled:filled + b] = z.cpu().numpy()
-            y_all[filled:filled + b] = y.numpy()
-            filled += b
-        if (y_all >= c).any():
-            raise ClassCountMismatchError(
-                f"labels up to {int(y_all.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes"
-            )
-        zt = torch.from_numpy(z_all)
-        ell = combine(zt, meta.combine, meta.temperature)
-        members = (zt - zt.amax(dim=-1, keepdim=True)).numpy() if meta.keep_members else None
-        writer.write_chunk(i, logits=ell.numpy(), labels=y_all, index=np.arange(start, stop), members=members,
-                           stats=_stats(zt, ell, y_all))
-        written += rows
-        if on_rows:
-            on_rows(rows)
-        if on_chunk:
-            on_chunk(i, rows)
+
+    def store(i: int, start: int, stop: int, z_dev: torch.Tensor, y: np.ndarray) -> None:
+        z_host, ev = _to_host(z_dev)
+
+        def work() -> None:
+            if ev is not None:
+                ev.synchronize()
+            z = z_host.float().numpy()
+            _check_finite(z, names, start)
+            c = meta.num_classes
+            if (y >= c).any():
+                raise ClassCountMismatchError(
+                    f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
+            zt = torch.from_numpy(z)
+            ell = combine(zt, meta.combine, meta.temperature)
+            members = (zt - zt.amax(dim=-1, keepdim=True)).numpy() if meta.keep_members else None
+            writer.write_chunk(i, logits=ell.numpy(), labels=y, index=np.arange(start, stop), members=members,
+                               stats=_stats(zt, ell, y))
+
+        inflight.append((i, stop - start, pool.submit(work)))
+
+    def drain(limit: int) -> None:
+        nonlocal written
+        while len(inflight) > limit:
+            i, rows, fut = inflight.popleft()
+            fut.result()  # re-raises the writer's error
+            written += rows
+            if on_rows:
+                on_rows(rows)
+            if on_chunk:
+                on_chunk(i, rows)
+
+    try:
+        for i in chunks:
+            if should_stop is not None and should_stop():
+                drain(0)
+                raise Cancelled(f"stopped before chunk {i}; {written} rows were committed in this run")
+            start, stop = writer.bounds(i)
+            outs, ys, filled = [], [], 0
+            while filled < stop - start:
+                x, y, idx = next(it)
+                outs.append(ens.forward(x.to(job.device, non_blocking=True), idx.numpy(), check=False))
+                ys.append(y.numpy())
+                filled += len(idx)
+            store(i, start, stop, torch.cat(outs, dim=1), np.concatenate(ys).astype(np.int64))
+            drain(max_inflight)
+        drain(0)
+    finally:
+        # never leave a write half-way: let queued chunks finish (or fail) before returning
+        for _, _, fut in inflight:
+            fut.exception()
+        pool.shutdown(wait=True)
     return written
 
 
@@ -263,9 +333,10 @@ def generate(
     on_start: Callable[[StoreWriter], None] | None = None,
     on_rows: OnRows | None = None,
     should_stop: Callable[[], bool] | None = None,
+    channels_last: bool = False,
 ) -> StoreWriter:
     """Run ``spec`` into the store at ``out``; resumes an interrupted run, does nothing for a finished one."""
-    job = prepare(spec, device=device, allow_code=allow_code, roots=roots)
+    job = prepare(spec, device=device, allow_code=allow_code, roots=roots, channels_last=channels_last)
     writer = StoreWriter.open_or_create(out, job.meta, overwrite=overwrite)
     if on_start:
         on_start(writer)

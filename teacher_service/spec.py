@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,6 +63,8 @@ class JobSpec(BaseModel):
     compressor: Compressor = "zstd"
     chunk_rows: int = Field(1024, ge=1, le=1 << 20)
     keep_members: bool = False
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="teacher forward precision (autocast); part of the job's identity")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "JobSpec":
@@ -102,6 +104,8 @@ class JobSpec(BaseModel):
             "compressor": self.compressor,
             "chunk_rows": self.chunk_rows,
             "keep_members": self.keep_members,
+            # only when set, so the keys of float32 jobs stay what they were before this option existed
+            **({"precision": self.precision} if self.precision != "float32" else {}),
         }
 
     def job_key(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> str:

@@ -23,9 +23,9 @@ def forwards(monkeypatch):
     calls = {"n": 0}
     orig = gen_mod.Ensemble.forward
 
-    def counted(self, x, rows):
+    def counted(self, x, rows, **kw):
         calls["n"] += 1
-        return orig(self, x, rows)
+        return orig(self, x, rows, **kw)
 
     monkeypatch.setattr(gen_mod.Ensemble, "forward", counted)
     return calls

@@ -1,0 +1,61 @@
+"""Shared helpers for the benchmarks: synthetic-but-real files on disk, timing, reporting."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from darkstore.models import build_model, save_weights  # noqa: E402
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {gpu}")
+
+
+def images(path: Path, n: int, shape=(3, 32, 32), classes: int = 100, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.random((n, *shape), dtype=np.float32), y=rng.integers(0, classes, n))
+    return path
+
+
+def teachers(folder: Path, members: int, classes: int, arch: str, **kwargs) -> list[dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(members):
+        torch.manual_seed(i)
+        model = build_model(arch, classes, **kwargs)
+        save_weights(model, folder / f"t{i}.safetensors")
+        out.append({"name": f"t{i}", "arch": arch, "arch_kwargs": kwargs, "weights": str(folder / f"t{i}.safetensors")})
+    return out
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Run a and b alternately, so drift (thermal, caches) hits both alike."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a))
+        tb.append(timed(b))
+    return ta, tb
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
