@@ -59,3 +59,27 @@ def alternate(a, b, repeats: int) -> tuple[list[float], list[float]]:
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+class Procedural(torch.utils.data.Dataset):
+    """Samples computed from their index: no input data held in memory, so RSS measures darkstore."""
+
+    def __init__(self, n: int, features: int = 768, classes: int = 100):
+        self.n, self.features, self.classes = n, features, classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = np.random.default_rng(int(i))
+        return torch.from_numpy(g.random(self.features, dtype=np.float32)), int(i % self.classes)
+
+
+def procedural(n: int, features: int = 768, classes: int = 100) -> Procedural:
+    return Procedural(n, features, classes)
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=1024)
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.manual_seed(0)
 
@@ -51,7 +52,9 @@ def main() -> None:
         store = open_store(generate(spec, tmp / "store").path)
         data = open_transfer_set(store.meta.transfer_set.spec)
         rows = np.arange(a.rows)
-        loader = make_loader(store, rows, batch_size=a.batch_size, seed=0, num_workers=a.num_workers, data=data)
+        cuda = a.device.startswith("cuda")
+        loader = make_loader(store, rows, batch_size=a.batch_size, seed=0, num_workers=a.num_workers, data=data,
+                             pin_memory=cuda)
         # the preloaded alternative: every target in memory, inputs from the same in-memory set
         everything = store.read_all()
 
@@ -67,16 +70,19 @@ def main() -> None:
         def run(batches_of_epoch):
             def go():
                 torch.manual_seed(0)
-                model = build_model("mlp", a.classes, in_features=768, hidden=[a.hidden])
+                model = build_model("mlp", a.classes, in_features=768, hidden=[a.hidden]).to(a.device)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                 for e in range(a.epochs):
                     for b in batches_of_epoch(e):
+                        b = b.to(a.device)
                         s = model(b.x)
                         loss = losses.kd_loss(s, torch.log_softmax(b.logits.float() / 4.0, -1), b.labels,
                                               temperature=4.0, alpha=0.9)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
+                if cuda:
+                    torch.cuda.synchronize()
             return go
 
         pre, streamed = run(preloaded_epoch), run(loader.epoch)
@@ -88,7 +94,7 @@ def main() -> None:
         print(f"machine: {machine()}")
         print(f"store: {a.rows} rows x {a.classes} classes, float16/zstd, chunks of {a.chunk_rows}; student "
               f"mlp(768->{a.hidden}->{a.classes}), batch {a.batch_size}, {a.epochs} epochs, "
-              f"{a.num_workers} loader workers")
+              f"{a.num_workers} loader workers, device {a.device}")
         print(f"targets preloaded in memory: {p:.3f} s ({n / p:,.0f} rows/s)   runs {', '.join(f'{t:.3f}' for t in tp)}")
         print(f"targets streamed from store: {s:.3f} s ({n / s:,.0f} rows/s)   runs {', '.join(f'{t:.3f}' for t in ts)}")
         print(f"train_efficiency: {p / s:.3f}")

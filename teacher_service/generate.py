@@ -304,9 +304,16 @@ def run_chunks(
             drain(max_inflight)
         drain(0)
     finally:
-        # never leave a write half-way: let queued chunks finish (or fail) before returning
-        for _, _, fut in inflight:
-            fut.exception()
+        # never leave a write half-way: let queued chunks finish (or fail), and report the ones that
+        # committed, before the error (a cancel, a time limit, a bad chunk) goes up
+        while inflight:
+            i, rows, fut = inflight.popleft()
+            if fut.exception() is None:
+                written += rows
+                if on_rows:
+                    on_rows(rows)
+                if on_chunk:
+                    on_chunk(i, rows)
         pool.shutdown(wait=True)
     return written
 
