@@ -65,14 +65,14 @@ class Procedural(torch.utils.data.Dataset):
     """Samples computed from their index: no input data held in memory, so RSS measures darkstore."""
 
     def __init__(self, n: int, features: int = 768, classes: int = 100):
-        self.n, self.features, self.classes = n, features, classes
+        self.n, self.features, self.num_classes = n, features, classes
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int):
         g = np.random.default_rng(int(i))
-        return torch.from_numpy(g.random(self.features, dtype=np.float32)), int(i % self.classes)
+        return torch.from_numpy(g.random(self.features, dtype=np.float32)), int(i % self.num_classes)
 
 
 def procedural(n: int, features: int = 768, classes: int = 100) -> Procedural:

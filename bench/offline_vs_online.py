@@ -24,11 +24,11 @@ from _common import images, machine, teachers
 
 from darkstore.data import open_transfer_set
 from darkstore.models import build_model
-from storage import open_store
+from storage import StoreWriter, open_store
 from student_trainer import losses
 from student_trainer.loader import make_loader
 from teacher_service.combine import combine
-from teacher_service.generate import generate, prepare
+from teacher_service.generate import prepare, run_chunks
 from teacher_service.spec import JobSpec
 
 
@@ -63,10 +63,12 @@ def main() -> None:
             loss.backward()
             opt.step()
 
-        # -- unit costs --------------------------------------------------------------
+        # -- unit costs (after a warm-up batch), at the batch size both paths use ------------
+        x, _ = data.get_batch(np.arange(min(n, B)))
+        ens.forward(x, np.arange(len(x)), check=False)
         t0 = time.perf_counter()
-        for s in range(0, n, 256):
-            x, _ = data.get_batch(np.arange(s, min(n, s + 256)))
+        for s in range(0, n, B):
+            x, _ = data.get_batch(np.arange(s, min(n, s + B)))
             ens.forward(x, np.arange(len(x)), check=False)
         f = (time.perf_counter() - t0) / n
         pre_t = torch.randn(n, a.classes).log_softmax(-1)
@@ -82,10 +84,12 @@ def main() -> None:
                 step(model, opt, x, pre_t[r], y)
         s_cost = (time.perf_counter() - t0) / (E * n)
 
-        # -- offline: generate once, then S students read the store --------------------
+        # -- offline: generate once (teachers already loaded, as for online), then S students ----
         t0 = time.perf_counter()
-        store = open_store(generate(spec, tmp / "store").path)
+        w = StoreWriter.open_or_create(tmp / "store", job.meta)
+        run_chunks(job, w, w.pending_chunks(), batch_size=B)
         t_gen = time.perf_counter() - t0
+        store = open_store(tmp / "store")
         t0 = time.perf_counter()
         for k in range(S):
             torch.manual_seed(k)

@@ -138,6 +138,8 @@ class StoreWriter:
         a["done"][i] = 1  # the commit mark, strictly last
 
     def _cast(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype == np.dtype(self.meta.dtype):  # already cast (and clipped) by the caller
+            return x
         if self.meta.dtype == "float16":
             return np.clip(x, FLOAT16_FLOOR, None).astype(np.float16)
         return x.astype(np.float32)

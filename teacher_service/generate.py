@@ -20,7 +20,7 @@ import torch
 import darkstore
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import LoadedModel, load_model
-from storage import StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord
+from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord
 from storage.errors import ClassCountMismatchError, NonFiniteLogitsError, SpecError
 
 from .combine import combine
@@ -209,10 +209,10 @@ def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
     return host, ev
 
 
-def _check_finite(z: np.ndarray, names: Sequence[str], start: int) -> None:
-    """z [M, rows, C]: name the first member with NaN/Inf output and its rows."""
-    for name, zm in zip(names, z):
-        bad = np.flatnonzero(~np.isfinite(zm).all(axis=1))
+def _check_finite_mask(finite: np.ndarray, names: Sequence[str], start: int) -> None:
+    """finite [M, rows]: name the first member with NaN/Inf output and its rows."""
+    for name, ok in zip(names, finite):
+        bad = np.flatnonzero(~ok)
         if len(bad):
             rows = bad + start
             shown = ", ".join(map(str, rows[:10])) + (f" … ({len(rows)} rows)" if len(rows) > 10 else "")
@@ -257,23 +257,33 @@ def run_chunks(
     inflight: deque[tuple[int, int, Future]] = deque()
     written = 0
 
-    def store(i: int, start: int, stop: int, z_dev: torch.Tensor, y: np.ndarray) -> None:
-        z_host, ev = _to_host(z_dev)
+    def store(i: int, start: int, stop: int, z: torch.Tensor, y: np.ndarray) -> None:
+        # torch work (combine, argmax, checks) stays on this thread and the device; the writer thread
+        # only casts, compresses and writes (numpy + zarr), so the two never fight over torch's threads
+        finite = torch.isfinite(z).all(dim=-1)  # [M, rows]
+        ell = combine(z, meta.combine, meta.temperature)
+        y_dev = torch.from_numpy(y).to(z.device, non_blocking=True)
+        stats = _stats(z, ell, y_dev)
+        members = z - z.amax(dim=-1, keepdim=True) if meta.keep_members else None
+        if meta.dtype == "float16":  # cast here too (same rounding as numpy's), halving the copy
+            ell = ell.clamp_min(FLOAT16_FLOOR).half()
+            members = members.clamp_min(FLOAT16_FLOOR).half() if members is not None else None
+        parts = [finite, ell, stats] + ([members] if members is not None else [])
+        hosts = [_to_host(t) for t in parts]
 
         def work() -> None:
-            if ev is not None:
-                ev.synchronize()
-            z = z_host.float().numpy()
-            _check_finite(z, names, start)
+            for _, ev in hosts:
+                if ev is not None:
+                    ev.synchronize()
+            fin, ell_h, stats_h, *mem = (h.numpy() for h, _ in hosts)
+            if not fin.all():
+                _check_finite_mask(fin, names, start)
             c = meta.num_classes
             if (y >= c).any():
                 raise ClassCountMismatchError(
                     f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
-            zt = torch.from_numpy(z)
-            ell = combine(zt, meta.combine, meta.temperature)
-            members = (zt - zt.amax(dim=-1, keepdim=True)).numpy() if meta.keep_members else None
-            writer.write_chunk(i, logits=ell.numpy(), labels=y, index=np.arange(start, stop), members=members,
-                               stats=_stats(zt, ell, y))
+            writer.write_chunk(i, logits=ell_h, labels=y, index=np.arange(start, stop),
+                               members=mem[0] if mem else None, stats=stats_h)
 
         inflight.append((i, stop - start, pool.submit(work)))
 
@@ -318,13 +328,12 @@ def run_chunks(
     return written
 
 
-def _stats(z: torch.Tensor, ell: torch.Tensor, y: np.ndarray) -> np.ndarray:
-    """labeled rows, ensemble correct, each member's correct."""
-    lab = torch.from_numpy(y >= 0)
-    yt = torch.from_numpy(y)
-    out = [int(lab.sum()), int(((ell.argmax(-1) == yt) & lab).sum())]
-    out += [int(((zm.argmax(-1) == yt) & lab).sum()) for zm in z]
-    return np.array(out, dtype=np.int64)
+def _stats(z: torch.Tensor, ell: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """labeled rows, ensemble correct, each member's correct (on z's device)."""
+    lab = y >= 0
+    out = [lab.sum(), ((ell.argmax(-1) == y) & lab).sum()]
+    out += [((zm.argmax(-1) == y) & lab).sum() for zm in z]
+    return torch.stack(out).to(torch.int64)
 
 
 def generate(
