@@ -229,13 +229,15 @@ def run_chunks(
     on_rows: OnRows | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    max_inflight: int = 2,
+    max_inflight: int | None = None,
 ) -> int:
     """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written.
 
-    The device computes chunk i+1 while a background thread combines, checks, compresses and
-    writes chunk i: at most ``max_inflight`` finished chunks wait for storage, so memory stays
-    bounded whatever the store's size. Inputs come from ``num_workers`` DataLoader processes
+    On a GPU the device computes chunk i+1 while a background thread compresses and writes chunk
+    i: at most ``max_inflight`` finished chunks wait for storage (default 2 on CUDA), so memory
+    stays bounded whatever the store's size. On the CPU the forward already uses every core
+    torch is given, and a concurrent writer only slows it (measured: bench/generate.py), so the
+    default there is 0: each chunk is written before the next is computed. Inputs come from ``num_workers`` DataLoader processes
     (pinned memory and non-blocking copies on CUDA). ``on_rows(rows)`` and
     ``on_chunk(chunk, rows)`` are called after each commit.
 
@@ -246,6 +248,8 @@ def run_chunks(
     chunks = [i for i in chunks if not done[i]]
     if not chunks:
         return 0
+    if max_inflight is None:
+        max_inflight = 2 if job.device.type == "cuda" else 0
     ens, meta = job.ensemble, writer.meta
     names = [mm.name for mm in job.members]
     loader = torch.utils.data.DataLoader(
