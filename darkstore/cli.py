@@ -66,6 +66,8 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 256,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    precision: Annotated[str, typer.Option(help="teacher forward precision: float32 | bfloat16 | float16 (autocast)")] = "float32",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store of another job at --out")] = False,
 ):
@@ -82,7 +84,7 @@ def generate(
         spec = JobSpec.model_validate({
             "teachers": EnsembleSpec.from_file(teachers), "data": parse_data_spec(data), "combine": combine,
             "temperature": temperature, "dtype": dtype, "compressor": compressor, "chunk_rows": chunk_rows,
-            "keep_members": keep_members,
+            "keep_members": keep_members, "precision": precision,
         })
     t0 = time.perf_counter()
     with _progress() as progress:
@@ -103,7 +105,8 @@ def generate(
             progress.update(task["id"], advance=n, rate=f"{rate:,.0f} rows/s")
 
         writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
-                     allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows)
+                     allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
+                     channels_last=channels_last)
     wrote = task.get("n", 0)
     console.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed now "
                   f"in {time.perf_counter() - t0:.1f} s)")

@@ -69,6 +69,19 @@ def test_store_holds_the_ensemble_mean_and_provenance(tmp_path, ensemble, arrays
     assert acc["t1"] == pytest.approx((z[1].argmax(-1) == y).mean())
 
 
+def test_bfloat16_autocast_is_another_job_close_to_float32(tmp_path, ensemble, arrays):
+    w32 = generate(job(ensemble, arrays, dtype="float32", chunk_rows=64), tmp_path / "f32")
+    w16 = generate(job(ensemble, arrays, dtype="float32", chunk_rows=64, precision="bfloat16"), tmp_path / "bf16",
+                   channels_last=True)
+    assert w16.meta.job_key != w32.meta.job_key and w16.meta.job["precision"] == "bfloat16"
+    a, b = open_store(w32.path).read_all().logits, open_store(w16.path).read_all().logits
+    assert not np.array_equal(a, b)  # autocast really ran in bfloat16 …
+    z = reference_member_logits(ensemble, arrays)
+    scale = np.abs(z).max()
+    np.testing.assert_allclose(b, a, atol=0.05 * scale)  # … within bfloat16's precision of the float64 truth
+    np.testing.assert_allclose(a, (z.mean(0) - z.mean(0).max(-1, keepdims=True)), atol=1e-4)
+
+
 def test_rerunning_a_finished_job_does_nothing(tmp_path, ensemble, arrays):
     spec = job(ensemble, arrays, chunk_rows=64)
     generate(spec, tmp_path / "s")
