@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from _common import alternate, images, machine, med, teachers

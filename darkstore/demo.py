@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from darkstore.models import ModelSpec, build_model, count_params, save_weights
+from darkstore.models import ModelSpec, build_model, save_weights
 
 #: the teachers: small CNNs that differ by width and seed
 TEACHERS = [

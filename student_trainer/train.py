@@ -25,7 +25,7 @@ from . import losses
 from .dataset import check_transfer_set
 from .loader import make_loader
 from .metrics import evaluate_logits
-from .retemper import Retemper, plan
+from .retemper import plan
 
 HOLDOUT_SEED = 20150309  # fixed, so every student of a store is judged on the same held-out rows
 

@@ -26,14 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def need_redis() -> str:
-    exe = shutil.which("redis-server")
+def need_tool(name: str) -> str:
+    """A system tool the test needs: a failure on CI (which installs it), a skip elsewhere."""
+    exe = shutil.which(name)
     if exe is None:
-        msg = "redis-server is not installed (apt-get install -y redis-server; .ci/run does it)"
+        msg = f"{name} is not installed (apt-get install -y {name}; ./dev test does it)"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
     return exe
+
+
+def need_redis() -> str:
+    return need_tool("redis-server")
 
 
 class Proc:

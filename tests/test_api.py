@@ -22,7 +22,7 @@ from teacher_service.client import ApiError, DarkstoreClient
 from teacher_service.generate import generate
 from teacher_service.jobs import rebase
 
-from .conftest import DARKSTORE, MEMBERS, job, make_arrays, make_ensemble
+from .conftest import DARKSTORE, MEMBERS, make_arrays, make_ensemble
 from .procs import Api, service_env
 
 TOKEN = "s3cret-token"

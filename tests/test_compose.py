@@ -23,18 +23,13 @@ from storage import open_store
 from teacher_service.client import DarkstoreClient
 
 from .conftest import ROOT, cli_env
-from .procs import Proc, free_port, need_redis
+from .procs import Proc, free_port, need_redis, need_tool
 
 pytestmark = pytest.mark.slow
 
 
 def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        msg = "docker-compose is not installed (apt-get install -y docker-compose; .ci/run does it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = need_tool("docker-compose")
     return subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "--project-directory", str(ROOT), *args],
                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
 

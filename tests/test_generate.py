@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import time
@@ -31,7 +30,7 @@ from storage.errors import (
 from teacher_service.generate import generate
 from teacher_service.spec import EnsembleSpec
 
-from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble, reference_member_logits
+from .conftest import DARKSTORE, cli_env, job, make_arrays, make_ensemble, reference_member_logits
 
 
 def arrays_of(store: Path) -> dict[str, np.ndarray]:
