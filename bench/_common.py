@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+# bench/storage.py must not shadow the `storage` package: the repository root goes first, and
+# bench/ stays on the path only after it (for `_common` and the factories the benches name)
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, HERE)] + [str(HERE)]
 
 from darkstore.models import build_model, save_weights  # noqa: E402
 

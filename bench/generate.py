@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--writers", type=int, default=None, help="writer threads (default: darkstore's choice)")
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="darkstore-bench-"))
@@ -51,7 +52,8 @@ def main() -> None:
         def full():
             out = tmp / f"store{next(counter)}"
             w = StoreWriter.open_or_create(out, job.meta)
-            run_chunks(job, w, w.pending_chunks(), batch_size=a.batch_size, num_workers=a.num_workers)
+            run_chunks(job, w, w.pending_chunks(), batch_size=a.batch_size, num_workers=a.num_workers,
+                       writers=a.writers)
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
             shutil.rmtree(out)

@@ -101,9 +101,41 @@ class StoreStream(torch.utils.data.IterableDataset):
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         cut = np.searchsorted(rows, np.arange(0, meta.num_rows + meta.chunk_rows, meta.chunk_rows))
         self.rows_by_chunk = [rows[a:b] for a, b in zip(cut[:-1], cut[1:])][: meta.n_chunks]
-        self.epoch = 0
-        self.skip: dict[int, int] = {}
         self.num_workers = 1  # set by StudentLoader
+        self._box = None  # shared with persistent workers: [epoch, batches to skip per local shard]
+        self._epoch, self._skip = 0, {}
+
+    def share(self) -> None:
+        """Keep epoch and skip counts in shared memory, so persistent workers see each new epoch."""
+        import multiprocessing
+
+        self._box = multiprocessing.Array("q", 1 + self.num_workers, lock=False)
+        self._box[0] = self._epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._box[0]) if self._box is not None else self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = value
+        if self._box is not None:
+            self._box[0] = value
+
+    @property
+    def skip(self) -> dict[int, int]:
+        if self._box is None:
+            return self._skip
+        first = self.rank * self.num_workers
+        return {first + w: int(self._box[1 + w]) for w in range(self.num_workers) if self._box[1 + w]}
+
+    @skip.setter
+    def skip(self, value: dict[int, int]) -> None:
+        self._skip = dict(value)
+        if self._box is not None:
+            first = self.rank * self.num_workers
+            for w in range(self.num_workers):
+                self._box[1 + w] = int(value.get(first + w, 0))
 
     def __getstate__(self) -> dict[str, Any]:  # a spawned worker opens its own store and data
         return {**self.__dict__, "_opened": None}
@@ -164,7 +196,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         pid = os.getpid()
         if self._opened is None or self._opened[0] != pid:
             reader = open_store(self.store, allow_incomplete=True)
-            data = self._data if in_process and self._data is not None else open_transfer_set(
+            # an open set given by the caller is inherited by forked workers (copy-on-write) rather
+            # than reopened: reopening an in-memory .npz in every worker at every epoch is slow
+            data = self._data if self._data is not None else open_transfer_set(
                 self.data_spec, allow_code=self.allow_code, roots=self.roots)
             self._opened = (pid, reader, data, reader.labels[:], reader.index[:])
         return self._opened[1], self._opened[2]
@@ -256,13 +290,20 @@ class StudentLoader:
     multiprocessing_context: str | None = None
     _seen: dict[int, int] = field(default_factory=dict)
     _epoch: int = 0
+    _dl: Any = None
 
     def __post_init__(self) -> None:
         self.stream.num_workers = max(1, self.num_workers)
+        if self.num_workers > 0:
+            self.stream.share()
 
     def batches_in_epoch(self, epoch: int) -> int:
-        self.stream.epoch = epoch
-        return sum(len(self.stream.plan(s)) for s in self.stream.shards())
+        return sum(len(shard_plan(self.stream.rows_by_chunk, epoch=epoch, shard=s,
+                                  num_shards=self.stream.world_size * self.stream.num_workers,
+                                  seed=self.stream.seed, shuffle=self.stream.shuffle,
+                                  buffer_chunks=self.stream.buffer_chunks, batch_size=self.stream.batch_size,
+                                  drop_last=self.stream.drop_last))
+                   for s in self.stream.shards())
 
     def rows_in_epoch(self) -> int:
         return int(sum(len(r) for r in self.stream.rows_by_chunk))
@@ -272,12 +313,14 @@ class StudentLoader:
             self._seen = {}
         self._epoch = epoch
         self.stream.epoch, self.stream.skip = epoch, dict(self._seen)
-        kw: dict[str, Any] = {}
-        if self.num_workers > 0:
-            kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context}
-        dl = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                         pin_memory=self.pin_memory, **kw)
-        for b in dl:
+        if self._dl is None:
+            kw: dict[str, Any] = {}
+            if self.num_workers > 0:  # workers live across epochs: no fork, no reopening per epoch
+                kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context,
+                      "persistent_workers": True}
+            self._dl = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                                   pin_memory=self.pin_memory, **kw)
+        for b in self._dl:
             self._seen[b.shard] = b.seq + 1
             yield b
 

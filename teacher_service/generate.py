@@ -7,6 +7,7 @@ in :func:`run_chunks`; only how chunks are handed out differs.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -230,12 +231,14 @@ def run_chunks(
     on_chunk: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     max_inflight: int | None = None,
+    writers: int | None = None,
 ) -> int:
     """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written.
 
-    On a GPU the device computes chunk i+1 while a background thread compresses and writes chunk
-    i: at most ``max_inflight`` finished chunks wait for storage (default 2 on CUDA), so memory
-    stays bounded whatever the store's size. On the CPU the forward already uses every core
+    On a GPU the device computes the next chunks while writer threads (half the CPU cores, at
+    most 8: chunks are independent files) compress and write finished ones: at most
+    ``max_inflight`` chunks wait for storage (default two per writer), so memory stays bounded
+    whatever the store's size. On the CPU the forward already uses every core
     torch is given, and a concurrent writer only slows it (measured: bench/generate.py), so the
     default there is 0: each chunk is written before the next is computed. Inputs come from ``num_workers`` DataLoader processes
     (pinned memory and non-blocking copies on CUDA). ``on_rows(rows)`` and
@@ -248,8 +251,10 @@ def run_chunks(
     chunks = [i for i in chunks if not done[i]]
     if not chunks:
         return 0
+    if writers is None:
+        writers = max(1, min(8, (os.cpu_count() or 2) // 2)) if job.device.type == "cuda" else 1
     if max_inflight is None:
-        max_inflight = 2 if job.device.type == "cuda" else 0
+        max_inflight = 2 * writers if job.device.type == "cuda" else 0
     ens, meta = job.ensemble, writer.meta
     names = [mm.name for mm in job.members]
     loader = torch.utils.data.DataLoader(
@@ -257,7 +262,7 @@ def run_chunks(
         num_workers=num_workers, pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkstore-writer")
+    pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="darkstore-writer")
     inflight: deque[tuple[int, int, Future]] = deque()
     written = 0
 
