@@ -226,6 +226,38 @@ def test_soft_time_limit_requeues_the_rest_of_a_range_or_fails_clearly(cluster):
         assert failed.progress.chunks_done == 0
 
 
+def test_pool_process_killed_mid_task_is_requeued(cluster):
+    """Only the pool process dies (OOM killer, segfault): the worker's main process survives, starts a
+    new pool process, and with task_reject_on_worker_lost the task goes back to the queue and runs again
+    (about 3.5 s later here, before the 6 s visibility timeout could have applied)."""
+    import os
+
+    c = cluster
+    with api(c) as client:
+        view, _ = client.submit(spec_for(c["counter"], 0.35))
+        deadline = time.monotonic() + 60
+        victim = None
+        while victim is None:
+            assert time.monotonic() < deadline, "no task started"
+            evs = client.events(view.id)
+            done = {e["task_id"] for e in evs if e["event"] == "task_finished"}
+            started = [e for e in evs if e["event"] == "task_started" and e["task_id"] not in done]
+            if started:
+                victim = started[-1]
+            else:
+                time.sleep(0.02)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        final = client.wait(view.id, timeout=120)
+        assert final.state == "succeeded", final.error
+        events = client.events(view.id)
+    same_as_reference(c, view.store)
+    runs = [e for e in events if e["event"] == "task_started" and e["task_id"] == victim["task_id"]]
+    assert len(runs) == 2 and runs[1]["pid"] != victim["pid"], runs
+    assert c["procs"]["a"].alive() and c["procs"]["b"].alive()  # the workers themselves survive
+    assert time.monotonic() - killed_at < 60
+
+
 def test_worker_killed_mid_job_the_range_is_redelivered(cluster):
     c = cluster
     a = c["procs"]["a"]
