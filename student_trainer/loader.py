@@ -305,9 +305,6 @@ class StudentLoader:
                                   drop_last=self.stream.drop_last))
                    for s in self.stream.shards())
 
-    def rows_in_epoch(self) -> int:
-        return int(sum(len(r) for r in self.stream.rows_by_chunk))
-
     def epoch(self, epoch: int) -> Iterator[Batch]:
         if epoch != self._epoch:
             self._seen = {}

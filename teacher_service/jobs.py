@@ -119,11 +119,6 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
     return spec.job_key(hashes, data.fingerprint)
 
 
-def rebase(spec: JobSpec, base: Path) -> JobSpec:
-    """Make a request's relative paths relative to ``base`` (the first data root)."""
-    return spec.rebased(base)
-
-
 class JobBook:
     """Job records as small JSON files (written atomically, updated under a file lock, so
     the API and any number of worker processes can share them), plus an event log per job."""
@@ -254,7 +249,7 @@ class JobManager:
         """Returns (view, created). The same job submitted again returns the existing one without
         running any teacher; a failed or cancelled one is resumed rather than duplicated."""
         s = self.settings
-        spec = rebase(spec, s.roots[0])
+        spec = spec.rebased(s.roots[0])  # relative paths in a request: against the first data root
         data = open_transfer_set(spec.data, allow_code=s.allow_code, roots=s.roots)
         key = identify(spec, allow_code=s.allow_code, roots=s.roots, data=data)
         job_id = key[:24]
@@ -467,4 +462,4 @@ class LocalRunner(JobManager):
 
 
 __all__ = ["ACTIVE", "STATES", "JobBook", "JobManager", "JobNotFoundError", "JobRecord", "JobView", "LocalRunner",
-           "Progress", "identify", "rebase", "run_job_chunks", "fail_job", "EnsembleCache"]
+           "Progress", "identify", "run_job_chunks", "fail_job", "EnsembleCache"]

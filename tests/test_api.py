@@ -20,7 +20,6 @@ import yaml
 from storage import open_store
 from teacher_service.client import ApiError, DarkstoreClient
 from teacher_service.generate import generate
-from teacher_service.jobs import rebase
 
 from .conftest import DARKSTORE, MEMBERS, make_arrays, make_ensemble
 from .procs import Api, service_env
@@ -101,7 +100,7 @@ def test_submit_dedup_wait_store_list_metrics(site):
         # the store is exactly what `darkstore generate` writes for the same spec
         from teacher_service.spec import JobSpec
 
-        spec = rebase(JobSpec.model_validate(body()), site["root"])
+        spec = JobSpec.model_validate(body()).rebased(site["root"])
         ref = open_store(generate(spec, site["tmp"] / "ref").path).read_all()
         got = open_store(done.store).read_all()
         np.testing.assert_array_equal(got.logits, ref.logits)

@@ -84,6 +84,20 @@ def wait_chunks(client: DarkstoreClient, job_id: str, n: int, timeout: float = 6
         time.sleep(0.02)
 
 
+def running_task(client: DarkstoreClient, job_id: str, worker: str | None = None, timeout: float = 60) -> dict:
+    """The event of a task that has started (on ``worker``, if given) and not finished yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"no task running on {worker or 'any worker'} after {timeout} s"
+        evs = client.events(job_id)
+        finished = {e["task_id"] for e in evs if e["event"] == "task_finished"}
+        running = [e for e in evs if e["event"] == "task_started" and e["task_id"] not in finished
+                   and (worker is None or e["worker"] == worker)]
+        if running:
+            return running[-1]
+        time.sleep(0.02)
+
+
 def same_as_reference(c, store: str) -> None:
     got = open_store(store).read_all()
     np.testing.assert_array_equal(got.logits, c["ref"].logits)
@@ -235,17 +249,7 @@ def test_pool_process_killed_mid_task_is_requeued(cluster):
     c = cluster
     with api(c) as client:
         view, _ = client.submit(spec_for(c["counter"], 0.35))
-        deadline = time.monotonic() + 60
-        victim = None
-        while victim is None:
-            assert time.monotonic() < deadline, "no task started"
-            evs = client.events(view.id)
-            done = {e["task_id"] for e in evs if e["event"] == "task_finished"}
-            started = [e for e in evs if e["event"] == "task_started" and e["task_id"] not in done]
-            if started:
-                victim = started[-1]
-            else:
-                time.sleep(0.02)
+        victim = running_task(client, view.id)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
         final = client.wait(view.id, timeout=120)
@@ -263,18 +267,7 @@ def test_worker_killed_mid_job_the_range_is_redelivered(cluster):
     a = c["procs"]["a"]
     with api(c) as client:
         view, _ = client.submit(spec_for(c["counter"], 0.3))
-        deadline = time.monotonic() + 60
-        victim = None
-        while victim is None:
-            assert time.monotonic() < deadline, "worker a never started a task"
-            evs = client.events(view.id)
-            finished = {e["task_id"] for e in evs if e["event"] == "task_finished"}
-            running = [e for e in evs if e["event"] == "task_started" and e["worker"] == "a@localhost"
-                       and e["task_id"] not in finished]
-            if running:
-                victim = running[-1]
-            else:
-                time.sleep(0.02)
+        victim = running_task(client, view.id, worker="a@localhost")
         a.kill(signal.SIGKILL)  # the worker and its pool child, mid-task
         committed_at_kill = set(open_store(view.store, allow_incomplete=True).finished_chunks())
         final = client.wait(view.id, timeout=120)
