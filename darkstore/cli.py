@@ -176,10 +176,16 @@ def train(
     lr: Annotated[float, typer.Option()] = 1e-3,
     weight_decay: Annotated[float, typer.Option()] = 0.0,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
+    schedule: Annotated[str, typer.Option(help="learning-rate schedule: cosine | linear | step | constant")] = "cosine",
+    warmup: Annotated[float, typer.Option(help="fraction of the steps spent warming the learning rate up")] = 0.0,
+    amp: Annotated[str, typer.Option(help="mixed precision: off | bf16 | fp16 (fp16 needs CUDA)")] = "off",
     seed: Annotated[int, typer.Option()] = 0,
     holdout: Annotated[float, typer.Option(help="fraction of rows held out when no --eval-store")] = 0.1,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")] = "cpu",
     num_workers: Annotated[int, typer.Option(help="DataLoader processes streaming the store")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps too (0: at epoch ends only)")] = 0,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)")] = False,
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
     api: Annotated[Optional[str], typer.Option("--api", help="with --job: API base URL [env DARKSTORE_API_URL]")] = None,
@@ -211,22 +217,156 @@ def train(
             console.print(f"training from {store}")
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
-                      holdout=holdout, device=device, num_workers=num_workers)
+                      holdout=holdout, device=device, num_workers=num_workers, schedule=schedule, warmup=warmup,
+                      amp=amp, checkpoint_every=checkpoint_every, deterministic=deterministic)
     tset = open_transfer_set(data, allow_code=allow_code) if data else None
     etset = open_transfer_set(eval_data, allow_code=allow_code) if eval_data else None
+    import os
+
+    rank0 = os.environ.get("RANK", "0") == "0"
     with _progress() as progress:
-        task = progress.add_task("training", total=epochs, rate="")
+        task = progress.add_task("training", total=epochs, rate="", visible=rank0)
 
         def on_epoch(row):
             acc = row.get("eval_accuracy")
-            progress.update(task, advance=1, rate=f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else ""))
+            progress.update(task, completed=row["epoch"],
+                            rate=f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else ""))
 
         r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset, allow_incomplete=allow_incomplete,
-                allow_code=allow_code, on_epoch=on_epoch, log=lambda m: console.print(m))
+                allow_code=allow_code, resume=resume, on_epoch=on_epoch, log=lambda m: console.print(m))
+    if not rank0:
+        return
     f = r.final
-    console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in {r.out / 'metrics.jsonl'}")
+    if r.already_finished:
+        console.print(f"{r.out} is already finished: nothing to train")
+    console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in "
+                  f"{r.out / 'metrics.jsonl'}, evaluation in {r.out / 'eval.json'}")
     line = f"held-out: accuracy {f.get('accuracy', float('nan')):.4f}  agreement {f['agreement']:.4f}  NLL {f.get('nll', float('nan')):.4f}  ({f['rows']} rows)"
     out.print(line)
+
+
+# --- many students: sweep, eval, export, report -------------------------------------
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f} %"
+
+
+@app.command()
+def sweep(
+    grid: Annotated[Path, typer.Option(help="grid file (YAML/JSON): base options, named students, axes")],
+    out_: Annotated[Path, typer.Option("--out", help="sweep directory: runs/, results.*")],
+    store: Annotated[Optional[Path], typer.Option(help="store to distill from (default: the grid file's store)")] = None,
+    eval_store: Annotated[Optional[Path], typer.Option(help="held-out store every run is evaluated on")] = None,
+    parallel: Annotated[Optional[int], typer.Option(help="runs at once (default: one per CPU core, or one per GPU)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda (cuda: run i uses GPU i mod count)")] = None,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
+):
+    """Train one student per grid point in parallel; finished points are skipped; writes mean ± std over seeds."""
+    from student_trainer.sweep import GridSpec, markdown_table, points, run_sweep
+
+    spec = GridSpec.from_file(grid)
+    n = len(points(spec))
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("sweep", total=n, rate="")
+
+        def on_event(o, done, total):
+            progress.update(task, completed=done, rate=o.point.name)
+            if o.state == "failed":
+                console.print(f"[red]failed[/] {o.point.name}: {escape(o.error)}", highlight=False)
+            elif o.state == "busy":
+                console.print(f"[yellow]busy[/] {o.point.name}: {o.error}", highlight=False)
+            elif o.state == "finished":
+                console.print(f"finished {o.point.name} in {o.seconds:.1f} s", highlight=False)
+
+        r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device,
+                      allow_code=allow_code, on_event=on_event)
+    skipped = sum(o.state == "skipped" for o in r.outcomes)
+    trained = sum(o.state == "finished" for o in r.outcomes)
+    console.print(f"{n} points: {trained} trained now, {skipped} already finished, {len(r.failed)} failed "
+                  f"({time.perf_counter() - t0:.1f} s); results in {r.out / 'results.md'}", highlight=False)
+    out.print(markdown_table(r.table, list(spec.grid)), highlight=False, markup=False)
+    if r.failed:
+        raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="a finished run directory")],
+    store: Annotated[Optional[Path], typer.Option(help="evaluate on this labeled store instead (all its rows)")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the CPU latency measurements")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole report as JSON")] = False,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying teachers/data")] = False,
+):
+    """Accuracy, agreement, NLL, ECE, confusion matrix and the student-vs-teachers cost of a run."""
+    from student_trainer.evaluate import evaluate_run
+
+    rep = evaluate_run(run, store=store, device=device, latency=not no_latency, allow_code=allow_code)
+    if as_json:
+        out.print_json(json.dumps(rep))
+        return
+    m, tm, comp = rep["metrics"], rep["teacher_metrics"], rep["compression"]
+    st, te = comp["student"], comp["teachers"]
+    out.print(f"{run}: {rep['rows']} rows of {rep['store']}", highlight=False)
+    t = Table()
+    for col in ("", "student", "teacher ensemble"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row("accuracy", _pct(m.get("accuracy")), _pct(tm.get("accuracy")))
+    t.add_row("agreement with teachers", _pct(m.get("agreement")), "")
+    t.add_row("NLL", f"{m['nll']:.4f}" if "nll" in m else "—", f"{tm['nll']:.4f}" if "nll" in tm else "—")
+    t.add_row("ECE", _pct(m.get("ece")), _pct(tm.get("ece")))
+    t.add_row("parameters", f"{st['params']:,}", f"{te['params']:,}")
+    t.add_row("size on disk", _human(st["size_bytes"]) if st.get("size_bytes") else "—",
+              _human(te["size_bytes"]) if te.get("size_bytes") else "—")
+    if "latency_ms_batch1" in st:
+        t.add_row("CPU latency (batch 1)", f"{st['latency_ms_batch1']:.3f} ms",
+                  f"{te['latency_ms_batch1']:.3f} ms" if "latency_ms_batch1" in te else te.get("latency_error", "—"))
+        t.add_row("CPU throughput", f"{st['throughput_per_s']:,.0f}/s",
+                  f"{te['throughput_per_s']:,.0f}/s" if "throughput_per_s" in te else "—")
+    out.print(t)
+    if rep.get("confusion"):
+        names = rep.get("class_names") or [str(i) for i in range(len(rep["confusion"]))]
+        out.print("confusion matrix (rows: true class, columns: predicted)")
+        c = Table()
+        c.add_column("")
+        for n in names:
+            c.add_column(str(n), justify="right")
+        for n, row in zip(names, rep["confusion"]):
+            c.add_row(str(n), *[str(v) if v else "·" for v in row])
+        out.print(c)
+    if rep.get("note"):
+        console.print(f"[yellow]note[/]: {rep['note']}")
+    if store is None:
+        console.print(f"written to {run / 'eval.json'}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a finished run directory")],
+    format_: Annotated[list[str], typer.Option("--format", help="safetensors | torchscript | onnx (repeatable)")],
+    out_: Annotated[Optional[Path], typer.Option("--out", help="folder (default RUN/export/FORMAT)")] = None,
+):
+    """Export the student; each export is reloaded and compared with the PyTorch student."""
+    from student_trainer.export import export_run
+
+    for fmt in format_:
+        dest = (out_ / fmt if len(format_) > 1 else out_) if out_ is not None else None
+        r = export_run(run, fmt, dest)
+        console.print(f"[green]{fmt}[/]: {r.path} ({_human(r.size_bytes)}); reloaded, max |Δ| = {r.max_abs_diff:.2e} "
+                      f"≤ {r.tolerance:.2e} at batch sizes {r.batch_sizes}", highlight=False)
+
+
+@app.command()
+def report(
+    root: Annotated[Path, typer.Argument(help="a sweep directory, a run, or a folder of runs")],
+    format_: Annotated[str, typer.Option("--format", help="html | md")] = "html",
+    out_: Annotated[Optional[Path], typer.Option("--out", help="folder (default ROOT/report)")] = None,
+):
+    """A self-contained report with PNG plots: curves, accuracy vs T and α, reliability, student vs teachers."""
+    from student_trainer.report import make_report
+
+    path = make_report(root, fmt=format_, out=out_)
+    console.print(f"[green]report[/]: {path}")
 
 
 # --- demo ------------------------------------------------------------------------

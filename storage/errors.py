@@ -72,3 +72,11 @@ class DataNotFoundError(DarkstoreError, FileNotFoundError):
 
 class PathOutsideRootsError(DarkstoreError, PermissionError):
     """A path resolves outside the configured data roots."""
+
+
+class RunDirError(DarkstoreError, ValueError):
+    """A run directory is not a finished run, holds another run, or has a checkpoint that does not fit."""
+
+
+class ExportError(DarkstoreError, RuntimeError):
+    """An export could not be written, or its reload disagrees with the student."""

@@ -315,8 +315,10 @@ class StudentLoader:
             if self.num_workers > 0:  # workers live across epochs: no fork, no reopening per epoch
                 kw = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context,
                       "persistent_workers": True}
+            # its own generator: starting an epoch must not draw from the global RNG, or a resumed run
+            # (RNG state restored mid-epoch) would diverge from an uninterrupted one
             self._dl = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                                   pin_memory=self.pin_memory, **kw)
+                                                   pin_memory=self.pin_memory, generator=torch.Generator(), **kw)
         for b in self._dl:
             self._seen[b.shard] = b.seq + 1
             yield b

@@ -1,0 +1,165 @@
+"""The report of a trained student: quality on held-out rows and what it costs against its teachers.
+
+``eval.json`` of a run (written at the end of training, and by ``darkstore eval RUN``):
+
+* ``metrics`` — accuracy, NLL, ECE on labeled rows; top-1 agreement with the teacher ensemble
+  (its stored targets) on all rows; the same numbers for the ensemble's stored targets;
+* ``reliability`` — the reliability diagram's bins (15 equal-width confidence bins) and ECE;
+* ``confusion`` — counts [true class][predicted class];
+* ``compression`` — parameters, bytes on disk and CPU latency (batch 1) and throughput
+  (batch 256) of the student and of the teacher ensemble (members run one after another,
+  as the generation did), and the ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from darkstore.data import TransferSet
+from darkstore.models import ModelSpec, count_params, load_model
+from storage import StoreReader, open_store
+from storage.errors import RunDirError
+
+from .metrics import confusion, evaluate_logits, reliability
+
+LATENCY_BATCH = 256
+
+
+def cpu_latency(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, *, min_seconds: float = 0.25,
+                max_calls: int = 200) -> float:
+    """Median seconds per call of ``fn(x)`` after warm-up (inference mode, current CPU threads)."""
+    with torch.inference_mode():
+        for _ in range(3):
+            fn(x)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 5 or (time.perf_counter() - start < min_seconds and len(times) < max_calls):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _cost(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> dict[str, float]:
+    one = cpu_latency(fn, x[:1])
+    many = cpu_latency(fn, x[:LATENCY_BATCH])
+    return {"latency_ms_batch1": one * 1e3, "throughput_per_s": len(x[:LATENCY_BATCH]) / many,
+            "latency_batch_rows": int(len(x[:LATENCY_BATCH]))}
+
+
+def _sample_inputs(data: TransferSet) -> torch.Tensor:
+    x, _ = data.get_batch(np.arange(min(len(data), LATENCY_BATCH)))
+    return x.float()
+
+
+def teacher_cost(reader: StoreReader, x: torch.Tensor, *, allow_code: bool = False,
+                 roots: Sequence[str | Path] | None = None) -> dict[str, Any]:
+    """Parameters, bytes on disk and CPU cost of the store's teacher ensemble (as recorded)."""
+    meta = reader.meta
+    out: dict[str, Any] = {"members": len(meta.teachers), "params": sum(t.num_params for t in meta.teachers)}
+    sizes = [Path(t.weights).stat().st_size if t.weights and Path(t.weights).is_file() else None
+             for t in meta.teachers]
+    out["size_bytes"] = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
+    try:
+        members = []
+        for t in meta.teachers:
+            spec = ModelSpec.model_validate(t.spec)
+            if t.weights:
+                spec = spec.model_copy(update={"weights": t.weights})
+            lm = load_model(spec, num_classes=meta.num_classes, allow_code=allow_code, roots=roots)
+            if lm.sha256 != t.sha256:
+                out["note"] = f"weights of {t.name} changed since the store was generated"
+            try:
+                lm.module.eval()
+            except NotImplementedError:
+                pass
+            members.append(lm)
+        out.update(_cost(lambda b: [m.forward(b) for m in members], x))
+    except Exception as exc:  # weights moved, code not allowed, …: report the cost as unknown, say why
+        out["latency_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet,
+                     rows: np.ndarray, *, device: str = "cpu", weights_path: Path | None = None,
+                     latency: bool = True, allow_code: bool = False,
+                     roots: Sequence[str | Path] | None = None) -> dict[str, Any]:
+    from .train import predict
+
+    s, t, y = predict(model, spec, reader, data, rows, device)
+    c = reader.meta.num_classes
+    report: dict[str, Any] = {
+        "store": str(reader.path), "rows": int(len(rows)),
+        "metrics": evaluate_logits(s, t, y) if len(rows) else {},
+        "teacher_metrics": evaluate_logits(t, t, y) if len(rows) else {},
+        "reliability": reliability(s, y) if bool((y >= 0).any()) else None,
+        "teacher_reliability": reliability(t, y) if bool((y >= 0).any()) else None,
+        "confusion": confusion(s, y, c) if bool((y >= 0).any()) else None,
+        "class_names": reader.meta.class_names,
+    }
+    for k in ("agreement", "teacher_accuracy"):  # the teachers against themselves: not metrics
+        report["teacher_metrics"].pop(k, None)
+    comp: dict[str, Any] = {"student": {"params": count_params(model),
+                                        "size_bytes": weights_path.stat().st_size if weights_path else None}}
+    if latency:
+        x = _sample_inputs(data)
+        cpu_model = copy.deepcopy(model).cpu().eval()
+        from darkstore.models import logits_of, preprocess
+
+        comp["student"].update(_cost(lambda b: logits_of(cpu_model(preprocess(b, spec.preprocess))), x))
+        comp["teachers"] = teacher_cost(reader, x, allow_code=allow_code, roots=roots)
+        comp["threads"] = torch.get_num_threads()
+    else:
+        comp["teachers"] = {"members": len(reader.meta.teachers),
+                            "params": sum(t.num_params for t in reader.meta.teachers)}
+    st, te = comp["student"], comp["teachers"]
+    ratios = {"params": te["params"] / max(1, st["params"])}
+    if te.get("size_bytes") and st.get("size_bytes"):
+        ratios["size"] = te["size_bytes"] / st["size_bytes"]
+    if te.get("latency_ms_batch1") and st.get("latency_ms_batch1"):
+        ratios["latency_batch1"] = te["latency_ms_batch1"] / st["latency_ms_batch1"]
+        ratios["throughput"] = st["throughput_per_s"] / te["throughput_per_s"]
+    comp["teachers_over_student"] = ratios
+    report["compression"] = comp
+    return report
+
+
+def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: TransferSet | None = None,
+                 device: str = "cpu", latency: bool = True, write: bool = True, allow_code: bool = False,
+                 roots: Sequence[str | Path] | None = None) -> dict[str, Any]:
+    """Evaluate a finished run (its rows: the eval store, or the same holdout it trained with)."""
+    from .train import eval_split, open_checked
+
+    run = Path(run)
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        raise RunDirError(f"{run} is not a finished run (no summary.json); train it first, or resume it")
+    s = json.loads(summary_path.read_text())
+    weights = run / "student.safetensors"
+    spec = ModelSpec.model_validate(s["student"]).model_copy(update={"weights": str(weights)})
+    model = load_model(spec, allow_code=allow_code).module.to(device)
+    if store is not None:  # another labeled store: all its rows
+        reader = open_store(store)
+        rows = reader.finished_rows()
+    else:
+        train_reader = open_store(s["store"], allow_incomplete=True)
+        ev = open_store(s["eval_store"]) if s.get("eval_store") else None
+        _, rows = eval_split(train_reader, s.get("holdout") or 0.0, ev)
+        reader = ev or train_reader
+    data = open_checked(reader, data, allow_code=allow_code, roots=roots)
+    report = evaluate_student(model, spec, reader, data, rows, device=device, weights_path=weights,
+                              latency=latency, allow_code=allow_code, roots=roots)
+    if store is None and len(rows) != s.get("eval_rows", len(rows)):
+        report["note"] = (f"the run was evaluated on {s['eval_rows']} rows at training time; the store now gives "
+                          f"{len(rows)} (it was incomplete then)")
+    if write and store is None:
+        (run / "eval.json").write_text(json.dumps(report, indent=2))
+    return report
