@@ -308,7 +308,13 @@ def train(
            if config.optimizer == "adamw" else
            torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True))
     # every rank runs the same number of steps per epoch (the smallest rank's): DDP needs it
-    per_epoch = dist.all_min([loader.batches_in_epoch(e) for e in range(1, config.epochs + 1)], device)
+    mine = [loader.batches_in_epoch(e) for e in range(1, config.epochs + 1)]
+    per_epoch = dist.all_min(mine, device)
+    if dist.on and log:
+        skipped = sum(mine) - sum(per_epoch)
+        if skipped:
+            log(f"rank {dist.rank}: {skipped} of {sum(mine)} batches over the run are beyond the smallest rank's "
+                "count and are skipped (chunks are dealt to ranks whole; more chunks per rank, fewer skipped)")
     steps = max(1, sum(per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config.schedule, steps, int(config.warmup * steps)))
     dev_type = torch.device(device).type
@@ -416,6 +422,16 @@ def train(
                     on_epoch(row)
             dist.barrier()
 
+        if dist.on:  # the ranks must hold the same weights; a divergence would be a bug worth stopping for
+            import torch.distributed as tdist
+
+            flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+            ref = flat.clone()
+            tdist.broadcast(ref, 0)
+            gap = torch.tensor([float((flat - ref).abs().max())], device=flat.device)
+            tdist.all_reduce(gap, op=tdist.ReduceOp.MAX)
+            if float(gap) > 0:
+                raise RuntimeError(f"DDP ranks ended with different weights (max |Δ| {float(gap):.3g})")
         final: dict[str, Any] = {}
         if dist.main:
             digest = save_weights(model, out / "student.safetensors")

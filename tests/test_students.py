@@ -1,0 +1,384 @@
+"""Many students from one cache: resume, schedules, AMP, DDP, sweeps, evaluation, export, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from darkstore.data import open_transfer_set
+from darkstore.models import ModelSpec, load_model
+from storage import open_store
+from storage.errors import RunDirError
+from student_trainer.train import TrainConfig, lr_lambda, predict, split_rows, train
+from teacher_service.generate import generate
+
+from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
+
+MLP = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16], "dropout": 0.2}}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A labeled store over 300 learnable samples (labels follow a random linear teacher)."""
+    tmp = tmp_path_factory.mktemp("cache")
+    arrays = make_arrays(tmp / "transfer.npz", n=300)
+    ens = make_ensemble(tmp / "teachers", MEMBERS)
+    return generate(job(ens, arrays, chunk_rows=64), tmp / "store").path
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "student.safetensors"))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def history(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+# --- training: resume, schedules, AMP, DDP -------------------------------------------
+def test_crash_mid_epoch_resumes_to_the_same_weights(tmp_path, cache):
+    cfg = TrainConfig(student=MLP, epochs=3, batch_size=32, checkpoint_every=3, warmup=0.2, deterministic=True)
+    ref = train(cfg, cache, tmp_path / "ref")
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == 13:  # after the step-12 checkpoint, in the middle of epoch 2
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, cache, tmp_path / "run", on_step=crash)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ck["epoch"], ck["epoch_done"], ck["step"]) == (2, False, 12)
+    r = train(cfg, cache, tmp_path / "run", resume=True)
+    assert r.resumed_from == "epoch 2 (mid-epoch) step 12"
+    assert same(weights(tmp_path / "ref"), weights(tmp_path / "run"))
+    assert r.final == ref.final and history(tmp_path / "run") == history(tmp_path / "ref")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # a finished run keeps its weights, not a checkpoint
+    again = train(cfg, cache, tmp_path / "run", resume=True)
+    assert again.already_finished and again.final == ref.final
+
+
+def test_resume_refuses_another_config(tmp_path, cache):
+    cfg = TrainConfig(student=MLP, epochs=2, batch_size=32, checkpoint_every=2)
+
+    def stop(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, cache, tmp_path / "run", on_step=stop)
+    with pytest.raises(RunDirError, match="differs in alpha, lr"):
+        train(cfg.model_copy(update={"lr": 0.1, "alpha": 0.5}), cache, tmp_path / "run", resume=True)
+    # the device may change between an interruption and its resumption
+    train(cfg.model_copy(update={"device": "cpu:0"}), cache, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_killed_training_process_resumes_to_the_same_weights(tmp_path, cache):
+    args = [*DARKSTORE, "train", "--store", str(cache), "--student", "mlp", "--arch-kwargs",
+            json.dumps(MLP["arch_kwargs"]), "--epochs", "40", "--batch-size", "8", "--checkpoint-every", "5",
+            "--deterministic", "--seed", "3"]
+    subprocess.run([*args, "--out", str(tmp_path / "ref")], env=cli_env(), check=True, capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*args, "--out", str(run)], env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists(), "killed too late"
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 40 * 34
+    r = subprocess.run([*args, "--out", str(run), "--resume"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"step {step}" in r.stderr
+    assert same(weights(tmp_path / "ref"), weights(run))
+    assert history(tmp_path / "ref") == history(run)
+
+
+def test_learning_rate_schedules():
+    f = lr_lambda("cosine", total=100, warmup_steps=10)
+    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    g = lr_lambda("step", total=100, warmup_steps=0)
+    assert [g(0), g(49), g(50), g(74), g(75), g(99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    h = lr_lambda("linear", total=100, warmup_steps=0)
+    assert [h(0), h(50), h(100)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_lambda("constant", 100, 0)(77) == 1.0
+
+
+def test_schedule_is_applied_per_step(tmp_path, cache):
+    cfg = TrainConfig(student=MLP, epochs=4, batch_size=32, schedule="step", lr=0.01)
+    train(cfg, cache, tmp_path / "run", final_eval=False)
+    lrs = [r["lr"] for r in history(tmp_path / "run")]
+    assert lrs == pytest.approx([0.01, 0.001, 0.0001, 0.0001])  # after epochs 1..4 of 9 steps each
+
+
+def test_amp(tmp_path, cache):
+    r = train(TrainConfig(student=MLP, epochs=2, batch_size=32, amp="bf16"), cache, tmp_path / "bf16",
+              final_eval=False)
+    assert math.isfinite(r.history[-1]["train_loss"])
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16").values())  # master weights stay fp32
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train(TrainConfig(student=MLP, epochs=1, amp="fp16"), cache, tmp_path / "fp16")
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_under_torchrun(tmp_path, cache):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, "-m",
+                        "darkstore.cli", "train", "--store", str(cache), "--student", "mlp", "--arch-kwargs",
+                        json.dumps(MLP["arch_kwargs"]), "--epochs", "3", "--batch-size", "16", "--out", str(out)],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2
+    # each rank ran the smallest rank's batch count per epoch (the run checks that the ranks' weights agree)
+    from student_trainer.loader import make_loader
+
+    reader = open_store(cache)
+    rows, _ = split_rows(len(reader.finished_rows()), 0.1)
+    per_rank = [[make_loader(reader, reader.finished_rows()[rows], batch_size=16, rank=k, world_size=2)
+                 .batches_in_epoch(e) for e in (1, 2, 3)] for k in (0, 1)]
+    assert s["steps"] == sum(min(a, b) for a, b in zip(*per_rank))
+    assert [h["step"] for h in history(out)] == list(np.cumsum([min(a, b) for a, b in zip(*per_rank)]))
+    assert math.isfinite(s["final"]["accuracy"])
+
+
+# --- evaluation --------------------------------------------------------------------
+def _reference_ece(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    conf, pred = p.max(1), p.argmax(1)
+    ece = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs((pred[m] == y[m]).mean() - conf[m].mean())
+    return float(ece)
+
+
+def test_eval_matches_a_float64_reference(tmp_path, cache):
+    run = tmp_path / "run"
+    train(TrainConfig(student=MLP, epochs=3, batch_size=32), cache, run)
+    rep = json.loads((run / "eval.json").read_text())
+    # recompute from the saved student, independently of the evaluation code
+    reader = open_store(cache)
+    _, held = split_rows(len(reader.finished_rows()), 0.1)
+    rows = reader.finished_rows()[held]
+    data = open_transfer_set(reader.meta.transfer_set.spec)
+    spec = ModelSpec.model_validate(json.loads((run / "summary.json").read_text())["student"])
+    model = load_model(spec.model_copy(update={"weights": str(run / "student.safetensors")})).module.eval()
+    x, y = data.get_batch(rows)
+    with torch.no_grad():
+        s = model.double()(x.double()).numpy()
+    t = reader.logits[rows[0]:rows[-1] + 1][rows - rows[0]].astype(np.float64)
+    y = y.numpy()
+    logp = s - s.max(1, keepdims=True) - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True))
+    m = rep["metrics"]
+    assert m["accuracy"] == pytest.approx((s.argmax(1) == y).mean(), abs=1e-12)
+    assert m["agreement"] == pytest.approx((s.argmax(1) == t.argmax(1)).mean(), abs=1e-6)
+    assert m["nll"] == pytest.approx(-logp[np.arange(len(y)), y].mean(), rel=1e-5)
+    assert m["ece"] == pytest.approx(_reference_ece(s, y), abs=1e-5)
+    assert rep["teacher_metrics"]["accuracy"] == pytest.approx((t.argmax(1) == y).mean())
+    ref_conf = np.zeros((5, 5), dtype=int)
+    np.add.at(ref_conf, (y, s.argmax(1)), 1)
+    assert rep["confusion"] == ref_conf.tolist()
+    assert sum(rep["reliability"]["count"]) == len(y)
+    comp = rep["compression"]
+    assert comp["student"]["params"] == sum(p.numel() for p in model.parameters())
+    assert comp["student"]["size_bytes"] == (run / "student.safetensors").stat().st_size
+    assert comp["teachers"]["params"] == sum(t.num_params for t in reader.meta.teachers)
+    assert comp["teachers"]["size_bytes"] == sum(Path(t.weights).stat().st_size for t in reader.meta.teachers)
+    assert comp["student"]["latency_ms_batch1"] > 0 and comp["teachers"]["latency_ms_batch1"] > 0
+    assert comp["teachers_over_student"]["params"] == pytest.approx(comp["teachers"]["params"] / comp["student"]["params"])
+
+    # `darkstore eval RUN` reproduces the quality numbers and rewrites eval.json
+    r = subprocess.run([*DARKSTORE, "eval", str(run), "--json", "--no-latency"], env=cli_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["metrics"] == rep["metrics"] and again["confusion"] == rep["confusion"]
+    r = subprocess.run([*DARKSTORE, "eval", str(tmp_path / "nothing")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "not a finished run" in r.stderr
+
+
+# --- export --------------------------------------------------------------------------
+CNN = {"arch": "small_cnn", "arch_kwargs": {"in_channels": 3, "width": 8},
+       "preprocess": {"channels": 3, "resize": 12, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}
+
+
+@pytest.mark.parametrize("student", [MLP, CNN], ids=["mlp", "cnn-with-preprocess"])
+def test_every_export_reloads_and_agrees(tmp_path, cache, student):
+    run = tmp_path / "run"
+    train(TrainConfig(student=student, epochs=1, batch_size=64), cache, run, final_eval=False)
+    r = subprocess.run([*DARKSTORE, "export", str(run), "--format", "safetensors", "--format", "torchscript",
+                        "--format", "onnx"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # check each artefact here, independently of the export code, on inputs it was not checked on
+    spec = ModelSpec.model_validate(json.loads((run / "summary.json").read_text())["student"])
+    model = load_model(spec.model_copy(update={"weights": str(run / "student.safetensors")})).module.eval()
+    x = torch.rand(37, 1, 8, 8)
+    from darkstore.models import preprocess
+
+    with torch.no_grad():
+        ref = model(preprocess(x, spec.preprocess))
+    exp = run / "export"
+    doc = json.loads((exp / "safetensors" / "student.json").read_text())
+    st = load_model(ModelSpec.model_validate(doc), base_dir=exp / "safetensors").module.eval()
+    with torch.no_grad():
+        assert torch.equal(st(preprocess(x, ModelSpec.model_validate(doc).preprocess)), ref)
+        ts = torch.jit.load(str(exp / "torchscript" / "student.torchscript.pt"))
+        assert torch.allclose(ts(x), ref, atol=1e-5)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(exp / "onnx" / "student.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    assert got.shape == (37, 5) and np.allclose(got, ref.numpy(), atol=1e-4)
+    for fmt in ("safetensors", "torchscript", "onnx"):
+        e = json.loads((exp / fmt / "export.json").read_text())
+        assert e["max_abs_diff"] <= e["tolerance"] and e["batch_sizes"] == [1, 64]
+
+
+def test_export_refuses_a_bad_format_and_an_unfinished_run(tmp_path, cache):
+    run = tmp_path / "run"
+    train(TrainConfig(student=MLP, epochs=1), cache, run, final_eval=False)
+    r = subprocess.run([*DARKSTORE, "export", str(run), "--format", "pickle"], env=cli_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "unknown export format 'pickle'" in r.stderr
+    (run / "summary.json").unlink()
+    r = subprocess.run([*DARKSTORE, "export", str(run), "--format", "onnx"], env=cli_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "not a finished run" in r.stderr
+
+
+# --- sweeps and reports ----------------------------------------------------------------
+GRID = {
+    "base": {"epochs": 6, "batch_size": 16, "lr": 0.003},
+    "students": {"mlp16": {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]}}},
+    "grid": {"alpha": [0.0, 0.5, 1.0], "temperature": [4.0], "seed": [0, 1]},
+}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, cache):
+    """A 6-point sweep killed after two points finished, then run again to the end."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    grid = tmp / "grid.yaml"
+    grid.write_text(yaml.safe_dump({**GRID, "store": str(cache)}, sort_keys=False))
+    out = tmp / "out"
+    args = [*DARKSTORE, "sweep", "--grid", str(grid), "--out", str(out), "--parallel", "1"]
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("runs/*/summary.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    finished = {p.parent.name: (p.parent / "student.safetensors").stat().st_mtime_ns
+                for p in out.glob("runs/*/summary.json")}
+    assert 2 <= len(finished) < 6, finished
+    r = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600)
+    return {"out": out, "before": finished, "result": r}
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_retraining(swept):
+    r, out = swept["result"], swept["out"]
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted(p.parent.name for p in out.glob("runs/*/summary.json"))
+    assert len(runs) == 6
+    for name, mtime in swept["before"].items():  # finished points were not trained again
+        assert (out / "runs" / name / "student.safetensors").stat().st_mtime_ns == mtime
+        assert (out / "runs" / name / "train.log").read_text().count("== ") == 2  # one start, one finish
+    assert f"{len(swept['before'])} already finished" in r.stderr
+
+
+@pytest.mark.slow
+def test_sweep_table_is_mean_and_std_of_the_runs(swept):
+    out = swept["out"]
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["table"]) == 3
+    for row in res["table"]:
+        finals = [json.loads((out / "runs" / f"alpha={row['alpha']:g}_T=4_seed={s}" / "summary.json").read_text())["final"]
+                  for s in (0, 1)]
+        for m in ("accuracy", "agreement", "nll", "ece"):
+            vals = [f[m] for f in finals]
+            assert row[m + "_mean"] == pytest.approx(statistics.fmean(vals), abs=1e-12)
+            assert row[m + "_std"] == pytest.approx(statistics.stdev(vals), abs=1e-12)
+    assert "| 0.5 | 4.0 | 2 |" in (out / "results.md").read_text()
+    assert swept["result"].stdout.count("\n|") >= 4  # the table is printed too
+
+
+@pytest.mark.slow
+def test_report_plots_show_the_runs_numbers(swept, tmp_path):
+    out = swept["out"]
+    for fmt in ("html", "md"):
+        r = subprocess.run([*DARKSTORE, "report", str(out), "--format", fmt, "--out", str(tmp_path / fmt)],
+                           env=cli_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    import matplotlib.image
+
+    for png in ("curves.png", "hyper.png", "reliability.png"):
+        img = matplotlib.image.imread(tmp_path / "md" / png)
+        assert img.shape[0] > 300 and img.shape[1] > 300 and img.std() > 0.01  # a real, non-blank picture
+        assert f"]({png})" in (tmp_path / "md" / "report.md").read_text()
+    html_text = (tmp_path / "html" / "report.html").read_text()
+    assert html_text.count("data:image/png;base64,") == 3 and "<table>" in html_text
+    data = json.loads((tmp_path / "md" / "report.json").read_text())
+    assert len(data["runs"]) == 6
+    for name, series in data["curves"].items():
+        hist = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert series["eval_accuracy"] == [h["eval_accuracy"] for h in hist]
+        assert series["train_loss"] == [h["train_loss"] for h in hist]
+    finals = {p.parent.name: json.loads(p.read_text())["final"] for p in out.glob("runs/*/summary.json")}
+    for pt in data["hyper"]["alpha"]:
+        accs = [f["accuracy"] for n, f in finals.items() if n.startswith(f"alpha={pt['value']:g}_")]
+        assert pt["mean"] == pytest.approx(statistics.fmean(accs)) and pt["n"] == 2
+    best = max(finals, key=lambda n: finals[n]["accuracy"])
+    assert data["best"] == best
+    ev = json.loads((out / "runs" / best / "eval.json").read_text())
+    assert data["reliability"]["reliability"]["ece"] == ev["reliability"]["ece"]
+    table = {r[""]: r for r in data["student_vs_teachers"]}
+    assert table["held-out accuracy (%)"]["student"] == f"{100 * ev['metrics']['accuracy']:.2f}"
+    assert table["parameters"]["student"] == f"{ev['compression']['student']['params']:,}"
+
+
+def test_bad_grid_files_are_refused(tmp_path, cache):
+    cases = {
+        "unknown axis": ({"grid": {"alpah": [0, 1]}, "base": {"student": MLP}}, "grid axis 'alpah' is not a training option"),
+        "unknown student": ({"grid": {"student": ["big"]}}, "student 'big' is not one of the named students"),
+        "no student": ({"grid": {"alpha": [0]}}, "name the student"),
+        "bad value": ({"grid": {"alpha": [2.0]}, "base": {"student": MLP}}, "alpha"),
+    }
+    for what, (doc, msg) in cases.items():
+        f = tmp_path / f"{what.replace(' ', '_')}.yaml"
+        f.write_text(yaml.safe_dump(doc))
+        r = subprocess.run([*DARKSTORE, "sweep", "--grid", str(f), "--store", str(cache), "--out", str(tmp_path / "o")],
+                           env=cli_env(), capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr, (what, r.stderr)
