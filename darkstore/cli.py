@@ -385,6 +385,8 @@ def demo(
     out.print(r.table)
     console.print(f"\n[green]done[/] in {time.perf_counter() - t0:.0f} s; everything is under {r.out.resolve()} "
                   f"(results.md, results.json, stores/, runs/, teachers/)")
+    console.print(f"next, the α grid over 12 students: darkstore sweep --grid {out_ / 'alpha_grid.yaml'} "
+                  f"--out {out_ / 'sweep'} && darkstore report {out_ / 'sweep'}", highlight=False)
 
 
 @app.command("example-data")

@@ -174,7 +174,22 @@ def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, q
     table = render_table(rows, n_test, seeds)
     (out / "results.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
     (out / "results.md").write_text(table + "\n")
+    write_alpha_grid(out / "alpha_grid.yaml", student_epochs)
     return DemoResult(out, rows, table)
+
+
+def write_alpha_grid(path: Path, epochs: int = STUDENT_EPOCHS) -> Path:
+    """The classic experiment on the demo's stores: α ∈ {0, 0.5, 1}, 4 seeds each (`darkstore sweep --grid`)."""
+    doc = {
+        "store": "stores/train",
+        "eval_store": "stores/test",
+        "base": {"student": STUDENT, "temperature": TEMPERATURE, "epochs": epochs, "batch_size": 64, "lr": 2e-3,
+                 "weight_decay": 1e-4},
+        "grid": {"alpha": [0.0, 0.5, 1.0], "seed": [0, 1, 2, 3]},
+    }
+    path.write_text("# darkstore sweep --grid " + path.name + " --out sweep   (paths relative to this file)\n"
+                    + yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 def _row(name: str, accs: list[float], n: int, params: int) -> dict:

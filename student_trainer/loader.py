@@ -172,17 +172,20 @@ class StoreStream(torch.utils.data.IterableDataset):
         nxt = 0
         try:
             for i in range(skip, len(batches)):
-                while nxt < len(first_use) and len(pending) < self.readahead_chunks:
+                rows = batches[i]
+                chunk_ids = rows // self.chunk_rows
+                need = [int(c) for c in np.unique(chunk_ids) if int(c) not in live]
+                # read ahead up to a bound, and always far enough for this batch (sparse rows, e.g. a
+                # holdout, can spread one batch over more chunks than the read-ahead bound)
+                while nxt < len(first_use) and (len(pending) < self.readahead_chunks
+                                                or any(c not in pending for c in need)):
                     group = first_use[nxt:nxt + self.buffer_chunks]  # one zarr call reads a window's chunks
                     fut = pool.submit(self._read, reader, group)
                     for c in group:
                         pending[c] = fut
                     nxt += len(group)
-                rows = batches[i]
-                chunk_ids = rows // self.chunk_rows
-                for c in np.unique(chunk_ids):
-                    if int(c) not in live:
-                        live.add(int(c), pending.pop(int(c)).result()[int(c)])
+                for c in need:
+                    live.add(c, pending.pop(c).result()[c])
                 yield self._batch(rows, chunk_ids, live, data, shard, i)
                 for c in [c for c in live.chunks if last_use[c] <= i]:
                     live.drop(c)

@@ -68,22 +68,28 @@ def _plots():
     return plt
 
 
-def plot_curves(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
+def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str]) -> dict[str, Any]:
+    """One line per run; runs that differ only by seed share a colour."""
     plt = _plots()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     series = {}
+    groups: dict[str, int] = {}
     for r in runs:
+        g = ", ".join(f"{a}={_label(r['config'].get(a))}" for a in axes if a != "seed") or "runs"
+        first = g not in groups
+        colour = f"C{groups.setdefault(g, len(groups)) % 10}"
         ep = [h["epoch"] for h in r["history"]]
         acc = [h.get("eval_accuracy") for h in r["history"]]
         loss = [h["train_loss"] for h in r["history"]]
         series[r["name"]] = {"epoch": ep, "eval_accuracy": acc, "train_loss": loss}
         if any(a is not None for a in acc):
-            a1.plot(ep, [100 * a if a is not None else math.nan for a in acc], lw=1, label=r["name"])
-        a2.plot(ep, loss, lw=1)
+            a1.plot(ep, [100 * a if a is not None else math.nan for a in acc], lw=1, color=colour,
+                    label=g if first else None)
+        a2.plot(ep, loss, lw=1, color=colour)
     a1.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="learning curves")
     a2.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    if len(runs) <= 12:
-        a1.legend(fontsize=6)
+    if len(groups) <= 12:
+        a1.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -93,9 +99,12 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
 def plot_hyper(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
     """Accuracy against temperature and against α (mean ± std over runs sharing the value)."""
     plt = _plots()
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = {"temperature": "temperature T", "alpha": "α (weight of the soft term)"}
     data: dict[str, Any] = {}
-    for ax, key, name in ((axs[0], "temperature", "temperature T"), (axs[1], "alpha", "α (weight of the soft term)")):
+    keys = [k for k in names if len({r["config"][k] for r in runs}) > 1] or list(names)
+    fig, axs = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axs[0], keys):
+        name = names[key]
         vals = sorted({r["config"][key] for r in runs})
         pts = []
         for v in vals:
@@ -105,8 +114,8 @@ def plot_hyper(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
         data[key] = pts
         ax.errorbar([p["value"] for p in pts], [100 * p["mean"] for p in pts], yerr=[100 * p["std"] for p in pts],
                     marker="o", capsize=4)
-        ax.set(xlabel=name, ylabel="held-out accuracy (%)",
-               title=f"accuracy vs {key}" + (" (one value)" if len(vals) == 1 else ""))
+        ax.set(xlabel=name, ylabel="held-out accuracy (%)", title=f"accuracy vs {key} (mean ± std, n = "
+               + "/".join(sorted({str(p["n"]) for p in pts})) + ")")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -188,11 +197,11 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
     scored = [r for r in runs if r["summary"]["final"].get("accuracy") is not None]
     best = max(scored, key=lambda r: r["summary"]["final"]["accuracy"]) if scored else runs[0]
     axes = _varying(runs)
-    flat = [{"run": r["name"], **{a: _label(r["config"].get(a)) for a in axes},
+    flat = [{"run": r["name"], **{a: (_label(v) if isinstance(v := r["config"].get(a), dict) else v) for a in axes},
              **{m: r["summary"]["final"].get(m) for m in METRICS}} for r in runs]
     table = group_table(flat, axes)
     data: dict[str, Any] = {"runs": [r["name"] for r in runs], "best": best["name"], "axes": axes,
-                            "curves": plot_curves(runs, out / "curves.png"),
+                            "curves": plot_curves(runs, out / "curves.png", axes),
                             "hyper": plot_hyper(runs, out / "hyper.png"), "table": table}
     images = ["curves.png", "hyper.png"]
     if best["eval"]:

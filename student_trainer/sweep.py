@@ -264,8 +264,11 @@ def group_table(runs: list[dict[str, Any]], axes: list[str]) -> list[dict[str, A
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault(tuple(json.dumps(r.get(k), sort_keys=True) for k in keys), []).append(r)
+    def order(k: tuple) -> tuple:
+        return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in map(json.loads, k))
+
     table = []
-    for _, rs in groups.items():
+    for _, rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         row: dict[str, Any] = {k: rs[0].get(k) for k in keys}
         row["n"] = len(rs)
         for m in METRICS:

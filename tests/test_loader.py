@@ -99,3 +99,16 @@ def test_batches_carry_the_stored_targets_and_their_inputs(store):
         np.testing.assert_array_equal(b.x.numpy(), x_all[full.index[r]])
         n += len(r)
     assert n == N
+
+
+@pytest.mark.parametrize("readahead", [True, False])
+def test_sparse_rows_spanning_many_chunks_in_one_batch(store, readahead):
+    """A held-out split read in order: one batch spans more chunks than the read-ahead bound."""
+    rows = np.sort(np.random.default_rng(2).choice(N, 120, replace=False))  # ~8 rows per chunk, all 16 chunks
+    loader = make_loader(store, rows, batch_size=100, shuffle=False, buffer_chunks=1, readahead=readahead)
+    batches = list(loader.epoch(0))
+    assert len(np.unique(batches[0].rows.numpy() // CHUNK)) > 2 * 1  # more chunks than 2 × buffer_chunks
+    got = np.concatenate([b.rows.numpy() for b in batches])
+    assert np.array_equal(got, rows)
+    ref = store.logits[:][rows]
+    assert np.array_equal(np.concatenate([b.logits.numpy() for b in batches]), ref)
