@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -23,7 +21,7 @@ from darkstore.data import open_transfer_set
 from darkstore.models import ModelSpec, load_model
 from storage import open_store
 from storage.errors import RunDirError
-from student_trainer.train import TrainConfig, lr_lambda, predict, split_rows, train
+from student_trainer.train import TrainConfig, lr_lambda, split_rows, train
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
