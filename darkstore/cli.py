@@ -70,6 +70,9 @@ def generate(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store of another job at --out")] = False,
+    views: Annotated[Optional[int], typer.Option(help="K recorded views per sample (needs --augment)")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="augmentation recipe: YAML/JSON file or inline JSON "
+                                                   "({ops: [...]} or a list of ops); see darkstore.views")] = None,
 ):
     """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
     from darkstore.data import parse_data_spec
@@ -86,6 +89,8 @@ def generate(
             "temperature": temperature, "dtype": dtype, "compressor": compressor, "chunk_rows": chunk_rows,
             "keep_members": keep_members, "precision": precision,
         })
+    if augment is not None or views is not None:
+        spec = spec.model_copy(update={"augment": _augment_spec(augment, views, spec.augment)})
     t0 = time.perf_counter()
     with _progress() as progress:
         task = {}
@@ -110,6 +115,28 @@ def generate(
     wrote = task.get("n", 0)
     console.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed now "
                   f"in {time.perf_counter() - t0:.1f} s)")
+
+
+def _augment_spec(augment: str | None, views: int | None, current):
+    from darkstore.specfile import load_spec_file
+    from darkstore.views import AugmentSpec
+
+    if augment is None:
+        if current is None:
+            raise typer.BadParameter("--views needs --augment (the recipe that makes the views)")
+        doc = current.model_dump(mode="json")
+    elif Path(augment).is_file():
+        doc = load_spec_file(augment)
+    else:
+        try:
+            doc = json.loads(augment)
+        except ValueError:
+            raise typer.BadParameter(f"--augment {augment!r} is neither a file nor JSON") from None
+    if isinstance(doc, list):
+        doc = {"ops": doc}
+    if views is not None:
+        doc = {**doc, "views": views}
+    return AugmentSpec.model_validate(doc)
 
 
 # --- inspect ---------------------------------------------------------------------
@@ -137,8 +164,14 @@ def inspect(
     t.add_row("logits", f"[{s['rows']}, {s['classes']}] {s['dtype']}, chunks of {s['chunk_rows']} rows, {s['compressor']}")
     if s["keep_members"]:
         t.add_row("members", f"[{len(s['teachers'])}, {s['rows']}, {s['classes']}] {s['dtype']}")
-    t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_sample']:.1f} B/sample; "
-              f"{s['raw_bytes_per_sample']} B/sample uncompressed)")
+    if s["views_per_sample"] > 1 or s["augment"]:
+        ops = ", ".join(o["op"] for o in s["augment"]["ops"])
+        t.add_row("views", f"{s['views_per_sample']} per sample ({s['samples']} samples × {s['views_per_sample']} = "
+                  f"{s['rows']} rows; view 0 {'clean' if s['augment']['clean_view0'] else 'augmented'}); ops: {ops}; "
+                  f"{len(s['view_params'])} recorded parameters per row (float64)")
+    t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_sample']:.1f} B/sample, "
+              f"{s['bytes_per_row']:.1f} B/row; uncompressed {s['raw_bytes_per_sample']} B/sample, "
+              f"{s['raw_bytes_per_row']} B/row)")
     t.add_row("combine", f"{s['combine']} mean, generation T={s['temperature']:g}")
     ts = s["transfer_set"]
     t.add_row("transfer set", f"{ts['spec'].get('kind')} {ts['spec'].get('path') or ts['spec'].get('root') or ts['spec'].get('name') or ''}"

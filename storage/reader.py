@@ -41,6 +41,7 @@ class StoreReader:
         self.labels = self.group["labels"]
         self.index = self.group["index"]
         self.members = self.group["members"] if self.meta.keep_members else None
+        self.view_params = self.group["view_params"] if self.meta.views else None  # [N, P] float64
         self.done = self.group["done"][:].astype(bool)
         if not allow_incomplete and not self.complete:
             raise IncompleteStoreError(
@@ -152,8 +153,14 @@ class StoreReader:
             "temperature": m.temperature,
             "keep_members": m.keep_members,
             "disk_bytes": size,
-            "bytes_per_sample": size / m.num_rows,
-            "raw_bytes_per_sample": bytes_per_row(m),
+            "samples": m.transfer_set.num_samples,
+            "views_per_sample": m.views_per_sample,
+            "view_params": m.views["param_names"] if m.views else None,
+            "augment": m.views["recipe"] if m.views else None,
+            "bytes_per_row": size / m.num_rows,
+            "raw_bytes_per_row": bytes_per_row(m),
+            "bytes_per_sample": size / m.transfer_set.num_samples,
+            "raw_bytes_per_sample": bytes_per_row(m) * m.views_per_sample,
             "teachers": [t.model_dump() for t in m.teachers],
             "transfer_set": m.transfer_set.model_dump(),
             "accuracy": self.accuracy(),

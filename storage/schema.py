@@ -78,6 +78,17 @@ class StoreMeta(BaseModel):
     teachers: list[TeacherRecord] = Field(min_length=1)
     transfer_set: TransferSetRecord
     job: dict[str, Any] = Field(default_factory=dict, description="the job spec, enough for a worker to resume")
+    views: dict[str, Any] | None = Field(
+        None, description="recorded views: K, the augmentation recipe, parameter names, pixel digest "
+                          "(row r = view r % K of sample r // K; per-row parameters in `view_params`)")
+
+    @property
+    def views_per_sample(self) -> int:
+        return int(self.views["views"]) if self.views else 1
+
+    @property
+    def num_view_params(self) -> int:
+        return len(self.views["param_names"]) if self.views else 0
 
     @property
     def n_chunks(self) -> int:
@@ -97,7 +108,7 @@ def chunk_bounds(i: int, chunk_rows: int, num_rows: int) -> tuple[int, int]:
 
 
 def bytes_per_row(meta: StoreMeta) -> int:
-    """Uncompressed bytes one row costs (logits, members, label, index)."""
+    """Uncompressed bytes one row costs (logits, members, label, index, view parameters)."""
     item = 2 if meta.dtype == "float16" else 4
     members = meta.num_members if meta.keep_members else 0
-    return item * meta.num_classes * (1 + members) + 16
+    return item * meta.num_classes * (1 + members) + 16 + 8 * meta.num_view_params

@@ -40,6 +40,9 @@ def _create(path: Path, meta: StoreMeta) -> None:
                        fill_value=-1, dimension_names=("row",))
     group.create_array("index", shape=(n,), chunks=(rows,), dtype="int64", compressors=comp,
                        fill_value=-1, dimension_names=("row",))
+    if meta.views:
+        group.create_array("view_params", shape=(n, meta.num_view_params), chunks=(rows, meta.num_view_params),
+                           dtype="float64", compressors=comp, fill_value=np.nan, dimension_names=("row", "param"))
     group.create_array("stats", shape=(k, 2 + m), chunks=(1, 2 + m), dtype="int64", compressors=None,
                        fill_value=0, dimension_names=("chunk", "stat"))
     # One uncompressed byte per chunk object: a commit mark is a single atomic file write.
@@ -64,6 +67,8 @@ class StoreWriter:
         self._arrays = {name: self.group[name] for name in ("logits", "labels", "index", "stats", "done")}
         if self.meta.keep_members:
             self._arrays["members"] = self.group["members"]
+        if self.meta.views:
+            self._arrays["view_params"] = self.group["view_params"]
 
     # -- creation -------------------------------------------------------------
     @classmethod
@@ -113,6 +118,7 @@ class StoreWriter:
         index: np.ndarray,
         members: np.ndarray | None = None,
         stats: np.ndarray | None = None,
+        view_params: np.ndarray | None = None,
     ) -> None:
         """Write chunk ``i`` whole and commit it. Arrays are float32/float64 logits
         already row-centred; they are clipped and cast to the store's dtype here."""
@@ -131,6 +137,11 @@ class StoreWriter:
                 raise SchemaError("this store keeps members; write_chunk needs members=")
             _check_shape("members", members, (self.meta.num_members, rows, c))
             a["members"][:, start:stop] = self._cast(members)
+        if self.meta.views:
+            if view_params is None:
+                raise SchemaError("this store records views; write_chunk needs view_params=")
+            _check_shape("view_params", view_params, (rows, self.meta.num_view_params))
+            a["view_params"][start:stop] = np.asarray(view_params, dtype=np.float64)
         a["labels"][start:stop] = labels.astype(np.int64)
         a["index"][start:stop] = index.astype(np.int64)
         if stats is not None:

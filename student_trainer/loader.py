@@ -43,15 +43,18 @@ class Batch:
     members: torch.Tensor | None = None  # [B, M, C], store dtype
     shard: int = 0
     seq: int = 0  # position of this batch in its shard's epoch
+    mix_labels: torch.Tensor | None = None  # [B] int64: a mixed view's partner label (−1: not mixed)
+    mix_lam: torch.Tensor | None = None  # [B] float32: the weight of the row's own sample (1: not mixed)
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
         pin = (lambda t: t.pin_memory() if t is not None else None)
         return Batch(pin(self.x), pin(self.logits), pin(self.labels), self.rows, pin(self.members), self.shard,
-                     self.seq)
+                     self.seq, pin(self.mix_labels), pin(self.mix_lam))
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "Batch":
         mv = (lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None)
-        return Batch(mv(self.x), mv(self.logits), mv(self.labels), self.rows, mv(self.members), self.shard, self.seq)
+        return Batch(mv(self.x), mv(self.logits), mv(self.labels), self.rows, mv(self.members), self.shard, self.seq,
+                     mv(self.mix_labels), mv(self.mix_lam))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -86,7 +89,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                  shuffle: bool = True, buffer_chunks: int = 4, rank: int = 0, world_size: int = 1,
                  members: bool = False, drop_last: bool = False, allow_code: bool = False,
                  roots: Sequence[str | Path] | None = None, data: TransferSet | None = None,
-                 readahead: bool = True):
+                 readahead: bool = True, views_per_epoch: int | None = None):
         super().__init__()
         self.store, self.data_spec, self.members = str(store), data_spec, members
         self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, max(1, buffer_chunks)
@@ -97,10 +100,19 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.readahead_chunks = 2 * self.buffer_chunks
         self.readahead = readahead
         meta = open_store(store, allow_incomplete=True).meta
-        self.chunk_rows = meta.chunk_rows
-        rows = np.sort(np.asarray(rows, dtype=np.int64))
-        cut = np.searchsorted(rows, np.arange(0, meta.num_rows + meta.chunk_rows, meta.chunk_rows))
-        self.rows_by_chunk = [rows[a:b] for a, b in zip(cut[:-1], cut[1:])][: meta.n_chunks]
+        self.chunk_rows, self.num_rows, self.n_chunks = meta.chunk_rows, meta.num_rows, meta.n_chunks
+        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
+        # a views store: row = (sample, view); rebuild each view from its recorded parameters (refused
+        # here, in the main process, when the installed code cannot do it exactly)
+        self.views = meta.views_per_sample
+        self.recipe = None
+        if meta.views:
+            from darkstore.views import recipe_for_replay
+
+            self.recipe = recipe_for_replay(meta.views)
+        self.views_per_epoch = views_per_epoch if self.views > 1 else None
+        self._epoch_rows: tuple[int, list[np.ndarray]] | None = None
+        self.rows_by_chunk = self._split(self.rows)
         self.num_workers = 1  # set by StudentLoader
         self._box = None  # shared with persistent workers: [epoch, batches to skip per local shard]
         self._epoch, self._skip = 0, {}
@@ -140,11 +152,27 @@ class StoreStream(torch.utils.data.IterableDataset):
     def __getstate__(self) -> dict[str, Any]:  # a spawned worker opens its own store and data
         return {**self.__dict__, "_opened": None}
 
+    def _split(self, rows: np.ndarray) -> list[np.ndarray]:
+        cut = np.searchsorted(rows, np.arange(0, self.num_rows + self.chunk_rows, self.chunk_rows))
+        return [rows[a:b] for a, b in zip(cut[:-1], cut[1:])][: self.n_chunks]
+
+    def rows_by_chunk_in(self, epoch: int) -> list[np.ndarray]:
+        """The rows of one epoch, by chunk: all of them, or ``views_per_epoch`` seeded random views of
+        each sample (a pure function of seed and epoch, so a resumed epoch draws the same views)."""
+        if self.views_per_epoch is None:
+            return self.rows_by_chunk
+        if self._epoch_rows is None or self._epoch_rows[0] != epoch:
+            from darkstore.views import select_views
+
+            self._epoch_rows = (epoch, self._split(select_views(self.rows, self.views, self.views_per_epoch,
+                                                                self.seed, epoch)))
+        return self._epoch_rows[1]
+
     def shards(self) -> list[int]:
         return [self.rank * self.num_workers + w for w in range(self.num_workers)]
 
     def plan(self, shard: int) -> list[np.ndarray]:
-        return shard_plan(self.rows_by_chunk, epoch=self.epoch, shard=shard,
+        return shard_plan(self.rows_by_chunk_in(self.epoch), epoch=self.epoch, shard=shard,
                           num_shards=self.world_size * self.num_workers, seed=self.seed, shuffle=self.shuffle,
                           buffer_chunks=self.buffer_chunks, batch_size=self.batch_size, drop_last=self.drop_last)
 
@@ -203,13 +231,14 @@ class StoreStream(torch.utils.data.IterableDataset):
             # than reopened: reopening an in-memory .npz in every worker at every epoch is slow
             data = self._data if self._data is not None else open_transfer_set(
                 self.data_spec, allow_code=self.allow_code, roots=self.roots)
-            self._opened = (pid, reader, data, reader.labels[:], reader.index[:])
+            self._opened = (pid, reader, data, reader.labels[:], reader.index[:],
+                            reader.view_params[:] if reader.view_params is not None else None)
         return self._opened[1], self._opened[2]
 
     def _read(self, reader: StoreReader, group: list[int]) -> dict[int, Chunk]:
         """Read several chunks' logits in one orthogonal selection: zarr fetches and decodes them
         concurrently, and the per-call overhead (about a millisecond) is paid once per window."""
-        _, _, _, labels, index = self._opened
+        _, _, _, labels, index, _ = self._opened
         bounds = [reader.bounds(c) for c in group]
         sel = np.concatenate([np.arange(a, b) for a, b in bounds])
         logits = reader.logits.get_orthogonal_selection((sel, slice(None)))
@@ -224,12 +253,24 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        _, _, _, labels, index = self._opened
+        _, _, _, labels, index, view_params = self._opened
         logits, members = live.gather(rows, chunk_ids)
-        x, _ = data.get_batch(index[rows])
+        mix_labels = mix_lam = None
+        if self.recipe is not None:  # replay: the original inputs through the recorded parameters
+            params = view_params[rows]
+            x = self.recipe.apply(data, index[rows], params)
+            col = self.recipe.partner_column()
+            if col is not None:
+                partner = params[:, col].astype(np.int64)
+                mixed = partner >= 0
+                mix_labels = np.where(mixed, labels[np.where(mixed, partner, 0) * self.views], -1)
+                mix_lam = np.where(mixed, params[:, col + 1], 1.0).astype(np.float32)
+                mix_labels, mix_lam = torch.from_numpy(mix_labels), torch.from_numpy(mix_lam)
+        else:
+            x, _ = data.get_batch(index[rows])
         mem = torch.from_numpy(np.ascontiguousarray(members.transpose(1, 0, 2))) if members is not None else None
         return Batch(x, torch.from_numpy(logits), torch.from_numpy(labels[rows]), torch.from_numpy(rows.copy()), mem,
-                     shard, seq)
+                     shard, seq, mix_labels, mix_lam)
 
 
 class _Inline:
@@ -301,7 +342,7 @@ class StudentLoader:
             self.stream.share()
 
     def batches_in_epoch(self, epoch: int) -> int:
-        return sum(len(shard_plan(self.stream.rows_by_chunk, epoch=epoch, shard=s,
+        return sum(len(shard_plan(self.stream.rows_by_chunk_in(epoch), epoch=epoch, shard=s,
                                   num_shards=self.stream.world_size * self.stream.num_workers,
                                   seed=self.stream.seed, shuffle=self.stream.shuffle,
                                   buffer_chunks=self.stream.buffer_chunks, batch_size=self.stream.batch_size,
@@ -346,7 +387,7 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
                 shuffle: bool = True, num_workers: int = 0, buffer_chunks: int = 4, rank: int = 0,
                 world_size: int = 1, members: bool = False, data_spec: Any = None, data: TransferSet | None = None,
                 pin_memory: bool = False, allow_code: bool = False, roots: Sequence[str | Path] | None = None,
-                drop_last: bool = False, readahead: bool = True) -> StudentLoader:
+                drop_last: bool = False, readahead: bool = True, views_per_epoch: int | None = None) -> StudentLoader:
     """A loader over ``rows`` of a store. ``readahead`` reads the next windows' chunks in a thread
     (what a GPU run wants: the CPU is idle); on a CPU-bound run it neither helps nor hurts much."""
     path = reader.path if isinstance(reader, StoreReader) else Path(reader)
@@ -354,7 +395,8 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
         data_spec = data.spec if data is not None else open_store(path, allow_incomplete=True).meta.transfer_set.spec
     stream = StoreStream(path, data_spec, rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          buffer_chunks=buffer_chunks, rank=rank, world_size=world_size, members=members,
-                         drop_last=drop_last, allow_code=allow_code, roots=roots, data=data, readahead=readahead)
+                         drop_last=drop_last, allow_code=allow_code, roots=roots, data=data, readahead=readahead,
+                         views_per_epoch=views_per_epoch)
     return StudentLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 

@@ -31,6 +31,17 @@ def hard_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(student, labels.clamp(min=0), reduction="none") * (labels >= 0)
 
 
+def hard_ce_mixed(student: torch.Tensor, labels: torch.Tensor, labels2: torch.Tensor | None,
+                  lam: torch.Tensor | None) -> torch.Tensor:
+    """[B] hard term of a mixed view (mixup/cutmix): ``λ·CE(y) + (1 − λ)·CE(y₂)``; rows with
+    λ = 1 (or no partner label) are plain ``CE(y)``."""
+    ce = hard_ce(student, labels)
+    if labels2 is None or lam is None:
+        return ce
+    lam = lam.to(ce.dtype)
+    return torch.where(labels2 >= 0, lam * ce + (1 - lam) * hard_ce(student, labels2), ce)
+
+
 def _mix(soft: torch.Tensor, hard: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
     labeled = labels >= 0
     per_row = torch.where(labeled, alpha * soft + (1 - alpha) * hard, soft)
@@ -38,11 +49,13 @@ def _mix(soft: torch.Tensor, hard: torch.Tensor, labels: torch.Tensor, alpha: fl
 
 
 def kd_loss(
-    student: torch.Tensor, teacher_logp: torch.Tensor, labels: torch.Tensor, *, temperature: float, alpha: float
+    student: torch.Tensor, teacher_logp: torch.Tensor, labels: torch.Tensor, *, temperature: float, alpha: float,
+    labels2: torch.Tensor | None = None, lam: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hinton's loss: ``α·T²·KL(p‖q) + (1−α)·CE`` on labeled rows, the soft term alone on unlabeled rows."""
+    """Hinton's loss: ``α·T²·KL(p‖q) + (1−α)·CE`` on labeled rows, the soft term alone on unlabeled rows.
+    With ``labels2``/``lam`` (mixed views) the CE is :func:`hard_ce_mixed`."""
     soft = soft_kl(student, teacher_logp, temperature)
-    return _mix(soft, hard_ce(student, labels), labels, alpha)
+    return _mix(soft, hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
 
 
 def logit_mse(student: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -54,7 +67,8 @@ def logit_mse(student: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tens
 
 
 def logit_mse_loss(
-    student: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *, alpha: float
+    student: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *, alpha: float,
+    labels2: torch.Tensor | None = None, lam: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``α·MSE(logits) + (1−α)·CE`` on labeled rows, the MSE alone on unlabeled rows."""
-    return _mix(logit_mse(student, teacher_logits), hard_ce(student, labels), labels, alpha)
+    return _mix(logit_mse(student, teacher_logits), hard_ce_mixed(student, labels, labels2, lam), labels, alpha)

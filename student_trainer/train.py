@@ -66,6 +66,8 @@ class TrainConfig(BaseModel):
     device: str = "cpu"
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes streaming the store")
     buffer_chunks: int = Field(4, ge=1, description="store chunks shuffled together")
+    views_per_epoch: int | None = Field(None, ge=1, description="views store: random views of each sample per "
+                                                              "epoch (None: all K)")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bit-exact reruns)")
 
@@ -115,12 +117,29 @@ def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: b
 
 
 def eval_split(reader: StoreReader, holdout: float, eval_reader: StoreReader | None) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, eval rows): all finished rows and the eval store's, or a fixed holdout of the store."""
+    """(train rows, eval rows): all finished rows and the eval store's clean rows, or a fixed holdout.
+
+    In a views store the holdout is drawn over *samples* (no view of a held-out sample is trained
+    on) and evaluation uses their clean view 0 (all their views when the recipe has no clean view)."""
     rows = reader.finished_rows()
     if eval_reader is not None:
-        return rows, eval_reader.finished_rows()
-    tr, ev = split_rows(len(rows), holdout)
-    return rows[tr], rows[ev]
+        ev = eval_reader.finished_rows()
+        return rows, _clean_rows(eval_reader, ev)
+    k = reader.meta.views_per_sample
+    if k == 1:
+        tr, ev = split_rows(len(rows), holdout)
+        return rows[tr], rows[ev]
+    samples = np.unique(rows // k)
+    _, held = split_rows(len(samples), holdout)
+    held_rows = np.isin(rows // k, samples[held])
+    return rows[~held_rows], _clean_rows(reader, rows[held_rows])
+
+
+def _clean_rows(reader: StoreReader, rows: np.ndarray) -> np.ndarray:
+    v = reader.meta.views
+    if not v or not v["recipe"].get("clean_view0", True):
+        return rows
+    return rows[rows % int(v["views"]) == 0]
 
 
 @torch.no_grad()
@@ -289,7 +308,7 @@ def train(
         torch.use_deterministic_algorithms(True)
     loader = make_loader(reader, train_rows, batch_size=config.batch_size, seed=config.seed, shuffle=True,
                          num_workers=config.num_workers, buffer_chunks=config.buffer_chunks,
-                         rank=dist.rank, world_size=dist.world,
+                         rank=dist.rank, world_size=dist.world, views_per_epoch=config.views_per_epoch,
                          members=rt.needs_members, data=data, pin_memory=device.startswith("cuda"),
                          allow_code=allow_code, roots=roots)
 
@@ -390,9 +409,11 @@ def train(
                 s = s.float()
                 if config.loss == "kl":
                     tlogp = rt(b.logits.float(), None if b.members is None else b.members.float())
-                    loss = losses.kd_loss(s, tlogp, y, temperature=config.temperature, alpha=config.alpha)
+                    loss = losses.kd_loss(s, tlogp, y, temperature=config.temperature, alpha=config.alpha,
+                                          labels2=b.mix_labels, lam=b.mix_lam)
                 else:
-                    loss = losses.logit_mse_loss(s, b.logits.float(), y, alpha=config.alpha)
+                    loss = losses.logit_mse_loss(s, b.logits.float(), y, alpha=config.alpha, labels2=b.mix_labels,
+                                                 lam=b.mix_lam)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

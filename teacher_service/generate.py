@@ -148,6 +148,13 @@ def prepare(
     c = probe_classes(members, x.to(dev), declared)
     if names is not None and len(names) != c:
         raise ClassCountMismatchError(f"the teachers predict {c} classes but the data names {len(names)} classes")
+    base = data
+    views = None
+    if spec.augment is not None:
+        from darkstore.views import ViewSet, views_record
+
+        data = ViewSet(base, spec.augment)
+        views = views_record(spec.augment, data.input_shape)
     meta = StoreMeta(
         software_version=darkstore.__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -167,9 +174,10 @@ def prepare(
                           num_params=m.num_params, spec=m.spec.model_dump(mode="json"))
             for m in members
         ],
-        transfer_set=TransferSetRecord(spec=data.spec.model_dump(mode="json"), fingerprint=data.fingerprint,
-                                       num_samples=len(data)),
+        transfer_set=TransferSetRecord(spec=base.spec.model_dump(mode="json"), fingerprint=base.fingerprint,
+                                       num_samples=len(base)),
         job=spec.model_dump(mode="json"),
+        views=views,
     )
     if channels_last:
         for mm in members:
@@ -257,6 +265,7 @@ def run_chunks(
         max_inflight = 2 * writers if job.device.type == "cuda" else 0
     ens, meta = job.ensemble, writer.meta
     names = [mm.name for mm in job.members]
+    views = job.data if meta.views else None
     loader = torch.utils.data.DataLoader(
         _Batches(job.data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
         num_workers=num_workers, pin_memory=job.device.type == "cuda",
@@ -291,8 +300,13 @@ def run_chunks(
             if (y >= c).any():
                 raise ClassCountMismatchError(
                     f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
-            writer.write_chunk(i, logits=ell_h, labels=y, index=np.arange(start, stop),
-                               members=mem[0] if mem else None, stats=stats_h)
+            rows = np.arange(start, stop)
+            if views is not None:  # row = (sample, view): the sample, and the view's recorded parameters
+                writer.write_chunk(i, logits=ell_h, labels=y, index=views.sample_of(rows),
+                                   members=mem[0] if mem else None, stats=stats_h, view_params=views.params(rows))
+            else:
+                writer.write_chunk(i, logits=ell_h, labels=y, index=rows, members=mem[0] if mem else None,
+                                   stats=stats_h)
 
         inflight.append((i, stop - start, pool.submit(work)))
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from darkstore.data import DataSpec, parse_data_spec
 from darkstore.models import ModelSpec
 from darkstore.specfile import load_spec_file
+from darkstore.views import AugmentSpec
 from storage.errors import SpecError
 from storage.schema import Combine, Compressor, Dtype
 
@@ -65,6 +66,8 @@ class JobSpec(BaseModel):
     keep_members: bool = False
     precision: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="teacher forward precision (autocast); part of the job's identity")
+    augment: AugmentSpec | None = Field(
+        None, description="K recorded views per sample (row = (sample, view)); see darkstore.views")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "JobSpec":
@@ -106,6 +109,7 @@ class JobSpec(BaseModel):
             "keep_members": self.keep_members,
             # only when set, so the keys of float32 jobs stay what they were before this option existed
             **({"precision": self.precision} if self.precision != "float32" else {}),
+            **({"augment": self.augment.model_dump(mode="json")} if self.augment is not None else {}),
         }
 
     def job_key(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> str:

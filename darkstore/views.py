@@ -1,0 +1,399 @@
+"""Augmentation-aware soft targets: K recorded views per sample.
+
+A recipe (:class:`AugmentSpec`) declares K views and a pipeline of parametrised ops built
+on torchvision's transforms v2 functional API. For row ``r`` of a views store — sample
+``r // K``, view ``r % K`` — the ops' random parameters are drawn from a generator seeded
+by ``(recipe seed, sample, view)``, recorded in the store's ``view_params`` (float64, one
+row per store row) and applied to the original input. The teachers' targets in that row
+describe exactly that view. At training time :func:`replay` rebuilds each view from the
+original input and the *recorded* parameters — the same pixels, bit for bit, on the same
+library versions — so teacher and student see the same view.
+
+Ops (in the order given; ``mixup``/``cutmix`` may close the pipeline):
+
+========================  =====================================  ==========================
+op                        options                                recorded per row
+========================  =====================================  ==========================
+``affine``                degrees, translate (fraction), scale   angle, tx, ty (pixels), scale
+``hflip``                 p                                      flip
+``resized_crop``          scale, ratio, size                     top, left, height, width
+``color_jitter``          brightness, contrast, saturation, hue  the four factors
+``mixup``                 alpha (Beta(α, α))                     partner sample, λ
+``cutmix``                alpha                                  partner, λ (box area), box
+========================  =====================================  ==========================
+
+A mix op blends this row's view with the partner sample passed through the *same*
+earlier ops (same parameters); the hard-label term then weighs both labels by λ.
+
+A store records the recipe and a *pixel digest*: the recipe applied to a fixed probe.
+Replay recomputes the digest; a recipe with an op this code does not know, or an installed
+torchvision that makes other pixels, is refused (:class:`ReplayError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Annotated, Any, ClassVar, Literal, Sequence, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from storage.errors import DarkstoreError
+
+RECIPE_VERSION = 1
+HEAD = ["view", "clean"]  # every row's first two parameters
+
+
+class ReplayError(DarkstoreError, ValueError):
+    """A store's recorded views cannot be rebuilt exactly by the installed code."""
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mixes: ClassVar[bool] = False
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> list[float]:
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Affine(_Op):
+    op: Literal["affine"]
+    degrees: float = Field(0.0, ge=0, le=180)
+    translate: float = Field(0.0, ge=0, le=1, description="max shift, fraction of width/height")
+    scale: tuple[float, float] = (1.0, 1.0)
+
+    def names(self):
+        return ["angle", "tx", "ty", "scale"]
+
+    def draw(self, rng, shape, num_samples):
+        h, w = shape[-2:]
+        return [rng.uniform(-self.degrees, self.degrees), float(round(rng.uniform(-1, 1) * self.translate * w)),
+                float(round(rng.uniform(-1, 1) * self.translate * h)), rng.uniform(*self.scale)]
+
+    def apply(self, x, p):
+        from torchvision.transforms.v2 import InterpolationMode, functional as F
+
+        return F.affine(x, angle=float(p[0]), translate=[int(p[1]), int(p[2])], scale=float(p[3]), shear=[0.0, 0.0],
+                        interpolation=InterpolationMode.BILINEAR)
+
+
+class HFlip(_Op):
+    op: Literal["hflip"]
+    p: float = Field(0.5, ge=0, le=1)
+
+    def names(self):
+        return ["flip"]
+
+    def draw(self, rng, shape, num_samples):
+        return [float(rng.random() < self.p)]
+
+    def apply(self, x, p):
+        from torchvision.transforms.v2 import functional as F
+
+        return F.horizontal_flip(x) if p[0] else x
+
+
+class ResizedCrop(_Op):
+    op: Literal["resized_crop"]
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    size: tuple[int, int] | None = Field(None, description="output [H, W]; default: the input's")
+
+    def names(self):
+        return ["top", "left", "height", "width"]
+
+    def draw(self, rng, shape, num_samples):  # torchvision's RandomResizedCrop.get_params, on our generator
+        h, w = shape[-2:]
+        area = h * w
+        lr = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            ar = math.exp(rng.uniform(*lr))
+            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return [float(rng.integers(0, h - ch + 1)), float(rng.integers(0, w - cw + 1)), float(ch), float(cw)]
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            cw, ch = w, int(round(w / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            ch, cw = h, int(round(h * self.ratio[1]))
+        else:
+            cw, ch = w, h
+        return [float((h - ch) // 2), float((w - cw) // 2), float(ch), float(cw)]
+
+    def apply(self, x, p):
+        from torchvision.transforms.v2 import functional as F
+
+        size = list(self.size) if self.size else list(x.shape[-2:])
+        return F.resized_crop(x, int(p[0]), int(p[1]), int(p[2]), int(p[3]), size, antialias=True)
+
+
+class ColorJitter(_Op):
+    op: Literal["color_jitter"]
+    brightness: float = Field(0.0, ge=0)
+    contrast: float = Field(0.0, ge=0)
+    saturation: float = Field(0.0, ge=0)
+    hue: float = Field(0.0, ge=0, le=0.5)
+
+    def names(self):
+        return ["brightness", "contrast", "saturation", "hue"]
+
+    def draw(self, rng, shape, num_samples):
+        f = (lambda a: rng.uniform(max(0.0, 1 - a), 1 + a) if a else 1.0)  # noqa: E731
+        return [f(self.brightness), f(self.contrast), f(self.saturation),
+                rng.uniform(-self.hue, self.hue) if self.hue else 0.0]
+
+    def apply(self, x, p):
+        from torchvision.transforms.v2 import functional as F
+
+        if p[0] != 1:
+            x = F.adjust_brightness(x, float(p[0]))
+        if p[1] != 1:
+            x = F.adjust_contrast(x, float(p[1]))
+        if p[2] != 1:
+            x = F.adjust_saturation(x, float(p[2]))
+        if p[3] != 0:
+            x = F.adjust_hue(x, float(p[3]))
+        return x
+
+
+class Mixup(_Op):
+    op: Literal["mixup"]
+    alpha: float = Field(0.2, gt=0)
+    mixes: ClassVar[bool] = True
+
+    def names(self):
+        return ["partner", "lam"]
+
+    def draw(self, rng, shape, num_samples):
+        return [float(rng.integers(0, num_samples)), rng.beta(self.alpha, self.alpha)]
+
+    def mix(self, x, xp, p):
+        lam = float(p[1])
+        return lam * x + (1 - lam) * xp
+
+
+class CutMix(_Op):
+    op: Literal["cutmix"]
+    alpha: float = Field(1.0, gt=0)
+    mixes: ClassVar[bool] = True
+
+    def names(self):
+        return ["partner", "lam", "y0", "x0", "y1", "x1"]
+
+    def draw(self, rng, shape, num_samples):
+        h, w = shape[-2:]
+        partner, lam = float(rng.integers(0, num_samples)), rng.beta(self.alpha, self.alpha)
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        rh, rw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        y0, y1 = max(0, cy - rh // 2), min(h, cy + rh // 2)
+        x0, x1 = max(0, cx - rw // 2), min(w, cx + rw // 2)
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept
+        return [partner, lam, float(y0), float(x0), float(y1), float(x1)]
+
+    def mix(self, x, xp, p):
+        y0, x0, y1, x1 = (int(v) for v in p[2:6])
+        out = x.clone()
+        out[..., y0:y1, x0:x1] = xp[..., y0:y1, x0:x1]
+        return out
+
+
+Op = Annotated[Union[Affine, HFlip, ResizedCrop, ColorJitter, Mixup, CutMix], Field(discriminator="op")]
+
+
+class AugmentSpec(BaseModel):
+    """K views per sample made by ``ops``; view 0 is the clean input unless ``clean_view0`` is false."""
+
+    model_config = ConfigDict(extra="forbid")
+    views: int = Field(ge=1, le=1000)
+    ops: list[Op] = Field(min_length=1)
+    clean_view0: bool = True
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentSpec":
+        mixing = [i for i, o in enumerate(self.ops) if o.mixes]
+        if len(mixing) > 1 or (mixing and mixing[0] != len(self.ops) - 1):
+            raise ValueError("at most one mix op (mixup or cutmix), and it must be the last op")
+        return self
+
+    # --- layout of a row's parameters ---------------------------------------------------
+    def param_names(self) -> list[str]:
+        return HEAD + [f"{o.op}{i}.{n}" for i, o in enumerate(self.ops) for n in o.names()]
+
+    def _slices(self) -> list[slice]:
+        out, at = [], len(HEAD)
+        for o in self.ops:
+            out.append(slice(at, at + len(o.names())))
+            at += len(o.names())
+        return out
+
+    @property
+    def mix_op(self) -> Mixup | CutMix | None:
+        return self.ops[-1] if self.ops[-1].mixes else None  # type: ignore[return-value]
+
+    def partner_column(self) -> int | None:
+        return self._slices()[-1].start if self.mix_op else None
+
+    # --- drawing (generation) ---------------------------------------------------------
+    def draw(self, samples: np.ndarray, views: np.ndarray, shape: tuple[int, ...], num_samples: int) -> np.ndarray:
+        """[B, P] float64 parameters of (sample, view) pairs: a pure function of (seed, sample, view)."""
+        out = np.zeros((len(samples), len(self.param_names())), dtype=np.float64)
+        for r, (s, v) in enumerate(zip(samples, views)):
+            out[r, 0] = v
+            if v == 0 and self.clean_view0:
+                out[r, 1] = 1
+                if self.mix_op:
+                    out[r, self.partner_column()] = -1
+                continue
+            rng = np.random.default_rng([self.seed, int(s), int(v), RECIPE_VERSION])
+            out[r, len(HEAD):] = [q for o in self.ops for q in o.draw(rng, shape, num_samples)]
+        return out
+
+    # --- applying (generation and replay) ----------------------------------------------
+    def output_size(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        for o in self.ops:
+            if isinstance(o, ResizedCrop) and o.size:
+                shape = (*shape[:-2], *o.size)
+        return tuple(shape)
+
+    def apply_one(self, x: torch.Tensor, p: np.ndarray, partner: torch.Tensor | None = None) -> torch.Tensor:
+        if p[1]:  # the clean view (resized when the recipe fixes the output size)
+            size = self.output_size(tuple(x.shape))
+            if tuple(x.shape) != size:
+                from torchvision.transforms.v2 import functional as F
+
+                x = F.resize(x, list(size[-2:]), antialias=True)
+            return x
+        sl = self._slices()
+        for o, s in zip(self.ops, sl):
+            if o.mixes:
+                xp = partner
+                for o2, s2 in zip(self.ops[:-1], sl[:-1]):
+                    xp = o2.apply(xp, p[s2])
+                x = o.mix(x, xp, p[s])
+            else:
+                x = o.apply(x, p[s])
+        return x
+
+    def apply(self, base: Any, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
+        """Inputs of ``samples`` (from ``base.get_batch``) transformed by their rows' ``params``."""
+        x, _ = base.get_batch(np.asarray(samples, dtype=np.int64))
+        partners = None
+        if self.mix_op:
+            pc = params[:, self.partner_column()].astype(np.int64)
+            if (pc >= 0).any():
+                partners = dict(zip(pc[pc >= 0].tolist(), base.get_batch(pc[pc >= 0])[0]))
+        out = []
+        for i in range(len(x)):
+            partner = None
+            if partners is not None and params[i, 1] == 0:
+                partner = partners[int(params[i, self.partner_column()])]
+            out.append(self.apply_one(x[i], params[i], partner))
+        return torch.stack(out)
+
+    # --- exact replay ---------------------------------------------------------------
+    def pixel_digest(self, shape: tuple[int, ...]) -> str:
+        """sha256 of the recipe applied to a fixed probe: equal digests, equal pixels."""
+        probe = torch.from_numpy(np.random.default_rng(20150309).random((4, *shape)).astype(np.float32))
+
+        class _Probe:
+            def get_batch(self, rows):
+                return probe[torch.as_tensor(np.asarray(rows) % 4)], None
+
+        samples = np.repeat(np.arange(4), self.views)
+        views = np.tile(np.arange(self.views), 4)
+        x = self.apply(_Probe(), samples, self.draw(samples, views, tuple(shape), 4))
+        return hashlib.sha256(np.ascontiguousarray(x.numpy()).tobytes()).hexdigest()
+
+
+def views_record(aug: AugmentSpec, input_shape: Sequence[int]) -> dict[str, Any]:
+    """What a store records about its views."""
+    import torchvision
+
+    return {"version": RECIPE_VERSION, "views": aug.views, "recipe": aug.model_dump(mode="json"),
+            "param_names": aug.param_names(), "input_shape": list(input_shape),
+            "pixel_digest": aug.pixel_digest(tuple(input_shape)), "torchvision": torchvision.__version__}
+
+
+def recipe_for_replay(record: dict[str, Any]) -> AugmentSpec:
+    """The recipe of a views store, refused unless the installed code rebuilds its pixels exactly."""
+    import torchvision
+
+    if record.get("version") != RECIPE_VERSION:
+        raise ReplayError(f"the store's views use recipe version {record.get('version')}; this darkstore replays "
+                          f"version {RECIPE_VERSION}")
+    try:
+        aug = AugmentSpec.model_validate(record["recipe"])
+    except ValidationError as exc:
+        ops = [o.get("op") for o in record.get("recipe", {}).get("ops", []) if isinstance(o, dict)]
+        raise ReplayError(f"this darkstore cannot replay the store's augmentation recipe (ops {ops}): "
+                          f"{exc.errors()[0]['msg']}") from exc
+    if aug.param_names() != record.get("param_names"):
+        raise ReplayError("the store's view parameters are laid out differently from what this darkstore records")
+    digest = aug.pixel_digest(tuple(record["input_shape"]))
+    if digest != record.get("pixel_digest"):
+        raise ReplayError(
+            f"the installed torchvision {torchvision.__version__} builds other pixels for this recipe than the one "
+            f"that generated the store ({record.get('torchvision')}): the stored targets would describe other "
+            "images. Install that version, or regenerate the store")
+    return aug
+
+
+class ViewSet:
+    """A transfer set seen through a recipe: row ``r`` is view ``r % K`` of sample ``r // K``.
+
+    Generation reads inputs through it (``get_batch`` draws and applies the parameters);
+    ``params(rows)`` gives what the store records."""
+
+    def __init__(self, base: Any, aug: AugmentSpec):
+        self.base, self.aug, self.k = base, aug, aug.views
+        self.spec, self.class_names = base.spec, base.class_names
+        x, _ = base.get_batch(np.arange(1))
+        self.input_shape = tuple(x.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.base) * self.k
+
+    @property
+    def fingerprint(self) -> str:
+        return self.base.fingerprint
+
+    def sample_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(rows, dtype=np.int64) // self.k
+
+    def params(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.aug.draw(rows // self.k, rows % self.k, self.input_shape, len(self.base))
+
+    def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.asarray(rows, dtype=np.int64)
+        samples = rows // self.k
+        _, y = self.base.get_batch(samples)
+        return self.aug.apply(self.base, samples, self.params(rows)), y
+
+    def labels(self) -> np.ndarray:
+        return np.repeat(self.base.labels(), self.k)
+
+
+def select_views(rows: np.ndarray, k: int, per_sample: int | None, seed: int, epoch: int) -> np.ndarray:
+    """The rows one epoch uses: all of them, or ``per_sample`` random views of each sample
+    among its rows in ``rows`` (seeded by seed and epoch; sorted)."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    if per_sample is None or per_sample >= k:
+        return rows
+    samples = rows // k
+    keys = np.random.default_rng([seed, epoch, 17]).random(len(rows))
+    order = np.lexsort((keys, samples))
+    s_sorted = samples[order]
+    start = np.r_[0, np.flatnonzero(np.diff(s_sorted)) + 1]
+    rank = np.arange(len(rows)) - np.repeat(start, np.diff(np.r_[start, len(rows)]))
+    return np.sort(rows[order][rank < per_sample])
