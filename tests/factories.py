@@ -45,3 +45,28 @@ def slow_mlp(num_classes: int = 5, delay: float = 0.1, counter: str | None = Non
     for p in inner.parameters():
         p.data.mul_(3.0)
     return Slow(inner, delay, counter)
+
+
+class Recorder(torch.nn.Module):
+    """A teacher that saves every input it is given (to ``folder/NNNNN.pt``), to compare the
+    pixels a teacher saw at generation with what a loader rebuilds."""
+
+    def __init__(self, inner: torch.nn.Module, folder: str):
+        super().__init__()
+        self.inner, self.folder, self.calls = inner, folder, 0
+
+    def forward(self, x):
+        import os
+
+        os.makedirs(self.folder, exist_ok=True)
+        torch.save(x.detach().cpu().clone(), os.path.join(self.folder, f"{self.calls:05d}.pt"))
+        self.calls += 1
+        return self.inner(x)
+
+
+def recording_mlp(folder: str, num_classes: int = 5, seed: int = 0):
+    torch.manual_seed(seed)
+    inner = MLP(64, num_classes, hidden=[16])
+    for p in inner.parameters():
+        p.data.mul_(3.0)
+    return Recorder(inner, folder)

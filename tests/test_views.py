@@ -1,0 +1,235 @@
+"""Augmentation-aware soft targets: K recorded views per sample, replayed exactly."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from darkstore.data import open_transfer_set
+from darkstore.views import AugmentSpec, ReplayError, ViewSet, select_views
+from storage import open_store
+from student_trainer import losses
+from student_trainer.loader import make_loader
+from student_trainer.train import TrainConfig, eval_split, train
+from teacher_service.generate import generate
+from teacher_service.spec import JobSpec
+
+from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble, reference_member_logits
+
+K = 4
+RECIPE = {"views": K, "ops": [
+    {"op": "affine", "degrees": 15, "translate": 0.125, "scale": [0.9, 1.1]},
+    {"op": "hflip", "p": 0.5},
+    {"op": "resized_crop", "scale": [0.5, 1.0]},
+    {"op": "color_jitter", "brightness": 0.3, "contrast": 0.3},
+    {"op": "cutmix", "alpha": 1.0},
+]}
+N = 60
+
+
+@pytest.fixture(scope="module")
+def vstore(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("views")
+    arrays = make_arrays(tmp / "x.npz", n=N)
+    ens = make_ensemble(tmp / "teachers", MEMBERS)
+    w = generate(job(ens, arrays, chunk_rows=50, augment=RECIPE), tmp / "store")  # chunks cut across samples
+    return {"store": w.path, "arrays": arrays, "ensemble": ens, "tmp": tmp}
+
+
+def test_replayed_views_are_the_pixels_the_teachers_saw(tmp_path):
+    """A recording teacher keeps what generation fed it; the loader's replay must match it bit for bit."""
+    arrays = make_arrays(tmp_path / "x.npz", n=N)
+    rec = tmp_path / "seen"
+    spec = JobSpec.model_validate({
+        "teachers": {"members": [{"name": "rec", "factory": "tests.factories:recording_mlp",
+                                  "arch_kwargs": {"folder": str(rec)}}], "num_classes": 5},
+        "data": {"kind": "arrays", "path": str(arrays)}, "chunk_rows": 64, "augment": RECIPE,
+    })
+    store = generate(spec, tmp_path / "store", allow_code=True, batch_size=32).path
+    calls = [torch.load(p) for p in sorted(rec.glob("*.pt"))]
+    seen = torch.cat(calls[1:])  # the first call is the 2-sample class-count probe
+    reader = open_store(store)
+    assert len(seen) == reader.meta.num_rows == N * K
+    batches = list(make_loader(reader, np.arange(N * K), batch_size=37, shuffle=True, seed=5).epoch(1))
+    for b in batches:
+        assert torch.equal(b.x, seen[b.rows])  # bit for bit
+    # the views really are augmented: view 0 is the clean input, the others differ from it
+    with np.load(arrays) as z:
+        clean = torch.from_numpy(z["x"])
+    assert torch.equal(seen[0::K], clean)
+    assert all(not torch.equal(seen[v::K], clean) for v in range(1, K))
+
+
+def test_teachers_rerun_on_replayed_views_reproduce_the_stored_targets(vstore):
+    reader = open_store(vstore["store"])
+    batch = next(iter(make_loader(reader, np.arange(N * K), batch_size=N * K, shuffle=False).epoch(0)))
+    x = batch.x.double()
+    # float64 reference: each member on the replayed pixels, geometric mean, row-centred
+    from darkstore.models import ModelSpec, load_model
+
+    doc = yaml.safe_load(vstore["ensemble"].read_text())
+    z = []
+    for m in doc["members"]:
+        spec = ModelSpec(**{**m, "weights": str(vstore["ensemble"].parent / m["weights"])})
+        with torch.no_grad():
+            z.append(load_model(spec, num_classes=5).module.double().eval()(x).numpy())
+    ell = np.mean(z, axis=0)
+    ell = ell - ell.max(axis=1, keepdims=True)
+    stored = batch.logits.double().numpy()
+    assert np.allclose(stored, ell, rtol=2 ** -10, atol=2 ** -10 * np.abs(ell).max())
+    # and not merely close to the clean-input targets: the views changed the targets
+    clean = reference_member_logits(vstore["ensemble"], vstore["arrays"]).mean(0)
+    clean = clean - clean.max(1, keepdims=True)
+    assert not np.allclose(stored[K - 1::K], clean, atol=1e-2)
+
+
+def test_store_records_the_recipe_and_per_row_parameters(vstore):
+    reader = open_store(vstore["store"])
+    m = reader.meta
+    assert m.num_rows == N * K and m.transfer_set.num_samples == N and m.views_per_sample == K
+    assert m.views["recipe"]["ops"][0]["op"] == "affine" and m.views["param_names"][:2] == ["view", "clean"]
+    assert np.array_equal(reader.index[:], np.arange(N * K) // K)
+    params = reader.view_params[:]
+    assert np.array_equal(params[:, 0], np.arange(N * K) % K) and np.array_equal(params[:, 1], np.arange(N * K) % K == 0)
+    # the parameters are a pure function of (seed, sample, view): drawn again, they are the same
+    data = open_transfer_set(m.transfer_set.spec)
+    assert np.array_equal(ViewSet(data, AugmentSpec.model_validate(RECIPE)).params(np.arange(N * K)), params)
+    s = reader.summary()
+    assert s["views_per_sample"] == K and s["bytes_per_sample"] == pytest.approx(s["bytes_per_row"] * K)
+    r = subprocess.run([*DARKSTORE, "inspect", str(vstore["store"])], env=cli_env(), capture_output=True, text=True)
+    assert "4 per sample (60 samples × 4 = 240 rows; view 0 clean)" in r.stdout and "B/sample" in r.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_draws_views_per_epoch_and_resumes_the_same_draw(vstore, workers):
+    reader = open_store(vstore["store"])
+    rows = np.arange(N * K)
+
+    def epoch(e, per, **kw):
+        loader = make_loader(reader, rows, batch_size=16, seed=3, views_per_epoch=per, num_workers=workers, **kw)
+        return loader, [b.rows.numpy() for b in loader.epoch(e)]
+
+    _, one = epoch(1, 1)
+    got = np.concatenate(one)
+    assert np.array_equal(np.sort(got // K), np.arange(N))  # each sample exactly once per epoch
+    _, again = epoch(1, 1)
+    assert np.array_equal(np.concatenate(again), got)  # seeded
+    _, other = epoch(2, 1)
+    assert not np.array_equal(np.sort(np.concatenate(other)), np.sort(got))  # another draw of views next epoch
+    _, two = epoch(1, 2)
+    got2 = np.concatenate(two)
+    assert np.array_equal(np.bincount(got2 // K), np.full(N, 2)) and len(np.unique(got2)) == 2 * N
+    _, every = epoch(1, None)
+    assert np.array_equal(np.sort(np.concatenate(every)), rows)
+    # interrupted after 2 batches, a new loader continues with exactly the rest of the same draw
+    loader = make_loader(reader, rows, batch_size=16, seed=3, views_per_epoch=1, num_workers=workers)
+    it = loader.epoch(1)
+    first = [next(it).rows.numpy() for _ in range(2)]
+    state = loader.state_dict()
+    fresh = make_loader(reader, rows, batch_size=16, seed=3, views_per_epoch=1, num_workers=workers)
+    fresh.load_state_dict(state)
+    rest = [b.rows.numpy() for b in fresh.epoch(1)]
+    assert np.array_equal(np.sort(np.concatenate(first + rest)), np.sort(got))
+
+
+def test_select_views_is_exact():
+    rows = np.arange(40)  # 10 samples × 4 views
+    for per in (1, 3):
+        s = select_views(rows, 4, per, seed=0, epoch=1)
+        assert np.array_equal(np.bincount(s // 4), np.full(10, per))
+    part = np.array([0, 1, 5, 9, 10, 11])  # a sample may have fewer rows (a split): take what it has
+    s = select_views(part, 4, 2, seed=0, epoch=1)
+    assert np.array_equal(np.bincount(s // 4, minlength=3), [2, 1, 2])
+
+
+def test_holdout_is_by_sample_and_evaluates_clean_views(vstore, tmp_path):
+    reader = open_store(vstore["store"])
+    tr, ev = eval_split(reader, 0.2, None)
+    assert set(tr // K).isdisjoint(set(ev // K)) and np.all(ev % K == 0) and len(ev) == round(0.2 * N)
+    r = train(TrainConfig(student={"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]}}, epochs=2,
+                          views_per_epoch=1, holdout=0.2, batch_size=16), vstore["store"], tmp_path / "run",
+              final_eval=False)
+    assert r.final["rows"] == len(ev)
+    assert r.history[-1]["step"] == 2 * int(np.ceil(len(tr) / K / 16))  # one view of each training sample per epoch
+
+
+def _tamper(store: Path, edit) -> None:
+    g = zarr.open_group(str(store), mode="r+")
+    attrs = dict(g.attrs["darkstore"])
+    edit(attrs["views"])
+    g.attrs["darkstore"] = attrs
+
+
+def test_an_unreplayable_recipe_is_refused(vstore, tmp_path):
+    import shutil
+
+    cases = {
+        "unknown op": (lambda v: v["recipe"]["ops"].__setitem__(0, {"op": "elastic", "alpha": 50.0}),
+                       "cannot replay the store's augmentation recipe"),
+        "other pixels": (lambda v: v.update(pixel_digest="0" * 64, torchvision="0.1.0"),
+                         "builds other pixels for this recipe than the one that generated the store (0.1.0)"),
+        "recipe version": (lambda v: v.update(version=99), "recipe version 99"),
+    }
+    for what, (edit, msg) in cases.items():
+        store = tmp_path / what.replace(" ", "_")
+        shutil.copytree(vstore["store"], store)
+        _tamper(store, edit)
+        with pytest.raises(ReplayError, match=re.escape(msg)):
+            make_loader(open_store(store), np.arange(10), batch_size=4)
+        r = subprocess.run([*DARKSTORE, "train", "--store", str(store), "--student", "mlp", "--arch-kwargs",
+                            '{"in_features": 64, "hidden": [8]}', "--epochs", "1", "--out", str(tmp_path / "run")],
+                           env=cli_env(), capture_output=True, text=True)
+        assert r.returncode == 2 and msg.split(" (")[0] in r.stderr, (what, r.stderr)
+
+
+def test_bad_recipes_are_refused():
+    with pytest.raises(ValueError, match="must be the last op"):
+        AugmentSpec.model_validate({"views": 2, "ops": [{"op": "mixup"}, {"op": "hflip"}]})
+    with pytest.raises(ValueError, match="elastic"):
+        AugmentSpec.model_validate({"views": 2, "ops": [{"op": "elastic"}]})
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        AugmentSpec.model_validate({"views": 0, "ops": [{"op": "hflip"}]})
+
+
+def test_views_change_the_job_key(tmp_path, ensemble, arrays):
+    plain = job(ensemble, arrays)
+    viewed = job(ensemble, arrays, augment=RECIPE)
+    other_seed = job(ensemble, arrays, augment={**RECIPE, "seed": 1})
+    keys = {j.job_key(["a"], "f") for j in (plain, viewed, other_seed)}
+    assert len(keys) == 3
+    assert plain.job_key(["a"], "f") == job(ensemble, arrays).job_key(["a"], "f")  # old keys stay valid
+
+
+def test_mixed_hard_term_against_float64():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, -1])
+    y2 = torch.tensor([4, -1, 0, 1, 2, 3])
+    lam = torch.tensor([0.3, 0.5, 1.0, 0.0, 0.9, 0.2], dtype=torch.float64)
+    got = losses.hard_ce_mixed(s, y, y2, lam)
+    logp = s - torch.logsumexp(s, 1, keepdim=True)
+    ref = []
+    for i in range(6):
+        ce1 = -logp[i, y[i]] if y[i] >= 0 else torch.tensor(0.0, dtype=torch.float64)
+        ref.append(lam[i] * ce1 - (1 - lam[i]) * logp[i, y2[i]] if y2[i] >= 0 else ce1)
+    assert torch.allclose(got, torch.stack(ref), atol=1e-12)
+
+
+def test_cli_generate_with_views(tmp_path, ensemble, arrays):
+    aug = tmp_path / "aug.yaml"
+    aug.write_text(yaml.safe_dump({"ops": [{"op": "affine", "translate": 0.125}]}))
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(ensemble), "--data", str(arrays), "--views", "3",
+                        "--augment", str(aug), "--out", str(tmp_path / "s")], env=cli_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert open_store(tmp_path / "s").meta.num_rows == 3 * 300
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(ensemble), "--data", str(arrays), "--views", "3",
+                        "--out", str(tmp_path / "t")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode != 0 and "--views needs --augment" in r.stderr
