@@ -4,9 +4,12 @@
 2. train a small ensemble of teachers on the transfer set (plain supervised);
 3. run the ensemble once over both sets through the same generation code as
    `darkstore generate`, into two stores;
-4. train the same small student with hard labels only (baseline, α = 0) and with
-   distillation from the store, over several seeds, evaluating on the test store;
-5. print the table: teachers, ensemble, baseline and distilled student.
+   plus a views store: K recorded views of each transfer sample (view 0 clean, then mixup
+   views), the teachers' targets computed on exactly those views;
+4. train the same small student with hard labels only (baseline, α = 0), with
+   distillation from the clean store, and with distillation from the views (the same
+   number of steps), over several seeds, evaluating on the test store;
+5. print the table: teachers, ensemble, baseline and the distilled students.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ TEACHER_EPOCHS = 40
 STUDENT_EPOCHS = 100
 TEMPERATURE = 4.0
 ALPHA = 0.9
+#: the views variant: K recorded views per sample (view 0 clean); the student trains on every view
+#: each epoch for STUDENT_EPOCHS / K epochs — the same number of steps as the clean-target student
+VIEWS = {"views": 4, "ops": [{"op": "mixup", "alpha": 0.2}]}
 TEST_FRACTION = 1 / 3
 
 
@@ -146,16 +152,23 @@ def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, q
         spec = JobSpec(teachers=ensemble, data={"kind": "arrays", "path": str(npz)}, combine="geometric",
                        dtype="float16", chunk_rows=256)
         stores[split] = generate(spec, out / "stores" / split).path
+    k = VIEWS["views"]
+    spec = JobSpec(teachers=ensemble, data={"kind": "arrays", "path": str(train_npz)}, combine="geometric",
+                   dtype="float16", chunk_rows=256, augment=VIEWS)
+    stores["views"] = generate(spec, out / "stores" / "train_views").path
+    log(f"      and {k} recorded views of each transfer sample ({describe_views()}) -> {stores['views']}")
 
     log(f"[4/4] training the student {STUDENT['arch']}{STUDENT['arch_kwargs'].get('hidden', '')} "
-        f"baseline (α=0) and distilled (α={ALPHA}, T={TEMPERATURE:g}) over {seeds} seeds")
-    results: dict[str, list[dict]] = {"baseline": [], "distilled": []}
+        f"baseline (α=0), distilled (α={ALPHA}, T={TEMPERATURE:g}) and distilled on the views, over {seeds} seeds")
+    results: dict[str, list[dict]] = {"baseline": [], "distilled": [], "views": []}
     n_params = 0
     for seed in range(seeds):
-        for kind, alpha in (("baseline", 0.0), ("distilled", ALPHA)):
+        for kind, alpha in (("baseline", 0.0), ("distilled", ALPHA), ("views", ALPHA)):
             cfg = TrainConfig(student=ModelSpec(**STUDENT), temperature=TEMPERATURE, alpha=alpha,
-                              epochs=student_epochs, batch_size=64, lr=2e-3, weight_decay=1e-4, seed=seed)
-            r = train(cfg, stores["train"], out / "runs" / f"{kind}_seed{seed}", eval_store=stores["test"])
+                              epochs=student_epochs if kind != "views" else max(1, student_epochs // k),
+                              batch_size=64, lr=2e-3, weight_decay=1e-4, seed=seed)
+            store = stores["views" if kind == "views" else "train"]
+            r = train(cfg, store, out / "runs" / f"{kind}_seed{seed}", eval_store=stores["test"])
             results[kind].append(r.final)
             n_params = r.num_params
             log(f"      {kind:9s} seed {seed}: accuracy {r.final['accuracy']:.4f}")
@@ -171,6 +184,8 @@ def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, q
     rows.append(_row("student, hard labels only", [r["accuracy"] for r in results["baseline"]], n_test, n_params))
     rows.append(_row(f"student, distilled (α={ALPHA}, T={TEMPERATURE:g})",
                      [r["accuracy"] for r in results["distilled"]], n_test, n_params))
+    rows.append(_row(f"student, distilled on {k} recorded views ({describe_views()}; same steps)",
+                     [r["accuracy"] for r in results["views"]], n_test, n_params))
     table = render_table(rows, n_test, seeds)
     (out / "results.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
     (out / "results.md").write_text(table + "\n")
@@ -190,6 +205,12 @@ def write_alpha_grid(path: Path, epochs: int = STUDENT_EPOCHS) -> Path:
     path.write_text("# darkstore sweep --grid " + path.name + " --out sweep   (paths relative to this file)\n"
                     + yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def describe_views() -> str:
+    ops = ", ".join(o["op"] + "(" + ", ".join(f"{k}={v}" for k, v in o.items() if k != "op") + ")"
+                    for o in VIEWS["ops"])
+    return f"view 0 clean, then {ops}"
 
 
 def _row(name: str, accs: list[float], n: int, params: int) -> dict:

@@ -121,6 +121,15 @@ def test_submit_dedup_wait_store_list_metrics(site):
         events = [e["event"] for e in c.events(view.id)]
         assert events[0] == "submitted" and events.count("chunk_committed") == 5
 
+        # a views job over REST: the same fields as `darkstore generate --views --augment`
+        aug = {"views": 3, "ops": [{"op": "affine", "translate": 0.125}, {"op": "hflip"}]}
+        vjob, created = c.submit(body(augment=aug))
+        assert created
+        vdone = c.wait(vjob.id, timeout=120)
+        assert vdone.state == "succeeded", vdone.error
+        vs = c.store(vjob.id)
+        assert vs["views_per_sample"] == 3 and vs["rows"] == 900 and vs["samples"] == 300
+
     text = httpx.get(site["api"].url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
     assert 'darkstore_jobs{state="succeeded"}' in text
     line = next(ln for ln in text.splitlines() if ln.startswith('darkstore_jobs{state="succeeded"}'))
@@ -170,6 +179,9 @@ BAD = [
     ("weights of another architecture", with_member(arch_kwargs={"in_channels": 1, "width": 9}), 422,
      "does not fit the architecture"),
     ("too large", body(padding="x" * 30_000), 413, "over 20000 bytes"),
+    ("unknown augmentation op", body(augment={"views": 2, "ops": [{"op": "elastic"}]}), 422, "elastic"),
+    ("mix op not last", body(augment={"views": 2, "ops": [{"op": "mixup"}, {"op": "hflip"}]}), 422,
+     "must be the last op"),
 ]
 
 

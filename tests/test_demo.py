@@ -23,9 +23,11 @@ def test_demo_distilled_student_beats_baseline(tmp_path):
     assert len(base) == len(dist) == 3
     mean = lambda runs: sum(x["accuracy"] for x in runs) / len(runs)  # noqa: E731
     assert mean(dist) > mean(base), (mean(dist), mean(base))
+    views = res["runs"]["views"]  # targets recorded per view: beats clean-target distillation
+    assert len(views) == 3 and mean(views) > mean(dist), (mean(views), mean(dist))
     ens = next(row for row in res["rows"] if row["model"].startswith("ensemble"))
     assert ens["accuracy_mean"] > 0.95  # real teachers on real digits
     assert "| student, distilled" in r.stdout and "± " in r.stdout
-    for sub in ("stores/train", "stores/test", "teachers/ensemble.yaml", "runs", "results.md"):
+    for sub in ("stores/train", "stores/test", "stores/train_views", "teachers/ensemble.yaml", "runs", "results.md"):
         assert (out / sub).exists(), sub
     assert rows
