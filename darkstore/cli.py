@@ -216,6 +216,7 @@ def train(
     holdout: Annotated[float, typer.Option(help="fraction of rows held out when no --eval-store")] = 0.1,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")] = "cpu",
     num_workers: Annotated[int, typer.Option(help="DataLoader processes streaming the store")] = 0,
+    views_per_epoch: Annotated[Optional[int], typer.Option(help="views store: this many random views of each sample per epoch (default: all K)")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps too (0: at epoch ends only)")] = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)")] = False,
@@ -251,7 +252,8 @@ def train(
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                       holdout=holdout, device=device, num_workers=num_workers, schedule=schedule, warmup=warmup,
-                      amp=amp, checkpoint_every=checkpoint_every, deterministic=deterministic)
+                      amp=amp, checkpoint_every=checkpoint_every, deterministic=deterministic,
+                      views_per_epoch=views_per_epoch)
     tset = open_transfer_set(data, allow_code=allow_code) if data else None
     etset = open_transfer_set(eval_data, allow_code=allow_code) if eval_data else None
     import os
