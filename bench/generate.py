@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--writers", type=int, default=None, help="writer threads (default: darkstore's choice)")
+    ap.add_argument("--writer-mode", choices=["auto", "threads", "processes"], default="auto",
+                    help="auto: darkstore's choice (processes on CUDA)")
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="darkstore-bench-"))
@@ -53,7 +55,8 @@ def main() -> None:
             out = tmp / f"store{next(counter)}"
             w = StoreWriter.open_or_create(out, job.meta)
             run_chunks(job, w, w.pending_chunks(), batch_size=a.batch_size, num_workers=a.num_workers,
-                       writers=a.writers)
+                       writers=a.writers, writer_processes={"auto": None, "threads": False,
+                                                            "processes": True}[a.writer_mode])
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
             shutil.rmtree(out)
@@ -74,7 +77,8 @@ def main() -> None:
         b, f = med(tb), med(tf)
         print(f"machine: {machine()}")
         print(f"job: {a.rows} rows x {a.classes} classes, {a.members} x small_cnn(width {a.width}) on 3x32x32, "
-              f"batch {a.batch_size}, chunks of {a.chunk_rows} rows, {a.dtype}/{a.compressor}, device {a.device}")
+              f"batch {a.batch_size}, chunks of {a.chunk_rows} rows, {a.dtype}/{a.compressor}, device {a.device}, "
+              f"writers: {a.writer_mode}")
         print(f"forward only (bound): {b:.3f} s  ({a.rows / b:,.0f} rows/s)   runs {', '.join(f'{t:.3f}' for t in tb)}")
         print(f"full job:             {f:.3f} s  ({a.rows / f:,.0f} rows/s)   runs {', '.join(f'{t:.3f}' for t in tf)}")
         print(f"median ratio {b / f:.3f}; best-of-{a.repeats} ratio (the headline: least disturbed by other load) "

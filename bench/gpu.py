@@ -37,9 +37,14 @@ def main() -> None:
         raise SystemExit("bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False here)")
     gen = run("generate.py", "--device", "cuda", "--rows", str(a.rows), "--width", str(a.width),
               "--num-workers", str(a.num_workers), "--batch-size", "1024", "--classes", "1000")
+    threads = run("generate.py", "--device", "cuda", "--rows", str(a.rows), "--width", str(a.width),
+                  "--num-workers", str(a.num_workers), "--batch-size", "1024", "--classes", "1000",
+                  "--writer-mode", "threads")
     tr = run("train.py", "--device", "cuda", "--rows", str(a.rows), "--num-workers", str(a.num_workers),
              "--classes", "1000", "--chunk-rows", "1024", "--batch-size", "1024", "--hidden", "2048")
     print(gen.rstrip())
+    print("-- the same with writer threads instead of writer processes:")
+    print("\n".join(ln for ln in threads.rstrip().splitlines() if ln.startswith(("full job", "median", "generate_eff"))))
     print(tr.rstrip())
     full = float(re.search(r"full job:\s+[\d.]+ s\s+\(([\d,]+) rows/s\)", gen).group(1).replace(",", ""))
     print(f"gpu_generate_rows_per_second: {full:.0f}")

@@ -164,3 +164,15 @@ def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> None:
 def _rows(rows: np.ndarray, limit: int = 10) -> str:
     shown = ", ".join(str(int(r)) for r in rows[:limit])
     return shown + (f" … ({len(rows)} rows)" if len(rows) > limit else "")
+
+
+_OPEN: dict[str, StoreWriter] = {}
+
+
+def write_chunk_at(path: str, i: int, kw: dict) -> None:
+    """:meth:`StoreWriter.write_chunk` in a writer process (one writer per store per process);
+    imports only numpy and zarr, so a spawned writer starts quickly."""
+    w = _OPEN.get(path)
+    if w is None:
+        w = _OPEN[path] = StoreWriter(path)
+    w.write_chunk(i, **kw)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ import darkstore
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import LoadedModel, load_model
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord
+from storage.writer import write_chunk_at
 from storage.errors import ClassCountMismatchError, NonFiniteLogitsError, SpecError
 
 from .combine import combine
@@ -240,6 +242,7 @@ def run_chunks(
     should_stop: Callable[[], bool] | None = None,
     max_inflight: int | None = None,
     writers: int | None = None,
+    writer_processes: bool | None = None,
 ) -> int:
     """Compute and commit ``chunks`` (already-committed ones are skipped). Returns rows written.
 
@@ -252,6 +255,13 @@ def run_chunks(
     (pinned memory and non-blocking copies on CUDA). ``on_rows(rows)`` and
     ``on_chunk(chunk, rows)`` are called after each commit.
 
+    ``writer_processes``: on CUDA the compression and zarr writes run in ``writers`` spawned
+    processes (each writer thread hands its chunk to one and waits, holding no GIL), because
+    threads alone contend for the GIL with the compute thread (profiled on an H100: a 2 MB write
+    took 37 ms inside the job vs 15 ms alone). Default: on CUDA, unless this process is a daemon
+    (a Celery prefork child cannot have children: threads there); ``DARKSTORE_WRITER_PROCESSES=0|1``
+    overrides.
+
     ``should_stop`` is asked before each chunk; when it answers True the chunks in flight are
     committed and the run raises :class:`Cancelled`. Any error stops the run; chunks already
     handed to the writer are finished first, and a failing chunk is never committed."""
@@ -263,6 +273,11 @@ def run_chunks(
         writers = max(1, min(8, (os.cpu_count() or 2) // 2)) if job.device.type == "cuda" else 1
     if max_inflight is None:
         max_inflight = 2 * writers if job.device.type == "cuda" else 0
+    if writer_processes is None:
+        env = os.environ.get("DARKSTORE_WRITER_PROCESSES", "")
+        writer_processes = env == "1" if env in ("0", "1") else (
+            job.device.type == "cuda" and max_inflight > 0 and not multiprocessing.current_process().daemon)
+    procs = _writer_pool(writers) if writer_processes else None
     ens, meta = job.ensemble, writer.meta
     names = [mm.name for mm in job.members]
     views = job.data if meta.views else None
@@ -301,12 +316,13 @@ def run_chunks(
                 raise ClassCountMismatchError(
                     f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
             rows = np.arange(start, stop)
+            kw = {"logits": ell_h, "labels": y, "index": rows, "members": mem[0] if mem else None, "stats": stats_h}
             if views is not None:  # row = (sample, view): the sample, and the view's recorded parameters
-                writer.write_chunk(i, logits=ell_h, labels=y, index=views.sample_of(rows),
-                                   members=mem[0] if mem else None, stats=stats_h, view_params=views.params(rows))
+                kw.update(index=views.sample_of(rows), view_params=views.params(rows))
+            if procs is not None:
+                procs.submit(write_chunk_at, str(writer.path), i, kw).result()
             else:
-                writer.write_chunk(i, logits=ell_h, labels=y, index=rows, members=mem[0] if mem else None,
-                                   stats=stats_h)
+                writer.write_chunk(i, **kw)
 
         inflight.append((i, stop - start, pool.submit(work)))
 
@@ -349,6 +365,18 @@ def run_chunks(
                     on_chunk(i, rows)
         pool.shutdown(wait=True)
     return written
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _writer_pool(n: int) -> ProcessPoolExecutor:
+    """Spawned writer processes, started once per process and kept for later jobs (startup ~1 s)."""
+    pool = _POOLS.get(n)
+    if pool is None:
+        pool = _POOLS[n] = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+    return pool
+
 
 
 def _stats(z: torch.Tensor, ell: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

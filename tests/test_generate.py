@@ -315,3 +315,20 @@ def test_factories_run_only_when_allowed(tmp_path):
         ref = tiny_mlp()(ds.tensors[0]).numpy()
     np.testing.assert_allclose(r.read_all().logits.astype(np.float32), ref - ref.max(-1, keepdims=True), atol=2e-2)
     np.testing.assert_array_equal(r.read_all().labels, ds.tensors[1].numpy())
+
+
+def test_writer_processes_write_the_same_store(tmp_path, ensemble, arrays):
+    """The GPU path's writer processes (forced here on the CPU) commit exactly what threads do."""
+    from teacher_service.generate import prepare, run_chunks
+    from storage import StoreWriter, open_store as _open
+
+    spec = job(ensemble, arrays, chunk_rows=64, augment={"views": 2, "ops": [{"op": "hflip"}]})
+    p = prepare(spec)
+    out = {}
+    for name, procs in (("threads", False), ("processes", True)):
+        w = StoreWriter.open_or_create(tmp_path / name, p.meta)
+        assert run_chunks(p, w, w.pending_chunks(), writers=2, max_inflight=4, writer_processes=procs) == 600
+        out[name] = _open(tmp_path / name).read_all()
+    a, b = out["threads"], out["processes"]
+    assert np.array_equal(a.logits, b.logits) and np.array_equal(a.index, b.index) and np.array_equal(a.labels, b.labels)
+    assert np.array_equal(_open(tmp_path / "threads").view_params[:], _open(tmp_path / "processes").view_params[:])
