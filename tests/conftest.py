@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from darkstore.models import build_model, save_weights
 ROOT = Path(__file__).resolve().parents[1]
 DARKSTORE = [sys.executable, "-m", "darkstore.cli"]
 torch.set_num_threads(1)
+# measured teacher costs are cached per store job (student_trainer.evaluate): keep the tests' cache private
+os.environ.setdefault("DARKSTORE_CACHE", tempfile.mkdtemp(prefix="darkstore-test-cache-"))
 
 
 def cli_env() -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import statistics
 import subprocess
@@ -215,6 +216,9 @@ def test_eval_matches_a_float64_reference(tmp_path, cache):
     assert comp["teachers"]["size_bytes"] == sum(Path(t.weights).stat().st_size for t in reader.meta.teachers)
     assert comp["student"]["latency_ms_batch1"] > 0 and comp["teachers"]["latency_ms_batch1"] > 0
     assert comp["teachers_over_student"]["params"] == pytest.approx(comp["teachers"]["params"] / comp["student"]["params"])
+    # the teachers are timed once per store and CPU setting: a second run of the same store reuses it
+    cached = list(Path(os.environ["DARKSTORE_CACHE"]).glob(f"teacher-cost-{reader.meta.job_key[:32]}-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text()) == comp["teachers"]
 
     # `darkstore eval RUN` reproduces the quality numbers and rewrites eval.json
     r = subprocess.run([*DARKSTORE, "eval", str(run), "--json", "--no-latency"], env=cli_env(),
