@@ -89,7 +89,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                  shuffle: bool = True, buffer_chunks: int = 4, rank: int = 0, world_size: int = 1,
                  members: bool = False, drop_last: bool = False, allow_code: bool = False,
                  roots: Sequence[str | Path] | None = None, data: TransferSet | None = None,
-                 readahead: bool = True, views_per_epoch: int | None = None):
+                 readahead: bool = True, views_per_epoch: int | None = None, view_targets: str = "matched"):
         super().__init__()
         self.store, self.data_spec, self.members = str(store), data_spec, members
         self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, max(1, buffer_chunks)
@@ -111,6 +111,11 @@ class StoreStream(torch.utils.data.IterableDataset):
 
             self.recipe = recipe_for_replay(meta.views)
         self.views_per_epoch = views_per_epoch if self.views > 1 else None
+        if view_targets not in ("matched", "clean"):
+            raise ValueError(f"view_targets must be 'matched' or 'clean', not {view_targets!r}")
+        if view_targets == "clean" and not (meta.views and meta.views["recipe"].get("clean_view0", True)):
+            raise ValueError("view_targets='clean' needs a views store whose view 0 is the clean input")
+        self.clean_targets = view_targets == "clean" and self.views > 1
         self._epoch_rows: tuple[int, list[np.ndarray]] | None = None
         self.rows_by_chunk = self._split(self.rows)
         self.num_workers = 1  # set by StudentLoader
@@ -253,8 +258,12 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        _, _, _, labels, index, view_params = self._opened
+        _, reader, _, labels, index, view_params = self._opened
         logits, members = live.gather(rows, chunk_ids)
+        if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
+            clean, back = np.unique((rows // self.views) * self.views, return_inverse=True)
+            lg, mem = reader.read_rows(clean, members=members is not None)
+            logits, members = lg[back], (mem[:, back] if mem is not None else None)
         mix_labels = mix_lam = None
         if self.recipe is not None:  # replay: the original inputs through the recorded parameters
             params = view_params[rows]
@@ -387,7 +396,8 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
                 shuffle: bool = True, num_workers: int = 0, buffer_chunks: int = 4, rank: int = 0,
                 world_size: int = 1, members: bool = False, data_spec: Any = None, data: TransferSet | None = None,
                 pin_memory: bool = False, allow_code: bool = False, roots: Sequence[str | Path] | None = None,
-                drop_last: bool = False, readahead: bool = True, views_per_epoch: int | None = None) -> StudentLoader:
+                drop_last: bool = False, readahead: bool = True, views_per_epoch: int | None = None,
+                view_targets: str = "matched") -> StudentLoader:
     """A loader over ``rows`` of a store. ``readahead`` reads the next windows' chunks in a thread
     (what a GPU run wants: the CPU is idle); on a CPU-bound run it neither helps nor hurts much."""
     path = reader.path if isinstance(reader, StoreReader) else Path(reader)
@@ -396,7 +406,7 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
     stream = StoreStream(path, data_spec, rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          buffer_chunks=buffer_chunks, rank=rank, world_size=world_size, members=members,
                          drop_last=drop_last, allow_code=allow_code, roots=roots, data=data, readahead=readahead,
-                         views_per_epoch=views_per_epoch)
+                         views_per_epoch=views_per_epoch, view_targets=view_targets)
     return StudentLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 

@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
     buffer_chunks: int = Field(4, ge=1, description="store chunks shuffled together")
     views_per_epoch: int | None = Field(None, ge=1, description="views store: random views of each sample per "
                                                               "epoch (None: all K)")
+    view_targets: Literal["matched", "clean"] = Field(
+        "matched", description="views store: each view's own targets, or (an ablation: the stale-target "
+                               "baseline) its sample's clean-view targets")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bit-exact reruns)")
 
@@ -309,6 +312,7 @@ def train(
     loader = make_loader(reader, train_rows, batch_size=config.batch_size, seed=config.seed, shuffle=True,
                          num_workers=config.num_workers, buffer_chunks=config.buffer_chunks,
                          rank=dist.rank, world_size=dist.world, views_per_epoch=config.views_per_epoch,
+                         view_targets=config.view_targets,
                          members=rt.needs_members, data=data, pin_memory=device.startswith("cuda"),
                          allow_code=allow_code, roots=roots)
 

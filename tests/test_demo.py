@@ -25,6 +25,8 @@ def test_demo_distilled_student_beats_baseline(tmp_path):
     assert mean(dist) > mean(base), (mean(dist), mean(base))
     views = res["runs"]["views"]  # targets recorded per view: beats clean-target distillation
     assert len(views) == 3 and mean(views) > mean(dist), (mean(views), mean(dist))
+    stale = res["runs"]["stale"]  # the same views paired with clean-input targets
+    assert len(stale) == 3 and mean(views) > mean(stale), (mean(views), mean(stale))
     ens = next(row for row in res["rows"] if row["model"].startswith("ensemble"))
     assert ens["accuracy_mean"] > 0.95  # real teachers on real digits
     assert "| student, distilled" in r.stdout and "± " in r.stdout

@@ -233,3 +233,16 @@ def test_cli_generate_with_views(tmp_path, ensemble, arrays):
     r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(ensemble), "--data", str(arrays), "--views", "3",
                         "--out", str(tmp_path / "t")], env=cli_env(), capture_output=True, text=True)
     assert r.returncode != 0 and "--views needs --augment" in r.stderr
+
+
+def test_clean_view_targets_ablation_pairs_views_with_their_samples_clean_targets(vstore):
+    reader = open_store(vstore["store"])
+    all_logits = reader.logits[:]
+    matched = list(make_loader(reader, np.arange(N * K), batch_size=23, seed=1).epoch(1))
+    clean = list(make_loader(reader, np.arange(N * K), batch_size=23, seed=1, view_targets="clean").epoch(1))
+    for a, b in zip(matched, clean):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.x, b.x)  # the same views, in the same order
+        assert np.array_equal(a.logits.numpy(), all_logits[a.rows.numpy()])
+        assert np.array_equal(b.logits.numpy(), all_logits[(b.rows.numpy() // K) * K])  # view 0's targets
+    with pytest.raises(ValueError, match="view_targets"):
+        make_loader(reader, np.arange(8), batch_size=4, view_targets="stale")
