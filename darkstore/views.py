@@ -380,9 +380,6 @@ class ViewSet:
         _, y = self.base.get_batch(samples)
         return self.aug.apply(self.base, samples, self.params(rows)), y
 
-    def labels(self) -> np.ndarray:
-        return np.repeat(self.base.labels(), self.k)
-
 
 def select_views(rows: np.ndarray, k: int, per_sample: int | None, seed: int, epoch: int) -> np.ndarray:
     """The rows one epoch uses: all of them, or ``per_sample`` random views of each sample

@@ -46,7 +46,7 @@ from storage.errors import SpecError
 from .train import TrainConfig
 
 METRICS = ("accuracy", "agreement", "nll", "ece")
-SHORT = {"temperature": "T", "alpha": "alpha", "student": "student", "seed": "seed", "loss": "loss"}
+SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
 
 
 class GridSpec(BaseModel):
