@@ -255,7 +255,7 @@ def run_chunks(
     (pinned memory and non-blocking copies on CUDA). ``on_rows(rows)`` and
     ``on_chunk(chunk, rows)`` are called after each commit.
 
-    ``writer_processes``: on CUDA the compression and zarr writes run in ``writers`` spawned
+    ``writer_processes``: on CUDA the compression and zarr writes run in ``writers`` forked
     processes (each writer thread hands its chunk to one and waits, holding no GIL), because
     threads alone contend for the GIL with the compute thread (profiled on an H100: a 2 MB write
     took 37 ms inside the job vs 15 ms alone). Default: on CUDA, unless this process is a daemon
@@ -371,10 +371,16 @@ _POOLS: dict[int, ProcessPoolExecutor] = {}
 
 
 def _writer_pool(n: int) -> ProcessPoolExecutor:
-    """Spawned writer processes, started once per process and kept for later jobs (startup ~1 s)."""
+    """Writer processes, started once per process and kept for later jobs.
+
+    Forked, like DataLoader workers (they never touch CUDA: numpy and zarr only; zarr resets its
+    I/O thread after a fork), and all started here, before this job's loader threads run. Not
+    spawned: a spawned child re-runs the caller's ``__main__`` — a script without an
+    ``if __name__ == "__main__"`` guard would start its whole job again in every writer."""
     pool = _POOLS.get(n)
     if pool is None:
-        pool = _POOLS[n] = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+        pool = _POOLS[n] = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork"))
+        pool.submit(os.getpid).result()  # a fork context launches every process on the first task
     return pool
 
 
