@@ -15,16 +15,37 @@ def resolve(path: str | Path, *, base_dir: str | Path | None = None, roots: Sequ
     With ``roots`` set, the *resolved* path must lie inside one of them, so neither
     ``../../etc/passwd`` nor a symlink pointing out of a root gets through.
     """
+    if "\x00" in str(path):
+        raise SpecError(f"path {str(path)[:200]!r} contains a NUL byte")
     p = Path(path).expanduser()
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir) / p
-    real = p.resolve()
+    try:
+        real = p.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise SpecError(f"path {str(path)[:200]!r} cannot be resolved: {type(exc).__name__}") from exc
     if roots is not None:
         real_roots = [Path(r).expanduser().resolve() for r in roots]
         if not any(real == r or real.is_relative_to(r) for r in real_roots):
-            shown = ", ".join(str(r) for r in real_roots) or "(none configured)"
-            raise PathOutsideRootsError(f"path {str(path)!r} resolves to {real}, outside the data roots: {shown}")
-    return real
+            # where it leads (a symlink's target, the roots themselves) stays on the server
+            raise PathOutsideRootsError(f"path {str(path)!r} is outside the data roots (after following symlinks "
+                                        "and '..')")
+    return regular_file(real, "path", shown=path)
+
+
+def regular_file(path: Path, what: str, shown: str | Path | None = None) -> Path:
+    """``path`` must be a regular file: a FIFO, socket or device would hang or flood a reader."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path  # the caller's own "not found" error says it better
+    except OSError as exc:
+        raise SpecError(f"{what} {str(shown or path)!r} cannot be read: {type(exc).__name__}") from exc
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise SpecError(f"{what} {str(shown or path)!r} is not a regular file (a FIFO, socket or device); refused")
+    return path
 
 
 def import_callable(ref: str, *, allow_code: bool, what: str) -> Callable:

@@ -80,3 +80,7 @@ class RunDirError(DarkstoreError, ValueError):
 
 class ExportError(DarkstoreError, RuntimeError):
     """An export could not be written, or its reload disagrees with the student."""
+
+
+class LimitExceededError(DarkstoreError, ValueError):
+    """A request is over one of the service's submit-time limits (parameters, memory, input size, time)."""

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
+
+import redis
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -26,7 +28,8 @@ from pydantic import ValidationError
 from storage import StoreWriter
 from storage.errors import DarkstoreError
 
-from .jobs import EnsembleCache, JobBook, JobManager, JobRecord, JobView, fail_job, run_job_chunks
+from .jobs import EnsembleCache, JobBook, JobManager, JobRecord, JobView, _now, fail_job, run_job_chunks
+from .reconcile import Lease, Ledger, Reconciler
 from .settings import Settings
 from .spec import JobSpec
 
@@ -73,8 +76,17 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def send_ranges(app: Celery, ledger: Ledger, job_id: str, attempt: int, chunks: Sequence[int], per_task: int) -> int:
+    """Send ``chunks`` as tasks of at most ``per_task`` chunks, each with its ticket; returns the task count."""
+    ranges = [list(chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
+    for r in ranges:
+        task_id = ledger.add(job_id, attempt, r)
+        app.send_task(RUN_CHUNKS, args=(job_id, attempt, r), task_id=task_id, queue=QUEUE, ignore_result=True)
+    return len(ranges)
+
+
 class CeleryManager(JobManager):
-    """Jobs dispatched to Celery workers as chunk-range tasks."""
+    """Jobs dispatched to Celery workers as chunk-range tasks, kept alive by a :class:`Reconciler`."""
 
     mode = "celery"
 
@@ -83,27 +95,35 @@ class CeleryManager(JobManager):
             raise DarkstoreError("the Celery job API needs DARKSTORE_BROKER_URL (or run `darkstore serve --local`)")
         super().__init__(settings)
         self.app = app or make_celery(settings)
+        self.ledger = Ledger(settings.broker_url, settings.lease_ttl, QUEUE)
+        self.reconciler = Reconciler(self.book, self.ledger, self.send, lease_ttl=settings.lease_ttl,
+                                     interval=settings.reconcile_interval)
+
+    def start(self) -> None:
+        self.reconciler.start()
+
+    def close(self) -> None:
+        self.reconciler.stop()
+
+    def send(self, rec: JobRecord, chunks: Sequence[int]) -> int:
+        self.book.update(rec.id, dispatched_at=_now())
+        return send_ranges(self.app, self.ledger, rec.id, rec.attempt, chunks, self.settings.chunks_per_task)
 
     def _dispatch(self, rec: JobRecord) -> None:
         pending = StoreWriter(rec.store).pending_chunks()
-        n = self.settings.chunks_per_task
-        ranges = [pending[i:i + n] for i in range(0, len(pending), n)]
         try:
-            for chunks in ranges:
-                self.app.send_task(RUN_CHUNKS, args=(rec.id, rec.attempt, chunks), queue=QUEUE, ignore_result=True)
-        except (OperationalError, ConnectionError, OSError) as exc:
+            tasks = self.send(rec, pending)
+        except (OperationalError, ConnectionError, OSError, redis.RedisError) as exc:
             self.book.log_event(rec.id, "dispatch_failed", attempt=rec.attempt, error=str(exc))
             raise BrokerUnavailableError(
-                f"job {rec.id} is recorded but the broker is unreachable ({exc}); "
-                f"POST /v1/jobs/{rec.id}/resume once it is back"
+                f"job {rec.id} is recorded but the broker is unreachable ({type(exc).__name__}); it is dispatched "
+                f"by itself once the broker is back (or POST /v1/jobs/{rec.id}/resume)"
             ) from exc
-        self.book.log_event(rec.id, "dispatched", attempt=rec.attempt, tasks=len(ranges), chunks=len(pending))
+        self.book.log_event(rec.id, "dispatched", attempt=rec.attempt, tasks=tasks, chunks=len(pending))
         if not pending:
-            self.book.view(rec.id)
+            self.book.sync(rec.id)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        import redis
-
         try:
             client = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=2, socket_timeout=2)
             client.ping()
@@ -136,6 +156,7 @@ def submit_via_celery(spec: JobSpec | dict, settings: Settings | None = None, ti
 settings = Settings()
 app = make_celery(settings)
 _book: JobBook | None = None
+_ledger: Ledger | None = None
 _cache = EnsembleCache(settings.ensemble_cache)
 
 
@@ -144,6 +165,13 @@ def _get_book() -> JobBook:
     if _book is None:
         _book = JobBook(settings.home)
     return _book
+
+
+def _get_ledger() -> Ledger:
+    global _ledger
+    if _ledger is None:
+        _ledger = Ledger(settings.broker_url, settings.lease_ttl, QUEUE)
+    return _ledger
 
 
 @worker_process_init.connect
@@ -168,14 +196,29 @@ def _one_gpu_per_process(**_: Any) -> None:
 
 @app.task(name=RUN_CHUNKS, bind=True)
 def run_chunks_task(self, job_id: str, attempt: int, chunks: list[int]) -> str:
-    """Compute one range of a job's chunks; skipped when the job moved on (cancelled, resumed, failed)."""
-    book = _get_book()
-    req = self.request
+    """Compute one range of a job's chunks under a lease; skipped when the job moved on (cancelled, resumed,
+    failed) or when the reconciler gave the range to another task (this one's ticket is gone)."""
+    book, ledger, req = _get_book(), _get_ledger(), self.request
+    worker = req.hostname or "worker"
+    holder = f"{worker}:{os.getpid()}"
     fields = {"task_id": req.id, "redelivered": bool((req.delivery_info or {}).get("redelivered")),
               "retries": req.retries}
     try:
-        return run_job_chunks(book, settings, _cache, job_id, attempt, chunks, worker=req.hostname or "worker",
-                              **fields)
+        claimed = ledger.claim(job_id, req.id, holder)
+    except redis.RedisError as exc:  # the reconciler re-dispatches the range once the broker is back
+        book.log_event(job_id, "task_skipped", attempt=attempt, chunks=chunks, worker=worker, pid=os.getpid(),
+                       reason=f"broker unreachable: {type(exc).__name__}", **fields)
+        return "stale"
+    if not claimed:
+        book.log_event(job_id, "task_skipped", attempt=attempt, chunks=chunks, worker=worker, pid=os.getpid(),
+                       reason="superseded: its chunks were dispatched again", **fields)
+        return "stale"
+    outcome = "failed"
+    try:
+        with Lease(ledger, req.id, holder) as lease:
+            outcome = run_job_chunks(book, settings, _cache, job_id, attempt, chunks, worker=worker,
+                                     stop=lease.lost.is_set, **fields)
+        return outcome
     except SoftTimeLimitExceeded:
         rec = book.get(job_id)
         pending = set(StoreWriter(rec.store).pending_chunks())
@@ -185,7 +228,7 @@ def run_chunks_task(self, job_id: str, attempt: int, chunks: list[int]) -> str:
                      f"task soft time limit ({settings.soft_time_limit} s); submit with smaller chunk_rows or raise "
                      "DARKSTORE_TASK_TIME_LIMIT")
             return "failed"
-        self.app.send_task(RUN_CHUNKS, args=(job_id, attempt, rest), queue=QUEUE, ignore_result=True)
+        send_ranges(self.app, ledger, job_id, attempt, rest, len(rest))
         book.log_event(job_id, "task_split", attempt=attempt, chunks=rest, pid=os.getpid())
         return "split"
     except DarkstoreError as exc:
@@ -195,10 +238,18 @@ def run_chunks_task(self, job_id: str, attempt: int, chunks: list[int]) -> str:
         if req.retries < settings.max_retries:
             book.log_event(job_id, "task_retry", attempt=attempt, chunks=chunks, error=f"{type(exc).__name__}: {exc}",
                            pid=os.getpid())
+            outcome = "retry"
+            ledger.requeue(job_id, req.id)
             raise self.retry(exc=exc, countdown=min(60, 2 ** req.retries), max_retries=settings.max_retries)
         log.exception("job %s chunks %s failed", job_id, chunks)
         fail_job(book, job_id, attempt, f"{type(exc).__name__}: {exc} (after {req.retries} retries)")
         return "failed"
+    finally:
+        if outcome != "retry":
+            try:
+                ledger.finish(job_id, req.id)
+            except redis.RedisError:  # the broker is gone: its tickets with it
+                pass
 
 
 @app.task(name=SUBMIT, bind=True, ignore_result=False, acks_late=False)

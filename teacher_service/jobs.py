@@ -16,6 +16,7 @@ no Redis); ``teacher_service.celery_app.CeleryManager`` sends them to workers.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -30,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
+import numpy as np
 from pydantic import BaseModel, Field
 
 from darkstore.data import open_transfer_set
@@ -61,6 +63,14 @@ class JobNotFoundError(StoreNotFoundError):
     """No job with this id."""
 
 
+class Progress(BaseModel):
+    rows_done: int = 0
+    rows_total: int | None = None
+    chunks_done: int = 0
+    chunks_total: int | None = None
+    fraction: float = 0.0
+
+
 class JobRecord(BaseModel):
     id: str
     job_key: str
@@ -74,14 +84,39 @@ class JobRecord(BaseModel):
     updated_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    dispatched_at: str | None = Field(None, description="when this attempt's tasks were last handed out")
+    # progress, kept here so that a job's view never opens its store (the store's commit marks stay the
+    # truth: workers set a bit per commit, the reconciler re-reads the marks of active jobs)
+    num_rows: int | None = None
+    chunk_rows: int | None = None
+    committed: str = Field("", description="commit bitmap: base64 of numpy.packbits over the chunks")
 
+    @property
+    def n_chunks(self) -> int | None:
+        if self.num_rows is None or not self.chunk_rows:
+            return None
+        return -(-self.num_rows // self.chunk_rows)
 
-class Progress(BaseModel):
-    rows_done: int = 0
-    rows_total: int | None = None
-    chunks_done: int = 0
-    chunks_total: int | None = None
-    fraction: float = 0.0
+    def committed_mask(self) -> np.ndarray:
+        n = self.n_chunks or 0
+        if not self.committed:
+            return np.zeros(n, dtype=bool)
+        bits = np.unpackbits(np.frombuffer(base64.b64decode(self.committed), dtype=np.uint8))[:n]
+        return bits.astype(bool)
+
+    def with_mask(self, mask: np.ndarray) -> "JobRecord":
+        return self.model_copy(update={"committed": base64.b64encode(np.packbits(mask.astype(np.uint8))).decode()})
+
+    def progress(self) -> Progress:
+        n = self.n_chunks
+        if n is None:
+            return Progress()
+        mask = self.committed_mask()
+        done = int(mask.sum())
+        last_rows = self.num_rows - (n - 1) * self.chunk_rows
+        rows = done * self.chunk_rows - (self.chunk_rows - last_rows if n and mask[-1] else 0)
+        return Progress(rows_done=rows, rows_total=self.num_rows, chunks_done=done, chunks_total=n,
+                        fraction=rows / self.num_rows if self.num_rows else 1.0)
 
 
 class JobView(BaseModel):
@@ -119,18 +154,30 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
     return spec.job_key(hashes, data.fingerprint)
 
 
+MAX_ID_LENGTH = 64
+
+
 class JobBook:
     """Job records as small JSON files (written atomically, updated under a file lock, so
-    the API and any number of worker processes can share them), plus an event log per job."""
+    the API and any number of worker processes can share them), plus an event log per job.
 
-    def __init__(self, root: str | Path):
+    Listing reads an in-process index: the folder is re-scanned at most every
+    ``index_ttl`` seconds and only files whose size or mtime changed are parsed again,
+    so a page of jobs costs O(page), whatever the number of jobs."""
+
+    def __init__(self, root: str | Path, index_ttl: float = 0.25):
         self.root = Path(root).expanduser().resolve()
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         (self.root / "stores").mkdir(parents=True, exist_ok=True)
+        self.index_ttl = index_ttl
+        self._index: dict[str, tuple[tuple[int, int], JobRecord]] = {}
+        self._ordered: list[JobRecord] | None = None
+        self._scanned_at = -1e9
+        self._index_lock = threading.Lock()
 
     def _path(self, job_id: str, suffix: str = ".json") -> Path:
-        if not job_id or not job_id.isalnum():
-            raise JobNotFoundError(f"no job {job_id!r}")
+        if not job_id or len(job_id) > MAX_ID_LENGTH or not job_id.isascii() or not job_id.isalnum():
+            raise JobNotFoundError(f"no job {job_id[:MAX_ID_LENGTH]!r}")
         return self.root / "jobs" / f"{job_id}{suffix}"
 
     def store_path(self, job_id: str) -> Path:
@@ -164,6 +211,10 @@ class JobBook:
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}")
         tmp.write_text(rec.model_dump_json(indent=1))
         os.replace(tmp, p)
+        with self._index_lock:  # this process sees its own writes at once
+            st = p.stat()
+            self._index[p.name] = ((st.st_mtime_ns, st.st_size), rec)
+            self._ordered = None
         return rec
 
     def update(self, job_id: str, when: Callable[[JobRecord], bool] | None = None, **changes: Any) -> JobRecord:
@@ -175,13 +226,39 @@ class JobBook:
             return self.put(rec.model_copy(update={**changes, "updated_at": _now()}))
 
     def all(self) -> list[JobRecord]:
-        recs = []
-        for p in (self.root / "jobs").glob("*.json"):
-            try:
-                recs.append(JobRecord.model_validate_json(p.read_text()))
-            except (OSError, ValueError):  # half-deleted or foreign file: not a job
-                continue
-        return sorted(recs, key=lambda r: r.created_at)
+        """Every record, oldest first, from the index (at most ``index_ttl`` seconds old)."""
+        with self._index_lock:
+            if time.monotonic() - self._scanned_at > self.index_ttl:
+                self._rescan()
+            if self._ordered is None:
+                self._ordered = sorted((rec for _, rec in self._index.values()), key=lambda r: r.created_at)
+            return self._ordered
+
+    def _rescan(self) -> None:
+        seen = set()
+        with os.scandir(self.root / "jobs") as it:
+            for entry in it:
+                name = entry.name
+                if not name.endswith(".json") or name.startswith("."):
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                seen.add(name)
+                sig = (st.st_mtime_ns, st.st_size)
+                cached = self._index.get(name)
+                if cached is not None and cached[0] == sig:
+                    continue
+                try:
+                    self._index[name] = (sig, JobRecord.model_validate_json(Path(entry.path).read_text()))
+                except (OSError, ValueError):  # half-written or foreign file: not a job
+                    continue
+                self._ordered = None
+        for gone in set(self._index) - seen:
+            del self._index[gone]
+            self._ordered = None
+        self._scanned_at = time.monotonic()
 
     # -- events -------------------------------------------------------------------
     def log_event(self, job_id: str, event: str, **fields: Any) -> None:
@@ -200,24 +277,62 @@ class JobBook:
             return []
         return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
 
-    # -- derived state ------------------------------------------------------------------
-    def progress(self, rec: JobRecord) -> tuple[Progress, bool]:
+    # -- progress -------------------------------------------------------------------
+    def mark_committed(self, job_id: str, chunk: int) -> JobRecord:
+        """Record one commit; the commit of the last chunk marks an active job succeeded."""
+        with self.lock(job_id):
+            rec = self.get(job_id)
+            if rec.n_chunks is None:
+                return rec  # a record from before progress was kept: the next sync fills it in
+            mask = rec.committed_mask()
+            mask[chunk] = True
+            changes: dict[str, Any] = {"updated_at": _now()}
+            if mask.all() and rec.state in ACTIVE:
+                changes.update(state="succeeded", error=None, finished_at=_now())
+            return self.put(rec.with_mask(mask).model_copy(update=changes))
+
+    def sync(self, job_id: str) -> tuple[JobRecord, np.ndarray | None]:
+        """Re-read the store's commit marks (the truth) into the record. Returns the record and the
+        marks, or ``None`` for the marks when the store is gone (the job is then marked failed)."""
+        rec = self.get(job_id)
         try:
             r = open_store(rec.store, allow_incomplete=True)
-        except (StoreNotFoundError, SchemaError):
-            return Progress(), False
-        total, done = r.meta.num_rows, r.rows_done
-        p = Progress(rows_done=done, rows_total=total, chunks_done=int(r.done.sum()), chunks_total=r.meta.n_chunks,
-                     fraction=done / total if total else 1.0)
-        return p, r.complete
+        except (StoreNotFoundError, SchemaError, OSError) as exc:
+            return self._lost(rec, exc), None
+        mask = r.done
+        with self.lock(job_id):
+            rec = self.get(job_id)
+            changes: dict[str, Any] = {}
+            if mask.all() and rec.state in ACTIVE:
+                changes.update(state="succeeded", error=None, finished_at=_now())
+            if (rec.num_rows, rec.chunk_rows) != (r.meta.num_rows, r.meta.chunk_rows) or \
+                    not np.array_equal(rec.committed_mask(), mask) or changes:
+                rec = rec.model_copy(update={"num_rows": r.meta.num_rows, "chunk_rows": r.meta.chunk_rows})
+                rec = self.put(rec.with_mask(mask).model_copy(update={**changes, "updated_at": _now()}))
+        return rec, mask
 
-    def view(self, job_id: str) -> JobView:
-        rec = self.get(job_id)
-        prog, complete = self.progress(rec)
-        if complete and rec.state in ACTIVE:  # completion is read from the commit marks
-            rec = self.update(job_id, when=lambda r: r.state in ACTIVE, state="succeeded", error=None,
-                              finished_at=_now())
-        return make_view(rec, prog)
+    def _lost(self, rec: JobRecord, why: Exception | str) -> JobRecord:
+        if rec.state == "failed":
+            return rec
+        error = (f"the job's store is gone or unreadable ({type(why).__name__ if isinstance(why, Exception) else why});"
+                 " it may have been deleted: submit the job again to recompute it")
+        rec = self.update(rec.id, when=lambda r: r.state != "failed", state="failed", error=error,
+                          finished_at=_now())
+        self.log_event(rec.id, "store_lost", attempt=rec.attempt)
+        return rec
+
+    def store_present(self, rec: JobRecord) -> bool:
+        return (Path(rec.store) / "zarr.json").is_file()
+
+    # -- derived state ------------------------------------------------------------------
+    def view(self, job_id: str, rec: JobRecord | None = None) -> JobView:
+        """What the API answers: the record (progress included) — the store is only stat'ed."""
+        rec = rec or self.get(job_id)
+        if rec.n_chunks is None:  # a record written before progress was kept: fill it in once
+            rec, _ = self.sync(job_id)
+        elif rec.state != "failed" and not self.store_present(rec):
+            rec = self._lost(rec, "no zarr.json")
+        return make_view(rec, rec.progress())
 
 
 def make_view(rec: JobRecord, prog: Progress) -> JobView:
@@ -264,12 +379,12 @@ class JobManager:
                 if job.meta.job_key != key:  # a weight file changed between hashing and loading
                     raise SchemaError("the teachers changed while the job was being submitted; submit again")
                 store = self.book.store_path(job_id)
-                StoreWriter.open_or_create(store, job.meta)
+                writer = StoreWriter.open_or_create(store, job.meta)
                 now = _now()
-                rec = self.book.put(JobRecord(id=job_id, job_key=key, state="queued",
-                                              spec=spec.model_dump(mode="json"), store=str(store),
-                                              attempt=(rec.attempt + 1) if rec else 1, created_at=now,
-                                              updated_at=now))
+                rec = JobRecord(id=job_id, job_key=key, state="queued", spec=spec.model_dump(mode="json"),
+                                store=str(store), attempt=(rec.attempt + 1) if rec else 1, created_at=now,
+                                updated_at=now, num_rows=job.meta.num_rows, chunk_rows=job.meta.chunk_rows)
+                rec = self.book.put(rec.with_mask(writer.done_mask()))
                 self.book.log_event(job_id, "submitted", attempt=rec.attempt)
         if existing is None:
             self._dispatch(rec)
@@ -292,6 +407,8 @@ class JobManager:
         view = self.book.view(job_id)
         if view.state == "succeeded":
             return view
+        if not self.book.store_present(self.book.get(job_id)):
+            raise StoreNotFoundError(f"job {job_id}'s store is gone: submit the job again to recompute it")
         rows = view.progress.rows_done
         rec = self.book.update(job_id, when=lambda r: r.state != "succeeded", state="queued", error=None,
                                attempt=view.attempt + 1, rows_at_start=rows, started_at=None, finished_at=None)
@@ -303,13 +420,18 @@ class JobManager:
         return self.book.view(job_id)
 
     def list(self, state: State | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobView], int]:
-        recs = [r for r in self.book.all() if state is None or r.state == state]
-        recs.reverse()  # newest first
-        page = recs[offset:offset + limit]
-        return [self.book.view(r.id) for r in page], len(recs)
+        recs = self.book.all()
+        if state is not None:
+            recs = [r for r in recs if r.state == state]
+        total = len(recs)
+        page = recs[::-1][offset:offset + limit]  # newest first
+        return [self.book.view(r.id, r) for r in page], total
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         return True, {"mode": self.mode}
+
+    def start(self) -> None:
+        """Background work of a long-running manager (the API's): nothing here."""
 
     def close(self) -> None:
         pass
@@ -384,6 +506,7 @@ def run_job_chunks(book: JobBook, settings: Settings, cache: EnsembleCache, job_
 
     def committed(i: int, rows: int) -> None:
         book.log_event(job_id, "chunk_committed", attempt=attempt, chunk=i, rows=rows, worker=worker, pid=os.getpid())
+        book.mark_committed(job_id, i)  # the last commit marks the job succeeded
 
     try:
         rows = run_chunks(job, writer, chunks, batch_size=settings.batch_size, num_workers=settings.loader_workers,
@@ -393,7 +516,6 @@ def run_job_chunks(book: JobBook, settings: Settings, cache: EnsembleCache, job_
         return "cancelled"
     book.log_event(job_id, "task_finished", attempt=attempt, chunks=list(chunks), rows=rows, worker=worker,
                    pid=os.getpid())
-    book.view(job_id)  # marks the job succeeded when this was the last chunk
     return "done"
 
 
@@ -434,7 +556,10 @@ class LocalRunner(JobManager):
 
     def _run(self, job_id: str, attempt: int) -> None:
         try:
-            pending = StoreWriter(self.book.get(job_id).store).pending_chunks()
+            rec, mask = self.book.sync(job_id)  # a commit the last process did not record counts too
+            if mask is None or rec.state not in ACTIVE:
+                return
+            pending = [int(i) for i in (~mask).nonzero()[0]]
             run_job_chunks(self.book, self.settings, self.cache, job_id, attempt, pending, worker="local",
                            stop=lambda: self._closing)
         except DarkstoreError as exc:

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(7200, gt=0, description="Redis redelivers an unacknowledged task after this")
     redelivery_check_interval: int = Field(30, gt=0, description="seconds between sweeps for tasks to redeliver")
     max_retries: int = Field(3, ge=0, description="Celery retries of a task after an unexpected error")
+    lease_ttl: float = Field(30.0, gt=0, description="a running task's lease: a task whose process stops renewing "
+                             "it for this long is presumed dead and its chunks are dispatched again")
+    reconcile_interval: float = Field(10.0, gt=0, description="seconds between the API's reconciliation passes; "
+                                      "a crashed job resumes within about lease_ttl + reconcile_interval")
     ensemble_cache: int = Field(1, ge=1, description="ensembles a worker process keeps loaded")
     mode: Literal["auto", "local", "celery"] = Field("auto", description="auto: celery when broker_url is set")
 

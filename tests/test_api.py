@@ -144,7 +144,9 @@ def test_token_required_everywhere_but_health(site):
     assert httpx.get(url + "/healthz").status_code == 200
     assert httpx.get(url + "/readyz").json()["status"] == "ready"
     for method, path in [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/abc"), ("DELETE", "/v1/jobs/abc"),
-                         ("POST", "/v1/jobs/abc/resume"), ("GET", "/v1/stores/abc"), ("GET", "/metrics")]:
+                         ("POST", "/v1/jobs/abc/resume"), ("GET", "/v1/stores/abc"), ("GET", "/metrics"),
+                         ("GET", "/v1/jobs/abc/events"), ("GET", "/openapi.json"), ("GET", "/docs"),
+                         ("GET", "/redoc")]:
         r = httpx.request(method, url + path, json=body() if method == "POST" else None)
         assert r.status_code == 401, (method, path, r.text)
         assert r.json()["detail"] == "missing bearer token" and r.headers["www-authenticate"] == "Bearer"
@@ -222,7 +224,8 @@ def test_unknown_ids_and_bad_queries(site):
 
 
 def test_openapi_describes_every_route_and_error(site):
-    doc = httpx.get(site["api"].url + "/openapi.json").json()
+    assert httpx.get(site["api"].url + "/openapi.json").status_code == 401
+    doc = httpx.get(site["api"].url + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     paths = doc["paths"]
     for p in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/resume", "/v1/stores/{job_id}", "/healthz",
               "/readyz", "/metrics"):

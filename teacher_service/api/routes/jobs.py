@@ -1,0 +1,69 @@
+"""/v1/jobs: submit, list, show, cancel, resume, events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel
+
+from ...jobs import MAX_ID_LENGTH, JobView, State
+from ...spec import JobSpec
+from ..deps import ManagerDep, TokenRequired
+from ..errors import responses
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[TokenRequired])
+JobId = Annotated[str, Path(description="the job's id (24 hex digits)", max_length=MAX_ID_LENGTH)]
+
+
+class JobList(BaseModel):
+    items: list[JobView]
+    total: int
+    limit: int
+    offset: int
+
+
+@router.post("", response_model=JobView, status_code=201,
+             summary="Submit a job (or get the identical one already submitted)",
+             responses={200: {"model": JobView, "description": "the same job was already submitted"},
+                        **responses(401, 403, 404, 409, 413, 422, 503)})
+def submit(spec: JobSpec, response: Response, m: ManagerDep) -> JobView:
+    """Relative paths resolve against the first data root; every path must stay inside the roots.
+    Teachers are checked (safely, within the submit-time limits) before anything is queued."""
+    view, created = m.submit(spec)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{view.id}"
+    return view
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first", responses=responses(401, 422))
+def list_jobs(m: ManagerDep, state: Annotated[State | None, Query(description="only jobs in this state")] = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
+    items, total = m.list(state, limit, offset)
+    return JobList(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobView, summary="A job's state, progress, throughput and ETA",
+            responses=responses(401, 404, 422))
+def get_job(job_id: JobId, m: ManagerDep) -> JobView:
+    return m.get(job_id)
+
+
+@router.delete("/{job_id}", response_model=JobView,
+               summary="Cancel a job (committed chunks stay; resume continues from them)",
+               responses=responses(401, 404, 422))
+def cancel_job(job_id: JobId, m: ManagerDep) -> JobView:
+    return m.cancel(job_id)
+
+
+@router.post("/{job_id}/resume", response_model=JobView,
+             summary="Resume a cancelled or failed job over its uncommitted chunks",
+             responses=responses(401, 404, 409, 422, 503))
+def resume_job(job_id: JobId, m: ManagerDep) -> JobView:
+    return m.resume(job_id)
+
+
+@router.get("/{job_id}/events", summary="The job's event log: dispatches, tasks started and finished (by which "
+            "worker), chunk commits, reconciliations", responses=responses(401, 404, 422))
+def job_events(job_id: JobId, m: ManagerDep) -> list[dict[str, Any]]:
+    return m.book.events(job_id)

@@ -1,0 +1,74 @@
+"""Operations: health, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
+
+import darkstore
+
+from ...jobs import STATES
+from ..deps import ManagerDep, TokenRequired
+from ..errors import responses
+
+router = APIRouter(tags=["ops"])
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class Readiness(BaseModel):
+    status: str
+    mode: str
+    broker: str | None = None
+    queued_tasks: int | None = None
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up")
+def healthz() -> Health:
+    return Health(status="ok", version=darkstore.__version__)
+
+
+@router.get("/readyz", response_model=Readiness, summary="The broker (or local runner) is reachable",
+            responses={503: {"model": Readiness, "description": "not ready: the broker is unreachable"}})
+def readyz(m: ManagerDep):
+    ok, info = m.ready()
+    body = Readiness(status="ready" if ok else "unavailable", **info)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", dependencies=[TokenRequired], response_class=PlainTextResponse,
+            summary="Prometheus metrics: jobs by state, rows written, rows per second", responses=responses(401))
+def metrics(m: ManagerDep) -> PlainTextResponse:
+    """From the job index in memory: no store is opened, whatever the number of jobs."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
+
+    from ...jobs import make_view
+
+    class Jobs:
+        def collect(self):
+            recs = m.book.all()
+            by_state = GaugeMetricFamily("darkstore_jobs", "jobs by state", labels=["state"])
+            for s in STATES:
+                by_state.add_metric([s], sum(r.state == s for r in recs))
+            yield by_state
+            progress = [(r, r.progress()) for r in recs]
+            yield GaugeMetricFamily("darkstore_rows_written", "rows committed across all job stores",
+                                    value=sum(p.rows_done for _, p in progress))
+            running = [make_view(r, p).rows_per_second or 0.0 for r, p in progress if r.state == "running"]
+            yield GaugeMetricFamily("darkstore_rows_per_second", "throughput summed over running jobs",
+                                    value=sum(running))
+            ok, info = m.ready()
+            yield GaugeMetricFamily("darkstore_broker_up", "1 when the broker (or local runner) is reachable",
+                                    value=1.0 if ok else 0.0)
+            if "queued_tasks" in info:
+                yield GaugeMetricFamily("darkstore_queued_tasks", "chunk-range tasks waiting in the queue",
+                                        value=info["queued_tasks"])
+
+    registry = CollectorRegistry()
+    registry.register(Jobs())
+    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
