@@ -87,11 +87,19 @@ class Proc:
 
 
 class Redis(Proc):
-    def __init__(self, tmp: Path):
-        self.port = free_port()
+    """redis-server on loopback; ``persist`` keeps an append-only file fsynced on every write, so a
+    restart on the same ``port`` and ``tmp`` brings the data back."""
+
+    def __init__(self, tmp: Path, port: int | None = None, persist: bool = False):
+        self.port, self.tmp, self.persist = port or free_port(), tmp, persist
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
         super().__init__("redis", [need_redis(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", str(tmp)], dict(os.environ), tmp / "redis.log")
+                                   *durability, "--dir", str(tmp)], dict(os.environ), tmp / "redis.log")
         self.wait_for_log("Ready to accept connections", timeout=20)
+
+    def restart(self) -> "Redis":
+        """A new server on the same port and folder (after this one was killed)."""
+        return Redis(self.tmp, self.port, self.persist)
 
     @property
     def url(self) -> str:

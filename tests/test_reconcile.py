@@ -1,0 +1,159 @@
+"""Self-healing (teacher_service/reconcile.py) with real processes and real faults: a worker's whole
+process group SIGKILLed, Redis SIGKILLed with and without persistence, the API SIGKILLed — each time the
+job finishes by itself, with no resume, a store byte-identical to `darkstore generate`'s, and an event log
+with every commit. Celery's own redelivery is pushed out of reach (visibility timeout one hour), so only
+the reconciler can be what finishes the job."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from datetime import datetime
+
+import pytest
+import yaml
+
+from storage import open_store
+from teacher_service.client import DarkstoreClient
+
+from .conftest import DARKSTORE, cli_env, make_arrays, make_ensemble
+from .procs import Api, Redis, Worker, service_env
+from .test_celery import CHUNK, N, running_task, same_as_reference, spec_for, wait_chunks
+
+pytestmark = pytest.mark.slow
+LEASE, INTERVAL = 2.0, 0.5
+# after the failed part is back: lease expiry + one pass + a worker picking the task up, with slack
+BOUND = LEASE + 2 * INTERVAL + 10
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reconcile")
+    root = tmp / "data"
+    root.mkdir()
+    make_ensemble(root / "teachers", [{"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 4}}])
+    make_arrays(root / "transfer.npz", n=N)
+    counter = tmp / "forwards"
+    (root / "job.yaml").write_text(yaml.safe_dump(spec_for(counter, 0.1)))
+    subprocess.run([*DARKSTORE, "generate", "--job", str(root / "job.yaml"), "--out", str(tmp / "reference"),
+                    "--allow-code", "--batch-size", str(CHUNK)], env=cli_env(), check=True, timeout=300)
+    return {"tmp": tmp, "root": root, "counter": counter, "ref": open_store(tmp / "reference").read_all()}
+
+
+class Cluster:
+    """redis + API + one worker, with the reconciler's clock turned up."""
+
+    def __init__(self, site, name: str, persist: bool = False):
+        self.tmp = site["tmp"] / name
+        self.tmp.mkdir()
+        self.redis = Redis(self.tmp, persist=persist)
+        self.env = service_env(home=self.tmp / "home", data_roots=site["root"], broker_url=self.redis.url,
+                               allow_code=True, device="cpu", batch_size=CHUNK, chunks_per_task=3,
+                               task_time_limit=600, visibility_timeout=3600, lease_ttl=LEASE,
+                               reconcile_interval=INTERVAL)
+        self.api = Api(self.env, self.tmp / "api.log")
+        self.worker = Worker(self.env, self.tmp / "worker.log", "w")
+
+    def client(self) -> DarkstoreClient:
+        return DarkstoreClient(self.api.url, timeout=60)
+
+    def stop(self) -> None:
+        for p in (self.worker, self.api, self.redis):
+            p.stop()
+
+
+@pytest.fixture
+def cluster(site, request):
+    made = []
+
+    def make(persist: bool = False) -> Cluster:
+        made.append(Cluster(site, request.node.name, persist))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def finished_by_itself(site, client: DarkstoreClient, job_id: str, since: float, reason: str | None) -> None:
+    """The job succeeds with no resume call; a reconciliation (giving ``reason``, when one is required)
+    happened within the bound; the store equals the reference; every chunk's commit is in the event log."""
+    final = client.wait(job_id, timeout=120)
+    assert final.state == "succeeded", final.error
+    events = client.events(job_id)
+    assert not [e for e in events if e["event"] == "resumed"]
+    healed = [e for e in events if e["event"] == "reconciled"]
+    if reason is not None:
+        assert healed and any(reason in e["reason"] for e in healed), healed
+    for e in healed:
+        at = datetime.fromisoformat(e["time"]).timestamp()
+        assert at - since <= BOUND + 1, f"reconciled {at - since:.1f} s after the failed part came back"
+    same_as_reference(site, final.store)
+    committed = {e["chunk"] for e in events if e["event"] == "chunk_committed"}
+    assert committed == set(range(N // CHUNK))
+    assert final.attempt == 1  # the same attempt, healed: nobody resumed it
+
+
+def test_worker_group_killed_and_restarted(site, cluster):
+    c = cluster()
+    with c.client() as client:
+        view, _ = client.submit(spec_for(site["counter"], 0.3))
+        victim = running_task(client, view.id)
+        c.worker.kill(signal.SIGKILL)  # the worker and its pool child, mid-task
+        c.worker = Worker(c.env, c.tmp / "worker2.log", "w")
+        back = time.time()
+        finished_by_itself(site, client, view.id, back, "lease expired")
+        events = client.events(view.id)
+    # the killed range was recomputed under a new ticket; no task ran it twice at once
+    reconciled = [e for e in events if e["event"] == "reconciled"]
+    assert victim["task_id"] in reconciled[0]["dead_tasks"]
+
+
+@pytest.mark.parametrize("persist", [False, True], ids=["no-persistence", "append-only-file"])
+def test_redis_killed_and_restarted(site, cluster, persist):
+    c = cluster(persist)
+    with c.client() as client:
+        view, _ = client.submit(spec_for(site["counter"], 0.3))
+        wait_chunks(client, view.id, 3)
+        c.redis.kill(signal.SIGKILL)
+        time.sleep(1.0)  # the worker notices the broker is gone
+        c.redis = c.redis.restart()
+        back = time.time()
+        # without persistence the queue and the tickets are gone: only a re-dispatch can finish the job;
+        # with it, the queue survives and a task cut off by the outage (if any) is re-dispatched
+        finished_by_itself(site, client, view.id, back, None if persist else "no task holds them")
+
+
+def test_api_and_worker_killed_while_the_api_is_down(site, cluster):
+    """The API (and its reconciler) dies; the worker dies too while no reconciler runs. The API comes
+    back; the job finishes by itself."""
+    c = cluster()
+    with c.client() as client:
+        view, _ = client.submit(spec_for(site["counter"], 0.3))
+        running_task(client, view.id)
+    port = c.api.port
+    c.api.kill(signal.SIGKILL)
+    c.worker.kill(signal.SIGKILL)
+    c.worker = Worker(c.env, c.tmp / "worker2.log", "w")
+    c.api = Api(c.env, c.tmp / "api2.log", port=port)
+    back = time.time()
+    with c.client() as client:
+        finished_by_itself(site, client, view.id, back, "lease expired")
+
+
+def test_a_job_whose_store_vanished_is_failed_not_succeeded(site, cluster):
+    c = cluster()
+    with c.client() as client:
+        view, _ = client.submit(spec_for(site["counter"], 0.0))
+        assert client.wait(view.id, timeout=120).state == "succeeded"
+        shutil.rmtree(view.store)
+        lost = client.job(view.id)
+        assert lost.state == "failed" and "submit the job again" in lost.error
+        items, _ = client.jobs()
+        assert [v.state for v in items if v.id == view.id] == ["failed"]
+        again, created = client.submit(spec_for(site["counter"], 0.0))  # recomputes it
+        assert again.id == view.id
+        assert client.wait(view.id, timeout=120).state == "succeeded"
+    same_as_reference(site, view.store)
