@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from storage.errors import DataNotFoundError, SpecError
+from storage.errors import DataError, DataNotFoundError, SpecError
 
 from .paths import import_callable, resolve
 
@@ -154,8 +154,8 @@ class ArraysSet(TransferSet):
             raise
         except FileNotFoundError as exc:
             raise DataNotFoundError(f"transfer set file not found: {path}") from exc
-        except (OSError, ValueError) as exc:
-            raise DataNotFoundError(f"cannot read transfer set {path}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 — truncated zip, empty file, bad header: numpy raises many types
+            raise DataError(f"cannot read transfer set {path}: {type(exc).__name__}: {exc}") from exc
         if self._x.ndim < 2:
             raise SpecError(f"{path}: x must be [N, ...] with one sample per row, got shape {self._x.shape}")
         if self._y is not None:
@@ -254,9 +254,9 @@ class WrappedSet(TransferSet):
         classes = getattr(dataset, "classes", None)
         self.class_names = [str(c) for c in classes] if classes is not None else None
         try:
-            self._len = len(dataset)
-        except TypeError as exc:
-            raise SpecError("the dataset must have a length (map-style dataset)") from exc
+            self._len = int(len(dataset))
+        except (TypeError, NotImplementedError, ValueError) as exc:
+            raise SpecError(f"the dataset {type(dataset).__name__} must have a length (a map-style dataset)") from exc
 
     def __len__(self) -> int:
         return self._len
@@ -306,6 +306,8 @@ def open_transfer_set(
             raise DataNotFoundError(f"torchvision {spec.name} not found under {root}: {exc}") from exc
         except TypeError as exc:
             raise SpecError(f"bad kwargs for torchvision {spec.name}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 — an abstract class (VisionDataset), a dataset that refuses
+            raise SpecError(f"torchvision {spec.name} cannot be opened: {type(exc).__name__}: {exc}") from exc
         return WrappedSet(spec, ds)
     fn = import_callable(spec.factory, allow_code=allow_code, what="dataset factory")
     return WrappedSet(spec, fn(**spec.kwargs))

@@ -152,7 +152,7 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
     if arch in BUILTINS:
         try:
             return BUILTINS[arch](num_classes=num_classes, **kwargs)
-        except TypeError as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise SpecError(f"bad arch_kwargs for {arch}: {exc}") from exc
     import torchvision
 
@@ -163,7 +163,7 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
         )
     try:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise SpecError(f"bad arch_kwargs for {arch}: {exc}") from exc
 
 
@@ -299,6 +299,13 @@ class LoadedModel:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def count_params_meta(spec: ModelSpec, num_classes: int | None) -> int:
+    """Parameters of ``spec``'s architecture, built on the meta device: nothing is allocated."""
+    c = spec.num_classes or num_classes or 2
+    with torch.device("meta"):
+        return count_params(build_model(spec.arch, c, **spec.arch_kwargs))
 
 
 def logits_of(out: Any) -> torch.Tensor:

@@ -70,6 +70,10 @@ class DataNotFoundError(DarkstoreError, FileNotFoundError):
     """A transfer set's files cannot be found or read."""
 
 
+class DataError(DarkstoreError, ValueError):
+    """A transfer set's files exist but are malformed (truncated, empty, not what their name says)."""
+
+
 class PathOutsideRootsError(DarkstoreError, PermissionError):
     """A path resolves outside the configured data roots."""
 

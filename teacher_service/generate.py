@@ -21,10 +21,11 @@ import torch
 
 import darkstore
 from darkstore.data import TransferSet, open_transfer_set
-from darkstore.models import LoadedModel, load_model
+from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord
 from storage.writer import write_chunk_at
-from storage.errors import ClassCountMismatchError, NonFiniteLogitsError, SpecError
+from storage.errors import (ClassCountMismatchError, DarkstoreError, DataError, LimitExceededError,
+                            NonFiniteLogitsError, SpecError)
 
 from .combine import combine
 from .spec import EnsembleSpec, JobSpec
@@ -76,9 +77,14 @@ def load_ensemble(
     allow_code: bool = False,
     roots: Sequence[str | Path] | None = None,
     num_classes_hint: int | None = None,
+    max_params: int | None = None,
 ) -> list[LoadedModel]:
-    """Load every member safely, in eval mode on ``device``; weights move there once."""
+    """Load every member safely, in eval mode on ``device``; weights move there once. With ``max_params``,
+    the members' parameters are counted first on the meta device (nothing allocated) and an ensemble
+    over the budget is refused before any weight is loaded."""
     c = spec.num_classes or (len(spec.class_names) if spec.class_names else None) or num_classes_hint
+    if max_params is not None:
+        check_param_budget(spec.members, c, max_params)
     members = []
     for m in spec.members:
         lm = load_model(m, num_classes=c, allow_code=allow_code, roots=roots)
@@ -89,6 +95,21 @@ def load_ensemble(
             pass
         members.append(lm)
     return members
+
+
+def check_param_budget(members: Sequence[ModelSpec], num_classes: int | None, max_params: int) -> None:
+    counts = {}
+    for m in members:
+        if m.arch is None:
+            continue  # code-carrying members: the operator allowed that code
+        n = count_params_meta(m, num_classes)
+        if n > max_params:
+            raise LimitExceededError(f"teacher {m.label!r} has {n:,} parameters, over the limit of {max_params:,} "
+                                     "(DARKSTORE_MAX_TEACHER_PARAMS)")
+        counts[m.label] = n
+    if sum(counts.values()) > max_params:
+        raise LimitExceededError(f"the teachers have {sum(counts.values()):,} parameters together, over the limit "
+                                 f"of {max_params:,} (DARKSTORE_MAX_TEACHER_PARAMS)")
 
 
 def probe_classes(members: list[LoadedModel], x: torch.Tensor, declared: int | None) -> int:
@@ -136,6 +157,7 @@ def prepare(
     roots: Sequence[str | Path] | None = None,
     data: TransferSet | None = None,
     channels_last: bool = False,
+    max_params: int | None = None,
 ) -> PreparedJob:
     """Open the data, load the teachers, check they fit each other, build the store's metadata."""
     dev = torch.device(device)
@@ -145,8 +167,13 @@ def prepare(
     names = spec.teachers.class_names or data.class_names
     declared = spec.teachers.num_classes or (len(spec.teachers.class_names) if spec.teachers.class_names else None)
     members = load_ensemble(spec.teachers, device=dev, allow_code=allow_code, roots=roots,
-                            num_classes_hint=declared or (len(names) if names else None))
-    x, _ = data.get_batch(np.arange(min(2, len(data))))
+                            num_classes_hint=declared or (len(names) if names else None), max_params=max_params)
+    try:
+        x, _ = data.get_batch(np.arange(min(2, len(data))))
+    except DarkstoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — user datasets raise anything
+        raise DataError(f"cannot read the transfer set's first samples: {type(exc).__name__}: {exc}") from exc
     c = probe_classes(members, x.to(dev), declared)
     if names is not None and len(names) != c:
         raise ClassCountMismatchError(f"the teachers predict {c} classes but the data names {len(names)} classes")

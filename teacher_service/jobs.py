@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import fcntl
 import json
 import logging
@@ -324,6 +325,11 @@ class JobBook:
     def store_present(self, rec: JobRecord) -> bool:
         return (Path(rec.store) / "zarr.json").is_file()
 
+    def has_store(self, key: str) -> bool:
+        """Whether the job with this key exists with its store."""
+        rec = self.find(key[:24])
+        return rec is not None and self.store_present(rec)
+
     # -- derived state ------------------------------------------------------------------
     def view(self, job_id: str, rec: JobRecord | None = None) -> JobView:
         """What the API answers: the record (progress included) — the store is only stat'ed."""
@@ -333,6 +339,11 @@ class JobBook:
         elif rec.state != "failed" and not self.store_present(rec):
             rec = self._lost(rec, "no zarr.json")
         return make_view(rec, rec.progress())
+
+
+def job_exists(home: str, key: str) -> bool:
+    """Whether the job with this key exists with its store (picklable, for the submit-time check)."""
+    return JobBook(home).has_store(key)
 
 
 def make_view(rec: JobRecord, prog: Progress) -> JobView:
@@ -356,34 +367,33 @@ class JobManager:
     mode = "abstract"
 
     def __init__(self, settings: Settings):
+        from .admission import Admission
+
         self.settings = settings
         self.book = JobBook(settings.home)
+        self.admission = Admission(settings)
 
     # -- the API's verbs ----------------------------------------------------------------
     def submit(self, spec: JobSpec) -> tuple[JobView, bool]:
         """Returns (view, created). The same job submitted again returns the existing one without
         running any teacher; a failed or cancelled one is resumed rather than duplicated."""
-        s = self.settings
-        spec = spec.rebased(s.roots[0])  # relative paths in a request: against the first data root
-        data = open_transfer_set(spec.data, allow_code=s.allow_code, roots=s.roots)
-        key = identify(spec, allow_code=s.allow_code, roots=s.roots, data=data)
+        spec = spec.rebased(self.settings.roots[0])  # relative paths in a request: against the first data root
+        key, meta = self.admission.admit(spec, functools.partial(job_exists, str(self.book.root)))
         job_id = key[:24]
         with self.book.lock(job_id):
             rec = self.book.find(job_id)
-            if rec is not None and Path(rec.store).exists():
+            if rec is not None and self.book.store_present(rec):
                 existing = rec
             else:
                 existing = None
-                # loads every teacher on the CPU: unsafe or broken weights fail here, as a 4xx
-                job = prepare(spec, device="cpu", allow_code=s.allow_code, roots=s.roots, data=data)
-                if job.meta.job_key != key:  # a weight file changed between hashing and loading
-                    raise SchemaError("the teachers changed while the job was being submitted; submit again")
+                if meta is None:  # deleted between the check and now: check it in full
+                    _, meta = self.admission.admit(spec, None)
                 store = self.book.store_path(job_id)
-                writer = StoreWriter.open_or_create(store, job.meta)
+                writer = StoreWriter.open_or_create(store, meta)
                 now = _now()
                 rec = JobRecord(id=job_id, job_key=key, state="queued", spec=spec.model_dump(mode="json"),
                                 store=str(store), attempt=(rec.attempt + 1) if rec else 1, created_at=now,
-                                updated_at=now, num_rows=job.meta.num_rows, chunk_rows=job.meta.chunk_rows)
+                                updated_at=now, num_rows=meta.num_rows, chunk_rows=meta.chunk_rows)
                 rec = self.book.put(rec.with_mask(writer.done_mask()))
                 self.book.log_event(job_id, "submitted", attempt=rec.attempt)
         if existing is None:

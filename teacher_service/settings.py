@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     # --- HTTP API --------------------------------------------------------------
     token: SecretStr | None = Field(None, description="bearer token required on every route but /healthz and /readyz")
     max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted (413 above)")
+    # --- what one submit may cost (checked before anything is queued) ----------
+    submit_timeout: float = Field(300.0, gt=0, description="seconds a submit may spend checking a job (hashing "
+                                  "weights, fingerprinting data, loading and probing teachers); 422 above")
+    submit_memory_bytes: int = Field(8 << 30, gt=0, description="memory the submit-time check may allocate "
+                                     "(address space of its child process)")
+    submit_isolation: bool = Field(True, description="check submits in a child process, so that the time and "
+                                   "memory limits are enforced and nothing stays allocated in the API")
+    max_teacher_params: int = Field(2_000_000_000, gt=0, description="parameters of all teachers of a job "
+                                    "together, counted before any weight is allocated")
+    max_input_side: int = Field(4096, gt=0, description="largest image side a job may resize to (data size:, "
+                                "member preprocess resize:)")
     api_url: str = Field("http://127.0.0.1:8000", description="where `darkstore submit/jobs` find the API")
 
     # --- jobs ------------------------------------------------------------------

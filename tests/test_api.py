@@ -50,7 +50,15 @@ def site(tmp_path_factory):
     (root / "teachers" / "link.safetensors").symlink_to(outside / "t0.safetensors")
     with open(root / "teachers" / "evil.pt", "wb") as f:
         pickle.dump(Evil(tmp / "PWNED"), f)
-    env = service_env(home=tmp / "home", data_roots=root, token=TOKEN, max_body_bytes=20_000)
+    # malformed and hostile files
+    (root / "empty.npz").write_bytes(b"")
+    np.savez(root / "noarrays.npz")
+    whole = (root / "transfer.npz").read_bytes()
+    (root / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    os.mkfifo(root / "fifo.npz")
+    (root / "tv").mkdir()
+    env = service_env(home=tmp / "home", data_roots=root, token=TOKEN, max_body_bytes=20_000,
+                      max_teacher_params=100_000_000)
     api = Api(env, tmp / "api.log", "--local")
     yield {"tmp": tmp, "root": root, "api": api, "outside": outside}
     api.stop()
@@ -184,6 +192,21 @@ BAD = [
     ("unknown augmentation op", body(augment={"views": 2, "ops": [{"op": "elastic"}]}), 422, "elastic"),
     ("mix op not last", body(augment={"views": 2, "ops": [{"op": "mixup"}, {"op": "hflip"}]}), 422,
      "must be the last op"),
+    # each of these answered 500 (or hung) before
+    ("empty npz", body(data={"kind": "arrays", "path": "empty.npz"}), 422, "cannot read transfer set"),
+    ("npz without arrays", body(data={"kind": "arrays", "path": "noarrays.npz"}), 422, "has no array 'x'"),
+    ("truncated npz", body(data={"kind": "arrays", "path": "truncated.npz"}), 422, "cannot read transfer set"),
+    ("NUL byte in a weights path", with_member(weights="teachers/t0\u0000.safetensors"), 422, "NUL byte"),
+    ("abstract torchvision dataset", body(data={"kind": "torchvision", "name": "VisionDataset", "root": "tv"}), 422,
+     "VisionDataset"),
+    ("a FIFO named like data", body(data={"kind": "arrays", "path": "fifo.npz"}), 422, "not a regular file"),
+    ("a huge MLP", with_member(arch="mlp", arch_kwargs={"in_features": 64, "hidden": [16000, 16000]}), 422,
+     "over the limit of 100,000,000"),
+    ("negative width", with_member(arch="mlp", arch_kwargs={"in_features": 64, "hidden": [-3]}), 422,
+     "bad arch_kwargs"),
+    ("a huge resize", with_member(preprocess={"resize": 100000}), 422, "outside 1..4096"),
+    ("a huge image size", body(data={"kind": "image_folder", "root": "teachers", "size": [8, 10**9]}), 422,
+     "outside 1..4096"),
 ]
 
 
@@ -195,6 +218,7 @@ def test_bad_requests_get_clear_4xx(site, name, payload, code, words):
     assert r.status_code == code, r.text
     b = r.json()
     assert set(b) >= {"error", "detail"} and words in b["detail"], b
+    assert str(site["root"]) not in b["detail"] and str(site["tmp"]) not in b["detail"]  # no server paths
     assert not (site["tmp"] / "PWNED").exists()  # the pickle's payload never ran
 
 
@@ -218,6 +242,9 @@ def test_unknown_ids_and_bad_queries(site):
     assert r.status_code == 404 and r.json()["error"] == "NotFound"
     assert httpx.delete(url + "/v1/jobs/nope", headers=h).status_code == 404
     assert httpx.post(url + "/v1/jobs/nope/resume", headers=h).status_code == 404
+    for path in ("/v1/jobs/" + "a" * 10_000, "/v1/stores/" + "a" * 10_000, "/v1/jobs/" + "a" * 10_000 + "/events"):
+        r = httpx.get(url + path, headers=h)
+        assert r.status_code in (404, 422) and len(r.text) < 2000, r.text[:300]
     r = httpx.get(url + "/v1/jobs?state=exploded", headers=h)
     assert r.status_code == 422 and "state" in r.json()["detail"]
     assert httpx.get(url + "/v1/jobs?limit=0", headers=h).status_code == 422

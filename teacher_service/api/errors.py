@@ -34,6 +34,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (E.UnsafeWeightsError, 422),
     (E.WeightsNotFoundError, 422),
     (E.DataNotFoundError, 422),
+    (E.DataError, 422),
     (E.WeightsError, 422),
     (E.SpecError, 422),
     (E.TransferSetMismatchError, 422),

@@ -1,0 +1,147 @@
+"""Submit-time checks with a bounded cost.
+
+A submit hashes the teachers' weights, fingerprints the transfer set, then loads every
+teacher on the CPU and probes it on two samples, so that bad input is a 4xx at submit
+rather than a failed job later. That work is bounded:
+
+* **static limits** on the spec (input sizes) and a parameter count taken on the
+  ``meta`` device — no weight is allocated for an oversized architecture;
+* in the API, each check runs in a **child process** forked from a forkserver that
+  has torch preloaded (tens of milliseconds), with an address-space limit
+  (``submit_memory_bytes``) and a deadline (``submit_timeout``). A check that runs
+  over is killed and answered 422; nothing it loaded stays in the API's memory.
+
+Celery's prefork children are daemons and cannot have children: a submit made
+through the broker (``submit_via_celery``) is checked in the worker's own process,
+with the static limits only.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import traceback
+from typing import Any, Callable
+
+from storage import StoreMeta
+from storage.errors import DarkstoreError, LimitExceededError, SpecError
+
+from .settings import Settings
+from .spec import JobSpec
+
+_PRELOAD = ["torch", "torchvision", "teacher_service.generate", "teacher_service.jobs"]
+
+
+def check_spec(spec: JobSpec, settings: Settings) -> None:
+    """Limits that need no file: input sizes."""
+    side = settings.max_input_side
+    sizes = []
+    data_size = getattr(spec.data, "size", None)
+    if data_size is not None:
+        sizes.append(("data size", data_size))
+    for m in spec.teachers.members:
+        if m.preprocess.resize is not None:
+            sizes.append((f"teacher {m.label!r} preprocess resize", m.preprocess.resize))
+    for what, v in sizes:
+        vals = [v] if isinstance(v, int) else list(v)
+        if any(x < 1 or x > side for x in vals):
+            raise LimitExceededError(f"{what} {v} is outside 1..{side} pixels (DARKSTORE_MAX_INPUT_SIDE)")
+
+
+def admit(spec: JobSpec, settings: Settings, known: Callable[[str], bool] | None) -> tuple[str, StoreMeta | None]:
+    """The job's key and, unless ``known(key)`` says the job exists already, its store metadata: every
+    teacher loaded on the CPU (within the parameter budget) and probed on two samples."""
+    from darkstore.data import open_transfer_set
+
+    from .generate import prepare
+    from .jobs import identify
+
+    data = open_transfer_set(spec.data, allow_code=settings.allow_code, roots=settings.roots)
+    key = identify(spec, allow_code=settings.allow_code, roots=settings.roots, data=data)
+    if known is not None and known(key):
+        return key, None  # not one forward pass for a job that exists
+    meta = prepare(spec, device="cpu", allow_code=settings.allow_code, roots=settings.roots, data=data,
+                   max_params=settings.max_teacher_params).meta
+    if meta.job_key != key:  # a weight file changed between hashing and loading
+        raise SpecError("the teachers changed while the job was being submitted; submit again")
+    return key, meta
+
+
+def _child(conn, fn: Callable, args: tuple, memory: int) -> None:
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as f:  # what is mapped already (torch's libraries) is not the check's cost
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = mapped + memory
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    except (OSError, ValueError):
+        pass
+    try:
+        result: Any = ("ok", fn(*args))
+    except DarkstoreError as exc:
+        result = ("error", type(exc), str(exc))
+    except MemoryError:
+        result = ("error", LimitExceededError, "checking the job needed more than the submit memory limit "
+                  "(DARKSTORE_SUBMIT_MEMORY_BYTES)")
+    except Exception as exc:  # noqa: BLE001 — a malformed file can raise anything; the client gets a 422
+        result = ("error", SpecError, f"checking the job failed: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    try:
+        conn.send(result)
+    except Exception as exc:  # noqa: BLE001 — an unpicklable result or error
+        conn.send(("error", SpecError, f"checking the job failed: {type(exc).__name__}: {exc}"))
+    conn.close()
+
+
+class Admission:
+    """Runs the submit-time checks: in a bounded child process, or inline where that is impossible."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.isolated = settings.submit_isolation and not multiprocessing.current_process().daemon
+        self._ctx = None
+
+    def _context(self):
+        if self._ctx is None:
+            self._ctx = multiprocessing.get_context("forkserver")
+            self._ctx.set_forkserver_preload(_PRELOAD)
+        return self._ctx
+
+    def run(self, fn: Callable, *args: Any) -> Any:
+        if not self.isolated:
+            return fn(*args)
+        ctx = self._context()
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(child, fn, args, self.settings.submit_memory_bytes), daemon=True)
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(self.settings.submit_timeout):
+                raise LimitExceededError(
+                    f"checking the job took longer than {self.settings.submit_timeout:g} s (DARKSTORE_SUBMIT_TIMEOUT)"
+                    "; a special file, a huge transfer set or very large teachers?")
+            try:
+                result = parent.recv()
+            except EOFError:
+                proc.join(timeout=10)
+                raise LimitExceededError(
+                    f"the check of this job died (exit code {proc.exitcode}): over the submit memory limit "
+                    "(DARKSTORE_SUBMIT_MEMORY_BYTES)?") from None
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+            parent.close()
+        if result[0] == "ok":
+            return result[1]
+        _, cls, message = result
+        raise cls(message)
+
+    def admit(self, spec: JobSpec, known: Callable[[str], bool] | None) -> tuple[str, StoreMeta | None]:
+        """See :func:`admit`; ``known`` must be picklable (a bound method of a JobBook is)."""
+        check_spec(spec, self.settings)
+        return self.run(admit, spec, self.settings, known)
+
+
+__all__ = ["Admission", "check_spec"]
