@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from storage.errors import DarkstoreError
+from storage.errors import DarkstoreError, SpecError
 
 app = typer.Typer(
     name="darkstore",
@@ -235,7 +235,7 @@ def train(
     if student_spec is not None:
         spec = ModelSpec.model_validate(load_spec_file(student_spec))
     elif student is not None:
-        spec = ModelSpec(arch=student, arch_kwargs=json.loads(arch_kwargs))
+        spec = ModelSpec(arch=student, arch_kwargs=_json_option(arch_kwargs, "--arch-kwargs"))
     else:
         raise typer.BadParameter("give --student ARCH or --student-spec FILE")
     if (store is None) == (job is None):
@@ -277,8 +277,12 @@ def train(
         console.print(f"{r.out} is already finished: nothing to train")
     console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in "
                   f"{r.out / 'metrics.jsonl'}, evaluation in {r.out / 'eval.json'}")
-    line = f"held-out: accuracy {f.get('accuracy', float('nan')):.4f}  agreement {f['agreement']:.4f}  NLL {f.get('nll', float('nan')):.4f}  ({f['rows']} rows)"
-    out.print(line)
+    def num(key: str) -> str:
+        v = f.get(key)
+        return "n/a (no labels)" if v is None or v != v else f"{v:.4f}"
+
+    out.print(f"held-out: accuracy {num('accuracy')}  agreement {f['agreement']:.4f}  NLL {num('nll')}  "
+              f"({f['rows']} rows)")
 
 
 # --- many students: sweep, eval, export, report -------------------------------------
@@ -617,18 +621,50 @@ def resume(job_id: Annotated[str, typer.Argument()], api: Api = None, token: Tok
         out.print(_job_line(c.resume(job_id)), highlight=False)
 
 
-def main() -> None:
+def _error(message: str, code: int = 2) -> None:
+    """One line on stderr, whatever the message holds (newlines folded), then exit."""
+    console.print("[red]error:[/]", escape(" ".join(message.split())), highlight=False)
+    sys.exit(code)
+
+
+def _json_option(value: str, option: str) -> dict:
     try:
-        app()
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{option} is not valid JSON ({exc.msg} at character {exc.pos}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise SpecError(f"{option} must be a JSON object, got {value!r}")
+    return parsed
+
+
+def main() -> None:
+    """Exit codes: 0 done; 1 a job or run ended unsuccessfully (its error is printed); 2 the command could not do
+    what was asked (one `error:` line says why); 130 interrupted."""
+    import click
+
+    usage_errors = tuple({click.UsageError, typer.BadParameter.__base__})  # typer may vendor its own click
+    exits, aborts = tuple({click.exceptions.Exit, typer.Exit}), (click.Abort, typer.Abort, KeyboardInterrupt)
+    try:
+        code = app(standalone_mode=False)
     except DarkstoreError as exc:
-        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
-        sys.exit(2)
+        _error(str(exc))
     except ValidationError as exc:
-        console.print("[red]invalid spec:[/]", escape(str(exc)), highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        _error("invalid spec: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}"
+                                           for e in exc.errors()))
+    except usage_errors as exc:
+        if not exc.format_message():  # no arguments: the help was shown
+            sys.exit(2)
+        cmd = exc.ctx.command_path if exc.ctx else "darkstore"
+        _error(f"{exc.format_message()} (see `{cmd} --help`)")
+    except exits as exc:
+        sys.exit(exc.exit_code)
+    except aborts:
         console.print("[yellow]interrupted[/]: committed chunks are kept; rerun the same command to resume")
         sys.exit(130)
+    except OSError as exc:  # a full disk, a permission, a vanished file
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or type(exc).__name__}{where}" if exc.strerror else f"{type(exc).__name__}: {exc}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

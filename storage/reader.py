@@ -126,14 +126,35 @@ class StoreReader:
         return acc
 
     def verify(self) -> None:
-        """Deep check: every committed row is finite and its index is in range."""
-        for chunk in self.iter_chunks(members=self.meta.keep_members):
+        """Deep check: every committed chunk reads back, its rows are finite and its indices in range."""
+        for i in self.finished_chunks():
+            try:
+                chunk = self.read_chunk(i, members=self.meta.keep_members)
+            except Exception as exc:  # noqa: BLE001 — a truncated or corrupt chunk object: zarr/numcodecs raise many types
+                field = next((name for name in ("logits", "members", "labels", "index")
+                              if name in str(exc)), None) or self._bad_field(i)
+                raise SchemaError(f"chunk {i} of {self.path} cannot be read (field {field}: "
+                                  f"{type(exc).__name__}: {exc}); the store is corrupt: regenerate that chunk "
+                                  "by deleting its commit mark and resuming the job") from exc
             if not np.isfinite(chunk.logits).all():
                 raise NonFiniteLogitsError(f"chunk {chunk.i} of {self.path} holds non-finite logits")
             if chunk.members is not None and not np.isfinite(chunk.members).all():
                 raise NonFiniteLogitsError(f"chunk {chunk.i} of {self.path} holds non-finite member logits")
             if (chunk.index < 0).any() or (chunk.index >= self.meta.transfer_set.num_samples).any():
                 raise SchemaError(f"chunk {chunk.i} of {self.path} has row indices outside the transfer set")
+
+    def _bad_field(self, i: int) -> str:
+        """Which array's chunk ``i`` fails to read."""
+        a, b = self.bounds(i)
+        for name in ("logits", "labels", "index", "members"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            try:
+                arr[..., a:b, :] if name == "members" else arr[a:b]
+            except Exception:  # noqa: BLE001
+                return name
+        return "unknown"
 
     def summary(self) -> dict[str, Any]:
         m = self.meta

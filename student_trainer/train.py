@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
 from storage import StoreReader, open_store
-from storage.errors import RunDirError, SchemaError
+from storage.errors import RunDirError, SchemaError, SpecError
 
 from . import losses
 from .dataset import check_transfer_set
@@ -237,6 +237,38 @@ class _Dist:
             dist.destroy_process_group()
 
 
+def check_device(config: TrainConfig) -> None:
+    """Refuse a device or precision this machine cannot run, before anything is opened."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"--device {config.device}: no CUDA device is visible here (torch {torch.__version__}); "
+                        "use --device cpu")
+    if config.amp == "fp16" and not config.device.startswith("cuda"):
+        raise SpecError("--amp fp16 needs a CUDA device (fp16 trains with a gradient scaler); on the CPU use --amp bf16")
+
+
+def probe_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet,
+                  device: str) -> None:
+    """Run the student once on two of the store's inputs (no gradient, eval mode: no state changes), so a
+    student that does not fit the data fails here with one clear message, not at step 1."""
+    x, _ = data.get_batch(np.asarray(reader.index[0:min(2, reader.meta.num_rows)], dtype=np.int64))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = logits_of(model(preprocess(x.to(device), spec.preprocess)))
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — a shape mismatch raises RuntimeError deep inside torch
+        msg = " ".join(str(exc).split())[:300]
+        raise SpecError(f"the student {spec.label!r} fails on the store's inputs {tuple(x.shape)}: {msg}; "
+                        "fix --arch-kwargs (e.g. in_features/in_channels) or the student's preprocess") from None
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != reader.meta.num_classes:
+        raise SpecError(f"the student {spec.label!r} returns shape {tuple(out.shape)}; the store has "
+                        f"{reader.meta.num_classes} classes: expected [batch, {reader.meta.num_classes}]")
+
+
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))
 
@@ -287,6 +319,7 @@ def train(
         return RunResult(out, s.get("final", {}), hist, s.get("retemper", {}).get("description", ""),
                          s.get("num_params", 0), already_finished=True)
 
+    check_device(config)
     reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
     meta = reader.meta
     rt = plan(meta, config.temperature)
@@ -304,9 +337,10 @@ def train(
     train_rows, ev_rows = eval_split(reader, config.holdout, ev_reader)
     ev_reader = ev_reader or reader
 
+    if config.alpha == 0 and log and dist.main and not (np.asarray(reader.labels[:])[train_rows] >= 0).any():
+        log("warning: --alpha 0 asks for hard labels only, but no training row has a label: the student learns "
+            "from the soft targets alone (unlabeled rows always get the soft term), and accuracy cannot be measured")
     device = dist.init(config.device)
-    if config.amp == "fp16" and not device.startswith("cuda"):
-        raise ValueError("amp fp16 needs a CUDA device (with a gradient scaler); on the CPU use amp bf16")
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     loader = make_loader(reader, train_rows, batch_size=config.batch_size, seed=config.seed, shuffle=True,
@@ -322,6 +356,7 @@ def train(
     model, spec = lm.module.to(device), config.student
     if spec.num_classes is None:
         spec = spec.model_copy(update={"num_classes": meta.num_classes})
+    probe_student(model, spec, reader, data, device)
     net = model
     if dist.on:
         net = torch.nn.parallel.DistributedDataParallel(

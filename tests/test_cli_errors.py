@@ -1,0 +1,123 @@
+"""Every user mistake the CLI meets ends in one `error:` line on stderr and exit 2 — no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import DARKSTORE, cli_env, make_arrays, make_ensemble
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    ens = make_ensemble(tmp / "teachers", [{"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]}}])
+    data = make_arrays(tmp / "transfer.npz", n=80)
+    unlabeled = make_arrays(tmp / "unlabeled.npz", n=80, labeled=False)
+    whole = data.read_bytes()
+    (tmp / "truncated.npz").write_bytes(whole[: len(whole) // 2])
+    for name, d in (("store", data), ("unlabeled_store", unlabeled)):
+        run(["generate", "--teachers", str(ens), "--data", str(d), "--out", str(tmp / name), "--chunk-rows", "32"],
+            expect=0)
+    return {"tmp": tmp, "ens": ens, "data": data}
+
+
+def run(args: list[str], expect: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run([*DARKSTORE, *args], env=env or cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == expect, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    return p
+
+
+def one_error_line(p: subprocess.CompletedProcess, *words: str) -> str:
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, p.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def student(*extra: str) -> list[str]:
+    return ["--student", "mlp", "--arch-kwargs", '{"in_features": 64, "hidden": [8]}', "--epochs", "1", *extra]
+
+
+def test_truncated_transfer_set(made):
+    p = run(["generate", "--teachers", str(made["ens"]), "--data", str(made["tmp"] / "truncated.npz"),
+             "--out", str(made["tmp"] / "never")])
+    one_error_line(p, "cannot read transfer set", "truncated.npz")
+
+
+def test_bad_json_in_arch_kwargs(made):
+    p = run(["train", "--store", str(made["tmp"] / "store"), "--out", str(made["tmp"] / "r1"), "--student", "mlp",
+             "--arch-kwargs", "{in_features: 64"])
+    one_error_line(p, "--arch-kwargs", "JSON")
+
+
+def test_student_that_does_not_fit_the_inputs(made):
+    p = run(["train", "--store", str(made["tmp"] / "store"), "--out", str(made["tmp"] / "r2"), "--student", "mlp",
+             "--arch-kwargs", '{"in_features": 100, "hidden": [8]}', "--epochs", "1"])
+    one_error_line(p, "student", "(2, 1, 8, 8)")
+    assert not (made["tmp"] / "r2" / "summary.json").exists()
+
+
+def test_cuda_without_a_gpu(made):
+    p = run(["train", "--store", str(made["tmp"] / "store"), "--out", str(made["tmp"] / "r3"), *student(),
+             "--device", "cuda"], env={**cli_env(), "CUDA_VISIBLE_DEVICES": ""})
+    one_error_line(p, "cuda", "no CUDA device")
+
+
+def test_fp16_on_the_cpu(made):
+    p = run(["train", "--store", str(made["tmp"] / "store"), "--out", str(made["tmp"] / "r4"), *student(),
+             "--amp", "fp16"])
+    one_error_line(p, "fp16", "bf16")
+
+
+def test_missing_option_is_one_line_too(made):
+    p = run(["train", "--store", str(made["tmp"] / "store")])
+    one_error_line(p, "--out")
+
+
+def test_corrupt_zarr_json(made):
+    s = copy_store(made["tmp"] / "store", made["tmp"] / "corrupt_meta")
+    (s / "zarr.json").write_text((s / "zarr.json").read_text()[:40])
+    one_error_line(run(["inspect", str(s), "--verify"]), "corrupt_meta")
+
+
+def test_truncated_chunk(made):
+    s = copy_store(made["tmp"] / "store", made["tmp"] / "truncated_chunk")
+    chunk = next(p for p in (s / "logits").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    one_error_line(run(["inspect", str(s), "--verify"]), "chunk", "logits")
+
+
+def test_full_disk(made, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    p = run(["train", "--store", str(made["tmp"] / "store"), "--out", str(out), *student()])
+    one_error_line(p, "No space left on device")
+
+
+def test_alpha_zero_without_labels_warns(made):
+    p = run(["train", "--store", str(made["tmp"] / "unlabeled_store"), "--out", str(made["tmp"] / "r5"), *student(),
+             "--alpha", "0"], expect=0)
+    assert "warning:" in p.stderr and "no training row has a label" in p.stderr, p.stderr
+    assert "accuracy n/a (no labels)" in p.stdout, p.stdout
+    assert "nan" not in p.stdout.split("held-out:")[-1].split("NLL")[0]
