@@ -329,3 +329,55 @@ def test_local_api_restart_mid_job_keeps_state_and_finishes(tmp_path):
     # each chunk's forward ran once, plus the probes at submit and at each (re)start
     n_forwards = len(counter.read_bytes())
     assert 16 <= n_forwards <= 16 + 1 + 3
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(site):
+    """Property-based fuzzing of every operation in the OpenAPI schema (schemathesis), schema-valid and
+    schema-invalid requests, path ids drawn from real jobs as well as random strings: no 5xx, and every
+    answer's status, content type and body conform to the schema."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    url, h = site["api"].url, {"Authorization": f"Bearer {TOKEN}"}
+    with client(site) as c:
+        done, _ = c.submit(body(chunk_rows=150))
+        assert c.wait(done.id, timeout=120).state == "succeeded"
+    real_ids = [done.id]
+    schema = schemathesis.openapi.from_dict(httpx.get(url + "/openapi.json", headers=h).json())
+    calls: dict[str, int] = {}
+    bad: list[str] = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        examples = 800 if op.method.upper() == "POST" and op.path == "/v1/jobs" else 250
+        strategies = []
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            strategies.append(op.as_strategy(mode))
+            if "{job_id}" in op.path:
+                strategies += [op.as_strategy(mode, path_parameters={"job_id": j}) for j in real_ids]
+
+        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=st.one_of(strategies))
+        def fuzz(case):
+            r = case.call(base_url=url, headers=h, timeout=60)
+            calls[op.label] = calls.get(op.label, 0) + 1
+            if r.status_code >= 500:
+                bad.append(f"{op.label}: {r.status_code} {r.text[:300]} for {case.path_parameters} {case.body!r:.200}")
+                return
+            try:
+                case.validate_response(r, checks=[status_code_conformance, content_type_conformance,
+                                                  response_schema_conformance])
+            except BaseException as exc:  # noqa: BLE001 — schemathesis raises exception groups; collect them all
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                bad.append(f"{op.label}: {r.status_code} violates the schema: {str(exc)[:300]}")
+
+        fuzz()
+    assert not bad, "\n".join(bad[:20])
+    assert sum(calls.values()) >= 2000, calls
+    assert len(calls) >= 8, calls  # every operation was exercised

@@ -103,6 +103,8 @@ def install(app: FastAPI, redact: Redactor) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI could not decode the body (not UTF-8, not JSON): an invalid request
+            return body("InvalidRequest", f"invalid request: {exc.detail} (send a UTF-8 JSON object)", 422)
         kind = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         return body(kind, str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
@@ -40,9 +40,11 @@ def readyz(m: ManagerDep):
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
 
-@router.get("/metrics", dependencies=[TokenRequired], response_class=PlainTextResponse,
-            summary="Prometheus metrics: jobs by state, rows written, rows per second", responses=responses(401))
-def metrics(m: ManagerDep) -> PlainTextResponse:
+@router.get("/metrics", dependencies=[TokenRequired], response_class=Response,
+            summary="Prometheus metrics: jobs by state, rows written, rows per second",
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}, **responses(401)})
+def metrics(m: ManagerDep) -> Response:
     """From the job index in memory: no store is opened, whatever the number of jobs."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
