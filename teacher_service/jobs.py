@@ -175,6 +175,8 @@ class JobBook:
         self._ordered: list[JobRecord] | None = None
         self._scanned_at = -1e9
         self._index_lock = threading.Lock()
+        self._rendered: dict[str, tuple[str, bytes]] = {}  # finished jobs' views as JSON, by id and updated_at
+        self._totals: tuple[list[JobRecord], dict[str, int], int] | None = None
 
     def _path(self, job_id: str, suffix: str = ".json") -> Path:
         if not job_id or len(job_id) > MAX_ID_LENGTH or not job_id.isascii() or not job_id.isalnum():
@@ -323,7 +325,7 @@ class JobBook:
         return rec
 
     def store_present(self, rec: JobRecord) -> bool:
-        return (Path(rec.store) / "zarr.json").is_file()
+        return os.path.isfile(os.path.join(rec.store, "zarr.json"))
 
     def has_store(self, key: str) -> bool:
         """Whether the job with this key exists with its store."""
@@ -331,6 +333,27 @@ class JobBook:
         return rec is not None and self.store_present(rec)
 
     # -- derived state ------------------------------------------------------------------
+    def view_json(self, rec: JobRecord) -> bytes:
+        """A job's view as JSON; a finished job's is rendered once per change of its record (listing a page
+        costs a stat per job, not a model per job)."""
+        if rec.state in ACTIVE or rec.n_chunks is None or not self.store_present(rec):
+            return self.view(rec.id, rec).model_dump_json().encode()
+        hit = self._rendered.get(rec.id)
+        if hit is None or hit[0] != rec.updated_at:
+            hit = (rec.updated_at, self.view(rec.id, rec).model_dump_json().encode())
+            self._rendered[rec.id] = hit
+        return hit[1]
+
+    def totals(self) -> tuple[dict[str, int], int]:
+        """Jobs by state and rows committed over all jobs: computed again only when a record changed."""
+        recs = self.all()
+        if self._totals is None or self._totals[0] is not recs:
+            counts = dict.fromkeys(STATES, 0)
+            for r in recs:
+                counts[r.state] += 1
+            self._totals = (recs, counts, sum(r.progress().rows_done for r in recs))
+        return self._totals[1], self._totals[2]
+
     def view(self, job_id: str, rec: JobRecord | None = None) -> JobView:
         """What the API answers: the record (progress included) — the store is only stat'ed."""
         rec = rec or self.get(job_id)
@@ -429,12 +452,16 @@ class JobManager:
     def get(self, job_id: str) -> JobView:
         return self.book.view(job_id)
 
-    def list(self, state: State | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobView], int]:
+    def page(self, state: State | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobRecord], int]:
+        """One page of records, newest first, and the number of jobs (in ``state``): from the index."""
         recs = self.book.all()
         if state is not None:
             recs = [r for r in recs if r.state == state]
-        total = len(recs)
-        page = recs[::-1][offset:offset + limit]  # newest first
+        stop = len(recs) - offset
+        return recs[max(0, stop - limit):max(0, stop)][::-1], len(recs)
+
+    def list(self, state: State | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobView], int]:
+        page, total = self.page(state, limit, offset)
         return [self.book.view(r.id, r) for r in page], total
 
     def ready(self) -> tuple[bool, dict[str, Any]]:

@@ -38,9 +38,12 @@ def submit(spec: JobSpec, response: Response, m: ManagerDep) -> JobView:
 
 @router.get("", response_model=JobList, summary="List jobs, newest first", responses=responses(401, 422))
 def list_jobs(m: ManagerDep, state: Annotated[State | None, Query(description="only jobs in this state")] = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> JobList:
-    items, total = m.list(state, limit, offset)
-    return JobList(items=items, total=total, limit=limit, offset=offset)
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+    """From the job index: O(page) whatever the number of jobs (finished jobs' views are rendered once)."""
+    page, total = m.page(state, limit, offset)
+    items = b",".join(m.book.view_json(r) for r in page)
+    body = b'{"items":[%s],"total":%d,"limit":%d,"offset":%d}' % (items, total, limit, offset)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobView, summary="A job's state, progress, throughput and ETA",

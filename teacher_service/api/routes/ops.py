@@ -53,15 +53,13 @@ def metrics(m: ManagerDep) -> Response:
 
     class Jobs:
         def collect(self):
-            recs = m.book.all()
+            counts, rows = m.book.totals()
             by_state = GaugeMetricFamily("darkstore_jobs", "jobs by state", labels=["state"])
             for s in STATES:
-                by_state.add_metric([s], sum(r.state == s for r in recs))
+                by_state.add_metric([s], counts[s])
             yield by_state
-            progress = [(r, r.progress()) for r in recs]
-            yield GaugeMetricFamily("darkstore_rows_written", "rows committed across all job stores",
-                                    value=sum(p.rows_done for _, p in progress))
-            running = [make_view(r, p).rows_per_second or 0.0 for r, p in progress if r.state == "running"]
+            yield GaugeMetricFamily("darkstore_rows_written", "rows committed across all job stores", value=rows)
+            running = [make_view(r, r.progress()).rows_per_second or 0.0 for r in m.page("running", 10**9)[0]]
             yield GaugeMetricFamily("darkstore_rows_per_second", "throughput summed over running jobs",
                                     value=sum(running))
             ok, info = m.ready()
