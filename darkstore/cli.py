@@ -68,6 +68,8 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     precision: Annotated[str, typer.Option(help="teacher forward precision: float32 | bfloat16 | float16 (autocast)")] = "float32",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format")] = False,
+    row_order: Annotated[Optional[str], typer.Option(help="shuffled (default: samples in a seeded random order, so "
+                                                     "class-sorted data streams well-mixed) | natural")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store of another job at --out")] = False,
     views: Annotated[Optional[int], typer.Option(help="K recorded views per sample (needs --augment)")] = None,
@@ -91,6 +93,8 @@ def generate(
         })
     if augment is not None or views is not None:
         spec = spec.model_copy(update={"augment": _augment_spec(augment, views, spec.augment)})
+    if row_order is not None:
+        spec = JobSpec.model_validate({**spec.model_dump(), "row_order": row_order})
     t0 = time.perf_counter()
     with _progress() as progress:
         task = {}
@@ -214,6 +218,9 @@ def train(
     amp: Annotated[str, typer.Option(help="mixed precision: off | bf16 | fp16 (fp16 needs CUDA)")] = "off",
     seed: Annotated[int, typer.Option()] = 0,
     holdout: Annotated[float, typer.Option(help="fraction of rows held out when no --eval-store")] = 0.1,
+    shuffle_buffer_mb: Annotated[float, typer.Option(help="MiB of targets shuffled together (a small store "
+                                                     "shuffles whole); the trainer reports how well batches mix")] = 256.0,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's own choice)")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")] = "cpu",
     num_workers: Annotated[int, typer.Option(help="DataLoader processes streaming the store")] = 0,
     views_per_epoch: Annotated[Optional[int], typer.Option(help="views store: this many random views of each sample per epoch (default: all K)")] = None,
@@ -254,7 +261,8 @@ def train(
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                       holdout=holdout, device=device, num_workers=num_workers, schedule=schedule, warmup=warmup,
                       amp=amp, checkpoint_every=checkpoint_every, deterministic=deterministic,
-                      views_per_epoch=views_per_epoch, view_targets=view_targets)
+                      views_per_epoch=views_per_epoch, view_targets=view_targets,
+                      shuffle_buffer_mb=shuffle_buffer_mb, threads=threads)
     tset = open_transfer_set(data, allow_code=allow_code) if data else None
     etset = open_transfer_set(eval_data, allow_code=allow_code) if eval_data else None
     import os
@@ -298,6 +306,8 @@ def sweep(
     eval_store: Annotated[Optional[Path], typer.Option(help="held-out store every run is evaluated on")] = None,
     parallel: Annotated[Optional[int], typer.Option(help="runs at once (default: one per CPU core, or one per GPU)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda (cuda: run i uses GPU i mod count)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per run (default: the cores shared out "
+                                                   "among the parallel runs)")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
 ):
     """Train one student per grid point in parallel; finished points are skipped; writes mean ± std over seeds."""
@@ -318,7 +328,7 @@ def sweep(
             elif o.state == "finished":
                 console.print(f"finished {o.point.name} in {o.seconds:.1f} s", highlight=False)
 
-        r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device,
+        r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
                       allow_code=allow_code, on_event=on_event)
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)

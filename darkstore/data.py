@@ -111,6 +111,10 @@ class TransferSet(torch.utils.data.Dataset):
         """All hard labels (−1 where unlabeled)."""
         return np.array([int(self[i][1]) for i in range(len(self))], dtype=np.int64)
 
+    def sample_of(self, rows: np.ndarray) -> np.ndarray:
+        """The sample each row reads (the identity here; see :class:`Reordered`)."""
+        return np.asarray(rows, dtype=np.int64)
+
     def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and labels of ``rows``; subclasses with array storage do this without a loop."""
         xs, ys = zip(*(self[int(i)] for i in rows))
@@ -240,6 +244,37 @@ class ImageFolderSet(TransferSet):
             h.update(f"{path.relative_to(self.root).as_posix()}\0{y}\0".encode())
             with open(path, "rb") as f:
                 h.update(hashlib.file_digest(f, "sha256").digest())
+
+
+class Reordered(TransferSet):
+    """A transfer set read in another order: position ``p`` is sample ``order[p]``. Generation writes a
+    store's rows through it, so a class-sorted folder becomes a well-mixed store (``index`` records
+    each row's sample, and everything downstream reads samples through ``index``)."""
+
+    def __init__(self, base: TransferSet, order: np.ndarray):
+        if len(order) != len(base):
+            raise SpecError(f"a row order over {len(order)} samples does not fit a transfer set of {len(base)}")
+        self.base, self.order = base, np.asarray(order, dtype=np.int64)
+        self.spec, self.class_names = base.spec, base.class_names
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.order[i])]
+
+    def get_batch(self, rows):
+        return self.base.get_batch(self.order[np.asarray(rows, dtype=np.int64)])
+
+    def sample_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.order[np.asarray(rows, dtype=np.int64)]
+
+    def labels(self) -> np.ndarray:
+        return self.base.labels()[self.order]
+
+    @property
+    def fingerprint(self) -> str:  # the content is the base set's, whatever the order
+        return self.base.fingerprint
 
 
 def _is_image(p: Path) -> bool:

@@ -67,14 +67,27 @@ class _Op(BaseModel):
 class Affine(_Op):
     op: Literal["affine"]
     degrees: float = Field(0.0, ge=0, le=180)
-    translate: float = Field(0.0, ge=0, le=1, description="max shift, fraction of width/height")
+    translate: float = Field(0.0, ge=0, le=1, description="max shift as a fraction of width/height: the shift is "
+                             "round(u·translate·W), u uniform in [−1, 1], so whole-pixel shifts are not equally likely "
+                             "(translate·W = 2: 0 and ±1 each 25 %, ±2 each 12.5 %); see shift")
+    shift: int | None = Field(None, ge=0, le=4096, description="max shift in whole pixels, each of −shift..shift "
+                              "equally likely (instead of translate)")
     scale: tuple[float, float] = (1.0, 1.0)
+
+    @model_validator(mode="after")
+    def _one_shift(self) -> "Affine":
+        if self.shift is not None and self.translate:
+            raise ValueError("give translate (a fraction) or shift (whole pixels), not both")
+        return self
 
     def names(self):
         return ["angle", "tx", "ty", "scale"]
 
     def draw(self, rng, shape, num_samples):
         h, w = shape[-2:]
+        if self.shift is not None:
+            return [rng.uniform(-self.degrees, self.degrees), float(rng.integers(-self.shift, self.shift + 1)),
+                    float(rng.integers(-self.shift, self.shift + 1)), rng.uniform(*self.scale)]
         return [rng.uniform(-self.degrees, self.degrees), float(round(rng.uniform(-1, 1) * self.translate * w)),
                 float(round(rng.uniform(-1, 1) * self.translate * h)), rng.uniform(*self.scale)]
 
@@ -349,13 +362,15 @@ def recipe_for_replay(record: dict[str, Any]) -> AugmentSpec:
 
 
 class ViewSet:
-    """A transfer set seen through a recipe: row ``r`` is view ``r % K`` of sample ``r // K``.
+    """A transfer set seen through a recipe: row ``r`` is view ``r % K`` of the sample at position ``r // K``
+    (``order[r // K]`` with a shuffled row order, else ``r // K``).
 
     Generation reads inputs through it (``get_batch`` draws and applies the parameters);
     ``params(rows)`` gives what the store records."""
 
-    def __init__(self, base: Any, aug: AugmentSpec):
+    def __init__(self, base: Any, aug: AugmentSpec, order: np.ndarray | None = None):
         self.base, self.aug, self.k = base, aug, aug.views
+        self.order = None if order is None else np.asarray(order, dtype=np.int64)  # position -> sample
         self.spec, self.class_names = base.spec, base.class_names
         x, _ = base.get_batch(np.arange(1))
         self.input_shape = tuple(x.shape[1:])
@@ -368,15 +383,17 @@ class ViewSet:
         return self.base.fingerprint
 
     def sample_of(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(rows, dtype=np.int64) // self.k
+        positions = np.asarray(rows, dtype=np.int64) // self.k
+        return positions if self.order is None else self.order[positions]
 
     def params(self, rows: np.ndarray) -> np.ndarray:
+        """Drawn per (seed, sample, view): a sample gets the same views whatever the store's row order."""
         rows = np.asarray(rows, dtype=np.int64)
-        return self.aug.draw(rows // self.k, rows % self.k, self.input_shape, len(self.base))
+        return self.aug.draw(self.sample_of(rows), rows % self.k, self.input_shape, len(self.base))
 
     def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.asarray(rows, dtype=np.int64)
-        samples = rows // self.k
+        samples = self.sample_of(rows)
         _, y = self.base.get_batch(samples)
         return self.aug.apply(self.base, samples, self.params(rows)), y
 

@@ -6,12 +6,12 @@ trainer depend on it, and it depends on neither.
 
 from .errors import *  # noqa: F401,F403
 from .reader import Chunk, StoreReader, open_store
-from .schema import SCHEMA_VERSION, StoreMeta, TeacherRecord, TransferSetRecord, bytes_per_row, chunk_bounds
+from .schema import SCHEMA_VERSION, StoreMeta, TeacherRecord, TransferSetRecord, bytes_per_row, chunk_bounds, sample_order
 from .writer import FLOAT16_FLOOR, StoreWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Chunk", "StoreReader", "open_store", "SCHEMA_VERSION", "StoreMeta", "TeacherRecord",
-    "TransferSetRecord", "bytes_per_row", "chunk_bounds", "FLOAT16_FLOOR", "StoreWriter", "__version__",
+    "TransferSetRecord", "bytes_per_row", "chunk_bounds", "sample_order", "FLOAT16_FLOOR", "StoreWriter", "__version__",
 ]

@@ -6,7 +6,7 @@ node           shape / dtype          meaning
 ``logits``     [N, C] f16/f32         ensemble targets in log space, row-centred
 ``members``    [M, N, C] (optional)   each teacher's own logits, row-centred
 ``labels``     [N] int64              hard labels, -1 where unlabeled
-``index``      [N] int64              position of each row in the transfer set
+``index``      [N] int64              the sample of each row (its position in the transfer set)
 ``stats``      [n_chunks, 2+M] int64  per chunk: labeled rows, ensemble correct,
                                       then each member's correct count
 ``done``       [n_chunks] uint8       commit mark, written after a chunk's rows
@@ -80,7 +80,12 @@ class StoreMeta(BaseModel):
     job: dict[str, Any] = Field(default_factory=dict, description="the job spec, enough for a worker to resume")
     views: dict[str, Any] | None = Field(
         None, description="recorded views: K, the augmentation recipe, parameter names, pixel digest "
-                          "(row r = view r % K of sample r // K; per-row parameters in `view_params`)")
+                          "(rows r..r+K-1 with r % K == 0 are the K views of one sample, `index` names it; "
+                          "per-row parameters in `view_params`)")
+    row_order: Literal["natural", "shuffled"] = Field(
+        "natural", description="natural: rows follow the transfer set; shuffled: samples in the seeded "
+                               "permutation `sample_order` (class-sorted sets then stream well-mixed)")
+    row_order_seed: int | None = Field(None, description="seed of the shuffled order")
 
     @property
     def views_per_sample(self) -> int:
@@ -97,6 +102,17 @@ class StoreMeta(BaseModel):
     @property
     def num_members(self) -> int:
         return len(self.teachers)
+
+
+def sample_order(meta: StoreMeta) -> "np.ndarray | None":
+    """The samples in store order (position p holds sample ``order[p]``), or None for the natural order.
+    Every writer of a store derives the same order from its recorded seed."""
+    if meta.row_order == "natural":
+        return None
+    import numpy as np
+
+    n = meta.transfer_set.num_samples
+    return np.random.default_rng(meta.row_order_seed).permutation(n).astype(np.int64)
 
 
 def chunk_bounds(i: int, chunk_rows: int, num_rows: int) -> tuple[int, int]:

@@ -82,6 +82,38 @@ def shard_plan(rows_by_chunk: Sequence[np.ndarray], *, epoch: int, shard: int, n
     return batches
 
 
+def window_chunks(meta, buffer_mb: float, members: bool = False) -> int:
+    """Chunks in one shuffle window: as many as ``buffer_mb`` MiB of targets hold (at least one). A
+    window in bytes, not chunks, so small stores shuffle whole and large ones stay within memory."""
+    from storage import bytes_per_row
+
+    row = bytes_per_row(meta)
+    if not members and meta.keep_members:  # members are read only when re-temperature needs them
+        row -= (2 if meta.dtype == "float16" else 4) * meta.num_classes * meta.num_members
+    return max(1, int(buffer_mb * (1 << 20) // max(1, row * meta.chunk_rows)))
+
+
+def batch_mixing(stream: "StoreStream", labels: np.ndarray, epoch: int = 1) -> dict[str, float] | None:
+    """How well one epoch's batches mix the classes: the mean number of distinct labels in a full batch,
+    against its expectation under a full shuffle of the same rows. None without labels."""
+    rows = np.concatenate(stream.rows_by_chunk_in(epoch) or [np.zeros(0, np.int64)])
+    y = labels[rows]
+    y = y[y >= 0]
+    if len(y) == 0:
+        return None
+    plan = shard_plan(stream.rows_by_chunk_in(epoch), epoch=epoch, shard=0, num_shards=stream.world_size *
+                      stream.num_workers, seed=stream.seed, shuffle=stream.shuffle, buffer_chunks=stream.buffer_chunks,
+                      batch_size=stream.batch_size, drop_last=True)
+    got = [len(np.unique(yb[yb >= 0])) for yb in (labels[b] for b in plan)]
+    if not got:
+        return None
+    p = np.bincount(y) / len(y)
+    b = stream.batch_size * len(y) / len(rows)  # labeled rows in a batch
+    expected = float(np.sum(1 - (1 - p[p > 0]) ** b))
+    return {"labels_per_batch": float(np.mean(got)), "full_shuffle": expected,
+            "ratio": float(np.mean(got) / expected), "window_chunks": stream.buffer_chunks}
+
+
 class StoreStream(torch.utils.data.IterableDataset):
     """One epoch of batches for one rank; DataLoader workers split it by shard."""
 
@@ -410,4 +442,4 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
     return StudentLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 
-__all__ = ["Batch", "StoreStream", "StudentLoader", "make_loader", "shard_plan"]
+__all__ = ["Batch", "StoreStream", "StudentLoader", "batch_mixing", "make_loader", "shard_plan", "window_chunks"]

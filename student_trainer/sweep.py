@@ -167,8 +167,10 @@ def default_parallel(device: str) -> int:
 def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = None,
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
-              poll: float = 0.2) -> SweepResult:
-    """Train every point not finished yet, ``parallel`` at a time; then write the results tables."""
+              poll: float = 0.2, threads: int | None = None) -> SweepResult:
+    """Train every point not finished yet, ``parallel`` at a time; then write the results tables.
+    ``threads``: torch threads per point (default: the CPU cores shared out among the parallel points;
+    a point's own ``threads`` in the grid wins)."""
     out = Path(out).resolve()
     store = store or spec.store
     if store is None:
@@ -183,7 +185,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
     }, indent=2))
     parallel = parallel or default_parallel(device)
     gpus = device == "cuda"
-    threads = max(1, (os.cpu_count() or 1) // parallel) if not device.startswith("cuda") else 1
+    threads = threads or (max(1, (os.cpu_count() or 1) // parallel) if not device.startswith("cuda") else 1)
 
     outcomes: list[PointOutcome] = []
     todo: list[Point] = []
@@ -203,12 +205,13 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                 slot, p = free.pop(0), todo.pop(0)
                 run_dir = out / "runs" / p.name
                 run_dir.mkdir(parents=True, exist_ok=True)
-                cfg = p.config.model_copy(update={"device": f"cuda:{slot}" if gpus else device})
+                cfg = p.config.model_copy(update={"device": f"cuda:{slot}" if gpus else device,
+                                                  "threads": p.config.threads or threads})
                 (run_dir / "point.json").write_text(json.dumps({
                     "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": str(Path(store).resolve()),
                     "eval_store": str(Path(eval_store).resolve()) if eval_store else None, "allow_code": allow_code,
                 }, indent=2))
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads), DARKSTORE_TORCH_THREADS=str(threads))
+                env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))  # OpenMP reads it at start-up
                 log = (run_dir / "train.log").open("a")
                 proc = subprocess.Popen([sys.executable, "-m", "student_trainer.sweep", str(run_dir)],
                                         stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
@@ -310,11 +313,8 @@ BUSY = 75  # exit status of a point another process holds
 
 def _run_point(run_dir: Path) -> int:
     """Train one point (the child process of a sweep)."""
-    import torch
-
     from .train import train
 
-    torch.set_num_threads(int(os.environ.get("DARKSTORE_TORCH_THREADS", "1")))
     lock = (run_dir / ".lock").open("w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

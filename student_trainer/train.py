@@ -35,7 +35,7 @@ from storage.errors import RunDirError, SchemaError, SpecError
 
 from . import losses
 from .dataset import check_transfer_set
-from .loader import make_loader
+from .loader import batch_mixing, make_loader, window_chunks
 from .metrics import evaluate_logits
 from .retemper import plan
 
@@ -65,7 +65,9 @@ class TrainConfig(BaseModel):
     holdout: float = Field(0.1, ge=0, lt=1, description="fraction of store rows held out when no eval store is given")
     device: str = "cpu"
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes streaming the store")
-    buffer_chunks: int = Field(4, ge=1, description="store chunks shuffled together")
+    shuffle_buffer_mb: float = Field(256.0, gt=0, description="MiB of targets shuffled together (the window; up to "
+                                     "three windows are in memory with read-ahead). Whole small stores shuffle at once")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     views_per_epoch: int | None = Field(None, ge=1, description="views store: random views of each sample per "
                                                               "epoch (None: all K)")
     view_targets: Literal["matched", "clean"] = Field(
@@ -269,6 +271,24 @@ def probe_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, 
                         f"{reader.meta.num_classes} classes: expected [batch, {reader.meta.num_classes}]")
 
 
+MIXING_WARN = 0.9
+
+
+def report_mixing(loader, reader: StoreReader, log: Callable[[str], None] | None) -> dict[str, float] | None:
+    """Say how well batches mix the classes (against a full shuffle); warn when they mix poorly."""
+    m = batch_mixing(loader.stream, np.asarray(reader.labels[:]))
+    if m is None or log is None:
+        return m
+    line = (f"batches: {m['labels_per_batch']:.1f} distinct labels per batch on average, {m['full_shuffle']:.1f} "
+            f"under a full shuffle ({100 * m['ratio']:.0f} %; shuffle window {m['window_chunks']} chunk(s))")
+    if m["ratio"] < MIXING_WARN:
+        log(f"warning: poorly mixed {line}: raise --shuffle-buffer-mb, or regenerate the store with "
+            "--row-order shuffled (the default for new stores)")
+    else:
+        log(line)
+    return m
+
+
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))
 
@@ -341,15 +361,19 @@ def train(
         log("warning: --alpha 0 asks for hard labels only, but no training row has a label: the student learns "
             "from the soft targets alone (unlabeled rows always get the soft term), and accuracy cannot be measured")
     device = dist.init(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     loader = make_loader(reader, train_rows, batch_size=config.batch_size, seed=config.seed, shuffle=True,
-                         num_workers=config.num_workers, buffer_chunks=config.buffer_chunks,
+                         num_workers=config.num_workers,
+                         buffer_chunks=window_chunks(meta, config.shuffle_buffer_mb, members=rt.needs_members),
                          rank=dist.rank, world_size=dist.world, views_per_epoch=config.views_per_epoch,
                          view_targets=config.view_targets,
                          members=rt.needs_members, data=data, pin_memory=device.startswith("cuda"),
                          allow_code=allow_code, roots=roots)
 
+    mixing = report_mixing(loader, reader, log if dist.main else None)
     torch.manual_seed(config.seed)
     lm = load_model(config.student, num_classes=meta.num_classes, allow_code=allow_code, roots=roots,
                     require_weights=False)
@@ -513,6 +537,7 @@ def train(
                 "num_params": count_params(model),
                 "weights_sha256": digest,
                 "retemper": {"mode": rt.mode, "exact": rt.exact, "description": rt.describe()},
+                "mixing": mixing,
                 "world_size": dist.world,
                 "steps": step,
                 "final": final,

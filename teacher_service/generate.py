@@ -22,7 +22,7 @@ import torch
 import darkstore
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
-from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord
+from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
 from storage.writer import write_chunk_at
 from storage.errors import (ClassCountMismatchError, DarkstoreError, DataError, LimitExceededError,
                             NonFiniteLogitsError, SpecError)
@@ -208,10 +208,26 @@ def prepare(
         job=spec.model_dump(mode="json"),
         views=views,
     )
+    if spec.row_order == "shuffled":  # the seed comes from the job key: every worker derives the same order
+        meta = meta.model_copy(update={"row_order": "shuffled", "row_order_seed": int(meta.job_key[:15], 16)})
     if channels_last:
         for mm in members:
             mm.module.to(memory_format=torch.channels_last)
     return PreparedJob(spec, members, data, meta, dev, channels_last)
+
+
+def in_store_order(data, meta: StoreMeta):
+    """The rows of ``meta``'s store: the transfer set (or its views) in the store's recorded row order —
+    the store's, not the spec's, so a store resumed by another version keeps its order."""
+    order = sample_order(meta)
+    if order is None:
+        return data
+    from darkstore.data import Reordered
+    from darkstore.views import ViewSet
+
+    if isinstance(data, ViewSet):
+        return ViewSet(data.base, data.aug, order)
+    return Reordered(data, order)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -247,14 +263,15 @@ def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
     return host, ev
 
 
-def _check_finite_mask(finite: np.ndarray, names: Sequence[str], start: int) -> None:
-    """finite [M, rows]: name the first member with NaN/Inf output and its rows."""
+def _check_finite_mask(finite: np.ndarray, names: Sequence[str], samples: np.ndarray) -> None:
+    """finite [M, rows]: name the first member with NaN/Inf output and the samples (transfer-set positions)
+    it failed on — what a user can look up, whatever the store's row order."""
     for name, ok in zip(names, finite):
-        bad = np.flatnonzero(~ok)
+        bad = np.sort(samples[np.flatnonzero(~ok)])
         if len(bad):
-            rows = bad + start
-            shown = ", ".join(map(str, rows[:10])) + (f" … ({len(rows)} rows)" if len(rows) > 10 else "")
-            raise NonFiniteLogitsError(f"teacher {name!r} produced NaN/Inf logits for rows {shown}")
+            shown = ", ".join(map(str, bad[:10])) + (f" … ({len(bad)} samples)" if len(bad) > 10 else "")
+            raise NonFiniteLogitsError(f"teacher {name!r} produced NaN/Inf logits for samples {shown} "
+                                       "(positions in the transfer set)")
 
 
 def run_chunks(
@@ -307,9 +324,10 @@ def run_chunks(
     procs = _writer_pool(writers) if writer_processes else None
     ens, meta = job.ensemble, writer.meta
     names = [mm.name for mm in job.members]
-    views = job.data if meta.views else None
+    data = in_store_order(job.data, meta)
+    views = data if meta.views else None
     loader = torch.utils.data.DataLoader(
-        _Batches(job.data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
+        _Batches(data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
         num_workers=num_workers, pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
@@ -337,15 +355,16 @@ def run_chunks(
                     ev.synchronize()
             fin, ell_h, stats_h, *mem = (h.numpy() for h, _ in hosts)
             if not fin.all():
-                _check_finite_mask(fin, names, start)
+                _check_finite_mask(fin, names, data.sample_of(np.arange(start, stop)))
             c = meta.num_classes
             if (y >= c).any():
                 raise ClassCountMismatchError(
                     f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
             rows = np.arange(start, stop)
-            kw = {"logits": ell_h, "labels": y, "index": rows, "members": mem[0] if mem else None, "stats": stats_h}
-            if views is not None:  # row = (sample, view): the sample, and the view's recorded parameters
-                kw.update(index=views.sample_of(rows), view_params=views.params(rows))
+            kw = {"logits": ell_h, "labels": y, "index": data.sample_of(rows), "members": mem[0] if mem else None,
+                  "stats": stats_h}
+            if views is not None:  # row = (sample, view): the view's recorded parameters too
+                kw.update(view_params=views.params(rows))
             if procs is not None:
                 procs.submit(write_chunk_at, str(writer.path), i, kw).result()
             else:

@@ -68,6 +68,10 @@ class JobSpec(BaseModel):
         "float32", description="teacher forward precision (autocast); part of the job's identity")
     augment: AugmentSpec | None = Field(
         None, description="K recorded views per sample (row = (sample, view)); see darkstore.views")
+    row_order: Literal["shuffled", "natural"] = Field(
+        "shuffled", description="shuffled (default): samples are stored in a seeded random order, so a store made "
+        "from a class-sorted set (an image folder) streams well-mixed batches; natural: transfer-set order. Not "
+        "part of the job's identity: both orders hold the same targets for every sample")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "JobSpec":

@@ -79,9 +79,12 @@ def ensemble(tmp_path) -> Path:
 
 
 def job(ensemble: Path, data: Path, **options):
+    """A job spec. Rows in transfer-set order unless ``row_order`` says otherwise: these tests compare rows
+    with references computed in that order (test_mixing and the service tests cover the shuffled default)."""
     from darkstore.data import parse_data_spec
     from teacher_service.spec import EnsembleSpec, JobSpec
 
+    options.setdefault("row_order", "natural")
     return JobSpec.model_validate({"teachers": EnsembleSpec.from_file(ensemble), "data": parse_data_spec(data), **options})
 
 

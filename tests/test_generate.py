@@ -19,6 +19,7 @@ from storage import open_store
 from storage.errors import (
     ClassCountMismatchError,
     CodeNotAllowedError,
+    DataError,
     DataNotFoundError,
     DarkstoreError,
     NonFiniteLogitsError,
@@ -226,7 +227,7 @@ def test_nan_output_names_member_and_rows(tmp_path, ensemble):
     x = rng.random((200, 1, 8, 8), dtype=np.float32)
     x[[130, 170]] = np.nan  # e.g. corrupt inputs in the second chunk
     np.savez(tmp_path / "nan.npz", x=x, y=rng.integers(0, 5, 200))
-    with pytest.raises(NonFiniteLogitsError, match=r"teacher 't0'.*rows 130, 170"):
+    with pytest.raises(NonFiniteLogitsError, match=r"teacher 't0'.*samples 130, 170 "):
         generate(job(ensemble, tmp_path / "nan.npz", chunk_rows=100), tmp_path / "s")
     r = open_store(tmp_path / "s", allow_incomplete=True)
     assert r.done.tolist() == [True, False]  # the clean chunk is kept, the bad one never marked
@@ -236,7 +237,7 @@ def test_unreadable_data_path(tmp_path, ensemble):
     with pytest.raises(DataNotFoundError, match="missing.npz"):
         generate(job(ensemble, tmp_path / "missing.npz"), tmp_path / "s")
     (tmp_path / "garbage.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataNotFoundError, match="cannot read"):
+    with pytest.raises(DataError, match="cannot read"):
         generate(job(ensemble, tmp_path / "garbage.npz"), tmp_path / "s")
     _no_complete_store(tmp_path / "s")
 

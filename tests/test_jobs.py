@@ -101,7 +101,7 @@ def test_failures_are_recorded_not_lost(tmp_path, ensemble):
     try:
         rec, _ = runner.submit(job(ensemble, tmp_path / "nan.npz"))
         done = runner.wait(rec.id)
-        assert done.state == "failed" and "rows 42" in done.error
+        assert done.state == "failed" and "samples 42 " in done.error
         assert not open_store(rec.store, allow_incomplete=True).complete
         with pytest.raises(WeightsNotFoundError):
             spec = job(ensemble, tmp_path / "nan.npz")

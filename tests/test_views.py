@@ -61,8 +61,9 @@ def test_replayed_views_are_the_pixels_the_teachers_saw(tmp_path):
     for b in batches:
         assert torch.equal(b.x, seen[b.rows])  # bit for bit
     # the views really are augmented: view 0 is the clean input, the others differ from it
-    with np.load(arrays) as z:
-        clean = torch.from_numpy(z["x"])
+    with np.load(arrays) as z:  # the store's rows are in its (default: shuffled) sample order
+        clean = torch.from_numpy(z["x"])[torch.from_numpy(np.asarray(reader.index[0::K]))]
+    assert reader.meta.row_order == "shuffled"
     assert torch.equal(seen[0::K], clean)
     assert all(not torch.equal(seen[v::K], clean) for v in range(1, K))
 
@@ -246,3 +247,20 @@ def test_clean_view_targets_ablation_pairs_views_with_their_samples_clean_target
         assert np.array_equal(b.logits.numpy(), all_logits[(b.rows.numpy() // K) * K])  # view 0's targets
     with pytest.raises(ValueError, match="view_targets"):
         make_loader(reader, np.arange(8), batch_size=4, view_targets="stale")
+
+
+def test_affine_shift_draws_whole_pixels_uniformly_translate_does_not():
+    from darkstore.views import AugmentSpec
+
+    def shifts(op):
+        aug = AugmentSpec.model_validate({"views": 2, "ops": [op], "clean_view0": False})
+        p = aug.draw(np.arange(20000), np.zeros(20000, dtype=np.int64), (1, 8, 8), 20000)
+        tx = p[:, aug.param_names().index("affine0.tx")]
+        return np.bincount(tx.astype(int) + 2, minlength=5) / len(p)
+
+    uniform = shifts({"op": "affine", "shift": 2})
+    np.testing.assert_allclose(uniform, [0.2] * 5, atol=0.015)
+    fraction = shifts({"op": "affine", "translate": 0.25})  # 0.25 · 8 px = 2 px: the documented, uneven law
+    np.testing.assert_allclose(fraction, [0.125, 0.25, 0.25, 0.25, 0.125], atol=0.015)
+    with pytest.raises(Exception, match="not both"):
+        AugmentSpec.model_validate({"views": 2, "ops": [{"op": "affine", "shift": 1, "translate": 0.1}]})
