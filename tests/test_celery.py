@@ -39,13 +39,24 @@ def spec_for(counter: Path, delay: float, **options) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("celery")
+def make_site(tmp: Path) -> dict:
+    """A data root (one teacher, the transfer set) and the reference store: `darkstore generate` on the same
+    spec as the first test's job."""
     root = tmp / "data"
     root.mkdir()
     make_ensemble(root / "teachers", [{"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 4}}])
     make_arrays(root / "transfer.npz", n=N)
+    counter = tmp / "forwards"
+    (root / "job.yaml").write_text(yaml.safe_dump(spec_for(counter, 0.1)))
+    subprocess.run([*DARKSTORE, "generate", "--job", str(root / "job.yaml"), "--out", str(tmp / "reference"),
+                    "--allow-code", "--batch-size", str(CHUNK)], env=cli_env(), check=True, timeout=300)
+    return {"tmp": tmp, "root": root, "counter": counter, "ref": open_store(tmp / "reference").read_all()}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    site = make_site(tmp_path_factory.mktemp("celery"))
+    tmp, root = site["tmp"], site["root"]
     redis = Redis(tmp)
     settings = dict(home=tmp / "home", data_roots=root, broker_url=redis.url, allow_code=True, device="cpu",
                     batch_size=CHUNK, chunks_per_task=3, task_time_limit=5, visibility_timeout=6,
@@ -56,14 +67,7 @@ def cluster(tmp_path_factory):
         procs["api"] = Api(env, tmp / "api.log")
         procs["a"] = Worker(env, tmp / "worker-a.log", "a")
         procs["b"] = Worker(env, tmp / "worker-b.log", "b")
-        counter = tmp / "forwards"
-        # the reference: `darkstore generate` on the same spec as the first test's job
-        (root / "job.yaml").write_text(yaml.safe_dump(spec_for(counter, 0.1)))
-        subprocess.run([*DARKSTORE, "generate", "--job", str(root / "job.yaml"), "--out", str(tmp / "reference"),
-                        "--allow-code", "--batch-size", str(CHUNK)], env=cli_env(), check=True, timeout=300)
-        ref = open_store(tmp / "reference").read_all()
-        yield {"tmp": tmp, "root": root, "env": env, "procs": procs, "counter": counter, "ref": ref,
-               "settings": Settings(**settings)}
+        yield {**site, "env": env, "procs": procs, "settings": Settings(**settings)}
     finally:
         for p in reversed(list(procs.values())):
             p.stop()

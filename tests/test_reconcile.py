@@ -20,7 +20,7 @@ from teacher_service.client import DarkstoreClient
 
 from .conftest import DARKSTORE, cli_env, make_arrays, make_ensemble
 from .procs import Api, Redis, Worker, service_env
-from .test_celery import CHUNK, N, running_task, same_as_reference, spec_for, wait_chunks
+from .test_celery import CHUNK, N, make_site, running_task, same_as_reference, spec_for, wait_chunks
 
 pytestmark = pytest.mark.slow
 LEASE, INTERVAL = 2.0, 0.5
@@ -30,16 +30,7 @@ BOUND = LEASE + 2 * INTERVAL + 10
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reconcile")
-    root = tmp / "data"
-    root.mkdir()
-    make_ensemble(root / "teachers", [{"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 4}}])
-    make_arrays(root / "transfer.npz", n=N)
-    counter = tmp / "forwards"
-    (root / "job.yaml").write_text(yaml.safe_dump(spec_for(counter, 0.1)))
-    subprocess.run([*DARKSTORE, "generate", "--job", str(root / "job.yaml"), "--out", str(tmp / "reference"),
-                    "--allow-code", "--batch-size", str(CHUNK)], env=cli_env(), check=True, timeout=300)
-    return {"tmp": tmp, "root": root, "counter": counter, "ref": open_store(tmp / "reference").read_all()}
+    return make_site(tmp_path_factory.mktemp("reconcile"))
 
 
 class Cluster:
