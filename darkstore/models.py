@@ -79,6 +79,10 @@ class ModelSpec(BaseModel):
     format: WeightFormat = "auto"
     factory: str | None = None
     preprocess: Preprocess = Field(default_factory=Preprocess)
+    key_map: dict[str, str] = Field(
+        default_factory=dict, description="rename weight keys before loading, by prefix: {'module.': ''} drops DDP's "
+        "prefix; {'0.': 'net.1.', '2.': 'net.3.'} loads a plain nn.Sequential MLP into the built-in mlp. The longest "
+        "matching prefix wins; loading stays strict")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -342,7 +346,7 @@ def load_model(
         if not isinstance(module, nn.Module):
             raise SpecError(f"factory {spec.factory} returned {type(module).__name__}, not a torch.nn.Module")
         if path is not None:
-            _load_into(module, load_state_dict(path, fmt), path)
+            _load_into(module, load_state_dict(path, fmt), path, spec.key_map)
         return LoadedModel(spec, module, "factory", path, digest)
 
     if fmt in CODE_FORMATS:
@@ -360,18 +364,38 @@ def load_model(
         raise SpecError(f"{spec.label!r}: num_classes is unknown; set it on the model or the ensemble")
     module = build_model(spec.arch, c, **spec.arch_kwargs)
     if path is not None:
-        _load_into(module, load_state_dict(path, fmt), path)
+        _load_into(module, load_state_dict(path, fmt), path, spec.key_map)
     elif require_weights:
         raise SpecError(f"{spec.label!r} names no weights; a teacher without weights would be random")
     return LoadedModel(spec, module, fmt, path, digest)
 
 
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def remap_keys(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename keys by prefix (the longest matching prefix wins); two keys landing on one name is an error."""
+    if not key_map:
+        return state
+    prefixes = sorted(key_map, key=len, reverse=True)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        p = next((p for p in prefixes if k.startswith(p)), None)
+        new = key_map[p] + k[len(p):] if p is not None else k
+        if new in out:
+            raise WeightsError(f"key_map maps two weights onto {new!r}")
+        out[new] = v
+    return out
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path,
+               key_map: dict[str, str] | None = None) -> None:
+    state = remap_keys(state, key_map or {})
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         msg = str(exc).split("\n\t", 1)[-1].replace("\n\t", "; ")
-        raise WeightsError(f"{path} does not fit the architecture: {msg[:600]}") from exc
+        file_keys = ", ".join(list(state)[:4])
+        model_keys = ", ".join(list(module.state_dict())[:4])
+        raise WeightsError(f"{path} does not fit the architecture: {msg[:600]} (file keys start {file_keys}; the "
+                           f"model's {model_keys}: a key_map renames keys by prefix)") from exc
 
 
 def save_weights(module: nn.Module, path: str | Path) -> str:

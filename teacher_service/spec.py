@@ -99,7 +99,7 @@ class JobSpec(BaseModel):
         return {
             "teachers": [
                 {**m.model_dump(include={"arch", "arch_kwargs", "num_classes", "factory", "preprocess"}),
-                 "format": m.format, "sha256": h}
+                 "format": m.format, "sha256": h, **({"key_map": m.key_map} if m.key_map else {})}
                 for m, h in zip(self.teachers.members, weight_hashes)
             ],
             "num_classes": self.teachers.num_classes,

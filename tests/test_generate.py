@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -333,3 +334,36 @@ def test_writer_processes_write_the_same_store(tmp_path, ensemble, arrays):
     a, b = out["threads"], out["processes"]
     assert np.array_equal(a.logits, b.logits) and np.array_equal(a.index, b.index) and np.array_equal(a.labels, b.labels)
     assert np.array_equal(_open(tmp_path / "threads").view_params[:], _open(tmp_path / "processes").view_params[:])
+
+
+def test_key_map_loads_weights_saved_under_other_names(tmp_path, arrays):
+    """A plain nn.Sequential MLP (keys 0.*, 2.*) and a DDP-wrapped one (module.net.*) load into the built-in mlp
+    with a key_map; without it the error says how; the loaded teacher computes what the original computes."""
+    from safetensors.torch import save_file
+
+    from darkstore.models import ModelSpec, load_model
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    builtin = build_model("mlp", 5, in_features=64, hidden=[16])
+    save_file({f"module.{k}": v.contiguous() for k, v in builtin.state_dict().items()}, str(tmp_path / "ddp.safetensors"))
+    spec = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]}, "num_classes": 5}
+    with pytest.raises(WeightsError, match="key_map"):
+        load_model(ModelSpec(**spec, weights=str(tmp_path / "plain.safetensors")))
+    lm = load_model(ModelSpec(**spec, weights=str(tmp_path / "plain.safetensors"),
+                              key_map={"0.": "net.1.", "2.": "net.3."}))
+    x = torch.rand(7, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.forward(x), plain(x.flatten(1)), rtol=0, atol=0)
+    lm = load_model(ModelSpec(**spec, weights=str(tmp_path / "ddp.safetensors"), key_map={"module.": ""}))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.forward(x), builtin(x), rtol=0, atol=0)
+    # part of the job's identity only when set: keys of jobs without it are unchanged
+    from teacher_service.spec import JobSpec
+
+    base = {"teachers": {"members": [{**spec, "weights": "w"}]}, "data": {"kind": "arrays", "path": "x.npz"}}
+    mapped = {"teachers": {"members": [{**spec, "weights": "w", "key_map": {"0.": "net.1."}}]},
+              "data": {"kind": "arrays", "path": "x.npz"}}
+    a, b = JobSpec.model_validate(base), JobSpec.model_validate(mapped)
+    assert "key_map" not in json.dumps(a.identity(["h"], "f")) and a.job_key(["h"], "f") != b.job_key(["h"], "f")
