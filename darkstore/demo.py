@@ -188,7 +188,7 @@ def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, q
     rows.append(_row("student, hard labels only", [r["accuracy"] for r in results["baseline"]], n_test, n_params))
     rows.append(_row(f"student, distilled (α={ALPHA}, T={TEMPERATURE:g})",
                      [r["accuracy"] for r in results["distilled"]], n_test, n_params))
-    rows.append(_row(f"student, the same views with their samples' clean targets (stale; same steps)",
+    rows.append(_row("student, the same views with their samples' clean targets (stale; same steps)",
                      [r["accuracy"] for r in results["stale"]], n_test, n_params))
     rows.append(_row(f"student, distilled on {k} recorded views ({describe_views()}; same steps)",
                      [r["accuracy"] for r in results["views"]], n_test, n_params))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
@@ -104,13 +105,11 @@ class StoreMeta(BaseModel):
         return len(self.teachers)
 
 
-def sample_order(meta: StoreMeta) -> "np.ndarray | None":
+def sample_order(meta: StoreMeta) -> np.ndarray | None:
     """The samples in store order (position p holds sample ``order[p]``), or None for the natural order.
     Every writer of a store derives the same order from its recorded seed."""
     if meta.row_order == "natural":
         return None
-    import numpy as np
-
     n = meta.transfer_set.num_samples
     return np.random.default_rng(meta.row_order_seed).permutation(n).astype(np.int64)
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import redis
 
-from .jobs import ACTIVE, JobBook, JobRecord, _now, _ts
+from .jobs import ACTIVE, JobBook, JobRecord, _ts
 
 log = logging.getLogger(__name__)
 PREFIX = "darkstore"

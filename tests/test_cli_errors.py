@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from .conftest import DARKSTORE, cli_env, make_arrays, make_ensemble

@@ -7,7 +7,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 from storage import open_store
 from student_trainer.loader import batch_mixing, make_loader, window_chunks

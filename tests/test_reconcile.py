@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import time
 from datetime import datetime
 
 import pytest
-import yaml
 
-from storage import open_store
 from teacher_service.client import DarkstoreClient
 
-from .conftest import DARKSTORE, cli_env, make_arrays, make_ensemble
 from .procs import Api, Redis, Worker, service_env
 from .test_celery import CHUNK, N, make_site, running_task, same_as_reference, spec_for, wait_chunks
 
