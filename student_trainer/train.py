@@ -305,6 +305,267 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class _Recipe:
+    """One training run, read top to bottom: data (:meth:`setup_data`), model and optimiser
+    (:meth:`setup_model`), the run folder (:meth:`start`), then epochs of steps (:meth:`epoch`,
+    :meth:`step`) with checkpoints (:meth:`checkpoint`), and the finished run (:meth:`finish`).
+    The order of everything that draws random numbers is fixed: a resumed run reaches the same weights."""
+
+    def __init__(self, config: TrainConfig, out: Path, dist: _Dist, *, allow_code: bool,
+                 roots: Sequence[str | Path] | None, log: Callable[[str], None] | None):
+        self.config, self.out, self.dist = config, out, dist
+        self.allow_code, self.roots = allow_code, roots
+        self.log = log if dist.main else None  # what the run says once
+        self.rank_log = log  # what every rank says for itself
+        self.cfg_json = config.model_dump(mode="json")
+        self.ckpt_path = out / "checkpoint.pt"
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.steps_done, self.accum, self.t_prior = 1, 0, [0.0, 0], 0.0
+        self.resumed_from: str | None = None
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup_data(self, store, data, eval_store, eval_data, allow_incomplete: bool) -> None:
+        c, log = self.config, self.log
+        check_device(c)
+        self.reader = reader = store if isinstance(store, StoreReader) else open_store(
+            store, allow_incomplete=allow_incomplete)
+        self.meta = reader.meta
+        self.rt = plan(self.meta, c.temperature)
+        if log and c.alpha > 0:
+            log(f"targets: {self.rt.describe()}")
+        self.data = open_checked(reader, data, allow_code=self.allow_code, roots=self.roots)
+        ev_reader = None
+        self.ev_data = self.data
+        if eval_store is not None:
+            ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
+            if ev_reader.meta.num_classes != self.meta.num_classes:
+                raise SchemaError("the eval store has a different class count from the training store")
+            self.ev_data = open_checked(ev_reader, eval_data, allow_code=self.allow_code, roots=self.roots)
+        self.has_eval_store = eval_store is not None
+        self.train_rows, self.ev_rows = eval_split(reader, c.holdout, ev_reader)
+        self.ev_reader = ev_reader or reader
+        if c.alpha == 0 and log and not (np.asarray(reader.labels[:])[self.train_rows] >= 0).any():
+            log("warning: --alpha 0 asks for hard labels only, but no training row has a label: the student learns "
+                "from the soft targets alone (unlabeled rows always get the soft term), and accuracy cannot be "
+                "measured")
+        self.device = device = self.dist.init(c.device)
+        if c.threads is not None:
+            torch.set_num_threads(c.threads)
+        if c.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.loader = make_loader(
+            reader, self.train_rows, batch_size=c.batch_size, seed=c.seed, shuffle=True, num_workers=c.num_workers,
+            buffer_chunks=window_chunks(self.meta, c.shuffle_buffer_mb, members=self.rt.needs_members),
+            rank=self.dist.rank, world_size=self.dist.world, views_per_epoch=c.views_per_epoch,
+            view_targets=c.view_targets, members=self.rt.needs_members, data=self.data,
+            pin_memory=device.startswith("cuda"), allow_code=self.allow_code, roots=self.roots)
+        self.mixing = report_mixing(self.loader, reader, log)
+
+    def setup_model(self) -> None:
+        c, dist, device = self.config, self.dist, self.device
+        torch.manual_seed(c.seed)
+        lm = load_model(c.student, num_classes=self.meta.num_classes, allow_code=self.allow_code, roots=self.roots,
+                        require_weights=False)
+        self.model, self.spec = lm.module.to(device), c.student
+        if self.spec.num_classes is None:
+            self.spec = self.spec.model_copy(update={"num_classes": self.meta.num_classes})
+        probe_student(self.model, self.spec, self.reader, self.data, device)
+        self.net = self.model
+        if dist.on:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+        params = self.model.parameters()
+        self.opt = (torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay) if c.optimizer == "adamw" else
+                    torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True))
+        # every rank runs the same number of steps per epoch (the smallest rank's): DDP needs it
+        mine = [self.loader.batches_in_epoch(e) for e in range(1, c.epochs + 1)]
+        self.per_epoch = dist.all_min(mine, device)
+        skipped = sum(mine) - sum(self.per_epoch)
+        if dist.on and skipped and self.rank_log:
+            self.rank_log(f"rank {dist.rank}: {skipped} of {sum(mine)} batches over the run are beyond the smallest "
+                          "rank's count and are skipped (chunks are dealt to ranks whole; more chunks per rank, fewer "
+                          "skipped)")
+        steps = max(1, sum(self.per_epoch))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(c.schedule, steps, int(c.warmup * steps)))
+        self.dev_type = torch.device(device).type
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.amp]
+        self.scaler = torch.amp.GradScaler(self.dev_type, enabled=c.amp == "fp16")
+
+    # -- the run folder and checkpoints ---------------------------------------------------------
+    def start(self, resume: bool) -> None:
+        """Restore the checkpoint (``resume``), or clear a previous run; write config.json and metrics so far."""
+        out, dist = self.out, self.dist
+        if resume and self.ckpt_path.exists():
+            self.restore(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+            if self.log:
+                self.log(f"resumed from {self.ckpt_path}: {self.resumed_from}")
+        elif dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in ("summary.json", "eval.json", "checkpoint.pt", "student.safetensors"):
+                (out / stale).unlink(missing_ok=True)
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.cfg_json, out / "config.json")
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def restore(self, ck: dict[str, Any]) -> None:
+        if ck.get("version") != CHECKPOINT_VERSION:
+            raise RunDirError(f"{self.ckpt_path} has checkpoint version {ck.get('version')}; this darkstore writes "
+                              f"{CHECKPOINT_VERSION}")
+        diff = _config_diff(json.loads(ck["config"]), self.cfg_json)
+        if diff:
+            raise RunDirError(f"{self.ckpt_path} was written with another config (differs in {', '.join(diff)}); "
+                              "resume with the same settings or train into a new --out")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.loader.load_state_dict(ck["loader"])
+        torch.set_rng_state(ck["rng"])
+        if ck.get("cuda_rng") is not None and self.dev_type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"], torch.device(self.device))
+        self.history, self.steps_done = list(ck["history"]), int(ck["step"])
+        if ck["epoch_done"]:
+            self.start_epoch = int(ck["epoch"]) + 1
+        else:
+            self.start_epoch, self.accum, self.t_prior = int(ck["epoch"]), list(ck["accum"]), float(ck["seconds"])
+        self.resumed_from = f"epoch {ck['epoch']}{'' if ck['epoch_done'] else ' (mid-epoch)'} step {self.steps_done}"
+
+    def checkpoint(self, epoch: int, done: bool, seconds: float) -> None:
+        dist = self.dist
+        loader_state = self.loader.state_dict()
+        if dist.on:  # each rank knows its own shards' progress: merge them
+            import torch.distributed as tdist
+
+            states: list[Any] = [None] * dist.world
+            tdist.all_gather_object(states, loader_state)
+            loader_state = dict(loader_state, seen={k: v for s in states for k, v in s["seen"].items()})
+        if not dist.main:
+            return
+        _save_atomic({
+            "version": CHECKPOINT_VERSION, "config": json.dumps(self.cfg_json), "epoch": epoch, "epoch_done": done,
+            "step": self.steps_done, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "loader": loader_state,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(torch.device(self.device)) if self.dev_type == "cuda" else None,
+            "history": self.history, "accum": self.accum, "seconds": seconds,
+        }, self.ckpt_path)
+
+    # -- training ---------------------------------------------------------------------------
+    def step(self, b) -> None:
+        c = self.config
+        b = b.to(self.device)
+        y = b.labels
+        with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            s = logits_of(self.net(preprocess(b.x, self.spec.preprocess)))
+        s = s.float()
+        if c.loss == "kl":
+            tlogp = self.rt(b.logits.float(), None if b.members is None else b.members.float())
+            loss = losses.kd_loss(s, tlogp, y, temperature=c.temperature, alpha=c.alpha, labels2=b.mix_labels,
+                                  lam=b.mix_lam)
+        else:
+            loss = losses.logit_mse_loss(s, b.logits.float(), y, alpha=c.alpha, labels2=b.mix_labels, lam=b.mix_lam)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.steps_done += 1
+        self.accum[0] += float(loss.detach()) * len(y)
+        self.accum[1] += len(y)
+
+    def epoch(self, epoch: int, on_step: Callable[[int], None] | None) -> dict[str, Any]:
+        """Train one epoch (the rest of it, when resumed mid-epoch); returns its metrics row."""
+        c, dist = self.config, self.dist
+        self.net.train()
+        t0 = time.perf_counter() - (self.t_prior if epoch == self.start_epoch else 0.0)
+        budget = self.per_epoch[epoch - 1]  # DDP: checkpoints only at epoch ends, so epochs start whole
+        for i, b in enumerate(self.loader.epoch(epoch)):
+            if dist.on and i >= budget:
+                break
+            self.step(b)
+            if c.checkpoint_every and not dist.on and self.steps_done % c.checkpoint_every == 0:
+                self.checkpoint(epoch, False, time.perf_counter() - t0)
+            if on_step:
+                on_step(self.steps_done)
+        total, seen = dist.all_sum([self.accum[0], float(self.accum[1])], self.device)
+        row = {"epoch": epoch, "step": self.steps_done, "train_loss": total / max(1.0, seen),
+               "lr": self.sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4)}
+        if dist.main and len(self.ev_rows):
+            row.update({f"eval_{k}": v for k, v in evaluate(self.model, self.spec, self.ev_reader, self.ev_data,
+                                                             self.ev_rows, self.device).items()})
+        self.history.append(row)
+        self.accum = [0.0, 0]
+        self.checkpoint(epoch, True, 0.0)
+        if dist.main:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    # -- the finished run ---------------------------------------------------------------------
+    def check_ranks_agree(self) -> None:
+        """Under DDP the ranks must hold the same weights; a divergence would be a bug worth stopping for."""
+        if not self.dist.on:
+            return
+        import torch.distributed as tdist
+
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.model.parameters()])
+        ref = flat.clone()
+        tdist.broadcast(ref, 0)
+        gap = torch.tensor([float((flat - ref).abs().max())], device=flat.device)
+        tdist.all_reduce(gap, op=tdist.ReduceOp.MAX)
+        if float(gap) > 0:
+            raise RuntimeError(f"DDP ranks ended with different weights (max |Δ| {float(gap):.3g})")
+
+    def finish(self, final_eval: bool) -> dict[str, Any]:
+        """Weights, eval.json, then summary.json last (the run is finished exactly when it exists)."""
+        if not self.dist.main:
+            return {}
+        out, c = self.out, self.config
+        digest = save_weights(self.model, out / "student.safetensors")
+        final = {k.removeprefix("eval_"): v for k, v in self.history[-1].items() if k.startswith("eval_")}
+        if final_eval:
+            from .evaluate import evaluate_student
+
+            report = evaluate_student(self.model, self.spec, self.ev_reader, self.ev_data, self.ev_rows,
+                                      device=self.device, weights_path=out / "student.safetensors",
+                                      allow_code=self.allow_code, roots=self.roots)
+            _write_json_atomic(report, out / "eval.json")
+        summary = {
+            "store": str(self.reader.path),
+            "store_job_key": self.meta.job_key,
+            "eval_store": str(self.ev_reader.path) if self.has_eval_store else None,
+            "holdout": None if self.has_eval_store else c.holdout,
+            "eval_rows": int(len(self.ev_rows)),
+            "config": self.cfg_json,
+            "student": self.spec.model_dump(mode="json"),
+            "num_params": count_params(self.model),
+            "weights_sha256": digest,
+            "retemper": {"mode": self.rt.mode, "exact": self.rt.exact, "description": self.rt.describe()},
+            "mixing": self.mixing,
+            "world_size": self.dist.world,
+            "steps": self.steps_done,
+            "final": final,
+        }
+        _write_json_atomic(summary, out / "summary.json")
+        self.ckpt_path.unlink(missing_ok=True)
+        return final
+
+
+def _finished(config: TrainConfig, out: Path) -> RunResult | None:
+    """The result of a finished run in ``out`` with this config (None when it is not finished)."""
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        return None
+    s = json.loads(summary_path.read_text())
+    diff = _config_diff(s.get("config", {}), config.model_dump(mode="json"))
+    if diff:
+        raise RunDirError(f"{out} holds a finished run with another config (differs in {', '.join(diff)})")
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return RunResult(out, s.get("final", {}), hist, s.get("retemper", {}).get("description", ""),
+                     s.get("num_params", 0), already_finished=True)
+
+
 def train(
     config: TrainConfig,
     store: str | Path | StoreReader,
@@ -327,224 +588,22 @@ def train(
     ``resume``: continue ``out``'s checkpoint (or return at once when ``out`` is finished);
     without it an existing run in ``out`` is replaced."""
     out = Path(out)
+    if resume and (done := _finished(config, out)) is not None:
+        return done
     dist = _Dist.from_env()
-    cfg_json = config.model_dump(mode="json")
-    summary_path, ckpt_path, config_path = out / "summary.json", out / "checkpoint.pt", out / "config.json"
-    if resume and summary_path.exists():
-        s = json.loads(summary_path.read_text())
-        diff = _config_diff(s.get("config", {}), cfg_json)
-        if diff:
-            raise RunDirError(f"{out} holds a finished run with another config (differs in {', '.join(diff)})")
-        hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return RunResult(out, s.get("final", {}), hist, s.get("retemper", {}).get("description", ""),
-                         s.get("num_params", 0), already_finished=True)
-
-    check_device(config)
-    reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
-    meta = reader.meta
-    rt = plan(meta, config.temperature)
-    if log and config.alpha > 0 and dist.main:
-        log(f"targets: {rt.describe()}")
-    data = open_checked(reader, data, allow_code=allow_code, roots=roots)
-    ev_reader = None
-    if eval_store is not None:
-        ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
-        if ev_reader.meta.num_classes != meta.num_classes:
-            raise SchemaError("the eval store has a different class count from the training store")
-        ev_data = open_checked(ev_reader, eval_data, allow_code=allow_code, roots=roots)
-    else:
-        ev_data = data
-    train_rows, ev_rows = eval_split(reader, config.holdout, ev_reader)
-    ev_reader = ev_reader or reader
-
-    if config.alpha == 0 and log and dist.main and not (np.asarray(reader.labels[:])[train_rows] >= 0).any():
-        log("warning: --alpha 0 asks for hard labels only, but no training row has a label: the student learns "
-            "from the soft targets alone (unlabeled rows always get the soft term), and accuracy cannot be measured")
-    device = dist.init(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    loader = make_loader(reader, train_rows, batch_size=config.batch_size, seed=config.seed, shuffle=True,
-                         num_workers=config.num_workers,
-                         buffer_chunks=window_chunks(meta, config.shuffle_buffer_mb, members=rt.needs_members),
-                         rank=dist.rank, world_size=dist.world, views_per_epoch=config.views_per_epoch,
-                         view_targets=config.view_targets,
-                         members=rt.needs_members, data=data, pin_memory=device.startswith("cuda"),
-                         allow_code=allow_code, roots=roots)
-
-    mixing = report_mixing(loader, reader, log if dist.main else None)
-    torch.manual_seed(config.seed)
-    lm = load_model(config.student, num_classes=meta.num_classes, allow_code=allow_code, roots=roots,
-                    require_weights=False)
-    model, spec = lm.module.to(device), config.student
-    if spec.num_classes is None:
-        spec = spec.model_copy(update={"num_classes": meta.num_classes})
-    probe_student(model, spec, reader, data, device)
-    net = model
-    if dist.on:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    opt = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-           if config.optimizer == "adamw" else
-           torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True))
-    # every rank runs the same number of steps per epoch (the smallest rank's): DDP needs it
-    mine = [loader.batches_in_epoch(e) for e in range(1, config.epochs + 1)]
-    per_epoch = dist.all_min(mine, device)
-    if dist.on and log:
-        skipped = sum(mine) - sum(per_epoch)
-        if skipped:
-            log(f"rank {dist.rank}: {skipped} of {sum(mine)} batches over the run are beyond the smallest rank's "
-                "count and are skipped (chunks are dealt to ranks whole; more chunks per rank, fewer skipped)")
-    steps = max(1, sum(per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config.schedule, steps, int(config.warmup * steps)))
-    dev_type = torch.device(device).type
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
-    scaler = torch.amp.GradScaler(dev_type, enabled=config.amp == "fp16")
-
-    history: list[dict[str, Any]] = []
-    start_epoch, step, accum, t_prior, resumed_from = 1, 0, [0.0, 0], 0.0, None
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("version") != CHECKPOINT_VERSION:
-            raise RunDirError(f"{ckpt_path} has checkpoint version {ck.get('version')}; this darkstore writes "
-                              f"{CHECKPOINT_VERSION}")
-        diff = _config_diff(json.loads(ck["config"]), cfg_json)
-        if diff:
-            raise RunDirError(f"{ckpt_path} was written with another config (differs in {', '.join(diff)}); "
-                              "resume with the same settings or train into a new --out")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        loader.load_state_dict(ck["loader"])
-        torch.set_rng_state(ck["rng"])
-        if ck.get("cuda_rng") is not None and dev_type == "cuda":
-            torch.cuda.set_rng_state(ck["cuda_rng"], torch.device(device))
-        history, step = list(ck["history"]), int(ck["step"])
-        if ck["epoch_done"]:
-            start_epoch = int(ck["epoch"]) + 1
-        else:
-            start_epoch, accum, t_prior = int(ck["epoch"]), list(ck["accum"]), float(ck["seconds"])
-        resumed_from = f"epoch {ck['epoch']}{'' if ck['epoch_done'] else ' (mid-epoch)'} step {step}"
-        if log and dist.main:
-            log(f"resumed from {ckpt_path}: {resumed_from}")
-    elif dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in ("summary.json", "eval.json", "checkpoint.pt", "student.safetensors"):
-            (out / stale).unlink(missing_ok=True)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(cfg_json, config_path)
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-
-    def checkpoint(epoch: int, done: bool, seconds: float) -> None:
-        loader_state = loader.state_dict()
-        if dist.on:  # each rank knows its own shards' progress: merge them
-            import torch.distributed as tdist
-
-            states: list[Any] = [None] * dist.world
-            tdist.all_gather_object(states, loader_state)
-            loader_state = dict(loader_state, seen={k: v for s in states for k, v in s["seen"].items()})
-        if not dist.main:
-            return
-        _save_atomic({
-            "version": CHECKPOINT_VERSION, "config": json.dumps(cfg_json), "epoch": epoch, "epoch_done": done,
-            "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "loader": loader_state,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(torch.device(device)) if dev_type == "cuda" else None,
-            "history": history, "accum": accum, "seconds": seconds,
-        }, ckpt_path)
-
+    r = _Recipe(config, out, dist, allow_code=allow_code, roots=roots, log=log)
+    r.setup_data(store, data, eval_store, eval_data, allow_incomplete)
+    r.setup_model()
+    r.start(resume)
     try:
-        for epoch in range(start_epoch, config.epochs + 1):
-            net.train()
-            t0 = time.perf_counter() - (t_prior if epoch == start_epoch else 0.0)
-            budget = per_epoch[epoch - 1]  # DDP: checkpoints only at epoch ends, so epochs start whole
-            for i, b in enumerate(loader.epoch(epoch)):
-                if dist.on and i >= budget:
-                    break
-                b = b.to(device)
-                y = b.labels
-                with torch.autocast(dev_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    s = logits_of(net(preprocess(b.x, spec.preprocess)))
-                s = s.float()
-                if config.loss == "kl":
-                    tlogp = rt(b.logits.float(), None if b.members is None else b.members.float())
-                    loss = losses.kd_loss(s, tlogp, y, temperature=config.temperature, alpha=config.alpha,
-                                          labels2=b.mix_labels, lam=b.mix_lam)
-                else:
-                    loss = losses.logit_mse_loss(s, b.logits.float(), y, alpha=config.alpha, labels2=b.mix_labels,
-                                                 lam=b.mix_lam)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                step += 1
-                accum[0] += float(loss.detach()) * len(y)
-                accum[1] += len(y)
-                if config.checkpoint_every and not dist.on and step % config.checkpoint_every == 0:
-                    checkpoint(epoch, False, time.perf_counter() - t0)
-                if on_step:
-                    on_step(step)
-            total, seen = dist.all_sum([accum[0], float(accum[1])], device)
-            row = {"epoch": epoch, "step": step, "train_loss": total / max(1.0, seen), "lr": sched.get_last_lr()[0],
-                   "seconds": round(time.perf_counter() - t0, 4)}
-            if dist.main and len(ev_rows):
-                row.update({f"eval_{k}": v for k, v in evaluate(model, spec, ev_reader, ev_data, ev_rows,
-                                                                 device).items()})
-            history.append(row)
-            accum = [0.0, 0]
-            checkpoint(epoch, True, 0.0)
-            if dist.main:
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if on_epoch:
-                    on_epoch(row)
+        for epoch in range(r.start_epoch, config.epochs + 1):
+            row = r.epoch(epoch, on_step)
+            if dist.main and on_epoch:
+                on_epoch(row)
             dist.barrier()
-
-        if dist.on:  # the ranks must hold the same weights; a divergence would be a bug worth stopping for
-            import torch.distributed as tdist
-
-            flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
-            ref = flat.clone()
-            tdist.broadcast(ref, 0)
-            gap = torch.tensor([float((flat - ref).abs().max())], device=flat.device)
-            tdist.all_reduce(gap, op=tdist.ReduceOp.MAX)
-            if float(gap) > 0:
-                raise RuntimeError(f"DDP ranks ended with different weights (max |Δ| {float(gap):.3g})")
-        final: dict[str, Any] = {}
-        if dist.main:
-            digest = save_weights(model, out / "student.safetensors")
-            final = {k.removeprefix("eval_"): v for k, v in history[-1].items() if k.startswith("eval_")}
-            if final_eval:
-                from .evaluate import evaluate_student
-
-                report = evaluate_student(model, spec, ev_reader, ev_data, ev_rows, device=device,
-                                          weights_path=out / "student.safetensors", allow_code=allow_code,
-                                          roots=roots)
-                _write_json_atomic(report, out / "eval.json")
-            summary = {
-                "store": str(reader.path),
-                "store_job_key": meta.job_key,
-                "eval_store": str(ev_reader.path) if eval_store is not None else None,
-                "holdout": None if eval_store is not None else config.holdout,
-                "eval_rows": int(len(ev_rows)),
-                "config": cfg_json,
-                "student": spec.model_dump(mode="json"),
-                "num_params": count_params(model),
-                "weights_sha256": digest,
-                "retemper": {"mode": rt.mode, "exact": rt.exact, "description": rt.describe()},
-                "mixing": mixing,
-                "world_size": dist.world,
-                "steps": step,
-                "final": final,
-            }
-            _write_json_atomic(summary, summary_path)  # last: the run is finished
-            ckpt_path.unlink(missing_ok=True)
+        r.check_ranks_agree()
+        final = r.finish(final_eval)
         dist.barrier()
     finally:
         dist.close()
-    return RunResult(out, final, history, rt.describe(), count_params(model), resumed_from=resumed_from)
+    return RunResult(out, final, r.history, r.rt.describe(), count_params(r.model), resumed_from=r.resumed_from)

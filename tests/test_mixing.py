@@ -108,7 +108,7 @@ def test_resuming_keeps_the_stores_own_order(stores, tmp_path):
     w = StoreWriter(dst)
     for i in (1, 4, 7):  # forget three chunks, then resume them with a default (shuffled) spec
         w._arrays["done"][i] = 0
-    prepared = prepare(job(stores["ens"], stores["data"], chunk_rows=CHUNK))
+    prepared = prepare(job(stores["ens"], stores["data"], chunk_rows=CHUNK, row_order="shuffled"))
     assert prepared.spec.row_order == "shuffled"
     run_chunks(prepared, StoreWriter(dst), [1, 4, 7])
     got, want = open_store(dst).read_all(), stores["natural"].read_all()
