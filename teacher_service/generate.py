@@ -313,31 +313,69 @@ def run_chunks(
     chunks = [i for i in chunks if not done[i]]
     if not chunks:
         return 0
-    if writers is None:
-        writers = max(1, min(8, (os.cpu_count() or 2) // 2)) if job.device.type == "cuda" else 1
-    if max_inflight is None:
-        max_inflight = 2 * writers if job.device.type == "cuda" else 0
-    if writer_processes is None:
-        env = os.environ.get("DARKSTORE_WRITER_PROCESSES", "")
-        writer_processes = env == "1" if env in ("0", "1") else (
-            job.device.type == "cuda" and max_inflight > 0 and not multiprocessing.current_process().daemon)
-    procs = _writer_pool(writers) if writer_processes else None
-    ens, meta = job.ensemble, writer.meta
-    names = [mm.name for mm in job.members]
-    data = in_store_order(job.data, meta)
-    views = data if meta.views else None
+    writers, max_inflight, writer_processes = _writer_plan(job.device, writers, max_inflight, writer_processes)
+    data = in_store_order(job.data, writer.meta)
     loader = torch.utils.data.DataLoader(
         _Batches(data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
         num_workers=num_workers, pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
-    pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="darkstore-writer")
-    inflight: deque[tuple[int, int, Future]] = deque()
-    written = 0
+    ens = job.ensemble
+    sink = _ChunkSink(writer, data, [mm.name for mm in job.members], writers, writer_processes, on_rows, on_chunk)
+    try:
+        for i in chunks:
+            if should_stop is not None and should_stop():
+                sink.drain(0)
+                raise Cancelled(f"stopped before chunk {i}; {sink.written} rows were committed in this run")
+            start, stop = writer.bounds(i)
+            outs, ys, filled = [], [], 0
+            while filled < stop - start:
+                x, y, idx = next(it)
+                outs.append(ens.forward(x.to(job.device, non_blocking=True), idx.numpy(), check=False))
+                ys.append(y.numpy())
+                filled += len(idx)
+            sink.submit(i, start, stop, torch.cat(outs, dim=1), np.concatenate(ys).astype(np.int64))
+            sink.drain(max_inflight)
+        sink.drain(0)
+    finally:
+        sink.close()
+    return sink.written
 
-    def store(i: int, start: int, stop: int, z: torch.Tensor, y: np.ndarray) -> None:
+
+def _writer_plan(device: torch.device, writers: int | None, max_inflight: int | None,
+                 writer_processes: bool | None) -> tuple[int, int, bool]:
+    """Writers, chunks allowed to wait for storage, and whether writes go to processes (see run_chunks)."""
+    cuda = device.type == "cuda"
+    if writers is None:
+        writers = max(1, min(8, (os.cpu_count() or 2) // 2)) if cuda else 1
+    if max_inflight is None:
+        max_inflight = 2 * writers if cuda else 0
+    if writer_processes is None:
+        env = os.environ.get("DARKSTORE_WRITER_PROCESSES", "")
+        writer_processes = env == "1" if env in ("0", "1") else (
+            cuda and max_inflight > 0 and not multiprocessing.current_process().daemon)
+    return writers, max_inflight, writer_processes
+
+
+class _ChunkSink:
+    """Finished chunks on their way to the store: combined and checked on the compute thread, then cast,
+    compressed and written by writer threads (or the processes they hand over to), committed in order of
+    submission, each reported once it is committed."""
+
+    def __init__(self, writer: StoreWriter, data, names: list[str], writers: int, processes: bool,
+                 on_rows: OnRows | None, on_chunk: Callable[[int, int], None] | None):
+        self.writer, self.meta, self.data, self.names = writer, writer.meta, data, names
+        self.views = data if self.meta.views else None
+        self.procs = _writer_pool(writers) if processes else None
+        self.pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="darkstore-writer")
+        self.inflight: deque[tuple[int, int, Future]] = deque()
+        self.on_rows, self.on_chunk = on_rows, on_chunk
+        self.written = 0
+
+    def submit(self, i: int, start: int, stop: int, z: torch.Tensor, y: np.ndarray) -> None:
         # torch work (combine, argmax, checks) stays on this thread and the device; the writer thread
         # only casts, compresses and writes (numpy + zarr), so the two never fight over torch's threads
+        meta = self.meta
         finite = torch.isfinite(z).all(dim=-1)  # [M, rows]
         ell = combine(z, meta.combine, meta.temperature)
         y_dev = torch.from_numpy(y).to(z.device, non_blocking=True)
@@ -348,69 +386,51 @@ def run_chunks(
             members = members.clamp_min(FLOAT16_FLOOR).half() if members is not None else None
         parts = [finite, ell, stats] + ([members] if members is not None else [])
         hosts = [_to_host(t) for t in parts]
+        self.inflight.append((i, stop - start, self.pool.submit(self._write, i, start, stop, hosts, y)))
 
-        def work() -> None:
-            for _, ev in hosts:
-                if ev is not None:
-                    ev.synchronize()
-            fin, ell_h, stats_h, *mem = (h.numpy() for h, _ in hosts)
-            if not fin.all():
-                _check_finite_mask(fin, names, data.sample_of(np.arange(start, stop)))
-            c = meta.num_classes
-            if (y >= c).any():
-                raise ClassCountMismatchError(
-                    f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
-            rows = np.arange(start, stop)
-            kw = {"logits": ell_h, "labels": y, "index": data.sample_of(rows), "members": mem[0] if mem else None,
-                  "stats": stats_h}
-            if views is not None:  # row = (sample, view): the view's recorded parameters too
-                kw.update(view_params=views.params(rows))
-            if procs is not None:
-                procs.submit(write_chunk_at, str(writer.path), i, kw).result()
-            else:
-                writer.write_chunk(i, **kw)
+    def _write(self, i: int, start: int, stop: int, hosts, y: np.ndarray) -> None:
+        for _, ev in hosts:
+            if ev is not None:
+                ev.synchronize()
+        fin, ell_h, stats_h, *mem = (h.numpy() for h, _ in hosts)
+        rows = np.arange(start, stop)
+        if not fin.all():
+            _check_finite_mask(fin, self.names, self.data.sample_of(rows))
+        c = self.meta.num_classes
+        if (y >= c).any():
+            raise ClassCountMismatchError(
+                f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
+        kw = {"logits": ell_h, "labels": y, "index": self.data.sample_of(rows), "members": mem[0] if mem else None,
+              "stats": stats_h}
+        if self.views is not None:  # row = (sample, view): the view's recorded parameters too
+            kw.update(view_params=self.views.params(rows))
+        if self.procs is not None:
+            self.procs.submit(write_chunk_at, str(self.writer.path), i, kw).result()
+        else:
+            self.writer.write_chunk(i, **kw)
 
-        inflight.append((i, stop - start, pool.submit(work)))
+    def _committed(self, i: int, rows: int) -> None:
+        self.written += rows
+        if self.on_rows:
+            self.on_rows(rows)
+        if self.on_chunk:
+            self.on_chunk(i, rows)
 
-    def drain(limit: int) -> None:
-        nonlocal written
-        while len(inflight) > limit:
-            i, rows, fut = inflight.popleft()
-            fut.result()  # re-raises the writer's error
-            written += rows
-            if on_rows:
-                on_rows(rows)
-            if on_chunk:
-                on_chunk(i, rows)
+    def drain(self, limit: int) -> None:
+        """Wait until at most ``limit`` chunks are in flight; a writer's error goes up from here."""
+        while len(self.inflight) > limit:
+            i, rows, fut = self.inflight.popleft()
+            fut.result()
+            self._committed(i, rows)
 
-    try:
-        for i in chunks:
-            if should_stop is not None and should_stop():
-                drain(0)
-                raise Cancelled(f"stopped before chunk {i}; {written} rows were committed in this run")
-            start, stop = writer.bounds(i)
-            outs, ys, filled = [], [], 0
-            while filled < stop - start:
-                x, y, idx = next(it)
-                outs.append(ens.forward(x.to(job.device, non_blocking=True), idx.numpy(), check=False))
-                ys.append(y.numpy())
-                filled += len(idx)
-            store(i, start, stop, torch.cat(outs, dim=1), np.concatenate(ys).astype(np.int64))
-            drain(max_inflight)
-        drain(0)
-    finally:
-        # never leave a write half-way: let queued chunks finish (or fail), and report the ones that
-        # committed, before the error (a cancel, a time limit, a bad chunk) goes up
-        while inflight:
-            i, rows, fut = inflight.popleft()
+    def close(self) -> None:
+        """Never leave a write half-way: let queued chunks finish (or fail) and report the ones that
+        committed, before an error (a cancel, a time limit, a bad chunk) goes up."""
+        while self.inflight:
+            i, rows, fut = self.inflight.popleft()
             if fut.exception() is None:
-                written += rows
-                if on_rows:
-                    on_rows(rows)
-                if on_chunk:
-                    on_chunk(i, rows)
-        pool.shutdown(wait=True)
-    return written
+                self._committed(i, rows)
+        self.pool.shutdown(wait=True)
 
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}

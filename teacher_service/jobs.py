@@ -460,10 +460,6 @@ class JobManager:
         stop = len(recs) - offset
         return recs[max(0, stop - limit):max(0, stop)][::-1], len(recs)
 
-    def list(self, state: State | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobView], int]:
-        page, total = self.page(state, limit, offset)
-        return [self.book.view(r.id, r) for r in page], total
-
     def ready(self) -> tuple[bool, dict[str, Any]]:
         return True, {"mode": self.mode}
 
