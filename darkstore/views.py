@@ -63,6 +63,21 @@ class _Op(BaseModel):
     def apply(self, x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_batch(self, x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+        """[B, ...] inputs, [B, k] parameters: row by row unless an op has a vectorised form, which must
+        give the same pixels bit for bit (tests compare every op with :meth:`apply`)."""
+        return torch.stack([self.apply(x[i], p[i]) for i in range(len(x))]) if len(x) else x
+
+
+def _inverse_affine():
+    """torchvision's own inverse-matrix helper for affine (private: None where a release lacks it,
+    and affine then runs row by row)."""
+    try:
+        from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
+    except ImportError:
+        return None
+    return _get_inverse_affine_matrix
+
 
 class Affine(_Op):
     op: Literal["affine"]
@@ -97,6 +112,23 @@ class Affine(_Op):
         return F.affine(x, angle=float(p[0]), translate=[int(p[1]), int(p[2])], scale=float(p[3]), shear=[0.0, 0.0],
                         interpolation=InterpolationMode.BILINEAR)
 
+    def apply_batch(self, x, p):
+        """One sampling grid per row and one ``grid_sample`` call for the batch: torchvision's affine
+        kernel (inverse matrix, grid, bilinear sampling with zero fill) with a per-row matrix."""
+        inverse = _inverse_affine()
+        if not len(x) or x.ndim != 4 or not torch.is_floating_point(x) or inverse is None:
+            return super().apply_batch(x, p)
+        b, _, h, w = x.shape
+        theta = torch.tensor([inverse([0.0, 0.0], float(r[0]), [float(int(r[1])), float(int(r[2]))],
+                                              float(r[3]), [0.0, 0.0]) for r in p], dtype=x.dtype).reshape(b, 2, 3)
+        base = torch.empty(1, h, w, 3, dtype=x.dtype)
+        base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w))
+        base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze_(-1))
+        base[..., 2].fill_(1)
+        scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=x.dtype))
+        grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
+        return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
 
 class HFlip(_Op):
     op: Literal["hflip"]
@@ -112,6 +144,14 @@ class HFlip(_Op):
         from torchvision.transforms.v2 import functional as F
 
         return F.horizontal_flip(x) if p[0] else x
+
+    def apply_batch(self, x, p):
+        flip = torch.from_numpy(np.asarray(p[:, 0]) != 0)
+        if not flip.any():
+            return x
+        out = x.clone()
+        out[flip] = x[flip].flip(-1)
+        return out
 
 
 class ResizedCrop(_Op):
@@ -193,6 +233,12 @@ class Mixup(_Op):
         lam = float(p[1])
         return lam * x + (1 - lam) * xp
 
+    def mix_batch(self, x, xp, p):  # λ and 1 − λ rounded to the input's dtype, as the scalar form does
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        lam = torch.from_numpy(np.ascontiguousarray(p[:, 1])).to(x.dtype).view(shape)
+        rest = torch.from_numpy(1 - np.ascontiguousarray(p[:, 1])).to(x.dtype).view(shape)
+        return lam * x + rest * xp
+
 
 class CutMix(_Op):
     op: Literal["cutmix"]
@@ -216,6 +262,12 @@ class CutMix(_Op):
         y0, x0, y1, x1 = (int(v) for v in p[2:6])
         out = x.clone()
         out[..., y0:y1, x0:x1] = xp[..., y0:y1, x0:x1]
+        return out
+
+    def mix_batch(self, x, xp, p):
+        out = x.clone()
+        for i, (y0, x0, y1, x1) in enumerate(np.asarray(p[:, 2:6], dtype=np.int64).tolist()):
+            out[i, ..., y0:y1, x0:x1] = xp[i, ..., y0:y1, x0:x1]
         return out
 
 
@@ -304,14 +356,38 @@ class AugmentSpec(BaseModel):
         if self.mix_op:
             pc = params[:, self.partner_column()].astype(np.int64)
             if (pc >= 0).any():
-                partners = dict(zip(pc[pc >= 0].tolist(), base.get_batch(pc[pc >= 0])[0]))
-        out = []
-        for i in range(len(x)):
-            partner = None
-            if partners is not None and params[i, 1] == 0:
-                partner = partners[int(params[i, self.partner_column()])]
-            out.append(self.apply_one(x[i], params[i], partner))
-        return torch.stack(out)
+                partners = torch.zeros_like(x)
+                partners[torch.from_numpy(pc >= 0)] = base.get_batch(pc[pc >= 0])[0].to(x.dtype)
+        return self.apply_rows(x, params, partners)
+
+    def apply_rows(self, x: torch.Tensor, params: np.ndarray, partners: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch form of :meth:`apply_one` (the same pixels, bit for bit): each op runs once on all
+        augmented rows of the batch; a mix op's partners go through the earlier ops with the same rows'
+        parameters. ``partners`` [B, ...] are the mix partners' inputs (rows without one: anything)."""
+        clean = np.asarray(params[:, 1]) != 0
+        size = self.output_size(tuple(x.shape[1:]))
+        out = torch.empty((len(x), *size), dtype=x.dtype)
+        if clean.any():
+            xc = x[torch.from_numpy(clean)]
+            if tuple(xc.shape[1:]) != size:
+                from torchvision.transforms.v2 import functional as F
+
+                xc = torch.stack([F.resize(r, list(size[-2:]), antialias=True) for r in xc])
+            out[torch.from_numpy(clean)] = xc
+        aug = ~clean
+        if aug.any():
+            sel = torch.from_numpy(aug)
+            xs, ps = x[sel], params[aug]
+            xp = partners[sel] if partners is not None and self.mix_op else None
+            for o, s in zip(self.ops, self._slices()):
+                if o.mixes:
+                    xs = o.mix_batch(xs, xp, ps[:, s])
+                else:
+                    xs = o.apply_batch(xs, ps[:, s])
+                    if xp is not None and self.mix_op:
+                        xp = o.apply_batch(xp, ps[:, s])
+            out[sel] = xs
+        return out
 
     # --- exact replay ---------------------------------------------------------------
     def pixel_digest(self, shape: tuple[int, ...]) -> str:

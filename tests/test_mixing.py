@@ -114,3 +114,27 @@ def test_resuming_keeps_the_stores_own_order(stores, tmp_path):
     got, want = open_store(dst).read_all(), stores["natural"].read_all()
     np.testing.assert_array_equal(got.index, want.index)
     np.testing.assert_array_equal(got.logits, want.logits)
+
+
+def test_one_view_per_sample_mixes_like_the_written_out_views(stores):
+    """Drawing one of K views per sample leaves 1/K of each chunk's rows in an epoch, so a window of a few
+    chunks (the former default) held K× fewer usable rows, from a few runs of neighbouring samples. A
+    window in bytes mixes them like a full shuffle, as well as the same rows written out as a plain store."""
+    k = 8
+    views = open_store(generate(job(stores["ens"], stores["data"], chunk_rows=CHUNK, row_order="natural",
+                                    augment={"views": k, "ops": [{"op": "affine", "shift": 1}]}),
+                                stores["tmp"] / "views").path)
+
+    def mix(store, buffer_chunks, per_epoch=None):  # mean labels per batch over 8 epochs
+        loader = make_loader(store, np.arange(store.meta.num_rows), batch_size=32, seed=0,
+                             buffer_chunks=buffer_chunks, views_per_epoch=per_epoch)
+        ms = [batch_mixing(loader.stream, np.asarray(store.labels[:]), e) for e in range(1, 9)]
+        rows = np.concatenate(loader.stream.rows_by_chunk_in(1))
+        assert len(rows) == len(stores["y"]) and len(np.unique(rows // k if per_epoch else rows)) == len(rows)
+        return np.mean([m["labels_per_batch"] for m in ms]), ms[0]["full_shuffle"]
+
+    old, full = mix(views, 4, 1)  # the former default window of 4 chunks: 4·32/8 = 16 usable rows, half a batch
+    assert old < 0.75 * full, old
+    new, _ = mix(views, window_chunks(views.meta, 256.0), 1)
+    written, _ = mix(stores["natural"], window_chunks(stores["natural"].meta, 256.0))  # one row per sample
+    assert abs(new - full) < 0.25 and abs(new - written) < 0.25, (new, written, full)
