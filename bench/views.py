@@ -6,7 +6,8 @@ A views store keeps K recorded views per sample (here the CIFAR recipe: whole-pi
 ±4 px, zero fill, and a horizontal flip) and rebuilds each view from the original input at training
 time. The alternative is to write all N·K views out as images and distil from a plain store of them
 (K× the input bytes, and the recipe is frozen). Variants, run interleaved, each for the same number
-of steps of the same student (an MLP on 3×32×32 inputs, the cheapest step, so replay is not hidden):
+of steps of the same student (an MLP on 3×32×32 inputs, the cheapest step, so replay is not hidden;
+and a small CNN):
 
 - ``views``: the views store, one random view per sample per epoch, replayed on whole batches;
 - ``per-row``: the same, replayed row by row (one torchvision call per sample: the previous release);
@@ -51,10 +52,16 @@ def per_row(self, x, params, partners=None):
                         for i in range(len(x))])
 
 
-def steps_timer(store, rows, data, *, steps: int, batch: int, views_per_epoch: int | None):
+STUDENTS = {"mlp(3072->256->10)": ("mlp", {"in_features": 3 * 32 * 32, "hidden": [256]}),
+            "small_cnn(width 16)": ("small_cnn", {"in_channels": 3, "width": 16})}
+
+
+def steps_timer(store, rows, data, *, steps: int, batch: int, views_per_epoch: int | None, student: str):
+    arch, kwargs = STUDENTS[student]
+
     def go() -> float:
         torch.manual_seed(0)
-        model = build_model("mlp", 10, in_features=3 * 32 * 32, hidden=[256])
+        model = build_model(arch, 10, **kwargs)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         loader = make_loader(store, rows, batch_size=batch, seed=0, data=data, views_per_epoch=views_per_epoch)
         t0, n = time.perf_counter(), 0
@@ -116,32 +123,34 @@ def main() -> None:
         odata = open_transfer_set(ospec.data)
         steps = a.samples // a.batch_size
 
-        views = steps_timer(vstore, np.arange(a.samples * k), base, steps=steps, batch=a.batch_size, views_per_epoch=1)
-        written = steps_timer(ostore, np.arange(a.samples * k), odata, steps=steps, batch=a.batch_size,
-                              views_per_epoch=None)
-        fast = AugmentSpec.apply_rows
-
-        def slow() -> float:
-            AugmentSpec.apply_rows = per_row
-            try:
-                return views()
-            finally:
-                AugmentSpec.apply_rows = fast
-
-        for f in (views, written, slow):
-            f()  # warm
-        tv, tw, ts = [], [], []
-        for _ in range(a.repeats):
-            tv.append(views())
-            tw.append(written())
-            ts.append(slow())
         print(f"machine: {machine()}")
-        print(f"{a.samples} samples 3x32x32, {k} views ({', '.join(o['op'] for o in RECIPE)}); student mlp(3072->256->10), "
-              f"batch {a.batch_size}, {steps} steps a run")
-        print(f"in process, ms per step (median): views {1e3 * statistics.median(tv):.2f}, written-out "
-              f"{1e3 * statistics.median(tw):.2f}, per-row replay {1e3 * statistics.median(ts):.2f}")
-        print(f"views / written-out, per step:        {paired(tv, tw)}")
-        print(f"per-row / batched replay, per step:   {paired(ts, tv)}")
+        print(f"{a.samples} samples 3x32x32, {k} views ({', '.join(o['op'] for o in RECIPE)}); batch {a.batch_size}, "
+              f"{steps} steps a run")
+        for student in STUDENTS:
+            views = steps_timer(vstore, np.arange(a.samples * k), base, steps=steps, batch=a.batch_size,
+                                views_per_epoch=1, student=student)
+            written = steps_timer(ostore, np.arange(a.samples * k), odata, steps=steps, batch=a.batch_size,
+                                  views_per_epoch=None, student=student)
+            fast = AugmentSpec.apply_rows
+
+            def slow() -> float:
+                AugmentSpec.apply_rows = per_row
+                try:
+                    return views()
+                finally:
+                    AugmentSpec.apply_rows = fast
+
+            for f in (views, written, slow):
+                f()  # warm
+            tv, tw, ts = [], [], []
+            for _ in range(a.repeats):
+                tv.append(views())
+                tw.append(written())
+                ts.append(slow())
+            print(f"student {student}, in process, ms per step (median): views {1e3 * statistics.median(tv):.2f}, "
+                  f"written-out {1e3 * statistics.median(tw):.2f}, per-row replay {1e3 * statistics.median(ts):.2f}")
+            print(f"  views / written-out, per step:        {paired(tv, tw)}")
+            print(f"  per-row / batched replay, per step:   {paired(ts, tv)}")
 
         (work / "student.yaml").write_text(yaml.safe_dump({"arch": "mlp", "arch_kwargs": {"in_features": 3072,
                                                                                           "hidden": [256]}}))

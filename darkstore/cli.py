@@ -283,14 +283,19 @@ def train(
     f = r.final
     if r.already_finished:
         console.print(f"{r.out} is already finished: nothing to train")
+    if not f:  # --holdout 0 and no --eval-store: nothing was held out to evaluate on
+        console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in "
+                      f"{r.out / 'metrics.jsonl'}; no held-out rows (--holdout 0, no --eval-store): not evaluated")
+        return
     console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in "
                   f"{r.out / 'metrics.jsonl'}, evaluation in {r.out / 'eval.json'}")
+
     def num(key: str) -> str:
         v = f.get(key)
         return "n/a (no labels)" if v is None or v != v else f"{v:.4f}"
 
-    out.print(f"held-out: accuracy {num('accuracy')}  agreement {f['agreement']:.4f}  NLL {num('nll')}  "
-              f"({f['rows']} rows)")
+    out.print(f"held-out: accuracy {num('accuracy')}  agreement {num('agreement')}  NLL {num('nll')}  "
+              f"({f.get('rows', 0)} rows)")
 
 
 # --- many students: sweep, eval, export, report -------------------------------------

@@ -126,7 +126,7 @@ class Affine(_Op):
         base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze_(-1))
         base[..., 2].fill_(1)
         scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=x.dtype))
-        grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
+        grid = torch.matmul(base.view(1, h * w, 3), scaled).view(b, h, w, 2)
         return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

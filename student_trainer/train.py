@@ -524,7 +524,7 @@ class _Recipe:
         out, c = self.out, self.config
         digest = save_weights(self.model, out / "student.safetensors")
         final = {k.removeprefix("eval_"): v for k, v in self.history[-1].items() if k.startswith("eval_")}
-        if final_eval:
+        if final_eval and len(self.ev_rows):  # --holdout 0 without an eval store: nothing to evaluate on
             from .evaluate import evaluate_student
 
             report = evaluate_student(self.model, self.spec, self.ev_reader, self.ev_data, self.ev_rows,

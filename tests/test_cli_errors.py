@@ -118,3 +118,16 @@ def test_alpha_zero_without_labels_warns(made):
     assert "warning:" in p.stderr and "no training row has a label" in p.stderr, p.stderr
     assert "accuracy n/a (no labels)" in p.stdout, p.stdout
     assert "nan" not in p.stdout.split("held-out:")[-1].split("NLL")[0]
+
+
+def test_holdout_zero_without_an_eval_store_trains_on_every_row_and_exits_0(made):
+    """Nothing held out is not a mistake: the student is saved, not evaluated, and the run is finished."""
+    import json
+
+    out = made["tmp"] / "all_rows"
+    p = run(["train", "--store", str(made["tmp"] / "store"), "--out", str(out), "--holdout", "0", *student()],
+            expect=0)
+    assert "not evaluated" in p.stdout + p.stderr and "Traceback" not in p.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["eval_rows"] == 0 and s["final"] == {} and (out / "student.safetensors").exists()
+    assert not (out / "eval.json").exists()
