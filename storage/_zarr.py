@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .errors import SchemaError, StoreNotFoundError
-from .schema import ATTR_KEY, SCHEMA_VERSION, StoreMeta
+from .fields import check_arrays
+from .schema import ATTR_KEY, READABLE_VERSIONS, SCHEMA_VERSION, StoreMeta
 
 
 def compressors(name: str):
@@ -47,8 +47,9 @@ def open_group(path: str | Path, mode: str = "r") -> tuple[zarr.Group, StoreMeta
     if raw is None:
         raise StoreNotFoundError(f"{path} is a Zarr group but not a darkstore store (no '{ATTR_KEY}' attributes)")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"{path} has schema version {version}; this darkstore reads version {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise SchemaError(f"{path} has schema version {version}; this darkstore reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))} and writes {SCHEMA_VERSION}")
     try:
         meta = StoreMeta.model_validate(raw)
     except Exception as exc:
@@ -58,25 +59,7 @@ def open_group(path: str | Path, mode: str = "r") -> tuple[zarr.Group, StoreMeta
 
 
 def _check_arrays(group: zarr.Group, meta: StoreMeta, path: Path) -> None:
-    n, c, m, k = meta.num_rows, meta.num_classes, meta.num_members, meta.n_chunks
-    expected = {
-        "logits": ((n, c), np.dtype(meta.dtype)),
-        "labels": ((n,), np.dtype("int64")),
-        "index": ((n,), np.dtype("int64")),
-        "stats": ((k, 2 + m), np.dtype("int64")),
-        "done": ((k,), np.dtype("uint8")),
-    }
-    if meta.keep_members:
-        expected["members"] = ((m, n, c), np.dtype(meta.dtype))
-    for name, (shape, dtype) in expected.items():
-        try:
-            arr = group[name]
-        except KeyError:
-            raise SchemaError(f"{path} lacks the '{name}' array") from None
-        if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
-            raise SchemaError(
-                f"{path}/{name} is {tuple(arr.shape)} {arr.dtype}, schema says {shape} {dtype}"
-            )
+    check_arrays(group, meta, path, SchemaError)
 
 
 def disk_bytes(path: str | Path) -> int:

@@ -25,6 +25,10 @@ class SchemaError(DarkstoreError, ValueError):
     """The store's layout or attributes do not follow the schema."""
 
 
+class CorruptChunkError(SchemaError):
+    """A committed chunk's bytes are not what was written (changed, swapped, truncated or lost)."""
+
+
 class IncompleteStoreError(DarkstoreError, RuntimeError):
     """The store still has chunks without a commit mark."""
 

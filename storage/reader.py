@@ -9,8 +9,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from ._zarr import disk_bytes, open_group
-from .errors import IncompleteStoreError, NonFiniteLogitsError, SchemaError
+from .errors import CorruptChunkError, IncompleteStoreError, NonFiniteLogitsError, SchemaError
+from .fields import BY_NAME, checksum, row_fields
 from .schema import StoreMeta, bytes_per_row, chunk_bounds
+
+#: fields holding teacher targets: a non-finite value there is refused on read (any schema)
+TARGET_FIELDS = ("logits", "members")
 
 
 @dataclass
@@ -43,6 +47,7 @@ class StoreReader:
         self.members = self.group["members"] if self.meta.keep_members else None
         self.view_params = self.group["view_params"] if self.meta.views else None  # [N, P] float64
         self.done = self.group["done"][:].astype(bool)
+        self._sums: np.ndarray | None = None
         if not allow_incomplete and not self.complete:
             raise IncompleteStoreError(
                 f"{self.path} is incomplete: {int(self.done.sum())} of {self.meta.n_chunks} chunks committed "
@@ -71,16 +76,102 @@ class StoreReader:
         return chunk_bounds(i, self.meta.chunk_rows, self.meta.num_rows)
 
     # -- data -----------------------------------------------------------------
+    def read_chunks(self, chunks: list[int], fields: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
+        """Row fields of committed ``chunks``, concatenated along rows in the order given: one zarr call
+        per field (zarr fetches and decodes the chunks concurrently), every chunk checked against its
+        checksum (schema 2) and target fields checked finite. The one way rows leave a store."""
+        for c in chunks:
+            if not self.done[c]:
+                raise IncompleteStoreError(f"chunk {c} of {self.path} is not committed")
+        bounds = [self.bounds(c) for c in chunks]
+        sel = np.concatenate([np.arange(a, b) for a, b in bounds]) if bounds else np.zeros(0, np.int64)
+        out: dict[str, np.ndarray] = {}
+        for name in fields:
+            f = BY_NAME[name]
+            if not f.per_row or not f.present(self.meta):
+                raise SchemaError(f"{self.path} has no row field {name!r}"
+                                  + (" (generated without --keep-members)" if name == "members" else ""))
+            arr = self.group[name]
+            try:
+                out[name] = (arr.get_orthogonal_selection((slice(None), sel, slice(None))) if f.row_axis == 1
+                             else arr.get_orthogonal_selection((sel,) + (slice(None),) * (arr.ndim - 1)))
+            except Exception as exc:  # noqa: BLE001 — a truncated or corrupt chunk object: zarr/numcodecs raise many types
+                bad = next((c for c in chunks if not self._readable(name, c)), chunks[0] if chunks else -1)
+                raise CorruptChunkError(f"chunk {bad} of {self.path}: field {name} cannot be read "
+                                        f"({type(exc).__name__}: {exc}). {REGENERATE}") from exc
+            at = 0
+            for c, (a, b) in zip(chunks, bounds):
+                self._check(c, name, f.rows(out[name], at, at + b - a))
+                at += b - a
+        return out
+
+    def read(self, rows: np.ndarray, fields: tuple[str, ...] | list[str] = ("logits",)) -> dict[str, np.ndarray]:
+        """Row fields of arbitrary committed rows, in the order given (whole chunks are read and checked)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk_of = rows // self.meta.chunk_rows
+        chunks = [int(c) for c in np.unique(chunk_of)]
+        got = self.read_chunks(chunks, fields)
+        starts = np.zeros(self.meta.n_chunks + 1, dtype=np.int64)
+        at = 0
+        for c in chunks:
+            a, b = self.bounds(c)
+            starts[c] = at - a
+            at += b - a
+        pos = rows + starts[chunk_of]
+        return {k: (v[:, pos] if BY_NAME[k].row_axis == 1 else v[pos]) for k, v in got.items()}
+
+    def read_field(self, name: str) -> np.ndarray:
+        """A row field whole ([N, ...]; rows of uncommitted chunks hold the field's fill), committed chunks checked."""
+        f = BY_NAME[name]
+        done = self.finished_chunks()
+        if len(done) == self.meta.n_chunks:
+            return self.read_chunks(done, [name])[name]
+        arr = self.group[name]
+        full = np.asarray(arr[:], dtype=arr.dtype)
+        if done:
+            got = self.read_chunks(done, [name])[name]
+            sel = np.concatenate([np.arange(*self.bounds(c)) for c in done])
+            if f.row_axis == 1:
+                full[:, sel] = got
+            else:
+                full[sel] = got
+        return full
+
+    def _checksums(self) -> np.ndarray | None:
+        if self.meta.checksums is None:
+            return None
+        if self._sums is None:
+            self._sums = np.asarray(self.group["checksums"][:])
+        return self._sums
+
+    def _check(self, c: int, name: str, values: np.ndarray) -> None:
+        sums = self._checksums()
+        if sums is not None and name in self.meta.checksums:
+            want = int(sums[c, self.meta.checksums.index(name)])
+            got = checksum(values)
+            if got != want:
+                raise CorruptChunkError(
+                    f"chunk {c} of {self.path}: field {name} does not match the checksum written with it "
+                    f"(CRC32C {got:08x}, written {want:08x}): it was changed, swapped with another chunk, or lost "
+                    f"after its commit. {REGENERATE}")
+        if name in TARGET_FIELDS and not np.isfinite(values).all():
+            raise NonFiniteLogitsError(f"chunk {c} of {self.path}: field {name} holds non-finite values; a student "
+                                       f"must not train on them. {REGENERATE}")
+
+    def _readable(self, name: str, c: int) -> bool:
+        a, b = self.bounds(c)
+        try:
+            BY_NAME[name].rows(self.group[name], a, b)
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
     def read_chunk(self, i: int, *, members: bool = False) -> Chunk:
-        if not self.done[i]:
-            raise IncompleteStoreError(f"chunk {i} of {self.path} is not committed")
+        if members and self.members is None:
+            raise SchemaError(f"{self.path} was generated without --keep-members")
         start, stop = self.bounds(i)
-        mem = None
-        if members:
-            if self.members is None:
-                raise SchemaError(f"{self.path} was generated without --keep-members")
-            mem = self.members[:, start:stop]
-        return Chunk(i, start, stop, self.logits[start:stop], self.labels[start:stop], self.index[start:stop], mem)
+        got = self.read_chunks([i], ["logits", "labels", "index"] + (["members"] if members else []))
+        return Chunk(i, start, stop, got["logits"], got["labels"], got["index"], got.get("members"))
 
     def iter_chunks(self, *, members: bool = False) -> Iterator[Chunk]:
         for i in self.finished_chunks():
@@ -100,17 +191,10 @@ class StoreReader:
 
     def read_rows(self, rows: np.ndarray, *, members: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (and members) of arbitrary committed rows, in the order given."""
-        rows = np.asarray(rows, dtype=np.int64)
-        chunk_of = rows // self.meta.chunk_rows
-        if rows.size and not self.done[chunk_of].all():
-            raise IncompleteStoreError(f"rows requested from uncommitted chunks of {self.path}")
-        logits = self.logits.get_orthogonal_selection((rows, slice(None)))
-        mem = None
-        if members:
-            if self.members is None:
-                raise SchemaError(f"{self.path} was generated without --keep-members")
-            mem = self.members.get_orthogonal_selection((slice(None), rows, slice(None)))
-        return logits, mem
+        if members and self.members is None:
+            raise SchemaError(f"{self.path} was generated without --keep-members")
+        got = self.read(rows, ["logits"] + (["members"] if members else []))
+        return got["logits"], got.get("members")
 
     # -- derived facts ----------------------------------------------------------
     def accuracy(self) -> dict[str, float] | None:
@@ -126,35 +210,15 @@ class StoreReader:
         return acc
 
     def verify(self) -> None:
-        """Deep check: every committed chunk reads back, its rows are finite and its indices in range."""
+        """Deep check: every committed chunk of every row field reads back, matches its checksum
+        (schema 2), holds finite targets and in-range sample indices. Raises naming the chunk and field."""
+        names = [f.name for f in row_fields(self.meta)]
         for i in self.finished_chunks():
-            try:
-                chunk = self.read_chunk(i, members=self.meta.keep_members)
-            except Exception as exc:  # noqa: BLE001 — a truncated or corrupt chunk object: zarr/numcodecs raise many types
-                field = next((name for name in ("logits", "members", "labels", "index")
-                              if name in str(exc)), None) or self._bad_field(i)
-                raise SchemaError(f"chunk {i} of {self.path} cannot be read (field {field}: "
-                                  f"{type(exc).__name__}: {exc}); the store is corrupt: regenerate that chunk "
-                                  "by deleting its commit mark and resuming the job") from exc
-            if not np.isfinite(chunk.logits).all():
-                raise NonFiniteLogitsError(f"chunk {chunk.i} of {self.path} holds non-finite logits")
-            if chunk.members is not None and not np.isfinite(chunk.members).all():
-                raise NonFiniteLogitsError(f"chunk {chunk.i} of {self.path} holds non-finite member logits")
-            if (chunk.index < 0).any() or (chunk.index >= self.meta.transfer_set.num_samples).any():
-                raise SchemaError(f"chunk {chunk.i} of {self.path} has row indices outside the transfer set")
-
-    def _bad_field(self, i: int) -> str:
-        """Which array's chunk ``i`` fails to read."""
-        a, b = self.bounds(i)
-        for name in ("logits", "labels", "index", "members"):
-            arr = getattr(self, name)
-            if arr is None:
-                continue
-            try:
-                arr[..., a:b, :] if name == "members" else arr[a:b]
-            except Exception:  # noqa: BLE001
-                return name
-        return "unknown"
+            got = self.read_chunks([i], names)
+            index = got["index"]
+            if (index < 0).any() or (index >= self.meta.transfer_set.num_samples).any():
+                raise CorruptChunkError(f"chunk {i} of {self.path}: field index has row indices outside the "
+                                        f"transfer set. {REGENERATE}")
 
     def summary(self) -> dict[str, Any]:
         m = self.meta
@@ -189,6 +253,10 @@ class StoreReader:
             "created_at": m.created_at,
             "software_version": m.software_version,
         }
+
+
+REGENERATE = ("Regenerate the chunk: delete its commit mark (done/c/<chunk>) and resume the job, which "
+              "recomputes exactly the uncommitted chunks")
 
 
 def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreReader:

@@ -1,4 +1,4 @@
-"""Schema v1 of a darkstore store: a Zarr v3 group.
+"""Schema v2 of a darkstore store: a Zarr v3 group (the fields are declared in :mod:`storage.fields`).
 
 =============  =====================  ===============================================
 node           shape / dtype          meaning
@@ -9,6 +9,8 @@ node           shape / dtype          meaning
 ``index``      [N] int64              the sample of each row (its position in the transfer set)
 ``stats``      [n_chunks, 2+M] int64  per chunk: labeled rows, ensemble correct,
                                       then each member's correct count
+``view_params`` [N, P] float64        recorded views: each row's drawn parameters
+``checksums``  [n_chunks, F] uint32   CRC32C of each row field's chunk (schema 2)
 ``done``       [n_chunks] uint8       commit mark, written after a chunk's rows
 =============  =====================  ===============================================
 
@@ -31,7 +33,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this darkstore opens: 1 (no chunk checksums) and 2
+READABLE_VERSIONS = (1, 2)
 ATTR_KEY = "darkstore"
 
 Dtype = Literal["float16", "float32"]
@@ -87,6 +91,8 @@ class StoreMeta(BaseModel):
         "natural", description="natural: rows follow the transfer set; shuffled: samples in the seeded "
                                "permutation `sample_order` (class-sorted sets then stream well-mixed)")
     row_order_seed: int | None = Field(None, description="seed of the shuffled order")
+    checksums: list[str] | None = Field(None, description="schema 2: the row fields whose per-chunk CRC32C the "
+                                        "`checksums` array holds, in column order (None: a version-1 store)")
 
     @property
     def views_per_sample(self) -> int:

@@ -1,7 +1,8 @@
 """Write a store: allocate the full shape once, then commit whole chunks.
 
-A chunk is written in this order: logits, members, labels, index, stats, and
-only then its ``done`` mark. A writer killed at any point leaves at worst a chunk
+A chunk is written in this order: its row fields (logits, members, labels, index,
+view parameters), stats, the CRC32C of each row field (schema 2), and only then
+its ``done`` mark. A writer killed at any point leaves at worst a chunk
 without a mark, which the next run rewrites; rewriting a chunk with the same
 data is harmless, so duplicate delivery of work is safe.
 """
@@ -18,6 +19,7 @@ import zarr
 
 from ._zarr import compressors, is_store, open_group
 from .errors import NonFiniteLogitsError, SchemaError, StoreExistsError
+from .fields import BY_NAME, checksum, checksum_names, create_arrays, present
 from .schema import ATTR_KEY, StoreMeta, chunk_bounds
 
 #: float16 cannot hold values below this; row-centred logits are clipped here.
@@ -26,28 +28,12 @@ FLOAT16_FLOOR = -60000.0
 
 
 def _create(path: Path, meta: StoreMeta) -> None:
-    """Create the group and every array at full size, then move it into place atomically."""
+    """Create the group and every declared field at full size, then move it into place atomically."""
+    if meta.schema_version >= 2 and meta.checksums is None:
+        meta = meta.model_copy(update={"checksums": checksum_names(meta)})
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
     group = zarr.create_group(str(tmp), zarr_format=3, attributes={ATTR_KEY: meta.model_dump(mode="json")})
-    n, c, m, k, rows = meta.num_rows, meta.num_classes, meta.num_members, meta.n_chunks, meta.chunk_rows
-    comp = compressors(meta.compressor)
-    group.create_array("logits", shape=(n, c), chunks=(rows, c), dtype=meta.dtype, compressors=comp,
-                       fill_value=np.nan, dimension_names=("row", "class"))
-    if meta.keep_members:
-        group.create_array("members", shape=(m, n, c), chunks=(m, rows, c), dtype=meta.dtype,
-                           compressors=comp, fill_value=np.nan, dimension_names=("member", "row", "class"))
-    group.create_array("labels", shape=(n,), chunks=(rows,), dtype="int64", compressors=comp,
-                       fill_value=-1, dimension_names=("row",))
-    group.create_array("index", shape=(n,), chunks=(rows,), dtype="int64", compressors=comp,
-                       fill_value=-1, dimension_names=("row",))
-    if meta.views:
-        group.create_array("view_params", shape=(n, meta.num_view_params), chunks=(rows, meta.num_view_params),
-                           dtype="float64", compressors=comp, fill_value=np.nan, dimension_names=("row", "param"))
-    group.create_array("stats", shape=(k, 2 + m), chunks=(1, 2 + m), dtype="int64", compressors=None,
-                       fill_value=0, dimension_names=("chunk", "stat"))
-    # One uncompressed byte per chunk object: a commit mark is a single atomic file write.
-    group.create_array("done", shape=(k,), chunks=(1,), dtype="uint8", compressors=None,
-                       fill_value=0, dimension_names=("chunk",))
+    create_arrays(group, meta, compressors(meta.compressor))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(tmp, path)
@@ -64,11 +50,7 @@ class StoreWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.group, self.meta = open_group(self.path, mode="r+")
-        self._arrays = {name: self.group[name] for name in ("logits", "labels", "index", "stats", "done")}
-        if self.meta.keep_members:
-            self._arrays["members"] = self.group["members"]
-        if self.meta.views:
-            self._arrays["view_params"] = self.group["view_params"]
+        self._arrays = {f.name: self.group[f.name] for f in present(self.meta)}
 
     # -- creation -------------------------------------------------------------
     @classmethod
@@ -130,22 +112,28 @@ class StoreWriter:
         if not np.all(np.isfinite(logits)):
             bad = np.flatnonzero(~np.isfinite(logits).all(axis=1)) + start
             raise NonFiniteLogitsError(f"non-finite ensemble logits in rows {_rows(bad)}; chunk {i} not written")
-        a = self._arrays
-        a["logits"][start:stop] = self._cast(logits)
+        values = {"logits": self._cast(logits), "labels": labels.astype(np.int64), "index": index.astype(np.int64)}
         if self.meta.keep_members:
             if members is None:
                 raise SchemaError("this store keeps members; write_chunk needs members=")
             _check_shape("members", members, (self.meta.num_members, rows, c))
-            a["members"][:, start:stop] = self._cast(members)
+            values["members"] = self._cast(members)
         if self.meta.views:
             if view_params is None:
                 raise SchemaError("this store records views; write_chunk needs view_params=")
             _check_shape("view_params", view_params, (rows, self.meta.num_view_params))
-            a["view_params"][start:stop] = np.asarray(view_params, dtype=np.float64)
-        a["labels"][start:stop] = labels.astype(np.int64)
-        a["index"][start:stop] = index.astype(np.int64)
+            values["view_params"] = np.asarray(view_params, dtype=np.float64)
+        a = self._arrays
+        for name, v in values.items():
+            f = BY_NAME[name]
+            if f.row_axis == 1:
+                a[name][:, start:stop] = v
+            else:
+                a[name][start:stop] = v
         if stats is not None:
             a["stats"][i] = np.asarray(stats, dtype=np.int64)
+        if self.meta.checksums is not None:  # schema 2: what was written, before the commit mark
+            a["checksums"][i] = np.array([checksum(values[n]) for n in self.meta.checksums], dtype=np.uint32)
         a["done"][i] = 1  # the commit mark, strictly last
 
     def _cast(self, x: np.ndarray) -> np.ndarray:

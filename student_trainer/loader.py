@@ -268,18 +268,18 @@ class StoreStream(torch.utils.data.IterableDataset):
             # than reopened: reopening an in-memory .npz in every worker at every epoch is slow
             data = self._data if self._data is not None else open_transfer_set(
                 self.data_spec, allow_code=self.allow_code, roots=self.roots)
-            self._opened = (pid, reader, data, reader.labels[:], reader.index[:],
-                            reader.view_params[:] if reader.view_params is not None else None)
+            self._opened = (pid, reader, data, reader.read_field("labels"), reader.read_field("index"),
+                            reader.read_field("view_params") if reader.meta.views else None)
         return self._opened[1], self._opened[2]
 
     def _read(self, reader: StoreReader, group: list[int]) -> dict[int, Chunk]:
-        """Read several chunks' logits in one orthogonal selection: zarr fetches and decodes them
-        concurrently, and the per-call overhead (about a millisecond) is paid once per window."""
+        """Read several chunks' targets through the reader, in one call per field: zarr fetches and decodes
+        them concurrently, the per-call overhead (about a millisecond) is paid once per window, and every
+        chunk is checked against its checksum and for non-finite targets."""
         _, _, _, labels, index, _ = self._opened
         bounds = [reader.bounds(c) for c in group]
-        sel = np.concatenate([np.arange(a, b) for a, b in bounds])
-        logits = reader.logits.get_orthogonal_selection((sel, slice(None)))
-        members = reader.members.get_orthogonal_selection((slice(None), sel, slice(None))) if self.members else None
+        got = reader.read_chunks(group, ["logits", "members"] if self.members else ["logits"])
+        logits, members = got["logits"], got.get("members")
         out, at = {}, 0
         for c, (a, b) in zip(group, bounds):
             n = b - a

@@ -252,7 +252,8 @@ def probe_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, 
                   device: str) -> None:
     """Run the student once on two of the store's inputs (no gradient, eval mode: no state changes), so a
     student that does not fit the data fails here with one clear message, not at step 1."""
-    x, _ = data.get_batch(np.asarray(reader.index[0:min(2, reader.meta.num_rows)], dtype=np.int64))
+    rows = reader.finished_rows()[:2]
+    x, _ = data.get_batch(reader.read(rows, ["index"])["index"])
     was_training = model.training
     model.eval()
     try:
@@ -276,7 +277,7 @@ MIXING_WARN = 0.9
 
 def report_mixing(loader, reader: StoreReader, log: Callable[[str], None] | None) -> dict[str, float] | None:
     """Say how well batches mix the classes (against a full shuffle); warn when they mix poorly."""
-    m = batch_mixing(loader.stream, np.asarray(reader.labels[:]))
+    m = batch_mixing(loader.stream, reader.read_field("labels"))
     if m is None or log is None:
         return m
     line = (f"batches: {m['labels_per_batch']:.1f} distinct labels per batch on average, {m['full_shuffle']:.1f} "
@@ -344,7 +345,7 @@ class _Recipe:
         self.has_eval_store = eval_store is not None
         self.train_rows, self.ev_rows = eval_split(reader, c.holdout, ev_reader)
         self.ev_reader = ev_reader or reader
-        if c.alpha == 0 and log and not (np.asarray(reader.labels[:])[self.train_rows] >= 0).any():
+        if c.alpha == 0 and log and not (reader.read_field("labels")[self.train_rows] >= 0).any():
             log("warning: --alpha 0 asks for hard labels only, but no training row has a label: the student learns "
                 "from the soft targets alone (unlabeled rows always get the soft term), and accuracy cannot be "
                 "measured")

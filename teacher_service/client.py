@@ -122,8 +122,9 @@ class DarkstoreClient:
     def events(self, job_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/jobs/{job_id}/events").json()
 
-    def store(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/stores/{job_id}").json()
+    def store(self, job_id: str, *, verify: bool = False) -> dict[str, Any]:
+        """The store's summary; ``verify`` also reads every committed chunk and checks it (409 names a bad one)."""
+        return self._call("GET", f"/v1/stores/{job_id}", params={"verify": "true"} if verify else None).json()
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/healthz").json()

@@ -381,3 +381,23 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(site):
     assert not bad, "\n".join(bad[:20])
     assert sum(calls.values()) >= 2000, calls
     assert len(calls) >= 8, calls  # every operation was exercised
+
+
+def test_store_verify_names_a_damaged_chunk(site):
+    """GET /v1/stores/{id}?verify=true reads every committed chunk: a chunk swapped after its commit is a 409
+    naming the chunk and the field."""
+    import shutil
+    from pathlib import Path
+
+    with client(site) as c:
+        view, _ = c.submit(body(chunk_rows=50))
+        done = c.wait(view.id, timeout=120)
+        assert done.state == "succeeded", done.error
+        ok = c.store(view.id, verify=True)
+        assert ok["verified"] and ok["complete"]
+        store = Path(done.store)
+        shutil.copyfile(store / "logits" / "c" / "3" / "0", store / "logits" / "c" / "2" / "0")
+        assert not c.store(view.id)["verified"]  # the plain summary does not read chunks
+        with pytest.raises(ApiError) as e:
+            c.store(view.id, verify=True)
+        assert e.value.status == 409 and "chunk 2 " in e.value.detail and "field logits" in e.value.detail

@@ -1,0 +1,117 @@
+"""The store's fields, declared once: what each array holds, its shape, dtype, fill and when it exists.
+
+Creation (:func:`create_arrays`), validation on open (:func:`check_arrays`), the writer's chunk
+commits and the reader's checks all come from :data:`FIELDS`. A *row field* holds one entry per
+store row and is chunked by ``chunk_rows`` rows along its row axis; chunk *i* of every row field
+covers rows ``[i·chunk_rows, (i+1)·chunk_rows)``. A *chunk field* holds one element per chunk,
+one object each, so that two writers never touch the same object.
+
+Schema 2 adds ``checksums``: per committed chunk, the CRC32C of each row field's bytes as
+written (C order, little-endian, the stored dtype), written before the chunk's ``done`` mark.
+Readers verify what they read against it, so a chunk changed, swapped, truncated or lost after
+its commit is an error that names the chunk and the field, never silent data.
+
+To add a field: declare it here (and, if it is per row, it is checksummed and validated with
+the others), give the writer its producer's array in ``write_chunk``, read it with
+``StoreReader.read``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .schema import StoreMeta
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    dims: tuple[str, ...]
+    shape: Callable[[StoreMeta], tuple[int, ...]]
+    dtype: Callable[[StoreMeta], str]
+    fill: Any
+    present: Callable[[StoreMeta], bool]
+    per_row: bool = True  # a row field (else one element per chunk)
+    row_axis: int = 0
+    compressed: bool = True
+    doc: str = ""
+
+    def chunks(self, meta: StoreMeta) -> tuple[int, ...]:
+        shape = self.shape(meta)
+        if not self.per_row:
+            return (1, *shape[1:])
+        return tuple(meta.chunk_rows if a == self.row_axis else s for a, s in enumerate(shape))
+
+    def rows(self, arr: Any, start: int, stop: int) -> Any:
+        """The rows ``[start, stop)`` of this field's array (zarr or numpy)."""
+        return arr[:, start:stop] if self.row_axis == 1 else arr[start:stop]
+
+
+def _always(meta: StoreMeta) -> bool:
+    return True
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan, _always,
+              doc="ensemble targets in log space, row-centred"),
+    FieldSpec("members", ("member", "row", "class"), lambda m: (m.num_members, m.num_rows, m.num_classes),
+              lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1,
+              doc="each teacher's own logits, row-centred (keep_members)"),
+    FieldSpec("labels", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
+              doc="hard labels, -1 where unlabeled"),
+    FieldSpec("index", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
+              doc="the sample of each row (its position in the transfer set)"),
+    FieldSpec("view_params", ("row", "param"), lambda m: (m.num_rows, m.num_view_params), lambda m: "float64",
+              np.nan, lambda m: bool(m.views), doc="recorded views: each row's drawn parameters"),
+    FieldSpec("stats", ("chunk", "stat"), lambda m: (m.n_chunks, 2 + m.num_members), lambda m: "int64", 0, _always,
+              per_row=False, compressed=False, doc="per chunk: labeled rows, ensemble correct, each member's correct"),
+    FieldSpec("checksums", ("chunk", "field"), lambda m: (m.n_chunks, len(m.checksums or ())), lambda m: "uint32", 0,
+              lambda m: m.checksums is not None, per_row=False, compressed=False,
+              doc="per chunk: CRC32C of each row field's bytes (schema 2)"),
+    FieldSpec("done", ("chunk",), lambda m: (m.n_chunks,), lambda m: "uint8", 0, _always, per_row=False,
+              compressed=False, doc="the commit mark, written last"),
+)
+BY_NAME = {f.name: f for f in FIELDS}
+
+
+def present(meta: StoreMeta) -> list[FieldSpec]:
+    return [f for f in FIELDS if f.present(meta)]
+
+
+def row_fields(meta: StoreMeta) -> list[FieldSpec]:
+    """The store's row fields, in checksum-column order."""
+    return [f for f in FIELDS if f.per_row and f.present(meta)]
+
+
+def checksum_names(meta: StoreMeta) -> list[str]:
+    return [f.name for f in row_fields(meta)]
+
+
+def create_arrays(group: Any, meta: StoreMeta, compressors: Any) -> None:
+    for f in present(meta):
+        group.create_array(f.name, shape=f.shape(meta), chunks=f.chunks(meta), dtype=f.dtype(meta),
+                           compressors=compressors if f.compressed else None, fill_value=f.fill,
+                           dimension_names=f.dims)
+
+
+def check_arrays(group: Any, meta: StoreMeta, path: Any, schema_error: type[Exception]) -> None:
+    for f in present(meta):
+        shape, dtype = f.shape(meta), np.dtype(f.dtype(meta))
+        try:
+            arr = group[f.name]
+        except KeyError:
+            raise schema_error(f"{path} lacks the '{f.name}' array") from None
+        if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
+            raise schema_error(f"{path}/{f.name} is {tuple(arr.shape)} {arr.dtype}, schema says {shape} {dtype}")
+
+
+def checksum(x: np.ndarray) -> int:
+    """CRC32C of an array's bytes in C order, little-endian (what a chunk of the field holds)."""
+    import google_crc32c
+
+    a = np.ascontiguousarray(x)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return int(google_crc32c.value(a.tobytes()))
