@@ -280,6 +280,11 @@ def train(
                 allow_code=allow_code, resume=resume, on_epoch=on_epoch, log=lambda m: console.print(m))
     if not rank0:
         return
+    _print_run(r)
+
+
+def _print_run(r) -> None:
+    """What a finished `train` says: where the student went and how it did on the held-out rows."""
     f = r.final
     if r.already_finished:
         console.print(f"{r.out} is already finished: nothing to train")
