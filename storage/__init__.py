@@ -5,6 +5,7 @@ trainer depend on it, and it depends on neither.
 """
 
 from .errors import *  # noqa: F401,F403
+from .location import Location
 from .reader import Chunk, StoreReader, open_store
 from .schema import SCHEMA_VERSION, StoreMeta, TeacherRecord, TransferSetRecord, bytes_per_row, chunk_bounds, sample_order
 from .writer import FLOAT16_FLOOR, StoreWriter
@@ -12,6 +13,6 @@ from .writer import FLOAT16_FLOOR, StoreWriter
 __version__ = "0.1.0"
 
 __all__ = [
-    "Chunk", "StoreReader", "open_store", "SCHEMA_VERSION", "StoreMeta", "TeacherRecord",
+    "Chunk", "Location", "StoreReader", "open_store", "SCHEMA_VERSION", "StoreMeta", "TeacherRecord",
     "TransferSetRecord", "bytes_per_row", "chunk_bounds", "sample_order", "FLOAT16_FLOOR", "StoreWriter", "__version__",
 ]

@@ -1,16 +1,24 @@
-"""Small helpers around zarr-python 3 shared by the writer and the reader."""
+"""Opening and creating a store's Zarr group at any :class:`~storage.location.Location`."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .errors import SchemaError, StoreNotFoundError
-from .fields import check_arrays
+from .errors import SchemaError, StoreAccessError, StoreNotFoundError
+from .fields import check_arrays, create_arrays
+from .location import Location, access_error
 from .schema import ATTR_KEY, READABLE_VERSIONS, SCHEMA_VERSION, StoreMeta
+
+#: an object written before a remote store's arrays and removed after its attributes: a location
+#: holding it is a creation that crashed, safe to start again
+CREATING = ".darkstore-creating"
 
 
 def compressors(name: str):
@@ -24,43 +32,90 @@ def compressors(name: str):
     raise SchemaError(f"unknown compressor {name!r}; choose zstd, blosc or none")
 
 
-def is_store(path: str | Path) -> bool:
-    p = Path(path) / "zarr.json"
-    if not p.is_file():
-        return False
+def store_attrs(loc: Location) -> dict | None:
+    """The darkstore attributes of the group at ``loc``, or None when there is no store there."""
+    raw = loc.read_bytes("zarr.json")
+    if raw is None:
+        return None
     try:
-        return ATTR_KEY in json.loads(p.read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
+        return json.loads(raw).get("attributes", {}).get(ATTR_KEY)
+    except (ValueError, AttributeError):
+        return None
 
 
-def open_group(path: str | Path, mode: str = "r") -> tuple[zarr.Group, StoreMeta]:
+def is_store(where: str | Path | Location) -> bool:
+    return store_attrs(Location.parse(where)) is not None
+
+
+def open_group(where: str | Path | Location, mode: str = "r") -> tuple[zarr.Group, StoreMeta]:
     """Open a store's group and validate its attributes."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise StoreNotFoundError(f"no darkstore store at {path} (no zarr.json)")
+    loc = Location.parse(where)
+    raw_json = loc.read_bytes("zarr.json")
+    if raw_json is None:
+        raise StoreNotFoundError(f"no darkstore store at {loc} (no zarr.json)")
     try:
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        group = zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
+    except StoreAccessError:
+        raise
     except Exception as exc:  # zarr raises several types for a broken group
-        raise SchemaError(f"{path} is not a readable Zarr v3 group: {exc}") from exc
+        if loc.scheme == "s3" and not isinstance(exc, (ValueError, KeyError)):
+            raise access_error(loc, exc) from exc
+        raise SchemaError(f"{loc} is not a readable Zarr v3 group: {exc}") from exc
     raw = group.attrs.get(ATTR_KEY)
     if raw is None:
-        raise StoreNotFoundError(f"{path} is a Zarr group but not a darkstore store (no '{ATTR_KEY}' attributes)")
+        why = ("its creation did not finish; generate again to recreate it" if loc.exists(CREATING)
+               else f"no '{ATTR_KEY}' attributes")
+        raise StoreNotFoundError(f"{loc} is a Zarr group but not a darkstore store ({why})")
     version = raw.get("schema_version")
     if version not in READABLE_VERSIONS:
-        raise SchemaError(f"{path} has schema version {version}; this darkstore reads versions "
+        raise SchemaError(f"{loc} has schema version {version}; this darkstore reads versions "
                           f"{', '.join(map(str, READABLE_VERSIONS))} and writes {SCHEMA_VERSION}")
     try:
         meta = StoreMeta.model_validate(raw)
     except Exception as exc:
-        raise SchemaError(f"{path} has invalid darkstore attributes: {exc}") from exc
-    _check_arrays(group, meta, path)
+        raise SchemaError(f"{loc} has invalid darkstore attributes: {exc}") from exc
+    check_arrays(group, meta, loc, SchemaError)
     return group, meta
 
 
-def _check_arrays(group: zarr.Group, meta: StoreMeta, path: Path) -> None:
-    check_arrays(group, meta, path, SchemaError)
+def create(loc: Location, meta: StoreMeta) -> None:
+    """Create the group and every declared field at full size, crash-safe on every scheme.
+
+    A store exists once its group's ``zarr.json`` carries the darkstore attributes, and those are
+    written last. Locally the whole group is built under a temporary name and renamed into place
+    (atomic, and two racing creators end with one store). Object stores have no rename: a
+    :data:`CREATING` marker goes first, then the arrays, then the attributes, then the marker is
+    removed, so a crash leaves a marked, attribute-less group that the next creation replaces."""
+    attrs = {ATTR_KEY: meta.model_dump(mode="json")}
+    if loc.local is not None:
+        path = loc.local
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
+        group = zarr.create_group(str(tmp), zarr_format=3, attributes=attrs)
+        create_arrays(group, meta, compressors(meta.compressor))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not is_store(path):
+                raise
+        return
+    loc.write_bytes(CREATING, json.dumps({"job_key": meta.job_key}).encode())
+    try:
+        group = zarr.create_group(loc.zarr_store(read_only=False), zarr_format=3)
+        create_arrays(group, meta, compressors(meta.compressor))
+        group.update_attributes(attrs)
+    except StoreAccessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — the backend's own error types
+        raise access_error(loc, exc) from exc
+    loc.remove(CREATING)
 
 
-def disk_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def unfinished_creation(loc: Location) -> bool:
+    """Whether ``loc`` holds what a crashed :func:`create` left (no attributes, the marker present)."""
+    return loc.exists(CREATING) and store_attrs(loc) is None
+
+
+def disk_bytes(where: str | Path | Location) -> int:
+    return Location.parse(where).size_bytes()

@@ -21,6 +21,14 @@ class StoreExistsError(DarkstoreError, FileExistsError):
     """A store already exists at the path and belongs to another job."""
 
 
+class StoreURLError(DarkstoreError, ValueError):
+    """A store location is malformed, has an unknown scheme, or needs a package that is not installed."""
+
+
+class StoreAccessError(DarkstoreError, OSError):
+    """A remote store cannot be reached (no credentials, no bucket, access refused)."""
+
+
 class SchemaError(DarkstoreError, ValueError):
     """The store's layout or attributes do not follow the schema."""
 

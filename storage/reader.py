@@ -8,9 +8,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._zarr import disk_bytes, open_group
+from ._zarr import open_group
 from .errors import CorruptChunkError, IncompleteStoreError, NonFiniteLogitsError, SchemaError
 from .fields import BY_NAME, checksum, row_fields
+from .location import Location
 from .schema import StoreMeta, bytes_per_row, chunk_bounds
 
 #: fields holding teacher targets: a non-finite value there is refused on read (any schema)
@@ -38,9 +39,10 @@ class StoreReader:
     (only committed chunks are ever returned).
     """
 
-    def __init__(self, path: str | Path, *, allow_incomplete: bool = False):
-        self.path = Path(path)
-        self.group, self.meta = open_group(self.path, mode="r")
+    def __init__(self, where: str | Path | Location, *, allow_incomplete: bool = False):
+        self.location = Location.parse(where)
+        self.path = str(self.location)  # the canonical spelling: a local path or a URL
+        self.group, self.meta = open_group(self.location, mode="r")
         self.logits = self.group["logits"]
         self.labels = self.group["labels"]
         self.index = self.group["index"]
@@ -221,7 +223,7 @@ class StoreReader:
 
     def summary(self) -> dict[str, Any]:
         m = self.meta
-        size = disk_bytes(self.path)
+        size = self.location.size_bytes()
         return {
             "path": str(self.path),
             "rows": m.num_rows,
@@ -258,8 +260,9 @@ REGENERATE = ("Regenerate the chunk: delete its commit mark (done/c/<chunk>) and
               "recomputes exactly the uncommitted chunks")
 
 
-def open_store(path: str | Path, *, allow_incomplete: bool = False) -> StoreReader:
-    return StoreReader(path, allow_incomplete=allow_incomplete)
+def open_store(where: str | Path | Location, *, allow_incomplete: bool = False) -> StoreReader:
+    """Open the store at a local path or URL (``file://``, ``s3://``, ``memory://``) for reading."""
+    return StoreReader(where, allow_incomplete=allow_incomplete)
 
 
 __all__ = ["Chunk", "StoreReader", "StoreMeta", "open_store"]

@@ -9,76 +9,66 @@ data is harmless, so duplicate delivery of work is safe.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
-import zarr
-
-from ._zarr import compressors, is_store, open_group
+from ._zarr import create, open_group, store_attrs, unfinished_creation
 from .errors import NonFiniteLogitsError, SchemaError, StoreExistsError
-from .fields import BY_NAME, checksum, checksum_names, create_arrays, present
-from .schema import ATTR_KEY, StoreMeta, chunk_bounds
+from .fields import BY_NAME, checksum, checksum_names, present
+from .location import Location
+from .schema import StoreMeta, chunk_bounds
 
 #: float16 cannot hold values below this; row-centred logits are clipped here.
 #: exp(-60000 / T) is 0 in float64 for any T < 80, so nothing a softmax sees changes.
 FLOAT16_FLOOR = -60000.0
 
 
-def _create(path: Path, meta: StoreMeta) -> None:
-    """Create the group and every declared field at full size, then move it into place atomically."""
+def _create(loc: Location, meta: StoreMeta) -> None:
     if meta.schema_version >= 2 and meta.checksums is None:
         meta = meta.model_copy(update={"checksums": checksum_names(meta)})
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
-    group = zarr.create_group(str(tmp), zarr_format=3, attributes={ATTR_KEY: meta.model_dump(mode="json")})
-    create_arrays(group, meta, compressors(meta.compressor))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_store(path):
-            raise
+    create(loc, meta)
 
 
 class StoreWriter:
     """Writes the chunks of one store. Safe to use from several processes at once,
     provided no chunk is handed to two of them at the same time."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.group, self.meta = open_group(self.path, mode="r+")
+    def __init__(self, where: str | Path | Location):
+        self.location = Location.parse(where)
+        self.path = str(self.location)
+        self.group, self.meta = open_group(self.location, mode="r+")
         self._arrays = {f.name: self.group[f.name] for f in present(self.meta)}
 
     # -- creation -------------------------------------------------------------
     @classmethod
-    def open_or_create(cls, path: str | Path, meta: StoreMeta, *, overwrite: bool = False) -> "StoreWriter":
+    def open_or_create(cls, where: str | Path | Location, meta: StoreMeta, *, overwrite: bool = False) -> "StoreWriter":
         """Open the store for ``meta``'s job, creating it if absent.
 
         An existing store of the same job (same ``job_key``) is reopened so that the
-        job resumes; one of another job is an error unless ``overwrite``.
+        job resumes; one of another job is an error unless ``overwrite``. What a crashed
+        creation left behind is replaced.
         """
-        path = Path(path)
-        if path.exists():
-            if is_store(path):
-                _, existing = open_group(path)
-                if existing.job_key == meta.job_key:
-                    return cls(path)
-                if not overwrite:
-                    raise StoreExistsError(
-                        f"{path} holds another job's store (job {existing.job_key[:12]}, this one "
-                        f"{meta.job_key[:12]}); choose another --out or pass --overwrite"
-                    )
-            elif not overwrite and not (path.is_dir() and not any(path.iterdir())):
-                raise StoreExistsError(f"{path} exists and is not a darkstore store; refusing to write there")
-            if path.is_dir():
-                shutil.rmtree(path)
+        loc = Location.parse(where)
+        attrs = store_attrs(loc)
+        if attrs is not None:
+            _, existing = open_group(loc)
+            if existing.job_key == meta.job_key:
+                return cls(loc)
+            if not overwrite:
+                raise StoreExistsError(
+                    f"{loc} holds another job's store (job {existing.job_key[:12]}, this one "
+                    f"{meta.job_key[:12]}); choose another --out or pass --overwrite"
+                )
+            loc.remove()
+        elif not loc.is_empty():
+            if not (overwrite or unfinished_creation(loc)):
+                raise StoreExistsError(f"{loc} exists and is not a darkstore store; refusing to write there")
+            if loc.local is not None and loc.local.is_file():
+                loc.local.unlink()
             else:
-                path.unlink()
-        _create(path, meta)
-        return cls(path)
+                loc.remove()
+        _create(loc, meta)
+        return cls(loc)
 
     # -- state ----------------------------------------------------------------
     def done_mask(self) -> np.ndarray:

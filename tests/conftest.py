@@ -78,6 +78,58 @@ def ensemble(tmp_path) -> Path:
     return make_ensemble(tmp_path / "teachers", MEMBERS)
 
 
+# --- stores at every scheme ------------------------------------------------------------------
+SCHEMES = ("local", "file", "memory", "s3")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One S3-compatible server (moto) on loopback for the whole session."""
+    from .procs import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the loopback S3 server; this process's AWS environment points at it."""
+    import uuid
+
+    import fsspec
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"darkstore-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", use_listings_cache=False).mkdir(bucket)
+    return bucket
+
+
+@pytest.fixture(params=SCHEMES)
+def store_at(request, tmp_path):
+    """``store_at(name)``: where a test's store called ``name`` lives, on each scheme in turn: a plain
+    local path, a ``file://`` URL, ``memory://`` and ``s3://`` on the loopback server."""
+    import uuid
+
+    scheme = request.param
+    if scheme == "local":
+        yield lambda name: str(tmp_path / name)
+    elif scheme == "file":
+        yield lambda name: (tmp_path / name).as_uri()
+    elif scheme == "memory":
+        import fsspec
+
+        prefix = f"t{uuid.uuid4().hex[:12]}"
+        yield lambda name: f"memory://{prefix}/{name}"
+        fs = fsspec.filesystem("memory")
+        if fs.exists(f"/{prefix}"):
+            fs.rm(f"/{prefix}", recursive=True)
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        yield lambda name: f"s3://{bucket}/{name}"
+
+
 def job(ensemble: Path, data: Path, **options):
     """A job spec. Rows in transfer-set order unless ``row_order`` says otherwise: these tests compare rows
     with references computed in that order (test_mixing and the service tests cover the shuffled default)."""

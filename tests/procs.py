@@ -106,6 +106,36 @@ class Redis(Proc):
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+class S3Server(Proc):
+    """moto's S3-compatible server on loopback (``python -m moto.server``): real HTTP, real signatures.
+    ``env`` is what a client process needs: dummy credentials and ``AWS_ENDPOINT_URL``, nothing else
+    (the instance-metadata lookup is off, so nothing leaves loopback)."""
+
+    def __init__(self, tmp: Path, port: int | None = None):
+        import sys
+
+        self.port = port or free_port()
+        super().__init__("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                         dict(os.environ), tmp / "s3.log")
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"moto server exited:\n{self.text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/moto-api/", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"moto server not up after 60 s:\n{self.text()[-3000:]}")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "darkstore-test", "AWS_SECRET_ACCESS_KEY": "darkstore-test",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.url, "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 def service_env(**settings: object) -> dict[str, str]:
     env = cli_env()
     for k in list(env):

@@ -1,4 +1,5 @@
-"""The Zarr store: round trips, commit marks, completeness, schema checks."""
+"""The Zarr store: round trips, commit marks, completeness, schema checks — each on every scheme
+(a local path, file://, memory:// and s3:// on a loopback S3 server)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, open_store
+from storage import FLOAT16_FLOOR, Location, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, open_store
 from storage.errors import (
     IncompleteStoreError,
     NonFiniteLogitsError,
@@ -40,14 +41,14 @@ def fill(writer: StoreWriter, logits, members=None, chunks=None):
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "blosc", "none"])
-def test_float32_round_trip_is_exact(tmp_path, compressor):
+def test_float32_round_trip_is_exact(store_at, compressor):
     rng = np.random.default_rng(0)
     m = meta(n=1000, rows=128, compressor=compressor, keep=True)  # 1000 = 7 full chunks + a partial one
-    w = StoreWriter.open_or_create(tmp_path / "s", m)
+    w = StoreWriter.open_or_create(store_at("s"), m)
     x = centred(rng, (1000, 7)).astype(np.float32)
     mem = centred(rng, (2, 1000, 7)).astype(np.float32)
     fill(w, x, mem)
-    r = open_store(tmp_path / "s")
+    r = open_store(store_at("s"))
     assert r.complete
     got = r.read_all(members=True)
     np.testing.assert_array_equal(got.logits, x)
@@ -59,15 +60,15 @@ def test_float32_round_trip_is_exact(tmp_path, compressor):
     np.testing.assert_array_equal(members, mem[:, rows])
 
 
-def test_float16_round_trip_within_half_ulp(tmp_path):
+def test_float16_round_trip_within_half_ulp(store_at):
     """float16 keeps 11 significant bits: |stored − x| ≤ 2⁻¹¹·|x| (+ subnormal spacing near 0);
     values below the float16 range are clipped to FLOAT16_FLOOR, never −inf."""
     rng = np.random.default_rng(1)
-    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=500, rows=100, dtype="float16"))
+    w = StoreWriter.open_or_create(store_at("s"), meta(n=500, rows=100, dtype="float16"))
     x = centred(rng, (500, 7), scale=30.0)
     x[3, 2] = -1e6  # a class the teacher rules out completely
     fill(w, x)
-    got = open_store(tmp_path / "s").read_all().logits
+    got = open_store(store_at("s")).read_all().logits
     assert got.dtype == np.float16 and np.isfinite(got).all()
     assert got[3, 2] == np.float16(FLOAT16_FLOOR)
     mask = np.ones_like(x, dtype=bool)
@@ -77,14 +78,14 @@ def test_float16_round_trip_within_half_ulp(tmp_path):
     assert (err <= bound).all(), float((err - bound).max())
 
 
-def test_incomplete_store_is_refused_and_finished_part_readable(tmp_path):
+def test_incomplete_store_is_refused_and_finished_part_readable(store_at):
     rng = np.random.default_rng(2)
-    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=1000, rows=128))
+    w = StoreWriter.open_or_create(store_at("s"), meta(n=1000, rows=128))
     x = centred(rng, (1000, 7)).astype(np.float32)
     fill(w, x, chunks=[0, 2, 7])
     with pytest.raises(IncompleteStoreError, match="3 of 8 chunks"):
-        open_store(tmp_path / "s")
-    r = open_store(tmp_path / "s", allow_incomplete=True)
+        open_store(store_at("s"))
+    r = open_store(store_at("s"), allow_incomplete=True)
     assert not r.complete and r.finished_chunks() == [0, 2, 7]
     rows = r.finished_rows()
     assert rows.tolist() == list(range(0, 128)) + list(range(256, 384)) + list(range(896, 1000))
@@ -96,8 +97,8 @@ def test_incomplete_store_is_refused_and_finished_part_readable(tmp_path):
     assert w.pending_chunks() == [1, 3, 4, 5, 6]
 
 
-def test_non_finite_chunk_is_not_committed(tmp_path):
-    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=256, rows=128))
+def test_non_finite_chunk_is_not_committed(store_at):
+    w = StoreWriter.open_or_create(store_at("s"), meta(n=256, rows=128))
     x = np.zeros((128, 7), dtype=np.float32)
     x[5, 1] = np.nan
     with pytest.raises(NonFiniteLogitsError, match="rows 5"):
@@ -105,48 +106,84 @@ def test_non_finite_chunk_is_not_committed(tmp_path):
     assert not w.done_mask().any()
 
 
-def test_accuracy_is_derived_from_committed_stats(tmp_path):
-    w = StoreWriter.open_or_create(tmp_path / "s", meta(n=256, rows=128))
+def test_accuracy_is_derived_from_committed_stats(store_at):
+    w = StoreWriter.open_or_create(store_at("s"), meta(n=256, rows=128))
     z = np.zeros((128, 7), dtype=np.float32)
     w.write_chunk(0, logits=z, labels=np.zeros(128), index=np.arange(128), stats=np.array([100, 90, 80, 70]))
     w.write_chunk(1, logits=z, labels=np.zeros(128), index=np.arange(128, 256), stats=np.array([100, 50, 40, 30]))
-    acc = open_store(tmp_path / "s").accuracy()
+    acc = open_store(store_at("s")).accuracy()
     assert acc == {"ensemble": 0.7, "t0": 0.6, "t1": 0.5, "labeled_rows": 200}
 
 
-def test_reopen_same_job_resumes_other_job_refused(tmp_path):
-    w = StoreWriter.open_or_create(tmp_path / "s", meta(key="a" * 64))
+def test_reopen_same_job_resumes_other_job_refused(store_at):
+    w = StoreWriter.open_or_create(store_at("s"), meta(key="a" * 64))
     fill(w, np.zeros((1000, 7), np.float32), chunks=[0])
-    again = StoreWriter.open_or_create(tmp_path / "s", meta(key="a" * 64))
+    again = StoreWriter.open_or_create(store_at("s"), meta(key="a" * 64))
     assert again.pending_chunks() == list(range(1, 8))
     with pytest.raises(StoreExistsError, match="another job"):
-        StoreWriter.open_or_create(tmp_path / "s", meta(key="b" * 64))
-    fresh = StoreWriter.open_or_create(tmp_path / "s", meta(key="b" * 64), overwrite=True)
+        StoreWriter.open_or_create(store_at("s"), meta(key="b" * 64))
+    fresh = StoreWriter.open_or_create(store_at("s"), meta(key="b" * 64), overwrite=True)
     assert fresh.pending_chunks() == list(range(8))
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "precious.txt").write_text("keep me")
+    other = Location.parse(store_at("other"))
+    other.write_bytes("precious.txt", b"keep me")
     with pytest.raises(StoreExistsError, match="not a darkstore store"):
-        StoreWriter.open_or_create(tmp_path / "other", meta())
-    assert (tmp_path / "other" / "precious.txt").read_text() == "keep me"
+        StoreWriter.open_or_create(store_at("other"), meta())
+    assert other.read_bytes("precious.txt") == b"keep me"
 
 
-def test_schema_checks(tmp_path):
+def test_schema_checks(store_at):
     with pytest.raises(StoreNotFoundError):
-        open_store(tmp_path / "nothing")
-    w = StoreWriter.open_or_create(tmp_path / "s", meta())
+        open_store(store_at("nothing"))
+    w = StoreWriter.open_or_create(store_at("s"), meta())
     fill(w, np.zeros((1000, 7), np.float32))
-    doc = json.loads((tmp_path / "s" / "zarr.json").read_text())
+    loc = Location.parse(store_at("s"))
+    doc = json.loads(loc.read_bytes("zarr.json"))
     doc["attributes"]["darkstore"]["schema_version"] = 99
-    (tmp_path / "s" / "zarr.json").write_text(json.dumps(doc))
+    loc.write_bytes("zarr.json", json.dumps(doc).encode())
     with pytest.raises(SchemaError, match="schema version 99"):
-        open_store(tmp_path / "s")
+        open_store(store_at("s"))
     doc["attributes"]["darkstore"]["schema_version"] = 1
     doc["attributes"]["darkstore"]["num_classes"] = 8
-    (tmp_path / "s" / "zarr.json").write_text(json.dumps(doc))
+    loc.write_bytes("zarr.json", json.dumps(doc).encode())
     with pytest.raises(SchemaError, match="logits"):
-        open_store(tmp_path / "s")
+        open_store(store_at("s"))
 
 
 def test_errors_inherit_builtins():
     assert issubclass(StoreNotFoundError, FileNotFoundError)
     assert issubclass(IncompleteStoreError, RuntimeError)
+
+
+class Crash(BaseException):
+    """A process killed mid-creation (not an Exception: nothing may catch it)."""
+
+
+def test_a_creation_killed_midway_leaves_no_store_and_is_replaced(store_at, monkeypatch):
+    """Object stores have no rename: the attributes go last, after a creation marker, so a creation
+    killed after its arrays is not a store, is said to be unfinished, and the next creation replaces it."""
+    import storage._zarr as z
+
+    real = z.create_arrays
+
+    def arrays_then_crash(group, m, compressors):
+        real(group, m, compressors)
+        raise Crash
+
+    monkeypatch.setattr(z, "create_arrays", arrays_then_crash)
+    with pytest.raises(Crash):
+        StoreWriter.open_or_create(store_at("s"), meta())
+    monkeypatch.setattr(z, "create_arrays", real)
+    with pytest.raises(StoreNotFoundError, match="did not finish|no zarr.json"):
+        open_store(store_at("s"))
+    w = StoreWriter.open_or_create(store_at("s"), meta())  # no --overwrite needed
+    fill(w, np.zeros((1000, 7), np.float32))
+    assert open_store(store_at("s")).complete
+    assert not Location.parse(store_at("s")).exists(z.CREATING)
+
+
+def test_store_summary_counts_bytes_on_every_scheme(store_at):
+    w = StoreWriter.open_or_create(store_at("s"), meta(n=256, rows=128))
+    fill(w, centred(np.random.default_rng(3), (256, 7)).astype(np.float32))
+    s = open_store(store_at("s")).summary()
+    assert s["path"] == str(Location.parse(store_at("s")))
+    assert 256 * 7 * 4 * 0.5 < s["disk_bytes"] < 256 * 7 * 4 * 4  # zstd on random floats: about the raw size
