@@ -15,8 +15,8 @@ COPY darkstore ./darkstore
 COPY storage ./storage
 COPY teacher_service ./teacher_service
 COPY student_trainer ./student_trainer
-RUN pip install ".[service]" \
- && python -c "import torch, torchvision, darkstore, teacher_service.api, teacher_service.celery_app" \
+RUN pip install ".[service,s3]" \
+ && python -c "import torch, torchvision, s3fs, darkstore, teacher_service.api, teacher_service.celery_app" \
  && darkstore --help > /dev/null
 
 # never run as root: stores and job records belong to this user

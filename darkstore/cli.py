@@ -53,7 +53,7 @@ def _human(n: float) -> str:
 # --- generate ---------------------------------------------------------------------
 @app.command()
 def generate(
-    out_: Annotated[Path, typer.Option("--out", help="store directory to create or resume")],
+    out_: Annotated[str, typer.Option("--out", help="store to create or resume: a directory, file:///…, s3://bucket/prefix")],
     teachers: Annotated[Optional[Path], typer.Option(help="ensemble spec (YAML/JSON)")] = None,
     data: Annotated[Optional[str], typer.Option(help="transfer set: spec file (YAML/JSON), .npz/.npy, or image folder")] = None,
     job: Annotated[Optional[Path], typer.Option(help="a whole job spec file instead of --teachers/--data/options")] = None,
@@ -146,7 +146,7 @@ def _augment_spec(augment: str | None, views: int | None, current):
 # --- inspect ---------------------------------------------------------------------
 @app.command()
 def inspect(
-    store: Annotated[Path, typer.Argument(help="store directory")],
+    store: Annotated[str, typer.Argument(help="store: a directory, file:///… or s3://bucket/prefix")],
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="also read every committed row and check it")] = False,
 ):
@@ -196,14 +196,14 @@ def inspect(
 @app.command()
 def train(
     out_: Annotated[Path, typer.Option("--out", help="run directory")],
-    store: Annotated[Optional[Path], typer.Option(help="store to distill from")] = None,
+    store: Annotated[Optional[str], typer.Option(help="store to distill from (a directory or URL)")] = None,
     job: Annotated[Optional[Path], typer.Option(help="instead of --store: submit this job spec to the service (a known "
                                                  "job is not rerun), wait for it, train from its store")] = None,
     student: Annotated[Optional[str], typer.Option(help="student architecture (see `darkstore archs`)")] = None,
     arch_kwargs: Annotated[str, typer.Option(help="JSON keyword arguments for the architecture")] = "{}",
     student_spec: Annotated[Optional[Path], typer.Option(help="student model spec file (YAML/JSON) instead of --student")] = None,
     data: Annotated[Optional[str], typer.Option(help="transfer set (default: the one recorded in the store)")] = None,
-    eval_store: Annotated[Optional[Path], typer.Option(help="store over a held-out set to evaluate on")] = None,
+    eval_store: Annotated[Optional[str], typer.Option(help="store over a held-out set to evaluate on (a directory or URL)")] = None,
     eval_data: Annotated[Optional[str], typer.Option(help="inputs of --eval-store (default: as recorded)")] = None,
     temperature: Annotated[float, typer.Option(help="distillation temperature T")] = 4.0,
     alpha: Annotated[float, typer.Option(help="weight of the soft term (0 = hard labels only)")] = 0.9,
@@ -255,7 +255,7 @@ def train(
             if view.state != "succeeded":
                 console.print(f"[red]job {view.id} {view.state}[/]: {escape(view.error or '')}", highlight=False)
                 raise typer.Exit(1)
-            store = Path(view.store)
+            store = view.store
             console.print(f"training from {store}")
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
@@ -312,8 +312,8 @@ def _pct(v) -> str:
 def sweep(
     grid: Annotated[Path, typer.Option(help="grid file (YAML/JSON): base options, named students, axes")],
     out_: Annotated[Path, typer.Option("--out", help="sweep directory: runs/, results.*")],
-    store: Annotated[Optional[Path], typer.Option(help="store to distill from (default: the grid file's store)")] = None,
-    eval_store: Annotated[Optional[Path], typer.Option(help="held-out store every run is evaluated on")] = None,
+    store: Annotated[Optional[str], typer.Option(help="store to distill from (default: the grid file's store)")] = None,
+    eval_store: Annotated[Optional[str], typer.Option(help="held-out store every run is evaluated on")] = None,
     parallel: Annotated[Optional[int], typer.Option(help="runs at once (default: one per CPU core, or one per GPU)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda (cuda: run i uses GPU i mod count)")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per run (default: the cores shared out "
@@ -352,7 +352,7 @@ def sweep(
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="a finished run directory")],
-    store: Annotated[Optional[Path], typer.Option(help="evaluate on this labeled store instead (all its rows)")] = None,
+    store: Annotated[Optional[str], typer.Option(help="evaluate on this labeled store instead (all its rows)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the CPU latency measurements")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole report as JSON")] = False,

@@ -86,6 +86,10 @@ class Location:
     def __str__(self) -> str:
         return self.path if self.scheme == "file" else f"{self.scheme}://{self.path}"
 
+    def absolute(self) -> "Location":
+        """A local path made absolute (``~`` and symlinks resolved); a URL as it is."""
+        return Location("file", str(Path(self.path).expanduser().resolve())) if self.scheme == "file" else self
+
     # -- naming -----------------------------------------------------------------------
     @property
     def local(self) -> Path | None:
@@ -173,6 +177,12 @@ class Location:
             return int(self.fs.du(self._key(), total=True))
 
 
+def canonical(where: "str | Path | Location") -> str:
+    """How a store is recorded (run summaries, sweep plans, job records): a local path made absolute,
+    a URL as parsed."""
+    return str(Location.parse(where).absolute())
+
+
 def _options(scheme: str) -> dict[str, Any]:
     # s3fs caches directory listings per instance; darkstore's readers and writers live in
     # different processes, so a listing must always be fresh
@@ -202,4 +212,4 @@ def access_error(loc: Location, exc: BaseException) -> StoreAccessError:
         "S3-compatible server), never from the job spec")
 
 
-__all__ = ["Location", "SCHEMES", "access_error"]
+__all__ = ["Location", "SCHEMES", "access_error", "canonical"]

@@ -28,6 +28,7 @@ from darkstore.data import TransferSet
 from darkstore.models import ModelSpec, count_params, load_model
 from storage import StoreReader, open_store
 from storage.errors import RunDirError
+from storage.location import canonical
 
 from .metrics import confusion, evaluate_logits, reliability
 
@@ -135,7 +136,7 @@ def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReade
     s, t, y = predict(model, spec, reader, data, rows, device)
     c = reader.meta.num_classes
     report: dict[str, Any] = {
-        "store": str(reader.path), "rows": int(len(rows)),
+        "store": canonical(reader.location), "rows": int(len(rows)),
         "metrics": evaluate_logits(s, t, y) if len(rows) else {},
         "teacher_metrics": evaluate_logits(t, t, y) if len(rows) else {},
         "reliability": reliability(s, y) if bool((y >= 0).any()) else None,

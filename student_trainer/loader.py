@@ -432,7 +432,7 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
                 view_targets: str = "matched") -> StudentLoader:
     """A loader over ``rows`` of a store. ``readahead`` reads the next windows' chunks in a thread
     (what a GPU run wants: the CPU is idle); on a CPU-bound run it neither helps nor hurts much."""
-    path = reader.path if isinstance(reader, StoreReader) else Path(reader)
+    path = reader.path if isinstance(reader, StoreReader) else str(reader)
     if data_spec is None:
         data_spec = data.spec if data is not None else open_store(path, allow_incomplete=True).meta.transfer_set.spec
     stream = StoreStream(path, data_spec, rows, batch_size=batch_size, seed=seed, shuffle=shuffle,

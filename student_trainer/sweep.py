@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from darkstore.models import ModelSpec
 from storage.errors import SpecError
+from storage.location import Location, canonical
 
 from .train import TrainConfig
 
@@ -91,8 +92,14 @@ class GridSpec(BaseModel):
         except ValidationError as exc:
             raise SpecError(f"{path}: {exc}") from exc
         base = Path(path).resolve().parent
-        upd = {k: str((base / v).resolve()) for k in ("store", "eval_store") if (v := getattr(spec, k))}
+        upd = {k: _relative_to(base, v) for k in ("store", "eval_store") if (v := getattr(spec, k))}
         return spec.model_copy(update=upd)
+
+
+def _relative_to(base: Path, where: str) -> str:
+    """A grid file's local store paths are relative to the file; URLs stay as they are."""
+    loc = Location.parse(where)
+    return canonical(base / loc.path) if loc.local is not None else str(loc)
 
 
 @dataclass
@@ -180,7 +187,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
     pts = points(spec)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({
-        "store": str(Path(store).resolve()), "eval_store": str(Path(eval_store).resolve()) if eval_store else None,
+        "store": canonical(store), "eval_store": canonical(eval_store) if eval_store else None,
         "axes": list(spec.grid), "grid": spec.model_dump(mode="json"), "points": [p.name for p in pts],
     }, indent=2))
     parallel = parallel or default_parallel(device)
@@ -208,8 +215,8 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                 cfg = p.config.model_copy(update={"device": f"cuda:{slot}" if gpus else device,
                                                   "threads": p.config.threads or threads})
                 (run_dir / "point.json").write_text(json.dumps({
-                    "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": str(Path(store).resolve()),
-                    "eval_store": str(Path(eval_store).resolve()) if eval_store else None, "allow_code": allow_code,
+                    "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
+                    "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
                 }, indent=2))
                 env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))  # OpenMP reads it at start-up
                 log = (run_dir / "train.log").open("a")

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
 from storage import StoreReader, open_store
+from storage.location import canonical
 from storage.errors import RunDirError, SchemaError, SpecError
 
 from . import losses
@@ -533,9 +534,9 @@ class _Recipe:
                                       allow_code=self.allow_code, roots=self.roots)
             _write_json_atomic(report, out / "eval.json")
         summary = {
-            "store": str(self.reader.path),
+            "store": canonical(self.reader.location),
             "store_job_key": self.meta.job_key,
-            "eval_store": str(self.ev_reader.path) if self.has_eval_store else None,
+            "eval_store": canonical(self.ev_reader.location) if self.has_eval_store else None,
             "holdout": None if self.has_eval_store else c.holdout,
             "eval_rows": int(len(self.ev_rows)),
             "config": self.cfg_json,

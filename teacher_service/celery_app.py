@@ -163,7 +163,7 @@ _cache = EnsembleCache(settings.ensemble_cache)
 def _get_book() -> JobBook:
     global _book
     if _book is None:
-        _book = JobBook(settings.home)
+        _book = JobBook(settings.home, settings.store_root)
     return _book
 
 

@@ -39,7 +39,8 @@ from darkstore.data import open_transfer_set
 from darkstore.models import sha256_file
 from darkstore.paths import resolve
 from storage import StoreWriter, open_store
-from storage.errors import DarkstoreError, SchemaError, StoreNotFoundError, WeightsNotFoundError
+from storage.location import Location
+from storage.errors import DarkstoreError, SchemaError, StoreAccessError, StoreNotFoundError, WeightsNotFoundError
 
 from .generate import Cancelled, PreparedJob, prepare, run_chunks
 from .settings import Settings
@@ -166,10 +167,12 @@ class JobBook:
     ``index_ttl`` seconds and only files whose size or mtime changed are parsed again,
     so a page of jobs costs O(page), whatever the number of jobs."""
 
-    def __init__(self, root: str | Path, index_ttl: float = 0.25):
+    def __init__(self, root: str | Path, store_root: str | None = None, index_ttl: float = 0.25):
         self.root = Path(root).expanduser().resolve()
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
-        (self.root / "stores").mkdir(parents=True, exist_ok=True)
+        self.stores = Location.parse(store_root).absolute() if store_root else Location.parse(self.root / "stores")
+        if self.stores.local is not None:
+            self.stores.local.mkdir(parents=True, exist_ok=True)
         self.index_ttl = index_ttl
         self._index: dict[str, tuple[tuple[int, int], JobRecord]] = {}
         self._ordered: list[JobRecord] | None = None
@@ -183,8 +186,9 @@ class JobBook:
             raise JobNotFoundError(f"no job {job_id[:MAX_ID_LENGTH]!r}")
         return self.root / "jobs" / f"{job_id}{suffix}"
 
-    def store_path(self, job_id: str) -> Path:
-        return self.root / "stores" / job_id
+    def store_path(self, job_id: str) -> str:
+        """Where the job's store lives: ``<store root>/<job id>``, a local path or a URL."""
+        return str(self.stores.child(job_id))
 
     @contextlib.contextmanager
     def lock(self, job_id: str) -> Iterator[None]:
@@ -300,6 +304,8 @@ class JobBook:
         rec = self.get(job_id)
         try:
             r = open_store(rec.store, allow_incomplete=True)
+        except StoreAccessError:
+            raise  # unreachable for now (credentials, network): not a lost store
         except (StoreNotFoundError, SchemaError, OSError) as exc:
             return self._lost(rec, exc), None
         mask = r.done
@@ -325,7 +331,7 @@ class JobBook:
         return rec
 
     def store_present(self, rec: JobRecord) -> bool:
-        return os.path.isfile(os.path.join(rec.store, "zarr.json"))
+        return Location.parse(rec.store).exists("zarr.json")
 
     def has_store(self, key: str) -> bool:
         """Whether the job with this key exists with its store."""
@@ -364,9 +370,9 @@ class JobBook:
         return make_view(rec, rec.progress())
 
 
-def job_exists(home: str, key: str) -> bool:
+def job_exists(home: str, store_root: str | None, key: str) -> bool:
     """Whether the job with this key exists with its store (picklable, for the submit-time check)."""
-    return JobBook(home).has_store(key)
+    return JobBook(home, store_root).has_store(key)
 
 
 def make_view(rec: JobRecord, prog: Progress) -> JobView:
@@ -393,7 +399,7 @@ class JobManager:
         from .admission import Admission
 
         self.settings = settings
-        self.book = JobBook(settings.home)
+        self.book = JobBook(settings.home, settings.store_root)
         self.admission = Admission(settings)
 
     # -- the API's verbs ----------------------------------------------------------------
@@ -401,7 +407,7 @@ class JobManager:
         """Returns (view, created). The same job submitted again returns the existing one without
         running any teacher; a failed or cancelled one is resumed rather than duplicated."""
         spec = spec.rebased(self.settings.roots[0])  # relative paths in a request: against the first data root
-        key, meta = self.admission.admit(spec, functools.partial(job_exists, str(self.book.root)))
+        key, meta = self.admission.admit(spec, functools.partial(job_exists, str(self.book.root), self.settings.store_root))
         job_id = key[:24]
         with self.book.lock(job_id):
             rec = self.book.find(job_id)
@@ -415,7 +421,7 @@ class JobManager:
                 writer = StoreWriter.open_or_create(store, meta)
                 now = _now()
                 rec = JobRecord(id=job_id, job_key=key, state="queued", spec=spec.model_dump(mode="json"),
-                                store=str(store), attempt=(rec.attempt + 1) if rec else 1, created_at=now,
+                                store=store, attempt=(rec.attempt + 1) if rec else 1, created_at=now,
                                 updated_at=now, num_rows=meta.num_rows, chunk_rows=meta.chunk_rows)
                 rec = self.book.put(rec.with_mask(writer.done_mask()))
                 self.book.log_event(job_id, "submitted", attempt=rec.attempt)

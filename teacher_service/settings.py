@@ -20,7 +20,11 @@ class Settings(BaseSettings):
                                       env_ignore_empty=True)  # DARKSTORE_TOKEN= (empty) means no token
 
     # --- where things live -----------------------------------------------------
-    home: Path = Field(Path("darkstore-service"), description="job records (jobs/) and stores (stores/<job id>)")
+    home: Path = Field(Path("darkstore-service"), description="job records (jobs/) and, unless store_root says "
+                       "otherwise, stores (stores/<job id>)")
+    store_root: str | None = Field(None, description="where job stores are created (<store_root>/<job id>): a "
+                                   "directory, file:///… or s3://bucket/prefix; credentials for s3:// come from the "
+                                   "AWS environment. Default: <home>/stores")
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="every path a request names must resolve inside one of these (os.pathsep- or comma-separated); "
@@ -69,6 +73,15 @@ class Settings(BaseSettings):
             parts = str(v).replace(",", os.pathsep).split(os.pathsep)
             return [p.strip() for p in parts if p.strip()]
         return v
+
+    @field_validator("store_root")
+    @classmethod
+    def _store_root(cls, v):
+        if v is None:
+            return v
+        from storage.location import Location
+
+        return str(Location.parse(v))  # an unknown scheme or a malformed URL fails at start-up, not per job
 
     @model_validator(mode="after")
     def _limits(self) -> "Settings":
