@@ -160,7 +160,13 @@ class Location:
         with _access(self):
             if self.scheme == "file":
                 Path(self._key(key)).parent.mkdir(parents=True, exist_ok=True)
-            self.fs.pipe_file(self._key(key), data)
+            try:
+                self.fs.pipe_file(self._key(key), data)
+            except FileNotFoundError as exc:  # on S3: the bucket does not exist
+                if self.scheme == "file":
+                    raise
+                raise StoreAccessError(f"cannot write to {self}: its bucket does not exist ({exc}); create it "
+                                       "first (darkstore never creates buckets)") from exc
 
     def remove(self, key: str = "") -> None:
         """Delete the object ``key``, or with no key everything at this location (absent is fine)."""

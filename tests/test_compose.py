@@ -68,18 +68,21 @@ def test_compose_file_is_valid_and_has_the_topology(config):
 class Local:
     """Maps a compose service to a local process: hostnames -> loopback ports, container paths -> folders."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, data: Path | None = None):
         self.tmp = tmp
         self.redis_port, self.api_port = free_port(), free_port()
-        self.data, self.home = tmp / "data", tmp / "darkstore"
-        self.data.mkdir()
+        self.data, self.home = data or tmp / "data", tmp / "darkstore"
+        self.data.mkdir(exist_ok=True)
         self.home.mkdir()
+        self.s3_url: str | None = None  # the s3 profile's server, when it runs
 
     def value(self, v: str) -> str:
         v = v.replace("redis://redis:6379", f"redis://127.0.0.1:{self.redis_port}")
         v = re.sub(r"http://(api|127\.0\.0\.1):8000", f"http://127.0.0.1:{self.api_port}", v)
-        v = re.sub(r"(?<![\w.])/data(?=/|$)", str(self.data), v)
-        return re.sub(r"(?<![\w.])/darkstore(?=/|$)", str(self.home), v)
+        if self.s3_url:
+            v = v.replace("http://s3:9000", self.s3_url)
+        v = re.sub(r"(?<![\w./])/data(?=/|$)", str(self.data), v)
+        return re.sub(r"(?<![\w./])/darkstore(?=/|$)", str(self.home), v)
 
     def command(self, cmd: list[str]) -> list[str]:
         out, prev = [], None
@@ -117,17 +120,44 @@ class Local:
         raise TimeoutError(f"healthcheck {cmd} never passed")
 
 
-def test_compose_services_run_the_pipeline_as_local_processes(config, tmp_path):
-    s = config["services"]
-    local = Local(tmp_path)
-    procs: list[Proc] = []
-    try:
-        # the optional example service fills the data volume (--quick: teachers trained for 3 epochs)
-        r = subprocess.run(local.command(s["example"]["command"]) + ["--quick"], env=local.env(s["example"]),
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        assert (local.data / "job.yaml").exists() and (local.data / "student.yaml").exists()
+#: what a user puts in .env for `docker compose --profile s3 up` (README "Stores on object storage")
+S3_ENV = {"DARKSTORE_STORE_ROOT": "s3://darkstore/stores", "AWS_ENDPOINT_URL": "http://s3:9000",
+          "AWS_ACCESS_KEY_ID": "darkstore", "AWS_SECRET_ACCESS_KEY": "darkstore-secret"}
 
+
+@pytest.fixture(scope="module")
+def example_data(config, tmp_path_factory) -> Path:
+    """The optional example service fills the data volume (--quick: teachers trained for 3 epochs)."""
+    tmp = tmp_path_factory.mktemp("compose-data")
+    local = Local(tmp)
+    r = subprocess.run(local.command(config["services"]["example"]["command"]) + ["--quick"],
+                       env=local.env(config["services"]["example"]), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (local.data / "job.yaml").exists() and (local.data / "student.yaml").exists()
+    return local.data
+
+
+@pytest.mark.parametrize("profile", ["default", "s3"])
+def test_compose_services_run_the_pipeline_as_local_processes(profile, config, example_data, tmp_path, request):
+    """The default topology keeps stores in the `stores` volume; the s3 profile keeps them on its S3 server
+    (moto on loopback stands in for MinIO, as redis-server does for the redis image)."""
+    procs: list[Proc] = []
+    if profile == "s3":
+        r = compose("--profile", "example", "--profile", "s3", "config", env={"TRAIN_EPOCHS": "3", **S3_ENV})
+        assert r.returncode == 0, r.stderr
+        s = yaml.safe_load(r.stdout)["services"]
+        assert s["s3"]["profiles"] == ["s3"] and s["s3-bucket"]["profiles"] == ["s3"] and "healthcheck" in s["s3"]
+        assert s["api"]["environment"]["DARKSTORE_STORE_ROOT"] == S3_ENV["DARKSTORE_STORE_ROOT"]
+        server = request.getfixturevalue("s3_server")
+    else:
+        s = config["services"]
+    local = Local(tmp_path, data=example_data)
+    try:
+        if profile == "s3":
+            local.s3_url = server.url
+            r = subprocess.run(local.command(s["s3-bucket"]["command"]), env=local.env(s["s3-bucket"]),
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
         procs.append(Proc("redis", local.command(s["redis"]["command"]), dict(os.environ), tmp_path / "redis.log"))
         local.healthy(s["redis"])
         procs.append(Proc("api", local.command(s["api"]["command"]), local.env(s["api"]), tmp_path / "api.log"))
@@ -150,8 +180,17 @@ def test_compose_services_run_the_pipeline_as_local_processes(config, tmp_path):
         with DarkstoreClient(f"http://127.0.0.1:{local.api_port}") as c:
             items, total = c.jobs()
             assert total == 1 and items[0].state == "succeeded"
-            store = open_store(items[0].store)
-            assert store.complete and store.meta.num_rows == 1198 and Path(items[0].store).is_relative_to(local.home)
+            if profile == "s3":
+                assert items[0].store == f"s3://darkstore/stores/{items[0].id}"
+                r = subprocess.run([sys.executable, "-m", "darkstore.cli", "inspect", items[0].store, "--verify",
+                                    "--json"], env=local.env(s["api"]), capture_output=True, text=True, timeout=120)
+                assert r.returncode == 0, r.stderr
+                assert json.loads(r.stdout)["complete"] and json.loads(r.stdout)["rows"] == 1198
+                assert not (local.home / "stores").exists()  # the stores live on the S3 server only
+            else:
+                store = open_store(items[0].store)
+                assert store.complete and store.meta.num_rows == 1198
+                assert Path(items[0].store).is_relative_to(local.home)
             assert any(e["event"] == "task_finished" and e["worker"].startswith("worker-") for e in c.events(items[0].id))
         # a second trainer reuses the cache: the job is found, no teacher runs again
         r = subprocess.run(local.command(s["trainer"]["command"]), env=local.env(s["trainer"]), capture_output=True,
