@@ -232,10 +232,11 @@ def write_views_out(work: Path, k: int) -> Path:
     """The views store's exact views (same recipe, same parameters) written out as a plain .npz."""
     from darkstore.data import open_transfer_set, parse_data_spec
     from darkstore.views import AugmentSpec, ViewSet
+    from storage.schema import RowLayout
 
     aug = AugmentSpec.model_validate(yaml.safe_load((work / "views.yaml").read_text()))
     base = open_transfer_set(parse_data_spec(str(work / "train.npz")))
-    vs = ViewSet(base, aug)
+    vs = ViewSet(base, aug, RowLayout(aug.views))
     rows = np.arange(len(vs))
     x, y = vs.get_batch(rows)
     np.savez(work / "views_out.npz", x=x.numpy(), y=y.numpy(), class_names=np.array([str(i) for i in range(CLASSES)]))

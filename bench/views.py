@@ -36,6 +36,7 @@ from _common import images, machine, teachers
 
 from darkstore.data import open_transfer_set
 from darkstore.models import build_model
+from storage.schema import RowLayout
 from darkstore.views import AugmentSpec, ViewSet
 from storage import open_store
 from student_trainer import losses
@@ -115,7 +116,7 @@ def main() -> None:
                                         "chunk_rows": 1024, "augment": aug})
         vstore = open_store(generate(vspec, work / "views").path)
         base = open_transfer_set(vspec.data)
-        x, y = ViewSet(base, AugmentSpec.model_validate(aug)).get_batch(np.arange(a.samples * k))
+        x, y = ViewSet(base, AugmentSpec.model_validate(aug), RowLayout(k)).get_batch(np.arange(a.samples * k))
         np.savez(work / "out.npz", x=x.numpy(), y=y.numpy())
         ospec = JobSpec.model_validate({"teachers": ens, "data": {"kind": "arrays", "path": str(work / "out.npz")},
                                         "chunk_rows": 1024})

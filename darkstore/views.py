@@ -405,7 +405,7 @@ class AugmentSpec(BaseModel):
 
 
 def views_record(aug: AugmentSpec, input_shape: Sequence[int]) -> dict[str, Any]:
-    """What a store records about its views."""
+    """What a store records about its views (``storage.schema.ViewsRecord``)."""
     import torchvision
 
     return {"version": RECIPE_VERSION, "views": aug.views, "recipe": aug.model_dump(mode="json"),
@@ -413,39 +413,43 @@ def views_record(aug: AugmentSpec, input_shape: Sequence[int]) -> dict[str, Any]
             "pixel_digest": aug.pixel_digest(tuple(input_shape)), "torchvision": torchvision.__version__}
 
 
-def recipe_for_replay(record: dict[str, Any]) -> AugmentSpec:
-    """The recipe of a views store, refused unless the installed code rebuilds its pixels exactly."""
+def recipe_for_replay(record: Any) -> AugmentSpec:
+    """The recipe of a views store (its ``ViewsRecord``), refused unless the installed code rebuilds its
+    pixels exactly."""
     import torchvision
 
-    if record.get("version") != RECIPE_VERSION:
-        raise ReplayError(f"the store's views use recipe version {record.get('version')}; this darkstore replays "
+    if record.version != RECIPE_VERSION:
+        raise ReplayError(f"the store's views use recipe version {record.version}; this darkstore replays "
                           f"version {RECIPE_VERSION}")
     try:
-        aug = AugmentSpec.model_validate(record["recipe"])
+        aug = AugmentSpec.model_validate(record.recipe)
     except ValidationError as exc:
-        ops = [o.get("op") for o in record.get("recipe", {}).get("ops", []) if isinstance(o, dict)]
+        ops = [o.get("op") for o in record.recipe.get("ops", []) if isinstance(o, dict)]
         raise ReplayError(f"this darkstore cannot replay the store's augmentation recipe (ops {ops}): "
                           f"{exc.errors()[0]['msg']}") from exc
-    if aug.param_names() != record.get("param_names"):
+    if aug.param_names() != record.param_names:
         raise ReplayError("the store's view parameters are laid out differently from what this darkstore records")
-    digest = aug.pixel_digest(tuple(record["input_shape"]))
-    if digest != record.get("pixel_digest"):
+    digest = aug.pixel_digest(tuple(record.input_shape))
+    if digest != record.pixel_digest:
         raise ReplayError(
             f"the installed torchvision {torchvision.__version__} builds other pixels for this recipe than the one "
-            f"that generated the store ({record.get('torchvision')}): the stored targets would describe other "
+            f"that generated the store ({record.torchvision}): the stored targets would describe other "
             "images. Install that version, or regenerate the store")
     return aug
 
 
 class ViewSet:
-    """A transfer set seen through a recipe: row ``r`` is view ``r % K`` of the sample at position ``r // K``
-    (``order[r // K]`` with a shuffled row order, else ``r // K``).
+    """A transfer set seen through a recipe, row by row as the store lays rows out (``layout``: the
+    store's ``RowLayout``, which maps a row to a sample position and a view); a position is the sample
+    ``order[position]`` with a shuffled row order, else the sample of that number.
 
     Generation reads inputs through it (``get_batch`` draws and applies the parameters);
     ``params(rows)`` gives what the store records."""
 
-    def __init__(self, base: Any, aug: AugmentSpec, order: np.ndarray | None = None):
-        self.base, self.aug, self.k = base, aug, aug.views
+    def __init__(self, base: Any, aug: AugmentSpec, layout: Any, order: np.ndarray | None = None):
+        if layout.k != aug.views:
+            raise ValueError(f"the row layout has {layout.k} views per sample, the recipe {aug.views}")
+        self.base, self.aug, self.layout, self.k = base, aug, layout, aug.views
         self.order = None if order is None else np.asarray(order, dtype=np.int64)  # position -> sample
         self.spec, self.class_names = base.spec, base.class_names
         x, _ = base.get_batch(np.arange(1))
@@ -459,13 +463,12 @@ class ViewSet:
         return self.base.fingerprint
 
     def sample_of(self, rows: np.ndarray) -> np.ndarray:
-        positions = np.asarray(rows, dtype=np.int64) // self.k
+        positions = self.layout.position(rows)
         return positions if self.order is None else self.order[positions]
 
     def params(self, rows: np.ndarray) -> np.ndarray:
         """Drawn per (seed, sample, view): a sample gets the same views whatever the store's row order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return self.aug.draw(self.sample_of(rows), rows % self.k, self.input_shape, len(self.base))
+        return self.aug.draw(self.sample_of(rows), self.layout.view(rows), self.input_shape, len(self.base))
 
     def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.asarray(rows, dtype=np.int64)
@@ -474,13 +477,13 @@ class ViewSet:
         return self.aug.apply(self.base, samples, self.params(rows)), y
 
 
-def select_views(rows: np.ndarray, k: int, per_sample: int | None, seed: int, epoch: int) -> np.ndarray:
+def select_views(rows: np.ndarray, layout: Any, per_sample: int | None, seed: int, epoch: int) -> np.ndarray:
     """The rows one epoch uses: all of them, or ``per_sample`` random views of each sample
-    among its rows in ``rows`` (seeded by seed and epoch; sorted)."""
+    among its rows in ``rows`` (seeded by seed and epoch; sorted). ``layout``: the store's ``RowLayout``."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
-    if per_sample is None or per_sample >= k:
+    if per_sample is None or per_sample >= layout.k:
         return rows
-    samples = rows // k
+    samples = layout.position(rows)
     keys = np.random.default_rng([seed, epoch, 17]).random(len(rows))
     order = np.lexsort((keys, samples))
     s_sorted = samples[order]

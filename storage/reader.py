@@ -43,11 +43,6 @@ class StoreReader:
         self.location = Location.parse(where)
         self.path = str(self.location)  # the canonical spelling: a local path or a URL
         self.group, self.meta = open_group(self.location, mode="r")
-        self.logits = self.group["logits"]
-        self.labels = self.group["labels"]
-        self.index = self.group["index"]
-        self.members = self.group["members"] if self.meta.keep_members else None
-        self.view_params = self.group["view_params"] if self.meta.views else None  # [N, P] float64
         self.done = self.group["done"][:].astype(bool)
         self._sums: np.ndarray | None = None
         if not allow_incomplete and not self.complete:
@@ -168,7 +163,7 @@ class StoreReader:
         return True
 
     def read_chunk(self, i: int, *, members: bool = False) -> Chunk:
-        if members and self.members is None:
+        if members and not self.meta.keep_members:
             raise SchemaError(f"{self.path} was generated without --keep-members")
         start, stop = self.bounds(i)
         got = self.read_chunks([i], ["logits", "labels", "index"] + (["members"] if members else []))
@@ -192,7 +187,7 @@ class StoreReader:
 
     def read_rows(self, rows: np.ndarray, *, members: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (and members) of arbitrary committed rows, in the order given."""
-        if members and self.members is None:
+        if members and not self.meta.keep_members:
             raise SchemaError(f"{self.path} was generated without --keep-members")
         got = self.read(rows, ["logits"] + (["members"] if members else []))
         return got["logits"], got.get("members")
@@ -241,8 +236,8 @@ class StoreReader:
             "disk_bytes": size,
             "samples": m.transfer_set.num_samples,
             "views_per_sample": m.views_per_sample,
-            "view_params": m.views["param_names"] if m.views else None,
-            "augment": m.views["recipe"] if m.views else None,
+            "view_params": m.views.param_names if m.views else None,
+            "augment": m.views.recipe if m.views else None,
             "bytes_per_row": size / m.num_rows,
             "raw_bytes_per_row": bytes_per_row(m),
             "bytes_per_sample": size / m.transfer_set.num_samples,

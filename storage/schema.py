@@ -28,6 +28,7 @@ attributes at the end: a store filled by many workers then needs no final
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -63,6 +64,50 @@ class TransferSetRecord(BaseModel):
     num_samples: int
 
 
+class ViewsRecord(BaseModel):
+    """What a views store records about its K views per sample (written by ``darkstore.views.views_record``;
+    the recipe itself is validated by ``darkstore.views.recipe_for_replay`` before any replay)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(description="the recipe format's version")
+    views: int = Field(ge=1, description="K: rows per sample")
+    recipe: dict[str, Any] = Field(description="the augmentation recipe, as the job gave it")
+    param_names: list[str] = Field(description="the columns of `view_params`")
+    input_shape: list[int]
+    pixel_digest: str = Field(description="sha256 of the recipe applied to a fixed probe: equal digests, equal pixels")
+    torchvision: str | None = Field(None, description="the torchvision version that made the views")
+
+    @property
+    def clean_view0(self) -> bool:
+        """Whether view 0 of every sample is the untouched input (the recipe's default)."""
+        return bool(self.recipe.get("clean_view0", True))
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where a store row's input comes from — the one place this rule is written.
+
+    Row ``r`` is view ``r % K`` of the sample at *position* ``r // K``; the ``index`` field names the
+    sample at each position (the shuffled row order permutes positions, never views). A store
+    without views has K = 1: row = position."""
+
+    k: int = 1
+
+    def position(self, rows: Any) -> np.ndarray:
+        return np.asarray(rows, dtype=np.int64) // self.k
+
+    def view(self, rows: Any) -> np.ndarray:
+        return np.asarray(rows, dtype=np.int64) % self.k
+
+    def row(self, positions: Any, view: int = 0) -> np.ndarray:
+        """The row holding ``view`` of the sample at each position."""
+        return np.asarray(positions, dtype=np.int64) * self.k + view
+
+    def first_row(self, rows: Any) -> np.ndarray:
+        """For each row, the row of view 0 of the same sample."""
+        return self.row(self.position(rows))
+
+
 class StoreMeta(BaseModel):
     """The attributes of a store (``group.attrs['darkstore']``)."""
 
@@ -83,10 +128,9 @@ class StoreMeta(BaseModel):
     teachers: list[TeacherRecord] = Field(min_length=1)
     transfer_set: TransferSetRecord
     job: dict[str, Any] = Field(default_factory=dict, description="the job spec, enough for a worker to resume")
-    views: dict[str, Any] | None = Field(
-        None, description="recorded views: K, the augmentation recipe, parameter names, pixel digest "
-                          "(rows r..r+K-1 with r % K == 0 are the K views of one sample, `index` names it; "
-                          "per-row parameters in `view_params`)")
+    views: ViewsRecord | None = Field(
+        None, description="recorded views: K, the augmentation recipe, parameter names, pixel digest (rows follow "
+                          "`RowLayout`; per-row parameters in `view_params`)")
     row_order: Literal["natural", "shuffled"] = Field(
         "natural", description="natural: rows follow the transfer set; shuffled: samples in the seeded "
                                "permutation `sample_order` (class-sorted sets then stream well-mixed)")
@@ -96,11 +140,15 @@ class StoreMeta(BaseModel):
 
     @property
     def views_per_sample(self) -> int:
-        return int(self.views["views"]) if self.views else 1
+        return self.views.views if self.views else 1
+
+    @property
+    def layout(self) -> RowLayout:
+        return RowLayout(self.views_per_sample)
 
     @property
     def num_view_params(self) -> int:
-        return len(self.views["param_names"]) if self.views else 0
+        return len(self.views.param_names) if self.views else 0
 
     @property
     def n_chunks(self) -> int:

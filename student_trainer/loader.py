@@ -136,6 +136,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
         # a views store: row = (sample, view); rebuild each view from its recorded parameters (refused
         # here, in the main process, when the installed code cannot do it exactly)
+        self.layout = meta.layout  # row -> (sample position, view)
         self.views = meta.views_per_sample
         self.recipe = None
         if meta.views:
@@ -145,7 +146,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.views_per_epoch = views_per_epoch if self.views > 1 else None
         if view_targets not in ("matched", "clean"):
             raise ValueError(f"view_targets must be 'matched' or 'clean', not {view_targets!r}")
-        if view_targets == "clean" and not (meta.views and meta.views["recipe"].get("clean_view0", True)):
+        if view_targets == "clean" and not (meta.views and meta.views.clean_view0):
             raise ValueError("view_targets='clean' needs a views store whose view 0 is the clean input")
         self.clean_targets = view_targets == "clean" and self.views > 1
         self._epoch_rows: tuple[int, list[np.ndarray]] | None = None
@@ -201,7 +202,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         if self._epoch_rows is None or self._epoch_rows[0] != epoch:
             from darkstore.views import select_views
 
-            self._epoch_rows = (epoch, self._split(select_views(self.rows, self.views, self.views_per_epoch,
+            self._epoch_rows = (epoch, self._split(select_views(self.rows, self.layout, self.views_per_epoch,
                                                                 self.seed, epoch)))
         return self._epoch_rows[1]
 
@@ -268,15 +269,17 @@ class StoreStream(torch.utils.data.IterableDataset):
             # than reopened: reopening an in-memory .npz in every worker at every epoch is slow
             data = self._data if self._data is not None else open_transfer_set(
                 self.data_spec, allow_code=self.allow_code, roots=self.roots)
-            self._opened = (pid, reader, data, reader.read_field("labels"), reader.read_field("index"),
-                            reader.read_field("view_params") if reader.meta.views else None)
+            labels, index = reader.read_field("labels"), reader.read_field("index")
+            self._opened = (pid, reader, data, labels, index,
+                            reader.read_field("view_params") if reader.meta.views else None,
+                            _labels_by_sample(labels, index, reader.meta.transfer_set.num_samples))
         return self._opened[1], self._opened[2]
 
     def _read(self, reader: StoreReader, group: list[int]) -> dict[int, Chunk]:
         """Read several chunks' targets through the reader, in one call per field: zarr fetches and decodes
         them concurrently, the per-call overhead (about a millisecond) is paid once per window, and every
         chunk is checked against its checksum and for non-finite targets."""
-        _, _, _, labels, index, _ = self._opened
+        _, _, _, labels, index, _, _ = self._opened
         bounds = [reader.bounds(c) for c in group]
         got = reader.read_chunks(group, ["logits", "members"] if self.members else ["logits"])
         logits, members = got["logits"], got.get("members")
@@ -290,10 +293,10 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        _, reader, _, labels, index, view_params = self._opened
+        _, reader, _, labels, index, view_params, sample_labels = self._opened
         logits, members = live.gather(rows, chunk_ids)
         if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
-            clean, back = np.unique((rows // self.views) * self.views, return_inverse=True)
+            clean, back = np.unique(self.layout.first_row(rows), return_inverse=True)
             lg, mem = reader.read_rows(clean, members=members is not None)
             logits, members = lg[back], (mem[:, back] if mem is not None else None)
         mix_labels = mix_lam = None
@@ -304,7 +307,7 @@ class StoreStream(torch.utils.data.IterableDataset):
             if col is not None:
                 partner = params[:, col].astype(np.int64)
                 mixed = partner >= 0
-                mix_labels = np.where(mixed, labels[np.where(mixed, partner, 0) * self.views], -1)
+                mix_labels = np.where(mixed, sample_labels[np.where(mixed, partner, 0)], -1)  # partner: a sample
                 mix_lam = np.where(mixed, params[:, col + 1], 1.0).astype(np.float32)
                 mix_labels, mix_lam = torch.from_numpy(mix_labels), torch.from_numpy(mix_lam)
         else:
@@ -422,6 +425,14 @@ class StudentLoader:
             )
         self._epoch = int(state["epoch"])
         self._seen = {int(k): int(v) for k, v in state["seen"].items()}
+
+
+def _labels_by_sample(labels: np.ndarray, index: np.ndarray, num_samples: int) -> np.ndarray:
+    """Each transfer-set sample's hard label (−1: unlabeled, or none of its rows committed yet)."""
+    out = np.full(num_samples, -1, dtype=np.int64)
+    ok = index >= 0
+    out[index[ok]] = labels[ok]
+    return out
 
 
 def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_size: int, seed: int = 0,

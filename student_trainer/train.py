@@ -131,21 +131,21 @@ def eval_split(reader: StoreReader, holdout: float, eval_reader: StoreReader | N
     if eval_reader is not None:
         ev = eval_reader.finished_rows()
         return rows, _clean_rows(eval_reader, ev)
-    k = reader.meta.views_per_sample
-    if k == 1:
+    layout = reader.meta.layout
+    if layout.k == 1:
         tr, ev = split_rows(len(rows), holdout)
         return rows[tr], rows[ev]
-    samples = np.unique(rows // k)
+    samples = np.unique(layout.position(rows))
     _, held = split_rows(len(samples), holdout)
-    held_rows = np.isin(rows // k, samples[held])
+    held_rows = np.isin(layout.position(rows), samples[held])
     return rows[~held_rows], _clean_rows(reader, rows[held_rows])
 
 
 def _clean_rows(reader: StoreReader, rows: np.ndarray) -> np.ndarray:
     v = reader.meta.views
-    if not v or not v["recipe"].get("clean_view0", True):
+    if not v or not v.clean_view0:
         return rows
-    return rows[rows % int(v["views"]) == 0]
+    return rows[reader.meta.layout.view(rows) == 0]
 
 
 @torch.no_grad()

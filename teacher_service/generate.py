@@ -23,6 +23,7 @@ import darkstore
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
+from storage.schema import RowLayout
 from storage.writer import write_chunk_at
 from storage.errors import (ClassCountMismatchError, DarkstoreError, DataError, LimitExceededError,
                             NonFiniteLogitsError, SpecError)
@@ -182,7 +183,7 @@ def prepare(
     if spec.augment is not None:
         from darkstore.views import ViewSet, views_record
 
-        data = ViewSet(base, spec.augment)
+        data = ViewSet(base, spec.augment, RowLayout(spec.augment.views))
         views = views_record(spec.augment, data.input_shape)
     meta = StoreMeta(
         software_version=darkstore.__version__,
@@ -226,7 +227,7 @@ def in_store_order(data, meta: StoreMeta):
     from darkstore.views import ViewSet
 
     if isinstance(data, ViewSet):
-        return ViewSet(data.base, data.aug, order)
+        return ViewSet(data.base, data.aug, meta.layout, order)
     return Reordered(data, order)
 
 

@@ -110,5 +110,5 @@ def test_sparse_rows_spanning_many_chunks_in_one_batch(store, readahead):
     assert len(np.unique(batches[0].rows.numpy() // CHUNK)) > 2 * 1  # more chunks than 2 × buffer_chunks
     got = np.concatenate([b.rows.numpy() for b in batches])
     assert np.array_equal(got, rows)
-    ref = store.logits[:][rows]
+    ref = store.read_field("logits")[rows]
     assert np.array_equal(np.concatenate([b.logits.numpy() for b in batches]), ref)

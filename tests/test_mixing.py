@@ -51,7 +51,7 @@ def test_shuffled_order_stores_the_same_targets_per_sample(stores):
 
 def mixing(store, buffer_chunks):
     loader = make_loader(store, np.arange(store.meta.num_rows), batch_size=32, seed=0, buffer_chunks=buffer_chunks)
-    return batch_mixing(loader.stream, np.asarray(store.labels[:]))
+    return batch_mixing(loader.stream, store.read_field("labels"))
 
 
 def test_batch_class_statistics_match_a_full_shuffle(stores):
@@ -128,7 +128,7 @@ def test_one_view_per_sample_mixes_like_the_written_out_views(stores):
     def mix(store, buffer_chunks, per_epoch=None):  # mean labels per batch over 8 epochs
         loader = make_loader(store, np.arange(store.meta.num_rows), batch_size=32, seed=0,
                              buffer_chunks=buffer_chunks, views_per_epoch=per_epoch)
-        ms = [batch_mixing(loader.stream, np.asarray(store.labels[:]), e) for e in range(1, 9)]
+        ms = [batch_mixing(loader.stream, store.read_field("labels"), e) for e in range(1, 9)]
         rows = np.concatenate(loader.stream.rows_by_chunk_in(1))
         assert len(rows) == len(stores["y"]) and len(np.unique(rows // k if per_epoch else rows)) == len(rows)
         return np.mean([m["labels_per_batch"] for m in ms]), ms[0]["full_shuffle"]

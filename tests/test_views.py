@@ -15,6 +15,7 @@ import zarr
 from darkstore.data import open_transfer_set
 from darkstore.views import AugmentSpec, ReplayError, ViewSet, select_views
 from storage import open_store
+from storage.schema import RowLayout
 from student_trainer import losses
 from student_trainer.loader import make_loader
 from student_trainer.train import TrainConfig, eval_split, train
@@ -62,7 +63,7 @@ def test_replayed_views_are_the_pixels_the_teachers_saw(tmp_path):
         assert torch.equal(b.x, seen[b.rows])  # bit for bit
     # the views really are augmented: view 0 is the clean input, the others differ from it
     with np.load(arrays) as z:  # the store's rows are in its (default: shuffled) sample order
-        clean = torch.from_numpy(z["x"])[torch.from_numpy(np.asarray(reader.index[0::K]))]
+        clean = torch.from_numpy(z["x"])[torch.from_numpy(reader.read_field("index")[0::K])]
     assert reader.meta.row_order == "shuffled"
     assert torch.equal(seen[0::K], clean)
     assert all(not torch.equal(seen[v::K], clean) for v in range(1, K))
@@ -95,13 +96,13 @@ def test_store_records_the_recipe_and_per_row_parameters(vstore):
     reader = open_store(vstore["store"])
     m = reader.meta
     assert m.num_rows == N * K and m.transfer_set.num_samples == N and m.views_per_sample == K
-    assert m.views["recipe"]["ops"][0]["op"] == "affine" and m.views["param_names"][:2] == ["view", "clean"]
-    assert np.array_equal(reader.index[:], np.arange(N * K) // K)
-    params = reader.view_params[:]
+    assert m.views.recipe["ops"][0]["op"] == "affine" and m.views.param_names[:2] == ["view", "clean"]
+    assert np.array_equal(reader.read_field("index"), np.arange(N * K) // K)
+    params = reader.read_field("view_params")
     assert np.array_equal(params[:, 0], np.arange(N * K) % K) and np.array_equal(params[:, 1], np.arange(N * K) % K == 0)
     # the parameters are a pure function of (seed, sample, view): drawn again, they are the same
     data = open_transfer_set(m.transfer_set.spec)
-    assert np.array_equal(ViewSet(data, AugmentSpec.model_validate(RECIPE)).params(np.arange(N * K)), params)
+    assert np.array_equal(ViewSet(data, AugmentSpec.model_validate(RECIPE), RowLayout(K)).params(np.arange(N * K)), params)
     s = reader.summary()
     assert s["views_per_sample"] == K and s["bytes_per_sample"] == pytest.approx(s["bytes_per_row"] * K)
     r = subprocess.run([*DARKSTORE, "inspect", str(vstore["store"])], env=cli_env(), capture_output=True, text=True)
@@ -143,10 +144,10 @@ def test_loader_draws_views_per_epoch_and_resumes_the_same_draw(vstore, workers)
 def test_select_views_is_exact():
     rows = np.arange(40)  # 10 samples × 4 views
     for per in (1, 3):
-        s = select_views(rows, 4, per, seed=0, epoch=1)
+        s = select_views(rows, RowLayout(4), per, seed=0, epoch=1)
         assert np.array_equal(np.bincount(s // 4), np.full(10, per))
     part = np.array([0, 1, 5, 9, 10, 11])  # a sample may have fewer rows (a split): take what it has
-    s = select_views(part, 4, 2, seed=0, epoch=1)
+    s = select_views(part, RowLayout(4), 2, seed=0, epoch=1)
     assert np.array_equal(np.bincount(s // 4, minlength=3), [2, 1, 2])
 
 
@@ -236,9 +237,32 @@ def test_cli_generate_with_views(tmp_path, ensemble, arrays):
     assert r.returncode != 0 and "--views needs --augment" in r.stderr
 
 
+@pytest.mark.parametrize("row_order", ["natural", "shuffled"])
+def test_a_mixed_view_carries_its_partner_samples_label_in_any_row_order(tmp_path, row_order):
+    """The partner a mix op draws is a transfer-set sample; its hard label is that sample's, wherever the
+    store's row order put the sample's rows."""
+    arrays = make_arrays(tmp_path / "x.npz", n=40, classes=5)
+    ens = make_ensemble(tmp_path / "teachers", MEMBERS[:1])
+    recipe = {"views": 3, "ops": [{"op": "mixup", "alpha": 1.0}]}
+    store = generate(job(ens, arrays, chunk_rows=16, augment=recipe, row_order=row_order), tmp_path / "s").path
+    reader = open_store(store)
+    assert reader.meta.row_order == row_order
+    y = np.load(arrays)["y"]
+    params = reader.read_field("view_params")
+    col = AugmentSpec.model_validate(recipe).partner_column()
+    seen = 0
+    for b in make_loader(reader, np.arange(reader.meta.num_rows), batch_size=16, seed=0).epoch(0):
+        partner = params[b.rows.numpy(), col].astype(np.int64)
+        mixed = partner >= 0
+        assert np.array_equal(b.mix_labels.numpy(), np.where(mixed, y[np.where(mixed, partner, 0)], -1))
+        assert np.array_equal(b.labels.numpy(), y[reader.read(b.rows.numpy(), ["index"])["index"]])
+        seen += int(mixed.sum())
+    assert seen == 40 * 2  # every view but the clean view 0 is mixed
+
+
 def test_clean_view_targets_ablation_pairs_views_with_their_samples_clean_targets(vstore):
     reader = open_store(vstore["store"])
-    all_logits = reader.logits[:]
+    all_logits = reader.read_field("logits")
     matched = list(make_loader(reader, np.arange(N * K), batch_size=23, seed=1).epoch(1))
     clean = list(make_loader(reader, np.arange(N * K), batch_size=23, seed=1, view_targets="clean").epoch(1))
     for a, b in zip(matched, clean):
