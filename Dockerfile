@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/darkstore
 COPY pyproject.toml README.md ./
 COPY darkstore ./darkstore
+COPY darkstore_app ./darkstore_app
 COPY storage ./storage
 COPY teacher_service ./teacher_service
 COPY student_trainer ./student_trainer

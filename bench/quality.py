@@ -223,7 +223,7 @@ def plain_arms(d, models, *, seeds, epochs, k, log) -> dict[str, list[float]]:
 
 # --- darkstore arms: the CLI, as a user runs it --------------------------------------------
 def cli(*args: str, cwd: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "darkstore.cli", *args], cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "darkstore_app.cli", *args], cwd=cwd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"darkstore {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
 

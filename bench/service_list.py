@@ -52,7 +52,7 @@ def serve(home: Path, data_root: Path, log: Path) -> tuple[subprocess.Popen, str
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "darkstore.cli", "serve", "--local", "--port", str(port), "--home",
+    p = subprocess.Popen([sys.executable, "-m", "darkstore_app.cli", "serve", "--local", "--port", str(port), "--home",
                           str(home), "--data-root", str(data_root), "--log-level", "warning"],
                          stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -18,7 +18,7 @@ import numpy as np
 
 from _common import machine
 
-from darkstore.demo import make_teachers, prepare_digits
+from darkstore_app.demo import make_teachers, prepare_digits
 from storage import open_store
 from storage._zarr import disk_bytes
 from teacher_service.generate import generate, prepare

@@ -82,7 +82,7 @@ def steps_timer(store, rows, data, *, steps: int, batch: int, views_per_epoch: i
 def cli_timer(work: Path, store: str, epochs: int, extra: list[str]):
     def go() -> float:
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "darkstore.cli", "train", "--store", store, "--out", "run",
+        r = subprocess.run([sys.executable, "-m", "darkstore_app.cli", "train", "--store", store, "--out", "run",
                             "--student-spec", "student.yaml", "--epochs", str(epochs), "--batch-size", "128",
                             "--holdout", "0.05", "--threads", "2", *extra], cwd=work, capture_output=True, text=True)
         if r.returncode:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from storage.errors import DataError, DataNotFoundError, SpecError
+from darkstore.errors import DataError, DataNotFoundError, SpecError
 
 from .paths import import_callable, resolve
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from storage.errors import (
+from darkstore.errors import (
     CodeNotAllowedError,
     SpecError,
     UnknownArchitectureError,

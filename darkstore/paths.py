@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 from typing import Callable, Sequence
 
-from storage.errors import CodeNotAllowedError, PathOutsideRootsError, SpecError
+from darkstore.errors import CodeNotAllowedError, PathOutsideRootsError, SpecError
 
 
 def resolve(path: str | Path, *, base_dir: str | Path | None = None, roots: Sequence[str | Path] | None = None) -> Path:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from storage.errors import DataNotFoundError, SpecError
+from darkstore.errors import DataNotFoundError, SpecError
 
 
 def load_spec_file(path: str | Path) -> Any:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from storage.errors import DarkstoreError
+from darkstore.errors import DarkstoreError
 
 RECIPE_VERSION = 1
 HEAD = ["view", "clean"]  # every row's first two parameters

@@ -1,24 +1,18 @@
-"""One exception root for darkstore.
+"""The store's errors, rooted in the shared kernel's :class:`~darkstore.errors.DarkstoreError`.
 
-Every error a user can cause derives from :class:`DarkstoreError` *and* from the
-matching built-in, so ``except FileNotFoundError`` keeps working for callers who
-do not know about darkstore (the zarr-python ``errors.py`` habit).
-"""
+Each derives from the matching built-in too (``StoreNotFoundError`` is a ``FileNotFoundError``)."""
 
 from __future__ import annotations
 
-
-class DarkstoreError(Exception):
-    """Root of every error darkstore raises on purpose."""
+from darkstore.errors import DarkstoreError
 
 
-# --- stores -----------------------------------------------------------------
 class StoreNotFoundError(DarkstoreError, FileNotFoundError):
-    """No darkstore store at the given path."""
+    """No darkstore store at the given location."""
 
 
 class StoreExistsError(DarkstoreError, FileExistsError):
-    """A store already exists at the path and belongs to another job."""
+    """A store already exists at the location and belongs to another job."""
 
 
 class StoreURLError(DarkstoreError, ValueError):
@@ -46,57 +40,8 @@ class TransferSetMismatchError(DarkstoreError, ValueError):
 
 
 class NonFiniteLogitsError(DarkstoreError, ArithmeticError):
-    """A teacher produced NaN or Inf logits."""
+    """Teacher targets hold NaN or Inf (refused on write and on read)."""
 
 
-# --- specs, models and data -------------------------------------------------
-class SpecError(DarkstoreError, ValueError):
-    """A job, ensemble, data or training spec is malformed."""
-
-
-class UnknownArchitectureError(SpecError):
-    """An architecture name is neither a built-in nor a torchvision classifier."""
-
-
-class ClassCountMismatchError(SpecError):
-    """Ensemble members (or data and members) disagree on the number of classes."""
-
-
-class WeightsNotFoundError(DarkstoreError, FileNotFoundError):
-    """A weight file does not exist."""
-
-
-class WeightsError(DarkstoreError, ValueError):
-    """A weight file is corrupt or does not fit its architecture."""
-
-
-class UnsafeWeightsError(DarkstoreError, PermissionError):
-    """A weight file would need code execution (pickle) to load."""
-
-
-class CodeNotAllowedError(DarkstoreError, PermissionError):
-    """A code-carrying format was requested but the operator did not allow code."""
-
-
-class DataNotFoundError(DarkstoreError, FileNotFoundError):
-    """A transfer set's files cannot be found or read."""
-
-
-class DataError(DarkstoreError, ValueError):
-    """A transfer set's files exist but are malformed (truncated, empty, not what their name says)."""
-
-
-class PathOutsideRootsError(DarkstoreError, PermissionError):
-    """A path resolves outside the configured data roots."""
-
-
-class RunDirError(DarkstoreError, ValueError):
-    """A run directory is not a finished run, holds another run, or has a checkpoint that does not fit."""
-
-
-class ExportError(DarkstoreError, RuntimeError):
-    """An export could not be written, or its reload disagrees with the student."""
-
-
-class LimitExceededError(DarkstoreError, ValueError):
-    """A request is over one of the service's submit-time limits (parameters, memory, input size, time)."""
+__all__ = ["StoreNotFoundError", "StoreExistsError", "StoreURLError", "StoreAccessError", "SchemaError",
+           "CorruptChunkError", "IncompleteStoreError", "TransferSetMismatchError", "NonFiniteLogitsError"]

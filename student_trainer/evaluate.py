@@ -27,7 +27,7 @@ import torch
 from darkstore.data import TransferSet
 from darkstore.models import ModelSpec, count_params, load_model
 from storage import StoreReader, open_store
-from storage.errors import RunDirError
+from student_trainer.errors import RunDirError
 from storage.location import canonical
 
 from .metrics import confusion, evaluate_logits, reliability

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from darkstore.models import ModelSpec, load_model, logits_of, preprocess
-from storage.errors import ExportError
+from student_trainer.errors import ExportError
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 ATOL = 1e-4

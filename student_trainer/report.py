@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from storage.errors import RunDirError
+from student_trainer.errors import RunDirError
 
 from .sweep import METRICS, group_table, markdown_table, mean_std
 

@@ -41,7 +41,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from darkstore.models import ModelSpec
-from storage.errors import SpecError
+from darkstore.errors import SpecError
 from storage.location import Location, canonical
 
 from .train import TrainConfig

@@ -32,7 +32,9 @@ from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
 from storage import StoreReader, open_store
 from storage.location import canonical
-from storage.errors import RunDirError, SchemaError, SpecError
+from darkstore.errors import SpecError
+from storage.errors import SchemaError
+from student_trainer.errors import RunDirError
 
 from . import losses
 from .dataset import check_transfer_set

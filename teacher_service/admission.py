@@ -25,7 +25,8 @@ import traceback
 from typing import Any, Callable
 
 from storage import StoreMeta
-from storage.errors import DarkstoreError, LimitExceededError, SpecError
+from darkstore.errors import DarkstoreError, SpecError
+from teacher_service.errors import LimitExceededError
 
 from .settings import Settings
 from .spec import JobSpec

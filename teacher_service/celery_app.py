@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from storage import StoreWriter
-from storage.errors import DarkstoreError
+from darkstore.errors import DarkstoreError, error_class
 
 from .jobs import EnsembleCache, JobBook, JobManager, JobRecord, JobView, _now, fail_job, run_job_chunks
 from .reconcile import Lease, Ledger, Reconciler
@@ -137,8 +137,6 @@ def submit_via_celery(spec: JobSpec | dict, settings: Settings | None = None, ti
                       ) -> tuple[JobView, bool]:
     """Submit a job through the broker alone (no HTTP): a worker validates, records and dispatches it.
     Returns (view, created) like ``POST /v1/jobs``; raises the same errors."""
-    from storage import errors as E
-
     settings = settings or Settings()
     body = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else spec
     result = make_celery(settings).send_task(SUBMIT, args=(body,), queue=QUEUE)
@@ -147,8 +145,7 @@ def submit_via_celery(spec: JobSpec | dict, settings: Settings | None = None, ti
     finally:
         result.forget()
     if "error" in out:
-        cls = getattr(E, out["error"], None)
-        raise (cls if isinstance(cls, type) and issubclass(cls, DarkstoreError) else DarkstoreError)(out["detail"])
+        raise error_class(out["error"])(out["detail"])
     return JobView.model_validate(out["job"]), bool(out["created"])
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import httpx
 
 from darkstore.specfile import load_spec_file
-from storage.errors import DarkstoreError
+from darkstore.errors import DarkstoreError
 
 from .jobs import ACTIVE, JobView
 from .settings import Settings

@@ -25,8 +25,9 @@ from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_mod
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
 from storage.schema import RowLayout
 from storage.writer import write_chunk_at
-from storage.errors import (ClassCountMismatchError, DarkstoreError, DataError, LimitExceededError,
-                            NonFiniteLogitsError, SpecError)
+from darkstore.errors import ClassCountMismatchError, DarkstoreError, DataError, SpecError
+from storage.errors import NonFiniteLogitsError
+from teacher_service.errors import LimitExceededError
 
 from .combine import combine
 from .spec import EnsembleSpec, JobSpec

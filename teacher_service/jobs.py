@@ -40,7 +40,8 @@ from darkstore.models import sha256_file
 from darkstore.paths import resolve
 from storage import StoreWriter, open_store
 from storage.location import Location
-from storage.errors import DarkstoreError, SchemaError, StoreAccessError, StoreNotFoundError, WeightsNotFoundError
+from darkstore.errors import DarkstoreError, WeightsNotFoundError
+from storage.errors import SchemaError, StoreAccessError, StoreNotFoundError
 
 from .generate import Cancelled, PreparedJob, prepare, run_chunks
 from .settings import Settings

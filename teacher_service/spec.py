@@ -13,7 +13,7 @@ from darkstore.data import DataSpec, parse_data_spec
 from darkstore.models import ModelSpec
 from darkstore.specfile import load_spec_file
 from darkstore.views import AugmentSpec
-from storage.errors import SpecError
+from darkstore.errors import SpecError
 from storage.schema import Combine, Compressor, Dtype
 
 

@@ -15,7 +15,7 @@ import yaml
 from darkstore.models import build_model, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-DARKSTORE = [sys.executable, "-m", "darkstore.cli"]
+DARKSTORE = [sys.executable, "-m", "darkstore_app.cli"]
 torch.set_num_threads(1)
 # measured teacher costs are cached per store job (student_trainer.evaluate): keep the tests' cache private
 os.environ.setdefault("DARKSTORE_CACHE", tempfile.mkdtemp(prefix="darkstore-test-cache-"))

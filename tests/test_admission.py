@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from storage.errors import LimitExceededError, SpecError
+from darkstore.errors import SpecError
+from teacher_service.errors import LimitExceededError
 from teacher_service.admission import Admission, check_spec
 from teacher_service.settings import Settings
 

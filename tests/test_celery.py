@@ -219,7 +219,7 @@ def test_direct_celery_submission(cluster):
         assert client.wait(view.id, timeout=120).state == "succeeded"
     bad = spec_for(c["counter"], 0.01)
     bad["data"]["path"] = "../../etc/hostname"
-    from storage.errors import PathOutsideRootsError
+    from darkstore.errors import PathOutsideRootsError
 
     with pytest.raises(PathOutsideRootsError, match="outside the data roots"):
         submit_via_celery(bad, c["settings"], timeout=60)

@@ -93,7 +93,7 @@ class Local:
             out.append(self.value(a))
             prev = a
         if out[0] == "darkstore":
-            out = [sys.executable, "-m", "darkstore.cli", *out[1:]]
+            out = [sys.executable, "-m", "darkstore_app.cli", *out[1:]]
         elif out[0] == "python":
             out[0] = sys.executable
         elif out[0] == "redis-server":
@@ -182,7 +182,7 @@ def test_compose_services_run_the_pipeline_as_local_processes(profile, config, e
             assert total == 1 and items[0].state == "succeeded"
             if profile == "s3":
                 assert items[0].store == f"s3://darkstore/stores/{items[0].id}"
-                r = subprocess.run([sys.executable, "-m", "darkstore.cli", "inspect", items[0].store, "--verify",
+                r = subprocess.run([sys.executable, "-m", "darkstore_app.cli", "inspect", items[0].store, "--verify",
                                     "--json"], env=local.env(s["api"]), capture_output=True, text=True, timeout=120)
                 assert r.returncode == 0, r.stderr
                 assert json.loads(r.stdout)["complete"] and json.loads(r.stdout)["rows"] == 1198

@@ -18,7 +18,8 @@ import pytest
 import zarr
 
 from storage import open_store
-from storage.errors import CorruptChunkError, DarkstoreError, NonFiniteLogitsError
+from darkstore.errors import DarkstoreError
+from storage.errors import CorruptChunkError, NonFiniteLogitsError
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, cli_env, job, make_arrays, make_ensemble

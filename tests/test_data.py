@@ -13,7 +13,7 @@ from PIL import Image
 from darkstore.data import open_transfer_set, parse_data_spec
 from darkstore.paths import resolve
 from storage import open_store
-from storage.errors import DataNotFoundError, PathOutsideRootsError, SpecError
+from darkstore.errors import DataNotFoundError, PathOutsideRootsError, SpecError
 from teacher_service.generate import generate
 
 from .conftest import job, make_ensemble

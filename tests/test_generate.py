@@ -17,18 +17,18 @@ import yaml
 from darkstore.data import parse_data_spec
 from darkstore.models import build_model, save_weights
 from storage import open_store
-from storage.errors import (
+from darkstore.errors import (
     ClassCountMismatchError,
     CodeNotAllowedError,
     DataError,
     DataNotFoundError,
     DarkstoreError,
-    NonFiniteLogitsError,
     UnknownArchitectureError,
     UnsafeWeightsError,
     WeightsError,
     WeightsNotFoundError,
 )
+from storage.errors import NonFiniteLogitsError
 from teacher_service.generate import generate
 from teacher_service.spec import EnsembleSpec
 

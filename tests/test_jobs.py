@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from storage import open_store
-from storage.errors import WeightsNotFoundError
+from darkstore.errors import WeightsNotFoundError
 from teacher_service import generate as gen_mod
 from teacher_service.generate import generate
 from teacher_service.jobs import LocalRunner

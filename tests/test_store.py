@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 
 from storage import FLOAT16_FLOOR, Location, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, open_store
-from storage.errors import (
-    IncompleteStoreError,
-    NonFiniteLogitsError,
-    SchemaError,
-    StoreExistsError,
-    StoreNotFoundError,
-)
+from storage.errors import IncompleteStoreError, NonFiniteLogitsError, SchemaError, StoreExistsError, StoreNotFoundError
 
 
 def meta(n=1000, c=7, rows=128, dtype="float32", members=2, keep=False, key="k" * 64, compressor="zstd"):

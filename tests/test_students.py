@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from darkstore.data import open_transfer_set
 from darkstore.models import ModelSpec, load_model
 from storage import open_store
-from storage.errors import RunDirError
+from student_trainer.errors import RunDirError
 from student_trainer.train import TrainConfig, lr_lambda, split_rows, train
 from teacher_service.generate import generate
 
@@ -150,7 +150,7 @@ def test_ddp_two_ranks_under_torchrun(tmp_path, cache):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp"
     r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, "-m",
-                        "darkstore.cli", "train", "--store", str(cache), "--student", "mlp", "--arch-kwargs",
+                        "darkstore_app.cli", "train", "--store", str(cache), "--student", "mlp", "--arch-kwargs",
                         json.dumps(MLP["arch_kwargs"]), "--epochs", "3", "--batch-size", "16", "--out", str(out)],
                        env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -13,7 +13,29 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from storage import errors as E
+from darkstore.errors import (
+    CodeNotAllowedError,
+    DarkstoreError,
+    DataError,
+    DataNotFoundError,
+    PathOutsideRootsError,
+    SpecError,
+    UnsafeWeightsError,
+    WeightsError,
+    WeightsNotFoundError,
+)
+from storage.errors import (
+    IncompleteStoreError,
+    NonFiniteLogitsError,
+    SchemaError,
+    StoreAccessError,
+    StoreExistsError,
+    StoreNotFoundError,
+    StoreURLError,
+    TransferSetMismatchError,
+)
+
+from ..errors import LimitExceededError
 
 log = logging.getLogger(__name__)
 
@@ -26,27 +48,29 @@ class ErrorBody(BaseModel):
 
 # HTTP status for each kind of error a request can cause (first match wins)
 STATUS: list[tuple[type[Exception], int]] = [
-    (E.PathOutsideRootsError, 403),
-    (E.CodeNotAllowedError, 403),
-    (E.StoreExistsError, 409),
-    (E.IncompleteStoreError, 409),
-    (E.StoreNotFoundError, 404),  # includes JobNotFoundError
-    (E.UnsafeWeightsError, 422),
-    (E.WeightsNotFoundError, 422),
-    (E.DataNotFoundError, 422),
-    (E.DataError, 422),
-    (E.WeightsError, 422),
-    (E.SpecError, 422),
-    (E.TransferSetMismatchError, 422),
-    (E.NonFiniteLogitsError, 422),
-    (E.LimitExceededError, 422),
-    (E.SchemaError, 409),
+    (StoreAccessError, 503),  # the store's object storage cannot be reached
+    (PathOutsideRootsError, 403),
+    (CodeNotAllowedError, 403),
+    (StoreExistsError, 409),
+    (IncompleteStoreError, 409),
+    (StoreNotFoundError, 404),  # includes JobNotFoundError
+    (UnsafeWeightsError, 422),
+    (WeightsNotFoundError, 422),
+    (DataNotFoundError, 422),
+    (DataError, 422),
+    (WeightsError, 422),
+    (SpecError, 422),
+    (TransferSetMismatchError, 422),
+    (NonFiniteLogitsError, 422),
+    (LimitExceededError, 422),
+    (StoreURLError, 422),
+    (SchemaError, 409),
 ]
 
 TEXT = {400: "bad request", 401: "missing or wrong bearer token", 403: "a path outside the data roots, or code "
         "the operator did not allow", 404: "no such job or store", 409: "conflicts with the store's state",
         413: "request body too large", 422: "invalid spec, missing or unsafe weights, unreadable data, or over a "
-        "submit-time limit", 503: "the broker is unreachable"}
+        "submit-time limit", 503: "the broker or the stores' object storage is unreachable"}
 
 
 def status_of(exc: Exception) -> int:
@@ -85,8 +109,8 @@ def body(kind: str, detail: str, status: int, headers: dict[str, str] | None = N
 def install(app: FastAPI, redact: Redactor) -> None:
     """Every error a request can cause answers ``{"error", "detail"}`` with its status."""
 
-    @app.exception_handler(E.DarkstoreError)
-    async def darkstore_error(request: Request, exc: E.DarkstoreError):
+    @app.exception_handler(DarkstoreError)
+    async def darkstore_error(request: Request, exc: DarkstoreError):
         return body(type(exc).__name__, redact(str(exc)), status_of(exc))
 
     @app.exception_handler(RequestValidationError)

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from storage.errors import DarkstoreError, SpecError
+from darkstore.errors import DarkstoreError, SpecError
 
 app = typer.Typer(
     name="darkstore",
@@ -437,7 +437,7 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="a few epochs only (smoke test)")] = False,
 ):
     """The whole pipeline on scikit-learn's real handwritten digits: teachers, store, baseline vs distilled students."""
-    from darkstore.demo import run_demo
+    from darkstore_app.demo import run_demo
 
     t0 = time.perf_counter()
     r = run_demo(out_, seeds=seeds, quick=quick, log=lambda m: console.print(m))
@@ -455,7 +455,7 @@ def example_data(
     quick: Annotated[bool, typer.Option("--quick", help="teachers trained for a few epochs only")] = False,
 ):
     """Write a ready-to-submit example into a data root: digits, trained teachers, job.yaml, student.yaml."""
-    from darkstore.demo import write_example
+    from darkstore_app.demo import write_example
 
     job = write_example(root, quick=quick, log=lambda m: console.print(m))
     console.print(f"[green]ready[/]: submit {job} (e.g. `darkstore submit {job} --wait`)")
