@@ -11,9 +11,10 @@ written (C order, little-endian, the stored dtype), written before the chunk's `
 Readers verify what they read against it, so a chunk changed, swapped, truncated or lost after
 its commit is an error that names the chunk and the field, never silent data.
 
-To add a field: declare it here (and, if it is per row, it is checksummed and validated with
-the others), give the writer its producer's array in ``write_chunk``, read it with
-``StoreReader.read``.
+To add a field: declare it here — a row field is then created, validated, written by
+``StoreWriter.write_chunk(i, <name>=array)``, checksummed and read by ``StoreReader.read(rows,
+[<name>])`` with the others — and write its producer and its consumer. Nothing else changes
+(``tests/test_store.py`` adds one this way).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FieldSpec:
     per_row: bool = True  # a row field (else one element per chunk)
     row_axis: int = 0
     compressed: bool = True
+    target: bool = False  # teacher targets: stored in the store's float dtype, refused when not finite
     doc: str = ""
 
     def chunks(self, meta: StoreMeta) -> tuple[int, ...]:
@@ -43,6 +45,10 @@ class FieldSpec:
         if not self.per_row:
             return (1, *shape[1:])
         return tuple(meta.chunk_rows if a == self.row_axis else s for a, s in enumerate(shape))
+
+    def chunk_shape(self, meta: StoreMeta, rows: int) -> tuple[int, ...]:
+        """The shape of ``rows`` rows of this row field."""
+        return tuple(rows if a == self.row_axis else s for a, s in enumerate(self.shape(meta)))
 
     def rows(self, arr: Any, start: int, stop: int) -> Any:
         """The rows ``[start, stop)`` of this field's array (zarr or numpy)."""
@@ -55,9 +61,9 @@ def _always(meta: StoreMeta) -> bool:
 
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan, _always,
-              doc="ensemble targets in log space, row-centred"),
+              target=True, doc="ensemble targets in log space, row-centred"),
     FieldSpec("members", ("member", "row", "class"), lambda m: (m.num_members, m.num_rows, m.num_classes),
-              lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1,
+              lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1, target=True,
               doc="each teacher's own logits, row-centred (keep_members)"),
     FieldSpec("labels", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
               doc="hard labels, -1 where unlabeled"),

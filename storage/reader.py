@@ -14,9 +14,6 @@ from .fields import BY_NAME, checksum, row_fields
 from .location import Location
 from .schema import StoreMeta, bytes_per_row, chunk_bounds
 
-#: fields holding teacher targets: a non-finite value there is refused on read (any schema)
-TARGET_FIELDS = ("logits", "members")
-
 
 @dataclass
 class Chunk:
@@ -150,7 +147,7 @@ class StoreReader:
                     f"chunk {c} of {self.path}: field {name} does not match the checksum written with it "
                     f"(CRC32C {got:08x}, written {want:08x}): it was changed, swapped with another chunk, or lost "
                     f"after its commit. {REGENERATE}")
-        if name in TARGET_FIELDS and not np.isfinite(values).all():
+        if BY_NAME[name].target and not np.isfinite(values).all():
             raise NonFiniteLogitsError(f"chunk {c} of {self.path}: field {name} holds non-finite values; a student "
                                        f"must not train on them. {REGENERATE}")
 

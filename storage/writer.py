@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from ._zarr import create, open_group, store_attrs, unfinished_creation
 from .errors import NonFiniteLogitsError, SchemaError, StoreExistsError
-from .fields import BY_NAME, checksum, checksum_names, present
+from .fields import BY_NAME, FieldSpec, checksum, checksum_names, present, row_fields
 from .location import Location
 from .schema import StoreMeta, chunk_bounds
 
@@ -81,42 +81,19 @@ class StoreWriter:
         return chunk_bounds(i, self.meta.chunk_rows, self.meta.num_rows)
 
     # -- writing --------------------------------------------------------------
-    def write_chunk(
-        self,
-        i: int,
-        *,
-        logits: np.ndarray,
-        labels: np.ndarray,
-        index: np.ndarray,
-        members: np.ndarray | None = None,
-        stats: np.ndarray | None = None,
-        view_params: np.ndarray | None = None,
-    ) -> None:
-        """Write chunk ``i`` whole and commit it. Arrays are float32/float64 logits
-        already row-centred; they are clipped and cast to the store's dtype here."""
+    def write_chunk(self, i: int, *, stats: np.ndarray | None = None, **fields: np.ndarray | None) -> None:
+        """Write chunk ``i`` whole and commit it: one array per row field the store declares (``logits``,
+        ``labels``, ``index``, and ``members``/``view_params`` where present), shaped as that field's rows of
+        this chunk. Target fields (logits, members) come row-centred in float32/float64 and are refused when
+        not finite, then clipped and cast to the store's dtype; the others are cast to their field's dtype."""
         start, stop = self.bounds(i)
-        rows, c = stop - start, self.meta.num_classes
-        _check_shape("logits", logits, (rows, c))
-        _check_shape("labels", labels, (rows,))
-        _check_shape("index", index, (rows,))
-        if not np.all(np.isfinite(logits)):
-            bad = np.flatnonzero(~np.isfinite(logits).all(axis=1)) + start
-            raise NonFiniteLogitsError(f"non-finite ensemble logits in rows {_rows(bad)}; chunk {i} not written")
-        values = {"logits": self._cast(logits), "labels": labels.astype(np.int64), "index": index.astype(np.int64)}
-        if self.meta.keep_members:
-            if members is None:
-                raise SchemaError("this store keeps members; write_chunk needs members=")
-            _check_shape("members", members, (self.meta.num_members, rows, c))
-            values["members"] = self._cast(members)
-        if self.meta.views:
-            if view_params is None:
-                raise SchemaError("this store records views; write_chunk needs view_params=")
-            _check_shape("view_params", view_params, (rows, self.meta.num_view_params))
-            values["view_params"] = np.asarray(view_params, dtype=np.float64)
+        values = {f.name: self._encode(f, fields.pop(f.name, None), i, start, stop) for f in row_fields(self.meta)}
+        unknown = sorted(k for k, v in fields.items() if v is not None)
+        if unknown:
+            raise SchemaError(f"{self.path} has no row field {', '.join(unknown)} (it has {', '.join(values)})")
         a = self._arrays
         for name, v in values.items():
-            f = BY_NAME[name]
-            if f.row_axis == 1:
+            if BY_NAME[name].row_axis == 1:
                 a[name][:, start:stop] = v
             else:
                 a[name][start:stop] = v
@@ -125,6 +102,20 @@ class StoreWriter:
         if self.meta.checksums is not None:  # schema 2: what was written, before the commit mark
             a["checksums"][i] = np.array([checksum(values[n]) for n in self.meta.checksums], dtype=np.uint32)
         a["done"][i] = 1  # the commit mark, strictly last
+
+    def _encode(self, f: FieldSpec, x: np.ndarray | None, i: int, start: int, stop: int) -> np.ndarray:
+        if x is None:
+            raise SchemaError(f"this store has the row field {f.name} ({f.doc}); write_chunk needs {f.name}=")
+        x = np.asarray(x)
+        _check_shape(f.name, x, f.chunk_shape(self.meta, stop - start))
+        if not f.target:
+            return x.astype(f.dtype(self.meta), copy=False)
+        finite = np.isfinite(x)
+        if not finite.all():
+            rows_ok = finite.all(axis=tuple(a for a in range(x.ndim) if a != f.row_axis))
+            raise NonFiniteLogitsError(f"non-finite {f.name} in rows {_rows(np.flatnonzero(~rows_ok) + start)}; "
+                                       f"chunk {i} not written")
+        return self._cast(x)
 
     def _cast(self, x: np.ndarray) -> np.ndarray:
         if x.dtype == np.dtype(self.meta.dtype):  # already cast (and clipped) by the caller

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from storage import FLOAT16_FLOOR, Location, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, open_store
-from storage.errors import IncompleteStoreError, NonFiniteLogitsError, SchemaError, StoreExistsError, StoreNotFoundError
+from storage.errors import (
+    CorruptChunkError,
+    IncompleteStoreError,
+    NonFiniteLogitsError,
+    SchemaError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
 
 
 def meta(n=1000, c=7, rows=128, dtype="float32", members=2, keep=False, key="k" * 64, compressor="zstd"):
@@ -181,3 +188,31 @@ def test_store_summary_counts_bytes_on_every_scheme(store_at):
     s = open_store(store_at("s")).summary()
     assert s["path"] == str(Location.parse(store_at("s")))
     assert 256 * 7 * 4 * 0.5 < s["disk_bytes"] < 256 * 7 * 4 * 4  # zstd on random floats: about the raw size
+
+
+def test_a_new_field_is_one_declaration_plus_its_producer_and_consumer(store_at, monkeypatch):
+    """What a newcomer does to store, say, cached teacher features: declare the field in storage/fields.py,
+    hand the writer its array, read it back. Creation, validation, checksums and reads need no other change."""
+    import storage.fields as F
+
+    feats = F.FieldSpec("features", ("row", "feature"), lambda m: (m.num_rows, 3), lambda m: "float32", np.nan,
+                        lambda m: True, doc="cached teacher features")
+    monkeypatch.setattr(F, "FIELDS", (*F.FIELDS[:-3], feats, *F.FIELDS[-3:]))
+    monkeypatch.setitem(F.BY_NAME, "features", feats)
+    rng = np.random.default_rng(4)
+    w = StoreWriter.open_or_create(store_at("s"), meta(n=300, rows=128))
+    assert w.meta.checksums == ["logits", "labels", "index", "features"]
+    x, f = centred(rng, (300, 7)).astype(np.float32), rng.normal(size=(300, 3))
+    for i in range(w.meta.n_chunks):
+        a, b = w.bounds(i)
+        with pytest.raises(SchemaError, match="needs features="):  # the producer must provide it
+            w.write_chunk(i, logits=x[a:b], labels=np.zeros(b - a), index=np.arange(a, b))
+        w.write_chunk(i, logits=x[a:b], labels=np.zeros(b - a), index=np.arange(a, b), features=f[a:b])
+    r = open_store(store_at("s"))  # validated on open like the others
+    rows = np.array([299, 3, 140])
+    np.testing.assert_array_equal(r.read(rows, ["features"])["features"], f[rows].astype(np.float32))
+    r.verify()
+    loc = Location.parse(store_at("s"))
+    loc.write_bytes("features/c/1/0", loc.read_bytes("features/c/0/0"))  # checksummed like every row field
+    with pytest.raises(CorruptChunkError, match="chunk 1 .*field features"):
+        open_store(store_at("s")).read(rows, ["features"])
