@@ -10,7 +10,7 @@ import numpy as np
 
 from ._zarr import open_group
 from .errors import CorruptChunkError, IncompleteStoreError, NonFiniteLogitsError, SchemaError
-from .fields import BY_NAME, checksum, row_fields
+from .fields import BY_NAME, all_finite, checksum, row_fields
 from .location import Location
 from .schema import StoreMeta, bytes_per_row, chunk_bounds
 
@@ -147,7 +147,7 @@ class StoreReader:
                     f"chunk {c} of {self.path}: field {name} does not match the checksum written with it "
                     f"(CRC32C {got:08x}, written {want:08x}): it was changed, swapped with another chunk, or lost "
                     f"after its commit. {REGENERATE}")
-        if BY_NAME[name].target and not np.isfinite(values).all():
+        if BY_NAME[name].target and not all_finite(values):
             raise NonFiniteLogitsError(f"chunk {c} of {self.path}: field {name} holds non-finite values; a student "
                                        f"must not train on them. {REGENERATE}")
 

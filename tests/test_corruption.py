@@ -125,3 +125,17 @@ def test_a_version_1_store_opens_and_trains_and_refuses_non_finite_targets(clean
     with pytest.raises(NonFiniteLogitsError, match="chunk 1 .*field logits"):
         open_store(damaged_v1).read_chunks([1], ["logits"])
     assert issubclass(CorruptChunkError, DarkstoreError)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_the_fast_finiteness_check_agrees_with_numpy(dtype):
+    from storage.fields import all_finite
+
+    rng = np.random.default_rng(0)
+    specials = [np.nan, np.inf, -np.inf, np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).tiny, 0.0, -0.0]
+    for v in specials:
+        for shape in [(7, 5), (3, 4, 6)]:
+            x = rng.normal(0, 100, shape).astype(dtype)
+            x.flat[rng.integers(x.size)] = v
+            for view in (x, x[:, ::2]):  # C-ordered and strided
+                assert all_finite(view) == bool(np.isfinite(view).all()), (v, shape)
