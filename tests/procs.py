@@ -68,6 +68,20 @@ class Proc:
             time.sleep(0.1)
         raise TimeoutError(f"{self.name}: no {needle!r} in its log after {timeout} s:\n{self.text()[-3000:]}")
 
+    def wait_for_http(self, url: str, timeout: float = 60) -> None:
+        """Poll ``url`` until it answers 200 (the process must stay alive meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.p.returncode}):\n{self.text()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: {url} not answering 200 after {timeout} s:\n{self.text()[-3000:]}")
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (the worker and its pool children)."""
         if self.alive():
@@ -118,17 +132,7 @@ class S3Server(Proc):
         super().__init__("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                          dict(os.environ), tmp / "s3.log")
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"moto server exited:\n{self.text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/moto-api/", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"moto server not up after 60 s:\n{self.text()[-3000:]}")
+        self.wait_for_http(self.url + "/moto-api/")
 
     @property
     def env(self) -> dict[str, str]:
@@ -152,17 +156,7 @@ class Api(Proc):
         self.port = port or free_port()
         super().__init__("api", [*DARKSTORE, "serve", "--port", str(self.port), *args], env, log)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"API exited:\n{self.text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"API not healthy after 60 s:\n{self.text()[-3000:]}")
+        self.wait_for_http(self.url + "/healthz")
 
 
 class Worker(Proc):
