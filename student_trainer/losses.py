@@ -15,6 +15,8 @@ when T changes (Hinton, Vinyals & Dean, 2015): ``∂[T²·KL]/∂s = T · (q −
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -72,3 +74,82 @@ def logit_mse_loss(
 ) -> torch.Tensor:
     """``α·MSE(logits) + (1−α)·CE`` on labeled rows, the MSE alone on unlabeled rows."""
     return _mix(logit_mse(student, teacher_logits), hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
+
+
+# --- sparse targets ---------------------------------------------------------------------------------------
+# A top-k row keeps the k largest ensemble values ``head`` [B, k] (row-centred log space, the dense store's
+# ``logits`` restricted to the classes ``index`` [B, k]) and ``tail`` [B], the log-sum-exp of the C − k values
+# it drops: at T = 1 the head's probabilities and the tail's total mass are exact. How the tail's mass is
+# shared among its classes is lost; at T ≠ 1 it is taken as spread evenly over them (``tail_at``), an
+# approximation that is exact at T = 1 and when the dropped classes were equally likely.
+# A sampled row keeps ``index`` [B, k]: k classes drawn with replacement from the teacher's distribution at
+# the temperature it was sampled at (Anshumann et al., 2025). −Σ (count/k)·log q is an unbiased estimate of
+# the cross-entropy H(p, q), so its gradient is an unbiased estimate of the dense soft term's; it differs from
+# KL(p ‖ q) by the teacher's entropy, a constant the student cannot change.
+
+
+def tail_at(tail: torch.Tensor, num_tail: int, temperature: float) -> torch.Tensor:
+    """[B] log-mass of the ``num_tail`` dropped classes at temperature T, their mass spread evenly:
+    ``log n + (tail − log n) / T`` (exactly ``tail`` at T = 1; −inf when nothing was dropped)."""
+    if num_tail <= 0:
+        return torch.full_like(tail, float("-inf"))
+    log_n = math.log(num_tail)
+    return log_n + (tail - log_n) / temperature
+
+
+def topk_teacher_logp(index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, num_classes: int,
+                      temperature: float) -> torch.Tensor:
+    """[B, k], [B, k], [B] -> [B, C] teacher log-probabilities at T with the tail spread evenly over the
+    C − k classes outside the head ("spread"); with k = C it is the dense ``log_softmax(logits / T)``."""
+    dtype = torch.promote_types(tail.dtype, torch.float32)
+    n_tail = num_classes - index.shape[-1]
+    if n_tail > 0:
+        each = tail_at(tail.to(dtype), n_tail, temperature) - math.log(n_tail)
+        full = each[:, None].expand(-1, num_classes).clone()
+    else:
+        full = torch.full((head.shape[0], num_classes), float("-inf"), dtype=dtype, device=head.device)
+    full.scatter_(1, index.long(), head.to(dtype) / temperature)
+    return F.log_softmax(full, dim=-1)
+
+
+def topk_bucket_kl(student: torch.Tensor, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """[B] ``T² · KL`` over k + 1 buckets ("other"): the head classes one by one and everything else as
+    one bucket, for both teacher and student, so no assumption is made about how the tail is shared."""
+    c = student.shape[-1]
+    k = index.shape[-1]
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    logq = F.log_softmax(student.to(dtype) / temperature, dim=-1)
+    logq_head = logq.gather(1, index.long())
+    lse_head = torch.logsumexp(logq_head, dim=-1)
+    logq_other = torch.log1p(-torch.exp(lse_head).clamp(max=1 - 1e-7)) if k < c else torch.full_like(lse_head, -1e30)
+    t = torch.cat([head.to(dtype) / temperature, tail_at(tail.to(dtype), c - k, temperature)[:, None]], dim=-1)
+    logp = F.log_softmax(t, dim=-1)
+    logq_b = torch.cat([logq_head, logq_other[:, None]], dim=-1)
+    p = logp.exp()
+    kl = torch.where(p > 0, p * (logp - logq_b), torch.zeros_like(p)).sum(dim=-1)
+    return temperature**2 * kl
+
+
+def sampled_ce(student: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B] ``T² · (−1/k) Σ_j log q(index_j)``: the sampled estimate of ``T² · H(p, q)``, unbiased when the k
+    classes were drawn from the teacher's distribution at this T (duplicates count as often as drawn)."""
+    logq = F.log_softmax(student.to(torch.promote_types(student.dtype, torch.float32)) / temperature, dim=-1)
+    return -temperature**2 * logq.gather(1, index.long()).mean(dim=-1)
+
+
+def sparse_kd_loss(student: torch.Tensor, labels: torch.Tensor, *, form: str, index: torch.Tensor,
+                   temperature: float, alpha: float, head: torch.Tensor | None = None,
+                   tail: torch.Tensor | None = None, labels2: torch.Tensor | None = None,
+                   lam: torch.Tensor | None = None) -> torch.Tensor:
+    """Hinton's loss with sparse targets: ``form`` is ``topk-spread`` (the tail spread evenly, then the dense
+    KL), ``topk-bucket`` (KL over the head and one "other" bucket) or ``sampled``."""
+    if form == "topk-spread":
+        soft = soft_kl(student, topk_teacher_logp(index, head, tail, student.shape[-1], temperature), temperature)
+    elif form == "topk-bucket":
+        soft = topk_bucket_kl(student, index, head, tail, temperature)
+    elif form == "sampled":
+        soft = sampled_ce(student, index, temperature)
+    else:
+        raise ValueError(f"unknown sparse target form {form!r}")
+    return _mix(soft, hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
