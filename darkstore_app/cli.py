@@ -60,6 +60,8 @@ def generate(
     combine: Annotated[str, typer.Option(help="geometric | arithmetic")] = "geometric",
     temperature: Annotated[float, typer.Option(help="generation temperature (used by arithmetic)")] = 1.0,
     keep_members: Annotated[bool, typer.Option("--keep-members", help="also store each teacher's logits")] = False,
+    targets: Annotated[Optional[str], typer.Option(help="dense (default: every class) | topk:K (the K largest values "
+                                                   "and the tail's mass) | sampled:K[@T] (K classes drawn per row)")] = None,
     dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
     compressor: Annotated[str, typer.Option(help="zstd | blosc | none")] = "zstd",
     chunk_rows: Annotated[int, typer.Option(help="rows per chunk: the unit of work and commit")] = 1024,
@@ -95,6 +97,8 @@ def generate(
         spec = spec.model_copy(update={"augment": _augment_spec(augment, views, spec.augment)})
     if row_order is not None:
         spec = JobSpec.model_validate({**spec.model_dump(), "row_order": row_order})
+    if targets is not None:
+        spec = JobSpec.model_validate({**spec.model_dump(), "targets": targets})
     t0 = time.perf_counter()
     with _progress() as progress:
         task = {}
@@ -165,7 +169,12 @@ def inspect(
     t.add_column()
     state = "[green]complete[/]" if s["complete"] else f"[yellow]incomplete[/] ({s['chunks_done']}/{s['chunks']} chunks)"
     t.add_row("state", state + (" (verified)" if verify else ""))
-    t.add_row("logits", f"[{s['rows']}, {s['classes']}] {s['dtype']}, chunks of {s['chunk_rows']} rows, {s['compressor']}")
+    if s["targets"] == "dense":
+        t.add_row("logits", f"[{s['rows']}, {s['classes']}] {s['dtype']}, chunks of {s['chunk_rows']} rows, "
+                  f"{s['compressor']}")
+    else:
+        t.add_row("targets", f"{s['targets']} of {s['classes']} classes per row, {s['dtype']}, chunks of "
+                  f"{s['chunk_rows']} rows, {s['compressor']}")
     if s["keep_members"]:
         t.add_row("members", f"[{len(s['teachers'])}, {s['rows']}, {s['classes']}] {s['dtype']}")
     if s["views_per_sample"] > 1 or s["augment"]:

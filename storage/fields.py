@@ -60,8 +60,17 @@ def _always(meta: StoreMeta) -> bool:
 
 
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan, _always,
-              target=True, doc="ensemble targets in log space, row-centred"),
+    FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan,
+              lambda m: m.target_form == "dense", target=True, doc="ensemble targets in log space, row-centred"),
+    FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: m.dtype, np.nan,
+              lambda m: m.target_form == "topk", target=True, doc="top-k targets: the k largest ensemble values"),
+    FieldSpec("topk_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
+              lambda m: m.target_form == "topk", doc="top-k targets: their classes, largest first"),
+    FieldSpec("tail_lse", ("row",), lambda m: (m.num_rows,), lambda m: "float32", np.nan,
+              lambda m: m.target_form == "topk", target=True,
+              doc="top-k targets: log-sum-exp of the values left out (the tail's mass at T = 1)"),
+    FieldSpec("sample_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
+              lambda m: m.target_form == "sampled", doc="sampled targets: k classes drawn per row, sorted"),
     FieldSpec("members", ("member", "row", "class"), lambda m: (m.num_members, m.num_rows, m.num_classes),
               lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1, target=True,
               doc="each teacher's own logits, row-centred (keep_members)"),

@@ -221,6 +221,7 @@ class StoreReader:
             "rows": m.num_rows,
             "classes": m.num_classes,
             "dtype": m.dtype,
+            "targets": str(m.targets or "dense"),
             "compressor": m.compressor,
             "chunk_rows": m.chunk_rows,
             "chunks": m.n_chunks,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 2
 #: versions this darkstore opens: 1 (no chunk checksums) and 2
@@ -108,6 +108,58 @@ class RowLayout:
         return self.row(self.position(rows))
 
 
+class TargetsRecord(BaseModel):
+    """The form a store's teacher targets take; a job asks for it as ``dense``, ``topk:K`` or ``sampled:K``
+    (``sampled:K@T`` to sample at temperature T).
+
+    - ``dense``: ``logits`` [N, C], every class (re-temperature exact for the geometric mean).
+    - ``topk``: the K largest ensemble values per row (``topk_logits``, row-centred log space, and their
+      classes ``topk_index``) and ``tail_lse``, the log-sum-exp of the C − K values left out: at T = 1 the
+      head's probabilities and the tail's total mass are exact; at other T the tail is approximated.
+    - ``sampled``: ``sample_index``, K classes per row drawn with replacement from ``softmax(logits / T)``
+      with a generator seeded by (``seed``, chunk), so the same job writes the same samples on the same
+      kind of device. The estimate is unbiased at that T only: other temperatures are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    form: Literal["dense", "topk", "sampled"] = "dense"
+    k: int | None = Field(None, ge=1, description="entries kept per row (topk, sampled)")
+    temperature: float | None = Field(None, gt=0, le=100, description="sampled: the temperature drawn at")
+    seed: int | None = Field(None, description="sampled: the generator's seed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        form, _, rest = v.strip().partition(":")
+        if form == "dense" and not rest:
+            return {"form": "dense"}
+        k, _, t = rest.partition("@")
+        if form not in ("topk", "sampled") or not k.strip().isdigit() or (t and form != "sampled"):
+            raise ValueError(f"targets {v!r}: write dense, topk:K or sampled:K (sampled:K@T to sample at T)")
+        out: dict[str, Any] = {"form": form, "k": int(k)}
+        if form == "sampled":
+            out.update(temperature=float(t) if t else 1.0, seed=0)
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> "TargetsRecord":
+        if (self.form == "dense") != (self.k is None):
+            raise ValueError("dense targets take no k; topk and sampled need one")
+        if self.form == "sampled" and self.temperature is None:
+            self.temperature = 1.0
+        if self.form == "sampled" and self.seed is None:
+            self.seed = 0
+        if self.form != "sampled" and (self.temperature is not None or self.seed is not None):
+            raise ValueError("only sampled targets take a temperature and a seed")
+        return self
+
+    def __str__(self) -> str:
+        if self.form == "dense":
+            return "dense"
+        return f"{self.form}:{self.k}" + (f"@{self.temperature:g}" if self.form == "sampled" else "")
+
+
 class StoreMeta(BaseModel):
     """The attributes of a store (``group.attrs['darkstore']``)."""
 
@@ -135,8 +187,14 @@ class StoreMeta(BaseModel):
         "natural", description="natural: rows follow the transfer set; shuffled: samples in the seeded "
                                "permutation `sample_order` (class-sorted sets then stream well-mixed)")
     row_order_seed: int | None = Field(None, description="seed of the shuffled order")
+    targets: TargetsRecord | None = Field(None, description="the targets' form (None: dense, as in every store "
+                                          "made before sparse targets)")
     checksums: list[str] | None = Field(None, description="schema 2: the row fields whose per-chunk CRC32C the "
                                         "`checksums` array holds, in column order (None: a version-1 store)")
+
+    @property
+    def target_form(self) -> str:
+        return self.targets.form if self.targets else "dense"
 
     @property
     def views_per_sample(self) -> int:
@@ -177,7 +235,11 @@ def chunk_bounds(i: int, chunk_rows: int, num_rows: int) -> tuple[int, int]:
 
 
 def bytes_per_row(meta: StoreMeta) -> int:
-    """Uncompressed bytes one row costs (logits, members, label, index, view parameters)."""
+    """Uncompressed bytes one row costs: its targets (dense: C values; topk: K values, K int32 classes and a
+    float32 tail; sampled: K int32 classes), members, label, index and view parameters."""
     item = 2 if meta.dtype == "float16" else 4
+    targets = {"dense": lambda: item * meta.num_classes,
+               "topk": lambda: (item + 4) * meta.targets.k + 4,
+               "sampled": lambda: 4 * meta.targets.k}[meta.target_form]()
     members = meta.num_members if meta.keep_members else 0
-    return item * meta.num_classes * (1 + members) + 16 + 8 * meta.num_view_params
+    return targets + item * meta.num_classes * members + 16 + 8 * meta.num_view_params

@@ -108,22 +108,19 @@ class StoreWriter:
             raise SchemaError(f"this store has the row field {f.name} ({f.doc}); write_chunk needs {f.name}=")
         x = np.asarray(x)
         _check_shape(f.name, x, f.chunk_shape(self.meta, stop - start))
+        dtype = np.dtype(f.dtype(self.meta))
         if not f.target:
-            return x.astype(f.dtype(self.meta), copy=False)
+            return x.astype(dtype, copy=False)
         finite = np.isfinite(x)
         if not finite.all():
             rows_ok = finite.all(axis=tuple(a for a in range(x.ndim) if a != f.row_axis))
             raise NonFiniteLogitsError(f"non-finite {f.name} in rows {_rows(np.flatnonzero(~rows_ok) + start)}; "
                                        f"chunk {i} not written")
-        return self._cast(x)
-
-    def _cast(self, x: np.ndarray) -> np.ndarray:
-        if x.dtype == np.dtype(self.meta.dtype):  # already cast (and clipped) by the caller
+        if x.dtype == dtype:  # already cast (and clipped) by the caller
             return x
-        if self.meta.dtype == "float16":
+        if dtype == np.float16:
             return np.clip(x, FLOAT16_FLOOR, None).astype(np.float16)
-        return x.astype(np.float32)
-
+        return x.astype(dtype)
 
 def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> None:
     if tuple(x.shape) != shape:

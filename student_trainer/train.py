@@ -334,6 +334,9 @@ class _Recipe:
         self.reader = reader = store if isinstance(store, StoreReader) else open_store(
             store, allow_incomplete=allow_incomplete)
         self.meta = reader.meta
+        if self.meta.target_form != "dense":
+            raise SpecError(f"{reader.path} holds {self.meta.targets} targets; this darkstore trains from dense "
+                            "targets only (training from top-k and sampled targets is not built yet)")
         self.rt = plan(self.meta, c.temperature)
         if log and c.alpha > 0:
             log(f"targets: {self.rt.describe()}")

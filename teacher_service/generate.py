@@ -23,7 +23,7 @@ import darkstore
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
-from storage.schema import RowLayout
+from storage.schema import RowLayout, TargetsRecord
 from storage.writer import write_chunk_at
 from darkstore.errors import ClassCountMismatchError, DarkstoreError, DataError, SpecError
 from storage.errors import NonFiniteLogitsError
@@ -209,6 +209,7 @@ def prepare(
                                        num_samples=len(base)),
         job=spec.model_dump(mode="json"),
         views=views,
+        targets=_targets(spec, c),
     )
     if spec.row_order == "shuffled":  # the seed comes from the job key: every worker derives the same order
         meta = meta.model_copy(update={"row_order": "shuffled", "row_order_seed": int(meta.job_key[:15], 16)})
@@ -216,6 +217,41 @@ def prepare(
         for mm in members:
             mm.module.to(memory_format=torch.channels_last)
     return PreparedJob(spec, members, data, meta, dev, channels_last)
+
+
+def _targets(spec: JobSpec, num_classes: int) -> TargetsRecord | None:
+    t = spec.targets
+    if t.form == "dense":
+        return None
+    if t.form == "topk" and t.k >= num_classes:
+        raise SpecError(f"targets topk:{t.k} keeps every one of the {num_classes} classes: ask for dense targets")
+    return t
+
+
+def sparse_targets(ell: torch.Tensor, targets: TargetsRecord | None) -> dict[str, torch.Tensor]:
+    """What a chunk stores of the combined values ``ell`` [rows, C] (float32, row-centred): ``{"logits": ell}``
+    for dense targets; for top-k the k largest values, their classes and the log-sum-exp of the rest; for
+    sampled targets the tempered probabilities, in float64, that the writer draws from (``draw_samples``)."""
+    if targets is None:
+        return {"logits": ell}
+    if targets.form == "topk":
+        head, idx = ell.topk(targets.k, dim=-1)
+        tail = torch.logsumexp(ell.scatter(-1, idx, float("-inf")), dim=-1)
+        return {"topk_logits": head, "topk_index": idx.to(torch.int32), "tail_lse": tail.float()}
+    return {"sample_probs": torch.softmax(ell.double() / targets.temperature, dim=-1)}
+
+
+def draw_samples(p: np.ndarray, targets: TargetsRecord, chunk: int) -> np.ndarray:
+    """k classes per row drawn with replacement from ``p`` [rows, C] by inverting each row's CDF at uniforms
+    from a generator seeded by (seed, chunk): the same chunk of the same job draws the same classes, whichever
+    worker writes it. Sorted per row (duplicates kept: a class drawn twice counts twice)."""
+    rows, c = p.shape
+    u = np.random.default_rng([targets.seed, chunk]).random((rows, targets.k))
+    cdf = np.cumsum(p, axis=1)
+    cdf /= cdf[:, -1:]  # exactly 1 at the end, whatever the rounding of the sum
+    offset = np.arange(rows)[:, None]
+    idx = np.searchsorted((cdf + offset).ravel(), (u + offset).ravel(), side="right").reshape(rows, -1)
+    return np.sort(np.minimum(idx - offset * c, c - 1), axis=1).astype(np.int32)
 
 
 def in_store_order(data, meta: StoreMeta):
@@ -381,20 +417,24 @@ class _ChunkSink:
         finite = torch.isfinite(z).all(dim=-1)  # [M, rows]
         ell = combine(z, meta.combine, meta.temperature)
         y_dev = torch.from_numpy(y).to(z.device, non_blocking=True)
-        stats = _stats(z, ell, y_dev)
-        members = z - z.amax(dim=-1, keepdim=True) if meta.keep_members else None
+        parts = {"finite": finite, "stats": _stats(z, ell, y_dev), **sparse_targets(ell, meta.targets)}
+        if meta.keep_members:
+            parts["members"] = z - z.amax(dim=-1, keepdim=True)
         if meta.dtype == "float16":  # cast here too (same rounding as numpy's), halving the copy
-            ell = ell.clamp_min(FLOAT16_FLOOR).half()
-            members = members.clamp_min(FLOAT16_FLOOR).half() if members is not None else None
-        parts = [finite, ell, stats] + ([members] if members is not None else [])
-        hosts = [_to_host(t) for t in parts]
+            for name in ("logits", "topk_logits", "members"):
+                if name in parts:
+                    parts[name] = parts[name].clamp_min(FLOAT16_FLOOR).half()
+        hosts = {name: _to_host(t) for name, t in parts.items()}
         self.inflight.append((i, stop - start, self.pool.submit(self._write, i, start, stop, hosts, y)))
 
-    def _write(self, i: int, start: int, stop: int, hosts, y: np.ndarray) -> None:
-        for _, ev in hosts:
+    def _write(self, i: int, start: int, stop: int, hosts: dict, y: np.ndarray) -> None:
+        for _, ev in hosts.values():
             if ev is not None:
                 ev.synchronize()
-        fin, ell_h, stats_h, *mem = (h.numpy() for h, _ in hosts)
+        kw = {name: h.numpy() for name, (h, _) in hosts.items()}
+        fin = kw.pop("finite")
+        if "sample_probs" in kw:
+            kw["sample_index"] = draw_samples(kw.pop("sample_probs"), self.meta.targets, i)
         rows = np.arange(start, stop)
         if not fin.all():
             _check_finite_mask(fin, self.names, self.data.sample_of(rows))
@@ -402,8 +442,7 @@ class _ChunkSink:
         if (y >= c).any():
             raise ClassCountMismatchError(
                 f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
-        kw = {"logits": ell_h, "labels": y, "index": self.data.sample_of(rows), "members": mem[0] if mem else None,
-              "stats": stats_h}
+        kw.update(labels=y, index=self.data.sample_of(rows))
         if self.views is not None:  # row = (sample, view): the view's recorded parameters too
             kw.update(view_params=self.views.params(rows))
         if self.procs is not None:

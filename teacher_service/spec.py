@@ -14,7 +14,7 @@ from darkstore.models import ModelSpec
 from darkstore.specfile import load_spec_file
 from darkstore.views import AugmentSpec
 from darkstore.errors import SpecError
-from storage.schema import Combine, Compressor, Dtype
+from storage.schema import Combine, Compressor, Dtype, TargetsRecord
 
 
 class EnsembleSpec(BaseModel):
@@ -68,6 +68,10 @@ class JobSpec(BaseModel):
         "float32", description="teacher forward precision (autocast); part of the job's identity")
     augment: AugmentSpec | None = Field(
         None, description="K recorded views per sample (row = (sample, view)); see darkstore.views")
+    targets: TargetsRecord = Field(
+        default_factory=TargetsRecord, description="the targets' form: dense (default: every class), topk:K (the "
+        "K largest values and the tail's mass) or sampled:K (K classes drawn from the ensemble's distribution; "
+        "sampled:K@T draws at temperature T); a string or an object {form, k, temperature, seed}")
     row_order: Literal["shuffled", "natural"] = Field(
         "shuffled", description="shuffled (default): samples are stored in a seeded random order, so a store made "
         "from a class-sorted set (an image folder) streams well-mixed batches; natural: transfer-set order. Not "
@@ -114,6 +118,7 @@ class JobSpec(BaseModel):
             # only when set, so the keys of float32 jobs stay what they were before this option existed
             **({"precision": self.precision} if self.precision != "float32" else {}),
             **({"augment": self.augment.model_dump(mode="json")} if self.augment is not None else {}),
+            **({"targets": self.targets.model_dump(mode="json")} if self.targets.form != "dense" else {}),
         }
 
     def job_key(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> str:

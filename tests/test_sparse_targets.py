@@ -1,0 +1,108 @@
+"""Sparse targets in the store: top-k with the tail's mass, and seeded samples, written by generation and
+checked against the dense store of the same teachers (float64 references where values are compared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from storage import open_store
+from storage.schema import TargetsRecord
+from darkstore.errors import SpecError
+from teacher_service.generate import draw_samples, generate
+
+from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
+
+C = 7
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sparse")
+    ens = make_ensemble(tmp / "teachers", [dict(m, num_classes=C) for m in MEMBERS[:2]], num_classes=C)
+    data = make_arrays(tmp / "x.npz", n=150, classes=C)
+    dense = generate(job(ens, data, chunk_rows=64, dtype="float32"), tmp / "dense")
+    return {"tmp": tmp, "ens": ens, "data": data, "dense": open_store(dense.path).read_field("logits")}
+
+
+@pytest.mark.parametrize("spelling, want", [
+    ("dense", TargetsRecord()),
+    ("topk:5", TargetsRecord(form="topk", k=5)),
+    ("sampled:32", TargetsRecord(form="sampled", k=32, temperature=1.0, seed=0)),
+    ("sampled:32@4", TargetsRecord(form="sampled", k=32, temperature=4.0, seed=0)),
+])
+def test_target_spellings(spelling, want):
+    got = TargetsRecord.model_validate(spelling)
+    assert got == want and TargetsRecord.model_validate(str(got)) == got
+
+
+@pytest.mark.parametrize("bad", ["topk", "topk:0", "topk:x", "sparse:4", "topk:4@2", "dense:3"])
+def test_bad_target_spellings_are_refused(bad):
+    with pytest.raises(ValueError):
+        TargetsRecord.model_validate(bad)
+
+
+def test_topk_store_holds_the_dense_head_and_the_tails_mass(made, tmp_path):
+    k = 3
+    w = generate(job(made["ens"], made["data"], chunk_rows=64, dtype="float32", targets=f"topk:{k}"), tmp_path / "s")
+    r = open_store(w.path)
+    assert str(r.meta.targets) == "topk:3" and r.meta.checksums == ["topk_logits", "topk_index", "tail_lse",
+                                                                     "labels", "index"]
+    r.verify()
+    dense = made["dense"].astype(np.float64)
+    got = r.read(np.arange(150), ["topk_logits", "topk_index", "tail_lse"])
+    want_idx = np.argsort(-dense, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got["topk_index"], want_idx)
+    np.testing.assert_array_equal(got["topk_logits"], made["dense"][np.arange(150)[:, None], want_idx])
+    rest = np.ones_like(dense, dtype=bool)
+    np.put_along_axis(rest, want_idx, False, 1)
+    want_tail = np.log(np.where(rest, np.exp(dense), 0).sum(1))
+    np.testing.assert_allclose(got["tail_lse"], want_tail, rtol=1e-5, atol=1e-5)
+    # the head and the tail carry all the mass: probabilities at T = 1 sum to 1
+    z = np.concatenate([got["topk_logits"].astype(np.float64), got["tail_lse"][:, None].astype(np.float64)], 1)
+    np.testing.assert_allclose(np.exp(z).sum(1), np.exp(dense).sum(1), rtol=1e-5)
+    assert r.summary()["raw_bytes_per_row"] == (4 + 4) * k + 4 + 16
+    assert w.meta.job_key != open_store(made["tmp"] / "dense").meta.job_key  # another job
+
+
+def test_sampled_store_draws_from_the_tempered_distribution_reproducibly(made, tmp_path):
+    k, T = 4000, 2.0
+    spec = job(made["ens"], made["data"], chunk_rows=64, dtype="float32", targets=f"sampled:{k}@{T}")
+    a = open_store(generate(spec, tmp_path / "a").path).read_field("sample_index")
+    b = open_store(generate(spec, tmp_path / "b").path).read_field("sample_index")
+    np.testing.assert_array_equal(a, b)  # seeded: the same job writes the same samples
+    assert (np.diff(a, axis=1) >= 0).all()  # sorted per row
+    p = np.exp(made["dense"].astype(np.float64) / T)
+    p /= p.sum(1, keepdims=True)
+    freq = np.stack([np.bincount(row, minlength=C) for row in a]) / k
+    se = np.sqrt(p * (1 - p) / k)
+    assert (np.abs(freq - p) <= 5 * se + 3 / k).all()  # + a few draws: the normal bound fails for rare classes
+
+
+def test_draw_samples_inverts_each_rows_cdf():
+    p = np.array([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.2, 0.3, 0.5]])
+    idx = draw_samples(p, TargetsRecord(form="sampled", k=20000, seed=3), chunk=0)
+    assert set(idx[0]) == {1} and set(idx[1]) <= {0, 2}  # never a class of probability 0
+    np.testing.assert_allclose(np.bincount(idx[2], minlength=3) / 20000, p[2], atol=0.015)
+    other = draw_samples(p, TargetsRecord(form="sampled", k=20000, seed=3), chunk=1)
+    assert not np.array_equal(idx[2], other[2])  # each chunk its own stream
+
+
+def test_topk_of_every_class_is_refused_and_training_says_what_is_missing(made, tmp_path):
+    with pytest.raises(SpecError, match="ask for dense"):
+        generate(job(made["ens"], made["data"], targets=f"topk:{C}"), tmp_path / "all")
+    out = tmp_path / "s"
+    p = subprocess.run([*DARKSTORE, "generate", "--teachers", str(made["ens"]), "--data", str(made["data"]),
+                        "--out", str(out), "--targets", "topk:2", "--chunk-rows", "64"], env=cli_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([*DARKSTORE, "inspect", str(out), "--verify", "--json"], env=cli_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout)["targets"] == "topk:2"
+    p = subprocess.run([*DARKSTORE, "train", "--store", str(out), "--student", "mlp", "--arch-kwargs",
+                        '{"in_features": 64, "hidden": [8]}', "--out", str(tmp_path / "run"), "--epochs", "1"],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "topk:2 targets" in p.stderr and "Traceback" not in p.stderr
