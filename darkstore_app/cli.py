@@ -234,6 +234,7 @@ def train(
     num_workers: Annotated[int, typer.Option(help="DataLoader processes streaming the store")] = 0,
     views_per_epoch: Annotated[Optional[int], typer.Option(help="views store: this many random views of each sample per epoch (default: all K)")] = None,
     view_targets: Annotated[str, typer.Option(help="views store: matched (each view's own targets) | clean (its sample's clean-view targets: the stale-target ablation)")] = "matched",
+    topk_loss: Annotated[str, typer.Option(help="top-k store: bucket (KL over the head and one 'other' bucket) | spread (the tail spread evenly, then the dense KL)")] = "bucket",
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps too (0: at epoch ends only)")] = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)")] = False,
@@ -270,7 +271,7 @@ def train(
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                       holdout=holdout, device=device, num_workers=num_workers, schedule=schedule, warmup=warmup,
                       amp=amp, checkpoint_every=checkpoint_every, deterministic=deterministic,
-                      views_per_epoch=views_per_epoch, view_targets=view_targets,
+                      views_per_epoch=views_per_epoch, view_targets=view_targets, topk_loss=topk_loss,
                       shuffle_buffer_mb=shuffle_buffer_mb, threads=threads)
     tset = open_transfer_set(data, allow_code=allow_code) if data else None
     etset = open_transfer_set(eval_data, allow_code=allow_code) if eval_data else None

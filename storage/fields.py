@@ -91,6 +91,14 @@ FIELDS: tuple[FieldSpec, ...] = (
 BY_NAME = {f.name: f for f in FIELDS}
 
 
+#: the row fields that hold a store's teacher targets, by form (``StoreMeta.target_form``)
+TARGETS = {"dense": ("logits",), "topk": ("topk_logits", "topk_index", "tail_lse"), "sampled": ("sample_index",)}
+
+
+def target_fields(meta: StoreMeta) -> tuple[str, ...]:
+    return TARGETS[meta.target_form]
+
+
 def present(meta: StoreMeta) -> list[FieldSpec]:
     return [f for f in FIELDS if f.present(meta)]
 

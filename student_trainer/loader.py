@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from darkstore.data import TransferSet, open_transfer_set
-from storage import Chunk, StoreReader, open_store
+from storage import StoreReader, open_store
+from storage.fields import target_fields
 
 
 @dataclass
 class Batch:
     x: torch.Tensor  # [B, ...] float32 inputs
-    logits: torch.Tensor  # [B, C] stored teacher logits, in the store's dtype
+    logits: torch.Tensor | None  # [B, C] stored teacher logits, in the store's dtype (None: sparse targets)
     labels: torch.Tensor  # [B] int64, −1 unlabeled
     rows: torch.Tensor  # [B] int64 store rows
     members: torch.Tensor | None = None  # [B, M, C], store dtype
@@ -45,16 +46,18 @@ class Batch:
     seq: int = 0  # position of this batch in its shard's epoch
     mix_labels: torch.Tensor | None = None  # [B] int64: a mixed view's partner label (−1: not mixed)
     mix_lam: torch.Tensor | None = None  # [B] float32: the weight of the row's own sample (1: not mixed)
+    sparse: dict[str, torch.Tensor] | None = None  # a sparse store's target fields, [B, k] / [B] each
+
+    def _map(self, f) -> "Batch":
+        return Batch(f(self.x), f(self.logits), f(self.labels), self.rows, f(self.members), self.shard, self.seq,
+                     f(self.mix_labels), f(self.mix_lam),
+                     {k: f(v) for k, v in self.sparse.items()} if self.sparse is not None else None)
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        pin = (lambda t: t.pin_memory() if t is not None else None)
-        return Batch(pin(self.x), pin(self.logits), pin(self.labels), self.rows, pin(self.members), self.shard,
-                     self.seq, pin(self.mix_labels), pin(self.mix_lam))
+        return self._map(lambda t: t.pin_memory() if t is not None else None)
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "Batch":
-        mv = (lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None)
-        return Batch(mv(self.x), mv(self.logits), mv(self.labels), self.rows, mv(self.members), self.shard, self.seq,
-                     mv(self.mix_labels), mv(self.mix_lam))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -137,6 +140,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         # a views store: row = (sample, view); rebuild each view from its recorded parameters (refused
         # here, in the main process, when the installed code cannot do it exactly)
         self.layout = meta.layout  # row -> (sample position, view)
+        self.fields = list(target_fields(meta)) + (["members"] if members else [])
         self.views = meta.views_per_sample
         self.recipe = None
         if meta.views:
@@ -275,30 +279,26 @@ class StoreStream(torch.utils.data.IterableDataset):
                             _labels_by_sample(labels, index, reader.meta.transfer_set.num_samples))
         return self._opened[1], self._opened[2]
 
-    def _read(self, reader: StoreReader, group: list[int]) -> dict[int, Chunk]:
+    def _read(self, reader: StoreReader, group: list[int]) -> dict[int, dict[str, np.ndarray]]:
         """Read several chunks' targets through the reader, in one call per field: zarr fetches and decodes
         them concurrently, the per-call overhead (about a millisecond) is paid once per window, and every
         chunk is checked against its checksum and for non-finite targets."""
-        _, _, _, labels, index, _, _ = self._opened
-        bounds = [reader.bounds(c) for c in group]
-        got = reader.read_chunks(group, ["logits", "members"] if self.members else ["logits"])
-        logits, members = got["logits"], got.get("members")
+        got = reader.read_chunks(group, self.fields)
         out, at = {}, 0
-        for c, (a, b) in zip(group, bounds):
-            n = b - a
-            out[c] = Chunk(c, a, b, logits[at:at + n], labels[a:b], index[a:b],
-                           members[:, at:at + n] if members is not None else None)
-            at += n
+        for c in group:
+            a, b = reader.bounds(c)
+            out[c] = {k: (v[:, at:at + b - a] if k == "members" else v[at:at + b - a]) for k, v in got.items()}
+            at += b - a
         return out
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
         _, reader, _, labels, index, view_params, sample_labels = self._opened
-        logits, members = live.gather(rows, chunk_ids)
+        t = live.gather(rows, chunk_ids)
         if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
             clean, back = np.unique(self.layout.first_row(rows), return_inverse=True)
-            lg, mem = reader.read_rows(clean, members=members is not None)
-            logits, members = lg[back], (mem[:, back] if mem is not None else None)
+            t = {k: (v[:, back] if k == "members" else v[back]) for k, v in reader.read(clean, self.fields).items()}
+        logits, members = t.pop("logits", None), t.pop("members", None)
         mix_labels = mix_lam = None
         if self.recipe is not None:  # replay: the original inputs through the recorded parameters
             params = view_params[rows]
@@ -313,8 +313,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         else:
             x, _ = data.get_batch(index[rows])
         mem = torch.from_numpy(np.ascontiguousarray(members.transpose(1, 0, 2))) if members is not None else None
-        return Batch(x, torch.from_numpy(logits), torch.from_numpy(labels[rows]), torch.from_numpy(rows.copy()), mem,
-                     shard, seq, mix_labels, mix_lam)
+        return Batch(x, torch.from_numpy(logits) if logits is not None else None, torch.from_numpy(labels[rows]),
+                     torch.from_numpy(rows.copy()), mem, shard, seq, mix_labels, mix_lam,
+                     {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()} or None)
 
 
 class _Inline:
@@ -330,38 +331,39 @@ class _Inline:
 
 
 class _Live:
-    """The chunks in memory, kept as one array so that a batch's targets are one fancy index."""
+    """The chunks in memory, kept as one array per target field so that a batch's targets are one fancy index
+    each (``members`` has its rows on axis 1)."""
 
     def __init__(self, chunk_rows: int):
         self.chunk_rows = chunk_rows
-        self.chunks: dict[int, Chunk] = {}
+        self.chunks: dict[int, dict[str, np.ndarray]] = {}
         self.offset = np.zeros(1, dtype=np.int64)
-        self.buf: np.ndarray | None = None
-        self.mbuf: np.ndarray | None = None
+        self.bufs: dict[str, np.ndarray] = {}
         self.stale = True
 
     def __contains__(self, c: int) -> bool:
         return c in self.chunks
 
-    def add(self, c: int, chunk: Chunk) -> None:
+    def add(self, c: int, chunk: dict[str, np.ndarray]) -> None:
         self.chunks[c] = chunk
         self.stale = True
 
-    def drop(self, c: int) -> None:  # the buffer keeps its rows until the next rebuild: offsets stay valid
+    def drop(self, c: int) -> None:  # the buffers keep their rows until the next rebuild: offsets stay valid
         del self.chunks[c]
 
-    def gather(self, rows: np.ndarray, chunk_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def gather(self, rows: np.ndarray, chunk_ids: np.ndarray) -> dict[str, np.ndarray]:
         if self.stale:
             keys = list(self.chunks)
-            self.buf = np.concatenate([self.chunks[k].logits for k in keys])
-            has_members = bool(keys) and self.chunks[keys[0]].members is not None
-            self.mbuf = np.concatenate([self.chunks[k].members for k in keys], axis=1) if has_members else None
-            starts = np.cumsum([0] + [len(self.chunks[k].logits) for k in keys])
+            names = list(self.chunks[keys[0]]) if keys else []
+            self.bufs = {n: np.concatenate([self.chunks[k][n] for k in keys], axis=1 if n == "members" else 0)
+                         for n in names}
+            lengths = [next(len(v) for n, v in self.chunks[k].items() if n != "members") for k in keys]
+            starts = np.cumsum([0] + lengths)
             self.offset = np.zeros(max(keys) + 1 if keys else 1, dtype=np.int64)
             self.offset[keys] = starts[:-1]
             self.stale = False
         pos = self.offset[chunk_ids] + rows - chunk_ids * self.chunk_rows
-        return self.buf[pos], (self.mbuf[:, pos] if self.mbuf is not None else None)
+        return {n: (b[:, pos] if n == "members" else b[pos]) for n, b in self.bufs.items()}
 
 
 @dataclass

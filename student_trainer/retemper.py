@@ -19,14 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
+from darkstore.errors import SpecError
 from storage import StoreMeta
 
 
 @dataclass(frozen=True)
 class Retemper:
     temperature: float
-    mode: str  # "geometric" | "arithmetic@T_gen" | "arithmetic-members" | "arithmetic-approx"
+    mode: str  # "geometric" | "arithmetic@T_gen" | "arithmetic-members" | "arithmetic-approx" | "topk" | "sampled"
     exact: bool
+    note: str = ""  # sparse targets: what the form keeps
 
     @property
     def needs_members(self) -> bool:
@@ -43,6 +45,8 @@ class Retemper:
         return torch.log_softmax(logits.float() / t, dim=-1)
 
     def describe(self) -> str:
+        if self.mode in ("topk", "sampled"):
+            return self.note
         return {
             "geometric": f"geometric mean re-tempered to T={self.temperature:g}: exact",
             "arithmetic@T_gen": f"arithmetic mean at its generation temperature T={self.temperature:g}: exact",
@@ -56,7 +60,22 @@ class Retemper:
 
 
 def plan(meta: StoreMeta, temperature: float, *, use_members: bool | None = None) -> Retemper:
-    """Choose the most exact re-temperature the store allows."""
+    """Choose the most exact re-temperature the store allows (sparse stores: say what their form gives)."""
+    if meta.target_form == "topk":
+        k, c = meta.targets.k, meta.num_classes
+        exact = math.isclose(temperature, 1.0)
+        return Retemper(temperature, "topk", exact, (
+            f"top-{k} of {c} classes with the tail's mass: exact at T=1" if exact else
+            f"APPROXIMATE: top-{k} of {c} classes at T={temperature:g}: the head is re-tempered exactly, the "
+            "tail's mass as if spread evenly over the classes left out"))
+    if meta.target_form == "sampled":
+        ts = meta.targets.temperature
+        if not math.isclose(temperature, ts, rel_tol=1e-9):
+            raise SpecError(f"this store's targets are {meta.targets.k} classes sampled at T={ts:g}: an unbiased "
+                            f"estimate at that temperature only; train with --temperature {ts:g}, or generate "
+                            f"sampled:{meta.targets.k}@{temperature:g}")
+        return Retemper(temperature, "sampled", True,
+                        f"{meta.targets.k} samples per row drawn at T={ts:g}: an unbiased estimate of the soft term")
     if meta.combine == "geometric":
         return Retemper(temperature, "geometric", True)
     if math.isclose(temperature, meta.temperature, rel_tol=1e-9):

@@ -56,6 +56,9 @@ class TrainConfig(BaseModel):
     temperature: float = Field(4.0, gt=0, description="distillation temperature T")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft term; 0 = hard labels only")
     loss: Literal["kl", "mse"] = "kl"
+    topk_loss: Literal["bucket", "spread"] = Field(
+        "bucket", description="top-k stores: KL over the head and one 'other' bucket (no assumption about the "
+        "tail), or the tail spread evenly over the classes left out and the dense KL")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -159,13 +162,28 @@ def predict(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: 
     s, t, y = [], [], []
     for b in make_loader(reader, rows, batch_size=batch_size, shuffle=False, data=data).epoch(0):
         s.append(logits_of(model(preprocess(b.x.to(device), spec.preprocess))).float().cpu())
-        t.append(b.logits.float())
+        t.append(teacher_view(b, reader.meta.num_classes))
         y.append(b.labels)
     model.train(was)
     if not s:
         c = reader.meta.num_classes
         return torch.empty(0, c), torch.empty(0, c), torch.empty(0, dtype=torch.int64)
     return torch.cat(s), torch.cat(t), torch.cat(y)
+
+
+def teacher_view(b, num_classes: int) -> torch.Tensor:
+    """[B, C] the teachers' distribution at T = 1 for metrics: a dense store's logits; a top-k store's head with
+    its tail spread evenly (its argmax is the true top class); a sampled store's sample frequencies (smoothed,
+    so that an unsampled class is unlikely rather than impossible)."""
+    if b.logits is not None:
+        return b.logits.float()
+    sp = b.sparse
+    if "topk_index" in sp:
+        return losses.topk_teacher_logp(sp["topk_index"], sp["topk_logits"].float(), sp["tail_lse"].float(),
+                                        num_classes, 1.0)
+    idx = sp["sample_index"].long()
+    counts = torch.zeros(len(idx), num_classes).scatter_add_(1, idx, torch.ones(idx.shape))
+    return torch.log((counts + 0.5 / num_classes) / (idx.shape[1] + 0.5))
 
 
 def evaluate(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet, rows: np.ndarray,
@@ -334,9 +352,9 @@ class _Recipe:
         self.reader = reader = store if isinstance(store, StoreReader) else open_store(
             store, allow_incomplete=allow_incomplete)
         self.meta = reader.meta
-        if self.meta.target_form != "dense":
-            raise SpecError(f"{reader.path} holds {self.meta.targets} targets; this darkstore trains from dense "
-                            "targets only (training from top-k and sampled targets is not built yet)")
+        if self.meta.target_form != "dense" and c.loss != "kl":
+            raise SpecError(f"--loss {c.loss} matches logits and needs dense targets; {reader.path} holds "
+                            f"{self.meta.targets} targets (use --loss kl)")
         self.rt = plan(self.meta, c.temperature)
         if log and c.alpha > 0:
             log(f"targets: {self.rt.describe()}")
@@ -466,7 +484,13 @@ class _Recipe:
         with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             s = logits_of(self.net(preprocess(b.x, self.spec.preprocess)))
         s = s.float()
-        if c.loss == "kl":
+        if b.sparse is not None:
+            sp = b.sparse
+            form = "sampled" if "sample_index" in sp else f"topk-{c.topk_loss}"
+            loss = losses.sparse_kd_loss(s, y, form=form, index=sp.get("sample_index", sp.get("topk_index")),
+                                         head=sp.get("topk_logits"), tail=sp.get("tail_lse"),
+                                         temperature=c.temperature, alpha=c.alpha, labels2=b.mix_labels, lam=b.mix_lam)
+        elif c.loss == "kl":
             tlogp = self.rt(b.logits.float(), None if b.members is None else b.members.float())
             loss = losses.kd_loss(s, tlogp, y, temperature=c.temperature, alpha=c.alpha, labels2=b.mix_labels,
                                   lam=b.mix_lam)

@@ -91,18 +91,76 @@ def test_draw_samples_inverts_each_rows_cdf():
     assert not np.array_equal(idx[2], other[2])  # each chunk its own stream
 
 
-def test_topk_of_every_class_is_refused_and_training_says_what_is_missing(made, tmp_path):
+def test_topk_of_every_class_is_refused(made, tmp_path):
     with pytest.raises(SpecError, match="ask for dense"):
         generate(job(made["ens"], made["data"], targets=f"topk:{C}"), tmp_path / "all")
+
+
+FIELDS = {"topk:3": ("topk_logits", "topk_index", "tail_lse"), "sampled:16": ("sample_index",)}
+
+
+@pytest.mark.parametrize("targets", list(FIELDS))
+@pytest.mark.parametrize("views", [False, True])
+def test_sparse_batches_carry_their_rows_targets_across_chunks_shards_and_a_resume(made, tmp_path, targets, views):
+    from student_trainer.loader import make_loader
+
+    extra = {"augment": {"views": 2, "ops": [{"op": "hflip"}]}} if views else {}
+    r = open_store(generate(job(made["ens"], made["data"], chunk_rows=32, targets=targets, **extra),
+                            tmp_path / "s").path)
+    n = r.meta.num_rows
+    want = r.read(np.arange(n), FIELDS[targets])
+    seen = []
+    for rank in range(2):  # two DDP ranks share the rows; 7 does not divide the 32-row chunks
+        loader = make_loader(r, np.arange(n), batch_size=7, seed=3, rank=rank, world_size=2)
+        batches = iter(loader.epoch(1))
+        first = [next(batches) for _ in range(3)]
+        state = loader.state_dict()
+        resumed = make_loader(r, np.arange(n), batch_size=7, seed=3, rank=rank, world_size=2)
+        resumed.load_state_dict(state)
+        for b in first + list(resumed.epoch(1)):
+            assert b.logits is None and set(b.sparse) == set(FIELDS[targets])
+            rows = b.rows.numpy()
+            for name in FIELDS[targets]:
+                np.testing.assert_array_equal(b.sparse[name].numpy(), want[name][rows], err_msg=name)
+            seen.append(rows)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(n))  # every row once, across ranks
+
+
+def train_cli(store, out, *extra):
+    return subprocess.run([*DARKSTORE, "train", "--store", str(store), "--student", "mlp", "--arch-kwargs",
+                           '{"in_features": 64, "hidden": [16]}', "--out", str(out), "--epochs", "3",
+                           "--batch-size", "16", *extra], env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("targets, extra", [
+    ("topk:2", ["--topk-loss", "bucket", "--temperature", "1"]),
+    ("topk:2", ["--topk-loss", "spread", "--temperature", "4"]),
+    ("sampled:32", ["--temperature", "1"]),
+])
+def test_students_train_from_sparse_stores_through_the_cli(made, tmp_path, targets, extra):
     out = tmp_path / "s"
     p = subprocess.run([*DARKSTORE, "generate", "--teachers", str(made["ens"]), "--data", str(made["data"]),
-                        "--out", str(out), "--targets", "topk:2", "--chunk-rows", "64"], env=cli_env(),
+                        "--out", str(out), "--targets", targets, "--chunk-rows", "64"], env=cli_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     p = subprocess.run([*DARKSTORE, "inspect", str(out), "--verify", "--json"], env=cli_env(), capture_output=True,
                        text=True, timeout=120)
-    assert p.returncode == 0 and json.loads(p.stdout)["targets"] == "topk:2"
-    p = subprocess.run([*DARKSTORE, "train", "--store", str(out), "--student", "mlp", "--arch-kwargs",
-                        '{"in_features": 64, "hidden": [8]}', "--out", str(tmp_path / "run"), "--epochs", "1"],
-                       env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "topk:2 targets" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 0 and json.loads(p.stdout)["targets"] == str(TargetsRecord.model_validate(targets))
+    p = train_cli(out, tmp_path / "run", *extra)
+    assert p.returncode == 0, p.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["final"]["rows"] > 0 and np.isfinite(s["final"]["nll"])
+    assert s["retemper"]["mode"] == targets.split(":")[0]
+    approximate = extra[-1] == "4"
+    assert s["retemper"]["exact"] == (not approximate)
+    if approximate:
+        assert "APPROXIMATE" in p.stderr  # the trainer says the tail is approximated at T != 1
+
+
+def test_sampled_targets_refuse_another_temperature_and_mse(made, tmp_path):
+    out = tmp_path / "s"
+    generate(job(made["ens"], made["data"], chunk_rows=64, targets="sampled:8@2"), out)
+    p = train_cli(out, tmp_path / "run", "--temperature", "4")
+    assert p.returncode == 2 and "sampled at T=2" in p.stderr and "Traceback" not in p.stderr
+    p = train_cli(out, tmp_path / "run2", "--temperature", "2", "--loss", "mse")
+    assert p.returncode == 2 and "needs dense targets" in p.stderr
