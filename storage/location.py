@@ -105,12 +105,6 @@ class Location:
             return Location("file", str(Path(self.path, *names)))
         return Location(self.scheme, "/".join([self.path.rstrip("/"), *names]))
 
-    def sibling(self, name: str) -> "Location":
-        if self.scheme == "file":
-            return Location("file", str(Path(self.path).with_name(name)))
-        parent = self.path.rsplit("/", 1)[0] if "/" in self.path else ""
-        return Location(self.scheme, f"{parent}/{name}" if parent else name)
-
     # -- zarr and objects ---------------------------------------------------------------
     def zarr_store(self, *, read_only: bool) -> Any:
         """Zarr's own store class for this location."""

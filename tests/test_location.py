@@ -44,8 +44,7 @@ def test_refused_spellings(where, message):
         Location.parse(where)
 
 
-def test_children_and_siblings_stay_on_the_scheme():
+def test_children_stay_on_the_scheme():
     assert str(Location.parse("s3://b/jobs").child("abc")) == "s3://b/jobs/abc"
-    assert str(Location.parse("s3://b/jobs/abc").sibling("xyz")) == "s3://b/jobs/xyz"
     assert str(Location.parse("/d/jobs").child("abc")) == "/d/jobs/abc"
     assert Location.parse("memory://m/a").name == "a"
