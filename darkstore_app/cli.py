@@ -62,6 +62,13 @@ def generate(
     keep_members: Annotated[bool, typer.Option("--keep-members", help="also store each teacher's logits")] = False,
     targets: Annotated[Optional[str], typer.Option(help="dense (default: every class) | topk:K (the K largest values "
                                                    "and the tail's mass) | sampled:K[@T] (K classes drawn per row)")] = None,
+    keep_features: Annotated[Optional[list[str]], typer.Option(
+        "--keep-features", help="TEACHER:LAYER — also store this teacher layer's output per row (FitNets' hints; "
+        "repeat for more layers)")] = None,
+    feature_pool: Annotated[Optional[int], typer.Option(help="average-pool each kept [C, H, W] layer to "
+                                                        "[C, P, P]")] = None,
+    feature_project: Annotated[Optional[int], typer.Option(help="then project each kept layer to D dimensions "
+                                                           "(a fixed seeded Gaussian matrix)")] = None,
     dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
     compressor: Annotated[str, typer.Option(help="zstd | blosc | none")] = "zstd",
     chunk_rows: Annotated[int, typer.Option(help="rows per chunk: the unit of work and commit")] = 1024,
@@ -99,6 +106,12 @@ def generate(
         spec = JobSpec.model_validate({**spec.model_dump(), "row_order": row_order})
     if targets is not None:
         spec = JobSpec.model_validate({**spec.model_dump(), "targets": targets})
+    if keep_features:
+        kept = [{"teacher": f.partition(":")[0], "layer": f.partition(":")[2], "pool": feature_pool,
+                 "project": feature_project} if ":" in f else f for f in keep_features]
+        spec = JobSpec.model_validate({**spec.model_dump(), "features": kept})
+    elif feature_pool is not None or feature_project is not None:
+        raise typer.BadParameter("--feature-pool and --feature-project reduce the layers named by --keep-features")
     t0 = time.perf_counter()
     with _progress() as progress:
         task = {}
@@ -177,6 +190,9 @@ def inspect(
                   f"{s['chunk_rows']} rows, {s['compressor']}")
     if s["keep_members"]:
         t.add_row("members", f"[{len(s['teachers'])}, {s['rows']}, {s['classes']}] {s['dtype']}")
+    for f in s.get("features", ()):
+        t.add_row(f"features {f['name']}", f"{' × '.join(map(str, f['shape']))} {s['dtype']} per row "
+                  f"({f['raw_bytes_per_row']:,} B uncompressed), reduction: {f['reduction']}")
     if s["views_per_sample"] > 1 or s["augment"]:
         ops = ", ".join(o["op"] for o in s["augment"]["ops"])
         t.add_row("views", f"{s['views_per_sample']} per sample ({s['samples']} samples × {s['views_per_sample']} = "
@@ -216,7 +232,14 @@ def train(
     eval_data: Annotated[Optional[str], typer.Option(help="inputs of --eval-store (default: as recorded)")] = None,
     temperature: Annotated[float, typer.Option(help="distillation temperature T")] = 4.0,
     alpha: Annotated[float, typer.Option(help="weight of the soft term (0 = hard labels only)")] = 0.9,
-    loss: Annotated[str, typer.Option(help="kl | mse")] = "kl",
+    loss: Annotated[str, typer.Option("--loss", "--objective", help="kl (Hinton's KD) | mse (logit matching, "
+                                      "dense stores) | ce (hard labels only) | hint (FitNets: --hint-epochs "
+                                      "guiding --student-layer, then --epochs of kl)")] = "kl",
+    hint_layer: Annotated[Optional[str], typer.Option(help="hint: the store's teacher layer, TEACHER:LAYER "
+                                                      "(default: its only one)")] = None,
+    student_layer: Annotated[Optional[str], typer.Option(help="hint: the student module it guides (e.g. "
+                                                         "features.3; `darkstore archs --layers ARCH` lists them)")] = None,
+    hint_epochs: Annotated[int, typer.Option(help="hint: epochs of the hint stage, before --epochs of KD")] = 0,
     epochs: Annotated[int, typer.Option()] = 30,
     batch_size: Annotated[int, typer.Option()] = 128,
     lr: Annotated[float, typer.Option()] = 1e-3,
@@ -268,6 +291,7 @@ def train(
             store = view.store
             console.print(f"training from {store}")
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
+                      hint_layer=hint_layer, student_layer=student_layer, hint_epochs=hint_epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
                       holdout=holdout, device=device, num_workers=num_workers, schedule=schedule, warmup=warmup,
                       amp=amp, checkpoint_every=checkpoint_every, deterministic=deterministic,
@@ -279,7 +303,7 @@ def train(
 
     rank0 = os.environ.get("RANK", "0") == "0"
     with _progress() as progress:
-        task = progress.add_task("training", total=epochs, rate="", visible=rank0)
+        task = progress.add_task("training", total=cfg.total_epochs, rate="", visible=rank0)
 
         def on_epoch(row):
             acc = row.get("eval_accuracy")
@@ -472,12 +496,22 @@ def example_data(
 
 
 @app.command()
-def archs():
-    """List the architectures teachers and students can use."""
-    from darkstore.models import BUILTINS, torchvision_classifiers
+def archs(
+    layers: Annotated[Optional[str], typer.Option(help="list this architecture's layers (module names for "
+                                                  "--keep-features and --student-layer)")] = None,
+    arch_kwargs: Annotated[Optional[str], typer.Option(help="JSON constructor arguments for --layers")] = None,
+):
+    """List the architectures teachers and students can use, or one architecture's layers."""
+    from darkstore.models import BUILTINS, build_model, torchvision_classifiers
 
-    out.print("built-in: " + ", ".join(sorted(BUILTINS)))
-    out.print("torchvision: " + ", ".join(torchvision_classifiers()))
+    if layers is None:
+        out.print("built-in: " + ", ".join(sorted(BUILTINS)))
+        out.print("torchvision: " + ", ".join(torchvision_classifiers()))
+        return
+    model = build_model(layers, 10, **_json_option(arch_kwargs, "--arch-kwargs"))
+    for name, module in model.named_modules():
+        if name:
+            out.print(f"{name}  {type(module).__name__}", highlight=False)
 
 
 # --- service ---------------------------------------------------------------------

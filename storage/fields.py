@@ -38,6 +38,7 @@ class FieldSpec:
     row_axis: int = 0
     compressed: bool = True
     target: bool = False  # teacher targets: stored in the store's float dtype, refused when not finite
+    log_space: bool = False  # float16: values below the floor are clipped to it (log-probabilities); others refuse overflow
     doc: str = ""
 
     def chunks(self, meta: StoreMeta) -> tuple[int, ...]:
@@ -61,9 +62,9 @@ def _always(meta: StoreMeta) -> bool:
 
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan,
-              lambda m: m.target_form == "dense", target=True, doc="ensemble targets in log space, row-centred"),
+              lambda m: m.target_form == "dense", target=True, log_space=True, doc="ensemble targets in log space, row-centred"),
     FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: m.dtype, np.nan,
-              lambda m: m.target_form == "topk", target=True, doc="top-k targets: the k largest ensemble values"),
+              lambda m: m.target_form == "topk", target=True, log_space=True, doc="top-k targets: the k largest ensemble values"),
     FieldSpec("topk_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
               lambda m: m.target_form == "topk", doc="top-k targets: their classes, largest first"),
     FieldSpec("tail_lse", ("row",), lambda m: (m.num_rows,), lambda m: "float32", np.nan,
@@ -72,8 +73,11 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("sample_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
               lambda m: m.target_form == "sampled", doc="sampled targets: k classes drawn per row, sorted"),
     FieldSpec("members", ("member", "row", "class"), lambda m: (m.num_members, m.num_rows, m.num_classes),
-              lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1, target=True,
+              lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1, target=True, log_space=True,
               doc="each teacher's own logits, row-centred (keep_members)"),
+    FieldSpec("features", ("row", "feature"), lambda m: (m.num_rows, m.feature_size), lambda m: m.dtype, np.nan,
+              lambda m: bool(m.features), target=True,
+              doc="kept teacher layers (FitNets' hints), each reduced and flattened, side by side"),
     FieldSpec("labels", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
               doc="hard labels, -1 where unlabeled"),
     FieldSpec("index", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,

@@ -5,6 +5,7 @@ node           shape / dtype          meaning
 =============  =====================  ===============================================
 ``logits``     [N, C] f16/f32         ensemble targets in log space, row-centred
 ``members``    [M, N, C] (optional)   each teacher's own logits, row-centred
+``features``   [N, D] f16/f32         kept teacher layers (optional), reduced, flattened
 ``labels``     [N] int64              hard labels, -1 where unlabeled
 ``index``      [N] int64              the sample of each row (its position in the transfer set)
 ``stats``      [n_chunks, 2+M] int64  per chunk: labeled rows, ensemble correct,
@@ -108,6 +109,47 @@ class RowLayout:
         return self.row(self.position(rows))
 
 
+class FeatureRecord(BaseModel):
+    """One teacher layer whose output a store keeps (FitNets' hints), and the fixed reduction applied to it.
+
+    A job names ``teacher`` (a member's name) and ``layer`` (a module name inside it, as in
+    ``named_modules()``); ``pool`` average-pools a [C, H, W] output to [C, pool, pool] (adaptive, so any input
+    size works); ``project`` then maps the flattened values to ``project`` dimensions with a fixed Gaussian
+    matrix drawn from ``seed`` (scaled by 1/√project). ``shape`` is what one row stores, filled in when the
+    job is prepared. Stored in the store's float dtype, flattened and laid side by side in ``features``."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: str = Field(min_length=1)
+    layer: str = Field(min_length=1)
+    pool: int | None = Field(None, ge=1, le=64, description="adaptive average pooling to pool x pool")
+    project: int | None = Field(None, ge=1, le=1 << 16, description="random projection to this many dimensions")
+    seed: int = 0
+    shape: list[int] | None = Field(None, description="per-row shape as stored (after the reduction)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        teacher, sep, layer = v.strip().partition(":")
+        if not sep or not teacher or not layer:
+            raise ValueError(f"feature {v!r}: write TEACHER:LAYER (a member's name and a module name inside it)")
+        return {"teacher": teacher, "layer": layer}
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher}:{self.layer}"
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape or ())
+
+    def reduction(self) -> str:
+        parts = ([f"avgpool {self.pool}x{self.pool}"] if self.pool else []) + \
+            ([f"projection to {self.project} (seed {self.seed})"] if self.project else [])
+        return ", then ".join(parts) or "none"
+
+
 class TargetsRecord(BaseModel):
     """The form a store's teacher targets take; a job asks for it as ``dense``, ``topk:K`` or ``sampled:K``
     (``sampled:K@T`` to sample at temperature T).
@@ -191,6 +233,20 @@ class StoreMeta(BaseModel):
                                           "made before sparse targets)")
     checksums: list[str] | None = Field(None, description="schema 2: the row fields whose per-chunk CRC32C the "
                                         "`checksums` array holds, in column order (None: a version-1 store)")
+    features: list[FeatureRecord] | None = Field(None, description="teacher layers kept per row (FitNets' "
+                                                 "hints), flattened side by side in `features` (None: none)")
+
+    @property
+    def feature_size(self) -> int:
+        return sum(f.size for f in self.features or ())
+
+    def feature_slices(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
+        """Each kept layer's columns of ``features`` and its per-row shape, by ``teacher:layer``."""
+        out, at = {}, 0
+        for f in self.features or ():
+            out[f.name] = (slice(at, at + f.size), tuple(f.shape or ()))
+            at += f.size
+        return out
 
     @property
     def target_form(self) -> str:
@@ -242,4 +298,4 @@ def bytes_per_row(meta: StoreMeta) -> int:
                "topk": lambda: (item + 4) * meta.targets.k + 4,
                "sampled": lambda: 4 * meta.targets.k}[meta.target_form]()
     members = meta.num_members if meta.keep_members else 0
-    return targets + item * meta.num_classes * members + 16 + 8 * meta.num_view_params
+    return targets + item * (meta.num_classes * members + meta.feature_size) + 16 + 8 * meta.num_view_params

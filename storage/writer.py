@@ -21,6 +21,7 @@ from .schema import StoreMeta, chunk_bounds
 #: float16 cannot hold values below this; row-centred logits are clipped here.
 #: exp(-60000 / T) is 0 in float64 for any T < 80, so nothing a softmax sees changes.
 FLOAT16_FLOOR = -60000.0
+FLOAT16_MAX = 65504.0  # the largest finite float16
 
 
 def _create(loc: Location, meta: StoreMeta) -> None:
@@ -118,8 +119,11 @@ class StoreWriter:
                                        f"chunk {i} not written")
         if x.dtype == dtype:  # already cast (and clipped) by the caller
             return x
-        if dtype == np.float16:
+        if dtype == np.float16 and f.log_space:
             return np.clip(x, FLOAT16_FLOOR, None).astype(np.float16)
+        if dtype == np.float16 and x.size and float(np.abs(x).max()) > FLOAT16_MAX:
+            raise NonFiniteLogitsError(f"{f.name} values reach {float(np.abs(x).max()):.4g}, beyond float16's "
+                                       f"{FLOAT16_MAX:g}, in chunk {i}; store them as float32 (dtype float32)")
         return x.astype(dtype)
 
 def _check_shape(name: str, x: np.ndarray, shape: tuple[int, ...]) -> None:

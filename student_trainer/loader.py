@@ -47,11 +47,13 @@ class Batch:
     mix_labels: torch.Tensor | None = None  # [B] int64: a mixed view's partner label (−1: not mixed)
     mix_lam: torch.Tensor | None = None  # [B] float32: the weight of the row's own sample (1: not mixed)
     sparse: dict[str, torch.Tensor] | None = None  # a sparse store's target fields, [B, k] / [B] each
+    features: dict[str, torch.Tensor] | None = None  # kept teacher layers by "teacher:layer", [B, *shape], store dtype
 
     def _map(self, f) -> "Batch":
         return Batch(f(self.x), f(self.logits), f(self.labels), self.rows, f(self.members), self.shard, self.seq,
                      f(self.mix_labels), f(self.mix_lam),
-                     {k: f(v) for k, v in self.sparse.items()} if self.sparse is not None else None)
+                     {k: f(v) for k, v in self.sparse.items()} if self.sparse is not None else None,
+                     {k: f(v) for k, v in self.features.items()} if self.features is not None else None)
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
         return self._map(lambda t: t.pin_memory() if t is not None else None)
@@ -85,7 +87,7 @@ def shard_plan(rows_by_chunk: Sequence[np.ndarray], *, epoch: int, shard: int, n
     return batches
 
 
-def window_chunks(meta, buffer_mb: float, members: bool = False) -> int:
+def window_chunks(meta, buffer_mb: float, members: bool = False, features: bool = False) -> int:
     """Chunks in one shuffle window: as many as ``buffer_mb`` MiB of targets hold (at least one). A
     window in bytes, not chunks, so small stores shuffle whole and large ones stay within memory."""
     from storage import bytes_per_row
@@ -93,6 +95,8 @@ def window_chunks(meta, buffer_mb: float, members: bool = False) -> int:
     row = bytes_per_row(meta)
     if not members and meta.keep_members:  # members are read only when re-temperature needs them
         row -= (2 if meta.dtype == "float16" else 4) * meta.num_classes * meta.num_members
+    if not features:  # teacher features are read only by objectives that use them
+        row -= (2 if meta.dtype == "float16" else 4) * meta.feature_size
     return max(1, int(buffer_mb * (1 << 20) // max(1, row * meta.chunk_rows)))
 
 
@@ -124,7 +128,8 @@ class StoreStream(torch.utils.data.IterableDataset):
                  shuffle: bool = True, buffer_chunks: int = 4, rank: int = 0, world_size: int = 1,
                  members: bool = False, drop_last: bool = False, allow_code: bool = False,
                  roots: Sequence[str | Path] | None = None, data: TransferSet | None = None,
-                 readahead: bool = True, views_per_epoch: int | None = None, view_targets: str = "matched"):
+                 readahead: bool = True, views_per_epoch: int | None = None, view_targets: str = "matched",
+                 features: bool = False):
         super().__init__()
         self.store, self.data_spec, self.members = str(store), data_spec, members
         self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, max(1, buffer_chunks)
@@ -140,7 +145,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         # a views store: row = (sample, view); rebuild each view from its recorded parameters (refused
         # here, in the main process, when the installed code cannot do it exactly)
         self.layout = meta.layout  # row -> (sample position, view)
-        self.fields = list(target_fields(meta)) + (["members"] if members else [])
+        self.fields = list(target_fields(meta)) + (["members"] if members else []) + (["features"] if features else [])
+        self.feature_slices = meta.feature_slices()
         self.views = meta.views_per_sample
         self.recipe = None
         if meta.views:
@@ -298,7 +304,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
             clean, back = np.unique(self.layout.first_row(rows), return_inverse=True)
             t = {k: (v[:, back] if k == "members" else v[back]) for k, v in reader.read(clean, self.fields).items()}
-        logits, members = t.pop("logits", None), t.pop("members", None)
+        logits, members, feats = t.pop("logits", None), t.pop("members", None), t.pop("features", None)
         mix_labels = mix_lam = None
         if self.recipe is not None:  # replay: the original inputs through the recorded parameters
             params = view_params[rows]
@@ -315,7 +321,14 @@ class StoreStream(torch.utils.data.IterableDataset):
         mem = torch.from_numpy(np.ascontiguousarray(members.transpose(1, 0, 2))) if members is not None else None
         return Batch(x, torch.from_numpy(logits) if logits is not None else None, torch.from_numpy(labels[rows]),
                      torch.from_numpy(rows.copy()), mem, shard, seq, mix_labels, mix_lam,
-                     {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()} or None)
+                     {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()} or None,
+                     self._split_features(feats))
+
+    def _split_features(self, feats: np.ndarray | None) -> dict[str, torch.Tensor] | None:
+        if feats is None:
+            return None
+        return {name: torch.from_numpy(np.ascontiguousarray(feats[:, cols]).reshape(len(feats), *shape))
+                for name, (cols, shape) in self.feature_slices.items()}
 
 
 class _Inline:
@@ -442,7 +455,7 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
                 world_size: int = 1, members: bool = False, data_spec: Any = None, data: TransferSet | None = None,
                 pin_memory: bool = False, allow_code: bool = False, roots: Sequence[str | Path] | None = None,
                 drop_last: bool = False, readahead: bool = True, views_per_epoch: int | None = None,
-                view_targets: str = "matched") -> StudentLoader:
+                view_targets: str = "matched", features: bool = False) -> StudentLoader:
     """A loader over ``rows`` of a store. ``readahead`` reads the next windows' chunks in a thread
     (what a GPU run wants: the CPU is idle); on a CPU-bound run it neither helps nor hurts much."""
     path = reader.path if isinstance(reader, StoreReader) else str(reader)
@@ -451,7 +464,7 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
     stream = StoreStream(path, data_spec, rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          buffer_chunks=buffer_chunks, rank=rank, world_size=world_size, members=members,
                          drop_last=drop_last, allow_code=allow_code, roots=roots, data=data, readahead=readahead,
-                         views_per_epoch=views_per_epoch, view_targets=view_targets)
+                         views_per_epoch=views_per_epoch, view_targets=view_targets, features=features)
     return StudentLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 

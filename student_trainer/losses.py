@@ -153,3 +153,15 @@ def sparse_kd_loss(student: torch.Tensor, labels: torch.Tensor, *, form: str, in
     else:
         raise ValueError(f"unknown sparse target form {form!r}")
     return _mix(soft, hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
+
+
+# --- hints (FitNets) ---------------------------------------------------------------------------------------
+def hint_loss(regressed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FitNets' hint loss ``½·‖r(v) − u‖²`` per row, averaged over the layer's values (so layers of any size
+    weigh alike) and over rows: ``regressed`` is the regressor's output on the student's guided layer,
+    ``target`` the teacher's stored hint features, same shape [B, ...]."""
+    if regressed.shape != target.shape:
+        raise ValueError(f"hint: the regressor gives {tuple(regressed.shape)}, the stored features are "
+                         f"{tuple(target.shape)}")
+    d = regressed.float() - target.float()
+    return 0.5 * (d * d).flatten(1).mean(dim=1).mean()

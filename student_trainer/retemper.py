@@ -64,9 +64,11 @@ def plan(meta: StoreMeta, temperature: float, *, use_members: bool | None = None
     if meta.target_form == "topk":
         k, c = meta.targets.k, meta.num_classes
         exact = math.isclose(temperature, 1.0)
+        head = ("the head is re-tempered exactly" if meta.combine == "geometric" else
+                "the head is a sharpened or flattened arithmetic mean (mixed at T=1)")
         return Retemper(temperature, "topk", exact, (
             f"top-{k} of {c} classes with the tail's mass: exact at T=1" if exact else
-            f"APPROXIMATE: top-{k} of {c} classes at T={temperature:g}: the head is re-tempered exactly, the "
+            f"APPROXIMATE: top-{k} of {c} classes at T={temperature:g}: {head}, the "
             "tail's mass as if spread evenly over the classes left out"))
     if meta.target_form == "sampled":
         ts = meta.targets.temperature

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
@@ -36,10 +36,11 @@ from darkstore.errors import SpecError
 from storage.errors import SchemaError
 from student_trainer.errors import RunDirError
 
-from . import losses
+from . import losses, objectives
 from .dataset import check_transfer_set
 from .loader import batch_mixing, make_loader, window_chunks
 from .metrics import evaluate_logits
+from .objectives import student_layer_shape
 from .retemper import plan
 
 HOLDOUT_SEED = 20150309  # fixed, so every student of a store is judged on the same held-out rows
@@ -55,7 +56,15 @@ class TrainConfig(BaseModel):
     student: ModelSpec
     temperature: float = Field(4.0, gt=0, description="distillation temperature T")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft term; 0 = hard labels only")
-    loss: Literal["kl", "mse"] = "kl"
+    loss: Literal["kl", "mse", "ce", "hint"] = Field(
+        "kl", description="the objective (student_trainer.objectives): kl = Hinton's KD against the stored targets; "
+        "mse = logit matching (dense stores); ce = hard labels only; hint = FitNets: hint_epochs regressing "
+        "student_layer onto the stored hint_layer, then epochs of kl")
+    hint_layer: str | None = Field(None, description="hint: the stored teacher layer, TEACHER:LAYER (default: the "
+                                   "store's only one)")
+    student_layer: str | None = Field(None, description="hint: the student module it guides (a name from "
+                                      "named_modules(), e.g. features.3)")
+    hint_epochs: int = Field(0, ge=0, description="hint: epochs of the hint stage, before the epochs of KD")
     topk_loss: Literal["bucket", "spread"] = Field(
         "bucket", description="top-k stores: KL over the head and one 'other' bucket (no assumption about the "
         "tail), or the tail spread evenly over the classes left out and the dense KL")
@@ -81,6 +90,21 @@ class TrainConfig(BaseModel):
                                "baseline) its sample's clean-view targets")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bit-exact reruns)")
+
+    @model_validator(mode="after")
+    def _hint_options(self) -> "TrainConfig":
+        if self.loss == "hint":
+            if not self.student_layer:
+                raise ValueError("loss hint needs student_layer: the student module the teacher's layer guides")
+            if self.hint_epochs < 1:
+                raise ValueError("loss hint needs hint_epochs >= 1 (the hint stage's epochs, before KD)")
+        elif self.hint_layer or self.student_layer or self.hint_epochs:
+            raise ValueError(f"hint_layer, student_layer and hint_epochs belong to loss hint, not {self.loss}")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        return self.hint_epochs + self.epochs
 
 
 @dataclass
@@ -270,9 +294,10 @@ def check_device(config: TrainConfig) -> None:
 
 
 def probe_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet,
-                  device: str) -> None:
+                  device: str) -> torch.Tensor:
     """Run the student once on two of the store's inputs (no gradient, eval mode: no state changes), so a
-    student that does not fit the data fails here with one clear message, not at step 1."""
+    student that does not fit the data fails here with one clear message, not at step 1. Returns those
+    inputs, preprocessed (what the student saw)."""
     rows = reader.finished_rows()[:2]
     x, _ = data.get_batch(reader.read(rows, ["index"])["index"])
     was_training = model.training
@@ -291,6 +316,7 @@ def probe_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, 
     if out.ndim != 2 or out.shape[1] != reader.meta.num_classes:
         raise SpecError(f"the student {spec.label!r} returns shape {tuple(out.shape)}; the store has "
                         f"{reader.meta.num_classes} classes: expected [batch, {reader.meta.num_classes}]")
+    return preprocess(x.to(device), spec.preprocess)
 
 
 MIXING_WARN = 0.9
@@ -312,7 +338,10 @@ def report_mixing(loader, reader: StoreReader, log: Callable[[str], None] | None
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))
+    """Settings that differ; a setting one side lacks counts as its default (a run written before it existed)."""
+    defaults = {k: f.default for k, f in TrainConfig.model_fields.items() if not f.is_required()}
+    return sorted(k for k in set(a) | set(b)
+                  if k not in RESUMABLE_CHANGES and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -325,6 +354,39 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A span of epochs trained with one objective (FitNets: the hint stage, then KD)."""
+    name: str
+    objective: objectives.Objective
+    first: int  # first and last epoch, counted over the whole run from 1
+    last: int
+    heads: bool = False  # whether the objective's heads run and train in this stage
+
+
+def plan_stages(c: TrainConfig) -> list[Stage]:
+    if c.loss == "hint":
+        return [Stage("hint", objectives.get("hint"), 1, c.hint_epochs, heads=True),
+                Stage("kd", objectives.get("kl"), c.hint_epochs + 1, c.total_epochs)]
+    return [Stage(c.loss, objectives.get(c.loss), 1, c.epochs)]
+
+
+def hint_feature(meta, wanted: str | None) -> str:
+    """The stored feature a hint run uses: ``wanted`` (TEACHER:LAYER, or a layer name that only one teacher
+    has), or the store's only one."""
+    names = list(meta.feature_slices())
+    if wanted is None:
+        if len(names) == 1:
+            return names[0]
+        raise SpecError(f"the store keeps {len(names)} teacher layers ({', '.join(names)}); name one with --hint-layer")
+    if wanted in names:
+        return wanted
+    match = [n for n in names if n.partition(":")[2] == wanted]
+    if len(match) == 1:
+        return match[0]
+    raise SpecError(f"--hint-layer {wanted!r}: the store keeps {', '.join(names) or 'no teacher layers'}")
 
 
 class _Recipe:
@@ -352,11 +414,13 @@ class _Recipe:
         self.reader = reader = store if isinstance(store, StoreReader) else open_store(
             store, allow_incomplete=allow_incomplete)
         self.meta = reader.meta
-        if self.meta.target_form != "dense" and c.loss != "kl":
-            raise SpecError(f"--loss {c.loss} matches logits and needs dense targets; {reader.path} holds "
-                            f"{self.meta.targets} targets (use --loss kl)")
+        self.stages = plan_stages(c)
+        for st in self.stages:
+            st.objective.check(self.meta, reader.path)
+        self.hint_name = hint_feature(self.meta, c.hint_layer) if c.loss == "hint" else None
+        uses_targets = any(st.objective.needs in ("targets", "dense") for st in self.stages)
         self.rt = plan(self.meta, c.temperature)
-        if log and c.alpha > 0:
+        if log and c.alpha > 0 and uses_targets:
             log(f"targets: {self.rt.describe()}")
         self.data = open_checked(reader, data, allow_code=self.allow_code, roots=self.roots)
         ev_reader = None
@@ -380,10 +444,12 @@ class _Recipe:
             torch.use_deterministic_algorithms(True)
         self.loader = make_loader(
             reader, self.train_rows, batch_size=c.batch_size, seed=c.seed, shuffle=True, num_workers=c.num_workers,
-            buffer_chunks=window_chunks(self.meta, c.shuffle_buffer_mb, members=self.rt.needs_members),
+            buffer_chunks=window_chunks(self.meta, c.shuffle_buffer_mb, members=self.rt.needs_members,
+                                        features=self.hint_name is not None),
             rank=self.dist.rank, world_size=self.dist.world, views_per_epoch=c.views_per_epoch,
             view_targets=c.view_targets, members=self.rt.needs_members, data=self.data,
-            pin_memory=device.startswith("cuda"), allow_code=self.allow_code, roots=self.roots)
+            pin_memory=device.startswith("cuda"), allow_code=self.allow_code, roots=self.roots,
+            features=self.hint_name is not None)
         self.mixing = report_mixing(self.loader, reader, log)
 
     def setup_model(self) -> None:
@@ -394,27 +460,44 @@ class _Recipe:
         self.model, self.spec = lm.module.to(device), c.student
         if self.spec.num_classes is None:
             self.spec = self.spec.model_copy(update={"num_classes": self.meta.num_classes})
-        probe_student(self.model, self.spec, self.reader, self.data, device)
-        self.net = self.model
-        if dist.on:
+        x = probe_student(self.model, self.spec, self.reader, self.data, device)
+        layers, heads = {}, {}
+        if self.hint_name is not None:  # FitNets' regressor: from the guided student layer to the stored hint
+            shape = student_layer_shape(self.model, c.student_layer, x)
+            layers = {self.hint_name: c.student_layer}
+            heads = {self.hint_name: objectives.regressor(shape, self.meta.feature_slices()[self.hint_name][1])}
+        self.wrapped = objectives.WithHeads(self.model, layers, heads).to(device)
+        self.net = self.wrapped
+        if dist.on:  # one module: the heads' gradients are averaged with the student's
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-        params = self.model.parameters()
-        self.opt = (torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay) if c.optimizer == "adamw" else
-                    torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True))
+                self.wrapped, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                find_unused_parameters=bool(heads))
         # every rank runs the same number of steps per epoch (the smallest rank's): DDP needs it
-        mine = [self.loader.batches_in_epoch(e) for e in range(1, c.epochs + 1)]
+        mine = [self.loader.batches_in_epoch(e) for e in range(1, c.total_epochs + 1)]
         self.per_epoch = dist.all_min(mine, device)
         skipped = sum(mine) - sum(self.per_epoch)
         if dist.on and skipped and self.rank_log:
             self.rank_log(f"rank {dist.rank}: {skipped} of {sum(mine)} batches over the run are beyond the smallest "
                           "rank's count and are skipped (chunks are dealt to ranks whole; more chunks per rank, fewer "
                           "skipped)")
-        steps = max(1, sum(self.per_epoch))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(c.schedule, steps, int(c.warmup * steps)))
         self.dev_type = torch.device(device).type
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.amp]
+
+    def enter_stage(self, stage: "Stage") -> None:
+        """A fresh optimiser, schedule and gradient scaler over what ``stage`` trains: the student and, in a
+        stage that uses them, its heads (parameters a stage's loss never reaches get no gradient and stay)."""
+        c = self.config
+        self.stage = stage
+        self.wrapped.heads_on = stage.heads
+        params = list(self.wrapped.parameters() if stage.heads else self.model.parameters())
+        self.opt = (torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay) if c.optimizer == "adamw" else
+                    torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True))
+        steps = max(1, sum(self.per_epoch[stage.first - 1:stage.last]))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(c.schedule, steps, int(c.warmup * steps)))
         self.scaler = torch.amp.GradScaler(self.dev_type, enabled=c.amp == "fp16")
+
+    def stage_of(self, epoch: int) -> "Stage":
+        return next(st for st in self.stages if st.first <= epoch <= st.last)
 
     # -- the run folder and checkpoints ---------------------------------------------------------
     def start(self, resume: bool) -> None:
@@ -424,10 +507,12 @@ class _Recipe:
             self.restore(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
             if self.log:
                 self.log(f"resumed from {self.ckpt_path}: {self.resumed_from}")
-        elif dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in ("summary.json", "eval.json", "checkpoint.pt", "student.safetensors"):
-                (out / stale).unlink(missing_ok=True)
+        else:
+            self.enter_stage(self.stages[0])
+            if dist.main:
+                out.mkdir(parents=True, exist_ok=True)
+                for stale in ("summary.json", "eval.json", "checkpoint.pt", "student.safetensors"):
+                    (out / stale).unlink(missing_ok=True)
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(self.cfg_json, out / "config.json")
@@ -442,9 +527,7 @@ class _Recipe:
             raise RunDirError(f"{self.ckpt_path} was written with another config (differs in {', '.join(diff)}); "
                               "resume with the same settings or train into a new --out")
         self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
+        self.wrapped.heads.load_state_dict(ck.get("heads", {}))
         self.loader.load_state_dict(ck["loader"])
         torch.set_rng_state(ck["rng"])
         if ck.get("cuda_rng") is not None and self.dev_type == "cuda":
@@ -454,6 +537,12 @@ class _Recipe:
             self.start_epoch = int(ck["epoch"]) + 1
         else:
             self.start_epoch, self.accum, self.t_prior = int(ck["epoch"]), list(ck["accum"]), float(ck["seconds"])
+        stage = self.stage_of(min(self.start_epoch, self.config.total_epochs))
+        self.enter_stage(stage)
+        if ck.get("stage", 0) == self.stages.index(stage):  # else the checkpoint ended the previous stage
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            self.scaler.load_state_dict(ck["scaler"])
         self.resumed_from = f"epoch {ck['epoch']}{'' if ck['epoch_done'] else ' (mid-epoch)'} step {self.steps_done}"
 
     def checkpoint(self, epoch: int, done: bool, seconds: float) -> None:
@@ -469,7 +558,8 @@ class _Recipe:
             return
         _save_atomic({
             "version": CHECKPOINT_VERSION, "config": json.dumps(self.cfg_json), "epoch": epoch, "epoch_done": done,
-            "step": self.steps_done, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "step": self.steps_done, "model": self.model.state_dict(), "heads": self.wrapped.heads.state_dict(),
+            "stage": self.stages.index(self.stage), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "loader": loader_state,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(torch.device(self.device)) if self.dev_type == "cuda" else None,
@@ -482,20 +572,10 @@ class _Recipe:
         b = b.to(self.device)
         y = b.labels
         with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            s = logits_of(self.net(preprocess(b.x, self.spec.preprocess)))
-        s = s.float()
-        if b.sparse is not None:
-            sp = b.sparse
-            form = "sampled" if "sample_index" in sp else f"topk-{c.topk_loss}"
-            loss = losses.sparse_kd_loss(s, y, form=form, index=sp.get("sample_index", sp.get("topk_index")),
-                                         head=sp.get("topk_logits"), tail=sp.get("tail_lse"),
-                                         temperature=c.temperature, alpha=c.alpha, labels2=b.mix_labels, lam=b.mix_lam)
-        elif c.loss == "kl":
-            tlogp = self.rt(b.logits.float(), None if b.members is None else b.members.float())
-            loss = losses.kd_loss(s, tlogp, y, temperature=c.temperature, alpha=c.alpha, labels2=b.mix_labels,
-                                  lam=b.mix_lam)
-        else:
-            loss = losses.logit_mse_loss(s, b.logits.float(), y, alpha=c.alpha, labels2=b.mix_labels, lam=b.mix_lam)
+            out, heads = self.net(preprocess(b.x, self.spec.preprocess))
+        loss = self.stage.objective.fn(objectives.Step(
+            logits_of(out).float(), b, temperature=c.temperature, alpha=c.alpha, topk_loss=c.topk_loss, rt=self.rt,
+            heads={k: v.float() for k, v in heads.items()}))
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -508,6 +588,8 @@ class _Recipe:
     def epoch(self, epoch: int, on_step: Callable[[int], None] | None) -> dict[str, Any]:
         """Train one epoch (the rest of it, when resumed mid-epoch); returns its metrics row."""
         c, dist = self.config, self.dist
+        if not self.stage.first <= epoch <= self.stage.last:
+            self.enter_stage(self.stage_of(epoch))
         self.net.train()
         t0 = time.perf_counter() - (self.t_prior if epoch == self.start_epoch else 0.0)
         budget = self.per_epoch[epoch - 1]  # DDP: checkpoints only at epoch ends, so epochs start whole
@@ -522,6 +604,8 @@ class _Recipe:
         total, seen = dist.all_sum([self.accum[0], float(self.accum[1])], self.device)
         row = {"epoch": epoch, "step": self.steps_done, "train_loss": total / max(1.0, seen),
                "lr": self.sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4)}
+        if len(self.stages) > 1:
+            row["stage"] = self.stage.name
         if dist.main and len(self.ev_rows):
             row.update({f"eval_{k}": v for k, v in evaluate(self.model, self.spec, self.ev_reader, self.ev_data,
                                                              self.ev_rows, self.device).items()})
@@ -573,6 +657,10 @@ class _Recipe:
             "num_params": count_params(self.model),
             "weights_sha256": digest,
             "retemper": {"mode": self.rt.mode, "exact": self.rt.exact, "description": self.rt.describe()},
+            "stages": [{"name": st.name, "objective": st.objective.name, "epochs": [st.first, st.last]}
+                       for st in self.stages],
+            **({"hint": {"teacher_layer": self.hint_name, "student_layer": c.student_layer,
+                         "regressor_params": count_params(self.wrapped.heads)}} if self.hint_name else {}),
             "mixing": self.mixing,
             "world_size": self.dist.world,
             "steps": self.steps_done,
@@ -627,7 +715,7 @@ def train(
     r.setup_model()
     r.start(resume)
     try:
-        for epoch in range(r.start_epoch, config.epochs + 1):
+        for epoch in range(r.start_epoch, config.total_epochs + 1):
             row = r.epoch(epoch, on_step)
             if dist.main and on_epoch:
                 on_epoch(row)

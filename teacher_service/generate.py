@@ -23,7 +23,7 @@ import darkstore
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
-from storage.schema import RowLayout, TargetsRecord
+from storage.schema import FeatureRecord, RowLayout, TargetsRecord
 from storage.writer import write_chunk_at
 from darkstore.errors import ClassCountMismatchError, DarkstoreError, DataError, SpecError
 from storage.errors import NonFiniteLogitsError
@@ -186,6 +186,7 @@ def prepare(
 
         data = ViewSet(base, spec.augment, RowLayout(spec.augment.views))
         views = views_record(spec.augment, data.input_shape)
+    features = _feature_records(spec, members, data, dev) if spec.features else None
     meta = StoreMeta(
         software_version=darkstore.__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -210,6 +211,7 @@ def prepare(
         job=spec.model_dump(mode="json"),
         views=views,
         targets=_targets(spec, c),
+        features=features,
     )
     if spec.row_order == "shuffled":  # the seed comes from the job key: every worker derives the same order
         meta = meta.model_copy(update={"row_order": "shuffled", "row_order_seed": int(meta.job_key[:15], 16)})
@@ -217,6 +219,22 @@ def prepare(
         for mm in members:
             mm.module.to(memory_format=torch.channels_last)
     return PreparedJob(spec, members, data, meta, dev, channels_last)
+
+
+def _feature_records(spec: JobSpec, members: list[LoadedModel], data, dev: torch.device) -> list[FeatureRecord]:
+    """The job's feature records with their stored shapes, measured on the first rows' forward pass."""
+    from .features import FeatureTaps
+
+    taps = FeatureTaps(members, spec.features)
+    try:
+        x, _ = data.get_batch(np.arange(min(2, len(data))))
+        with torch.inference_mode():
+            for m in members:
+                m.forward(x.to(dev))
+        shapes = taps.shapes()
+    finally:
+        taps.close()
+    return [r.model_copy(update={"shape": shape}) for r, shape in zip(spec.features, shapes)]
 
 
 def _targets(spec: JobSpec, num_classes: int) -> TargetsRecord | None:
@@ -360,23 +378,33 @@ def run_chunks(
     it = iter(loader)
     ens = job.ensemble
     sink = _ChunkSink(writer, data, [mm.name for mm in job.members], writers, writer_processes, on_rows, on_chunk)
+    taps = None
+    if writer.meta.features:
+        from .features import FeatureTaps
+
+        taps = FeatureTaps(job.members, writer.meta.features)
     try:
         for i in chunks:
             if should_stop is not None and should_stop():
                 sink.drain(0)
                 raise Cancelled(f"stopped before chunk {i}; {sink.written} rows were committed in this run")
             start, stop = writer.bounds(i)
-            outs, ys, filled = [], [], 0
+            outs, feats, ys, filled = [], [], [], 0
             while filled < stop - start:
                 x, y, idx = next(it)
                 outs.append(ens.forward(x.to(job.device, non_blocking=True), idx.numpy(), check=False))
+                if taps is not None:
+                    feats.append(taps.collect())
                 ys.append(y.numpy())
                 filled += len(idx)
-            sink.submit(i, start, stop, torch.cat(outs, dim=1), np.concatenate(ys).astype(np.int64))
+            sink.submit(i, start, stop, torch.cat(outs, dim=1), np.concatenate(ys).astype(np.int64),
+                        torch.cat(feats) if feats else None)
             sink.drain(max_inflight)
         sink.drain(0)
     finally:
         sink.close()
+        if taps is not None:
+            taps.close()
     return sink.written
 
 
@@ -410,7 +438,8 @@ class _ChunkSink:
         self.on_rows, self.on_chunk = on_rows, on_chunk
         self.written = 0
 
-    def submit(self, i: int, start: int, stop: int, z: torch.Tensor, y: np.ndarray) -> None:
+    def submit(self, i: int, start: int, stop: int, z: torch.Tensor, y: np.ndarray,
+               features: torch.Tensor | None = None) -> None:
         # torch work (combine, argmax, checks) stays on this thread and the device; the writer thread
         # only casts, compresses and writes (numpy + zarr), so the two never fight over torch's threads
         meta = self.meta
@@ -420,6 +449,8 @@ class _ChunkSink:
         parts = {"finite": finite, "stats": _stats(z, ell, y_dev), **sparse_targets(ell, meta.targets)}
         if meta.keep_members:
             parts["members"] = z - z.amax(dim=-1, keepdim=True)
+        if features is not None:
+            parts["features"] = features
         if meta.dtype == "float16":  # cast here too (same rounding as numpy's), halving the copy
             for name in ("logits", "topk_logits", "members"):
                 if name in parts:

@@ -14,7 +14,7 @@ from darkstore.models import ModelSpec
 from darkstore.specfile import load_spec_file
 from darkstore.views import AugmentSpec
 from darkstore.errors import SpecError
-from storage.schema import Combine, Compressor, Dtype, TargetsRecord
+from storage.schema import Combine, Compressor, Dtype, FeatureRecord, TargetsRecord
 
 
 class EnsembleSpec(BaseModel):
@@ -72,10 +72,46 @@ class JobSpec(BaseModel):
         default_factory=TargetsRecord, description="the targets' form: dense (default: every class), topk:K (the "
         "K largest values and the tail's mass) or sampled:K (K classes drawn from the ensemble's distribution; "
         "sampled:K@T draws at temperature T); a string or an object {form, k, temperature, seed}")
+    features: list[FeatureRecord] = Field(
+        default_factory=list, description="teacher layers to keep per row (FitNets' hints): 'TEACHER:LAYER' or "
+        "{teacher, layer, pool, project, seed}; pool averages a [C, H, W] output to [C, pool, pool], project maps "
+        "it to that many dimensions with a fixed seeded Gaussian matrix")
     row_order: Literal["shuffled", "natural"] = Field(
         "shuffled", description="shuffled (default): samples are stored in a seeded random order, so a store made "
         "from a class-sorted set (an image folder) streams well-mixed batches; natural: transfer-set order. Not "
         "part of the job's identity: both orders hold the same targets for every sample")
+
+    @model_validator(mode="after")
+    def _features(self) -> "JobSpec":
+        names = {m.name for m in self.teachers.members}
+        seen = set()
+        for f in self.features:
+            if f.teacher not in names:
+                raise ValueError(f"feature {f.name}: no teacher named {f.teacher!r} (teachers: {', '.join(sorted(names))})")
+            if f.shape is not None:
+                raise ValueError(f"feature {f.name}: shape is measured when the job is prepared, not given")
+            if f.name in seen:
+                raise ValueError(f"feature {f.name} is named twice")
+            seen.add(f.name)
+        return self
+
+    @model_validator(mode="after")
+    def _sparse_options(self) -> "JobSpec":
+        t = self.targets
+        if t.form == "dense":
+            return self
+        if self.keep_members:
+            raise ValueError(f"keep_members stores every member's {self.teachers.num_classes or 'C'} logits per row "
+                             f"densely, more than {t} targets save; keep members in a dense store")
+        if self.combine == "arithmetic" and t.form == "topk" and self.temperature != 1.0:
+            raise ValueError(f"top-k of an arithmetic mean is exact only at the temperature it keeps its tail at, "
+                             f"T=1, and this job mixes at T={self.temperature:g}; use temperature 1, or "
+                             f"sampled:{t.k}@{self.temperature:g}, or dense targets")
+        if self.combine == "arithmetic" and t.form == "sampled" and t.temperature != self.temperature:
+            raise ValueError(f"sampled targets of an arithmetic mean must be drawn at its temperature: the job mixes "
+                             f"at T={self.temperature:g} and samples at T={t.temperature:g}; write "
+                             f"sampled:{t.k}@{self.temperature:g}")
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> "JobSpec":
@@ -119,6 +155,8 @@ class JobSpec(BaseModel):
             **({"precision": self.precision} if self.precision != "float32" else {}),
             **({"augment": self.augment.model_dump(mode="json")} if self.augment is not None else {}),
             **({"targets": self.targets.model_dump(mode="json")} if self.targets.form != "dense" else {}),
+            **({"features": [f.model_dump(mode="json", exclude={"shape"}) for f in self.features]}
+               if self.features else {}),
         }
 
     def job_key(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> str:

@@ -96,6 +96,55 @@ def test_topk_of_every_class_is_refused(made, tmp_path):
         generate(job(made["ens"], made["data"], targets=f"topk:{C}"), tmp_path / "all")
 
 
+@pytest.mark.parametrize("options, says", [
+    ({"keep_members": True, "targets": "topk:3"}, "keep members in a dense store"),
+    ({"keep_members": True, "targets": "sampled:4"}, "keep members in a dense store"),
+    ({"combine": "arithmetic", "temperature": 2.0, "targets": "topk:3"}, "use temperature 1"),
+    ({"combine": "arithmetic", "temperature": 2.0, "targets": "sampled:4"}, "write sampled:4@2"),
+])
+def test_sparse_targets_refuse_options_they_cannot_honour(made, options, says):
+    with pytest.raises(ValueError, match=says):
+        job(made["ens"], made["data"], **options)
+
+
+def test_sparse_refusals_reach_the_cli_as_one_error_and_make_no_store(made, tmp_path):
+    p = subprocess.run([*DARKSTORE, "generate", "--teachers", str(made["ens"]), "--data", str(made["data"]),
+                        "--out", str(tmp_path / "s"), "--targets", "topk:3", "--keep-members"], env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "keep members in a dense store" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_arithmetic_means_sparsify_at_their_own_temperature(made, tmp_path):
+    """top-k of an arithmetic mean mixed at T = 1 holds the dense arithmetic store's head and tail; samples of
+    one mixed at T = 2 are drawn from the arithmetic mean at T = 2 (float64 reference from the dense store)."""
+    from student_trainer.retemper import plan
+
+    dense1 = open_store(generate(job(made["ens"], made["data"], chunk_rows=64, dtype="float32", combine="arithmetic"),
+                                 tmp_path / "d1").path).read_field("logits").astype(np.float64)
+    r = open_store(generate(job(made["ens"], made["data"], chunk_rows=64, dtype="float32", combine="arithmetic",
+                                targets="topk:3"), tmp_path / "t").path)
+    got = r.read(np.arange(150), ["topk_logits", "topk_index", "tail_lse"])
+    idx = np.argsort(-dense1, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(got["topk_index"], idx)
+    np.testing.assert_allclose(got["topk_logits"], np.take_along_axis(dense1, idx, 1), rtol=1e-5, atol=1e-5)
+    p1 = np.exp(dense1) / np.exp(dense1).sum(1, keepdims=True)  # the arithmetic mean at T = 1
+    tail_mass = 1 - np.take_along_axis(p1, idx, 1).sum(1)
+    head_lse = np.log(np.exp(dense1).sum(1))
+    np.testing.assert_allclose(got["tail_lse"] - head_lse, np.log(tail_mass), rtol=1e-4, atol=1e-4)
+    assert plan(r.meta, 1.0).exact and not plan(r.meta, 4.0).exact
+
+    k, T = 4000, 2.0
+    dense2 = open_store(generate(job(made["ens"], made["data"], chunk_rows=64, dtype="float32", combine="arithmetic",
+                                     temperature=T), tmp_path / "d2").path).read_field("logits").astype(np.float64)
+    a = open_store(generate(job(made["ens"], made["data"], chunk_rows=64, combine="arithmetic", temperature=T,
+                                targets=f"sampled:{k}@{T}"), tmp_path / "s").path).read_field("sample_index")
+    p = np.exp(dense2 / T)
+    p /= p.sum(1, keepdims=True)
+    freq = np.stack([np.bincount(row, minlength=C) for row in a]) / k
+    assert (np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / k) + 3 / k).all()
+
+
 FIELDS = {"topk:3": ("topk_logits", "topk_index", "tail_lse"), "sampled:16": ("sample_index",)}
 
 
