@@ -138,7 +138,30 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-BUILTINS = {"mlp": MLP, "small_cnn": SmallCNN}
+class ThinCNN(nn.Module):
+    """A thin, deep CNN in the FitNets mould: ``depth`` 3x3 conv-BN-ReLU blocks of ``width`` channels (the
+    width doubling once, at a 2x2 max-pool after the first half), global average pool, linear head. Each
+    block is one module, ``blocks.i``: a hint guides one of them (``--student-layer blocks.2``)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 8, depth: int = 6, dropout: float = 0.0):
+        super().__init__()
+        if depth < 2:
+            raise ValueError("depth must be at least 2")
+        blocks, c = [], in_channels
+        for i in range(depth):
+            w = width if i < depth // 2 else 2 * width
+            layers = [nn.MaxPool2d(2)] if i == depth // 2 else []
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            blocks.append(nn.Sequential(*layers))
+            c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+BUILTINS = {"mlp": MLP, "small_cnn": SmallCNN, "thin_cnn": ThinCNN}
 
 
 def torchvision_classifiers() -> list[str]:

@@ -1,0 +1,159 @@
+"""FitNets hints from cached teacher features: a thin, deep student hinted vs KD only vs hard labels only.
+
+    ./dev bench hints [--seeds 5] [--epochs 40] [--hint-epochs 20] [--parallel 2]
+
+Data: scikit-learn's bundled digits, split as in ``./dev bench quality`` (2/3 transfer set, 1/3 test).
+Teacher: one wide ``small_cnn`` (width 64, about 112k parameters) trained here in plain PyTorch.
+``darkstore generate --keep-features wide:features.9 --feature-pool 2`` stores its logits and its last
+conv stage (128 channels at 4x4, pooled to 2x2) once. Student: ``thin_cnn`` (width 8, depth 6, about 5k
+parameters), four arms, each a ``darkstore sweep`` over seeds (whole processes):
+
+- hard: ``--loss ce`` for E epochs;
+- kd: Hinton's KD (T = 4, α = 0.9) for E epochs;
+- kd, same steps: KD for H + E epochs (what the hint run costs);
+- hint: FitNets — H epochs regressing ``blocks.3`` (the student's middle, 16 channels at 4x4) onto the
+  stored features through a 1x1-conv regressor, then E epochs of the same KD.
+
+It prints test accuracy (mean ± std over seeds), each arm minus KD with its standard error, and the
+store's bytes per row with and without the features. Last line: ``hint_minus_kd_pt: <mean difference>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from _common import machine
+from quality import cli, split_digits
+
+TEACHER = {"name": "wide", "arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 64}}
+STUDENT = {"arch": "thin_cnn", "arch_kwargs": {"in_channels": 1, "width": 8, "depth": 6}}
+KD = {"temperature": 4.0, "alpha": 0.9}
+RECIPE = {"batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "schedule": "cosine"}
+
+
+def train_teacher(d: dict[str, np.ndarray], out: Path, epochs: int) -> float:
+    """The wide teacher in plain PyTorch (cross-entropy, ±1 px rolls); its test accuracy."""
+    from safetensors.torch import save_file
+
+    from darkstore.models import SmallCNN
+
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.from_numpy(d["xtr"]), torch.from_numpy(d["ytr"])
+    m = SmallCNN(10, **TEACHER["arch_kwargs"])
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * math.ceil(len(x) / 64))
+    for _ in range(epochs):
+        m.train()
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), 64):
+            idx = perm[s:s + 64]
+            dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
+            loss = F.cross_entropy(m(torch.roll(x[idx], shifts=(dx, dy), dims=(2, 3))), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    m.eval()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(out / "wide.safetensors"))
+    (out / "ensemble.yaml").write_text(yaml.safe_dump(
+        {"num_classes": 10, "members": [{**TEACHER, "weights": str(out / "wide.safetensors")}]}, sort_keys=False))
+    with torch.no_grad():
+        return float((m(torch.from_numpy(d["xte"])).argmax(-1).numpy() == d["yte"]).mean())
+
+
+def arms(epochs: int, hint_epochs: int) -> dict[str, dict]:
+    return {
+        "hard": {"loss": "ce", "epochs": epochs},
+        "kd": {"loss": "kl", **KD, "epochs": epochs},
+        "kd, same steps": {"loss": "kl", **KD, "epochs": epochs + hint_epochs},
+        "hint": {"loss": "hint", **KD, "epochs": epochs, "hint_epochs": hint_epochs, "student_layer": "blocks.3"},
+    }
+
+
+def run(work: Path, *, seeds: int, epochs: int, hint_epochs: int, parallel: int, log) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for arm, opts in arms(epochs, hint_epochs).items():
+        name = arm.replace(", ", "_").replace(" ", "_")
+        grid = {"store": "stores/train", "eval_store": "stores/test",
+                "base": {"student": STUDENT, **RECIPE, **opts}, "grid": {"seed": list(range(seeds))}}
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+        t0 = time.perf_counter()
+        cli("sweep", "--grid", f"{name}.yaml", "--out", f"sweeps/{name}", "--parallel", str(parallel),
+            "--threads", "1", cwd=work)
+        runs = json.loads((work / "sweeps" / name / "results.json").read_text())["runs"]
+        out[arm] = [r["accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
+        log(f"  {arm}: {len(runs)} students in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def ms(v: list[float]) -> tuple[float, float]:
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=40, help="KD epochs (E)")
+    ap.add_argument("--hint-epochs", type=int, default=20, help="hint-stage epochs (H)")
+    ap.add_argument("--teacher-epochs", type=int, default=40)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="keep the work folder here (default: a temporary one)")
+    a = ap.parse_args()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    tmp = tempfile.TemporaryDirectory(prefix="darkstore-hints-") if a.out is None else None
+    work = Path(tmp.name) if tmp else a.out.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log(f"machine: {machine()}")
+    torch.set_num_threads(2)
+    d = split_digits(work)
+    teacher = train_teacher(d, work, a.teacher_epochs)
+    log(f"[1/2] teacher {100 * teacher:.2f} %; generate the stores -> {work}")
+    gen = ["generate", "--teachers", "ensemble.yaml", "--chunk-rows", "256"]
+    cli(*gen, "--data", "train.npz", "--out", "stores/train", "--keep-features", "wide:features.9",
+        "--feature-pool", "2", cwd=work)
+    cli(*gen, "--data", "train.npz", "--out", "stores/plain", cwd=work)
+    cli(*gen, "--data", "test.npz", "--out", "stores/test", cwd=work)
+    from storage import open_store
+
+    with_f, plain = (open_store(work / "stores" / s).summary() for s in ("train", "plain"))
+    acc = run(work, seeds=a.seeds, epochs=a.epochs, hint_epochs=a.hint_epochs, parallel=a.parallel, log=log)
+    log(f"[2/2] done in {time.perf_counter() - t0:.0f} s\n")
+    kd = ms(acc["kd"])
+    lines = [f"test set: {len(d['yte'])} digits; teacher {100 * teacher:.2f} % ({TEACHER['arch']} width 64); "
+             f"students {STUDENT['arch']} width 8 depth 6; mean ± std over {a.seeds} seeds; "
+             f"E = {a.epochs}, H = {a.hint_epochs}", "",
+             "| student | accuracy | − kd |", "|---|---|---|"]
+    for arm, v in acc.items():
+        m, s = ms(v)
+        cell = ""
+        if arm != "kd":
+            se = math.sqrt(s * s / len(v) + kd[1] ** 2 / len(acc["kd"]))
+            cell = f"{100 * (m - kd[0]):+.2f} ± {100 * se:.2f} pt"
+        lines.append(f"| {arm} | {100 * m:.2f} ± {100 * s:.2f} % | {cell} |")
+    f = with_f["features"][0]
+    lines += ["", f"store bytes per row (uncompressed): {plain['raw_bytes_per_row']} without features, "
+              f"{with_f['raw_bytes_per_row']} with {f['name']} ({' × '.join(map(str, f['shape']))}, "
+              f"{f['reduction']}); on disk {plain['bytes_per_row']:.1f} vs {with_f['bytes_per_row']:.1f}"]
+    text = "\n".join(lines)
+    print(text)
+    (work / "hints.md").write_text(text + "\n")
+    print(f"\nhint_minus_kd_pt: {100 * (ms(acc['hint'])[0] - kd[0]):+.2f}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
