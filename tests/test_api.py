@@ -138,6 +138,12 @@ def test_submit_dedup_wait_store_list_metrics(site):
         vs = c.store(vjob.id)
         assert vs["views_per_sample"] == 3 and vs["rows"] == 900 and vs["samples"] == 300
 
+        # teacher features over REST: the same fields as `darkstore generate --keep-features`
+        fjob, created = c.submit(body(features=[{"teacher": "t0", "layer": "features.5", "pool": 2}]))
+        assert created and c.wait(fjob.id, timeout=120).state == "succeeded"
+        fs = c.store(fjob.id)
+        assert [(f["name"], f["shape"]) for f in fs["features"]] == [("t0:features.5", [4, 2, 2])]
+
     text = httpx.get(site["api"].url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
     assert 'darkstore_jobs{state="succeeded"}' in text
     line = next(ln for ln in text.splitlines() if ln.startswith('darkstore_jobs{state="succeeded"}'))
@@ -207,6 +213,10 @@ BAD = [
     ("a huge resize", with_member(preprocess={"resize": 100000}), 422, "outside 1..4096"),
     ("a huge image size", body(data={"kind": "image_folder", "root": "teachers", "size": [8, 10**9]}), 422,
      "outside 1..4096"),
+    ("features of an unknown teacher", body(features=["ghost:features.5"]), 422, "no teacher named 'ghost'"),
+    ("features of an unknown layer", body(features=["t0:nope"]), 422, "has no layer 'nope'"),
+    ("members beside sparse targets", body(keep_members=True, targets="topk:2"), 422,
+     "keep members in a dense store"),
 ]
 
 
