@@ -624,7 +624,7 @@ class _Recipe:
             return
         import torch.distributed as tdist
 
-        flat = torch.cat([p.detach().reshape(-1).float() for p in self.model.parameters()])
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.wrapped.parameters()])  # heads too
         ref = flat.clone()
         tdist.broadcast(ref, 0)
         gap = torch.tensor([float((flat - ref).abs().max())], device=flat.device)

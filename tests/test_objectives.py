@@ -164,6 +164,26 @@ def test_killed_hint_run_resumes_bit_identically_from_the_cli(hinted, tmp_path):
     assert hist(tmp_path / "ref") == hist(run)
 
 
+def test_hint_training_under_two_ddp_ranks(hinted, tmp_path):
+    """The regressor sits inside the DDP module: the run's end-of-training check (every rank holds the same
+    student and heads) passes, through a stage whose heads are idle."""
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, "-m",
+                        "darkstore_app.cli", "train", "--store", str(hinted["store"]), "--student", "small_cnn",
+                        "--arch-kwargs", json.dumps(THIN["arch_kwargs"]), "--objective", "hint", "--student-layer",
+                        "features.4", "--hint-epochs", "2", "--epochs", "1", "--batch-size", "16", "--out", str(out)],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and [st["name"] for st in s["stages"]] == ["hint", "kd"]
+    hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in hist] == ["hint", "hint", "kd"] and np.isfinite(hist[-1]["train_loss"])
+
+
 @pytest.mark.parametrize("kw, says", [
     ({"student_layer": None}, "needs student_layer"),
     ({"hint_epochs": 0}, "needs hint_epochs"),
