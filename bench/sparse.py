@@ -17,7 +17,7 @@ float16 targets and as each sparse form, with the same sparsification the genera
   sampled — KL(p̂ ‖ p_T) of the samples' empirical distribution from the distribution they were
   drawn from (a store is sampled at one T: the T = 4 column is a second store sampled at 4).
 
-Student accuracy per form at equal storage is not measured here yet. Last line:
+Student accuracy per form at equal storage is ``bench/sparse_students.py``'s. Last line:
 ``sparse_bytes_ratio_topk16_c1000: <dense bytes / top-16 bytes>``.
 """
 
