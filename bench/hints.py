@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from _common import machine
-from quality import cli, split_digits
+from quality import cli, split_digits, train_teachers
 
 TEACHER = {"name": "wide", "arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 64}}
 STUDENT = {"arch": "thin_cnn", "arch_kwargs": {"in_channels": 1, "width": 8, "depth": 6}}
@@ -43,32 +42,8 @@ RECIPE = {"batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "schedule": "cosin
 
 
 def train_teacher(d: dict[str, np.ndarray], out: Path, epochs: int) -> float:
-    """The wide teacher in plain PyTorch (cross-entropy, ±1 px rolls); its test accuracy."""
-    from safetensors.torch import save_file
-
-    from darkstore.models import SmallCNN
-
-    torch.manual_seed(1)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.from_numpy(d["xtr"]), torch.from_numpy(d["ytr"])
-    m = SmallCNN(10, **TEACHER["arch_kwargs"])
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * math.ceil(len(x) / 64))
-    for _ in range(epochs):
-        m.train()
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(0, len(x), 64):
-            idx = perm[s:s + 64]
-            dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
-            loss = F.cross_entropy(m(torch.roll(x[idx], shifts=(dx, dy), dims=(2, 3))), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    m.eval()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(out / "wide.safetensors"))
-    (out / "ensemble.yaml").write_text(yaml.safe_dump(
-        {"num_classes": 10, "members": [{**TEACHER, "weights": str(out / "wide.safetensors")}]}, sort_keys=False))
+    """The wide teacher, trained as the quality bench trains its teachers; its test accuracy."""
+    (m,) = train_teachers(d, out, epochs, [{"name": "wide", "width": 64, "seed": 1}])
     with torch.no_grad():
         return float((m(torch.from_numpy(d["xte"])).argmax(-1).numpy() == d["yte"]).mean())
 

@@ -78,7 +78,8 @@ def split_digits(out: Path) -> dict[str, np.ndarray]:
     return {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte}
 
 
-def train_teachers(d: dict[str, np.ndarray], out: Path, epochs: int) -> list[torch.nn.Module]:
+def train_teachers(d: dict[str, np.ndarray], out: Path, epochs: int,
+                   teachers: list[dict] = TEACHERS) -> list[torch.nn.Module]:
     """Plain supervised CNNs (cross-entropy, ±1 px random rolls), saved as safetensors + ensemble.yaml."""
     from safetensors.torch import save_file
 
@@ -86,7 +87,7 @@ def train_teachers(d: dict[str, np.ndarray], out: Path, epochs: int) -> list[tor
 
     x, y = torch.from_numpy(d["xtr"]), torch.from_numpy(d["ytr"])
     models, members = [], []
-    for t in TEACHERS:
+    for t in teachers:
         torch.manual_seed(t["seed"])
         g = torch.Generator().manual_seed(t["seed"])
         m = SmallCNN(CLASSES, in_channels=1, width=t["width"])

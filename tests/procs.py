@@ -164,3 +164,15 @@ class Worker(Proc):
         super().__init__(name, [*DARKSTORE, "worker", "--hostname", f"{name}@localhost", "--concurrency", "1"],
                          env, log)
         self.wait_for_log("ready.", timeout=90)
+
+
+def kill_after_checkpoint(args: list[str], run: Path, env: dict[str, str], grace: float = 0.3,
+                          timeout: float = 120) -> None:
+    """Start a training command writing to ``run``, SIGKILL it ``grace`` seconds after its first checkpoint."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(grace)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

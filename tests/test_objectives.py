@@ -5,9 +5,7 @@ a run killed in either stage resumes to the same weights."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 import typing
 
 import numpy as np
@@ -21,6 +19,7 @@ from student_trainer.train import TrainConfig, train
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, cli_env, job, make_arrays, make_ensemble
+from .procs import kill_after_checkpoint
 
 TEACHER = {"name": "wide", "arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 12}}
 THIN = {"arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 4}}
@@ -146,14 +145,7 @@ def test_killed_hint_run_resumes_bit_identically_from_the_cli(hinted, tmp_path):
     p = subprocess.run([*args, "--out", str(tmp_path / "ref")], env=cli_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     run = tmp_path / "run"
-    proc = subprocess.Popen([*args, "--out", str(run)], env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint([*args, "--out", str(run)], run, cli_env(), grace=0.5)
     assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists(), "killed too late"
     r = subprocess.run([*args, "--out", str(run), "--resume"], env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

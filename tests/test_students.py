@@ -26,6 +26,7 @@ from student_trainer.train import TrainConfig, lr_lambda, split_rows, train
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
+from .procs import kill_after_checkpoint
 
 MLP = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16], "dropout": 0.2}}
 
@@ -100,14 +101,7 @@ def test_killed_training_process_resumes_to_the_same_weights(tmp_path, cache):
             "--deterministic", "--seed", "3"]
     subprocess.run([*args, "--out", str(tmp_path / "ref")], env=cli_env(), check=True, capture_output=True)
     run = tmp_path / "run"
-    proc = subprocess.Popen([*args, "--out", str(run)], env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint([*args, "--out", str(run)], run, cli_env())
     assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists(), "killed too late"
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step < 40 * 34
