@@ -21,7 +21,6 @@ store's bytes per row with and without the features. Last line: ``hint_minus_kd_
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tempfile
@@ -30,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from _common import machine
-from quality import cli, split_digits, train_teachers
+from quality import cli, split_digits, sweep_runs, train_teachers
 
 TEACHER = {"name": "wide", "arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 64}}
 STUDENT = {"arch": "thin_cnn", "arch_kwargs": {"in_channels": 1, "width": 8, "depth": 6}}
@@ -60,16 +58,9 @@ def arms(epochs: int, hint_epochs: int) -> dict[str, dict]:
 def run(work: Path, *, seeds: int, epochs: int, hint_epochs: int, parallel: int, log) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for arm, opts in arms(epochs, hint_epochs).items():
-        name = arm.replace(", ", "_").replace(" ", "_")
         grid = {"store": "stores/train", "eval_store": "stores/test",
                 "base": {"student": STUDENT, **RECIPE, **opts}, "grid": {"seed": list(range(seeds))}}
-        (work / f"{name}.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
-        t0 = time.perf_counter()
-        cli("sweep", "--grid", f"{name}.yaml", "--out", f"sweeps/{name}", "--parallel", str(parallel),
-            "--threads", "1", cwd=work)
-        runs = json.loads((work / "sweeps" / name / "results.json").read_text())["runs"]
-        out[arm] = [r["accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
-        log(f"  {arm}: {len(runs)} students in {time.perf_counter() - t0:.0f} s")
+        out[arm] = [r["accuracy"] for r in sweep_runs(work, arm, grid, parallel, log)]
     return out
 
 

@@ -268,17 +268,22 @@ def darkstore_arms(work: Path, *, seeds: int, epochs: int, k: int, parallel: int
     }
     out: dict[str, list[float]] = {}
     for arm, (store, opts) in arms.items():
-        name = arm.replace(" ", "_")
         grid = {"store": store, "eval_store": "stores/test", "base": {**base, **opts},
                 "grid": {"seed": list(range(seeds))}}
-        (work / f"{name}.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
-        t0 = time.perf_counter()
-        cli("sweep", "--grid", f"{name}.yaml", "--out", f"sweeps/{name}", "--parallel", str(parallel),
-            "--threads", "1", cwd=work)
-        runs = json.loads((work / "sweeps" / name / "results.json").read_text())["runs"]
-        out[arm] = [r["accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
-        log(f"  darkstore {arm}: {len(runs)} students in {time.perf_counter() - t0:.0f} s")
+        out[arm] = [r["accuracy"] for r in sweep_runs(work, arm, grid, parallel, log)]
     return out
+
+
+def sweep_runs(work: Path, arm: str, grid: dict, parallel: int, log) -> list[dict]:
+    """``darkstore sweep`` one arm's grid in ``work`` (whole processes); its finished runs, by seed."""
+    name = "".join(ch if ch.isalnum() else "_" for ch in arm)
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    t0 = time.perf_counter()
+    cli("sweep", "--grid", f"{name}.yaml", "--out", f"sweeps/{name}", "--parallel", str(parallel),
+        "--threads", "1", cwd=work)
+    runs = json.loads((work / "sweeps" / name / "results.json").read_text())["runs"]
+    log(f"  {arm}: {len(runs)} students in {time.perf_counter() - t0:.0f} s")
+    return sorted(runs, key=lambda r: r["seed"])
 
 
 # --- report ---------------------------------------------------------------------------------

@@ -27,11 +27,8 @@ error treats them as independent, which is conservative). Last line:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from _common import ROOT, machine  # noqa: F401  (puts the repository root first on sys.path)
+from _common import machine
+from quality import cli, sweep_runs
 
 C, SUPER, DIM, SPREAD, NOISE = 1000, 100, 32, 0.35, 1.0
 RECIPE = {"batch_size": 256, "lr": 3e-3, "weight_decay": 1e-4, "alpha": 0.9, "schedule": "cosine"}
@@ -70,12 +68,6 @@ def make_task(work: Path, per_class: int) -> float:
         {"name": "bayes", "arch": "mlp", "arch_kwargs": {"in_features": DIM, "hidden": []},
          "weights": str(work / "bayes.safetensors")}]}, sort_keys=False))
     return float(((xte.astype(np.float64) @ w.T + b).argmax(1) == yte).mean())
-
-
-def cli(*args: str, cwd: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "darkstore_app.cli", *args], cwd=cwd, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"darkstore {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
 
 
 def stores() -> dict[str, str]:
@@ -115,20 +107,13 @@ def run(work: Path, *, seeds: int, epochs: int, parallel: int, log) -> tuple[dic
     student = {"arch": "mlp", "arch_kwargs": {"in_features": DIM, "hidden": []}}
     acc: dict[tuple[str, float, str], list[float]] = {}
     for arm, store, opts, axes in arms():
-        name = arm.replace(":", "").replace("@", "_at")
         grid = {"store": f"stores/{store}", "eval_store": "stores/test",
                 "base": {"student": student, **RECIPE, "epochs": epochs, **opts},
                 "grid": {**axes, "seed": list(range(seeds))}}
-        (work / f"{name}.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
-        t0 = time.perf_counter()
-        cli("sweep", "--grid", f"{name}.yaml", "--out", f"sweeps/{name}", "--parallel", str(parallel),
-            "--threads", "1", cwd=work)
-        runs = json.loads((work / "sweeps" / name / "results.json").read_text())["runs"]
-        for r in sorted(runs, key=lambda r: r["seed"]):
+        for r in sweep_runs(work, arm, grid, parallel, log):
             key = (arm, float(r.get("temperature", opts.get("temperature", 4.0))), r.get("topk_loss", "") if
                    arm.startswith("topk") else "")
             acc.setdefault(key, []).append(r["accuracy"])
-        log(f"  {arm}: {len(runs)} students in {time.perf_counter() - t0:.0f} s")
     return size, acc
 
 

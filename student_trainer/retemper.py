@@ -27,6 +27,7 @@ from storage import StoreMeta
 class Retemper:
     temperature: float
     mode: str  # "geometric" | "arithmetic@T_gen" | "arithmetic-members" | "arithmetic-approx" | "topk" | "sampled"
+    #            | "unused" (an objective that reads no targets)
     exact: bool
     note: str = ""  # sparse targets: what the form keeps
 
@@ -45,7 +46,7 @@ class Retemper:
         return torch.log_softmax(logits.float() / t, dim=-1)
 
     def describe(self) -> str:
-        if self.mode in ("topk", "sampled"):
+        if self.mode in ("topk", "sampled", "unused"):
             return self.note
         return {
             "geometric": f"geometric mean re-tempered to T={self.temperature:g}: exact",
@@ -57,6 +58,11 @@ class Retemper:
                 "or at this temperature for exact targets"
             ),
         }[self.mode]
+
+
+def unused(temperature: float) -> Retemper:
+    """The plan of a run whose objective never reads the stored targets (hard labels only)."""
+    return Retemper(temperature, "unused", True, "the stored targets are not used (hard labels only)")
 
 
 def plan(meta: StoreMeta, temperature: float, *, use_members: bool | None = None) -> Retemper:

@@ -41,7 +41,7 @@ from .dataset import check_transfer_set
 from .loader import batch_mixing, make_loader, window_chunks
 from .metrics import evaluate_logits
 from .objectives import student_layer_shape
-from .retemper import plan
+from .retemper import plan, unused
 
 HOLDOUT_SEED = 20150309  # fixed, so every student of a store is judged on the same held-out rows
 CHECKPOINT_VERSION = 1
@@ -419,7 +419,7 @@ class _Recipe:
             st.objective.check(self.meta, reader.path)
         self.hint_name = hint_feature(self.meta, c.hint_layer) if c.loss == "hint" else None
         uses_targets = any(st.objective.needs in ("targets", "dense") for st in self.stages)
-        self.rt = plan(self.meta, c.temperature)
+        self.rt = plan(self.meta, c.temperature) if uses_targets else unused(c.temperature)
         if log and c.alpha > 0 and uses_targets:
             log(f"targets: {self.rt.describe()}")
         self.data = open_checked(reader, data, allow_code=self.allow_code, roots=self.roots)

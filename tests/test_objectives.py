@@ -208,3 +208,13 @@ def test_hard_label_objective_ignores_the_targets(hinted, tmp_path):
     wa, wb = (load_file(str(p / "student.safetensors")) for p in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)  # every row labeled: the same loss
     assert np.isfinite(a.final["nll"]) and b.final["rows"] == a.final["rows"]
+
+
+def test_hard_label_runs_do_not_ask_what_the_targets_allow(hinted, tmp_path):
+    """A sampled store refuses any T but its own for KD; a hard-label run reads no targets and is not refused."""
+    store = generate(job(hinted["ens"], hinted["data"], chunk_rows=64, targets="sampled:8@2"), tmp_path / "s").path
+    with pytest.raises(SpecError, match="sampled at T=2"):
+        train(TrainConfig(student=THIN, loss="kl", temperature=4.0, epochs=1), store, tmp_path / "kd")
+    r = train(TrainConfig(student=THIN, loss="ce", temperature=4.0, epochs=1), store, tmp_path / "ce")
+    s = json.loads((tmp_path / "ce" / "summary.json").read_text())
+    assert s["retemper"]["mode"] == "unused" and r.final["rows"] > 0
