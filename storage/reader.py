@@ -241,7 +241,7 @@ class StoreReader:
             "bytes_per_sample": size / m.transfer_set.num_samples,
             "raw_bytes_per_sample": bytes_per_row(m) * m.views_per_sample,
             "features": [{"name": f.name, "shape": f.shape, "reduction": f.reduction(),
-                          "raw_bytes_per_row": f.size * (2 if m.dtype == "float16" else 4)}
+                          "raw_bytes_per_row": f.size * m.item_bytes}
                          for f in m.features or ()],
             "teachers": [t.model_dump() for t in m.teachers],
             "transfer_set": m.transfer_set.model_dump(),

@@ -237,6 +237,11 @@ class StoreMeta(BaseModel):
                                                  "hints), flattened side by side in `features` (None: none)")
 
     @property
+    def item_bytes(self) -> int:
+        """Bytes of one stored float value (targets, members, features)."""
+        return 2 if self.dtype == "float16" else 4
+
+    @property
     def feature_size(self) -> int:
         return sum(f.size for f in self.features or ())
 
@@ -293,7 +298,7 @@ def chunk_bounds(i: int, chunk_rows: int, num_rows: int) -> tuple[int, int]:
 def bytes_per_row(meta: StoreMeta) -> int:
     """Uncompressed bytes one row costs: its targets (dense: C values; topk: K values, K int32 classes and a
     float32 tail; sampled: K int32 classes), members, label, index and view parameters."""
-    item = 2 if meta.dtype == "float16" else 4
+    item = meta.item_bytes
     targets = {"dense": lambda: item * meta.num_classes,
                "topk": lambda: (item + 4) * meta.targets.k + 4,
                "sampled": lambda: 4 * meta.targets.k}[meta.target_form]()

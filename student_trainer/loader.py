@@ -94,9 +94,9 @@ def window_chunks(meta, buffer_mb: float, members: bool = False, features: bool 
 
     row = bytes_per_row(meta)
     if not members and meta.keep_members:  # members are read only when re-temperature needs them
-        row -= (2 if meta.dtype == "float16" else 4) * meta.num_classes * meta.num_members
+        row -= meta.item_bytes * meta.num_classes * meta.num_members
     if not features:  # teacher features are read only by objectives that use them
-        row -= (2 if meta.dtype == "float16" else 4) * meta.feature_size
+        row -= meta.item_bytes * meta.feature_size
     return max(1, int(buffer_mb * (1 << 20) // max(1, row * meta.chunk_rows)))
 
 
