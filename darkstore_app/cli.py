@@ -261,6 +261,8 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps too (0: at epoch ends only)")] = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)")] = False,
+    latency: Annotated[bool, typer.Option("--latency", help="also time the student's and the teachers' CPU latency "
+                                          "for eval.json (darkstore eval does it on request)")] = False,
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
     api: Annotated[Optional[str], typer.Option("--api", help="with --job: API base URL [env DARKSTORE_API_URL]")] = None,
@@ -311,7 +313,8 @@ def train(
                             rate=f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else ""))
 
         r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset, allow_incomplete=allow_incomplete,
-                allow_code=allow_code, resume=resume, on_epoch=on_epoch, log=lambda m: console.print(m))
+                allow_code=allow_code, resume=resume, latency=latency, on_epoch=on_epoch,
+                log=lambda m: console.print(m))
     if not rank0:
         return
     _print_run(r)
@@ -350,11 +353,14 @@ def sweep(
     eval_store: Annotated[Optional[str], typer.Option(help="held-out store every run is evaluated on")] = None,
     parallel: Annotated[Optional[int], typer.Option(help="runs at once (default: one per CPU core, or one per GPU)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda (cuda: run i uses GPU i mod count)")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per run (default: the cores shared out "
-                                                   "among the parallel runs)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per process (default: the cores shared "
+                                                   "out among the processes running at once)")] = None,
+    isolate: Annotated[bool, typer.Option("--isolate", help="train each point in its own process (default: points "
+                                          "that see the same batches train together from one read)")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
 ):
-    """Train one student per grid point in parallel; finished points are skipped; writes mean ± std over seeds."""
+    """Train every grid point (points that differ only in per-student settings together, from one read of the
+    store; the rest in parallel processes); finished points are skipped; writes mean ± std over seeds."""
     from student_trainer.sweep import GridSpec, markdown_table, points, run_sweep
 
     spec = GridSpec.from_file(grid)
@@ -373,7 +379,7 @@ def sweep(
                 console.print(f"finished {o.point.name} in {o.seconds:.1f} s", highlight=False)
 
         r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
-                      allow_code=allow_code, on_event=on_event)
+                      isolate=isolate, allow_code=allow_code, on_event=on_event)
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)
     console.print(f"{n} points: {trained} trained now, {skipped} already finished, {len(r.failed)} failed "

@@ -100,13 +100,19 @@ def teacher_cost(reader: StoreReader, x: torch.Tensor, *, allow_code: bool = Fal
     return out
 
 
+def teacher_size(reader: StoreReader) -> dict[str, Any]:
+    """The recorded ensemble's members, parameters and bytes on disk (None when a weight file is gone)."""
+    meta = reader.meta
+    sizes = [Path(t.weights).stat().st_size if t.weights and Path(t.weights).is_file() else None
+             for t in meta.teachers]
+    return {"members": len(meta.teachers), "params": sum(t.num_params for t in meta.teachers),
+            "size_bytes": sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None}
+
+
 def _teacher_cost(reader: StoreReader, x: torch.Tensor, *, allow_code: bool = False,
                   roots: Sequence[str | Path] | None = None) -> dict[str, Any]:
     meta = reader.meta
-    out: dict[str, Any] = {"members": len(meta.teachers), "params": sum(t.num_params for t in meta.teachers)}
-    sizes = [Path(t.weights).stat().st_size if t.weights and Path(t.weights).is_file() else None
-             for t in meta.teachers]
-    out["size_bytes"] = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
+    out = teacher_size(reader)
     try:
         members = []
         for t in meta.teachers:
@@ -130,10 +136,11 @@ def _teacher_cost(reader: StoreReader, x: torch.Tensor, *, allow_code: bool = Fa
 def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet,
                      rows: np.ndarray, *, device: str = "cpu", weights_path: Path | None = None,
                      latency: bool = True, allow_code: bool = False,
-                     roots: Sequence[str | Path] | None = None) -> dict[str, Any]:
+                     roots: Sequence[str | Path] | None = None, eval_rows: Any = None) -> dict[str, Any]:
+    """``eval_rows``: the same rows already read (a :class:`~student_trainer.train.EvalRows`), to reuse."""
     from .train import predict
 
-    s, t, y = predict(model, spec, reader, data, rows, device)
+    s, t, y = predict(model, spec, eval_rows if eval_rows is not None else reader, data, rows, device)
     c = reader.meta.num_classes
     report: dict[str, Any] = {
         "store": canonical(reader.location), "rows": int(len(rows)),
@@ -157,8 +164,7 @@ def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReade
         comp["teachers"] = teacher_cost(reader, x, allow_code=allow_code, roots=roots)
         comp["threads"] = torch.get_num_threads()
     else:
-        comp["teachers"] = {"members": len(reader.meta.teachers),
-                            "params": sum(t.num_params for t in reader.meta.teachers)}
+        comp["teachers"] = teacher_size(reader)
     st, te = comp["student"], comp["teachers"]
     ratios = {"params": te["params"] / max(1, st["params"])}
     if te.get("size_bytes") and st.get("size_bytes"):

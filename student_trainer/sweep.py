@@ -12,12 +12,19 @@ A grid file (YAML or JSON)::
       alpha: [0, 0.5, 1]
       seed: [0, 1, 2, 3]
 
-Each point trains into ``OUT/runs/<axis=value_…>`` in its own process (``python -m
-student_trainer.sweep`` — a crash or a kill takes one point down, not the sweep). A point
-whose run directory holds a ``summary.json`` is finished and is skipped; an interrupted
-point continues from its checkpoint. A lock file per run keeps two sweeps from training the
-same point at once. Results: ``OUT/results.csv`` (one row per run), ``OUT/results.json``
-and ``OUT/results.md`` (mean ± sample std over seeds for every other combination of axes).
+Each point trains into ``OUT/runs/<axis=value_…>``. Points that differ only in each student's own
+settings (:data:`~student_trainer.train.PER_STUDENT`: the student, T, α, the objective, the
+optimiser's settings, epochs) see the same batches, so they train together in one process
+(``python -m student_trainer.sweep DIR…``): each batch is read and decoded once and every
+student takes its step on it, each with its own random stream — the weights are those each
+point reaches alone. Points that differ in seed, batch size, holdout or the shuffle window
+see other batches and run in other processes, ``parallel`` at a time (``isolate``: one
+process per point, as a crash then takes one point down). A point whose run directory holds
+a ``summary.json`` is finished and is skipped; an interrupted point continues from its
+checkpoint. A lock file per run keeps two sweeps from training the same point at once. Each
+point's lines go to its ``train.log``, each process's output to ``OUT/logs/``. Results:
+``OUT/results.csv`` (one row per run), ``OUT/results.json`` and ``OUT/results.md`` (mean ±
+sample std over seeds for every other combination of axes).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from darkstore.models import ModelSpec
 from darkstore.errors import SpecError
 from storage.location import Location, canonical
 
-from .train import TrainConfig
+from .train import TrainConfig, batch_key
 
 METRICS = ("accuracy", "agreement", "nll", "ece")
 SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
@@ -171,13 +178,52 @@ def default_parallel(device: str) -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _units(todo: list[Point], isolate: bool) -> list[list[Point]]:
+    """The points each training process takes: points that see the same batches go together (one read of
+    each batch feeds them all); ``isolate``: one point per process."""
+    if isolate:
+        return [[p] for p in todo]
+    units: dict[str, list[Point]] = {}
+    for p in todo:
+        units.setdefault(batch_key(p.config), []).append(p)
+    return list(units.values())
+
+
+def _unit_name(unit: list[Point]) -> str:
+    return unit[0].name + (f"+{len(unit) - 1}" if len(unit) > 1 else "")
+
+
+def _held_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds this point's lock now."""
+    try:
+        with (run_dir / ".lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+
+
+def _outcome(p: Point, run_dir: Path, rc: int, seconds: float, log: Path) -> PointOutcome:
+    if (run_dir / "summary.json").exists():
+        return PointOutcome(p, "finished", seconds)
+    if _held_elsewhere(run_dir):
+        return PointOutcome(p, "busy", error="another process is training this point")
+    tail = [line for line in (run_dir / "train.log").read_text(errors="replace").strip().splitlines()
+            if line.startswith("== failed")][-1:] if (run_dir / "train.log").exists() else []
+    if not tail:  # the process died without saying: its own log says why
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+    return PointOutcome(p, "failed", seconds, " | ".join(tail) or f"exit code {rc}")
+
+
 def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = None,
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
-              poll: float = 0.2, threads: int | None = None) -> SweepResult:
-    """Train every point not finished yet, ``parallel`` at a time; then write the results tables.
-    ``threads``: torch threads per point (default: the CPU cores shared out among the parallel points;
-    a point's own ``threads`` in the grid wins)."""
+              poll: float = 0.2, threads: int | None = None, isolate: bool = False) -> SweepResult:
+    """Train every point not finished yet, then write the results tables. Points that see the same batches
+    (they differ only in :data:`~student_trainer.train.PER_STUDENT` settings) train together in one process
+    from one read of the store; ``parallel`` such processes run at once. ``isolate``: one process per point.
+    ``threads``: torch threads per process (default: the CPU cores shared out among the processes running at
+    once; a point's own ``threads`` in the grid wins)."""
     out = Path(out).resolve()
     store = store or spec.store
     if store is None:
@@ -186,13 +232,12 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
     device = device or spec.base.get("device", "cpu")
     pts = points(spec)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({
         "store": canonical(store), "eval_store": canonical(eval_store) if eval_store else None,
         "axes": list(spec.grid), "grid": spec.model_dump(mode="json"), "points": [p.name for p in pts],
     }, indent=2))
-    parallel = parallel or default_parallel(device)
     gpus = device == "cuda"
-    threads = threads or (max(1, (os.cpu_count() or 1) // parallel) if not device.startswith("cuda") else 1)
 
     outcomes: list[PointOutcome] = []
     todo: list[Point] = []
@@ -203,45 +248,45 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                 on_event(outcomes[-1], len(outcomes), len(pts))
         else:
             todo.append(p)
+    units = _units(todo, isolate)
+    parallel = min(parallel or default_parallel(device), max(1, len(units)))
+    threads = threads or (max(1, (os.cpu_count() or 1) // parallel) if not device.startswith("cuda") else 1)
 
-    running: dict[int, tuple[subprocess.Popen, Point, float, Any]] = {}
+    running: dict[int, tuple[subprocess.Popen, list[Point], float, Any, Path]] = {}
     free = list(range(parallel))
     try:
-        while todo or running:
-            while todo and free:
-                slot, p = free.pop(0), todo.pop(0)
-                run_dir = out / "runs" / p.name
-                run_dir.mkdir(parents=True, exist_ok=True)
-                cfg = p.config.model_copy(update={"device": f"cuda:{slot}" if gpus else device,
-                                                  "threads": p.config.threads or threads})
-                (run_dir / "point.json").write_text(json.dumps({
-                    "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
-                    "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
-                }, indent=2))
-                env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))  # OpenMP reads it at start-up
-                log = (run_dir / "train.log").open("a")
-                proc = subprocess.Popen([sys.executable, "-m", "student_trainer.sweep", str(run_dir)],
+        while units or running:
+            while units and free:
+                slot, unit = free.pop(0), units.pop(0)
+                dirs = []
+                for p in unit:
+                    run_dir = out / "runs" / p.name
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    cfg = p.config.model_copy(update={"device": f"cuda:{slot}" if gpus else device,
+                                                      "threads": p.config.threads or threads})
+                    (run_dir / "point.json").write_text(json.dumps({
+                        "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
+                        "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
+                    }, indent=2))
+                    dirs.append(str(run_dir))
+                env = dict(os.environ, OMP_NUM_THREADS=str(unit[0].config.threads or threads))  # read at start-up
+                log_path = out / "logs" / f"{_unit_name(unit)}.log"
+                log = log_path.open("a")
+                proc = subprocess.Popen([sys.executable, "-m", "student_trainer.sweep", *dirs],
                                         stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-                running[slot] = (proc, p, time.perf_counter(), log)
+                running[slot] = (proc, unit, time.perf_counter(), log, log_path)
             time.sleep(poll)
-            for slot, (proc, p, t0, log) in list(running.items()):
+            for slot, (proc, unit, t0, log, log_path) in list(running.items()):
                 rc = proc.poll()
                 if rc is None:
                     continue
                 log.close()
                 del running[slot]
                 free.append(slot)
-                run_dir = out / "runs" / p.name
-                if rc == 0 and (run_dir / "summary.json").exists():
-                    o = PointOutcome(p, "finished", time.perf_counter() - t0)
-                elif rc == BUSY:
-                    o = PointOutcome(p, "busy", error="another process is training this point")
-                else:
-                    tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
-                    o = PointOutcome(p, "failed", time.perf_counter() - t0, " | ".join(tail) or f"exit code {rc}")
-                outcomes.append(o)
-                if on_event:
-                    on_event(o, len(outcomes), len(pts))
+                for p in unit:
+                    outcomes.append(_outcome(p, out / "runs" / p.name, rc, time.perf_counter() - t0, log_path))
+                    if on_event:
+                        on_event(outcomes[-1], len(outcomes), len(pts))
     finally:
         for proc, *_ in running.values():
             proc.kill()
@@ -315,28 +360,55 @@ def write_results(out: Path, pts: list[Point], axes: list[str]) -> list[dict[str
     return table
 
 
-BUSY = 75  # exit status of a point another process holds
+def _run_points(run_dirs: list[Path]) -> int:
+    """Train a sweep's points in this process (the child process of a sweep): each point's run directory is
+    locked (one held by another process is left to it), points that see the same batches train together,
+    and each point's own lines go to its ``train.log``. Exit status 0 when every point here finished."""
+    from .train import Run, train_many
 
+    mine, logs, locks = [], {}, []
+    for d in run_dirs:
+        lock = (d / ".lock").open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{d} is being trained by another process", flush=True)
+            lock.close()
+            continue
+        locks.append(lock)
+        mine.append(d)
+    if not mine:
+        return 1
+    points_ = [json.loads((d / "point.json").read_text()) for d in mine]
+    runs = [Run(TrainConfig.model_validate(p["config"]), d) for p, d in zip(points_, mine)]
 
-def _run_point(run_dir: Path) -> int:
-    """Train one point (the child process of a sweep)."""
-    from .train import train
+    def say(run, line: str) -> None:
+        if run.out not in logs:
+            logs[run.out] = (run.out / "train.log").open("a", buffering=1)
+        logs[run.out].write(line + "\n")
 
-    lock = (run_dir / ".lock").open("w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"{run_dir} is being trained by another process", flush=True)
-        return BUSY
-    p = json.loads((run_dir / "point.json").read_text())
-    cfg = TrainConfig.model_validate(p["config"])
-    print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} training {run_dir.name}", flush=True)
-    r = train(cfg, p["store"], run_dir, eval_store=p["eval_store"], allow_code=p["allow_code"], resume=True,
-              log=lambda m: print(m, flush=True),
-              on_epoch=lambda row: print(json.dumps(row), flush=True))
-    print(f"== finished: {r.final}", flush=True)
-    return 0
+    for run in runs:
+        say(run, f"== {time.strftime('%Y-%m-%d %H:%M:%S')} training {run.out.name}"
+                 + (f" with {len(runs) - 1} other point(s) in this process" if len(runs) > 1 else ""))
+    print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} training {len(runs)} point(s): "
+          f"{', '.join(d.name for d in mine)}", flush=True)
+
+    def done(run, res) -> None:
+        if isinstance(res, BaseException):
+            say(run, f"== failed: {type(res).__name__}: {' '.join(str(res).split())[:500]}")
+        else:
+            say(run, f"== finished: {res.final}")
+
+    p0 = points_[0]
+    results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], resume=True,
+                         log=say, on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
+    for f in logs.values():
+        f.close()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    for r in failed:
+        print(f"failed: {type(r).__name__}: {r}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(_run_point(Path(sys.argv[1])))
+    sys.exit(_run_points([Path(a) for a in sys.argv[1:]]))

@@ -16,8 +16,10 @@ sharded across ranks; rank 0 evaluates and writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from contextlib import contextmanager
 import os
 import time
 from dataclasses import dataclass, field
@@ -107,6 +109,21 @@ class TrainConfig(BaseModel):
         return self.hint_epochs + self.epochs
 
 
+#: settings that are each student's own: students that differ only in these see the same batches and can train
+#: together from one read of the store (a sweep over them shares batches; one over seed, batch size, epochs,
+#: holdout or the shuffle window does not)
+PER_STUDENT = frozenset({"student", "temperature", "alpha", "loss", "hint_layer", "student_layer", "topk_loss", "lr",
+                         "weight_decay", "optimizer", "schedule", "warmup", "amp", "hint_epochs", "epochs"})
+
+
+def batch_key(config: TrainConfig) -> str:
+    """What decides a run's batches (and the loop around them): equal keys can train together. Whether they
+    do also depends on the store (an objective that reads teacher features or members widens the shuffle
+    window): :func:`together` makes the final split."""
+    shared = {k: v for k, v in config.model_dump(mode="json").items() if k not in PER_STUDENT}
+    return json.dumps({**shared, "total_epochs": config.total_epochs}, sort_keys=True)
+
+
 @dataclass
 class RunResult:
     out: Path
@@ -177,20 +194,60 @@ def _clean_rows(reader: StoreReader, rows: np.ndarray) -> np.ndarray:
     return rows[reader.meta.layout.view(rows) == 0]
 
 
+EVAL_CACHE_MB = 1024.0  # eval inputs kept in memory across epochs and students, when they fit
+
+
+class EvalRows:
+    """The rows a run is judged on, read once: inputs, the teachers' distribution and labels per batch. Kept in
+    memory (up to ``EVAL_CACHE_MB``) so that every epoch and every student trained together reuses them; read
+    again each time when they do not fit."""
+
+    def __init__(self, reader: StoreReader, data: TransferSet, rows: np.ndarray, batch_size: int = 1024):
+        self.reader, self.data, self.rows, self.batch_size = reader, data, rows, batch_size
+        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._fits: bool | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self):
+        for b in make_loader(self.reader, self.rows, batch_size=self.batch_size, shuffle=False,
+                             data=self.data).epoch(0):
+            yield b.x, teacher_view(b, self.reader.meta.num_classes), b.labels
+
+    def batches(self):
+        if self._kept is not None:
+            return iter(self._kept)
+        if self._fits is False:
+            return self._read()
+        kept, size = [], 0
+        for x, t, y in self._read():
+            size += x.nbytes + t.nbytes + y.nbytes
+            if size > EVAL_CACHE_MB * (1 << 20):
+                self._fits = False
+                return self._read()
+            kept.append((x, t, y))
+        self._kept, self._fits = kept, True
+        return iter(kept)
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet, rows: np.ndarray,
-            device: str, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student logits, stored teacher logits and labels over ``rows`` (float32, on the CPU)."""
+def predict(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalRows, data: TransferSet | None = None,
+            rows: np.ndarray | None = None, device: str = "cpu",
+            batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student logits, stored teacher logits and labels over ``rows`` of the store, or over an
+    :class:`EvalRows` (float32, on the CPU)."""
+    ev = reader if isinstance(reader, EvalRows) else EvalRows(reader, data, rows, batch_size)
     was = model.training
     model.eval()
     s, t, y = [], [], []
-    for b in make_loader(reader, rows, batch_size=batch_size, shuffle=False, data=data).epoch(0):
-        s.append(logits_of(model(preprocess(b.x.to(device), spec.preprocess))).float().cpu())
-        t.append(teacher_view(b, reader.meta.num_classes))
-        y.append(b.labels)
+    for x, tv, yb in ev.batches():
+        s.append(logits_of(model(preprocess(x.to(device), spec.preprocess))).float().cpu())
+        t.append(tv)
+        y.append(yb)
     model.train(was)
     if not s:
-        c = reader.meta.num_classes
+        c = ev.reader.meta.num_classes
         return torch.empty(0, c), torch.empty(0, c), torch.empty(0, dtype=torch.int64)
     return torch.cat(s), torch.cat(t), torch.cat(y)
 
@@ -210,10 +267,11 @@ def teacher_view(b, num_classes: int) -> torch.Tensor:
     return torch.log((counts + 0.5 / num_classes) / (idx.shape[1] + 0.5))
 
 
-def evaluate(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet, rows: np.ndarray,
-             device: str, batch_size: int = 1024) -> dict[str, float]:
-    """Accuracy, agreement with the teachers, NLL and ECE of ``model`` on ``rows`` of the store."""
-    if len(rows) == 0:
+def evaluate(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalRows, data: TransferSet | None = None,
+             rows: np.ndarray | None = None, device: str = "cpu", batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy, agreement with the teachers, NLL and ECE of ``model`` on ``rows`` of the store (or an
+    :class:`EvalRows`)."""
+    if len(reader if isinstance(reader, EvalRows) else rows) == 0:
         return {}
     return evaluate_logits(*predict(model, spec, reader, data, rows, device, batch_size))
 
@@ -389,6 +447,48 @@ def hint_feature(meta, wanted: str | None) -> str:
     raise SpecError(f"--hint-layer {wanted!r}: the store keeps {', '.join(names) or 'no teacher layers'}")
 
 
+class _Inputs:
+    """What every student of one store shares, opened once per process: the store, its transfer set (checked
+    once), the eval store, the row splits, the eval rows (read once), and one loader per distinct batch order
+    (students whose batches are the same share one: each batch is read and decoded once for all of them)."""
+
+    def __init__(self, store, data, eval_store, eval_data, *, allow_incomplete: bool, allow_code: bool,
+                 roots: Sequence[str | Path] | None):
+        self.allow_code, self.roots = allow_code, roots
+        self.reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
+        self.meta = self.reader.meta
+        self.data = open_checked(self.reader, data, allow_code=allow_code, roots=roots)
+        self.ev_reader: StoreReader | None = None
+        self.ev_data = self.data
+        if eval_store is not None:
+            self.ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
+            if self.ev_reader.meta.num_classes != self.meta.num_classes:
+                raise SchemaError("the eval store has a different class count from the training store")
+            self.ev_data = open_checked(self.ev_reader, eval_data, allow_code=allow_code, roots=roots)
+        self.has_eval_store = eval_store is not None
+        self._splits: dict[float, tuple[np.ndarray, np.ndarray, EvalRows]] = {}
+        self._loaders: dict[str, Any] = {}
+        self._mixing: dict[str, Any] = {}
+
+    def split(self, holdout: float) -> tuple[np.ndarray, np.ndarray, EvalRows]:
+        """(train rows, eval rows, the eval rows' data) for a holdout (ignored with an eval store)."""
+        if holdout not in self._splits:
+            tr, ev = eval_split(self.reader, holdout, self.ev_reader)
+            self._splits[holdout] = (tr, ev, EvalRows(self.ev_reader or self.reader, self.ev_data, ev))
+        return self._splits[holdout]
+
+    def loader(self, rows: np.ndarray, log: Callable[[str], None] | None, **kw: Any):
+        """The loader over ``rows`` with these settings: one per distinct setting, shared (and its batch mixing
+        reported once)."""
+        key = json.dumps({"rows": hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64)).hexdigest(), **kw},
+                         sort_keys=True, default=str)
+        if key not in self._loaders:
+            self._loaders[key] = make_loader(self.reader, rows, data=self.data, allow_code=self.allow_code,
+                                             roots=self.roots, **kw)
+            self._mixing[key] = report_mixing(self._loaders[key], self.reader, log)
+        return self._loaders[key], self._mixing[key]
+
+
 class _Recipe:
     """One training run, read top to bottom: data (:meth:`setup_data`), model and optimiser
     (:meth:`setup_model`), the run folder (:meth:`start`), then epochs of steps (:meth:`epoch`,
@@ -406,34 +506,25 @@ class _Recipe:
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.steps_done, self.accum, self.t_prior = 1, 0, [0.0, 0], 0.0
         self.resumed_from: str | None = None
+        self.loader_state: dict[str, Any] | None = None  # where the checkpoint's loader stood (None: a fresh run)
 
     # -- setup ------------------------------------------------------------------------------
-    def setup_data(self, store, data, eval_store, eval_data, allow_incomplete: bool) -> None:
+    def setup_data(self, inputs: _Inputs) -> None:
         c, log = self.config, self.log
         check_device(c)
-        self.reader = reader = store if isinstance(store, StoreReader) else open_store(
-            store, allow_incomplete=allow_incomplete)
-        self.meta = reader.meta
+        self.inputs, self.reader, self.meta = inputs, inputs.reader, inputs.meta
         self.stages = plan_stages(c)
         for st in self.stages:
-            st.objective.check(self.meta, reader.path)
+            st.objective.check(self.meta, self.reader.path)
         self.hint_name = hint_feature(self.meta, c.hint_layer) if c.loss == "hint" else None
         uses_targets = any(st.objective.needs in ("targets", "dense") for st in self.stages)
         self.rt = plan(self.meta, c.temperature) if uses_targets else unused(c.temperature)
         if log and c.alpha > 0 and uses_targets:
             log(f"targets: {self.rt.describe()}")
-        self.data = open_checked(reader, data, allow_code=self.allow_code, roots=self.roots)
-        ev_reader = None
-        self.ev_data = self.data
-        if eval_store is not None:
-            ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
-            if ev_reader.meta.num_classes != self.meta.num_classes:
-                raise SchemaError("the eval store has a different class count from the training store")
-            self.ev_data = open_checked(ev_reader, eval_data, allow_code=self.allow_code, roots=self.roots)
-        self.has_eval_store = eval_store is not None
-        self.train_rows, self.ev_rows = eval_split(reader, c.holdout, ev_reader)
-        self.ev_reader = ev_reader or reader
-        if c.alpha == 0 and log and not (reader.read_field("labels")[self.train_rows] >= 0).any():
+        self.data, self.ev_data, self.has_eval_store = inputs.data, inputs.ev_data, inputs.has_eval_store
+        self.ev_reader = inputs.ev_reader or self.reader
+        self.train_rows, self.ev_rows, self.eval_rows = inputs.split(c.holdout)
+        if c.alpha == 0 and log and not (self.reader.read_field("labels")[self.train_rows] >= 0).any():
             log("warning: --alpha 0 asks for hard labels only, but no training row has a label: the student learns "
                 "from the soft targets alone (unlabeled rows always get the soft term), and accuracy cannot be "
                 "measured")
@@ -442,15 +533,14 @@ class _Recipe:
             torch.set_num_threads(c.threads)
         if c.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.loader = make_loader(
-            reader, self.train_rows, batch_size=c.batch_size, seed=c.seed, shuffle=True, num_workers=c.num_workers,
+        features = self.hint_name is not None
+        self.loader, self.mixing = inputs.loader(
+            self.train_rows, log, batch_size=c.batch_size, seed=c.seed, shuffle=True, num_workers=c.num_workers,
             buffer_chunks=window_chunks(self.meta, c.shuffle_buffer_mb, members=self.rt.needs_members,
-                                        features=self.hint_name is not None),
+                                        features=features),
             rank=self.dist.rank, world_size=self.dist.world, views_per_epoch=c.views_per_epoch,
-            view_targets=c.view_targets, members=self.rt.needs_members, data=self.data,
-            pin_memory=device.startswith("cuda"), allow_code=self.allow_code, roots=self.roots,
-            features=self.hint_name is not None)
-        self.mixing = report_mixing(self.loader, reader, log)
+            view_targets=c.view_targets, members=self.rt.needs_members, pin_memory=device.startswith("cuda"),
+            features=features)
 
     def setup_model(self) -> None:
         c, dist, device = self.config, self.dist, self.device
@@ -482,6 +572,22 @@ class _Recipe:
                           "skipped)")
         self.dev_type = torch.device(device).type
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[c.amp]
+        self.rng = torch.get_rng_state()  # this student's random stream (dropout, …), apart from its neighbours'
+        self.cuda_rng = torch.cuda.get_rng_state(torch.device(device)) if self.dev_type == "cuda" else None
+
+    @contextmanager
+    def own_rng(self):
+        """Run with this student's random stream, and keep where it got to: students trained together draw
+        exactly what each would draw alone."""
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, torch.device(self.device))
+        try:
+            yield
+        finally:
+            self.rng = torch.get_rng_state()
+            if self.cuda_rng is not None:
+                self.cuda_rng = torch.cuda.get_rng_state(torch.device(self.device))
 
     def enter_stage(self, stage: "Stage") -> None:
         """A fresh optimiser, schedule and gradient scaler over what ``stage`` trains: the student and, in a
@@ -528,10 +634,11 @@ class _Recipe:
                               "resume with the same settings or train into a new --out")
         self.model.load_state_dict(ck["model"])
         self.wrapped.heads.load_state_dict(ck.get("heads", {}))
-        self.loader.load_state_dict(ck["loader"])
-        torch.set_rng_state(ck["rng"])
+        self.loader.load_state_dict(ck["loader"])  # refuses a state from other ranks, workers or seed
+        self.loader_state = ck["loader"]
+        self.rng = ck["rng"]
         if ck.get("cuda_rng") is not None and self.dev_type == "cuda":
-            torch.cuda.set_rng_state(ck["cuda_rng"], torch.device(self.device))
+            self.cuda_rng = ck["cuda_rng"]
         self.history, self.steps_done = list(ck["history"]), int(ck["step"])
         if ck["epoch_done"]:
             self.start_epoch = int(ck["epoch"]) + 1
@@ -561,15 +668,14 @@ class _Recipe:
             "step": self.steps_done, "model": self.model.state_dict(), "heads": self.wrapped.heads.state_dict(),
             "stage": self.stages.index(self.stage), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "loader": loader_state,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(torch.device(self.device)) if self.dev_type == "cuda" else None,
+            "rng": self.rng, "cuda_rng": self.cuda_rng,
             "history": self.history, "accum": self.accum, "seconds": seconds,
         }, self.ckpt_path)
 
     # -- training ---------------------------------------------------------------------------
     def step(self, b) -> None:
+        """One optimiser step on a batch already on the device (run inside :meth:`own_rng`)."""
         c = self.config
-        b = b.to(self.device)
         y = b.labels
         with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out, heads = self.net(preprocess(b.x, self.spec.preprocess))
@@ -585,30 +691,28 @@ class _Recipe:
         self.accum[0] += float(loss.detach()) * len(y)
         self.accum[1] += len(y)
 
-    def epoch(self, epoch: int, on_step: Callable[[int], None] | None) -> dict[str, Any]:
-        """Train one epoch (the rest of it, when resumed mid-epoch); returns its metrics row."""
-        c, dist = self.config, self.dist
+    def begin_epoch(self, epoch: int) -> None:
         if not self.stage.first <= epoch <= self.stage.last:
             self.enter_stage(self.stage_of(epoch))
         self.net.train()
-        t0 = time.perf_counter() - (self.t_prior if epoch == self.start_epoch else 0.0)
-        budget = self.per_epoch[epoch - 1]  # DDP: checkpoints only at epoch ends, so epochs start whole
-        for i, b in enumerate(self.loader.epoch(epoch)):
-            if dist.on and i >= budget:
-                break
-            self.step(b)
-            if c.checkpoint_every and not dist.on and self.steps_done % c.checkpoint_every == 0:
-                self.checkpoint(epoch, False, time.perf_counter() - t0)
-            if on_step:
-                on_step(self.steps_done)
+        self.t0 = time.perf_counter() - (self.t_prior if epoch == self.start_epoch else 0.0)
+
+    def after_step(self, epoch: int) -> None:
+        c = self.config
+        if c.checkpoint_every and not self.dist.on and self.steps_done % c.checkpoint_every == 0:
+            self.checkpoint(epoch, False, time.perf_counter() - self.t0)
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """The epoch's metrics row (evaluated on the eval rows), the checkpoint, ``metrics.jsonl``."""
+        dist = self.dist
         total, seen = dist.all_sum([self.accum[0], float(self.accum[1])], self.device)
         row = {"epoch": epoch, "step": self.steps_done, "train_loss": total / max(1.0, seen),
-               "lr": self.sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4)}
+               "lr": self.sched.get_last_lr()[0], "seconds": round(time.perf_counter() - self.t0, 4)}
         if len(self.stages) > 1:
             row["stage"] = self.stage.name
         if dist.main and len(self.ev_rows):
-            row.update({f"eval_{k}": v for k, v in evaluate(self.model, self.spec, self.ev_reader, self.ev_data,
-                                                             self.ev_rows, self.device).items()})
+            row.update({f"eval_{k}": v for k, v in evaluate(self.model, self.spec, self.eval_rows,
+                                                             device=self.device).items()})
         self.history.append(row)
         self.accum = [0.0, 0]
         self.checkpoint(epoch, True, 0.0)
@@ -616,6 +720,10 @@ class _Recipe:
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+    def position(self) -> tuple:
+        """Where this run stands: students train together only from the same place."""
+        return self.start_epoch, self.steps_done, json.dumps(self.loader_state, sort_keys=True)
 
     # -- the finished run ---------------------------------------------------------------------
     def check_ranks_agree(self) -> None:
@@ -632,7 +740,7 @@ class _Recipe:
         if float(gap) > 0:
             raise RuntimeError(f"DDP ranks ended with different weights (max |Δ| {float(gap):.3g})")
 
-    def finish(self, final_eval: bool) -> dict[str, Any]:
+    def finish(self, final_eval: bool, latency: bool = False) -> dict[str, Any]:
         """Weights, eval.json, then summary.json last (the run is finished exactly when it exists)."""
         if not self.dist.main:
             return {}
@@ -644,7 +752,8 @@ class _Recipe:
 
             report = evaluate_student(self.model, self.spec, self.ev_reader, self.ev_data, self.ev_rows,
                                       device=self.device, weights_path=out / "student.safetensors",
-                                      allow_code=self.allow_code, roots=self.roots)
+                                      latency=latency, allow_code=self.allow_code, roots=self.roots,
+                                      eval_rows=self.eval_rows)
             _write_json_atomic(report, out / "eval.json")
         summary = {
             "store": canonical(self.reader.location),
@@ -685,6 +794,137 @@ def _finished(config: TrainConfig, out: Path) -> RunResult | None:
                      s.get("num_params", 0), already_finished=True)
 
 
+def _train_group(group: list[_Recipe], on_step: Callable[[int], None] | None,
+                 on_epoch: Callable[[_Recipe, dict[str, Any]], None] | None) -> None:
+    """Students that see the same batches, trained in lockstep: each batch is read, decoded and moved to the
+    device once, then every student takes its step on it with its own random stream."""
+    lead = group[0]
+    dist = lead.dist
+    lead.loader.load_state_dict(lead.loader_state or {"epoch": 0, "seen": {}})  # shared: set where this group is
+    for epoch in range(lead.start_epoch, lead.config.total_epochs + 1):
+        for r in group:
+            r.begin_epoch(epoch)
+        budget = lead.per_epoch[epoch - 1]  # DDP: checkpoints only at epoch ends, so epochs start whole
+        for i, b in enumerate(lead.loader.epoch(epoch)):
+            if dist.on and i >= budget:
+                break
+            b = b.to(lead.device)
+            for r in group:
+                with r.own_rng():
+                    r.step(b)
+                r.after_step(epoch)
+            if on_step:
+                on_step(lead.steps_done)
+        for r in group:
+            row = r.end_epoch(epoch)
+            if dist.main and on_epoch:
+                on_epoch(r, row)
+        dist.barrier()
+
+
+def together(recipes: list[_Recipe]) -> list[list[_Recipe]]:
+    """Recipes split into groups that can train in lockstep: one loader (the same batches in the same order),
+    the same epochs and checkpoint steps, and the same place to start from."""
+    groups: dict[tuple, list[_Recipe]] = {}
+    for r in recipes:
+        c = r.config
+        key = (id(r.loader), c.total_epochs, c.checkpoint_every, r.position())
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+@dataclass
+class Run:
+    """One student to train: its settings and its run directory."""
+    config: TrainConfig
+    out: Path
+
+
+def train_many(
+    runs: Sequence[Run],
+    store: str | Path | StoreReader,
+    *,
+    data: TransferSet | None = None,
+    eval_store: str | Path | StoreReader | None = None,
+    eval_data: TransferSet | None = None,
+    allow_incomplete: bool = False,
+    allow_code: bool = False,
+    roots: Sequence[str | Path] | None = None,
+    resume: bool = False,
+    final_eval: bool = True,
+    latency: bool = False,
+    on_epoch: Callable[[Run, dict[str, Any]], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_done: Callable[[Run, RunResult | BaseException], None] | None = None,
+    log: Callable[[Run, str], None] | None = None,
+) -> list[RunResult | BaseException]:
+    """Train several students from one store in one process: the store, the transfer set and the eval rows
+    are opened once; students whose batches are the same (:func:`together`) train in lockstep from one read
+    of each batch; the others follow one group after another. Each run writes its own directory exactly as
+    :func:`train` does (``resume``: finished runs are returned as they are, interrupted ones continue).
+
+    A student whose setup fails (a setting its store refuses) gets its exception in the result list and the
+    others go on; an error while a group trains fails that group's students."""
+    results: dict[int, RunResult | BaseException] = {}
+
+    def done(i: int, res: RunResult | BaseException) -> None:
+        results[i] = res
+        if on_done:
+            on_done(runs[i], res)
+
+    todo = []
+    for i, run in enumerate(runs):
+        try:
+            fin = _finished(run.config, Path(run.out)) if resume else None
+        except RunDirError as exc:
+            done(i, exc)
+            continue
+        if fin is not None:
+            done(i, fin)
+        else:
+            todo.append(i)
+    if not todo:
+        return [results[i] for i in range(len(runs))]
+    dist = _Dist.from_env()
+    if dist.on and len(runs) > 1:
+        raise SpecError("under torchrun, train one student per launch")
+    inputs = _Inputs(store, data, eval_store, eval_data, allow_incomplete=allow_incomplete, allow_code=allow_code,
+                     roots=roots)
+    recipes: dict[int, _Recipe] = {}
+    for i in todo:
+        run = runs[i]
+        say = (lambda m, run=run: log(run, m)) if log else None
+        r = _Recipe(run.config, Path(run.out), dist, allow_code=allow_code, roots=roots, log=say)
+        try:
+            r.setup_data(inputs)
+            r.setup_model()
+            r.start(resume)
+        except Exception as exc:  # noqa: BLE001 — this student cannot train; the others still can
+            done(i, exc)
+            continue
+        recipes[i] = r
+    index = {id(r): i for i, r in recipes.items()}
+    try:
+        for group in together(list(recipes.values())):
+            try:
+                _train_group(group, on_step, (lambda r, row: on_epoch(runs[index[id(r)]], row)) if on_epoch else None)
+                for r in group:
+                    r.check_ranks_agree()
+                    final = r.finish(final_eval, latency)
+                    dist.barrier()
+                    done(index[id(r)], RunResult(r.out, final, r.history, r.rt.describe(), count_params(r.model),
+                                                 resumed_from=r.resumed_from))
+            except Exception as exc:  # noqa: BLE001 — this group fails; the next one still trains
+                if len(recipes) == 1:
+                    raise
+                for r in group:
+                    if index[id(r)] not in results:
+                        done(index[id(r)], exc)
+    finally:
+        dist.close()
+    return [results[i] for i in range(len(runs))]
+
+
 def train(
     config: TrainConfig,
     store: str | Path | StoreReader,
@@ -698,6 +938,7 @@ def train(
     roots: Sequence[str | Path] | None = None,
     resume: bool = False,
     final_eval: bool = True,
+    latency: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -705,24 +946,13 @@ def train(
     """Train ``config.student`` on ``store``; write the run to ``out``.
 
     ``resume``: continue ``out``'s checkpoint (or return at once when ``out`` is finished);
-    without it an existing run in ``out`` is replaced."""
-    out = Path(out)
-    if resume and (done := _finished(config, out)) is not None:
-        return done
-    dist = _Dist.from_env()
-    r = _Recipe(config, out, dist, allow_code=allow_code, roots=roots, log=log)
-    r.setup_data(store, data, eval_store, eval_data, allow_incomplete)
-    r.setup_model()
-    r.start(resume)
-    try:
-        for epoch in range(r.start_epoch, config.total_epochs + 1):
-            row = r.epoch(epoch, on_step)
-            if dist.main and on_epoch:
-                on_epoch(row)
-            dist.barrier()
-        r.check_ranks_agree()
-        final = r.finish(final_eval)
-        dist.barrier()
-    finally:
-        dist.close()
-    return RunResult(out, final, r.history, r.rt.describe(), count_params(r.model), resumed_from=r.resumed_from)
+    without it an existing run in ``out`` is replaced. ``latency``: time the student's CPU latency
+    for ``eval.json`` (``darkstore eval`` does it on request too)."""
+    (res,) = train_many([Run(config, Path(out))], store, data=data, eval_store=eval_store, eval_data=eval_data,
+                        allow_incomplete=allow_incomplete, allow_code=allow_code, roots=roots, resume=resume,
+                        final_eval=final_eval, latency=latency,
+                        on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None, on_step=on_step,
+                        log=(lambda _, m: log(m)) if log else None)
+    if isinstance(res, BaseException):
+        raise res
+    return res

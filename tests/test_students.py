@@ -22,7 +22,7 @@ from darkstore.data import open_transfer_set
 from darkstore.models import ModelSpec, load_model
 from storage import open_store
 from student_trainer.errors import RunDirError
-from student_trainer.train import TrainConfig, lr_lambda, split_rows, train
+from student_trainer.train import Run, TrainConfig, lr_lambda, split_rows, train, train_many
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
@@ -112,6 +112,81 @@ def test_killed_training_process_resumes_to_the_same_weights(tmp_path, cache):
     assert history(tmp_path / "ref") == history(run)
 
 
+# --- students trained together ----------------------------------------------------------
+def together_configs() -> list[TrainConfig]:
+    """Four students that see the same batches (they differ in T, α, lr, objective, width; dropout draws from
+    each one's own random stream) and one with another seed (other batches)."""
+    base = TrainConfig(student=MLP, epochs=3, batch_size=32, checkpoint_every=4)
+    wide = ModelSpec(arch="mlp", arch_kwargs={"in_features": 64, "hidden": [32], "dropout": 0.1})
+    return [base, base.model_copy(update={"temperature": 2.0, "alpha": 0.5, "lr": 3e-3}),
+            base.model_copy(update={"loss": "ce", "student": wide}),
+            base.model_copy(update={"loss": "mse", "weight_decay": 0.01}),
+            base.model_copy(update={"seed": 5})]
+
+
+def counting(data):
+    """The transfer set, counting the samples it decodes for batches larger than the student probe's two."""
+    get_batch, data.decoded = data.get_batch, 0
+
+    def counted(idx):
+        if len(idx) > 2:
+            data.decoded += len(idx)
+        return get_batch(idx)
+
+    data.get_batch = counted
+    return data
+
+
+def test_students_trained_together_reach_each_ones_own_weights(tmp_path, cache):
+    cfgs = together_configs()
+    alone = [train(c, cache, tmp_path / f"alone{i}") for i, c in enumerate(cfgs)]
+    spec = open_store(cache).meta.transfer_set.spec
+    one, many = counting(open_transfer_set(spec)), counting(open_transfer_set(spec))
+    train(cfgs[0], cache, tmp_path / "counted", data=one)
+    runs = [Run(c, tmp_path / f"together{i}") for i, c in enumerate(cfgs)]
+    got = train_many(runs, cache, data=many)
+    for i, (a, g) in enumerate(zip(alone, got)):
+        assert same(weights(tmp_path / f"alone{i}"), weights(tmp_path / f"together{i}")), i
+        assert g.final == a.final and history(tmp_path / f"together{i}") == history(tmp_path / f"alone{i}")
+    # each training batch decoded once for the four students that share it, once more for the fifth (another
+    # seed); the eval rows once in all
+    n_eval = round(0.1 * 300)
+    assert one.decoded == 3 * (300 - n_eval) + n_eval
+    assert many.decoded == 2 * 3 * (300 - n_eval) + n_eval
+
+
+def test_students_trained_together_resume_after_a_crash(tmp_path, cache):
+    cfgs = together_configs()[:3]
+    for i, c in enumerate(cfgs):
+        train(c, cache, tmp_path / f"ref{i}")
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == 13:  # after the step-12 checkpoint, in the middle of epoch 2
+            raise Crash
+
+    runs = [Run(c, tmp_path / f"run{i}") for i, c in enumerate(cfgs)]
+    got = train_many(runs, cache, on_step=crash)
+    assert all(isinstance(r, Crash) for r in got)
+    assert {torch.load(r.out / "checkpoint.pt", weights_only=True)["step"] for r in runs} == {12}
+    got = train_many(runs, cache, resume=True)
+    assert [r.resumed_from for r in got] == ["epoch 2 (mid-epoch) step 12"] * 3
+    for i in range(3):
+        assert same(weights(tmp_path / f"ref{i}"), weights(tmp_path / f"run{i}"))
+        assert history(tmp_path / f"ref{i}") == history(tmp_path / f"run{i}")
+
+
+def test_a_student_the_store_refuses_does_not_stop_the_others(tmp_path, cache):
+    bad = TrainConfig(student=MLP, epochs=1, loss="hint", student_layer="net.0", hint_epochs=1)
+    good = TrainConfig(student=MLP, epochs=1)
+    got = train_many([Run(bad, tmp_path / "bad"), Run(good, tmp_path / "good")], cache)
+    assert isinstance(got[0], Exception) and "feature" in str(got[0])
+    assert got[1].final and (tmp_path / "good" / "summary.json").exists()
+    assert not (tmp_path / "bad" / "summary.json").exists()
+
+
 def test_learning_rate_schedules():
     f = lr_lambda("cosine", total=100, warmup_steps=10)
     assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
@@ -178,7 +253,7 @@ def _reference_ece(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
 
 def test_eval_matches_a_float64_reference(tmp_path, cache):
     run = tmp_path / "run"
-    train(TrainConfig(student=MLP, epochs=3, batch_size=32), cache, run)
+    train(TrainConfig(student=MLP, epochs=3, batch_size=32), cache, run, latency=True)  # timed only when asked
     rep = json.loads((run / "eval.json").read_text())
     # recompute from the saved student, independently of the evaluation code
     reader = open_store(cache)
@@ -313,6 +388,24 @@ def test_killed_sweep_resumes_without_retraining(swept):
         assert (out / "runs" / name / "student.safetensors").stat().st_mtime_ns == mtime
         assert (out / "runs" / name / "train.log").read_text().count("== ") == 2  # one start, one finish
     assert f"{len(swept['before'])} already finished" in r.stderr
+
+
+def test_sweep_points_that_share_batches_train_in_one_process(tmp_path, cache):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"store": str(cache), "base": {"epochs": 2, "batch_size": 32, "student": MLP},
+                                    "grid": {"alpha": [0.5, 1.0], "temperature": [2.0, 4.0]}}, sort_keys=False))
+    for flag, processes in (([], 1), (["--isolate"], 4)):
+        out = tmp_path / ("isolated" if flag else "together")
+        r = subprocess.run([*DARKSTORE, "sweep", "--grid", str(grid), "--out", str(out), "--parallel", "2",
+                            "--threads", "1", *flag],  # the same threads: the same arithmetic
+                           env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len(list((out / "logs").glob("*.log"))) == processes
+        assert len(list(out.glob("runs/*/summary.json"))) == 4
+    for run in (tmp_path / "together" / "runs").iterdir():
+        assert "with 3 other point(s) in this process" in (run / "train.log").read_text()
+        # together or alone, a point reaches the same weights
+        assert same(weights(run), weights(tmp_path / "isolated" / "runs" / run.name)), run.name
 
 
 @pytest.mark.slow
