@@ -63,6 +63,18 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the paired ratios a[i] / b[i]: runs taken side by side, so drift hits both."""
+    r = [x / y for x, y in zip(a, b)]
+    return statistics.median(r), min(r), max(r)
+
+
+def paired(a: list[float], b: list[float], digits: int = 2) -> str:
+    """The median of the paired ratios a/b, with their range, as text."""
+    m, lo, hi = paired_ratio(a, b)
+    return f"{m:.{digits}f}× (range {lo:.{digits}f}–{hi:.{digits}f}, {len(a)} pairs)"
+
+
 class Procedural(torch.utils.data.Dataset):
     """Samples computed from their index: no input data held in memory, so RSS measures darkstore."""
 

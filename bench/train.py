@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import alternate, images, machine, med, teachers
+from _common import alternate, paired_ratio, images, machine, med, teachers
 
 from darkstore.data import open_transfer_set
 from darkstore.models import build_model
@@ -97,9 +97,9 @@ def main() -> None:
               f"{a.num_workers} loader workers, device {a.device}")
         print(f"targets preloaded in memory: {p:.3f} s ({n / p:,.0f} rows/s)   runs {', '.join(f'{t:.3f}' for t in tp)}")
         print(f"targets streamed from store: {s:.3f} s ({n / s:,.0f} rows/s)   runs {', '.join(f'{t:.3f}' for t in ts)}")
-        print(f"median ratio {p / s:.3f}; best-of-{a.repeats} ratio (the headline: least disturbed by other load) "
-              f"{min(tp) / min(ts):.3f}")
-        print(f"train_efficiency: {min(tp) / min(ts):.3f}")
+        m, lo, hi = paired_ratio(tp, ts)
+        print(f"median of the {a.repeats} paired ratios (the headline) {m:.3f}, range {lo:.3f}–{hi:.3f}")
+        print(f"train_efficiency: {m:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from _common import images, machine, teachers
+from _common import paired, images, machine, teachers
 
 from darkstore.data import open_transfer_set
 from darkstore.models import build_model
@@ -89,11 +89,6 @@ def cli_timer(work: Path, store: str, epochs: int, extra: list[str]):
             raise SystemExit(r.stdout + r.stderr)
         return time.perf_counter() - t0
     return go
-
-
-def paired(a: list[float], b: list[float]) -> str:
-    r = [x / y for x, y in zip(a, b)]
-    return f"{statistics.median(r):.2f}× (range {min(r):.2f}–{max(r):.2f}, {len(r)} pairs)"
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ A grid file (YAML or JSON)::
       seed: [0, 1, 2, 3]
 
 Each point trains into ``OUT/runs/<axis=value_…>``. Points that differ only in each student's own
-settings (:data:`~student_trainer.train.PER_STUDENT`: the student, T, α, the objective, the
+settings (:data:`~student_trainer.config.PER_STUDENT`: the student, T, α, the objective, the
 optimiser's settings, epochs) see the same batches, so they train together in one process
 (``python -m student_trainer.sweep DIR…``): each batch is read and decoded once and every
 student takes its step on it, each with its own random stream — the weights are those each
@@ -47,11 +47,11 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from darkstore.models import ModelSpec
+from darkstore.modelspec import ModelSpec
 from darkstore.errors import SpecError
 from storage.location import Location, canonical
 
-from .train import TrainConfig, batch_key
+from .config import TrainConfig, batch_key
 
 METRICS = ("accuracy", "agreement", "nll", "ece")
 SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
@@ -220,7 +220,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
               poll: float = 0.2, threads: int | None = None, isolate: bool = False) -> SweepResult:
     """Train every point not finished yet, then write the results tables. Points that see the same batches
-    (they differ only in :data:`~student_trainer.train.PER_STUDENT` settings) train together in one process
+    (they differ only in :data:`~student_trainer.config.PER_STUDENT` settings) train together in one process
     from one read of the store; ``parallel`` such processes run at once. ``isolate``: one process per point.
     ``threads``: torch threads per process (default: the CPU cores shared out among the processes running at
     once; a point's own ``threads`` in the grid wins)."""

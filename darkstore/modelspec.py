@@ -1,0 +1,75 @@
+"""What a teacher or a student is, as settings: architecture, weights, preprocessing (no torch needed to read
+or check one; :mod:`darkstore.models` builds and loads the model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+WeightFormat = Literal["auto", "safetensors", "state_dict", "torchscript", "export"]
+CODE_FORMATS = ("torchscript", "export")
+
+
+class Preprocess(BaseModel):
+    """What a model does to its input before the forward pass, on the device.
+
+    Inputs arrive as float tensors (images in [0, 1], ``[B, C, H, W]``; arrays as
+    stored). ``channels`` repeats a 1-channel image to 3 channels; ``resize``
+    resamples images (bilinear, antialiased); ``mean``/``std`` normalise per
+    channel (images) or per feature / globally (flat vectors).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    channels: int | None = Field(None, ge=1)
+    resize: int | tuple[int, int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Preprocess":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        if self.mean is not None and len(self.mean) != len(self.std or []):
+            raise ValueError("mean and std must have the same length")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """A teacher (ensemble member) or a student.
+
+    Either ``arch`` (+ optional ``weights``), or a code-carrying source:
+    ``format: torchscript|export`` with ``weights``, or ``factory: module:function``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_classes: int | None = Field(None, gt=1)
+    weights: str | None = None
+    format: WeightFormat = "auto"
+    factory: str | None = None
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    key_map: dict[str, str] = Field(
+        default_factory=dict, description="rename weight keys before loading, by prefix: {'module.': ''} drops DDP's "
+        "prefix; {'0.': 'net.1.', '2.': 'net.3.'} loads a plain nn.Sequential MLP into the built-in mlp. The longest "
+        "matching prefix wins; loading stays strict")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        sources = sum([self.arch is not None, self.factory is not None, self.format in CODE_FORMATS])
+        if sources != 1:
+            raise ValueError("give exactly one of: arch, factory, or format torchscript/export with weights")
+        if self.format in CODE_FORMATS and not self.weights:
+            raise ValueError(f"format {self.format} needs weights: the file to load")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch or self.factory or Path(self.weights or "model").stem
+
+

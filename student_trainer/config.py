@@ -1,0 +1,84 @@
+"""A training run's settings, one validated object (no torch needed to read or check them: a sweep plans its
+points without importing torch)."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from darkstore.modelspec import ModelSpec
+
+
+class TrainConfig(BaseModel):
+    """Flat, commented defaults (the nanoGPT habit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    student: ModelSpec
+    temperature: float = Field(4.0, gt=0, description="distillation temperature T")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft term; 0 = hard labels only")
+    loss: Literal["kl", "mse", "ce", "hint"] = Field(
+        "kl", description="the objective (student_trainer.objectives): kl = Hinton's KD against the stored targets; "
+        "mse = logit matching (dense stores); ce = hard labels only; hint = FitNets: hint_epochs regressing "
+        "student_layer onto the stored hint_layer, then epochs of kl")
+    hint_layer: str | None = Field(None, description="hint: the stored teacher layer, TEACHER:LAYER (default: the "
+                                   "store's only one)")
+    student_layer: str | None = Field(None, description="hint: the student module it guides (a name from "
+                                      "named_modules(), e.g. features.3)")
+    hint_epochs: int = Field(0, ge=0, description="hint: epochs of the hint stage, before the epochs of KD")
+    topk_loss: Literal["bucket", "spread"] = Field(
+        "bucket", description="top-k stores: KL over the head and one 'other' bucket (no assumption about the "
+        "tail), or the tail spread evenly over the classes left out and the dense KL")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming the LR up linearly")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision (fp16 needs CUDA)")
+    seed: int = 0
+    holdout: float = Field(0.1, ge=0, lt=1, description="fraction of store rows held out when no eval store is given")
+    device: str = "cpu"
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes streaming the store")
+    shuffle_buffer_mb: float = Field(256.0, gt=0, description="MiB of targets shuffled together (the window; up to "
+                                     "three windows are in memory with read-ahead). Whole small stores shuffle at once")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    views_per_epoch: int | None = Field(None, ge=1, description="views store: random views of each sample per "
+                                                              "epoch (None: all K)")
+    view_targets: Literal["matched", "clean"] = Field(
+        "matched", description="views store: each view's own targets, or (an ablation: the stale-target "
+                               "baseline) its sample's clean-view targets")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bit-exact reruns)")
+
+    @model_validator(mode="after")
+    def _hint_options(self) -> "TrainConfig":
+        if self.loss == "hint":
+            if not self.student_layer:
+                raise ValueError("loss hint needs student_layer: the student module the teacher's layer guides")
+            if self.hint_epochs < 1:
+                raise ValueError("loss hint needs hint_epochs >= 1 (the hint stage's epochs, before KD)")
+        elif self.hint_layer or self.student_layer or self.hint_epochs:
+            raise ValueError(f"hint_layer, student_layer and hint_epochs belong to loss hint, not {self.loss}")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        return self.hint_epochs + self.epochs
+
+
+#: settings that are each student's own: students that differ only in these see the same batches and can train
+#: together from one read of the store (a sweep over them shares batches; one over seed, batch size, epochs,
+#: holdout or the shuffle window does not)
+PER_STUDENT = frozenset({"student", "temperature", "alpha", "loss", "hint_layer", "student_layer", "topk_loss", "lr",
+                         "weight_decay", "optimizer", "schedule", "warmup", "amp", "hint_epochs", "epochs"})
+
+
+def batch_key(config: TrainConfig) -> str:
+    """What decides a run's batches (and the loop around them): equal keys can train together. Whether they
+    do also depends on the store (an objective that reads teacher features or members widens the shuffle
+    window): :func:`together` makes the final split."""
+    shared = {k: v for k, v in config.model_dump(mode="json").items() if k not in PER_STUDENT}
+    return json.dumps({**shared, "total_epochs": config.total_epochs}, sort_keys=True)
