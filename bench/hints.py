@@ -26,8 +26,6 @@ store's bytes per row with and without the features. Last line: ``hint_minus_kd_
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ import numpy as np
 import torch
 
 from _common import machine
-from quality import cli, split_digits, sweep_runs, train_teachers
+from quality import cli, diff, ms, split_digits, sweep_runs, train_teachers
 
 TEACHER = {"name": "wide", "arch": "small_cnn", "arch_kwargs": {"in_channels": 1, "width": 64}}
 
@@ -85,10 +83,6 @@ def run(work: Path, *, seeds: int, epochs: int, hint_epochs: int, width: int, de
     return out
 
 
-def ms(v: list[float]) -> tuple[float, float]:
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
@@ -134,8 +128,8 @@ def main() -> None:
         m, s = ms(v)
         cell = ""
         if arm != "kd":
-            se = math.sqrt(s * s / len(v) + kd[1] ** 2 / len(acc["kd"]))
-            cell = f"{100 * (m - kd[0]):+.2f} ± {100 * se:.2f} pt"
+            d, se = diff(v, acc["kd"])
+            cell = f"{100 * d:+.2f} ± {100 * se:.2f} pt"
         lines.append(f"| {arm} | {100 * m:.2f} ± {100 * s:.2f} % | {cell} |")
     f = with_f["features"][0]
     lines += ["", f"store bytes per row (uncompressed): {plain['raw_bytes_per_row']} without features, "

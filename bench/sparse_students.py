@@ -27,8 +27,6 @@ error treats them as independent, which is conservative). Last line:
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ import numpy as np
 import yaml
 
 from _common import machine
-from quality import cli, sweep_runs
+from quality import cli, diff, ms, sweep_runs
 
 C, SUPER, DIM, SPREAD, NOISE = 1000, 100, 32, 0.35, 1.0
 RECIPE = {"batch_size": 256, "lr": 3e-3, "weight_decay": 1e-4, "alpha": 0.9, "schedule": "cosine"}
@@ -117,10 +115,6 @@ def run(work: Path, *, seeds: int, epochs: int, parallel: int, log) -> tuple[dic
     return size, acc
 
 
-def ms(v: list[float]) -> tuple[float, float]:
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
-
-
 def report(teacher: float, size: dict[str, float], acc: dict, seeds: int) -> tuple[str, float]:
     lines = [f"Bayes teacher: {100 * teacher:.2f} %; students: test accuracy, mean ± std over {seeds} seeds; "
              "Δ = arm − dense at the same T, ± its standard error", "",
@@ -131,8 +125,7 @@ def report(teacher: float, size: dict[str, float], acc: dict, seeds: int) -> tup
         m, s = ms(v)
         cell = ""
         if arm not in ("dense", "hard"):
-            (md, sd), n = ms(dense[t]), len(v)
-            d, se = m - md, math.sqrt(s * s / n + sd * sd / len(dense[t]))
+            d, se = diff(v, dense[t])
             within = abs(d) <= 2 * se + 1e-12
             cell = f"{100 * d:+.2f} ± {100 * se:.2f} pt | {'within noise' if within else 'LOSES' if d < 0 else 'gains'}"
         else:
