@@ -357,6 +357,10 @@ def sweep(
                                                    "out among the processes running at once)")] = None,
     isolate: Annotated[bool, typer.Option("--isolate", help="train each point in its own process (default: points "
                                           "that see the same batches train together from one read)")] = False,
+    stack: Annotated[bool, typer.Option("--stack/--no-stack", help="students trained together that share an "
+                                        "architecture and optimiser step as one stacked model (torch.func.vmap; "
+                                        "equal within float rounding); --no-stack: each steps alone, bit-identical "
+                                        "to a lone train")] = True,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
 ):
     """Train every grid point (points that differ only in per-student settings together, from one read of the
@@ -379,7 +383,7 @@ def sweep(
                 console.print(f"finished {o.point.name} in {o.seconds:.1f} s", highlight=False)
 
         r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
-                      isolate=isolate, allow_code=allow_code, on_event=on_event)
+                      isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event)
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)
     console.print(f"{n} points: {trained} trained now, {skipped} already finished, {len(r.failed)} failed "

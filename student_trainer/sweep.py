@@ -218,10 +218,12 @@ def _outcome(p: Point, run_dir: Path, rc: int, seconds: float, log: Path) -> Poi
 def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = None,
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
-              poll: float = 0.2, threads: int | None = None, isolate: bool = False) -> SweepResult:
+              poll: float = 0.2, threads: int | None = None, isolate: bool = False,
+              stack: bool = True) -> SweepResult:
     """Train every point not finished yet, then write the results tables. Points that see the same batches
     (they differ only in :data:`~student_trainer.config.PER_STUDENT` settings) train together in one process
     from one read of the store; ``parallel`` such processes run at once. ``isolate``: one process per point.
+    ``stack``: in a process, students of one architecture and optimiser step as one stacked model.
     ``threads``: torch threads per process (default: the CPU cores shared out among the processes running at
     once; a point's own ``threads`` in the grid wins)."""
     out = Path(out).resolve()
@@ -267,6 +269,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                     (run_dir / "point.json").write_text(json.dumps({
                         "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
                         "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
+                        "stack": stack,
                     }, indent=2))
                     dirs.append(str(run_dir))
                 env = dict(os.environ, OMP_NUM_THREADS=str(unit[0].config.threads or threads))  # read at start-up
@@ -401,7 +404,7 @@ def _run_points(run_dirs: list[Path]) -> int:
 
     p0 = points_[0]
     results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], resume=True,
-                         log=say, on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
+                         stack=p0.get("stack", True), log=say, on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
     for f in logs.values():
         f.close()
     failed = [r for r in results if isinstance(r, BaseException)]

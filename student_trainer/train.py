@@ -434,6 +434,7 @@ class _Recipe:
         self.start_epoch, self.steps_done, self.accum, self.t_prior = 1, 0, [0.0, 0], 0.0
         self.resumed_from: str | None = None
         self.loader_state: dict[str, Any] | None = None  # where the checkpoint's loader stood (None: a fresh run)
+        self.stacked_with = 0  # other students stepped with this one as one stacked model
 
     # -- setup ------------------------------------------------------------------------------
     def setup_data(self, inputs: _Inputs) -> None:
@@ -523,11 +524,17 @@ class _Recipe:
         self.stage = stage
         self.wrapped.heads_on = stage.heads
         params = list(self.wrapped.parameters() if stage.heads else self.model.parameters())
-        self.opt = (torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay) if c.optimizer == "adamw" else
-                    torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True))
-        steps = max(1, sum(self.per_epoch[stage.first - 1:stage.last]))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(c.schedule, steps, int(c.warmup * steps)))
+        self.opt, self.sched = self.optimiser(params)
         self.scaler = torch.amp.GradScaler(self.dev_type, enabled=c.amp == "fp16")
+
+    def optimiser(self, params: list[torch.Tensor]):
+        """This run's optimiser and LR schedule over ``params`` for the current stage (a stack of students
+        builds its own over the stacked parameters with this too)."""
+        c, stage = self.config, self.stage
+        opt = (torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay) if c.optimizer == "adamw" else
+               torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True))
+        steps = max(1, sum(self.per_epoch[stage.first - 1:stage.last]))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.schedule, steps, int(c.warmup * steps)))
 
     def stage_of(self, epoch: int) -> "Stage":
         return next(st for st in self.stages if st.first <= epoch <= st.last)
@@ -624,9 +631,12 @@ class _Recipe:
         self.net.train()
         self.t0 = time.perf_counter() - (self.t_prior if epoch == self.start_epoch else 0.0)
 
-    def after_step(self, epoch: int) -> None:
+    def checkpoint_due(self) -> bool:
         c = self.config
-        if c.checkpoint_every and not self.dist.on and self.steps_done % c.checkpoint_every == 0:
+        return bool(c.checkpoint_every) and not self.dist.on and self.steps_done % c.checkpoint_every == 0
+
+    def after_step(self, epoch: int) -> None:
+        if self.checkpoint_due():
             self.checkpoint(epoch, False, time.perf_counter() - self.t0)
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
@@ -699,6 +709,7 @@ class _Recipe:
                          "regressor_params": count_params(self.wrapped.heads)}} if self.hint_name else {}),
             "mixing": self.mixing,
             "world_size": self.dist.world,
+            "stacked_with": self.stacked_with,
             "steps": self.steps_done,
             "final": final,
         }
@@ -722,11 +733,15 @@ def _finished(config: TrainConfig, out: Path) -> RunResult | None:
 
 
 def _train_group(group: list[_Recipe], on_step: Callable[[int], None] | None,
-                 on_epoch: Callable[[_Recipe, dict[str, Any]], None] | None) -> None:
+                 on_epoch: Callable[[_Recipe, dict[str, Any]], None] | None, stack: bool = True) -> None:
     """Students that see the same batches, trained in lockstep: each batch is read, decoded and moved to the
-    device once, then every student takes its step on it with its own random stream."""
+    device once, then every student takes its step on it with its own random stream; ``stack``: students of
+    one architecture and optimiser step as one stacked model (:mod:`student_trainer.stack`)."""
+    from .stack import stacks
+
     lead = group[0]
     dist = lead.dist
+    stacked, alone = stacks(group) if stack else ([], list(group))
     lead.loader.load_state_dict(lead.loader_state or {"epoch": 0, "seen": {}})  # shared: set where this group is
     for epoch in range(lead.start_epoch, lead.config.total_epochs + 1):
         for r in group:
@@ -736,12 +751,23 @@ def _train_group(group: list[_Recipe], on_step: Callable[[int], None] | None,
             if dist.on and i >= budget:
                 break
             b = b.to(lead.device)
-            for r in group:
+            for stk in list(stacked):
+                if not stk.try_step(b):
+                    stacked.remove(stk)
+                    alone += stk.members
+                    continue
+                if lead.checkpoint_due():
+                    stk.unload()
+                for r in stk.members:
+                    r.after_step(epoch)
+            for r in alone:
                 with r.own_rng():
                     r.step(b)
                 r.after_step(epoch)
             if on_step:
                 on_step(lead.steps_done)
+        for stk in stacked:
+            stk.unload()
         for r in group:
             row = r.end_epoch(epoch)
             if dist.main and on_epoch:
@@ -780,6 +806,7 @@ def train_many(
     resume: bool = False,
     final_eval: bool = True,
     latency: bool = False,
+    stack: bool = True,
     on_epoch: Callable[[Run, dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_done: Callable[[Run, RunResult | BaseException], None] | None = None,
@@ -789,6 +816,9 @@ def train_many(
     are opened once; students whose batches are the same (:func:`together`) train in lockstep from one read
     of each batch; the others follow one group after another. Each run writes its own directory exactly as
     :func:`train` does (``resume``: finished runs are returned as they are, interrupted ones continue).
+    ``stack``: students of one architecture and optimiser in a group step as one stacked model (equal to
+    training each alone within float rounding, not bit for bit; False: each steps alone, bit-identical to a
+    lone run).
 
     A student whose setup fails (a setting its store refuses) gets its exception in the result list and the
     others go on; an error while a group trains fails that group's students."""
@@ -834,7 +864,8 @@ def train_many(
     try:
         for group in together(list(recipes.values())):
             try:
-                _train_group(group, on_step, (lambda r, row: on_epoch(runs[index[id(r)]], row)) if on_epoch else None)
+                _train_group(group, on_step, (lambda r, row: on_epoch(runs[index[id(r)]], row)) if on_epoch else None,
+                             stack)
                 for r in group:
                     r.check_ranks_agree()
                     final = r.finish(final_eval, latency)

@@ -70,3 +70,22 @@ def recording_mlp(folder: str, num_classes: int = 5, seed: int = 0):
     for p in inner.parameters():
         p.data.mul_(3.0)
     return Recorder(inner, folder)
+
+
+class Checked(torch.nn.Module):
+    """A student whose forward reads a value back to Python (``.item()``): ``torch.func.vmap`` cannot run it,
+    so students of it cannot be stacked."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        if out.abs().max().item() > 1e6:
+            raise FloatingPointError("logits ran away")
+        return out
+
+
+def checked_mlp(num_classes: int = 5):
+    return Checked(MLP(64, num_classes, hidden=[16]))

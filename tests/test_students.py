@@ -178,6 +178,79 @@ def test_students_trained_together_resume_after_a_crash(tmp_path, cache):
         assert history(tmp_path / f"ref{i}") == history(tmp_path / f"run{i}")
 
 
+def stack_configs() -> list[TrainConfig]:
+    """Four students of one architecture and optimiser (they differ in T, α and the objective): one stack."""
+    base = TrainConfig(student={"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]}}, epochs=3,
+                       batch_size=32, checkpoint_every=4)
+    return [base, base.model_copy(update={"temperature": 2.0, "alpha": 0.5}),
+            base.model_copy(update={"loss": "ce"}), base.model_copy(update={"loss": "mse", "alpha": 0.7})]
+
+
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> float:
+    assert a.keys() == b.keys()
+    gap = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert gap <= atol, gap
+    return gap
+
+
+def test_students_of_one_architecture_step_as_one_stacked_model(tmp_path, cache):
+    cfgs = stack_configs()
+    alone = [train(c, cache, tmp_path / f"alone{i}") for i, c in enumerate(cfgs)]
+    said: list[tuple[str, str]] = []
+    got = train_many([Run(c, tmp_path / f"stack{i}") for i, c in enumerate(cfgs)], cache,
+                     log=lambda run, m: said.append((run.out.name, m)))
+    for i, (a, g) in enumerate(zip(alone, got)):
+        assert json.loads((tmp_path / f"stack{i}" / "summary.json").read_text())["stacked_with"] == 3
+        assert (f"stack{i}", "stacked with 3 other student(s) of this architecture: one vmapped forward and one "
+                "optimiser step for all of them") in said
+        # the same arithmetic up to the order of float32 sums: 36 steps later within a few float32 ulps
+        close(weights(tmp_path / f"alone{i}"), weights(tmp_path / f"stack{i}"), atol=1e-6)
+        for h_a, h_s in zip(history(tmp_path / f"alone{i}"), history(tmp_path / f"stack{i}")):
+            assert h_s.keys() == h_a.keys()
+            for k, v in h_a.items():
+                assert h_s[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (i, k)
+
+
+def test_stacked_students_resume_after_a_crash_to_the_same_weights(tmp_path, cache):
+    cfgs = stack_configs()[:3]
+    ref = [Run(c, tmp_path / f"ref{i}") for i, c in enumerate(cfgs)]
+    train_many(ref, cache)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == 13:  # after the step-12 checkpoint, in the middle of epoch 2
+            raise Crash
+
+    runs = [Run(c, tmp_path / f"run{i}") for i, c in enumerate(cfgs)]
+    assert all(isinstance(r, Crash) for r in train_many(runs, cache, on_step=crash))
+    got = train_many(runs, cache, resume=True)
+    assert [r.resumed_from for r in got] == ["epoch 2 (mid-epoch) step 12"] * 3
+    for a, b in zip(ref, runs):  # each checkpoint holds its own slice of the stack: bit for bit
+        assert same(weights(a.out), weights(b.out)) and history(a.out) == history(b.out)
+    # a stacked student's checkpoint is a lone run's: it resumes alone too, to within float rounding
+    assert isinstance(train_many(runs[:1], cache, on_step=crash, resume=False)[0], Crash)
+    alone = train(cfgs[0], cache, runs[0].out, resume=True)
+    assert alone.resumed_from == "epoch 2 (mid-epoch) step 12"
+    close(weights(ref[0].out), weights(runs[0].out), atol=1e-6)
+
+
+def test_a_model_vmap_cannot_run_steps_its_students_one_by_one(tmp_path, cache):
+    spec = {"factory": "tests.factories:checked_mlp"}
+    cfgs = [TrainConfig(student=spec, epochs=2, batch_size=32, temperature=t) for t in (2.0, 4.0)]
+    said: list[str] = []
+    got = train_many([Run(c, tmp_path / f"s{i}") for i, c in enumerate(cfgs)], cache, allow_code=True,
+                     log=lambda run, m: said.append(m))
+    for i, c in enumerate(cfgs):
+        assert not isinstance(got[i], BaseException), got[i]
+        assert json.loads((tmp_path / f"s{i}" / "summary.json").read_text())["stacked_with"] == 0
+        alone = train(c, cache, tmp_path / f"alone{i}", allow_code=True)
+        assert same(weights(tmp_path / f"s{i}"), weights(tmp_path / f"alone{i}"))  # nothing of the try was kept
+        assert got[i].final == alone.final
+    assert sum(m.startswith("cannot stack this architecture") for m in said) == 2
+
+
 def test_a_student_the_store_refuses_does_not_stop_the_others(tmp_path, cache):
     bad = TrainConfig(student=MLP, epochs=1, loss="hint", student_layer="net.0", hint_epochs=1)
     good = TrainConfig(student=MLP, epochs=1)
@@ -392,10 +465,11 @@ def test_killed_sweep_resumes_without_retraining(swept):
 
 def test_sweep_points_that_share_batches_train_in_one_process(tmp_path, cache):
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"store": str(cache), "base": {"epochs": 2, "batch_size": 32, "student": MLP},
+    student = {"arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [16]}}  # no dropout: a stack draws it once
+    grid.write_text(yaml.safe_dump({"store": str(cache), "base": {"epochs": 2, "batch_size": 32, "student": student},
                                     "grid": {"alpha": [0.5, 1.0], "temperature": [2.0, 4.0]}}, sort_keys=False))
-    for flag, processes in (([], 1), (["--isolate"], 4)):
-        out = tmp_path / ("isolated" if flag else "together")
+    for flag, processes, name in (([], 1, "together"), (["--isolate"], 4, "isolated"), (["--no-stack"], 1, "lockstep")):
+        out = tmp_path / name
         r = subprocess.run([*DARKSTORE, "sweep", "--grid", str(grid), "--out", str(out), "--parallel", "2",
                             "--threads", "1", *flag],  # the same threads: the same arithmetic
                            env=cli_env(), capture_output=True, text=True, timeout=300)
@@ -403,9 +477,13 @@ def test_sweep_points_that_share_batches_train_in_one_process(tmp_path, cache):
         assert len(list((out / "logs").glob("*.log"))) == processes
         assert len(list(out.glob("runs/*/summary.json"))) == 4
     for run in (tmp_path / "together" / "runs").iterdir():
-        assert "with 3 other point(s) in this process" in (run / "train.log").read_text()
-        # together or alone, a point reaches the same weights
-        assert same(weights(run), weights(tmp_path / "isolated" / "runs" / run.name)), run.name
+        log = (run / "train.log").read_text()
+        assert "with 3 other point(s) in this process" in log and "stacked with 3 other student(s)" in log
+        # together (one stacked model) or alone, a point reaches the same weights within float32 rounding
+        close(weights(run), weights(tmp_path / "isolated" / "runs" / run.name), atol=1e-6)
+        # --no-stack: each student steps alone in the shared loop, bit-identical to its own process
+        assert "stacked with" not in (tmp_path / "lockstep" / "runs" / run.name / "train.log").read_text()
+        assert same(weights(tmp_path / "lockstep" / "runs" / run.name), weights(tmp_path / "isolated" / "runs" / run.name))
 
 
 @pytest.mark.slow
