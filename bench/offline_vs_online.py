@@ -4,10 +4,10 @@ online distillation (the teachers run at every step of every student), generatio
     ./dev bench offline_vs_online [--rows 4000 --epochs 2 --cli-students 1,4,16 --rounds 3 --width 16]
 
 1. **Through the CLI, whole processes** (what users run). Offline: ``darkstore generate`` then one
-   ``darkstore sweep`` of S students that differ in their learning rate (so they see the same batches and
-   train together from one read of the store). Online: S runs of ``bench/online_kd.py``, a plain-PyTorch
-   online-distillation script, one process per student (teachers loaded, every batch through them and the
-   student). Same student, loss, epochs and batch size. The variants alternate within each of ``--rounds``
+   ``darkstore sweep`` of S students that differ in their temperature (so they see the same batches, train
+   together from one read of the store, and step as one stacked model). Online: S runs of
+   ``bench/online_kd.py``, a plain-PyTorch online-distillation script, one process per student (teachers
+   loaded, every batch through them and the student). Same student, loss, epochs and batch size. The variants alternate within each of ``--rounds``
    rounds; printed: the median wall time of each and the median of the paired ratios with their range.
 2. **In process**, the figure the earlier version of this bench quoted: S students one after another in
    this process; the theoretical speed-up follows from measured unit costs, f = teacher forward per row
@@ -55,9 +55,9 @@ def cli(*args: str, cwd: Path) -> None:
 def offline_cli(work: Path, tag: str, students: int, a) -> float:
     """``darkstore generate`` + one ``darkstore sweep`` of ``students`` students (whole processes); wall seconds."""
     grid = {"store": f"store-{tag}", "base": {
-        "epochs": a.epochs, "batch_size": a.batch_size, "holdout": 0, "temperature": 4.0, "alpha": 0.9,
+        "epochs": a.epochs, "batch_size": a.batch_size, "holdout": 0, "alpha": 0.9,
         "student": {"arch": "mlp", "arch_kwargs": {"in_features": 3 * 32 * 32, "hidden": [a.hidden]}}},
-        "grid": {"lr": [round(1e-3 * (1 + k / 100), 8) for k in range(students)]}}
+        "grid": {"temperature": [round(4.0 + k / 8, 4) for k in range(students)]}}
     (work / f"grid-{tag}.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     t0 = time.perf_counter()
     cli("generate", "--teachers", "ensemble.yaml", "--data", "x.npz", "--out", f"store-{tag}", "--batch-size",
