@@ -71,6 +71,7 @@ def main() -> None:
                                        "data": {"kind": "arrays", "path": str(data)}})
         store = generate(spec, work / "store", device=a.device).path
         many = configs(a, a.students)
+        timed_many(store, work / "warm-up", many[:2], True)  # first-use costs (torch._dynamo's import) untimed
         one, stacked, loop = [], [], []
         for r in range(a.rounds):
             one.append(timed_many(store, work / f"one{r}", many[:1], True))
