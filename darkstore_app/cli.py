@@ -84,10 +84,18 @@ def generate(
     views: Annotated[Optional[int], typer.Option(help="K recorded views per sample (needs --augment)")] = None,
     augment: Annotated[Optional[str], typer.Option(help="augmentation recipe: YAML/JSON file or inline JSON "
                                                    "({ops: [...]} or a list of ops); see darkstore.views")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: compute only shard I of N (chunks c with c % N == I). "
+                                                 "Run N processes, on N machines sharing --out, to fill one store "
+                                                 "once; shard 0 creates the store")] = None,
+    wait: Annotated[float, typer.Option(help="--shard I/N with I > 0: seconds to wait for shard 0 to create the "
+                                        "store")] = 600.0,
 ):
     """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
     from darkstore.data import parse_data_spec
+    from teacher_service.generate import Shard
     from teacher_service.generate import generate as run
+
+    part = Shard.parse(shard) if shard is not None else None
     from teacher_service.spec import EnsembleSpec, JobSpec
 
     if job is not None:
@@ -116,14 +124,18 @@ def generate(
     with _progress() as progress:
         task = {}
 
-        def on_start(writer):
-            done = writer.meta.num_rows - sum(b - a for a, b in map(writer.bounds, writer.pending_chunks()))
-            task["id"] = progress.add_task("generating", total=writer.meta.num_rows, completed=done, rate="")
+        def on_start(writer, chunks):
+            mine = writer.meta.num_rows if part is None else sum(b - a for a, b in map(writer.bounds, range(
+                part.index, writer.meta.n_chunks, part.count)))
+            done = mine - sum(b - a for a, b in map(writer.bounds, chunks))
+            task["id"] = progress.add_task("generating" if part is None else f"shard {part}", total=mine,
+                                           completed=done, rate="")
             task["t"], task["n"] = time.perf_counter(), 0
-            if done == writer.meta.num_rows:
-                console.print("this job's store is already complete: nothing to compute")
+            what = "this job's store is" if part is None else f"shard {part} of this job's store is"
+            if done == mine:
+                console.print(f"{what} already complete: nothing to compute")
             elif done:
-                console.print(f"resuming: {done} of {writer.meta.num_rows} rows already committed")
+                console.print(f"resuming: {done} of {mine} rows already committed")
 
         def on_rows(n):
             task["n"] += n
@@ -132,10 +144,16 @@ def generate(
 
         writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
                      allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
-                     channels_last=channels_last)
-    wrote = task.get("n", 0)
-    console.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed now "
-                  f"in {time.perf_counter() - t0:.1f} s)")
+                     channels_last=channels_last, shard=part, wait=wait)
+    wrote, took = task.get("n", 0), time.perf_counter() - t0
+    left = writer.pending_chunks()
+    if not left:
+        console.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed "
+                      f"{'now' if part is None else f'by shard {part}'} in {took:.1f} s)")
+    else:  # only a shard ends before the store does
+        console.print(f"[green]shard {part} complete[/]: {wrote} rows computed now in {took:.1f} s; the store at "
+                      f"{writer.path} still waits for {len(left)} of {writer.meta.n_chunks} chunks from the other "
+                      "shards", highlight=False)
 
 
 def _augment_spec(augment: str | None, views: int | None, current):

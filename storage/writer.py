@@ -9,11 +9,12 @@ data is harmless, so duplicate delivery of work is safe.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 from ._zarr import create, open_group, store_attrs, unfinished_creation
-from .errors import NonFiniteLogitsError, SchemaError, StoreExistsError
+from .errors import NonFiniteLogitsError, SchemaError, StoreExistsError, StoreNotFoundError
 from .fields import BY_NAME, FieldSpec, checksum, checksum_names, present, row_fields
 from .location import Location
 from .schema import StoreMeta, chunk_bounds
@@ -62,6 +63,8 @@ class StoreWriter:
                 )
             loc.remove()
         elif not loc.is_empty():
+            if store_attrs(loc) is not None:  # a racing creator finished in between: open (or refuse) its store
+                return cls.open_or_create(loc, meta, overwrite=overwrite)
             if not (overwrite or unfinished_creation(loc)):
                 raise StoreExistsError(f"{loc} exists and is not a darkstore store; refusing to write there")
             if loc.local is not None and loc.local.is_file():
@@ -70,6 +73,27 @@ class StoreWriter:
                 loc.remove()
         _create(loc, meta)
         return cls(loc)
+
+    @classmethod
+    def open_when_created(cls, where: str | Path | Location, meta: StoreMeta, *, timeout: float,
+                          poll: float = 0.5, who: str = "this process") -> "StoreWriter":
+        """Open ``meta``'s store once another process has created it (a shard other than the first, which
+        creates it: on object stores two creators must not race). Refuses another job's store; waits at
+        most ``timeout`` seconds."""
+        loc = Location.parse(where)
+        deadline = time.monotonic() + timeout
+        while True:
+            attrs = store_attrs(loc)
+            if attrs is not None:
+                _, existing = open_group(loc)
+                if existing.job_key != meta.job_key:
+                    raise StoreExistsError(f"{loc} holds another job's store (job {existing.job_key[:12]}, this one "
+                                           f"{meta.job_key[:12]}): the shards of one store must run the same job")
+                return cls(loc)
+            if time.monotonic() >= deadline:
+                raise StoreNotFoundError(f"{who} waited {timeout:g} s for the store at {loc} to be created; the first "
+                                         "shard (0/N) creates it: start it, or give the others a longer wait")
+            time.sleep(poll)
 
     # -- state ----------------------------------------------------------------
     def done_mask(self) -> np.ndarray:

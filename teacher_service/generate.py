@@ -531,6 +531,49 @@ def _stats(z: torch.Tensor, ell: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).to(torch.int64)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the chunks ``c`` with ``c % count == index``. N plain ``generate`` processes
+    (on N machines sharing the store's filesystem or bucket), one per shard, fill one store and compute each
+    chunk once; shard 0 creates the store, the others wait for it."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise SpecError(f"shard {self.index}/{self.count}: give I/N with 0 <= I < N")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        i, sep, n = text.partition("/")
+        try:
+            if not sep:
+                raise ValueError
+            index, count = int(i), int(n)
+        except ValueError:
+            raise SpecError(f"--shard {text!r}: give I/N, e.g. 0/2 and 1/2 for two processes") from None
+        return cls(index, count)
+
+    def chunks(self, pending: Sequence[int]) -> list[int]:
+        return [c for c in pending if c % self.count == self.index]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def open_for(job: PreparedJob, out: str | Path, *, overwrite: bool = False, shard: Shard | None = None,
+             wait: float = 600.0) -> StoreWriter:
+    """The store ``job`` writes at ``out``: created (or reopened to resume) here, or, for a shard other than
+    the first, opened once shard 0 has created it (waiting at most ``wait`` seconds)."""
+    if shard is None or shard.index == 0:
+        return StoreWriter.open_or_create(out, job.meta, overwrite=overwrite)
+    if overwrite:
+        raise SpecError(f"--overwrite belongs to shard 0/{shard.count}, which creates the store; shard {shard} "
+                        "writes into the store it made")
+    return StoreWriter.open_when_created(out, job.meta, timeout=wait, who=f"shard {shard}")
+
+
 def generate(
     spec: JobSpec,
     out: str | Path,
@@ -545,12 +588,18 @@ def generate(
     on_rows: OnRows | None = None,
     should_stop: Callable[[], bool] | None = None,
     channels_last: bool = False,
+    shard: Shard | None = None,
+    wait: float = 600.0,
 ) -> StoreWriter:
-    """Run ``spec`` into the store at ``out``; resumes an interrupted run, does nothing for a finished one."""
+    """Run ``spec`` into the store at ``out``; resumes an interrupted run, does nothing for a finished one.
+    ``shard``: compute only that shard's chunks (see :class:`Shard`; ``wait``: how long a shard other than the
+    first waits for the store to be created). ``on_start(writer, chunks)`` gets the chunks this call will
+    compute."""
     job = prepare(spec, device=device, allow_code=allow_code, roots=roots, channels_last=channels_last)
-    writer = StoreWriter.open_or_create(out, job.meta, overwrite=overwrite)
+    writer = open_for(job, out, overwrite=overwrite, shard=shard, wait=wait)
+    chunks = shard.chunks(writer.pending_chunks()) if shard else writer.pending_chunks()
     if on_start:
-        on_start(writer)
-    run_chunks(job, writer, writer.pending_chunks(), batch_size=batch_size, num_workers=num_workers, on_rows=on_rows,
+        on_start(writer, chunks)
+    run_chunks(job, writer, chunks, batch_size=batch_size, num_workers=num_workers, on_rows=on_rows,
                should_stop=should_stop)
     return writer

@@ -23,28 +23,30 @@ def tiny_mlp(num_classes: int = 5):
 class Slow(torch.nn.Module):
     """A teacher that takes its time and counts its forward passes in a file (across processes)."""
 
-    def __init__(self, inner: torch.nn.Module, delay: float, counter: str | None):
+    def __init__(self, inner: torch.nn.Module, delay: float, counter: str | None, rows: str | None = None):
         super().__init__()
-        self.inner, self.delay, self.counter = inner, delay, counter
+        self.inner, self.delay, self.counter, self.rows = inner, delay, counter, rows
 
     def forward(self, x):
-        if self.counter:
-            import os
+        import os
 
-            fd = os.open(self.counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(fd, b"x")
-            os.close(fd)
+        for path, n in ((self.counter, 1), (self.rows, x.shape[0] if x.shape[0] > 2 else 0)):
+            if path and n:  # one byte per forward, or per row computed (the probe left out)
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.write(fd, b"x" * n)
+                os.close(fd)
         if x.shape[0] > 2:  # the class-count probe (2 rows) stays quick
             time.sleep(self.delay)
         return self.inner(x)
 
 
-def slow_mlp(num_classes: int = 5, delay: float = 0.1, counter: str | None = None, seed: int = 0):
+def slow_mlp(num_classes: int = 5, delay: float = 0.1, counter: str | None = None, seed: int = 0,
+             rows: str | None = None):
     torch.manual_seed(seed)
     inner = MLP(64, num_classes, hidden=[16])
     for p in inner.parameters():
         p.data.mul_(3.0)
-    return Slow(inner, delay, counter)
+    return Slow(inner, delay, counter, rows)
 
 
 class Recorder(torch.nn.Module):

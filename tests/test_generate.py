@@ -368,3 +368,57 @@ def test_key_map_loads_weights_saved_under_other_names(tmp_path, arrays):
               "data": {"kind": "arrays", "path": "x.npz"}}
     a, b = JobSpec.model_validate(base), JobSpec.model_validate(mapped)
     assert "key_map" not in json.dumps(a.identity(["h"], "f")) and a.job_key(["h"], "f") != b.job_key(["h"], "f")
+
+
+# --- generation across machines without a broker: --shard I/N ---------------------------------------
+@pytest.mark.parametrize("scheme", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_two_sharded_generate_processes_fill_one_store_computing_each_chunk_once(tmp_path, scheme, request):
+    rows_file = tmp_path / "rows-computed"
+    ens = _ensemble_doc(tmp_path, [{"name": "slow", "factory": "tests.factories:slow_mlp",
+                                    "arch_kwargs": {"delay": 0.05, "rows": str(rows_file)}}], num_classes=5)
+    data = make_arrays(tmp_path / "x.npz", n=640)
+    env = cli_env()
+    if scheme == "s3":
+        env.update(request.getfixturevalue("s3_server").env)
+        out = f"s3://{request.getfixturevalue('s3_bucket')}/sharded"
+    else:
+        out = str(tmp_path / "sharded")
+    args = [*DARKSTORE, "generate", "--teachers", str(ens), "--data", str(data), "--chunk-rows", "64", "--batch-size",
+            "32", "--allow-code", "--out", out]
+    # shard 1 starts first and waits for shard 0 to create the store; then both compute at once
+    late = subprocess.Popen([*args, "--shard", "1/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    first = subprocess.run([*args, "--shard", "0/2"], env=env, capture_output=True, text=True, timeout=300)
+    said = late.communicate(timeout=300)[0]
+    assert first.returncode == 0 and late.returncode == 0, (first.stderr[-2000:], said[-2000:])
+    assert len(rows_file.read_bytes()) == 640  # every row computed once, by one shard or the other
+    store = open_store(out)
+    assert store.complete
+    both = first.stdout + first.stderr + said
+    assert "store complete" in both and "shard 0/2" in both and "shard 1/2" in both
+    # the same store a single process writes
+    rows_file.unlink()
+    subprocess.run([*args[:-1], str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    assert len(rows_file.read_bytes()) == 640
+    whole = open_store(tmp_path / "whole").read_all()
+    got = store.read_all()
+    for field in ("logits", "labels", "index"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(whole, field), err_msg=field)
+    # a shard run again finds its part done: nothing computed
+    rows_file.unlink()
+    again = subprocess.run([*args, "--shard", "1/2"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "shard 1/2 of this job's store is already complete" in again.stdout + again.stderr
+    assert not rows_file.exists()
+
+
+def test_shard_errors_are_clear(tmp_path, arrays, ensemble):
+    args = [*DARKSTORE, "generate", "--teachers", str(ensemble), "--data", str(arrays), "--out", str(tmp_path / "s")]
+    for bad, says in (("2/2", "0 <= I < N"), ("1", "give I/N"), ("a/b", "give I/N")):
+        r = subprocess.run([*args, "--shard", bad], env=cli_env(), capture_output=True, text=True)
+        assert r.returncode != 0 and says in r.stderr, r.stderr
+    t0 = time.monotonic()
+    r = subprocess.run([*args, "--shard", "1/2", "--wait", "1"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode != 0 and "waited 1 s" in r.stderr and "first shard (0/N) creates it" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "s").exists()
+    r = subprocess.run([*args, "--shard", "1/2", "--overwrite"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode != 0 and "--overwrite belongs to shard 0/2" in r.stderr, r.stderr
