@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from darkstore.errors import DataError, DataNotFoundError, SpecError
 
@@ -48,7 +48,18 @@ class ImageFolderSpec(_Spec):
     root: str
     labeled: bool | None = Field(None, description="None: labeled when root holds class folders")
     mode: Literal["RGB", "L"] = "RGB"
-    size: int | tuple[int, int] | None = Field(None, description="resize every image to this size on load")
+    size: int | tuple[int, int] | None = Field(None, description="resize every image to this size on load "
+                                               "(squashes: the aspect ratio is not kept)")
+    short_side: int | None = Field(None, ge=1, description="on load, resize so the shorter side is this many "
+                                   "pixels, aspect kept (the evaluation transform: with crop)")
+    crop: int | tuple[int, int] | None = Field(None, description="on load, then centre-crop to this size")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _one_resize(self) -> "ImageFolderSpec":
+        if self.size is not None and self.short_side is not None:
+            raise ValueError("give size (an exact size) or short_side (the shorter side, aspect kept), not both")
+        return self
 
 
 class TorchvisionSpec(_Spec):
@@ -225,13 +236,19 @@ class ImageFolderSet(TransferSet):
         if self.spec.size is not None:
             size = [self.spec.size] * 2 if isinstance(self.spec.size, int) else list(self.spec.size)
             x = TF.resize(x, size, antialias=True)
+        if self.spec.short_side is not None or self.spec.crop is not None:
+            from .imaging import geometry
+
+            x = geometry(x, short_side=self.spec.short_side, crop=self.spec.crop,
+                         interpolation=self.spec.interpolation)
         return x, y
 
     def get_batch(self, rows):
         xs, ys = zip(*(self[int(i)] for i in rows))
         shapes = {tuple(x.shape) for x in xs}
         if len(shapes) > 1:
-            raise SpecError(f"images under {self.root} differ in size {sorted(shapes)[:3]}; set size: in the data spec")
+            raise SpecError(f"images under {self.root} differ in size {sorted(shapes)[:3]}; set short_side: and crop: "
+                            "(the evaluation transform) or size: in the data spec")
         return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
 
     def labels(self) -> np.ndarray:
@@ -239,7 +256,11 @@ class ImageFolderSet(TransferSet):
 
     def _hash_content(self, h) -> None:
         # Files, not decoded pixels: the same bytes decode to the same pixels.
-        h.update(json.dumps([self.spec.mode, self.spec.size, self.class_names]).encode())
+        shape = [self.spec.mode, self.spec.size, self.class_names]
+        geometry = self.spec.model_dump(include={"short_side", "crop", "interpolation"})
+        if self.spec.short_side is not None or self.spec.crop is not None:  # only when set: older keys stay
+            shape.append(geometry)
+        h.update(json.dumps(shape).encode())
         for path, y in self.samples:
             h.update(f"{path.relative_to(self.root).as_posix()}\0{y}\0".encode())
             with open(path, "rb") as f:

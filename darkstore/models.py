@@ -379,6 +379,12 @@ def preprocess(x: torch.Tensor, p: Preprocess) -> torch.Tensor:
         size = (p.resize, p.resize) if isinstance(p.resize, int) else tuple(p.resize)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if p.short_side is not None or p.crop is not None:
+        if x.ndim != 4:
+            raise SpecError("short_side and crop need image input [B, C, H, W]")
+        from .imaging import geometry
+
+        x = geometry(x, short_side=p.short_side, crop=p.crop, interpolation=p.interpolation)
     if p.mean is not None:
         mean = torch.tensor(p.mean, dtype=x.dtype, device=x.device)
         std = torch.tensor(p.std, dtype=x.dtype, device=x.device)

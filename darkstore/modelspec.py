@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 WeightFormat = Literal["auto", "safetensors", "state_dict", "torchscript", "export"]
 CODE_FORMATS = ("torchscript", "export")
@@ -17,18 +17,37 @@ class Preprocess(BaseModel):
 
     Inputs arrive as float tensors (images in [0, 1], ``[B, C, H, W]``; arrays as
     stored). ``channels`` repeats a 1-channel image to 3 channels; ``resize``
-    resamples images (bilinear, antialiased); ``mean``/``std`` normalise per
-    channel (images) or per feature / globally (flat vectors).
+    resamples images to an exact size (bilinear, antialiased); ``short_side`` and
+    ``crop`` are the standard evaluation transform (shorter side to S, aspect kept,
+    then a centre crop); ``mean``/``std`` normalise per channel (images) or per
+    feature / globally (flat vectors).
     """
 
     model_config = ConfigDict(extra="forbid")
     channels: int | None = Field(None, ge=1)
-    resize: int | tuple[int, int] | None = None
+    resize: int | tuple[int, int] | None = Field(None, description="resample to exactly this size (squashes: the "
+                                                 "aspect ratio is not kept)")
+    short_side: int | None = Field(None, ge=1, description="resize so the shorter side is this many pixels, keeping "
+                                   "the aspect ratio (torchvision's Resize(int))")
+    crop: int | tuple[int, int] | None = Field(None, description="then centre-crop to this size (CenterCrop)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
+        "bilinear", description="short_side's resampling (antialiased except nearest)")
     mean: list[float] | None = None
     std: list[float] | None = None
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # options added after job keys existed are written only when set: older jobs keep their keys
+        d = handler(self)
+        for k, default in (("short_side", None), ("crop", None), ("interpolation", "bilinear")):
+            if k in d and d[k] == default:
+                del d[k]
+        return d
+
     @model_validator(mode="after")
     def _check(self) -> "Preprocess":
+        if self.resize is not None and self.short_side is not None:
+            raise ValueError("give resize (an exact size) or short_side (the shorter side, aspect kept), not both")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
         if self.std is not None and any(s <= 0 for s in self.std):

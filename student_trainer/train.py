@@ -432,6 +432,7 @@ class _Recipe:
         self.ckpt_path = out / "checkpoint.pt"
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.steps_done, self.accum, self.t_prior = 1, 0, [0.0, 0], 0.0
+        self.loss_acc: torch.Tensor | None = None  # accum[0] kept on the device between flushes (no sync a step)
         self.resumed_from: str | None = None
         self.loader_state: dict[str, Any] | None = None  # where the checkpoint's loader stood (None: a fresh run)
         self.stacked_with = 0  # other students stepped with this one as one stacked model
@@ -588,6 +589,7 @@ class _Recipe:
 
     def checkpoint(self, epoch: int, done: bool, seconds: float) -> None:
         dist = self.dist
+        self.flush()
         loader_state = self.loader.state_dict()
         if dist.on:  # each rank knows its own shards' progress: merge them
             import torch.distributed as tdist
@@ -622,8 +624,16 @@ class _Recipe:
         self.scaler.update()
         self.sched.step()
         self.steps_done += 1
-        self.accum[0] += float(loss.detach()) * len(y)
+        if self.loss_acc is None:
+            self.loss_acc = torch.tensor(self.accum[0], dtype=torch.float64, device=loss.device)
+        self.loss_acc += loss.detach().double() * len(y)  # the same float64 sums as on the host, in the same order
         self.accum[1] += len(y)
+
+    def flush(self) -> None:
+        """Bring the epoch's loss sum to the host (before a checkpoint or the epoch's metrics)."""
+        if self.loss_acc is not None:
+            self.accum[0] = float(self.loss_acc)
+            self.loss_acc = None
 
     def begin_epoch(self, epoch: int) -> None:
         if not self.stage.first <= epoch <= self.stage.last:
@@ -642,6 +652,7 @@ class _Recipe:
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """The epoch's metrics row (evaluated on the eval rows), the checkpoint, ``metrics.jsonl``."""
         dist = self.dist
+        self.flush()
         total, seen = dist.all_sum([self.accum[0], float(self.accum[1])], self.device)
         row = {"epoch": epoch, "step": self.steps_done, "train_loss": total / max(1.0, seen),
                "lr": self.sched.get_last_lr()[0], "seconds": round(time.perf_counter() - self.t0, 4)}

@@ -38,12 +38,13 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
     """Limits that need no file: input sizes."""
     side = settings.max_input_side
     sizes = []
-    data_size = getattr(spec.data, "size", None)
-    if data_size is not None:
-        sizes.append(("data size", data_size))
+    for field in ("size", "short_side", "crop"):
+        if getattr(spec.data, field, None) is not None:
+            sizes.append((f"data {field}", getattr(spec.data, field)))
     for m in spec.teachers.members:
-        if m.preprocess.resize is not None:
-            sizes.append((f"teacher {m.label!r} preprocess resize", m.preprocess.resize))
+        for field in ("resize", "short_side", "crop"):
+            if getattr(m.preprocess, field) is not None:
+                sizes.append((f"teacher {m.label!r} preprocess {field}", getattr(m.preprocess, field)))
     for what, v in sizes:
         vals = [v] if isinstance(v, int) else list(v)
         if any(x < 1 or x > side for x in vals):

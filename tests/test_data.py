@@ -60,6 +60,74 @@ def test_image_folder_generation_and_fingerprint(tmp_path):
     assert open_transfer_set({**spec, "root": str(tmp_path / "moved")}).fingerprint != fp
 
 
+def _interp_f64(x: np.ndarray, oh: int, ow: int) -> np.ndarray:
+    """Antialiased bilinear (triangle filter) resampling of [C, H, W] in float64, written from the definition:
+    each output pixel is the triangle-weighted mean of the input pixels under its footprint (PIL's and
+    torchvision's antialias rule, support scaled by the downsampling factor)."""
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        scale = n_in / n_out
+        support = max(scale, 1.0)
+        w = np.zeros((n_out, n_in))
+        for o in range(n_out):
+            centre = (o + 0.5) * scale
+            lo, hi = int(max(0, np.floor(centre - support))), int(min(n_in, np.ceil(centre + support)))
+            for i in range(lo, hi):
+                w[o, i] = max(0.0, 1.0 - abs((i + 0.5 - centre) / support))
+            w[o] /= w[o].sum()
+        return w
+
+    wh, ww = weights(x.shape[1], oh), weights(x.shape[2], ow)
+    return np.einsum("oh,chw,pw->cop", wh, x, ww)
+
+
+def test_image_folder_evaluation_transform_short_side_then_centre_crop(tmp_path):
+    """Images of different shapes become one batch: shorter side to 32 (aspect kept), centre crop 24, against a
+    float64 reference written from the definition, and the exact crop of the decoded pixels."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs" / "a"
+    root.mkdir(parents=True)
+    shapes = [(48, 64), (64, 40), (32, 32)]  # H x W
+    for i, (h, w) in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    spec = {"kind": "image_folder", "root": str(tmp_path / "imgs"), "short_side": 32, "crop": 24}
+    ds = open_transfer_set(spec)
+    x, _ = ds.get_batch(np.arange(3))
+    assert x.shape == (3, 3, 24, 24)
+    for i, (h, w) in enumerate(shapes):
+        raw = np.asarray(Image.open(root / f"{i}.png"), dtype=np.float64).transpose(2, 0, 1) / 255.0
+        oh, ow = (32, int(32 * w / h)) if h <= w else (int(32 * h / w), 32)
+        ref = _interp_f64(raw, oh, ow) if (oh, ow) != (h, w) else raw
+        top, left = int(round((oh - 24) / 2.0)), int(round((ow - 24) / 2.0))
+        np.testing.assert_allclose(x[i].double().numpy(), ref[:, top:top + 24, left:left + 24], atol=2e-5)
+    # the geometry is part of the content fingerprint, only when set
+    plain = open_transfer_set({"kind": "image_folder", "root": str(tmp_path / "imgs")})
+    assert plain.fingerprint != ds.fingerprint
+    assert open_transfer_set({**spec, "crop": 16}).fingerprint != ds.fingerprint
+    with pytest.raises(SpecError, match="differ in size"):
+        plain.get_batch(np.arange(3))
+    with pytest.raises(SpecError, match="crop 40 is larger"):
+        open_transfer_set({**spec, "crop": 40})[0]
+    with pytest.raises(SpecError, match="not both"):
+        parse_data_spec({**spec, "size": 16})
+
+
+def test_member_preprocess_matches_torchvision_weights_own_transform():
+    """A member's short_side + crop + mean/std on the device is the evaluation preset torchvision ships with
+    its ImageNet weights (Resize(256) -> CenterCrop(224) -> Normalize)."""
+    import torch
+    from torchvision.models import ResNet18_Weights
+
+    from darkstore.models import Preprocess, preprocess
+
+    preset = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    ours = Preprocess(short_side=preset.resize_size[0], crop=preset.crop_size[0], mean=list(preset.mean),
+                      std=list(preset.std), interpolation=preset.interpolation.value)
+    x = torch.rand(2, 3, 300, 420)
+    torch.testing.assert_close(preprocess(x, ours), preset(x), atol=1e-5, rtol=0)
+    # options added later stay out of the dump when unset: older jobs keep their keys
+    assert Preprocess(resize=16).model_dump() == {"channels": None, "resize": 16, "mean": None, "std": None}
+
+
 def _write_idx(path, arr: np.ndarray):
     magic = {1: 0x0801, 3: 0x0803}[arr.ndim]
     with open(path, "wb") as f:
