@@ -95,8 +95,9 @@ def generate(
     from teacher_service.generate import Shard
     from teacher_service.generate import generate as run
 
-    part = Shard.parse(shard) if shard is not None else None
     from teacher_service.spec import EnsembleSpec, JobSpec
+
+    part = Shard.parse(shard) if shard is not None else None
 
     if job is not None:
         spec = JobSpec.from_file(job)
@@ -145,7 +146,10 @@ def generate(
         writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
                      allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
                      channels_last=channels_last, shard=part, wait=wait)
-    wrote, took = task.get("n", 0), time.perf_counter() - t0
+    _say_generated(writer, part, task.get("n", 0), time.perf_counter() - t0)
+
+
+def _say_generated(writer, part, wrote: int, took: float) -> None:
     left = writer.pending_chunks()
     if not left:
         console.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed "
