@@ -64,8 +64,8 @@ def stacks(group: list["_Recipe"]) -> tuple[list["Stack"], list["_Recipe"]]:
     return out, alone
 
 
-def _stack_state(states: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    """Optimiser state dicts of ``n`` students (same parameter order) as one over stacked parameters."""
+def _stack_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Optimiser state dicts of students (same parameter order) as one over stacked parameters."""
     lead = states[0]
     state = {}
     for j, st in lead["state"].items():
@@ -96,7 +96,7 @@ class Stack:
                             randomness="different")
         self.opt, self.sched = lead.optimiser(list(self.params.values()))
         if lead.opt.state:  # resumed: the students' optimiser states, stacked
-            self.opt.load_state_dict(_stack_state([r.opt.state_dict() for r in members], len(members)))
+            self.opt.load_state_dict(_stack_state([r.opt.state_dict() for r in members]))
         self.sched.load_state_dict(lead.sched.state_dict())
         for g, lg in zip(self.opt.param_groups, lead.opt.param_groups):
             g["lr"] = lg["lr"]
@@ -148,6 +148,13 @@ class Stack:
         self.seen += len(b.labels)
         for r in self.members:
             r.steps_done += 1
+
+    def after_step(self, epoch: int) -> None:
+        """The members' checkpoints when due (the stack written back to them first)."""
+        if self.lead.checkpoint_due():
+            self.unload()
+        for r in self.members:
+            r.after_step(epoch)
 
     def unload(self) -> None:
         """Write every member's slice back to its own model, optimiser, schedule, loss sums and random stream:

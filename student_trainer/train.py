@@ -767,10 +767,7 @@ def _train_group(group: list[_Recipe], on_step: Callable[[int], None] | None,
                     stacked.remove(stk)
                     alone += stk.members
                     continue
-                if lead.checkpoint_due():
-                    stk.unload()
-                for r in stk.members:
-                    r.after_step(epoch)
+                stk.after_step(epoch)
             for r in alone:
                 with r.own_rng():
                     r.step(b)
