@@ -126,8 +126,8 @@ def generate(
         task = {}
 
         def on_start(writer, chunks):
-            mine = writer.meta.num_rows if part is None else sum(b - a for a, b in map(writer.bounds, range(
-                part.index, writer.meta.n_chunks, part.count)))
+            mine = writer.meta.num_rows if part is None else sum(
+                b - a for a, b in map(writer.bounds, part.chunks(range(writer.meta.n_chunks))))
             done = mine - sum(b - a for a, b in map(writer.bounds, chunks))
             task["id"] = progress.add_task("generating" if part is None else f"shard {part}", total=mine,
                                            completed=done, rate="")

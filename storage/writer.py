@@ -83,8 +83,7 @@ class StoreWriter:
         loc = Location.parse(where)
         deadline = time.monotonic() + timeout
         while True:
-            attrs = store_attrs(loc)
-            if attrs is not None:
+            if store_attrs(loc) is not None:
                 _, existing = open_group(loc)
                 if existing.job_key != meta.job_key:
                     raise StoreExistsError(f"{loc} holds another job's store (job {existing.job_key[:12]}, this one "
