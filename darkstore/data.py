@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from darkstore.errors import DataError, DataNotFoundError, SpecError
 
+from .fingerprint import FingerprintPolicy, FingerprintReport, cached_whole, files_under, folder_digests
 from .paths import import_callable, resolve
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -117,6 +120,12 @@ class TransferSet(torch.utils.data.Dataset):
 
     spec: DataSpec
     class_names: list[str] | None = None
+    fingerprints: FingerprintPolicy = FingerprintPolicy()  # open_transfer_set sets it
+
+    @cached_property
+    def fingerprint_report(self) -> FingerprintReport:
+        """What the fingerprint cost (filled when :attr:`fingerprint` is computed)."""
+        return FingerprintReport()
 
     def labels(self) -> np.ndarray:
         """All hard labels (−1 where unlabeled)."""
@@ -133,6 +142,10 @@ class TransferSet(torch.utils.data.Dataset):
 
     @cached_property
     def fingerprint(self) -> str:
+        """sha256 over the content (through the manifest of :attr:`fingerprints` where the set allows)."""
+        return self._fingerprint()
+
+    def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(f"darkstore-transfer-set-v1:{len(self)}".encode())
         self._hash_content(h)
@@ -153,7 +166,7 @@ def _hash_tensor(h, x: torch.Tensor | np.ndarray) -> None:
 
 class ArraysSet(TransferSet):
     def __init__(self, spec: ArraysSpec, path: Path):
-        self.spec = spec
+        self.spec, self.path = spec, path.resolve()
         try:
             if path.suffix == ".npy":
                 self._x, self._y = np.load(path, mmap_mode="r"), None
@@ -192,6 +205,12 @@ class ArraysSet(TransferSet):
     def labels(self) -> np.ndarray:
         return self._y.astype(np.int64) if self._y is not None else np.full(len(self), -1, dtype=np.int64)
 
+    @cached_property
+    def fingerprint(self) -> str:  # kept in the manifest while the file's size and mtime stay
+        key = f"arrays:{self.path}:{self.spec.model_dump_json()}"
+        return cached_whole("arrays", key, [str(self.path)], self._fingerprint, self.fingerprints,
+                            self.fingerprint_report)
+
     def _hash_content(self, h) -> None:
         step = max(1, (64 << 20) // max(1, self._x[0].nbytes))
         h.update(f"{np.dtype(self._x.dtype).str}{self._x.shape}".encode())
@@ -208,13 +227,13 @@ class ImageFolderSet(TransferSet):
             raise DataNotFoundError(f"image folder not found: {root}")
         subdirs = sorted(d for d in root.iterdir() if d.is_dir())
         labeled = spec.labeled if spec.labeled is not None else bool(subdirs)
+        found = [_list_images(root, d.name) for d in subdirs] if labeled else [_list_images(root, "")]
         if labeled:
             self.class_names = [d.name for d in subdirs]
-            self.samples = [
-                (f, c) for c, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if _is_image(f)
-            ]
-        else:
-            self.samples = [(f, -1) for f in sorted(root.rglob("*")) if _is_image(f)]
+        self.relpaths = [rel for files in found for rel, _, _ in files]
+        self._stats = (np.array([s for files in found for _, s, _ in files], dtype=np.int64),
+                       np.array([m for files in found for _, _, m in files], dtype=np.int64))
+        self.samples = [(root / rel, c if labeled else -1) for c, files in enumerate(found) for rel, _, _ in files]
         if not self.samples:
             raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         self.root = root
@@ -261,10 +280,38 @@ class ImageFolderSet(TransferSet):
         if self.spec.short_side is not None or self.spec.crop is not None:  # only when set: older keys stay
             shape.append(geometry)
         h.update(json.dumps(shape).encode())
-        for path, y in self.samples:
-            h.update(f"{path.relative_to(self.root).as_posix()}\0{y}\0".encode())
-            with open(path, "rb") as f:
-                h.update(hashlib.file_digest(f, "sha256").digest())
+        digests = folder_digests(self.root, self.relpaths, self.fingerprints, self.fingerprint_report,
+                                 stats=self._stats)
+        for rel, (_, y), d in zip(self.relpaths, self.samples, digests):
+            h.update(f"{rel}\0{y}\0".encode())
+            h.update(d)
+
+
+def _list_images(root: Path, sub: str) -> list[tuple[str, int, int]]:
+    """(path relative to ``root``, size, mtime_ns) of every image file under ``root/sub``, in the order
+    ``sorted(Path.rglob("*"))`` gives (by path components); symlinked files count, symlinked folders are not
+    entered. One stat per image: the fingerprint's manifest reuses it."""
+    out: list[tuple[tuple[str, ...], int, int]] = []
+    stack = [sub]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = list(os.scandir(root / rel_dir if rel_dir else root))
+        except OSError as exc:
+            raise DataNotFoundError(f"cannot list {root / rel_dir}: {exc}") from exc
+        for e in entries:
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            if e.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                try:
+                    st = e.stat()  # follows a symlink: its target must be a regular file
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append((tuple(rel.split("/")), st.st_size, st.st_mtime_ns))
+    out.sort()
+    return [("/".join(parts), size, mtime) for parts, size, mtime in out]
 
 
 class Reordered(TransferSet):
@@ -298,15 +345,11 @@ class Reordered(TransferSet):
         return self.base.fingerprint
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-
-
 class WrappedSet(TransferSet):
     """A torchvision or user dataset; samples are converted to float tensors."""
 
-    def __init__(self, spec: DataSpec, dataset: Any):
-        self.spec, self.dataset = spec, dataset
+    def __init__(self, spec: DataSpec, dataset: Any, root: Path | None = None):
+        self.spec, self.dataset, self.root = spec, dataset, root
         classes = getattr(dataset, "classes", None)
         self.class_names = [str(c) for c in classes] if classes is not None else None
         try:
@@ -331,6 +374,16 @@ class WrappedSet(TransferSet):
             x = x.float() / 255.0
         return x.float(), int(y) if y is not None else -1
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A torchvision set's is kept while no file under its root changes (size, mtime); a factory's
+        (user code: nothing says what it reads) is computed every time."""
+        if self.root is None:
+            return self._fingerprint()
+        key = f"torchvision:{self.root}:{self.spec.model_dump_json()}"
+        return cached_whole("torchvision", key, files_under(self.root), self._fingerprint, self.fingerprints,
+                            self.fingerprint_report)
+
 
 def open_transfer_set(
     spec: DataSpec | dict | str | Path,
@@ -338,9 +391,18 @@ def open_transfer_set(
     allow_code: bool = False,
     base_dir: str | Path | None = None,
     roots: Sequence[str | Path] | None = None,
+    fingerprints: FingerprintPolicy | None = None,
 ) -> TransferSet:
-    """Open a transfer set. Paths resolve against ``base_dir`` and must lie in ``roots`` when given."""
-    spec = parse_data_spec(spec)
+    """Open a transfer set. Paths resolve against ``base_dir`` and must lie in ``roots`` when given;
+    ``fingerprints``: how its fingerprint is computed (default: from scratch, every file hashed)."""
+    ds = _open(parse_data_spec(spec), allow_code=allow_code, base_dir=base_dir, roots=roots)
+    if fingerprints is not None:
+        ds.fingerprints = fingerprints
+    return ds
+
+
+def _open(spec: DataSpec, *, allow_code: bool, base_dir: str | Path | None,
+          roots: Sequence[str | Path] | None) -> TransferSet:
     if isinstance(spec, ArraysSpec):
         return ArraysSet(spec, resolve(spec.path, base_dir=base_dir, roots=roots))
     if isinstance(spec, ImageFolderSpec):
@@ -364,7 +426,7 @@ def open_transfer_set(
             raise SpecError(f"bad kwargs for torchvision {spec.name}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 — an abstract class (VisionDataset), a dataset that refuses
             raise SpecError(f"torchvision {spec.name} cannot be opened: {type(exc).__name__}: {exc}") from exc
-        return WrappedSet(spec, ds)
+        return WrappedSet(spec, ds, root=root.resolve())
     fn = import_callable(spec.factory, allow_code=allow_code, what="dataset factory")
     return WrappedSet(spec, fn(**spec.kwargs))
 

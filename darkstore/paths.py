@@ -67,3 +67,13 @@ def import_callable(ref: str, *, allow_code: bool, what: str) -> Callable:
     if not callable(obj):
         raise SpecError(f"{what} {ref!r} is not callable")
     return obj
+
+
+def user_cache_dir() -> Path:
+    """darkstore's cache folder: ``$DARKSTORE_CACHE``, else ``$XDG_CACHE_HOME/darkstore``, else
+    ``~/.cache/darkstore``. Read by entry points (the CLI), which pass what they need down."""
+    import os
+
+    if os.environ.get("DARKSTORE_CACHE"):
+        return Path(os.environ["DARKSTORE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "darkstore"

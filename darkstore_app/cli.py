@@ -50,6 +50,32 @@ def _human(n: float) -> str:
     return str(n)
 
 
+VerifyData = Annotated[str, typer.Option(
+    "--verify-data", help="quick: the transfer set is read whole once, then checked against its fingerprint "
+    "manifest (files' size and mtime, a sample re-read) kept in $DARKSTORE_CACHE (default ~/.cache/darkstore); "
+    "full: hash every file again")]
+
+
+def _fingerprints(verify: str, progress: Progress | None = None):
+    """How this command fingerprints transfer sets: through the user's manifest cache, with a progress bar
+    while a large set is read whole."""
+    from darkstore.fingerprint import FingerprintPolicy
+    from darkstore.paths import user_cache_dir
+
+    if verify not in ("quick", "full"):
+        raise typer.BadParameter(f"--verify-data must be quick or full, not {verify!r}")
+    task: dict = {}
+
+    def on_bytes(done: int, total: int) -> None:
+        if progress is None or total < (64 << 20):  # small sets hash in a blink
+            return
+        if "id" not in task:
+            task["id"] = progress.add_task("fingerprinting the transfer set", total=total, rate="")
+        progress.update(task["id"], completed=done, rate=f"{_human(done)} of {_human(total)}")
+
+    return FingerprintPolicy(cache_dir=user_cache_dir() / "fingerprints", verify=verify, progress=on_bytes)
+
+
 # --- generate ---------------------------------------------------------------------
 @app.command()
 def generate(
@@ -89,6 +115,7 @@ def generate(
                                                  "once; shard 0 creates the store")] = None,
     wait: Annotated[float, typer.Option(help="--shard I/N with I > 0: seconds to wait for shard 0 to create the "
                                         "store")] = 600.0,
+    verify_data: VerifyData = "quick",
 ):
     """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
     from darkstore.data import parse_data_spec
@@ -145,7 +172,8 @@ def generate(
 
         writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
                      allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
-                     channels_last=channels_last, shard=part, wait=wait)
+                     channels_last=channels_last, shard=part, wait=wait,
+                     fingerprints=_fingerprints(verify_data, progress))
     _say_generated(writer, part, task.get("n", 0), time.perf_counter() - t0)
 
 
@@ -289,6 +317,7 @@ def train(
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
     api: Annotated[Optional[str], typer.Option("--api", help="with --job: API base URL [env DARKSTORE_API_URL]")] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="with --job: bearer token [env DARKSTORE_TOKEN]")] = None,
+    verify_data: VerifyData = "quick",
 ):
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     from darkstore.data import open_transfer_set
@@ -321,12 +350,13 @@ def train(
                       amp=amp, checkpoint_every=checkpoint_every, deterministic=deterministic,
                       views_per_epoch=views_per_epoch, view_targets=view_targets, topk_loss=topk_loss,
                       shuffle_buffer_mb=shuffle_buffer_mb, threads=threads)
-    tset = open_transfer_set(data, allow_code=allow_code) if data else None
-    etset = open_transfer_set(eval_data, allow_code=allow_code) if eval_data else None
     import os
 
     rank0 = os.environ.get("RANK", "0") == "0"
     with _progress() as progress:
+        fps = _fingerprints(verify_data, progress if rank0 else None)
+        tset = open_transfer_set(data, allow_code=allow_code, fingerprints=fps) if data else None
+        etset = open_transfer_set(eval_data, allow_code=allow_code, fingerprints=fps) if eval_data else None
         task = progress.add_task("training", total=cfg.total_epochs, rate="", visible=rank0)
 
         def on_epoch(row):
@@ -336,7 +366,7 @@ def train(
 
         r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset, allow_incomplete=allow_incomplete,
                 allow_code=allow_code, resume=resume, latency=latency, on_epoch=on_epoch,
-                log=lambda m: console.print(m))
+                log=lambda m: console.print(m), fingerprints=fps)
     if not rank0:
         return
     _print_run(r)
@@ -384,6 +414,7 @@ def sweep(
                                         "equal within float rounding); --no-stack: each steps alone, bit-identical "
                                         "to a lone train")] = True,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
+    verify_data: VerifyData = "quick",
 ):
     """Train every grid point (points that differ only in per-student settings together, from one read of the
     store; the rest in parallel processes); finished points are skipped; writes mean ± std over seeds."""
@@ -405,7 +436,8 @@ def sweep(
                 console.print(f"finished {o.point.name} in {o.seconds:.1f} s", highlight=False)
 
         r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
-                      isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event)
+                      isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event,
+                      fingerprints=_fingerprints(verify_data))
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)
     console.print(f"{n} points: {trained} trained now, {skipped} already finished, {len(r.failed)} failed "
@@ -423,11 +455,13 @@ def eval_(
     no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the CPU latency measurements")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the whole report as JSON")] = False,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying teachers/data")] = False,
+    verify_data: VerifyData = "quick",
 ):
     """Accuracy, agreement, NLL, ECE, confusion matrix and the student-vs-teachers cost of a run."""
     from student_trainer.evaluate import evaluate_run
 
-    rep = evaluate_run(run, store=store, device=device, latency=not no_latency, allow_code=allow_code)
+    rep = evaluate_run(run, store=store, device=device, latency=not no_latency, allow_code=allow_code,
+                       fingerprints=_fingerprints(verify_data))
     if as_json:
         out.print_json(json.dumps(rep))
         return

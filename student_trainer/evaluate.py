@@ -70,8 +70,9 @@ def _sample_inputs(data: TransferSet) -> torch.Tensor:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("DARKSTORE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "darkstore")
+    from darkstore.paths import user_cache_dir
+
+    return user_cache_dir()
 
 
 def teacher_cost(reader: StoreReader, x: torch.Tensor, *, allow_code: bool = False,
@@ -179,8 +180,9 @@ def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReade
 
 def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: TransferSet | None = None,
                  device: str = "cpu", latency: bool = True, write: bool = True, allow_code: bool = False,
-                 roots: Sequence[str | Path] | None = None) -> dict[str, Any]:
-    """Evaluate a finished run (its rows: the eval store, or the same holdout it trained with)."""
+                 roots: Sequence[str | Path] | None = None, fingerprints=None) -> dict[str, Any]:
+    """Evaluate a finished run (its rows: the eval store, or the same holdout it trained with);
+    ``fingerprints``: a :class:`~darkstore.fingerprint.FingerprintPolicy` for checking the transfer set."""
     from .train import eval_split, open_checked
 
     run = Path(run)
@@ -199,7 +201,7 @@ def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: Tran
         ev = open_store(s["eval_store"]) if s.get("eval_store") else None
         _, rows = eval_split(train_reader, s.get("holdout") or 0.0, ev)
         reader = ev or train_reader
-    data = open_checked(reader, data, allow_code=allow_code, roots=roots)
+    data = open_checked(reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
     report = evaluate_student(model, spec, reader, data, rows, device=device, weights_path=weights,
                               latency=latency, allow_code=allow_code, roots=roots)
     if store is None and len(rows) != s.get("eval_rows", len(rows)):

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from darkstore.modelspec import ModelSpec
 from darkstore.errors import SpecError
+from darkstore.fingerprint import FingerprintPolicy
 from storage.location import Location, canonical
 
 from .config import TrainConfig, batch_key
@@ -219,13 +220,14 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
               poll: float = 0.2, threads: int | None = None, isolate: bool = False,
-              stack: bool = True) -> SweepResult:
+              stack: bool = True, fingerprints: FingerprintPolicy | None = None) -> SweepResult:
     """Train every point not finished yet, then write the results tables. Points that see the same batches
     (they differ only in :data:`~student_trainer.config.PER_STUDENT` settings) train together in one process
     from one read of the store; ``parallel`` such processes run at once. ``isolate``: one process per point.
     ``stack``: in a process, students of one architecture and optimiser step as one stacked model.
     ``threads``: torch threads per process (default: the CPU cores shared out among the processes running at
-    once; a point's own ``threads`` in the grid wins)."""
+    once; a point's own ``threads`` in the grid wins). ``fingerprints``: how each process checks the transfer
+    set (with a cache, the first process reads it whole and the others wait for its manifest)."""
     out = Path(out).resolve()
     store = store or spec.store
     if store is None:
@@ -270,6 +272,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                         "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
                         "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
                         "stack": stack,
+                        "fingerprints": fingerprints.model_dump(mode="json") if fingerprints else None,
                     }, indent=2))
                     dirs.append(str(run_dir))
                 env = dict(os.environ, OMP_NUM_THREADS=str(unit[0].config.threads or threads))  # read at start-up
@@ -403,8 +406,9 @@ def _run_points(run_dirs: list[Path]) -> int:
             say(run, f"== finished: {res.final}")
 
     p0 = points_[0]
+    fps = FingerprintPolicy.model_validate(p0["fingerprints"]) if p0.get("fingerprints") else None
     results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], resume=True,
-                         stack=p0.get("stack", True), log=say, on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
+                         stack=p0.get("stack", True), fingerprints=fps, log=say, on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
     for f in logs.values():
         f.close()
     failed = [r for r in results if isinstance(r, BaseException)]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from darkstore.data import TransferSet, open_transfer_set
+from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
 from storage import StoreReader, open_store
 from storage.location import canonical
@@ -87,10 +88,12 @@ def split_rows(n: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: bool = False,
-                 roots: Sequence[str | Path] | None = None) -> TransferSet:
+                 roots: Sequence[str | Path] | None = None,
+                 fingerprints: FingerprintPolicy | None = None) -> TransferSet:
     """The transfer set a store was generated from (as recorded, unless given), checked by fingerprint."""
     if data is None:
-        data = open_transfer_set(reader.meta.transfer_set.spec, allow_code=allow_code, roots=roots)
+        data = open_transfer_set(reader.meta.transfer_set.spec, allow_code=allow_code, roots=roots,
+                                 fingerprints=fingerprints)
     check_transfer_set(reader, data)
     return data
 
@@ -380,18 +383,19 @@ class _Inputs:
     (students whose batches are the same share one: each batch is read and decoded once for all of them)."""
 
     def __init__(self, store, data, eval_store, eval_data, *, allow_incomplete: bool, allow_code: bool,
-                 roots: Sequence[str | Path] | None):
+                 roots: Sequence[str | Path] | None, fingerprints: FingerprintPolicy | None = None):
         self.allow_code, self.roots = allow_code, roots
         self.reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
         self.meta = self.reader.meta
-        self.data = open_checked(self.reader, data, allow_code=allow_code, roots=roots)
+        self.data = open_checked(self.reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
         self.ev_reader: StoreReader | None = None
         self.ev_data = self.data
         if eval_store is not None:
             self.ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
             if self.ev_reader.meta.num_classes != self.meta.num_classes:
                 raise SchemaError("the eval store has a different class count from the training store")
-            self.ev_data = open_checked(self.ev_reader, eval_data, allow_code=allow_code, roots=roots)
+            self.ev_data = open_checked(self.ev_reader, eval_data, allow_code=allow_code, roots=roots,
+                                        fingerprints=fingerprints)
         self.has_eval_store = eval_store is not None
         self._splits: dict[float, tuple[np.ndarray, np.ndarray, EvalRows]] = {}
         self._loaders: dict[str, Any] = {}
@@ -815,6 +819,7 @@ def train_many(
     final_eval: bool = True,
     latency: bool = False,
     stack: bool = True,
+    fingerprints: FingerprintPolicy | None = None,
     on_epoch: Callable[[Run, dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_done: Callable[[Run, RunResult | BaseException], None] | None = None,
@@ -826,7 +831,8 @@ def train_many(
     :func:`train` does (``resume``: finished runs are returned as they are, interrupted ones continue).
     ``stack``: students of one architecture and optimiser in a group step as one stacked model (equal to
     training each alone within float rounding, not bit for bit; False: each steps alone, bit-identical to a
-    lone run).
+    lone run). ``fingerprints``: how the recorded transfer sets are fingerprinted to check them (default: every
+    file hashed; a policy with a cache reads them whole only the first time).
 
     A student whose setup fails (a setting its store refuses) gets its exception in the result list and the
     others go on; an error while a group trains fails that group's students."""
@@ -854,7 +860,7 @@ def train_many(
     if dist.on and len(runs) > 1:
         raise SpecError("under torchrun, train one student per launch")
     inputs = _Inputs(store, data, eval_store, eval_data, allow_incomplete=allow_incomplete, allow_code=allow_code,
-                     roots=roots)
+                     roots=roots, fingerprints=fingerprints)
     recipes: dict[int, _Recipe] = {}
     for i in todo:
         run = runs[i]
@@ -906,6 +912,7 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    fingerprints: FingerprintPolicy | None = None,
 ) -> RunResult:
     """Train ``config.student`` on ``store``; write the run to ``out``.
 
@@ -914,7 +921,7 @@ def train(
     for ``eval.json`` (``darkstore eval`` does it on request too)."""
     (res,) = train_many([Run(config, Path(out))], store, data=data, eval_store=eval_store, eval_data=eval_data,
                         allow_incomplete=allow_incomplete, allow_code=allow_code, roots=roots, resume=resume,
-                        final_eval=final_eval, latency=latency,
+                        final_eval=final_eval, latency=latency, fingerprints=fingerprints,
                         on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None, on_step=on_step,
                         log=(lambda _, m: log(m)) if log else None)
     if isinstance(res, BaseException):

@@ -59,7 +59,8 @@ def admit(spec: JobSpec, settings: Settings, known: Callable[[str], bool] | None
     from .generate import prepare
     from .jobs import identify
 
-    data = open_transfer_set(spec.data, allow_code=settings.allow_code, roots=settings.roots)
+    data = open_transfer_set(spec.data, allow_code=settings.allow_code, roots=settings.roots,
+                             fingerprints=settings.fingerprints)
     key = identify(spec, allow_code=settings.allow_code, roots=settings.roots, data=data)
     if known is not None and known(key):
         return key, None  # not one forward pass for a job that exists

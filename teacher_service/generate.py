@@ -21,6 +21,7 @@ import torch
 
 import darkstore
 from darkstore.data import TransferSet, open_transfer_set
+from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
 from storage.schema import FeatureRecord, RowLayout, TargetsRecord
@@ -160,10 +161,11 @@ def prepare(
     data: TransferSet | None = None,
     channels_last: bool = False,
     max_params: int | None = None,
+    fingerprints: FingerprintPolicy | None = None,
 ) -> PreparedJob:
     """Open the data, load the teachers, check they fit each other, build the store's metadata."""
     dev = torch.device(device)
-    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots)
+    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
     if len(data) == 0:
         raise SpecError("the transfer set is empty")
     names = spec.teachers.class_names or data.class_names
@@ -590,12 +592,14 @@ def generate(
     channels_last: bool = False,
     shard: Shard | None = None,
     wait: float = 600.0,
+    fingerprints: FingerprintPolicy | None = None,
 ) -> StoreWriter:
     """Run ``spec`` into the store at ``out``; resumes an interrupted run, does nothing for a finished one.
     ``shard``: compute only that shard's chunks (see :class:`Shard`; ``wait``: how long a shard other than the
     first waits for the store to be created). ``on_start(writer, chunks)`` gets the chunks this call will
-    compute."""
-    job = prepare(spec, device=device, allow_code=allow_code, roots=roots, channels_last=channels_last)
+    compute. ``fingerprints``: how the transfer set is fingerprinted (default: every file hashed)."""
+    job = prepare(spec, device=device, allow_code=allow_code, roots=roots, channels_last=channels_last,
+                  fingerprints=fingerprints)
     writer = open_for(job, out, overwrite=overwrite, shard=shard, wait=wait)
     chunks = shard.chunks(writer.pending_chunks()) if shard else writer.pending_chunks()
     if on_start:

@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from darkstore.data import open_transfer_set
+from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import sha256_file
 from darkstore.paths import resolve
 from storage import StoreWriter, open_store
@@ -142,7 +143,7 @@ class JobView(BaseModel):
 
 
 def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | Path] | None = None,
-             data=None) -> str:
+             data=None, fingerprints: FingerprintPolicy | None = None) -> str:
     """The job key without loading any model: weight files are hashed, the data fingerprinted."""
     hashes = []
     for m in spec.teachers.members:
@@ -153,7 +154,7 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
         if not path.is_file():
             raise WeightsNotFoundError(f"weights of {m.label!r} not found: {path}")
         hashes.append(sha256_file(path))
-    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots)
+    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
     return spec.job_key(hashes, data.fingerprint)
 
 
@@ -501,7 +502,8 @@ class EnsembleCache:
                 return job
             t0 = time.perf_counter()
             spec = JobSpec.model_validate(rec.spec)
-            job = prepare(spec, device=settings.resolved_device(), allow_code=settings.allow_code, roots=settings.roots)
+            job = prepare(spec, device=settings.resolved_device(), allow_code=settings.allow_code, roots=settings.roots,
+                          fingerprints=settings.fingerprints)
             if job.meta.job_key != rec.job_key:
                 raise SchemaError(
                     f"job {rec.id}: the teachers' weights or the transfer set changed since the job was submitted "

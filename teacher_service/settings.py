@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(10.0, gt=0, description="seconds between the API's reconciliation passes; "
                                       "a crashed job resumes within about lease_ttl + reconcile_interval")
     ensemble_cache: int = Field(1, ge=1, description="ensembles a worker process keeps loaded")
+    fingerprint_cache: Path | None = Field(None, description="where transfer-set fingerprint manifests are kept "
+                                           "(per-file size, mtime, sha256): a set is read whole once, then only "
+                                           "listed. Default: <home>/fingerprints")
+    verify_data: Literal["quick", "full"] = Field("quick", description="quick: files unchanged since the manifest "
+                                                  "keep their digest (a sample is re-read); full: hash every file "
+                                                  "at every submit and task")
     mode: Literal["auto", "local", "celery"] = Field("auto", description="auto: celery when broker_url is set")
 
     @field_validator("data_roots", mode="before")
@@ -101,6 +107,14 @@ class Settings(BaseSettings):
     @cached_property
     def roots(self) -> list[Path]:
         return [p.expanduser().resolve() for p in (self.data_roots or [Path.cwd()])]
+
+    @cached_property
+    def fingerprints(self):
+        """How submits and workers fingerprint transfer sets."""
+        from darkstore.fingerprint import FingerprintPolicy
+
+        return FingerprintPolicy(cache_dir=self.fingerprint_cache or self.home / "fingerprints",
+                                 verify=self.verify_data)
 
     @property
     def use_celery(self) -> bool:
