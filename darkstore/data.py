@@ -120,6 +120,7 @@ class TransferSet(torch.utils.data.Dataset):
 
     spec: DataSpec
     class_names: list[str] | None = None
+    decodes: bool = True  # reading a batch is per-sample work (files, decoding); False: one array slice
     fingerprints: FingerprintPolicy = FingerprintPolicy()  # open_transfer_set sets it
 
     @cached_property
@@ -165,6 +166,8 @@ def _hash_tensor(h, x: torch.Tensor | np.ndarray) -> None:
 
 
 class ArraysSet(TransferSet):
+    decodes = False
+
     def __init__(self, spec: ArraysSpec, path: Path):
         self.spec, self.path = spec, path.resolve()
         try:
@@ -233,7 +236,8 @@ class ImageFolderSet(TransferSet):
         self.relpaths = [rel for files in found for rel, _, _ in files]
         self._stats = (np.array([s for files in found for _, s, _ in files], dtype=np.int64),
                        np.array([m for files in found for _, _, m in files], dtype=np.int64))
-        self.samples = [(root / rel, c if labeled else -1) for c, files in enumerate(found) for rel, _, _ in files]
+        top = str(root)  # strings, not Paths: a million Path objects cost seconds
+        self.samples = [(f"{top}/{rel}", c if labeled else -1) for c, files in enumerate(found) for rel, _, _ in files]
         if not self.samples:
             raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         self.root = root
@@ -291,7 +295,7 @@ def _list_images(root: Path, sub: str) -> list[tuple[str, int, int]]:
     """(path relative to ``root``, size, mtime_ns) of every image file under ``root/sub``, in the order
     ``sorted(Path.rglob("*"))`` gives (by path components); symlinked files count, symlinked folders are not
     entered. One stat per image: the fingerprint's manifest reuses it."""
-    out: list[tuple[tuple[str, ...], int, int]] = []
+    out: list[tuple[str, int, int]] = []
     stack = [sub]
     while stack:
         rel_dir = stack.pop()
@@ -309,9 +313,9 @@ def _list_images(root: Path, sub: str) -> list[tuple[str, int, int]]:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    out.append((tuple(rel.split("/")), st.st_size, st.st_mtime_ns))
-    out.sort()
-    return [("/".join(parts), size, mtime) for parts, size, mtime in out]
+                    out.append((rel, st.st_size, st.st_mtime_ns))
+    out.sort(key=lambda e: e[0].replace("/", "\0"))  # by path components: "/" sorts below every name's characters
+    return out
 
 
 class Reordered(TransferSet):
@@ -323,7 +327,7 @@ class Reordered(TransferSet):
         if len(order) != len(base):
             raise SpecError(f"a row order over {len(order)} samples does not fit a transfer set of {len(base)}")
         self.base, self.order = base, np.asarray(order, dtype=np.int64)
-        self.spec, self.class_names = base.spec, base.class_names
+        self.spec, self.class_names, self.decodes = base.spec, base.class_names, base.decodes
 
     def __len__(self) -> int:
         return len(self.base)

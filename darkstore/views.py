@@ -446,6 +446,8 @@ class ViewSet:
     Generation reads inputs through it (``get_batch`` draws and applies the parameters);
     ``params(rows)`` gives what the store records."""
 
+    decodes = True  # every row's view is made on the CPU
+
     def __init__(self, base: Any, aug: AugmentSpec, layout: Any, order: np.ndarray | None = None):
         if layout.k != aug.views:
             raise ValueError(f"the row layout has {layout.k} views per sample, the recipe {aug.views}")

@@ -99,7 +99,8 @@ def generate(
     compressor: Annotated[str, typer.Option(help="zstd | blosc | none")] = "zstd",
     chunk_rows: Annotated[int, typer.Option(help="rows per chunk: the unit of work and commit")] = 1024,
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 256,
-    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 0,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader processes decoding inputs (default: none for "
+                                                       "arrays files, else up to 8; half the cores on the CPU)")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     precision: Annotated[str, typer.Option(help="teacher forward precision: float32 | bfloat16 | float16 (autocast)")] = "float32",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format")] = False,

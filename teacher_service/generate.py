@@ -14,7 +14,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -338,7 +338,7 @@ def run_chunks(
     chunks: Sequence[int],
     *,
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     on_rows: OnRows | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -353,8 +353,8 @@ def run_chunks(
     ``max_inflight`` chunks wait for storage (default two per writer), so memory stays bounded
     whatever the store's size. On the CPU the forward already uses every core
     torch is given, and a concurrent writer only slows it (measured: bench/generate.py), so the
-    default there is 0: each chunk is written before the next is computed. Inputs come from ``num_workers`` DataLoader processes
-    (pinned memory and non-blocking copies on CUDA). ``on_rows(rows)`` and
+    default there is 0: each chunk is written before the next is computed. Inputs come from ``num_workers`` DataLoader
+    processes (default: :func:`loader_workers`; pinned memory and non-blocking copies on CUDA). ``on_rows(rows)`` and
     ``on_chunk(chunk, rows)`` are called after each commit.
 
     ``writer_processes``: on CUDA the compression and zarr writes run in ``writers`` forked
@@ -375,7 +375,8 @@ def run_chunks(
     data = in_store_order(job.data, writer.meta)
     loader = torch.utils.data.DataLoader(
         _Batches(data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
-        num_workers=num_workers, pin_memory=job.device.type == "cuda",
+        num_workers=loader_workers(data, job.device) if num_workers is None else num_workers,
+        pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
     ens = job.ensemble
@@ -408,6 +409,16 @@ def run_chunks(
         if taps is not None:
             taps.close()
     return sink.written
+
+
+def loader_workers(data: Any, device: torch.device) -> int:
+    """DataLoader processes feeding the teachers when none are asked for: none where a batch is one array
+    slice (``data.decodes`` false) or where this process may not have children (a Celery prefork child);
+    else up to 8 on a GPU, and half the cores on the CPU, whose other half runs the forward."""
+    if not getattr(data, "decodes", True) or multiprocessing.current_process().daemon:
+        return 0
+    cores = os.cpu_count() or 1
+    return min(8, max(1, cores - 1)) if device.type == "cuda" else min(8, max(1, cores // 2))
 
 
 def _writer_plan(device: torch.device, writers: int | None, max_inflight: int | None,
@@ -582,7 +593,7 @@ def generate(
     *,
     device: str = "cpu",
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     allow_code: bool = False,
     overwrite: bool = False,
     roots: Sequence[str | Path] | None = None,

@@ -181,3 +181,39 @@ def test_paths_outside_roots_are_refused(tmp_path):
             resolve(bad, base_dir=root, roots=[root])
     with pytest.raises(PathOutsideRootsError):
         open_transfer_set({"kind": "arrays", "path": str(root / "link.npz")}, roots=[root])
+
+
+def test_decoding_sets_get_loader_workers_by_default_and_the_same_store(tmp_path, monkeypatch):
+    """Image folders decode per sample, so generation starts DataLoader workers unless told otherwise; arrays
+    files (one slice a batch) and daemonic processes (a Celery prefork child) get none. The store is the same
+    bytes either way."""
+    import multiprocessing
+
+    import torch
+
+    from teacher_service.generate import loader_workers
+
+    root = write_images(tmp_path / "imgs", n_per_class=10)
+    folder = open_transfer_set({"kind": "image_folder", "root": str(root), "size": 16})
+    arrays = open_transfer_set({"kind": "arrays", "path": str(_arrays(tmp_path / "x.npz"))})
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert (loader_workers(folder, cpu), loader_workers(folder, gpu), loader_workers(arrays, gpu)) == (8, 8, 0)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert (loader_workers(folder, cpu), loader_workers(folder, gpu)) == (1, 1)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
+    assert loader_workers(folder, gpu) == 0
+    monkeypatch.undo()
+    ens = make_ensemble(tmp_path / "t", [{"arch": "small_cnn", "arch_kwargs": {"in_channels": 3, "width": 4}}],
+                        num_classes=3)
+    spec = job(ens, root).model_copy(update={"data": parse_data_spec({"kind": "image_folder", "root": str(root),
+                                                                      "size": 16}), "chunk_rows": 8})
+    workers = generate(spec, tmp_path / "auto").path  # default: workers (one on a 2-core machine)
+    inline = generate(spec, tmp_path / "inline", num_workers=0).path
+    a, b = open_store(workers).read_all(), open_store(inline).read_all()
+    assert np.array_equal(a.logits, b.logits) and np.array_equal(a.labels, b.labels)
+
+
+def _arrays(path):
+    np.savez(path, x=np.zeros((4, 3), np.float32), y=np.arange(4))
+    return path
