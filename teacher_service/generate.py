@@ -375,8 +375,7 @@ def run_chunks(
     data = in_store_order(job.data, writer.meta)
     loader = torch.utils.data.DataLoader(
         _Batches(data), sampler=list(_chunk_batches(writer, chunks, batch_size)), batch_size=None,
-        num_workers=loader_workers(data, job.device) if num_workers is None else num_workers,
-        pin_memory=job.device.type == "cuda",
+        num_workers=loader_workers(data, job.device, num_workers), pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
     ens = job.ensemble
@@ -411,11 +410,19 @@ def run_chunks(
     return sink.written
 
 
-def loader_workers(data: Any, device: torch.device) -> int:
-    """DataLoader processes feeding the teachers when none are asked for: none where a batch is one array
-    slice (``data.decodes`` false) or where this process may not have children (a Celery prefork child);
-    else up to 8 on a GPU, and half the cores on the CPU, whose other half runs the forward."""
-    if not getattr(data, "decodes", True) or multiprocessing.current_process().daemon:
+def loader_workers(data: Any, device: torch.device, asked: int | None = None) -> int:
+    """DataLoader processes feeding the teachers: ``asked``, or when none are asked for, none where a batch
+    is one array slice (``data.decodes`` false), else up to 8 on a GPU and half the cores on the CPU, whose
+    other half runs the forward. Always none where this process may not have children (a Celery prefork
+    child: its tasks would fail)."""
+    if multiprocessing.current_process().daemon:
+        if asked:
+            log.warning("this process is daemonic (a Celery prefork child) and may not start DataLoader workers: "
+                        "decoding inline; run the worker with --pool threads for parallel decoding")
+        return 0
+    if asked is not None:
+        return asked
+    if not getattr(data, "decodes", True):
         return 0
     cores = os.cpu_count() or 1
     return min(8, max(1, cores - 1)) if device.type == "cuda" else min(8, max(1, cores // 2))

@@ -199,10 +199,11 @@ def test_decoding_sets_get_loader_workers_by_default_and_the_same_store(tmp_path
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert (loader_workers(folder, cpu), loader_workers(folder, gpu), loader_workers(arrays, gpu)) == (8, 8, 0)
+    assert (loader_workers(arrays, cpu, 3), loader_workers(folder, cpu, 0)) == (3, 0)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert (loader_workers(folder, cpu), loader_workers(folder, gpu)) == (1, 1)
     monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
-    assert loader_workers(folder, gpu) == 0
+    assert loader_workers(folder, gpu) == 0 and loader_workers(folder, gpu, 4) == 0  # asked for: still none
     monkeypatch.undo()
     ens = make_ensemble(tmp_path / "t", [{"arch": "small_cnn", "arch_kwargs": {"in_channels": 3, "width": 4}}],
                         num_classes=3)
