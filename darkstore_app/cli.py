@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +18,26 @@ from rich.table import Table
 
 from darkstore.errors import DarkstoreError, SpecError
 
+class _FlagHelp:
+    """Help options are flags: no value, so no type in the help (typer would print `<bool>`)."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="darkstore",
     help="Run a teacher ensemble once over a transfer set; distill many students from the cached soft targets.",
     no_args_is_help=True,
@@ -50,20 +70,23 @@ def _human(n: float) -> str:
     return str(n)
 
 
-VerifyData = Annotated[str, typer.Option(
+class Verify(str, Enum):
+    quick = "quick"
+    full = "full"
+
+
+VerifyData = Annotated[Verify, typer.Option(
     "--verify-data", help="quick: the transfer set is read whole once, then checked against its fingerprint "
     "manifest (files' size and mtime, a sample re-read) kept in $DARKSTORE_CACHE (default ~/.cache/darkstore); "
     "full: hash every file again")]
 
 
-def _fingerprints(verify: str, progress: Progress | None = None):
+def _fingerprints(verify: Verify | str, progress: Progress | None = None):
     """How this command fingerprints transfer sets: through the user's manifest cache, with a progress bar
     while a large set is read whole."""
     from darkstore.fingerprint import FingerprintPolicy
     from darkstore.paths import user_cache_dir
 
-    if verify not in ("quick", "full"):
-        raise typer.BadParameter(f"--verify-data must be quick or full, not {verify!r}")
     task: dict = {}
 
     def on_bytes(done: int, total: int) -> None:
@@ -73,11 +96,12 @@ def _fingerprints(verify: str, progress: Progress | None = None):
             task["id"] = progress.add_task("fingerprinting the transfer set", total=total, rate="")
         progress.update(task["id"], completed=done, rate=f"{_human(done)} of {_human(total)}")
 
-    return FingerprintPolicy(cache_dir=user_cache_dir() / "fingerprints", verify=verify, progress=on_bytes)
+    return FingerprintPolicy(cache_dir=user_cache_dir() / "fingerprints", verify=Verify(verify).value,
+                             progress=on_bytes)
 
 
 # --- generate ---------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def generate(
     out_: Annotated[str, typer.Option("--out", help="store to create or resume: a directory, file:///…, s3://bucket/prefix")],
     teachers: Annotated[Optional[Path], typer.Option(help="ensemble spec (YAML/JSON)")] = None,
@@ -85,7 +109,7 @@ def generate(
     job: Annotated[Optional[Path], typer.Option(help="a whole job spec file instead of --teachers/--data/options")] = None,
     combine: Annotated[str, typer.Option(help="geometric | arithmetic")] = "geometric",
     temperature: Annotated[float, typer.Option(help="generation temperature (used by arithmetic)")] = 1.0,
-    keep_members: Annotated[bool, typer.Option("--keep-members", help="also store each teacher's logits")] = False,
+    keep_members: Annotated[bool, typer.Option("--keep-members", help="also store each teacher's logits", metavar="")] = False,
     targets: Annotated[Optional[str], typer.Option(help="dense (default: every class) | topk:K (the K largest values "
                                                    "and the tail's mass) | sampled:K[@T] (K classes drawn per row)")] = None,
     keep_features: Annotated[Optional[list[str]], typer.Option(
@@ -103,11 +127,11 @@ def generate(
                                                        "arrays files, else up to 8; half the cores on the CPU)")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     precision: Annotated[str, typer.Option(help="teacher forward precision: float32 | bfloat16 | float16 (autocast)")] = "float32",
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format", metavar="")] = False,
     row_order: Annotated[Optional[str], typer.Option(help="shuffled (default: samples in a seeded random order, so "
                                                      "class-sorted data streams well-mixed) | natural")] = None,
-    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store of another job at --out")] = False,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories", metavar="")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store of another job at --out", metavar="")] = False,
     views: Annotated[Optional[int], typer.Option(help="K recorded views per sample (needs --augment)")] = None,
     augment: Annotated[Optional[str], typer.Option(help="augmentation recipe: YAML/JSON file or inline JSON "
                                                    "({ops: [...]} or a list of ops); see darkstore.views")] = None,
@@ -116,7 +140,7 @@ def generate(
                                                  "once; shard 0 creates the store")] = None,
     wait: Annotated[float, typer.Option(help="--shard I/N with I > 0: seconds to wait for shard 0 to create the "
                                         "store")] = 600.0,
-    verify_data: VerifyData = "quick",
+    verify_data: VerifyData = Verify.quick,
 ):
     """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
     from darkstore.data import parse_data_spec
@@ -212,11 +236,11 @@ def _augment_spec(augment: str | None, views: int | None, current):
 
 
 # --- inspect ---------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     store: Annotated[str, typer.Argument(help="store: a directory, file:///… or s3://bucket/prefix")],
-    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="also read every committed row and check it")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON", metavar="")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="also read every committed row and check it", metavar="")] = False,
 ):
     """Describe a store: shape, size, teachers, combine rule, completeness, accuracies."""
     from storage import open_store
@@ -269,7 +293,7 @@ def inspect(
 
 
 # --- train -----------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def train(
     out_: Annotated[Path, typer.Option("--out", help="run directory")],
     store: Annotated[Optional[str], typer.Option(help="store to distill from (a directory or URL)")] = None,
@@ -310,15 +334,15 @@ def train(
     view_targets: Annotated[str, typer.Option(help="views store: matched (each view's own targets) | clean (its sample's clean-view targets: the stale-target ablation)")] = "matched",
     topk_loss: Annotated[str, typer.Option(help="top-k store: bucket (KL over the head and one 'other' bucket) | spread (the tail spread evenly, then the dense KL)")] = "bucket",
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps too (0: at epoch ends only)")] = 0,
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)")] = False,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)", metavar="")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)", metavar="")] = False,
     latency: Annotated[bool, typer.Option("--latency", help="also time the student's and the teachers' CPU latency "
-                                          "for eval.json (darkstore eval does it on request)")] = False,
-    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store")] = False,
-    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
+                                          "for eval.json (darkstore eval does it on request)", metavar="")] = False,
+    allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store", metavar="")] = False,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories", metavar="")] = False,
     api: Annotated[Optional[str], typer.Option("--api", help="with --job: API base URL [env DARKSTORE_API_URL]")] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="with --job: bearer token [env DARKSTORE_TOKEN]")] = None,
-    verify_data: VerifyData = "quick",
+    verify_data: VerifyData = Verify.quick,
 ):
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     from darkstore.data import open_transfer_set
@@ -398,7 +422,7 @@ def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.2f} %"
 
 
-@app.command()
+@app.command(cls=_Command)
 def sweep(
     grid: Annotated[Path, typer.Option(help="grid file (YAML/JSON): base options, named students, axes")],
     out_: Annotated[Path, typer.Option("--out", help="sweep directory: runs/, results.*")],
@@ -409,13 +433,13 @@ def sweep(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per process (default: the cores shared "
                                                    "out among the processes running at once)")] = None,
     isolate: Annotated[bool, typer.Option("--isolate", help="train each point in its own process (default: points "
-                                          "that see the same batches train together from one read)")] = False,
+                                          "that see the same batches train together from one read)", metavar="")] = False,
     stack: Annotated[bool, typer.Option("--stack/--no-stack", help="students trained together that share an "
                                         "architecture and optimiser step as one stacked model (torch.func.vmap; "
                                         "equal within float rounding); --no-stack: each steps alone, bit-identical "
-                                        "to a lone train")] = True,
-    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories")] = False,
-    verify_data: VerifyData = "quick",
+                                        "to a lone train", metavar="")] = True,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories", metavar="")] = False,
+    verify_data: VerifyData = Verify.quick,
 ):
     """Train every grid point (points that differ only in per-student settings together, from one read of the
     store; the rest in parallel processes); finished points are skipped; writes mean ± std over seeds."""
@@ -448,15 +472,15 @@ def sweep(
         raise typer.Exit(1)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
     run: Annotated[Path, typer.Argument(help="a finished run directory")],
     store: Annotated[Optional[str], typer.Option(help="evaluate on this labeled store instead (all its rows)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
-    no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the CPU latency measurements")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the whole report as JSON")] = False,
-    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying teachers/data")] = False,
-    verify_data: VerifyData = "quick",
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="skip the CPU latency measurements", metavar="")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole report as JSON", metavar="")] = False,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying teachers/data", metavar="")] = False,
+    verify_data: VerifyData = Verify.quick,
 ):
     """Accuracy, agreement, NLL, ECE, confusion matrix and the student-vs-teachers cost of a run."""
     from student_trainer.evaluate import evaluate_run
@@ -501,7 +525,7 @@ def eval_(
         console.print(f"written to {run / 'eval.json'}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     run: Annotated[Path, typer.Argument(help="a finished run directory")],
     format_: Annotated[list[str], typer.Option("--format", help="safetensors | torchscript | onnx (repeatable)")],
@@ -517,7 +541,7 @@ def export(
                       f"≤ {r.tolerance:.2e} at batch sizes {r.batch_sizes}", highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     root: Annotated[Path, typer.Argument(help="a sweep directory, a run, or a folder of runs")],
     format_: Annotated[str, typer.Option("--format", help="html | md")] = "html",
@@ -531,11 +555,11 @@ def report(
 
 
 # --- demo ------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out_: Annotated[Path, typer.Option("--out", help="folder for data, teachers, stores, runs and results")] = Path("darkstore-demo"),
     seeds: Annotated[int, typer.Option(help="student seeds")] = 3,
-    quick: Annotated[bool, typer.Option("--quick", help="a few epochs only (smoke test)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="a few epochs only (smoke test)", metavar="")] = False,
 ):
     """The whole pipeline on scikit-learn's real handwritten digits: teachers, store, baseline vs distilled students."""
     from darkstore_app.demo import run_demo
@@ -550,10 +574,10 @@ def demo(
                   f"--out {out_ / 'sweep'} && darkstore report {out_ / 'sweep'}", highlight=False)
 
 
-@app.command("example-data")
+@app.command("example-data", cls=_Command)
 def example_data(
     root: Annotated[Path, typer.Argument(help="data root to fill (the service's DARKSTORE_DATA_ROOTS)")],
-    quick: Annotated[bool, typer.Option("--quick", help="teachers trained for a few epochs only")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="teachers trained for a few epochs only", metavar="")] = False,
 ):
     """Write a ready-to-submit example into a data root: digits, trained teachers, job.yaml, student.yaml."""
     from darkstore_app.demo import write_example
@@ -562,7 +586,7 @@ def example_data(
     console.print(f"[green]ready[/]: submit {job} (e.g. `darkstore submit {job} --wait`)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def archs(
     layers: Annotated[Optional[str], typer.Option(help="list this architecture's layers (module names for "
                                                   "--keep-features and --student-layer)")] = None,
@@ -588,15 +612,15 @@ def _settings(**overrides):
     return Settings(**{k: v for k, v in overrides.items() if v is not None and v != []})
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
-    local: Annotated[bool, typer.Option("--local", help="run jobs in this process (no Redis): the embedded default")] = False,
+    local: Annotated[bool, typer.Option("--local", help="run jobs in this process (no Redis): the embedded default", metavar="")] = False,
     host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 in a container)")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     home: Annotated[Optional[Path], typer.Option(help="job records and stores [env DARKSTORE_HOME]")] = None,
     data_root: Annotated[Optional[list[Path]], typer.Option("--data-root", help="allowed data root (repeatable) [env DARKSTORE_DATA_ROOTS]")] = None,
     broker: Annotated[Optional[str], typer.Option(help="Redis URL [env DARKSTORE_BROKER_URL]")] = None,
-    allow_code: Annotated[Optional[bool], typer.Option("--allow-code/--no-allow-code", help="allow code-carrying teachers/data [env DARKSTORE_ALLOW_CODE]")] = None,
+    allow_code: Annotated[Optional[bool], typer.Option("--allow-code/--no-allow-code", help="allow code-carrying teachers/data [env DARKSTORE_ALLOW_CODE]", metavar="")] = None,
     device: Annotated[Optional[str], typer.Option(help="device of the local runner [env DARKSTORE_DEVICE]")] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ):
@@ -617,7 +641,7 @@ def serve(
     uvicorn.run(create_app(s), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
 
 
-@app.command()
+@app.command(cls=_Command)
 def worker(
     concurrency: Annotated[int, typer.Option(help="worker processes (one per GPU is typical)")] = 1,
     broker: Annotated[Optional[str], typer.Option(help="Redis URL [env DARKSTORE_BROKER_URL]")] = None,
@@ -668,10 +692,10 @@ def _job_line(v) -> str:
             f"{p.chunks_done}/{p.chunks_total or '?'} chunks{rate}{eta}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def submit(
     spec: Annotated[Path, typer.Argument(help="job spec file (YAML/JSON); paths resolve on the server, against its first data root")],
-    wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar", metavar="")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="seconds to wait at most")] = None,
     api: Api = None,
     token: Token = None,
@@ -700,13 +724,13 @@ def submit(
             console.print(f"store: {view.store}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def jobs(
     job_id: Annotated[Optional[str], typer.Argument(help="show one job in full")] = None,
     state: Annotated[Optional[str], typer.Option(help="queued | running | succeeded | failed | cancelled")] = None,
     limit: Annotated[int, typer.Option()] = 50,
     offset: Annotated[int, typer.Option()] = 0,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="")] = False,
     api: Api = None,
     token: Token = None,
 ):
@@ -738,14 +762,14 @@ def jobs(
         out.print(t)
 
 
-@app.command()
+@app.command(cls=_Command)
 def cancel(job_id: Annotated[str, typer.Argument()], api: Api = None, token: Token = None):
     """Cancel a job: it stops after the chunk in progress; committed chunks stay."""
     with _client(api, token) as c:
         out.print(_job_line(c.cancel(job_id)), highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def resume(job_id: Annotated[str, typer.Argument()], api: Api = None, token: Token = None):
     """Resume a cancelled or failed job from its committed chunks."""
     with _client(api, token) as c:

@@ -131,3 +131,23 @@ def test_holdout_zero_without_an_eval_store_trains_on_every_row_and_exits_0(made
     s = json.loads((out / "summary.json").read_text())
     assert s["eval_rows"] == 0 and s["final"] == {} and (out / "student.safetensors").exists()
     assert not (out / "eval.json").exists()
+
+
+def test_help_of_every_command_shows_flags_without_a_value_and_choices_as_choices():
+    """A flag takes no value, so its help shows no type (typer would print `<bool>`); a choice lists its
+    values; a value outside them is one error line."""
+    from typer.main import get_command
+
+    from darkstore_app.cli import app
+
+    names = sorted(get_command(app).commands)
+    assert {"generate", "train", "sweep", "eval", "serve"} <= set(names)
+    for name in names:
+        p = subprocess.run([*DARKSTORE, name, "--help"], env={**cli_env(), "COLUMNS": "200"}, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert "<bool>" not in p.stdout, (name, [ln for ln in p.stdout.splitlines() if "<bool>" in ln])
+        if name in ("generate", "train", "sweep", "eval"):
+            assert "<quick|full>" in p.stdout, name
+    p = run(["train", "--store", "x", "--student", "mlp", "--out", "y", "--verify-data", "sometimes"])
+    assert "sometimes" in one_error_line(p, "verify-data")
