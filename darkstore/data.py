@@ -307,7 +307,7 @@ def _list_images(root: Path, sub: str) -> list[tuple[str, int, int]]:
             rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
             if e.is_dir(follow_symlinks=False):
                 stack.append(rel)
-            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.name.rfind(".") > 0:  # ".png" has no suffix
                 try:
                     st = e.stat()  # follows a symlink: its target must be a regular file
                 except OSError:

@@ -60,7 +60,7 @@ def test_listing_and_value_follow_the_definition(tmp_path):
     rng = np.random.default_rng(1)
     for sub in ("cat/a/b", "cat/Z", "dog/.hidden"):
         (root / sub).mkdir(parents=True)
-        for name in ("1.png", "10.PNG", "2.png", ".h.png"):
+        for name in ("1.png", "10.PNG", "2.png", ".h.png", ".png"):
             Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / sub / name, format="PNG")
         (root / sub / "notes.txt").write_text("not an image")
     (root / "eel" / "link.png").symlink_to(root / "cat" / "000.png")
