@@ -234,8 +234,8 @@ class ImageFolderSet(TransferSet):
         if labeled:
             self.class_names = [d.name for d in subdirs]
         self.relpaths = [rel for files in found for rel, _, _ in files]
-        self._stats = (np.array([s for files in found for _, s, _ in files], dtype=np.int64),
-                       np.array([m for files in found for _, _, m in files], dtype=np.int64))
+        stats = np.array([st for files in found for _, *st in files], dtype=np.int64).reshape(-1, 2)
+        self._stats = (stats[:, 0].copy(), stats[:, 1].copy())  # (sizes, mtimes_ns)
         top = str(root)  # strings, not Paths: a million Path objects cost seconds
         self.samples = [(f"{top}/{rel}", c if labeled else -1) for c, files in enumerate(found) for rel, _, _ in files]
         if not self.samples:

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -66,16 +66,6 @@ class FingerprintReport:
     stale: bool = False  # a sampled file did not match its manifest entry: everything was hashed again
     seconds: float = 0.0
     manifest: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        if self.manifest is None:
-            return f"fingerprint: hashed {self.hashed} of {self.files} files ({self.hashed_bytes / 1e9:.2f} GB, " \
-                   f"no manifest) in {self.seconds:.1f} s"
-        how = f"{self.from_manifest} from the manifest, {self.hashed} hashed ({self.hashed_bytes / 1e9:.2f} GB), " \
-              f"{self.sampled} re-read to check it"
-        return f"fingerprint: {self.files} files — {how}{' (stale: rehashed all)' if self.stale else ''}; " \
-               f"{self.seconds:.1f} s"
 
 
 # --- hashing files ---------------------------------------------------------------------------------------
@@ -110,7 +100,7 @@ def stat_files(paths: Sequence[str], workers: int) -> tuple[np.ndarray, np.ndarr
         pairs = [one(p) for p in paths]
     else:
         with ThreadPoolExecutor(workers) as ex:
-            pairs = list(ex.map(one, paths, chunksize=1024))
+            pairs = list(ex.map(one, paths))
     arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     return arr[:, 0].copy(), arr[:, 1].copy()
 
