@@ -1,13 +1,11 @@
 """Augmentation-aware soft targets: K recorded views per sample.
 
-A recipe (:class:`AugmentSpec`) declares K views and a pipeline of parametrised ops built
-on torchvision's transforms v2 functional API. For row ``r`` of a views store — sample
-``r // K``, view ``r % K`` — the ops' random parameters are drawn from a generator seeded
-by ``(recipe seed, sample, view)``, recorded in the store's ``view_params`` (float64, one
-row per store row) and applied to the original input. The teachers' targets in that row
-describe exactly that view. At training time :func:`replay` rebuilds each view from the
-original input and the *recorded* parameters — the same pixels, bit for bit, on the same
-library versions — so teacher and student see the same view.
+A recipe (:class:`AugmentSpec`) declares K views and a pipeline of parametrised ops. For row ``r`` of a
+views store — sample ``r // K``, view ``r % K`` — the ops' random parameters are a pure function of
+``(recipe seed, sample, view)``, recorded in the store's ``view_params`` (float64, one row per store row)
+and applied to the original input. The teachers' targets in that row describe exactly that view. At
+training time :meth:`AugmentSpec.apply` rebuilds each view from the original input and the *recorded*
+parameters, so teacher and student see the same view.
 
 Ops (in the order given; ``mixup``/``cutmix`` may close the pipeline):
 
@@ -22,41 +20,80 @@ op                        options                                recorded per ro
 ``cutmix``                alpha                                  partner, λ (box area), box
 ========================  =====================================  ==========================
 
-A mix op blends this row's view with the partner sample passed through the *same*
-earlier ops (same parameters); the hard-label term then weighs both labels by λ.
+A mix op blends this row's view with the partner sample passed through the *same* earlier ops (same
+parameters); the hard-label term then weighs both labels by λ.
 
-A store records the recipe and a *pixel digest*: the recipe applied to a fixed probe.
-Replay recomputes the digest; a recipe with an op this code does not know, or an installed
-torchvision that makes other pixels, is refused (:class:`ReplayError`).
+Two recipe versions, recorded in the store:
+
+- **2** (new stores): parameters drawn for a whole batch at once from Philox keyed by (seed, version)
+  with counter (block, op, view, sample) (:mod:`darkstore.philox`); pixels made by the batched kernels of
+  :mod:`darkstore.kernels` on the device that runs the teachers, each sample decoded once for its K views.
+  Bit-identical on the same device type and library; elsewhere within a stated tolerance (below).
+- **1** (stores made before): a numpy generator seeded per row, torchvision's functional ops row by row
+  (``affine``, ``hflip`` and the mix ops batched, bit for bit). Replayed and resumed as they were made.
+
+A store records the recipe and a *pixel digest* (sha256 of the recipe applied to a fixed probe, on the
+device that made the views). Version 2 also records a 64-value CountSketch of the probe's pixels and their
+RMS. Replay recomputes the probe: equal digests mean equal pixels; otherwise (another device type) a
+version-2 store is replayed when the sketch puts the pixels' RMS difference within :data:`TOLERANCE` of
+their RMS — rounding, not a different image — and refused otherwise, as is a recipe with an op this code
+does not know (:class:`ReplayError`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar, Literal, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from darkstore import kernels
 from darkstore.errors import DarkstoreError
+from darkstore.philox import philox, uniforms
 
-RECIPE_VERSION = 1
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 2  # what new stores get
+VERSIONS = (1, 2)  # what this darkstore replays and resumes
 HEAD = ["view", "clean"]  # every row's first two parameters
+TOLERANCE = 1e-4  # version 2 across device types: RMS pixel difference / RMS pixel, at most
+SKETCH_SIZE = 64
 
 
 class ReplayError(DarkstoreError, ValueError):
-    """A store's recorded views cannot be rebuilt exactly by the installed code."""
+    """A store's recorded views cannot be rebuilt by the installed code."""
+
+
+def _beta_quantile(alpha: float, u: np.ndarray) -> np.ndarray:
+    """Beta(α, α) by inversion of its CDF: one uniform per draw, so a batch draws in one call."""
+    from scipy.special import betaincinv
+
+    return np.asarray(betaincinv(alpha, alpha, u), dtype=np.float64)
+
+
+def _floor_int(u: np.ndarray, n: Any) -> np.ndarray:
+    """Integers uniform in 0 … n − 1 from uniforms in [0, 1) (n may vary per row)."""
+    return np.minimum(np.floor(u * n), np.asarray(n) - 1)
+
+
+def _uniform(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return lo + (hi - lo) * u
 
 
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mixes: ClassVar[bool] = False
+    uniforms: ClassVar[int] = 4  # version 2: uniforms each row draws for this op
 
     def names(self) -> list[str]:
         raise NotImplementedError
 
+    # version 1: a generator per row, torchvision row by row
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> list[float]:
         raise NotImplementedError
 
@@ -67,6 +104,15 @@ class _Op(BaseModel):
         """[B, ...] inputs, [B, k] parameters: row by row unless an op has a vectorised form, which must
         give the same pixels bit for bit (tests compare every op with :meth:`apply`)."""
         return torch.stack([self.apply(x[i], p[i]) for i in range(len(x))]) if len(x) else x
+
+    # version 2: a batch at once
+    def draw_rows(self, u: np.ndarray, shape: tuple[int, ...], num_samples: int) -> np.ndarray:
+        """[B, uniforms] uniforms in [0, 1) -> [B, k] parameters."""
+        raise NotImplementedError
+
+    def kernel(self, x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+        """[B, C, H, W] on any device, [B, k] parameters: :mod:`darkstore.kernels`."""
+        raise NotImplementedError
 
 
 def _inverse_affine():
@@ -106,6 +152,15 @@ class Affine(_Op):
         return [rng.uniform(-self.degrees, self.degrees), float(round(rng.uniform(-1, 1) * self.translate * w)),
                 float(round(rng.uniform(-1, 1) * self.translate * h)), rng.uniform(*self.scale)]
 
+    def draw_rows(self, u, shape, num_samples):
+        h, w = shape[-2:]
+        if self.shift is not None:
+            tx, ty = (_floor_int(u[:, i], 2 * self.shift + 1) - self.shift for i in (1, 2))
+        else:
+            tx, ty = (np.round(_uniform(u[:, i], -1.0, 1.0) * self.translate * n) for i, n in ((1, w), (2, h)))
+        return np.stack([_uniform(u[:, 0], -self.degrees, self.degrees), tx, ty,
+                         _uniform(u[:, 3], *self.scale)], axis=1)
+
     def apply(self, x, p):
         from torchvision.transforms.v2 import InterpolationMode, functional as F
 
@@ -129,16 +184,23 @@ class Affine(_Op):
         grid = torch.matmul(base.view(1, h * w, 3), scaled).view(b, h, w, 2)
         return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
+    def kernel(self, x, p):
+        return kernels.affine(x, p[:, 0], p[:, 1], p[:, 2], p[:, 3])
+
 
 class HFlip(_Op):
     op: Literal["hflip"]
     p: float = Field(0.5, ge=0, le=1)
+    uniforms: ClassVar[int] = 1
 
     def names(self):
         return ["flip"]
 
     def draw(self, rng, shape, num_samples):
         return [float(rng.random() < self.p)]
+
+    def draw_rows(self, u, shape, num_samples):
+        return (u[:, :1] < self.p).astype(np.float64)
 
     def apply(self, x, p):
         from torchvision.transforms.v2 import functional as F
@@ -153,15 +215,31 @@ class HFlip(_Op):
         out[flip] = x[flip].flip(-1)
         return out
 
+    def kernel(self, x, p):
+        return kernels.hflip(x, p[:, 0])
+
 
 class ResizedCrop(_Op):
     op: Literal["resized_crop"]
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     size: tuple[int, int] | None = Field(None, description="output [H, W]; default: the input's")
+    attempts: ClassVar[int] = 10
+    uniforms: ClassVar[int] = 4 * 10  # scale, ratio, top, left per attempt
 
     def names(self):
         return ["top", "left", "height", "width"]
+
+    def _fallback(self, h: int, w: int) -> list[float]:
+        """torchvision's centre crop when no attempt fits."""
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            cw, ch = w, int(round(w / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            ch, cw = h, int(round(h * self.ratio[1]))
+        else:
+            cw, ch = w, h
+        return [float((h - ch) // 2), float((w - cw) // 2), float(ch), float(cw)]
 
     def draw(self, rng, shape, num_samples):  # torchvision's RandomResizedCrop.get_params, on our generator
         h, w = shape[-2:]
@@ -173,20 +251,32 @@ class ResizedCrop(_Op):
             cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
             if 0 < cw <= w and 0 < ch <= h:
                 return [float(rng.integers(0, h - ch + 1)), float(rng.integers(0, w - cw + 1)), float(ch), float(cw)]
-        in_ratio = w / h
-        if in_ratio < self.ratio[0]:
-            cw, ch = w, int(round(w / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            ch, cw = h, int(round(h * self.ratio[1]))
-        else:
-            cw, ch = w, h
-        return [float((h - ch) // 2), float((w - cw) // 2), float(ch), float(cw)]
+        return self._fallback(h, w)
+
+    def draw_rows(self, u, shape, num_samples):
+        """torchvision's get_params, every attempt of every row at once; a row takes its first attempt that
+        fits."""
+        h, w = shape[-2:]
+        u = u.reshape(len(u), self.attempts, 4)
+        target = h * w * _uniform(u[..., 0], *self.scale)
+        ar = np.exp(_uniform(u[..., 1], math.log(self.ratio[0]), math.log(self.ratio[1])))
+        cw, ch = np.round(np.sqrt(target * ar)), np.round(np.sqrt(target / ar))
+        fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        top, left = _floor_int(u[..., 2], h - ch + 1), _floor_int(u[..., 3], w - cw + 1)
+        first = fits.argmax(axis=1)
+        pick = (lambda a: a[np.arange(len(a)), first])  # noqa: E731
+        out = np.stack([pick(top), pick(left), pick(ch), pick(cw)], axis=1)
+        out[~fits.any(axis=1)] = self._fallback(h, w)
+        return out
 
     def apply(self, x, p):
         from torchvision.transforms.v2 import functional as F
 
         size = list(self.size) if self.size else list(x.shape[-2:])
         return F.resized_crop(x, int(p[0]), int(p[1]), int(p[2]), int(p[3]), size, antialias=True)
+
+    def kernel(self, x, p):
+        return kernels.resized_crop(x, p[:, 0], p[:, 1], p[:, 2], p[:, 3], tuple(self.size or x.shape[-2:]))
 
 
 class ColorJitter(_Op):
@@ -204,6 +294,11 @@ class ColorJitter(_Op):
         return [f(self.brightness), f(self.contrast), f(self.saturation),
                 rng.uniform(-self.hue, self.hue) if self.hue else 0.0]
 
+    def draw_rows(self, u, shape, num_samples):
+        f = (lambda a, c: _uniform(u[:, c], max(0.0, 1 - a), 1 + a) if a else np.ones(len(u)))  # noqa: E731
+        hue = _uniform(u[:, 3], -self.hue, self.hue) if self.hue else np.zeros(len(u))
+        return np.stack([f(self.brightness, 0), f(self.contrast, 1), f(self.saturation, 2), hue], axis=1)
+
     def apply(self, x, p):
         from torchvision.transforms.v2 import functional as F
 
@@ -217,17 +312,30 @@ class ColorJitter(_Op):
             x = F.adjust_hue(x, float(p[3]))
         return x
 
+    def kernel(self, x, p):
+        """Brightness, contrast, saturation, hue, in that order; a row whose factor is the identity is left
+        as it is by that step."""
+        for step, col, identity in ((kernels.brightness, 0, 1.0), (kernels.contrast, 1, 1.0),
+                                    (kernels.saturation, 2, 1.0), (kernels.hue, 3, 0.0)):
+            if (p[:, col] != identity).any():
+                x = step(x, p[:, col])
+        return x
+
 
 class Mixup(_Op):
     op: Literal["mixup"]
     alpha: float = Field(0.2, gt=0)
     mixes: ClassVar[bool] = True
+    uniforms: ClassVar[int] = 2
 
     def names(self):
         return ["partner", "lam"]
 
     def draw(self, rng, shape, num_samples):
         return [float(rng.integers(0, num_samples)), rng.beta(self.alpha, self.alpha)]
+
+    def draw_rows(self, u, shape, num_samples):
+        return np.stack([_floor_int(u[:, 0], num_samples), _beta_quantile(self.alpha, u[:, 1])], axis=1)
 
     def mix(self, x, xp, p):
         lam = float(p[1])
@@ -239,6 +347,9 @@ class Mixup(_Op):
         rest = torch.from_numpy(1 - np.ascontiguousarray(p[:, 1])).to(x.dtype).view(shape)
         return lam * x + rest * xp
 
+    def mix_kernel(self, x, xp, p):
+        return kernels.blend(x, xp, p[:, 1])
+
 
 class CutMix(_Op):
     op: Literal["cutmix"]
@@ -247,6 +358,14 @@ class CutMix(_Op):
 
     def names(self):
         return ["partner", "lam", "y0", "x0", "y1", "x1"]
+
+    @staticmethod
+    def _box(h: int, w: int, lam: Any, cy: Any, cx: Any) -> tuple[Any, ...]:
+        """The box of area about (1 − λ)·H·W centred at (cy, cx), clipped to the image, and the area kept."""
+        rh, rw = np.floor(h * np.sqrt(1 - lam)).astype(np.int64), np.floor(w * np.sqrt(1 - lam)).astype(np.int64)
+        y0, y1 = np.maximum(0, cy - rh // 2), np.minimum(h, cy + rh // 2)
+        x0, x1 = np.maximum(0, cx - rw // 2), np.minimum(w, cx + rw // 2)
+        return 1 - (y1 - y0) * (x1 - x0) / (h * w), y0, x0, y1, x1
 
     def draw(self, rng, shape, num_samples):
         h, w = shape[-2:]
@@ -257,6 +376,12 @@ class CutMix(_Op):
         x0, x1 = max(0, cx - rw // 2), min(w, cx + rw // 2)
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually kept
         return [partner, lam, float(y0), float(x0), float(y1), float(x1)]
+
+    def draw_rows(self, u, shape, num_samples):
+        h, w = shape[-2:]
+        cy, cx = _floor_int(u[:, 2], h).astype(np.int64), _floor_int(u[:, 3], w).astype(np.int64)
+        lam, y0, x0, y1, x1 = self._box(h, w, _beta_quantile(self.alpha, u[:, 1]), cy, cx)
+        return np.stack([_floor_int(u[:, 0], num_samples), lam, y0, x0, y1, x1], axis=1).astype(np.float64)
 
     def mix(self, x, xp, p):
         y0, x0, y1, x1 = (int(v) for v in p[2:6])
@@ -270,18 +395,75 @@ class CutMix(_Op):
             out[i, ..., y0:y1, x0:x1] = xp[i, ..., y0:y1, x0:x1]
         return out
 
+    def mix_kernel(self, x, xp, p):
+        return kernels.box_paste(x, xp, p[:, 2], p[:, 3], p[:, 4], p[:, 5])
+
 
 Op = Annotated[Union[Affine, HFlip, ResizedCrop, ColorJitter, Mixup, CutMix], Field(discriminator="op")]
 
 
+@dataclass
+class ViewInputs:
+    """What a batch of views is made from, before the ops run: each sample (and mix partner) the batch
+    needs, decoded once, and for every row where its sample and its partner sit in ``x`` and its
+    parameters. Crosses a DataLoader (``pin_memory``) and moves to the device (``to``) as one object;
+    :meth:`AugmentSpec.make` turns it into the views there."""
+
+    x: torch.Tensor  # [U, ...]
+    at: np.ndarray  # [B] row -> its sample in x
+    partner_at: np.ndarray | None  # [B] row -> its partner in x, −1 without one
+    params: np.ndarray  # [B, P]
+    y: torch.Tensor | None = None  # [B] the rows' samples' labels, where the base set gave them
+
+    def pin_memory(self) -> "ViewInputs":
+        return replace(self, x=self.x.pin_memory())
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "ViewInputs":
+        return replace(self, x=self.x.to(device, non_blocking=non_blocking))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The recipe applied to a fixed probe: the digest of its pixels, a CountSketch of them, their RMS."""
+
+    digest: str
+    sketch: np.ndarray
+    rms: float
+    size: int
+
+    def rms_difference(self, sketch: Sequence[float]) -> float:
+        """An estimate of the RMS pixel difference between this probe and one with ``sketch`` (the squared
+        distance of two CountSketches is an unbiased estimate of the squared distance of their inputs)."""
+        d = self.sketch - np.asarray(sketch, dtype=np.float64)
+        return float(np.sqrt(np.dot(d, d) / self.size))
+
+
+def _count_sketch(pixels: np.ndarray) -> np.ndarray:
+    """[SKETCH_SIZE]: each pixel added with a random sign to a random bucket, both fixed per position
+    (16-bit fields of Philox words under a fixed key)."""
+    n = len(pixels)
+    blocks = -(-n // 16)
+    counters = np.zeros((blocks, 4), dtype=np.uint64)
+    counters[:, 0] = np.arange(blocks, dtype=np.uint64)
+    words = philox(counters, (0x5EED5CE7C4, 0)).reshape(-1, 1)
+    fields = ((words >> np.array([0, 16, 32, 48], dtype=np.uint64)) & np.uint64(0xFFFF)).reshape(-1)[:n]
+    sign = np.where(fields & np.uint64(SKETCH_SIZE), 1.0, -1.0)
+    return np.bincount((fields % np.uint64(SKETCH_SIZE)).astype(np.int64), weights=sign * pixels,
+                       minlength=SKETCH_SIZE)
+
+
 class AugmentSpec(BaseModel):
-    """K views per sample made by ``ops``; view 0 is the clean input unless ``clean_view0`` is false."""
+    """K views per sample made by ``ops``; view 0 is the clean input unless ``clean_view0`` is false.
+
+    The recipe version (how parameters are drawn and pixels made) is not part of the recipe: new views
+    use :data:`RECIPE_VERSION`, a store's are replayed with the version it records (:meth:`at_version`)."""
 
     model_config = ConfigDict(extra="forbid")
     views: int = Field(ge=1, le=1000)
     ops: list[Op] = Field(min_length=1)
     clean_view0: bool = True
     seed: int = Field(0, ge=0)
+    _version: int = PrivateAttr(RECIPE_VERSION)
 
     @model_validator(mode="after")
     def _check(self) -> "AugmentSpec":
@@ -289,6 +471,19 @@ class AugmentSpec(BaseModel):
         if len(mixing) > 1 or (mixing and mixing[0] != len(self.ops) - 1):
             raise ValueError("at most one mix op (mixup or cutmix), and it must be the last op")
         return self
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def at_version(self, version: int) -> "AugmentSpec":
+        """This recipe, drawing and making pixels as recipe version ``version`` does."""
+        if version not in VERSIONS:
+            raise ReplayError(f"the store's views use recipe version {version}; this darkstore replays versions "
+                              f"{', '.join(map(str, VERSIONS))}")
+        out = self.model_copy()
+        out._version = version
+        return out
 
     # --- layout of a row's parameters ---------------------------------------------------
     def param_names(self) -> list[str]:
@@ -311,16 +506,28 @@ class AugmentSpec(BaseModel):
     # --- drawing (generation) ---------------------------------------------------------
     def draw(self, samples: np.ndarray, views: np.ndarray, shape: tuple[int, ...], num_samples: int) -> np.ndarray:
         """[B, P] float64 parameters of (sample, view) pairs: a pure function of (seed, sample, view)."""
+        samples, views = np.asarray(samples, dtype=np.int64), np.asarray(views, dtype=np.int64)
         out = np.zeros((len(samples), len(self.param_names())), dtype=np.float64)
-        for r, (s, v) in enumerate(zip(samples, views)):
-            out[r, 0] = v
-            if v == 0 and self.clean_view0:
-                out[r, 1] = 1
-                if self.mix_op:
-                    out[r, self.partner_column()] = -1
-                continue
-            rng = np.random.default_rng([self.seed, int(s), int(v), RECIPE_VERSION])
-            out[r, len(HEAD):] = [q for o in self.ops for q in o.draw(rng, shape, num_samples)]
+        out[:, 0] = views
+        clean = (views == 0) & self.clean_view0
+        out[clean, 1] = 1
+        if self.mix_op:
+            out[clean, self.partner_column()] = -1
+        aug = np.flatnonzero(~clean)
+        if self._version == 1:
+            for r in aug:
+                rng = np.random.default_rng([self.seed, int(samples[r]), int(views[r]), 1])
+                out[r, len(HEAD):] = [q for o in self.ops for q in o.draw(rng, shape, num_samples)]
+            return out
+        for i, (o, s) in enumerate(zip(self.ops, self._slices())):
+            blocks = -(-o.uniforms // 4)
+            counters = np.zeros((len(aug), blocks, 4), dtype=np.uint64)
+            counters[..., 0] = np.arange(blocks, dtype=np.uint64)
+            counters[..., 1] = i
+            counters[..., 2] = views[aug, None].astype(np.uint64)
+            counters[..., 3] = samples[aug, None].astype(np.uint64)
+            u = uniforms(philox(counters, (self.seed, self._version))).reshape(len(aug), -1)[:, :o.uniforms]
+            out[aug, s] = o.draw_rows(u, shape, num_samples)
         return out
 
     # --- applying (generation and replay) ----------------------------------------------
@@ -331,6 +538,7 @@ class AugmentSpec(BaseModel):
         return tuple(shape)
 
     def apply_one(self, x: torch.Tensor, p: np.ndarray, partner: torch.Tensor | None = None) -> torch.Tensor:
+        """Version 1's definition: one row through torchvision's functional ops."""
         if p[1]:  # the clean view (resized when the recipe fixes the output size)
             size = self.output_size(tuple(x.shape))
             if tuple(x.shape) != size:
@@ -349,92 +557,165 @@ class AugmentSpec(BaseModel):
                 x = o.apply(x, p[s])
         return x
 
-    def apply(self, base: Any, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
-        """Inputs of ``samples`` (from ``base.get_batch``) transformed by their rows' ``params``."""
-        x, _ = base.get_batch(np.asarray(samples, dtype=np.int64))
+    def inputs(self, base: Any, samples: np.ndarray, params: np.ndarray) -> ViewInputs:
+        """What the views of ``samples`` (with their rows' ``params``) are made from: every sample and mix
+        partner they need, read once through ``base.get_batch``."""
+        samples = np.asarray(samples, dtype=np.int64)
         partners = None
         if self.mix_op:
-            pc = params[:, self.partner_column()].astype(np.int64)
-            if (pc >= 0).any():
-                partners = torch.zeros_like(x)
-                partners[torch.from_numpy(pc >= 0)] = base.get_batch(pc[pc >= 0])[0].to(x.dtype)
-        return self.apply_rows(x, params, partners)
+            partners = params[:, self.partner_column()].astype(np.int64)
+        wanted = samples if partners is None else np.concatenate([samples, partners[partners >= 0]])
+        unique, where = np.unique(wanted, return_inverse=True)
+        x, y = base.get_batch(unique)
+        at = where[:len(samples)]
+        partner_at = None
+        if partners is not None:
+            partner_at = np.full(len(samples), -1, dtype=np.int64)
+            partner_at[partners >= 0] = where[len(samples):]
+        return ViewInputs(x, at, partner_at, params, None if y is None else y[torch.from_numpy(at)])
+
+    def make(self, inp: ViewInputs) -> torch.Tensor:
+        """The views ``inp`` describes, made on the device ``inp.x`` is on."""
+        at = torch.as_tensor(inp.at, device=inp.x.device)
+        partners = None
+        if inp.partner_at is not None:
+            partners = inp.x[torch.as_tensor(np.maximum(inp.partner_at, 0), device=inp.x.device)]
+        return self.apply_rows(inp.x[at], inp.params, partners)
+
+    def apply(self, base: Any, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
+        """Inputs of ``samples`` (from ``base.get_batch``) transformed by their rows' ``params``."""
+        return self.make(self.inputs(base, samples, params))
 
     def apply_rows(self, x: torch.Tensor, params: np.ndarray, partners: torch.Tensor | None = None) -> torch.Tensor:
-        """The batch form of :meth:`apply_one` (the same pixels, bit for bit): each op runs once on all
-        augmented rows of the batch; a mix op's partners go through the earlier ops with the same rows'
-        parameters. ``partners`` [B, ...] are the mix partners' inputs (rows without one: anything)."""
+        """Every row of ``x`` through the ops with its parameters: each op runs once on all augmented rows
+        of the batch; a mix op's partners go through the earlier ops with the same rows' parameters.
+        ``partners`` [B, ...] are the mix partners' inputs (rows without one: anything)."""
         clean = np.asarray(params[:, 1]) != 0
         size = self.output_size(tuple(x.shape[1:]))
-        out = torch.empty((len(x), *size), dtype=x.dtype)
+        out = torch.empty((len(x), *size), dtype=x.dtype, device=x.device)
         if clean.any():
-            xc = x[torch.from_numpy(clean)]
+            sel = torch.as_tensor(clean, device=x.device)
+            xc = x[sel]
             if tuple(xc.shape[1:]) != size:
-                from torchvision.transforms.v2 import functional as F
-
-                xc = torch.stack([F.resize(r, list(size[-2:]), antialias=True) for r in xc])
-            out[torch.from_numpy(clean)] = xc
+                xc = self._resize(xc, size)
+            out[sel] = xc
         aug = ~clean
         if aug.any():
-            sel = torch.from_numpy(aug)
-            xs, ps = x[sel], params[aug]
+            sel = torch.as_tensor(aug, device=x.device)
             xp = partners[sel] if partners is not None and self.mix_op else None
-            for o, s in zip(self.ops, self._slices()):
-                if o.mixes:
-                    xs = o.mix_batch(xs, xp, ps[:, s])
-                else:
-                    xs = o.apply_batch(xs, ps[:, s])
-                    if xp is not None and self.mix_op:
-                        xp = o.apply_batch(xp, ps[:, s])
-            out[sel] = xs
+            run = self._run_v1 if self._version == 1 else self._run
+            out[sel] = run(x[sel], params[aug], xp)
         return out
 
-    # --- exact replay ---------------------------------------------------------------
-    def pixel_digest(self, shape: tuple[int, ...]) -> str:
-        """sha256 of the recipe applied to a fixed probe: equal digests, equal pixels."""
-        probe = torch.from_numpy(np.random.default_rng(20150309).random((4, *shape)).astype(np.float32))
+    def _resize(self, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        if self._version == 1:
+            from torchvision.transforms.v2 import functional as F
+
+            return torch.stack([F.resize(r, list(size[-2:]), antialias=True) for r in x])
+        return kernels.resize(x, tuple(size[-2:]))
+
+    def _run_v1(self, xs: torch.Tensor, ps: np.ndarray, xp: torch.Tensor | None) -> torch.Tensor:
+        for o, s in zip(self.ops, self._slices()):
+            if o.mixes:
+                xs = o.mix_batch(xs, xp, ps[:, s])
+            else:
+                xs = o.apply_batch(xs, ps[:, s])
+                if xp is not None:
+                    xp = o.apply_batch(xp, ps[:, s])
+        return xs
+
+    def _run(self, xs: torch.Tensor, ps: np.ndarray, xp: torch.Tensor | None) -> torch.Tensor:
+        """Version 2: the rows and their partners through each op's kernel together (rows are
+        independent in every kernel), then the mix."""
+        if xs.ndim != 4 or not torch.is_floating_point(xs):
+            raise ValueError(f"views need float image inputs [C, H, W]; the transfer set gives {tuple(xs.shape[1:])} "
+                             f"{xs.dtype}")
+        n = len(xs)
+        both = xs if xp is None else torch.cat([xs, xp])
+        pb = ps if xp is None else np.concatenate([ps, ps])
+        for o, s in zip(self.ops, self._slices()):
+            if o.mixes:
+                return o.mix_kernel(both[:n], both[n:], ps[:, s])
+            both = o.kernel(both, pb[:, s])
+        return both
+
+    # --- checking replay ----------------------------------------------------------------
+    def probe(self, shape: tuple[int, ...], device: str | torch.device = "cpu") -> Probe:
+        """The recipe applied on ``device`` to a fixed probe of 4 samples of ``shape``, all K views each."""
+        x = torch.from_numpy(np.random.default_rng(20150309).random((4, *shape)).astype(np.float32))
 
         class _Probe:
             def get_batch(self, rows):
-                return probe[torch.as_tensor(np.asarray(rows) % 4)], None
+                return x[torch.as_tensor(np.asarray(rows) % 4)], None
 
         samples = np.repeat(np.arange(4), self.views)
         views = np.tile(np.arange(self.views), 4)
-        x = self.apply(_Probe(), samples, self.draw(samples, views, tuple(shape), 4))
-        return hashlib.sha256(np.ascontiguousarray(x.numpy()).tobytes()).hexdigest()
+        inp = self.inputs(_Probe(), samples, self.draw(samples, views, tuple(shape), 4))
+        pixels = np.ascontiguousarray(self.make(inp.to(device)).cpu().numpy())
+        flat = pixels.reshape(-1).astype(np.float64)
+        return Probe(hashlib.sha256(pixels.tobytes()).hexdigest(), _count_sketch(flat),
+                     float(np.sqrt(np.mean(flat * flat))), len(flat))
+
+    def pixel_digest(self, shape: tuple[int, ...]) -> str:
+        """sha256 of the recipe applied to a fixed probe on the CPU: equal digests, equal pixels."""
+        return self.probe(shape).digest
 
 
-def views_record(aug: AugmentSpec, input_shape: Sequence[int]) -> dict[str, Any]:
-    """What a store records about its views (``storage.schema.ViewsRecord``)."""
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def views_record(aug: AugmentSpec, input_shape: Sequence[int], device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What a store records about its views (``storage.schema.ViewsRecord``), probed on ``device``, where
+    the views are made."""
     import torchvision
 
-    return {"version": RECIPE_VERSION, "views": aug.views, "recipe": aug.model_dump(mode="json"),
-            "param_names": aug.param_names(), "input_shape": list(input_shape),
-            "pixel_digest": aug.pixel_digest(tuple(input_shape)), "torchvision": torchvision.__version__}
+    device = torch.device(device)
+    probe = aug.probe(tuple(input_shape), device)
+    record = {"version": aug.version, "views": aug.views, "recipe": aug.model_dump(mode="json"),
+              "param_names": aug.param_names(), "input_shape": list(input_shape),
+              "pixel_digest": probe.digest, "torchvision": torchvision.__version__}
+    if aug.version >= 2:
+        record.update(pixel_sketch=probe.sketch.tolist(), pixel_rms=probe.rms, device=_device_name(device),
+                      torch=torch.__version__)
+    return record
 
 
 def recipe_for_replay(record: Any) -> AugmentSpec:
-    """The recipe of a views store (its ``ViewsRecord``), refused unless the installed code rebuilds its
-    pixels exactly."""
+    """The recipe of a views store (its ``ViewsRecord``), at the store's recipe version, refused unless the
+    installed code rebuilds its pixels: bit for bit, or for version 2 within :data:`TOLERANCE`."""
     import torchvision
 
-    if record.version != RECIPE_VERSION:
+    if record.version not in VERSIONS:
         raise ReplayError(f"the store's views use recipe version {record.version}; this darkstore replays "
-                          f"version {RECIPE_VERSION}")
+                          f"versions {', '.join(map(str, VERSIONS))}")
     try:
-        aug = AugmentSpec.model_validate(record.recipe)
+        aug = AugmentSpec.model_validate(record.recipe).at_version(record.version)
     except ValidationError as exc:
         ops = [o.get("op") for o in record.recipe.get("ops", []) if isinstance(o, dict)]
         raise ReplayError(f"this darkstore cannot replay the store's augmentation recipe (ops {ops}): "
                           f"{exc.errors()[0]['msg']}") from exc
     if aug.param_names() != record.param_names:
         raise ReplayError("the store's view parameters are laid out differently from what this darkstore records")
-    digest = aug.pixel_digest(tuple(record.input_shape))
-    if digest != record.pixel_digest:
+    probe = aug.probe(tuple(record.input_shape))
+    if probe.digest == record.pixel_digest:
+        return aug
+    if record.version == 1:
         raise ReplayError(
             f"the installed torchvision {torchvision.__version__} builds other pixels for this recipe than the one "
             f"that generated the store ({record.torchvision}): the stored targets would describe other "
             "images. Install that version, or regenerate the store")
+    rel = probe.rms_difference(record.pixel_sketch) / max(record.pixel_rms, 1e-12)
+    if rel > TOLERANCE:
+        raise ReplayError(
+            f"this machine (torch {torch.__version__}, cpu) rebuilds the store's views differently from the "
+            f"{record.device} that made them (torch {record.torch}): the probe's pixels differ by about {rel:.2g} "
+            f"of their RMS, more than the {TOLERANCE:g} that rounding explains, so the stored targets would "
+            "describe other images. Replay with that torch version, or regenerate the store")
+    log.info("replaying views made on %s within rounding: the probe's pixels differ by about %.2g of their RMS "
+             "(tolerance %g)", record.device, rel, TOLERANCE)
     return aug
 
 
@@ -443,10 +724,9 @@ class ViewSet:
     store's ``RowLayout``, which maps a row to a sample position and a view); a position is the sample
     ``order[position]`` with a shuffled row order, else the sample of that number.
 
-    Generation reads inputs through it (``get_batch`` draws and applies the parameters);
+    Generation reads inputs through it: ``get_inputs`` gives what a batch's views are made from (version 2:
+    made on the teachers' device with :meth:`AugmentSpec.make`), ``get_batch`` the views themselves;
     ``params(rows)`` gives what the store records."""
-
-    decodes = True  # every row's view is made on the CPU
 
     def __init__(self, base: Any, aug: AugmentSpec, layout: Any, order: np.ndarray | None = None):
         if layout.k != aug.views:
@@ -456,6 +736,25 @@ class ViewSet:
         self.spec, self.class_names = base.spec, base.class_names
         x, _ = base.get_batch(np.arange(1))
         self.input_shape = tuple(x.shape[1:])
+        if aug.version >= 2 and len(self.input_shape) != 3:
+            from darkstore.errors import SpecError
+
+            raise SpecError(f"views need image inputs [C, H, W]; the transfer set gives samples of shape "
+                            f"{list(self.input_shape)}")
+
+    @property
+    def device_views(self) -> bool:
+        """Whether a batch's views are made by the consumer, on its device (version 2)."""
+        return self.aug.version >= 2
+
+    @property
+    def decodes(self) -> bool:
+        """Version 2 makes the views on the device: loading is the base set's; version 1 makes them here."""
+        return getattr(self.base, "decodes", True) if self.device_views else True
+
+    def at_version(self, version: int) -> "ViewSet":
+        return self if version == self.aug.version else ViewSet(self.base, self.aug.at_version(version),
+                                                                self.layout, self.order)
 
     def __len__(self) -> int:
         return len(self.base) * self.k
@@ -472,11 +771,15 @@ class ViewSet:
         """Drawn per (seed, sample, view): a sample gets the same views whatever the store's row order."""
         return self.aug.draw(self.sample_of(rows), self.layout.view(rows), self.input_shape, len(self.base))
 
-    def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_inputs(self, rows: np.ndarray) -> tuple[ViewInputs, torch.Tensor]:
         rows = np.asarray(rows, dtype=np.int64)
         samples = self.sample_of(rows)
-        _, y = self.base.get_batch(samples)
-        return self.aug.apply(self.base, samples, self.params(rows)), y
+        inp = self.aug.inputs(self.base, samples, self.params(rows))
+        return inp, inp.y
+
+    def get_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        inp, y = self.get_inputs(rows)
+        return self.aug.make(inp), y
 
 
 def select_views(rows: np.ndarray, layout: Any, per_sample: int | None, seed: int, epoch: int) -> np.ndarray:

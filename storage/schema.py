@@ -70,13 +70,19 @@ class ViewsRecord(BaseModel):
     the recipe itself is validated by ``darkstore.views.recipe_for_replay`` before any replay)."""
 
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(description="the recipe format's version")
+    version: int = Field(description="the recipe version: how parameters are drawn and pixels made (1: torchvision "
+                         "row by row; 2: batched kernels on the generating device)")
     views: int = Field(ge=1, description="K: rows per sample")
     recipe: dict[str, Any] = Field(description="the augmentation recipe, as the job gave it")
     param_names: list[str] = Field(description="the columns of `view_params`")
     input_shape: list[int]
     pixel_digest: str = Field(description="sha256 of the recipe applied to a fixed probe: equal digests, equal pixels")
     torchvision: str | None = Field(None, description="the torchvision version that made the views")
+    pixel_sketch: list[float] | None = Field(None, description="version 2: a CountSketch of the probe's pixels, to "
+                                             "bound how far another device's replay is from them")
+    pixel_rms: float | None = Field(None, description="version 2: the RMS of the probe's pixels")
+    device: str | None = Field(None, description="version 2: the device type that made the views")
+    torch: str | None = Field(None, description="version 2: the torch version that made the views")
 
     @property
     def clean_view0(self) -> bool:

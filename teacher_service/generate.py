@@ -187,7 +187,7 @@ def prepare(
         from darkstore.views import ViewSet, views_record
 
         data = ViewSet(base, spec.augment, RowLayout(spec.augment.views))
-        views = views_record(spec.augment, data.input_shape)
+        views = views_record(spec.augment, data.input_shape, dev)
     features = _feature_records(spec, members, data, dev) if spec.features else None
     meta = StoreMeta(
         software_version=darkstore.__version__,
@@ -275,31 +275,40 @@ def draw_samples(p: np.ndarray, targets: TargetsRecord, chunk: int) -> np.ndarra
 
 
 def in_store_order(data, meta: StoreMeta):
-    """The rows of ``meta``'s store: the transfer set (or its views) in the store's recorded row order —
-    the store's, not the spec's, so a store resumed by another version keeps its order."""
-    order = sample_order(meta)
-    if order is None:
-        return data
+    """The rows of ``meta``'s store: the transfer set (or its views) in the store's recorded row order and
+    recipe version — the store's, not the spec's, so a store resumed by another darkstore keeps both."""
     from darkstore.data import Reordered
     from darkstore.views import ViewSet
 
+    order = sample_order(meta)
     if isinstance(data, ViewSet):
-        return ViewSet(data.base, data.aug, meta.layout, order)
-    return Reordered(data, order)
+        return ViewSet(data.base, data.aug.at_version(meta.views.version), meta.layout, order)
+    return data if order is None else Reordered(data, order)
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Lets a DataLoader fetch whole batches through ``TransferSet.get_batch``."""
+    """Lets a DataLoader fetch whole batches through ``TransferSet.get_batch`` — or, for views made on the
+    device, what they are made from (``ViewSet.get_inputs``; :func:`_on_device` makes them)."""
 
     def __init__(self, data: TransferSet):
         self.data = data
+        self.inputs = getattr(data, "device_views", False)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, rows):
-        x, y = self.data.get_batch(rows)
+        x, y = self.data.get_inputs(rows) if self.inputs else self.data.get_batch(rows)
         return x, y, torch.from_numpy(np.asarray(rows, dtype=np.int64))
+
+
+def _on_device(x: Any, data: Any, device: torch.device) -> torch.Tensor:
+    """A loader batch's inputs on the teachers' device: a tensor moved there, or views made there."""
+    from darkstore.views import ViewInputs
+
+    if isinstance(x, ViewInputs):
+        return data.aug.make(x.to(device, non_blocking=True))
+    return x.to(device, non_blocking=True)
 
 
 def _chunk_batches(writer: StoreWriter, chunks: Iterable[int], batch_size: int):
@@ -394,7 +403,7 @@ def run_chunks(
             outs, feats, ys, filled = [], [], [], 0
             while filled < stop - start:
                 x, y, idx = next(it)
-                outs.append(ens.forward(x.to(job.device, non_blocking=True), idx.numpy(), check=False))
+                outs.append(ens.forward(_on_device(x, data, job.device), idx.numpy(), check=False))
                 if taps is not None:
                     feats.append(taps.collect())
                 ys.append(y.numpy())
