@@ -576,20 +576,47 @@ class AugmentSpec(BaseModel):
 
     def make(self, inp: ViewInputs) -> torch.Tensor:
         """The views ``inp`` describes, made on the device ``inp.x`` is on."""
-        at = torch.as_tensor(inp.at, device=inp.x.device)
-        partners = None
-        if inp.partner_at is not None:
-            partners = inp.x[torch.as_tensor(np.maximum(inp.partner_at, 0), device=inp.x.device)]
-        return self.apply_rows(inp.x[at], inp.params, partners)
+        if self._version == 1:
+            partners = None
+            if inp.partner_at is not None:
+                partners = inp.x[torch.from_numpy(np.maximum(inp.partner_at, 0))]
+            return self._apply_rows_v1(inp.x[torch.from_numpy(inp.at)], inp.params, partners)
+        dev = inp.x.device
+        clean = np.asarray(inp.params[:, 1]) != 0
+        size = self.output_size(tuple(inp.x.shape[1:]))
+        idx = (lambda a: torch.as_tensor(np.ascontiguousarray(a), device=dev))  # noqa: E731
+        parts = []
+        if clean.any():
+            xc = inp.x.index_select(0, idx(inp.at[clean]))
+            parts.append((clean, xc if tuple(xc.shape[1:]) == size else self._resize(xc, size)))
+        if not clean.all():
+            aug = ~clean
+            pick = inp.at[aug] if self.mix_op is None else np.concatenate([inp.at[aug], inp.partner_at[aug]])
+            parts.append((aug, self._run(inp.x.index_select(0, idx(pick)), inp.params[aug])))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = torch.empty((len(clean), *size), dtype=inp.x.dtype, device=dev)
+        for mask, views in parts:
+            out.index_copy_(0, idx(np.flatnonzero(mask)), views)
+        return out
 
     def apply(self, base: Any, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
         """Inputs of ``samples`` (from ``base.get_batch``) transformed by their rows' ``params``."""
         return self.make(self.inputs(base, samples, params))
 
     def apply_rows(self, x: torch.Tensor, params: np.ndarray, partners: torch.Tensor | None = None) -> torch.Tensor:
-        """Every row of ``x`` through the ops with its parameters: each op runs once on all augmented rows
-        of the batch; a mix op's partners go through the earlier ops with the same rows' parameters.
-        ``partners`` [B, ...] are the mix partners' inputs (rows without one: anything)."""
+        """Every row of ``x`` [B, ...] through the ops with its parameters; ``partners`` [B, ...] are the mix
+        partners' inputs (rows without one: anything)."""
+        if self._version == 1:
+            return self._apply_rows_v1(x, params, partners)
+        n = len(x)
+        if self.mix_op is None or partners is None:
+            return self.make(ViewInputs(x, np.arange(n), None, params))
+        return self.make(ViewInputs(torch.cat([x, partners]), np.arange(n), np.arange(n, 2 * n), params))
+
+    def _apply_rows_v1(self, x: torch.Tensor, params: np.ndarray, partners: torch.Tensor | None) -> torch.Tensor:
+        """Version 1: each op runs once on all augmented rows of the batch (bit for bit :meth:`apply_one`); a
+        mix op's partners go through the earlier ops with the same rows' parameters."""
         clean = np.asarray(params[:, 1]) != 0
         size = self.output_size(tuple(x.shape[1:]))
         out = torch.empty((len(x), *size), dtype=x.dtype, device=x.device)
@@ -603,8 +630,7 @@ class AugmentSpec(BaseModel):
         if aug.any():
             sel = torch.as_tensor(aug, device=x.device)
             xp = partners[sel] if partners is not None and self.mix_op else None
-            run = self._run_v1 if self._version == 1 else self._run
-            out[sel] = run(x[sel], params[aug], xp)
+            out[sel] = self._run_v1(x[sel], params[aug], xp)
         return out
 
     def _resize(self, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -624,15 +650,14 @@ class AugmentSpec(BaseModel):
                     xp = o.apply_batch(xp, ps[:, s])
         return xs
 
-    def _run(self, xs: torch.Tensor, ps: np.ndarray, xp: torch.Tensor | None) -> torch.Tensor:
-        """Version 2: the rows and their partners through each op's kernel together (rows are
-        independent in every kernel), then the mix."""
-        if xs.ndim != 4 or not torch.is_floating_point(xs):
-            raise ValueError(f"views need float image inputs [C, H, W]; the transfer set gives {tuple(xs.shape[1:])} "
-                             f"{xs.dtype}")
-        n = len(xs)
-        both = xs if xp is None else torch.cat([xs, xp])
-        pb = ps if xp is None else np.concatenate([ps, ps])
+    def _run(self, both: torch.Tensor, ps: np.ndarray) -> torch.Tensor:
+        """Version 2: ``both`` holds the augmented rows, then (with a mix op) their partners; all of them go
+        through each op's kernel together (rows are independent in every kernel), then the mix."""
+        if both.ndim != 4 or not torch.is_floating_point(both):
+            raise ValueError(f"views need float image inputs [C, H, W]; the transfer set gives "
+                             f"{tuple(both.shape[1:])} {both.dtype}")
+        n = len(ps)
+        pb = ps if self.mix_op is None else np.concatenate([ps, ps])
         for o, s in zip(self.ops, self._slices()):
             if o.mixes:
                 return o.mix_kernel(both[:n], both[n:], ps[:, s])
@@ -661,6 +686,16 @@ class AugmentSpec(BaseModel):
         return self.probe(shape).digest
 
 
+def _torchvision_version() -> str | None:
+    """Without importing it (a second and a half): version 2 makes its pixels without torchvision."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchvision")
+    except PackageNotFoundError:
+        return None
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -670,13 +705,11 @@ def _device_name(device: torch.device) -> str:
 def views_record(aug: AugmentSpec, input_shape: Sequence[int], device: str | torch.device = "cpu") -> dict[str, Any]:
     """What a store records about its views (``storage.schema.ViewsRecord``), probed on ``device``, where
     the views are made."""
-    import torchvision
-
     device = torch.device(device)
     probe = aug.probe(tuple(input_shape), device)
     record = {"version": aug.version, "views": aug.views, "recipe": aug.model_dump(mode="json"),
               "param_names": aug.param_names(), "input_shape": list(input_shape),
-              "pixel_digest": probe.digest, "torchvision": torchvision.__version__}
+              "pixel_digest": probe.digest, "torchvision": _torchvision_version()}
     if aug.version >= 2:
         record.update(pixel_sketch=probe.sketch.tolist(), pixel_rms=probe.rms, device=_device_name(device),
                       torch=torch.__version__)
@@ -686,8 +719,6 @@ def views_record(aug: AugmentSpec, input_shape: Sequence[int], device: str | tor
 def recipe_for_replay(record: Any) -> AugmentSpec:
     """The recipe of a views store (its ``ViewsRecord``), at the store's recipe version, refused unless the
     installed code rebuilds its pixels: bit for bit, or for version 2 within :data:`TOLERANCE`."""
-    import torchvision
-
     if record.version not in VERSIONS:
         raise ReplayError(f"the store's views use recipe version {record.version}; this darkstore replays "
                           f"versions {', '.join(map(str, VERSIONS))}")
@@ -704,7 +735,7 @@ def recipe_for_replay(record: Any) -> AugmentSpec:
         return aug
     if record.version == 1:
         raise ReplayError(
-            f"the installed torchvision {torchvision.__version__} builds other pixels for this recipe than the one "
+            f"the installed torchvision {_torchvision_version()} builds other pixels for this recipe than the one "
             f"that generated the store ({record.torchvision}): the stored targets would describe other "
             "images. Install that version, or regenerate the store")
     rel = probe.rms_difference(record.pixel_sketch) / max(record.pixel_rms, 1e-12)

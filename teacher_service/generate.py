@@ -387,6 +387,8 @@ def run_chunks(
         num_workers=loader_workers(data, job.device, num_workers), pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
+    from darkstore.views import ViewInputs
+
     ens = job.ensemble
     sink = _ChunkSink(writer, data, [mm.name for mm in job.members], writers, writer_processes, on_rows, on_chunk)
     taps = None
@@ -400,16 +402,18 @@ def run_chunks(
                 sink.drain(0)
                 raise Cancelled(f"stopped before chunk {i}; {sink.written} rows were committed in this run")
             start, stop = writer.bounds(i)
-            outs, feats, ys, filled = [], [], [], 0
+            outs, feats, ys, params, filled = [], [], [], [], 0
             while filled < stop - start:
                 x, y, idx = next(it)
+                if isinstance(x, ViewInputs):  # the parameters the views were made with: what the store records
+                    params.append(x.params)
                 outs.append(ens.forward(_on_device(x, data, job.device), idx.numpy(), check=False))
                 if taps is not None:
                     feats.append(taps.collect())
                 ys.append(y.numpy())
                 filled += len(idx)
             sink.submit(i, start, stop, torch.cat(outs, dim=1), np.concatenate(ys).astype(np.int64),
-                        torch.cat(feats) if feats else None)
+                        torch.cat(feats) if feats else None, np.concatenate(params) if params else None)
             sink.drain(max_inflight)
         sink.drain(0)
     finally:
@@ -468,7 +472,7 @@ class _ChunkSink:
         self.written = 0
 
     def submit(self, i: int, start: int, stop: int, z: torch.Tensor, y: np.ndarray,
-               features: torch.Tensor | None = None) -> None:
+               features: torch.Tensor | None = None, view_params: np.ndarray | None = None) -> None:
         # torch work (combine, argmax, checks) stays on this thread and the device; the writer thread
         # only casts, compresses and writes (numpy + zarr), so the two never fight over torch's threads
         meta = self.meta
@@ -485,9 +489,10 @@ class _ChunkSink:
                 if name in parts:
                     parts[name] = parts[name].clamp_min(FLOAT16_FLOOR).half()
         hosts = {name: _to_host(t) for name, t in parts.items()}
-        self.inflight.append((i, stop - start, self.pool.submit(self._write, i, start, stop, hosts, y)))
+        self.inflight.append((i, stop - start, self.pool.submit(self._write, i, start, stop, hosts, y, view_params)))
 
-    def _write(self, i: int, start: int, stop: int, hosts: dict, y: np.ndarray) -> None:
+    def _write(self, i: int, start: int, stop: int, hosts: dict, y: np.ndarray,
+               view_params: np.ndarray | None = None) -> None:
         for _, ev in hosts.values():
             if ev is not None:
                 ev.synchronize()
@@ -504,7 +509,7 @@ class _ChunkSink:
                 f"labels up to {int(y.max())} in rows {start}..{stop - 1}, but the teachers predict {c} classes")
         kw.update(labels=y, index=self.data.sample_of(rows))
         if self.views is not None:  # row = (sample, view): the view's recorded parameters too
-            kw.update(view_params=self.views.params(rows))
+            kw.update(view_params=self.views.params(rows) if view_params is None else view_params)
         if self.procs is not None:
             self.procs.submit(write_chunk_at, str(self.writer.path), i, kw).result()
         else:

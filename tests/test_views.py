@@ -334,3 +334,139 @@ def test_batch_replay_is_bit_exact_with_the_per_row_definition(ops, shape, threa
     assert torch.equal(got, want), f"max |Δ| {(got - want).abs().max()}"
     if got.shape[1:] == x.shape[1:]:  # the ops really changed the augmented rows
         assert not torch.equal(got[views != 0], x[samples[views != 0]])
+
+
+# --- recipe version 2: batched draws and kernels; version 1 stores as they were made ----------------
+
+V1_STORE = Path(__file__).parent / "data" / "views_v1_store"
+V1_RECIPE = {"views": 3, "ops": RECIPE["ops"]}
+
+
+def test_version2_draws_are_a_pure_function_of_seed_sample_and_view():
+    aug = AugmentSpec.model_validate({**RECIPE, "views": 6, "seed": 7})
+    assert aug.version == 2
+    samples, views = np.repeat(np.arange(50), 6), np.tile(np.arange(6), 50)
+    whole = aug.draw(samples, views, (3, 16, 16), 50)
+    pick = np.random.default_rng(0).permutation(len(samples))[:77]
+    np.testing.assert_array_equal(aug.draw(samples[pick], views[pick], (3, 16, 16), 50), whole[pick])
+    # each op draws from its own stream: another option of one op leaves the others' parameters alone
+    other = AugmentSpec.model_validate({**RECIPE, "views": 6, "seed": 7, "ops": [
+        {**RECIPE["ops"][0], "degrees": 5}, *RECIPE["ops"][1:]]})
+    redrawn = other.draw(samples, views, (3, 16, 16), 50)
+    names = aug.param_names()
+    for j, name in enumerate(names):
+        same = np.array_equal(redrawn[:, j], whole[:, j])
+        assert same != (name == "affine0.angle"), name
+    assert not np.array_equal(AugmentSpec.model_validate({**RECIPE, "views": 6, "seed": 8}).draw(
+        samples, views, (3, 16, 16), 50), whole)
+
+
+def test_version2_draws_follow_the_same_laws_as_version1():
+    from scipy import stats
+
+    recipe = {"views": 2, "clean_view0": False, "ops": [{"op": "resized_crop", "scale": [0.2, 1.0]},
+                                                          {"op": "hflip", "p": 0.3}, {"op": "mixup", "alpha": 0.4}]}
+    n = 6000
+    samples, views = np.arange(n), np.zeros(n, dtype=np.int64)
+    p1 = AugmentSpec.model_validate(recipe).at_version(1).draw(samples, views, (3, 24, 20), 100)
+    p2 = AugmentSpec.model_validate(recipe).draw(samples, views, (3, 24, 20), 100)
+    area = lambda p: p[:, 4] * p[:, 5] / (24 * 20)  # noqa: E731 — height · width / image
+    assert stats.ks_2samp(area(p1), area(p2)).pvalue > 1e-3
+    assert stats.ks_2samp(p1[:, 4] / p1[:, 5], p2[:, 4] / p2[:, 5]).pvalue > 1e-3
+    assert ((p2[:, 2] >= 0) & (p2[:, 2] + p2[:, 4] <= 24) & (p2[:, 3] >= 0) & (p2[:, 3] + p2[:, 5] <= 20)).all()
+    assert abs(p2[:, 6].mean() - 0.3) < 0.02
+    assert stats.kstest(p2[:, 8], stats.beta(0.4, 0.4).cdf).pvalue > 1e-3  # λ ~ Beta(α, α)
+    assert set(np.unique(p2[:, 7])) <= set(range(100)) and len(np.unique(p2[:, 7])) == 100
+
+
+def test_a_version2_store_records_how_its_views_were_made(vstore):
+    v = open_store(vstore["store"]).meta.views
+    assert v.version == 2 and v.device == "cpu" and v.torch == torch.__version__
+    assert len(v.pixel_sketch) == 64 and v.pixel_rms > 0
+
+
+def test_views_made_in_loader_workers_or_inline_are_the_same_store(tmp_path, ensemble, arrays):
+    spec = job(ensemble, arrays, chunk_rows=64, augment={**RECIPE, "views": 3})
+    a = open_store(generate(spec, tmp_path / "inline", num_workers=0).path)
+    b = open_store(generate(spec, tmp_path / "workers", num_workers=2).path)
+    for field in ("logits", "view_params", "index"):
+        np.testing.assert_array_equal(a.read_field(field), b.read_field(field), err_msg=field)
+
+
+@pytest.fixture
+def v1_views(tmp_path):
+    import shutil
+
+    shutil.copytree(V1_STORE, tmp_path / "v1")
+    return tmp_path / "v1"
+
+
+def test_a_version1_store_replays_its_recorded_pixels(v1_views):
+    reader = open_store(v1_views / "store")
+    assert reader.meta.views.version == 1
+    data = open_transfer_set({"kind": "arrays", "path": str(v1_views / "transfer.npz")})
+    x = torch.from_numpy(np.load(v1_views / "transfer.npz")["x"])
+    aug = AugmentSpec.model_validate(V1_RECIPE).at_version(1)
+    params, index = reader.read_field("view_params"), reader.read_field("index")
+    col = aug.partner_column()
+    for b in make_loader(reader, np.arange(reader.meta.num_rows), batch_size=16, data=data, seed=2).epoch(0):
+        rows = b.rows.numpy()
+        want = torch.stack([aug.apply_one(x[index[r]], params[r], x[int(params[r, col])] if params[r, 1] == 0 else None)
+                            for r in rows])
+        assert torch.equal(b.x, want)  # torchvision row by row, as the store was made
+
+
+def test_a_version1_store_resumes_as_version1(v1_views):
+    store = v1_views / "store"
+    before = open_store(store)
+    old = {f: before.read_field(f) for f in ("logits", "view_params")}
+    zarr.open_group(str(store), mode="r+")["done"][1] = 0  # as if the run had stopped before chunk 1's commit
+    spec = job(v1_views / "teachers" / "ensemble.yaml", v1_views / "transfer.npz", chunk_rows=16, augment=V1_RECIPE)
+    written = []
+    w = generate(spec, store, on_rows=written.append)
+    assert sum(written) == 16 and w.meta.views.version == 1 and w.pending_chunks() == []
+    after = open_store(store)
+    for f, a in old.items():
+        np.testing.assert_array_equal(after.read_field(f), a, err_msg=f)  # chunk 1 recomputed, bit for bit
+
+
+def _perturb(monkeypatch, how: str) -> None:
+    """Another device type's rounding (the contrast mean summed in float32), or another image (brightness 1 %
+    off): what replay must accept, and what it must refuse."""
+    from darkstore import kernels
+
+    if how == "rounding":
+        def contrast(x, factor):
+            mean = kernels.grayscale(x).mean(dim=(-3, -2, -1), keepdim=True) * (1 + 2 ** -22)
+            return kernels._keep_where(np.asarray(factor) == 1, x, kernels._mix(x, mean, kernels._rows(factor, x)))
+        monkeypatch.setattr(kernels, "contrast", contrast)
+    else:
+        brightness = kernels.brightness
+        monkeypatch.setattr(kernels, "brightness", lambda x, f: brightness(x, np.asarray(f) * 1.01))
+
+
+def test_replay_elsewhere_is_accepted_within_rounding_and_checked_against_the_stored_targets(vstore, monkeypatch,
+                                                                                             caplog):
+    _perturb(monkeypatch, "rounding")
+    reader = open_store(vstore["store"])
+    with caplog.at_level("INFO", logger="darkstore.views"):
+        batch = next(iter(make_loader(reader, np.arange(N * K), batch_size=N * K, shuffle=False).epoch(0)))
+    assert "within rounding" in caplog.text
+    from darkstore.models import ModelSpec, load_model
+
+    doc = yaml.safe_load(vstore["ensemble"].read_text())
+    z = []
+    for m in doc["members"]:
+        spec = ModelSpec(**{**m, "weights": str(vstore["ensemble"].parent / m["weights"])})
+        with torch.no_grad():
+            z.append(load_model(spec, num_classes=5).module.double().eval()(batch.x.double()).numpy())
+    ell = np.mean(z, axis=0)
+    ell = ell - ell.max(axis=1, keepdims=True)
+    # the teachers on these pixels give the stored targets, within the same bound as on the exact replay
+    assert np.allclose(batch.logits.double().numpy(), ell, rtol=2 ** -10, atol=2 ** -10 * np.abs(ell).max())
+
+
+def test_replay_of_other_pixels_is_refused(vstore, monkeypatch):
+    _perturb(monkeypatch, "image")
+    with pytest.raises(ReplayError, match="rebuilds the store's views differently from the cpu that made them"):
+        make_loader(open_store(vstore["store"]), np.arange(10), batch_size=4)
