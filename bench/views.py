@@ -10,7 +10,8 @@ of steps of the same student (an MLP on 3×32×32 inputs, the cheapest step, so 
 and a small CNN):
 
 - ``views``: the views store, one random view per sample per epoch, replayed on whole batches;
-- ``per-row``: the same, replayed row by row (one torchvision call per sample: the previous release);
+- ``per-row``: the same, replayed with recipe version 1's ops (torchvision; row by row where an op has no
+  batched form: the previous releases);
 - ``written-out``: the plain store of written-out views.
 
 In process it prints time per step; as users run it, whole ``darkstore train`` processes (views
@@ -47,10 +48,13 @@ from teacher_service.spec import JobSpec
 RECIPE = [{"op": "affine", "shift": 4}, {"op": "hflip", "p": 0.5}]
 
 
-def per_row(self, x, params, partners=None):
-    """The previous release's replay: every op, row by row."""
-    return torch.stack([self.apply_one(x[i], params[i], None if partners is None else partners[i])
-                        for i in range(len(x))])
+FAST_MAKE = AugmentSpec.make
+
+
+def per_row(self, inp):
+    """The previous releases' replay (recipe version 1): torchvision's ops, row by row where they have no
+    batched form."""
+    return FAST_MAKE(self.at_version(1), inp)
 
 
 STUDENTS = {"mlp(3072->256->10)": ("mlp", {"in_features": 3 * 32 * 32, "hidden": [256]}),
@@ -127,14 +131,12 @@ def main() -> None:
                                 views_per_epoch=1, student=student)
             written = steps_timer(ostore, np.arange(a.samples * k), odata, steps=steps, batch=a.batch_size,
                                   views_per_epoch=None, student=student)
-            fast = AugmentSpec.apply_rows
-
             def slow() -> float:
-                AugmentSpec.apply_rows = per_row
+                AugmentSpec.make = per_row
                 try:
                     return views()
                 finally:
-                    AugmentSpec.apply_rows = fast
+                    AugmentSpec.make = FAST_MAKE
 
             for f in (views, written, slow):
                 f()  # warm
