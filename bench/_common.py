@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,15 @@ def teachers(folder: Path, members: int, classes: int, arch: str, **kwargs) -> l
         save_weights(model, folder / f"t{i}.safetensors")
         out.append({"name": f"t{i}", "arch": arch, "arch_kwargs": kwargs, "weights": str(folder / f"t{i}.safetensors")})
     return out
+
+
+def cli_seconds(work: Path, args: list[str]) -> float:
+    """Wall seconds of one whole ``darkstore ARGS`` process run in ``work`` (what users run)."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "darkstore_app.cli", *args], cwd=work, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stdout + r.stderr)
+    return time.perf_counter() - t0
 
 
 def timed(fn) -> float:

@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 from _common import images, machine, paired, teachers
 

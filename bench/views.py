@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from _common import paired, images, machine, teachers
+from _common import cli_seconds, paired, images, machine, teachers
 
 from darkstore.data import open_transfer_set
 from darkstore.models import build_model
@@ -84,15 +82,9 @@ def steps_timer(store, rows, data, *, steps: int, batch: int, views_per_epoch: i
 
 
 def cli_timer(work: Path, store: str, epochs: int, extra: list[str]):
-    def go() -> float:
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "darkstore_app.cli", "train", "--store", store, "--out", "run",
-                            "--student-spec", "student.yaml", "--epochs", str(epochs), "--batch-size", "128",
-                            "--holdout", "0.05", "--threads", "2", *extra], cwd=work, capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(r.stdout + r.stderr)
-        return time.perf_counter() - t0
-    return go
+    return lambda: cli_seconds(work, ["train", "--store", store, "--out", "run", "--student-spec", "student.yaml",
+                                      "--epochs", str(epochs), "--batch-size", "128", "--holdout", "0.05",
+                                      "--threads", "2", *extra])
 
 
 def main() -> None:

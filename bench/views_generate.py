@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import images, machine, med, paired, teachers
+from _common import cli_seconds, images, machine, med, paired, teachers
 
 from darkstore.data import open_transfer_set
 from darkstore.views import AugmentSpec, ViewSet
@@ -66,12 +64,7 @@ def in_process(spec: JobSpec, out: Path, version: int):
 def cli(work: Path, args: list[str], out: str):
     def go() -> float:
         shutil.rmtree(work / out, ignore_errors=True)
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "darkstore_app.cli", "generate", *args, "--out", out,
-                            "--batch-size", "256"], cwd=work, capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(r.stdout + r.stderr)
-        return time.perf_counter() - t0
+        return cli_seconds(work, ["generate", *args, "--out", out, "--batch-size", "256"])
     return go
 
 
