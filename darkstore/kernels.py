@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 
-def _rows(v: np.ndarray | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _rows(v: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     """Per-row values as a [B, 1, 1, 1] tensor of x's dtype on x's device."""
-    t = torch.as_tensor(np.asarray(v, dtype=np.float64) if not torch.is_tensor(v) else v)
-    return t.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return torch.as_tensor(np.asarray(v, dtype=np.float64)).to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
 
 
 def _keep_where(identity: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

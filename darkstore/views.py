@@ -53,7 +53,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from darkstore import kernels
-from darkstore.errors import DarkstoreError
+from darkstore.errors import DarkstoreError, SpecError
 from darkstore.philox import philox, uniforms
 
 log = logging.getLogger(__name__)
@@ -681,10 +681,6 @@ class AugmentSpec(BaseModel):
         return Probe(hashlib.sha256(pixels.tobytes()).hexdigest(), _count_sketch(flat),
                      float(np.sqrt(np.mean(flat * flat))), len(flat))
 
-    def pixel_digest(self, shape: tuple[int, ...]) -> str:
-        """sha256 of the recipe applied to a fixed probe on the CPU: equal digests, equal pixels."""
-        return self.probe(shape).digest
-
 
 def _torchvision_version() -> str | None:
     """Without importing it (a second and a half): version 2 makes its pixels without torchvision."""
@@ -768,8 +764,6 @@ class ViewSet:
         x, _ = base.get_batch(np.arange(1))
         self.input_shape = tuple(x.shape[1:])
         if aug.version >= 2 and len(self.input_shape) != 3:
-            from darkstore.errors import SpecError
-
             raise SpecError(f"views need image inputs [C, H, W]; the transfer set gives samples of shape "
                             f"{list(self.input_shape)}")
 
@@ -782,10 +776,6 @@ class ViewSet:
     def decodes(self) -> bool:
         """Version 2 makes the views on the device: loading is the base set's; version 1 makes them here."""
         return getattr(self.base, "decodes", True) if self.device_views else True
-
-    def at_version(self, version: int) -> "ViewSet":
-        return self if version == self.aug.version else ViewSet(self.base, self.aug.at_version(version),
-                                                                self.layout, self.order)
 
     def __len__(self) -> int:
         return len(self.base) * self.k
