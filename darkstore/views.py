@@ -604,16 +604,6 @@ class AugmentSpec(BaseModel):
         """Inputs of ``samples`` (from ``base.get_batch``) transformed by their rows' ``params``."""
         return self.make(self.inputs(base, samples, params))
 
-    def apply_rows(self, x: torch.Tensor, params: np.ndarray, partners: torch.Tensor | None = None) -> torch.Tensor:
-        """Every row of ``x`` [B, ...] through the ops with its parameters; ``partners`` [B, ...] are the mix
-        partners' inputs (rows without one: anything)."""
-        if self._version == 1:
-            return self._apply_rows_v1(x, params, partners)
-        n = len(x)
-        if self.mix_op is None or partners is None:
-            return self.make(ViewInputs(x, np.arange(n), None, params))
-        return self.make(ViewInputs(torch.cat([x, partners]), np.arange(n), np.arange(n, 2 * n), params))
-
     def _apply_rows_v1(self, x: torch.Tensor, params: np.ndarray, partners: torch.Tensor | None) -> torch.Tensor:
         """Version 1: each op runs once on all augmented rows of the batch (bit for bit :meth:`apply_one`); a
         mix op's partners go through the earlier ops with the same rows' parameters."""

@@ -23,6 +23,7 @@ import darkstore
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
+from darkstore.views import ViewInputs, ViewSet, views_record
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
 from storage.schema import FeatureRecord, RowLayout, TargetsRecord
 from storage.writer import write_chunk_at
@@ -184,8 +185,6 @@ def prepare(
     base = data
     views = None
     if spec.augment is not None:
-        from darkstore.views import ViewSet, views_record
-
         data = ViewSet(base, spec.augment, RowLayout(spec.augment.views))
         views = views_record(spec.augment, data.input_shape, dev)
     features = _feature_records(spec, members, data, dev) if spec.features else None
@@ -278,7 +277,6 @@ def in_store_order(data, meta: StoreMeta):
     """The rows of ``meta``'s store: the transfer set (or its views) in the store's recorded row order and
     recipe version — the store's, not the spec's, so a store resumed by another darkstore keeps both."""
     from darkstore.data import Reordered
-    from darkstore.views import ViewSet
 
     order = sample_order(meta)
     if isinstance(data, ViewSet):
@@ -304,8 +302,6 @@ class _Batches(torch.utils.data.Dataset):
 
 def _on_device(x: Any, data: Any, device: torch.device) -> torch.Tensor:
     """A loader batch's inputs on the teachers' device: a tensor moved there, or views made there."""
-    from darkstore.views import ViewInputs
-
     if isinstance(x, ViewInputs):
         return data.aug.make(x.to(device, non_blocking=True))
     return x.to(device, non_blocking=True)
@@ -387,7 +383,6 @@ def run_chunks(
         num_workers=loader_workers(data, job.device, num_workers), pin_memory=job.device.type == "cuda",
     )
     it = iter(loader)
-    from darkstore.views import ViewInputs
 
     ens = job.ensemble
     sink = _ChunkSink(writer, data, [mm.name for mm in job.members], writers, writer_processes, on_rows, on_chunk)

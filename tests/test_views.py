@@ -305,7 +305,7 @@ ONE_OP = [
 @pytest.mark.parametrize("ops", [[o] for o in ONE_OP] + [RECIPE["ops"], ONE_OP[:3] + [{"op": "mixup", "alpha": 0.4}]],
                          ids=lambda ops: "+".join(o["op"] for o in ops))
 def test_batch_replay_is_bit_exact_with_the_per_row_definition(ops, shape, threads):
-    """apply_rows (one op call per batch) must give the very pixels of apply_one row by row."""
+    """Version 1's batch form (one op call per batch) must give the very pixels of apply_one row by row."""
     if shape[0] == 1 and any(o["op"] == "color_jitter" and o.get("saturation") for o in ops):
         pytest.skip("saturation and hue need 3 channels")
     aug = AugmentSpec.model_validate({"views": 6, "ops": ops, "seed": 3}).at_version(1)
