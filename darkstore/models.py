@@ -116,17 +116,35 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
             return BUILTINS[arch](num_classes=num_classes, **kwargs)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise SpecError(f"bad arch_kwargs for {arch}: {exc}") from exc
+    if arch.startswith("timm/"):
+        return _build_timm(arch.removeprefix("timm/"), num_classes, **kwargs)
     import torchvision
 
     if arch not in torchvision_classifiers():
         raise UnknownArchitectureError(
-            f"unknown architecture {arch!r}: not a built-in ({', '.join(sorted(BUILTINS))}) "
-            "nor a torchvision classification model (see `darkstore archs`)"
+            f"unknown architecture {arch!r}: not a built-in ({', '.join(sorted(BUILTINS))}), "
+            "a torchvision classification model (see `darkstore archs`) nor timm/<model>"
         )
     try:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise SpecError(f"bad arch_kwargs for {arch}: {exc}") from exc
+
+
+def _build_timm(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A timm model by name, randomly initialised (``pretrained=False``: nothing is downloaded; weights load
+    from a local file like any other architecture's)."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise UnknownArchitectureError(f"timm/{name} needs timm: pip install 'darkstore[timm]'") from exc
+    if not timm.is_model(name.split(".", 1)[0]):
+        raise UnknownArchitectureError(f"unknown architecture timm/{name}: timm has no such model "
+                                       "(timm.list_models())")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise SpecError(f"bad arch_kwargs for timm/{name}: {exc}") from exc
 
 
 # --- safe weight loading ---------------------------------------------------------

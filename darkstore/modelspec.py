@@ -24,6 +24,10 @@ class Preprocess(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    preset: str | None = Field(None, description="the evaluation transform published with a model's weights, "
+                               "by name: torchvision/<Weights>.<NAME> (e.g. torchvision/ResNet50_Weights."
+                               "IMAGENET1K_V2) or timm/<model> (timm's pretrained config). It fills short_side, "
+                               "crop, interpolation, mean and std; options given beside it win")
     channels: int | None = Field(None, ge=1)
     resize: int | tuple[int, int] | None = Field(None, description="resample to exactly this size (squashes: the "
                                                  "aspect ratio is not kept)")
@@ -35,11 +39,21 @@ class Preprocess(BaseModel):
     mean: list[float] | None = None
     std: list[float] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            from .imaging import preset_values  # imports torchvision (or timm): only when a preset is named
+
+            given = {k: v for k, v in data.items() if v is not None}
+            data = {**preset_values(data["preset"]), **given}
+        return data
+
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         # options added after job keys existed are written only when set: older jobs keep their keys
         d = handler(self)
-        for k, default in (("short_side", None), ("crop", None), ("interpolation", "bilinear")):
+        for k, default in (("preset", None), ("short_side", None), ("crop", None), ("interpolation", "bilinear")):
             if k in d and d[k] == default:
                 del d[k]
         return d

@@ -530,13 +530,14 @@ def export(
     run: Annotated[Path, typer.Argument(help="a finished run directory")],
     format_: Annotated[list[str], typer.Option("--format", help="safetensors | torchscript | onnx (repeatable)")],
     out_: Annotated[Optional[Path], typer.Option("--out", help="folder (default RUN/export/FORMAT)")] = None,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow a student (or transfer set) built by a module:function factory", metavar="")] = False,
 ):
     """Export the student; each export is reloaded and compared with the PyTorch student."""
     from student_trainer.export import export_run
 
     for fmt in format_:
         dest = (out_ / fmt if len(format_) > 1 else out_) if out_ is not None else None
-        r = export_run(run, fmt, dest)
+        r = export_run(run, fmt, dest, allow_code=allow_code)
         console.print(f"[green]{fmt}[/]: {r.path} ({_human(r.size_bytes)}); reloaded, max |Δ| = {r.max_abs_diff:.2e} "
                       f"≤ {r.tolerance:.2e} at batch sizes {r.batch_sizes}", highlight=False)
 
@@ -598,6 +599,13 @@ def archs(
     if layers is None:
         out.print("built-in: " + ", ".join(sorted(BUILTINS)))
         out.print("torchvision: " + ", ".join(torchvision_classifiers()))
+        try:
+            import timm
+        except ImportError:
+            out.print("timm/<model>: not installed (pip install 'darkstore[timm]')")
+        else:
+            out.print(f"timm/<model>: any of timm's {len(timm.list_models()):,} models (timm.list_models()), "
+                      "e.g. timm/resnet50, timm/convnext_tiny", highlight=False)
         return
     model = build_model(layers, 10, **_json_option(arch_kwargs, "--arch-kwargs"))
     for name, module in model.named_modules():

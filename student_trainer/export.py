@@ -58,23 +58,23 @@ class ExportResult:
         return {**asdict(self), "path": str(self.path)}
 
 
-def load_run_student(run: Path) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
+def load_run_student(run: Path, allow_code: bool = False) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
     summary_path = run / "summary.json"
     if not summary_path.is_file():
         raise ExportError(f"{run} is not a finished run (no summary.json): train it, or resume it, first")
     s = json.loads(summary_path.read_text())
     spec = ModelSpec.model_validate(s["student"]).model_copy(update={"weights": str(run / "student.safetensors")})
-    model = load_model(spec).module.eval()
+    model = load_model(spec, allow_code=allow_code).module.eval()
     return model, spec, s
 
 
-def check_inputs(summary: dict[str, Any], rows: int = CHECK_ROWS) -> torch.Tensor:
+def check_inputs(summary: dict[str, Any], rows: int = CHECK_ROWS, allow_code: bool = False) -> torch.Tensor:
     """Real inputs from the run's transfer set (the first ``rows`` samples)."""
     from darkstore.data import open_transfer_set
     from storage import open_store
 
     meta = open_store(summary["store"], allow_incomplete=True).meta
-    data = open_transfer_set(meta.transfer_set.spec)
+    data = open_transfer_set(meta.transfer_set.spec, allow_code=allow_code)
     x, _ = data.get_batch(np.arange(min(rows, len(data))))
     return x.float()
 
@@ -97,14 +97,17 @@ def _compare(ref_fn: Callable[[torch.Tensor], torch.Tensor], got_fn: Callable[[t
     return worst, tol, sizes
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> ExportResult:
+def export_run(run: str | Path, fmt: str, out: str | Path | None = None, allow_code: bool = False) -> ExportResult:
+    """Export a finished run's student as ``fmt``, reload the file and compare it with the student on the run's
+    own inputs. ``allow_code`` as for training: a student built by a factory (or a transfer set made by one)
+    runs that code here too."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     run = Path(run)
-    model, spec, summary = load_run_student(run)
+    model, spec, summary = load_run_student(run, allow_code)
     out = Path(out) if out is not None else run / "export" / fmt
     out.mkdir(parents=True, exist_ok=True)
-    x = check_inputs(summary)
+    x = check_inputs(summary, allow_code=allow_code)
     wrapped = Deployable(model, spec).eval()
 
     if fmt == "safetensors":
@@ -113,7 +116,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> Expo
         doc = spec.model_dump(mode="json", exclude_none=True)
         doc["weights"] = path.name
         (out / "student.json").write_text(json.dumps(doc, indent=2))
-        reloaded = load_model(ModelSpec.model_validate(doc), base_dir=out).module.eval()
+        reloaded = load_model(ModelSpec.model_validate(doc), base_dir=out, allow_code=allow_code).module.eval()
         got = Deployable(reloaded, spec).eval()
     elif fmt == "torchscript":
         path = out / "student.torchscript.pt"

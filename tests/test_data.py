@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -109,6 +110,12 @@ def test_image_folder_evaluation_transform_short_side_then_centre_crop(tmp_path)
         open_transfer_set({**spec, "crop": 40})[0]
     with pytest.raises(SpecError, match="not both"):
         parse_data_spec({**spec, "size": 16})
+    # resample: uint8 resizes the 8-bit image in fixed point, as PIL (and a preset applied to PIL images) does:
+    # whole levels, within one level of the float reference, and another fingerprint (other pixels)
+    fast = open_transfer_set({**spec, "resample": "uint8"})
+    xf, _ = fast.get_batch(np.arange(3))
+    assert (torch.round(xf * 255) - xf * 255).abs().max() < 1e-4 and (xf - x).abs().max() <= 1 / 255 + 1e-6
+    assert fast.fingerprint != ds.fingerprint
 
 
 def test_member_preprocess_matches_torchvision_weights_own_transform():
@@ -126,6 +133,97 @@ def test_member_preprocess_matches_torchvision_weights_own_transform():
     torch.testing.assert_close(preprocess(x, ours), preset(x), atol=1e-5, rtol=0)
     # options added later stay out of the dump when unset: older jobs keep their keys
     assert Preprocess(resize=16).model_dump() == {"channels": None, "resize": 16, "mean": None, "std": None}
+
+
+@pytest.mark.parametrize("name", ["ResNet50_Weights.IMAGENET1K_V2", "EfficientNet_B3_Weights.IMAGENET1K_V1",
+                                  "ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1"])
+def test_a_torchvision_preset_by_name_is_the_weights_own_transform(name):
+    """preset: torchvision/<Weights>.<NAME> reads torchvision's ImageClassification preset (232/224 bilinear,
+    320/300 bicubic, 384/384 bicubic here) and applies it on the device as the preset does."""
+    import torch
+    from torchvision.models import get_weight
+
+    from darkstore.models import Preprocess, preprocess
+
+    ref = get_weight(name).transforms()
+    p = Preprocess(preset=f"torchvision/{name}")
+    assert (p.short_side, p.crop, p.interpolation) == (ref.resize_size[0], ref.crop_size[0], ref.interpolation.value)
+    x = torch.rand(2, 3, 300, 420)
+    torch.testing.assert_close(preprocess(x, p), ref(x), atol=1e-5, rtol=0)
+    # recorded with the values it stood for; re-reading the record is the same spec; options beside it win
+    assert Preprocess.model_validate(p.model_dump()) == p and p.model_dump()["preset"] == f"torchvision/{name}"
+    assert Preprocess(preset=f"torchvision/{name}", crop=192).crop == 192
+
+
+@pytest.mark.parametrize("name", ["resnet50.a1_in1k", "vit_base_patch16_224.augreg_in21k_ft_in1k"])
+def test_a_timm_preset_by_name_is_timms_eval_transform(name):
+    """preset: timm/<model> gives what timm's own create_transform(resolve_data_config(model)) computes
+    (crop_pct 0.95 -> shorter side 235, bicubic; 0.9 -> 248 with mean/std 0.5)."""
+    timm = pytest.importorskip("timm")
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from darkstore.models import Preprocess, preprocess
+
+    ref = create_transform(**resolve_data_config({}, model=timm.create_model(name, pretrained=False)),
+                           is_training=False)
+    x = torch.rand(3, 300, 420)
+    torch.testing.assert_close(preprocess(x[None], Preprocess(preset=f"timm/{name}"))[0], ref(x), atol=1e-5, rtol=0)
+
+
+def test_unknown_presets_are_refused_with_the_names_that_work():
+    from darkstore.models import Preprocess
+
+    for bad, words in [("torchvision/Nope_Weights.X", "no such weights"), ("resnet50", "torchvision/<Weights>"),
+                       ("timm/not_a_model_at_all", "no pretrained config"),
+                       ("torchvision/ResNet50_Weights.IMAGENET1K_V2", "not both")]:
+        with pytest.raises(ValueError, match=words):
+            Preprocess(preset=bad, **({"resize": 64} if "not both" in words else {}))
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_fast_decoding_gives_pils_pixels_for_every_kind_of_file(tmp_path):
+    """read_image decodes JPEG/PNG/GIF/WebP through torchvision.io and everything else through PIL; the pixels
+    equal PIL's convert(mode) for grey, palette, alpha, CMYK, progressive and 16-bit files, so a store does
+    not depend on which decoder ran. A broken file is one clear error either way."""
+    import torch
+
+    from darkstore.data import _read_image_pil, read_image
+
+    a = np.random.default_rng(0).integers(0, 256, (61, 47, 4), dtype=np.uint8)
+    rgb, grey = Image.fromarray(a[..., :3].copy()), Image.fromarray(a[..., 0].copy(), "L")
+    files = {
+        "rgb.jpg": _encoded(rgb, "JPEG", quality=90), "sub.jpg": _encoded(rgb, "JPEG", quality=70, subsampling=2),
+        "prog.jpg": _encoded(rgb, "JPEG", progressive=True), "grey.jpg": _encoded(grey, "JPEG"),
+        "cmyk.jpg": _encoded(Image.fromarray(a, "CMYK"), "JPEG"), "rgb.png": _encoded(rgb, "PNG"),
+        "rgba.png": _encoded(Image.fromarray(a, "RGBA"), "PNG"), "grey.png": _encoded(grey, "PNG"),
+        "la.png": _encoded(Image.fromarray(a[..., :2].copy(), "LA"), "PNG"),
+        "palette.png": _encoded(rgb.quantize(64), "PNG", transparency=3),
+        "deep.png": _encoded(Image.fromarray(a[..., 0].astype(np.uint16) * 257), "PNG"),
+        "bits.png": _encoded(Image.fromarray(a[..., 0] > 128), "PNG"), "anim.gif": _encoded(rgb.quantize(64), "GIF"),
+        "rgba.webp": _encoded(Image.fromarray(a, "RGBA"), "WEBP"), "rgb.bmp": _encoded(rgb, "BMP"),
+        "rgb.tiff": _encoded(rgb, "TIFF"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        for mode in ("RGB", "L"):
+            with Image.open(tmp_path / name) as im:
+                ref = torch.from_numpy(np.asarray(im.convert(mode))).reshape(61, 47, -1).permute(2, 0, 1)
+            got = read_image(str(tmp_path / name), mode)
+            assert got.dtype == torch.uint8 and torch.equal(got, ref), (name, mode)
+            assert torch.equal(_read_image_pil(str(tmp_path / name), mode), ref)
+    (tmp_path / "cut.jpg").write_bytes(files["rgb.jpg"][:len(files["rgb.jpg"]) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    for bad in ("cut.jpg", "empty.png", "missing.jpg"):
+        with pytest.raises(DataNotFoundError, match=f"cannot read image .*{bad}"):
+            read_image(str(tmp_path / bad))
 
 
 def _write_idx(path, arr: np.ndarray):

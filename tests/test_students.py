@@ -399,6 +399,73 @@ def test_every_export_reloads_and_agrees(tmp_path, cache, student):
         assert e["max_abs_diff"] <= e["tolerance"] and e["batch_sizes"] == [1, 64]
 
 
+def test_timm_teacher_and_student_end_to_end(tmp_path):
+    """arch: timm/<name> as a teacher and as a student, through the CLI: generate -> train -> export, the
+    teacher's logits against timm's model run here on the same preprocessing, every export reloaded."""
+    pytest.importorskip("timm")
+    import timm
+
+    arrays = make_arrays(tmp_path / "a.npz", n=96)
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
+    (tmp_path / "t").mkdir()
+    from darkstore.models import save_weights
+
+    save_weights(teacher, tmp_path / "t" / "r.safetensors")
+    pre = {"channels": 3, "resize": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    ens = tmp_path / "t" / "ensemble.yaml"
+    ens.write_text(yaml.safe_dump({"num_classes": 5, "members": [{"name": "tr", "arch": "timm/test_resnet", "weights":
+                                                "r.safetensors", "preprocess": pre}]}))
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(ens), "--data", str(arrays), "--out",
+                        str(tmp_path / "s"), "--dtype", "float32"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from darkstore.models import Preprocess, preprocess
+
+    stored = open_store(tmp_path / "s").read_all()  # rows in the store's (shuffled) order; index says which
+    with np.load(arrays) as a, torch.no_grad():
+        ref = teacher(preprocess(torch.from_numpy(a["x"][stored.index[:16]]), Preprocess(**pre))).numpy()
+    np.testing.assert_allclose(stored.logits[:16], ref - ref.max(-1, keepdims=True), atol=1e-4)
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump({"arch": "timm/test_resnet", "preprocess": pre}))
+    run = tmp_path / "run"
+    r = subprocess.run([*DARKSTORE, "train", "--store", str(tmp_path / "s"), "--out", str(run), "--student-spec",
+                        str(student), "--epochs", "1", "--batch-size", "32"], env=cli_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*DARKSTORE, "export", str(run), "--format", "safetensors", "--format", "torchscript",
+                        "--format", "onnx"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    spec = ModelSpec.model_validate(json.loads((run / "summary.json").read_text())["student"])
+    assert spec.arch == "timm/test_resnet"
+    model = load_model(spec.model_copy(update={"weights": str(run / "student.safetensors")})).module.eval()
+    x = torch.rand(9, 1, 8, 8)
+    with torch.no_grad():
+        want = model(preprocess(x, spec.preprocess))
+        ts = torch.jit.load(str(run / "export" / "torchscript" / "student.torchscript.pt"))
+        assert torch.allclose(ts(x), want, atol=1e-4)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(run / "export" / "onnx" / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(sess.run(None, {"input": x.numpy()})[0], want.numpy(), atol=1e-4)
+
+
+def test_a_factory_student_exports_only_with_allow_code(tmp_path, cache):
+    """A student built by module:function ran that code in training (with --allow-code); export runs it again to
+    build and check the student, so it asks for the same permission, in one line, and then exports."""
+    run = tmp_path / "run"
+    train(TrainConfig(student={"factory": "tests.factories:tiny_mlp"}, epochs=1), cache, run, final_eval=False,
+          allow_code=True)
+    args = [*DARKSTORE, "export", str(run), "--format", "safetensors", "--format", "onnx"]
+    r = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "--allow-code" in r.stderr and "Traceback" not in r.stderr
+    assert not (run / "export" / "onnx" / "student.onnx").exists()
+    r = subprocess.run([*args, "--allow-code"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for fmt in ("safetensors", "onnx"):
+        e = json.loads((run / "export" / fmt / "export.json").read_text())
+        assert e["max_abs_diff"] <= e["tolerance"]
+
+
 def test_export_refuses_a_bad_format_and_an_unfinished_run(tmp_path, cache):
     run = tmp_path / "run"
     train(TrainConfig(student=MLP, epochs=1), cache, run, final_eval=False)
