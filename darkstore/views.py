@@ -702,9 +702,9 @@ def views_record(aug: AugmentSpec, input_shape: Sequence[int], device: str | tor
     return record
 
 
-def recipe_for_replay(record: Any) -> AugmentSpec:
+def recipe_for_replay(record: Any, device: str | torch.device = "cpu") -> AugmentSpec:
     """The recipe of a views store (its ``ViewsRecord``), at the store's recipe version, refused unless the
-    installed code rebuilds its pixels: bit for bit, or for version 2 within :data:`TOLERANCE`."""
+    installed code rebuilds its pixels on ``device``: bit for bit, or for version 2 within :data:`TOLERANCE`."""
     if record.version not in VERSIONS:
         raise ReplayError(f"the store's views use recipe version {record.version}; this darkstore replays "
                           f"versions {', '.join(map(str, VERSIONS))}")
@@ -716,7 +716,7 @@ def recipe_for_replay(record: Any) -> AugmentSpec:
                           f"{exc.errors()[0]['msg']}") from exc
     if aug.param_names() != record.param_names:
         raise ReplayError("the store's view parameters are laid out differently from what this darkstore records")
-    probe = aug.probe(tuple(record.input_shape))
+    probe = aug.probe(tuple(record.input_shape), device)
     if probe.digest == record.pixel_digest:
         return aug
     if record.version == 1:
@@ -727,7 +727,8 @@ def recipe_for_replay(record: Any) -> AugmentSpec:
     rel = probe.rms_difference(record.pixel_sketch) / max(record.pixel_rms, 1e-12)
     if rel > TOLERANCE:
         raise ReplayError(
-            f"this machine (torch {torch.__version__}, cpu) rebuilds the store's views differently from the "
+            f"this machine (torch {torch.__version__}, {torch.device(device).type}) rebuilds the store's views "
+            f"differently from the "
             f"{record.device} that made them (torch {record.torch}): the probe's pixels differ by about {rel:.2g} "
             f"of their RMS, more than the {TOLERANCE:g} that rounding explains, so the stored targets would "
             "describe other images. Replay with that torch version, or regenerate the store")

@@ -37,7 +37,7 @@ from storage.fields import target_fields
 
 @dataclass
 class Batch:
-    x: torch.Tensor  # [B, ...] float32 inputs
+    x: torch.Tensor | None  # [B, ...] float32 inputs (None until ``to`` makes deferred views)
     logits: torch.Tensor | None  # [B, C] stored teacher logits, in the store's dtype (None: sparse targets)
     labels: torch.Tensor  # [B] int64, −1 unlabeled
     rows: torch.Tensor  # [B] int64 store rows
@@ -48,18 +48,28 @@ class Batch:
     mix_lam: torch.Tensor | None = None  # [B] float32: the weight of the row's own sample (1: not mixed)
     sparse: dict[str, torch.Tensor] | None = None  # a sparse store's target fields, [B, k] / [B] each
     features: dict[str, torch.Tensor] | None = None  # kept teacher layers by "teacher:layer", [B, *shape], store dtype
+    # views replayed on the training device: the recipe and what the batch's views are made from (x is None)
+    deferred: tuple[Any, Any] | None = None  # (AugmentSpec, ViewInputs)
 
-    def _map(self, f) -> "Batch":
+    def _map(self, f, deferred: tuple[Any, Any] | None = None) -> "Batch":
         return Batch(f(self.x), f(self.logits), f(self.labels), self.rows, f(self.members), self.shard, self.seq,
                      f(self.mix_labels), f(self.mix_lam),
                      {k: f(v) for k, v in self.sparse.items()} if self.sparse is not None else None,
-                     {k: f(v) for k, v in self.features.items()} if self.features is not None else None)
+                     {k: f(v) for k, v in self.features.items()} if self.features is not None else None, deferred)
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        return self._map(lambda t: t.pin_memory() if t is not None else None)
+        d = self.deferred
+        return self._map(lambda t: t.pin_memory() if t is not None else None,
+                         (d[0], d[1].pin_memory()) if d is not None else None)
 
     def to(self, device: str | torch.device, non_blocking: bool = True) -> "Batch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None)
+        """The batch on ``device``; deferred views are made there (each sample moved once, the recipe's
+        kernels run on the device), so a GPU run does not wait for its loader to rebuild views."""
+        out = self._map(lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None)
+        if self.deferred is not None:
+            recipe, inputs = self.deferred
+            out.x = recipe.make(inputs.to(device, non_blocking=non_blocking))
+        return out
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -129,7 +139,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                  members: bool = False, drop_last: bool = False, allow_code: bool = False,
                  roots: Sequence[str | Path] | None = None, data: TransferSet | None = None,
                  readahead: bool = True, views_per_epoch: int | None = None, view_targets: str = "matched",
-                 features: bool = False):
+                 features: bool = False, replay_device: str | None = None):
         super().__init__()
         self.store, self.data_spec, self.members = str(store), data_spec, members
         self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, shuffle, max(1, buffer_chunks)
@@ -149,10 +159,13 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.feature_slices = meta.feature_slices()
         self.views = meta.views_per_sample
         self.recipe = None
+        self.replay_device: str | None = None  # views made in Batch.to on this device, not in the loader
         if meta.views:
             from darkstore.views import recipe_for_replay
 
-            self.recipe = recipe_for_replay(meta.views)
+            defer = replay_device is not None and meta.views.version >= 2  # version 1 replays on the CPU
+            self.replay_device = replay_device if defer else None
+            self.recipe = recipe_for_replay(meta.views, device=self.replay_device or "cpu")
         self.views_per_epoch = views_per_epoch if self.views > 1 else None
         if view_targets not in ("matched", "clean"):
             raise ValueError(f"view_targets must be 'matched' or 'clean', not {view_targets!r}")
@@ -305,10 +318,14 @@ class StoreStream(torch.utils.data.IterableDataset):
             clean, back = np.unique(self.layout.first_row(rows), return_inverse=True)
             t = {k: (v[:, back] if k == "members" else v[back]) for k, v in reader.read(clean, self.fields).items()}
         logits, members, feats = t.pop("logits", None), t.pop("members", None), t.pop("features", None)
-        mix_labels = mix_lam = None
+        mix_labels = mix_lam = deferred = None
         if self.recipe is not None:  # replay: the original inputs through the recorded parameters
             params = view_params[rows]
-            x = self.recipe.apply(data, index[rows], params)
+            inputs = self.recipe.inputs(data, index[rows], params)
+            if self.replay_device is None:
+                x = self.recipe.make(inputs)
+            else:
+                x, deferred = None, (self.recipe, inputs)
             col = self.recipe.partner_column()
             if col is not None:
                 partner = params[:, col].astype(np.int64)
@@ -322,7 +339,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         return Batch(x, torch.from_numpy(logits) if logits is not None else None, torch.from_numpy(labels[rows]),
                      torch.from_numpy(rows.copy()), mem, shard, seq, mix_labels, mix_lam,
                      {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()} or None,
-                     self._split_features(feats))
+                     self._split_features(feats), deferred)
 
     def _split_features(self, feats: np.ndarray | None) -> dict[str, torch.Tensor] | None:
         if feats is None:
@@ -455,16 +472,20 @@ def make_loader(reader: StoreReader | str | Path, rows: np.ndarray, *, batch_siz
                 world_size: int = 1, members: bool = False, data_spec: Any = None, data: TransferSet | None = None,
                 pin_memory: bool = False, allow_code: bool = False, roots: Sequence[str | Path] | None = None,
                 drop_last: bool = False, readahead: bool = True, views_per_epoch: int | None = None,
-                view_targets: str = "matched", features: bool = False) -> StudentLoader:
+                view_targets: str = "matched", features: bool = False,
+                replay_device: str | None = None) -> StudentLoader:
     """A loader over ``rows`` of a store. ``readahead`` reads the next windows' chunks in a thread
-    (what a GPU run wants: the CPU is idle); on a CPU-bound run it neither helps nor hurts much."""
+    (what a GPU run wants: the CPU is idle); on a CPU-bound run it neither helps nor hurts much.
+    ``replay_device``: a views store's views (recipe version 2) are made by ``Batch.to`` on that device
+    instead of in the loader (its batches carry ``x=None`` until then); replay is checked on that device."""
     path = reader.path if isinstance(reader, StoreReader) else str(reader)
     if data_spec is None:
         data_spec = data.spec if data is not None else open_store(path, allow_incomplete=True).meta.transfer_set.spec
     stream = StoreStream(path, data_spec, rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
                          buffer_chunks=buffer_chunks, rank=rank, world_size=world_size, members=members,
                          drop_last=drop_last, allow_code=allow_code, roots=roots, data=data, readahead=readahead,
-                         views_per_epoch=views_per_epoch, view_targets=view_targets, features=features)
+                         views_per_epoch=views_per_epoch, view_targets=view_targets, features=features,
+                         replay_device=replay_device)
     return StudentLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 

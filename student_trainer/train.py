@@ -473,7 +473,7 @@ class _Recipe:
                                         features=features),
             rank=self.dist.rank, world_size=self.dist.world, views_per_epoch=c.views_per_epoch,
             view_targets=c.view_targets, members=self.rt.needs_members, pin_memory=device.startswith("cuda"),
-            features=features)
+            features=features, replay_device=None if torch.device(device).type == "cpu" else device)
 
     def setup_model(self) -> None:
         c, dist, device = self.config, self.dist, self.device

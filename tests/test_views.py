@@ -141,6 +141,25 @@ def test_loader_draws_views_per_epoch_and_resumes_the_same_draw(vstore, workers)
     assert np.array_equal(np.sort(np.concatenate(first + rest)), np.sort(got))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_views_deferred_to_the_training_device_are_the_loaders_views(vstore, workers):
+    """replay_device: batches leave the loader (and its worker processes, pinned or not) as the inputs the views
+    are made from, and Batch.to makes them on that device: the same pixels, bit for bit, as the loader makes
+    (here the device is the CPU; on a GPU the same path runs its kernels there, checked against the store's
+    probe on that device), with the same targets, labels and mix labels."""
+    reader = open_store(vstore["store"])
+    rows = np.arange(N * K)
+    made = list(make_loader(reader, rows, batch_size=16, seed=3, num_workers=workers).epoch(1))
+    later = list(make_loader(reader, rows, batch_size=16, seed=3, num_workers=workers, replay_device="cpu",
+                             pin_memory=False).epoch(1))
+    assert len(made) == len(later) and all(b.x is None and b.deferred is not None for b in later)
+    for a, b in zip(made, later):
+        b = b.to("cpu")
+        assert torch.equal(a.x, b.x) and torch.equal(a.rows, b.rows) and torch.equal(a.logits, b.logits)
+        assert torch.equal(a.mix_labels, b.mix_labels) and torch.equal(a.mix_lam, b.mix_lam)
+    assert any(bool((b.mix_labels >= 0).any()) for b in made)  # cutmix rows were among them
+
+
 def test_select_views_is_exact():
     rows = np.arange(40)  # 10 samples × 4 views
     for per in (1, 3):
