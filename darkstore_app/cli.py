@@ -360,7 +360,8 @@ def train(
         raise typer.BadParameter("give --store STORE or --job SPEC (one of them)")
     if job is not None:
         with _client(api, token) as c:
-            view, created = c.submit(job)
+            sub = c.submit(job)
+            view, created = sub.job, sub.created
             console.print(("submitted " if created else "found ") + _job_line(view), highlight=False)
             view = c.wait(view.id, on_progress=lambda v: None, poll=1.0)
             if view.state != "succeeded":
@@ -443,6 +444,7 @@ def sweep(
 ):
     """Train every grid point (points that differ only in per-student settings together, from one read of the
     store; the rest in parallel processes); finished points are skipped; writes mean ± std over seeds."""
+    from student_trainer.config import unused_settings
     from student_trainer.sweep import GridSpec, markdown_table, points, run_sweep
 
     spec = GridSpec.from_file(grid)
@@ -459,13 +461,18 @@ def sweep(
                 console.print(f"[yellow]busy[/] {o.point.name}: {o.error}", highlight=False)
             elif o.state == "finished":
                 console.print(f"finished {o.point.name} in {o.seconds:.1f} s", highlight=False)
+            elif o.state == "same":
+                unused = ", ".join(sorted(unused_settings(o.point.config)))
+                console.print(f"same run {o.point.name} = {o.error} ({unused} unused there)", highlight=False)
 
         r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
                       isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event,
                       fingerprints=_fingerprints(verify_data))
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)
-    console.print(f"{n} points: {trained} trained now, {skipped} already finished, {len(r.failed)} failed "
+    same = sum(o.state == "same" for o in r.outcomes)
+    console.print(f"{n} points: {trained} trained now, {skipped} already finished, "
+                  + (f"{same} the same run as another, " if same else "") + f"{len(r.failed)} failed "
                   f"({time.perf_counter() - t0:.1f} s); results in {r.out / 'results.md'}", highlight=False)
     out.print(markdown_table(r.table, list(spec.grid)), highlight=False, markup=False)
     if r.failed:
@@ -710,7 +717,8 @@ def submit(
 ):
     """Submit a teacher job to the service. The same job submitted twice returns the first one."""
     with _client(api, token) as c:
-        view, created = c.submit(spec)
+        sub = c.submit(spec)
+        view, created = sub.job, sub.created
         console.print(("submitted new " if created else "already known: ") + _job_line(view), highlight=False)
         out.print(view.id)
         if wait and view.state in ("queued", "running"):

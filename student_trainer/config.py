@@ -82,3 +82,23 @@ def batch_key(config: TrainConfig) -> str:
     window): :func:`together` makes the final split."""
     shared = {k: v for k, v in config.model_dump(mode="json").items() if k not in PER_STUDENT}
     return json.dumps({**shared, "total_epochs": config.total_epochs}, sort_keys=True)
+
+
+def unused_settings(config: TrainConfig) -> frozenset[str]:
+    """Settings that cannot change what this run computes: hard labels alone (``ce``, or α = 0) read no
+    targets, so T, α (for ``ce``) and the top-k loss do nothing; logit matching (``mse``) has no temperature."""
+    if config.loss == "ce":
+        return frozenset({"temperature", "alpha", "topk_loss"})
+    if config.alpha == 0:
+        return frozenset({"temperature", "topk_loss"})
+    if config.loss == "mse":
+        return frozenset({"temperature", "topk_loss"})
+    return frozenset()
+
+
+def effect_key(config: TrainConfig) -> str:
+    """Equal for two configs that train the same run (they differ only in :func:`unused_settings`)."""
+    unused = unused_settings(config)
+    return json.dumps({k: (None if k in unused else v) for k, v in config.model_dump(mode="json").items()},
+                      sort_keys=True)
+

@@ -4,12 +4,15 @@ DIR is a sweep's output, a run, or any folder holding runs (folders with ``summa
 The report (``DIR/report/report.html`` or ``report.md``, PNGs beside it; the HTML embeds
 them) shows:
 
-* learning curves — held-out accuracy and training loss per epoch, one line per run;
-* accuracy against temperature and against α — mean ± std over the runs that share a value
-  (over seeds, and over any other axis unless it is fixed);
-* a reliability diagram — the best run's calibration next to the teacher ensemble's;
+* learning curves — held-out accuracy per epoch, one line per run, and the training loss in one
+  panel per objective (hard-label CE and α·T²·KL + (1−α)·CE are not on one scale);
+* accuracy against temperature, one line per α, and against α, one line per T — mean ± std over the
+  runs that share both values, n beside each point; at α = 0 T does nothing, so those runs are one
+  band on the T panel (a sweep trains them once: its other points link to that run);
+* a reliability diagram — the best run's calibration next to the teacher ensemble's, with the rows
+  in each bin;
 * the student-versus-teachers table — accuracy, agreement, NLL, ECE, parameters, bytes on
-  disk, CPU latency and throughput;
+  disk, CPU latency and throughput with the torch threads they were timed with;
 * the results table of a sweep (mean ± std over seeds).
 
 Every number plotted is also written to ``report.json``, read from the runs' own files.
@@ -30,10 +33,21 @@ from .sweep import METRICS, group_table, markdown_table, mean_std
 
 
 def find_runs(root: Path) -> list[Path]:
+    """The run folders under ``root``, each once: a sweep's link to another point's run (a point identical in
+    effect) is not a second run (:func:`run_aliases` names it)."""
     root = Path(root)
     if (root / "summary.json").is_file():
         return [root]
     return sorted(p.parent for p in root.rglob("summary.json") if "export" not in p.parts)
+
+
+def run_aliases(root: Path) -> dict[Path, list[str]]:
+    """For each run folder under ``root`` that sweep points link to, the names of those links."""
+    out: dict[Path, list[str]] = {}
+    for link in Path(root).rglob("*"):
+        if link.is_symlink() and (link / "summary.json").is_file():
+            out.setdefault(link.resolve(), []).append(link.name)
+    return out
 
 
 def load_run(run: Path) -> dict[str, Any]:
@@ -68,10 +82,22 @@ def _plots():
     return plt
 
 
+def _objective(config: dict[str, Any]) -> str:
+    """What a run's training loss measures: losses of different objectives are not on one scale."""
+    if config.get("loss") == "ce" or config.get("alpha") == 0:
+        return "hard-label CE"
+    if config.get("loss") == "mse":
+        return "α·MSE(logits) + (1−α)·CE"
+    return "α·T²·KL + (1−α)·CE"
+
+
 def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str]) -> dict[str, Any]:
-    """One line per run; runs that differ only by seed share a colour."""
+    """Held-out accuracy, one line per run (runs that differ only by seed share a colour), and the training loss
+    in one panel per objective (hard-label CE and α·T²·KL + (1−α)·CE are not on one scale)."""
     plt = _plots()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    objectives = sorted({_objective(r["config"]) for r in runs})
+    fig, panels = plt.subplots(1, 1 + len(objectives), figsize=(5 * (1 + len(objectives)), 3.8), squeeze=False)
+    a1, loss_axes = panels[0][0], dict(zip(objectives, panels[0][1:]))
     series = {}
     groups: dict[str, int] = {}
     for r in runs:
@@ -81,13 +107,15 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str]) -> dict
         ep = [h["epoch"] for h in r["history"]]
         acc = [h.get("eval_accuracy") for h in r["history"]]
         loss = [h["train_loss"] for h in r["history"]]
-        series[r["name"]] = {"epoch": ep, "eval_accuracy": acc, "train_loss": loss}
+        series[r["name"]] = {"epoch": ep, "eval_accuracy": acc, "train_loss": loss,
+                             "objective": _objective(r["config"]), "same_as": r.get("aliases", [])}
+        label = (g + (f" (= {', '.join(r['aliases'])})" if r.get("aliases") else "")) if first else None
         if any(a is not None for a in acc):
-            a1.plot(ep, [100 * a if a is not None else math.nan for a in acc], lw=1, color=colour,
-                    label=g if first else None)
-        a2.plot(ep, loss, lw=1, color=colour)
+            a1.plot(ep, [100 * a if a is not None else math.nan for a in acc], lw=1, color=colour, label=label)
+        loss_axes[_objective(r["config"])].plot(ep, loss, lw=1, color=colour)
     a1.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="learning curves")
-    a2.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    for name, ax in loss_axes.items():
+        ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title=f"training loss: {name}")
     if len(groups) <= 12:
         a1.legend(fontsize=7)
     fig.tight_layout()
@@ -96,52 +124,89 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str]) -> dict
     return series
 
 
+def _mean_points(runs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    pts = []
+    for v in sorted({r["config"][key] for r in runs}):
+        accs = [r["summary"]["final"].get("accuracy") for r in runs if r["config"][key] == v]
+        mu, sd = mean_std(accs)
+        pts.append({"value": v, "mean": mu, "std": sd, "n": len(accs)})
+    return pts
+
+
 def plot_hyper(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
-    """Accuracy against temperature and against α (mean ± std over runs sharing the value)."""
+    """Accuracy against T, one line per α, and against α, one line per T (mean ± std over the runs that share
+    both values, n beside each point). T does nothing at α = 0 (hard labels only): those runs are one
+    horizontal band on the T panel, and the shared α = 0 point on every line of the α panel."""
     plt = _plots()
-    names = {"temperature": "temperature T", "alpha": "α (weight of the soft term)"}
+    alphas = sorted({r["config"]["alpha"] for r in runs})
+    temps = sorted({r["config"]["temperature"] for r in runs})
+    keys = [k for k, vals in (("temperature", temps), ("alpha", alphas)) if len(vals) > 1] or ["temperature", "alpha"]
+    fig, axs = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
     data: dict[str, Any] = {}
-    keys = [k for k in names if len({r["config"][k] for r in runs}) > 1] or list(names)
-    fig, axs = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    hard = [r for r in runs if r["config"]["alpha"] == 0]
     for ax, key in zip(axs[0], keys):
-        name = names[key]
-        vals = sorted({r["config"][key] for r in runs})
-        pts = []
-        for v in vals:
-            accs = [r["summary"]["final"].get("accuracy") for r in runs if r["config"][key] == v]
-            mu, sd = mean_std(accs)
-            pts.append({"value": v, "mean": mu, "std": sd, "n": len(accs)})
-        data[key] = pts
-        ax.errorbar([p["value"] for p in pts], [100 * p["mean"] for p in pts], yerr=[100 * p["std"] for p in pts],
-                    marker="o", capsize=4)
-        ax.set(xlabel=name, ylabel="held-out accuracy (%)", title=f"accuracy vs {key} (mean ± std, n = "
-               + "/".join(sorted({str(p["n"]) for p in pts})) + ")")
+        lines: dict[str, Any] = {}
+        if key == "temperature":
+            if hard:
+                mu, sd = mean_std([r["summary"]["final"].get("accuracy") for r in hard])
+                ax.axhline(100 * mu, color="k", ls="--", lw=1, label=f"α = 0: T unused (n = {len(hard)})")
+                ax.axhspan(100 * (mu - sd), 100 * (mu + sd), color="k", alpha=0.08)
+                lines["alpha=0"] = {"mean": mu, "std": sd, "n": len(hard), "temperature": "unused"}
+            for i, a in enumerate(a for a in alphas if a != 0):
+                pts = _mean_points([r for r in runs if r["config"]["alpha"] == a], "temperature")
+                lines[f"alpha={a:g}"] = pts
+                _errorbar(ax, pts, f"α = {a:g}", f"C{i % 10}")
+            ax.set(xlabel="temperature T", title="accuracy vs T, one line per α")
+        else:
+            for i, t in enumerate(temps):
+                pts = _mean_points([r for r in runs if r["config"]["temperature"] == t or r["config"]["alpha"] == 0],
+                                   "alpha")
+                lines[f"T={t:g}"] = pts
+                _errorbar(ax, pts, f"T = {t:g}", f"C{i % 10}")
+            ax.set(xlabel="α (weight of the soft term)", title="accuracy vs α, one line per T")
+        ax.set(ylabel="held-out accuracy (%)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        data[key] = lines
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return data
 
 
+def _errorbar(ax, pts: list[dict[str, Any]], label: str, colour: str) -> None:
+    xs, ys = [p["value"] for p in pts], [100 * p["mean"] for p in pts]
+    ax.errorbar(xs, ys, yerr=[100 * p["std"] for p in pts], marker="o", capsize=4, label=label, color=colour)
+    for x, y, p in zip(xs, ys, pts):
+        ax.annotate(f"n={p['n']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour)
+
+
 def plot_reliability(run: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Accuracy against confidence per bin, with how many held-out rows fell in each bin underneath (a bin of
+    three rows says little)."""
     plt = _plots()
     ev = run["eval"]
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
     out = {}
-    for key, label in (("reliability", f"student {run['name']}"), ("teacher_reliability", "teacher ensemble")):
-        rel = ev.get(key)
-        if not rel:
-            continue
+    entries = [(k, lb) for k, lb in (("reliability", f"student {run['name']}"), ("teacher_reliability",
+                                                                                  "teacher ensemble")) if ev.get(k)]
+    width = 1 / 15 / (len(entries) or 1)
+    for j, (key, label) in enumerate(entries):
+        rel = ev[key]
         mids = [(a + b) / 2 for a, b in zip(rel["edges"][:-1], rel["edges"][1:])]
         used = [i for i, c in enumerate(rel["count"]) if c > 0]
         ax.plot([rel["confidence"][i] for i in used], [rel["accuracy"][i] for i in used], marker="o",
-                label=f"{label} (ECE {100 * rel['ece']:.2f} %)")
+                color=f"C{j}", label=f"{label} (ECE {100 * rel['ece']:.2f} %)")
+        lo = [a for a in rel["edges"][:-1]]
+        hx.bar([lo[i] + (j + 0.5) * width for i in used], [rel["count"][i] for i in used], width=width,
+               color=f"C{j}")
         out[key] = {"bin_mid": [mids[i] for i in used], "confidence": [rel["confidence"][i] for i in used],
                     "accuracy": [rel["accuracy"][i] for i in used], "count": [rel["count"][i] for i in used],
                     "ece": rel["ece"]}
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability diagram")
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability diagram")
     ax.legend(fontsize=7, loc="upper left")
+    hx.set(xlabel="confidence", ylabel="rows per bin", yscale="log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -156,6 +221,9 @@ def student_vs_teachers(run: dict[str, Any]) -> list[dict[str, str]]:
     ev = run["eval"]
     m, tm, comp = ev["metrics"], ev["teacher_metrics"], ev["compression"]
     st, te = comp["student"], comp["teachers"]
+    # timings depend on the torch threads they ran with (a sweep's runs get a share of the cores; `darkstore eval`
+    # all of them): say how many
+    threads = f"{comp['threads']} torch thread{'s' if comp['threads'] != 1 else ''}" if comp.get("threads") else "threads not recorded"
     pct = lambda v: _num(None if v is None else 100 * v, ".2f")  # noqa: E731
     rows = [
         {"": "held-out accuracy (%)", "student": pct(m.get("accuracy")), "teachers": pct(tm.get("accuracy"))},
@@ -165,9 +233,9 @@ def student_vs_teachers(run: dict[str, Any]) -> list[dict[str, str]]:
         {"": "parameters", "student": f"{st['params']:,}", "teachers": f"{te['params']:,} ({te['members']} members)"},
         {"": "size on disk (KiB)", "student": _num(st.get("size_bytes") and st["size_bytes"] / 1024, ".1f"),
          "teachers": _num(te.get("size_bytes") and te["size_bytes"] / 1024, ".1f")},
-        {"": "CPU latency, batch 1 (ms)", "student": _num(st.get("latency_ms_batch1"), ".3f"),
+        {"": f"CPU latency, batch 1 (ms, {threads})", "student": _num(st.get("latency_ms_batch1"), ".3f"),
          "teachers": _num(te.get("latency_ms_batch1"), ".3f")},
-        {"": "CPU throughput (samples/s)", "student": _num(st.get("throughput_per_s"), ",.0f"),
+        {"": f"CPU throughput (samples/s, {threads})", "student": _num(st.get("throughput_per_s"), ",.0f"),
          "teachers": _num(te.get("throughput_per_s"), ",.0f")},
     ]
     return rows
@@ -192,6 +260,9 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
     if not paths:
         raise RunDirError(f"no finished runs under {root} (a run is a folder with summary.json)")
     runs = [load_run(p) for p in paths]
+    aliases = run_aliases(root)
+    for r in runs:
+        r["aliases"] = sorted(aliases.get(r["path"].resolve(), []))
     out = Path(out) if out is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     scored = [r for r in runs if r["summary"]["final"].get("accuracy") is not None]

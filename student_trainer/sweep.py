@@ -21,7 +21,10 @@ point reaches alone. Points that differ in seed, batch size, holdout or the shuf
 see other batches and run in other processes, ``parallel`` at a time (``isolate``: one
 process per point, as a crash then takes one point down). A point whose run directory holds
 a ``summary.json`` is finished and is skipped; an interrupted point continues from its
-checkpoint. A lock file per run keeps two sweeps from training the same point at once. Each
+checkpoint. A point identical in effect to an earlier one (it differs only in settings its run does not
+use: T when α = 0 or with ``ce``; :func:`~student_trainer.config.unused_settings`) is not trained again:
+its run directory is a link to that point's. A lock file per run keeps two sweeps from training the same
+point at once. Each
 point's lines go to its ``train.log``, each process's output to ``OUT/logs/``. Results:
 ``OUT/results.csv`` (one row per run), ``OUT/results.json`` and ``OUT/results.md`` (mean ±
 sample std over seeds for every other combination of axes).
@@ -52,7 +55,7 @@ from darkstore.errors import SpecError
 from darkstore.fingerprint import FingerprintPolicy
 from storage.location import Location, canonical
 
-from .config import TrainConfig, batch_key
+from .config import TrainConfig, batch_key, effect_key
 
 METRICS = ("accuracy", "agreement", "nll", "ece")
 SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
@@ -146,9 +149,9 @@ def points(spec: GridSpec) -> list[Point]:
 @dataclass
 class PointOutcome:
     point: Point
-    state: str  # "finished" (now), "skipped" (was finished), "failed", "busy" (another sweep holds it)
+    state: str  # "finished" (now), "skipped" (was finished), "same" (another point's run), "failed", "busy"
     seconds: float = 0.0
-    error: str = ""
+    error: str = ""  # "same": the name of the point whose run this is
 
 
 @dataclass
@@ -188,6 +191,24 @@ def _units(todo: list[Point], isolate: bool) -> list[list[Point]]:
     for p in todo:
         units.setdefault(batch_key(p.config), []).append(p)
     return list(units.values())
+
+
+def _same_runs(pts: list[Point], runs: Path) -> dict[str, str]:
+    """Points identical in effect to an earlier point (they differ only in settings the run does not use, e.g. T
+    at α = 0): each becomes a link to that point's run directory instead of a second training of the same run.
+    A point that already has a directory of its own (an older sweep trained it) keeps it."""
+    first: dict[str, str] = {}
+    same: dict[str, str] = {}
+    for p in pts:
+        key = effect_key(p.config)
+        run = runs / p.name
+        if key not in first or (run.exists() and not run.is_symlink()):
+            first.setdefault(key, p.name)
+            continue
+        same[p.name] = first[key]
+        if not run.is_symlink():
+            run.symlink_to(first[key], target_is_directory=True)
+    return same
 
 
 def _unit_name(unit: list[Point]) -> str:
@@ -245,8 +266,13 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
 
     outcomes: list[PointOutcome] = []
     todo: list[Point] = []
+    same = _same_runs(pts, out / "runs")
     for p in pts:
-        if (out / "runs" / p.name / "summary.json").exists():
+        if p.name in same:
+            outcomes.append(PointOutcome(p, "same", error=same[p.name]))
+            if on_event:
+                on_event(outcomes[-1], len(outcomes), len(pts))
+        elif (out / "runs" / p.name / "summary.json").exists():
             outcomes.append(PointOutcome(p, "skipped"))
             if on_event:
                 on_event(outcomes[-1], len(outcomes), len(pts))

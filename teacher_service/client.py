@@ -2,8 +2,10 @@
 
     from teacher_service.client import DarkstoreClient
     with DarkstoreClient("http://127.0.0.1:8000", token="…") as c:
-        job, created = c.submit(spec)          # a JobSpec, a dict, or a spec file path
-        job = c.wait(job.id)                   # polls until succeeded / failed / cancelled
+        sub = c.submit("job.yaml")             # a JobSpec, a dict, or a spec file path -> Submitted
+        print(sub.created)                     # False: the same job was already submitted
+        job = c.wait(sub.id)                   # polls until succeeded / failed / cancelled -> JobView
+        print(c.store(job.id).rows_done)       # StoreSummary; c.jobs() -> JobList, c.events(id) -> [JobEvent]
 
 Errors the API answers come back as :class:`ApiError` with the HTTP status and message.
 """
@@ -22,6 +24,7 @@ from darkstore.errors import DarkstoreError
 from .jobs import ACTIVE, JobView
 from .settings import Settings
 from .spec import JobSpec
+from .wire import Health, JobEvent, JobList, Readiness, StoreSummary, Submitted
 
 
 class ApiError(DarkstoreError):
@@ -37,20 +40,28 @@ class ServiceUnreachableError(DarkstoreError, ConnectionError):
 
 
 def load_job_file(path: str | Path) -> dict[str, Any]:
-    """A job spec file as the API expects it: ``teachers:``/``data:`` given as file names are inlined.
+    """A job spec file as the API expects it: ``teachers:``/``data:`` given as file names are inlined
+    (relative to the file).
 
     Paths inside stay as written: the *server* resolves relative ones against its first data root."""
     path = Path(path)
     raw = load_spec_file(path)
     if not isinstance(raw, dict):
         raise DarkstoreError(f"{path} must hold a mapping (a job spec), not {type(raw).__name__}")
+    return inline_job(raw, path.parent)
+
+
+def inline_job(raw: dict[str, Any], base: str | Path = ".") -> dict[str, Any]:
+    """A job spec mapping with ``teachers:``/``data:`` given as spec file names (relative to ``base``) read in,
+    and a bare ``data:`` path turned into a data spec; a new dict, the argument is left as it was."""
+    raw = dict(raw)
     for key in ("teachers", "data"):
         ref = raw.get(key)
-        if isinstance(ref, str) and Path(ref).suffix in (".yaml", ".yml", ".json"):
-            raw[key] = load_spec_file(path.parent / ref)
-        elif key == "data" and isinstance(ref, str):
+        if isinstance(ref, (str, Path)) and Path(ref).suffix in (".yaml", ".yml", ".json"):
+            raw[key] = load_spec_file(Path(base) / ref)
+        elif key == "data" and isinstance(ref, (str, Path)):
             kind = "arrays" if Path(ref).suffix in (".npz", ".npy") else "image_folder"
-            raw[key] = {"kind": kind, ("path" if kind == "arrays" else "root"): ref}
+            raw[key] = {"kind": kind, ("path" if kind == "arrays" else "root"): str(ref)}
     return raw
 
 
@@ -92,26 +103,28 @@ class DarkstoreClient:
         return r
 
     # -- jobs -------------------------------------------------------------------------
-    def submit(self, spec: JobSpec | dict | str | Path) -> tuple[JobView, bool]:
-        """Returns (job, created): created is False when the same job already existed."""
+    def submit(self, spec: JobSpec | dict | str | Path) -> Submitted:
+        """Submit a job: a :class:`JobSpec`, a mapping (``teachers:``/``data:`` may name spec files, read
+        relative to the working directory) or a spec file. ``created`` is False when the same job already
+        existed (nothing is recomputed)."""
         if isinstance(spec, (str, Path)):
             body = load_job_file(spec)
         elif isinstance(spec, JobSpec):
             body = spec.model_dump(mode="json")
         else:
-            body = spec
+            body = inline_job(spec)
         r = self._call("POST", "/v1/jobs", json=body)
-        return JobView.model_validate(r.json()), r.status_code == 201
+        return Submitted(job=JobView.model_validate(r.json()), created=r.status_code == 201)
 
     def job(self, job_id: str) -> JobView:
         return JobView.model_validate(self._call("GET", f"/v1/jobs/{job_id}").json())
 
-    def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobView], int]:
+    def jobs(self, state: str | None = None, limit: int = 50, offset: int = 0) -> JobList:
+        """One page of jobs, newest first (``.items``; ``.total`` counts them all)."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if state:
             params["state"] = state
-        body = self._call("GET", "/v1/jobs", params=params).json()
-        return [JobView.model_validate(v) for v in body["items"]], body["total"]
+        return JobList.model_validate(self._call("GET", "/v1/jobs", params=params).json())
 
     def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate(self._call("DELETE", f"/v1/jobs/{job_id}").json())
@@ -119,18 +132,20 @@ class DarkstoreClient:
     def resume(self, job_id: str) -> JobView:
         return JobView.model_validate(self._call("POST", f"/v1/jobs/{job_id}/resume").json())
 
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"/v1/jobs/{job_id}/events").json()
+    def events(self, job_id: str) -> list[JobEvent]:
+        return [JobEvent.model_validate(e) for e in self._call("GET", f"/v1/jobs/{job_id}/events").json()]
 
-    def store(self, job_id: str, *, verify: bool = False) -> dict[str, Any]:
+    def store(self, job_id: str, *, verify: bool = False) -> StoreSummary:
         """The store's summary; ``verify`` also reads every committed chunk and checks it (409 names a bad one)."""
-        return self._call("GET", f"/v1/stores/{job_id}", params={"verify": "true"} if verify else None).json()
+        params = {"verify": "true"} if verify else None
+        return StoreSummary.model_validate(self._call("GET", f"/v1/stores/{job_id}", params=params).json())
 
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/healthz").json()
+    def health(self) -> Health:
+        return Health.model_validate(self._call("GET", "/healthz").json())
 
-    def ready(self) -> dict[str, Any]:
-        return self._call("GET", "/readyz").json()
+    def ready(self) -> Readiness:
+        """Raises :class:`ApiError` (503) while the broker is unreachable."""
+        return Readiness.model_validate(self._call("GET", "/readyz").json())
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 0.5,
              on_progress: Callable[[JobView], None] | None = None) -> JobView:
@@ -147,4 +162,5 @@ class DarkstoreClient:
             time.sleep(poll)
 
 
-__all__ = ["ApiError", "DarkstoreClient", "ServiceUnreachableError", "load_job_file"]
+__all__ = ["ApiError", "DarkstoreClient", "Health", "JobEvent", "JobList", "JobView", "Readiness",
+           "ServiceUnreachableError", "StoreSummary", "Submitted", "inline_job", "load_job_file"]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from darkstore.errors import DarkstoreError
 from storage import open_store
 from teacher_service.client import ApiError, DarkstoreClient
 from teacher_service.generate import generate
@@ -88,13 +89,18 @@ def with_member(**member) -> dict:
     return b
 
 
+def got_key(store: str) -> str:
+    return open_store(store).meta.job_key
+
+
 def client(site, token=TOKEN) -> DarkstoreClient:
     return DarkstoreClient(site["api"].url, token=token, timeout=60)
 
 
 def test_submit_dedup_wait_store_list_metrics(site):
     with client(site) as c:
-        view, created = c.submit(body())
+        sub = c.submit(body())
+        view, created = sub.job, sub.created
         assert created and view.state in ("queued", "running", "succeeded")
         done = c.wait(view.id, timeout=120)
         assert done.state == "succeeded", done.error
@@ -102,7 +108,8 @@ def test_submit_dedup_wait_store_list_metrics(site):
         assert done.progress.chunks_done == done.progress.chunks_total == 5
         assert done.rows_per_second and done.rows_per_second > 0 and done.eta_seconds is None
 
-        again, created = c.submit(body())  # same teachers, data and options
+        sub = c.submit(body())  # same teachers, data and options
+        again, created = sub.job, sub.created
         assert not created and again.id == view.id
 
         # the store is exactly what `darkstore generate` writes for the same spec
@@ -115,34 +122,41 @@ def test_submit_dedup_wait_store_list_metrics(site):
         np.testing.assert_array_equal(got.labels, ref.labels)
 
         summary = c.store(view.id)
-        assert summary["complete"] and summary["rows"] == 300 and len(summary["teachers"]) == 3
+        assert summary.complete and summary.rows == 300 and len(summary.teachers) == 3
 
-        other, created = c.submit(body(dtype="float32"))
+        sub = c.submit(body(dtype="float32"))
+        other, created = sub.job, sub.created
         assert created and other.id != view.id
         c.wait(other.id, timeout=120)
-        items, total = c.jobs(state="succeeded")
-        assert total >= 2 and {view.id, other.id} <= {v.id for v in items}
-        page, total_all = c.jobs(limit=1, offset=1)
-        assert len(page) == 1 and total_all >= 2
-        assert c.jobs(state="failed")[1] == 0
+        done_jobs = c.jobs(state="succeeded")
+        assert done_jobs.total >= 2 and {view.id, other.id} <= {v.id for v in done_jobs.items}
+        page = c.jobs(limit=1, offset=1)
+        assert len(page.items) == 1 and page.total >= 2 and (page.limit, page.offset) == (1, 1)
+        assert c.jobs(state="failed").total == 0
+        # typed answers throughout: health, readiness, events, the store summary
+        assert c.health().status == "ok" and c.ready().mode == "local"
+        assert all(isinstance(e.time, str) and e.event for e in c.events(view.id))
+        assert isinstance(summary.disk_bytes, int) and summary.job_key == got_key(done.store)
 
-        events = [e["event"] for e in c.events(view.id)]
+        events = [e.event for e in c.events(view.id)]
         assert events[0] == "submitted" and events.count("chunk_committed") == 5
 
         # a views job over REST: the same fields as `darkstore generate --views --augment`
         aug = {"views": 3, "ops": [{"op": "affine", "translate": 0.125}, {"op": "hflip"}]}
-        vjob, created = c.submit(body(augment=aug))
+        sub = c.submit(body(augment=aug))
+        vjob, created = sub.job, sub.created
         assert created
         vdone = c.wait(vjob.id, timeout=120)
         assert vdone.state == "succeeded", vdone.error
         vs = c.store(vjob.id)
-        assert vs["views_per_sample"] == 3 and vs["rows"] == 900 and vs["samples"] == 300
+        assert vs.views_per_sample == 3 and vs.rows == 900 and vs.samples == 300
 
         # teacher features over REST: the same fields as `darkstore generate --keep-features`
-        fjob, created = c.submit(body(features=[{"teacher": "t0", "layer": "features.5", "pool": 2}]))
+        sub = c.submit(body(features=[{"teacher": "t0", "layer": "features.5", "pool": 2}]))
+        fjob, created = sub.job, sub.created
         assert created and c.wait(fjob.id, timeout=120).state == "succeeded"
         fs = c.store(fjob.id)
-        assert [(f["name"], f["shape"]) for f in fs["features"]] == [("t0:features.5", [4, 2, 2])]
+        assert [(f["name"], f["shape"]) for f in fs.features] == [("t0:features.5", [4, 2, 2])]
 
     text = httpx.get(site["api"].url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
     assert 'darkstore_jobs{state="succeeded"}' in text
@@ -274,6 +288,23 @@ def test_openapi_describes_every_route_and_error(site):
     assert "JobSpec" in doc["components"]["schemas"]
 
 
+def test_client_inlines_spec_files_named_in_a_dict(site, tmp_path, monkeypatch):
+    """submit() takes a dict whose teachers:/data: name spec files (relative to the working directory), as it
+    takes a spec file: the files are read in, the dict is left as it was, and the job is the same job."""
+    doc = body(chunk_rows=100)
+    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump(doc["teachers"]))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(doc["data"]))
+    monkeypatch.chdir(tmp_path)
+    named = {**doc, "teachers": "ensemble.yaml", "data": "data.yaml"}
+    with client(site) as c:
+        first = c.submit(doc)
+        again = c.submit(named)
+        assert again.id == first.id and not again.created and named["teachers"] == "ensemble.yaml"
+        assert c.wait(first.id, timeout=120).state == "succeeded"
+        with pytest.raises(DarkstoreError, match="missing.yaml"):
+            c.submit({**doc, "teachers": "missing.yaml"})
+
+
 def test_cli_submit_wait_and_jobs(site, tmp_path):
     spec = site["root"] / "job.yaml"
     spec.write_text(yaml.safe_dump(body(chunk_rows=100)))
@@ -314,7 +345,7 @@ def test_local_api_restart_mid_job_keeps_state_and_finishes(tmp_path):
     api = Api(env, tmp_path / "api1.log", "--local")
     try:
         with DarkstoreClient(api.url, timeout=60) as c:
-            view, _ = c.submit(spec)
+            view = c.submit(spec).job
             deadline = time.monotonic() + 60
             while c.job(view.id).progress.chunks_done < 3 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -332,7 +363,7 @@ def test_local_api_restart_mid_job_keeps_state_and_finishes(tmp_path):
             assert v.state in ("queued", "running") and v.progress.chunks_done >= len(before)
             done = c.wait(view.id, timeout=120)
             assert done.state == "succeeded", done.error
-            events = [e["event"] for e in c.events(view.id)]
+            events = [e.event for e in c.events(view.id)]
             assert "requeued" in events
     finally:
         api.stop()
@@ -355,7 +386,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(site):
 
     url, h = site["api"].url, {"Authorization": f"Bearer {TOKEN}"}
     with client(site) as c:
-        done, _ = c.submit(body(chunk_rows=150))
+        done = c.submit(body(chunk_rows=150)).job
         assert c.wait(done.id, timeout=120).state == "succeeded"
     real_ids = [done.id]
     schema = schemathesis.openapi.from_dict(httpx.get(url + "/openapi.json", headers=h).json())
@@ -400,14 +431,14 @@ def test_store_verify_names_a_damaged_chunk(site):
     from pathlib import Path
 
     with client(site) as c:
-        view, _ = c.submit(body(chunk_rows=50))
+        view = c.submit(body(chunk_rows=50)).job
         done = c.wait(view.id, timeout=120)
         assert done.state == "succeeded", done.error
         ok = c.store(view.id, verify=True)
-        assert ok["verified"] and ok["complete"]
+        assert ok.verified and ok.complete
         store = Path(done.store)
         shutil.copyfile(store / "logits" / "c" / "3" / "0", store / "logits" / "c" / "2" / "0")
-        assert not c.store(view.id)["verified"]  # the plain summary does not read chunks
+        assert not c.store(view.id).verified  # the plain summary does not read chunks
         with pytest.raises(ApiError) as e:
             c.store(view.id, verify=True)
         assert e.value.status == 409 and "chunk 2 " in e.value.detail and "field logits" in e.value.detail

@@ -118,7 +118,8 @@ def same_as_reference(c, store: str) -> None:
 def test_two_workers_share_a_job_and_match_generate(cluster):
     c = cluster
     with api(c) as client:
-        view, created = client.submit(spec_for(c["counter"], 0.1))
+        sub = client.submit(spec_for(c["counter"], 0.1))
+        view, created = sub.job, sub.created
         assert created
         done = client.wait(view.id, timeout=120)
         assert done.state == "succeeded", done.error
@@ -140,16 +141,18 @@ def test_two_workers_share_a_job_and_match_generate(cluster):
 def test_identical_submit_runs_no_forward_pass_changed_option_does(cluster):
     c = cluster
     with api(c) as client:
-        first, _ = client.submit(spec_for(c["counter"], 0.1))
+        first = client.submit(spec_for(c["counter"], 0.1)).job
         assert client.wait(first.id, timeout=120).state == "succeeded"
         n = forwards(c)
         events = len(client.events(first.id))
-        again, created = client.submit(spec_for(c["counter"], 0.1))
+        sub = client.submit(spec_for(c["counter"], 0.1))
+        again, created = sub.job, sub.created
         assert not created and again.id == first.id and again.state == "succeeded"
         time.sleep(0.5)
         assert forwards(c) == n  # not one forward pass: not even the submit-time probe
         assert len(client.events(first.id)) == events  # nothing dispatched
-        other, created = client.submit(spec_for(c["counter"], 0.1, keep_members=True))
+        sub = client.submit(spec_for(c["counter"], 0.1, keep_members=True))
+        other, created = sub.job, sub.created
         assert created and other.id != first.id
         assert client.wait(other.id, timeout=120).state == "succeeded"
         assert forwards(c) >= n + 24
@@ -159,7 +162,7 @@ def test_identical_submit_runs_no_forward_pass_changed_option_does(cluster):
 def test_cancel_keeps_committed_chunks_and_resume_finishes(cluster):
     c = cluster
     with api(c) as client:
-        view, _ = client.submit(spec_for(c["counter"], 0.25))
+        view = client.submit(spec_for(c["counter"], 0.25)).job
         wait_chunks(client, view.id, 3)
         cancelled = client.cancel(view.id)
         assert cancelled.state == "cancelled"
@@ -191,7 +194,7 @@ def test_api_restart_mid_job_keeps_the_right_state(cluster):
     c = cluster
     old = c["procs"]["api"]
     with api(c) as client:
-        view, _ = client.submit(spec_for(c["counter"], 0.2))
+        view = client.submit(spec_for(c["counter"], 0.2)).job
         wait_chunks(client, view.id, 2)
     old.kill(signal.SIGKILL)  # the API dies; the workers go on
     time.sleep(1.0)
@@ -232,7 +235,7 @@ def test_soft_time_limit_requeues_the_rest_of_a_range_or_fails_clearly(cluster):
     make_arrays(c["root"] / "small.npz", n=3 * CHUNK, seed=1)
     with api(c) as client:
         slow = spec_for(c["counter"], 2.0, data={"kind": "arrays", "path": "small.npz"})
-        view, _ = client.submit(slow)
+        view = client.submit(slow).job
         done = client.wait(view.id, timeout=60)
         assert done.state == "succeeded", done.error
         events = client.events(view.id)
@@ -244,7 +247,7 @@ def test_soft_time_limit_requeues_the_rest_of_a_range_or_fails_clearly(cluster):
         assert r.complete
 
         hopeless = spec_for(c["counter"], 5.0, data={"kind": "arrays", "path": "small.npz"})
-        view, _ = client.submit(hopeless)
+        view = client.submit(hopeless).job
         failed = client.wait(view.id, timeout=60)
         assert failed.state == "failed" and "smaller chunk_rows" in failed.error
         assert failed.progress.chunks_done == 0
@@ -258,7 +261,7 @@ def test_pool_process_killed_mid_task_is_requeued(cluster):
 
     c = cluster
     with api(c) as client:
-        view, _ = client.submit(spec_for(c["counter"], 0.35))
+        view = client.submit(spec_for(c["counter"], 0.35)).job
         victim = running_task(client, view.id)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
@@ -276,7 +279,7 @@ def test_worker_killed_mid_job_the_range_is_redelivered(cluster):
     c = cluster
     a = c["procs"]["a"]
     with api(c) as client:
-        view, _ = client.submit(spec_for(c["counter"], 0.3))
+        view = client.submit(spec_for(c["counter"], 0.3)).job
         victim = running_task(client, view.id, worker="a@localhost")
         a.kill(signal.SIGKILL)  # the worker and its pool child, mid-task
         committed_at_kill = set(open_store(view.store, allow_incomplete=True).finished_chunks())

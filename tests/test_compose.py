@@ -178,7 +178,8 @@ def test_compose_services_run_the_pipeline_as_local_processes(profile, config, e
         assert summary["final"]["agreement"] > 0.5  # it learned the teachers, not noise
 
         with DarkstoreClient(f"http://127.0.0.1:{local.api_port}") as c:
-            items, total = c.jobs()
+            page = c.jobs()
+            items, total = page.items, page.total
             assert total == 1 and items[0].state == "succeeded"
             if profile == "s3":
                 assert items[0].store == f"s3://darkstore/stores/{items[0].id}"
@@ -191,7 +192,7 @@ def test_compose_services_run_the_pipeline_as_local_processes(profile, config, e
                 store = open_store(items[0].store)
                 assert store.complete and store.meta.num_rows == 1198
                 assert Path(items[0].store).is_relative_to(local.home)
-            assert any(e["event"] == "task_finished" and e["worker"].startswith("worker-") for e in c.events(items[0].id))
+            assert any(e.event == "task_finished" and e.worker.startswith("worker-") for e in c.events(items[0].id))
         # a second trainer reuses the cache: the job is found, no teacher runs again
         r = subprocess.run(local.command(s["trainer"]["command"]), env=local.env(s["trainer"]), capture_output=True,
                            text=True, timeout=600)

@@ -70,15 +70,15 @@ def finished_by_itself(site, client: DarkstoreClient, job_id: str, since: float,
     final = client.wait(job_id, timeout=120)
     assert final.state == "succeeded", final.error
     events = client.events(job_id)
-    assert not [e for e in events if e["event"] == "resumed"]
-    healed = [e for e in events if e["event"] == "reconciled"]
+    assert not [e for e in events if e.event == "resumed"]
+    healed = [e for e in events if e.event == "reconciled"]
     if reason is not None:
-        assert healed and any(reason in e["reason"] for e in healed), healed
+        assert healed and any(reason in e.reason for e in healed), healed
     for e in healed:
-        at = datetime.fromisoformat(e["time"]).timestamp()
+        at = datetime.fromisoformat(e.time).timestamp()
         assert at - since <= BOUND + 1, f"reconciled {at - since:.1f} s after the failed part came back"
     same_as_reference(site, final.store)
-    committed = {e["chunk"] for e in events if e["event"] == "chunk_committed"}
+    committed = {e.chunk for e in events if e.event == "chunk_committed"}
     assert committed == set(range(N // CHUNK))
     assert final.attempt == 1  # the same attempt, healed: nobody resumed it
 
@@ -86,7 +86,7 @@ def finished_by_itself(site, client: DarkstoreClient, job_id: str, since: float,
 def test_worker_group_killed_and_restarted(site, cluster):
     c = cluster()
     with c.client() as client:
-        view, _ = client.submit(spec_for(site["counter"], 0.3))
+        view = client.submit(spec_for(site["counter"], 0.3)).job
         victim = running_task(client, view.id)
         c.worker.kill(signal.SIGKILL)  # the worker and its pool child, mid-task
         c.worker = Worker(c.env, c.tmp / "worker2.log", "w")
@@ -94,15 +94,15 @@ def test_worker_group_killed_and_restarted(site, cluster):
         finished_by_itself(site, client, view.id, back, "lease expired")
         events = client.events(view.id)
     # the killed range was recomputed under a new ticket; no task ran it twice at once
-    reconciled = [e for e in events if e["event"] == "reconciled"]
-    assert victim["task_id"] in reconciled[0]["dead_tasks"]
+    reconciled = [e for e in events if e.event == "reconciled"]
+    assert victim["task_id"] in reconciled[0].dead_tasks
 
 
 @pytest.mark.parametrize("persist", [False, True], ids=["no-persistence", "append-only-file"])
 def test_redis_killed_and_restarted(site, cluster, persist):
     c = cluster(persist)
     with c.client() as client:
-        view, _ = client.submit(spec_for(site["counter"], 0.3))
+        view = client.submit(spec_for(site["counter"], 0.3)).job
         wait_chunks(client, view.id, 3)
         c.redis.kill(signal.SIGKILL)
         time.sleep(1.0)  # the worker notices the broker is gone
@@ -118,7 +118,7 @@ def test_api_and_worker_killed_while_the_api_is_down(site, cluster):
     back; the job finishes by itself."""
     c = cluster()
     with c.client() as client:
-        view, _ = client.submit(spec_for(site["counter"], 0.3))
+        view = client.submit(spec_for(site["counter"], 0.3)).job
         running_task(client, view.id)
     port = c.api.port
     c.api.kill(signal.SIGKILL)
@@ -133,14 +133,15 @@ def test_api_and_worker_killed_while_the_api_is_down(site, cluster):
 def test_a_job_whose_store_vanished_is_failed_not_succeeded(site, cluster):
     c = cluster()
     with c.client() as client:
-        view, _ = client.submit(spec_for(site["counter"], 0.0))
+        view = client.submit(spec_for(site["counter"], 0.0)).job
         assert client.wait(view.id, timeout=120).state == "succeeded"
         shutil.rmtree(view.store)
         lost = client.job(view.id)
         assert lost.state == "failed" and "submit the job again" in lost.error
-        items, _ = client.jobs()
+        items = client.jobs().items
         assert [v.state for v in items if v.id == view.id] == ["failed"]
-        again, created = client.submit(spec_for(site["counter"], 0.0))  # recomputes it
+        sub = client.submit(spec_for(site["counter"], 0.0))  # recomputes it
+        again, created = sub.job, sub.created
         assert again.id == view.id
         assert client.wait(view.id, timeout=120).state == "succeeded"
     same_as_reference(site, view.store)

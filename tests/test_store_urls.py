@@ -115,16 +115,18 @@ def test_the_service_keeps_its_stores_on_s3(made, s3_server, s3_bucket, tmp_path
             for i, m in enumerate(MEMBERS[:2])]},
             "data": {"kind": "arrays", "path": "transfer.npz"}, "chunk_rows": 64, "row_order": "natural"}
         with DarkstoreClient(api.url, timeout=60) as c:
-            view, created = c.submit(body)
+            sub = c.submit(body)
+            view, created = sub.job, sub.created
             done = c.wait(view.id, timeout=120)
             assert created and done.state == "succeeded", (done.error, api.text()[-3000:])
             assert done.store == f"s3://{s3_bucket}/service/{view.id}"
             summary = c.store(view.id, verify=True)
-            assert summary["complete"] and summary["rows"] == 200
+            assert summary.complete and summary.rows == 200
             np.testing.assert_array_equal(open_store(done.store).read_all().logits, made["ref"].logits)
-            again, created = c.submit(body)
+            sub = c.submit(body)
+            again, created = sub.job, sub.created
             assert not created and again.id == view.id
-            events = [e["event"] for e in c.events(view.id)]
+            events = [e.event for e in c.events(view.id)]
             assert events.count("task_started") == 1
     finally:
         api.stop()

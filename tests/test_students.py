@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -543,6 +545,59 @@ def test_sweep_points_that_share_batches_train_in_one_process(tmp_path, cache):
         assert same(weights(tmp_path / "lockstep" / "runs" / run.name), weights(tmp_path / "isolated" / "runs" / run.name))
 
 
+def test_settings_a_run_does_not_use_change_nothing(tmp_path, cache):
+    """The rule sweeps deduplicate by: at α = 0 (hard labels only) T changes nothing, nor does it for logit
+    matching; trained, such runs reach the same weights bit for bit. Where T is used, the weights differ."""
+    from student_trainer.config import effect_key, unused_settings
+
+    base = {"student": MLP, "epochs": 1, "batch_size": 64}
+    for kw, identical in [({"alpha": 0.0}, True), ({"loss": "mse", "alpha": 0.5}, True), ({"alpha": 0.5}, False)]:
+        a, b = (TrainConfig(**base, **kw, temperature=t) for t in (2.0, 8.0))
+        assert (effect_key(a) == effect_key(b)) is identical and ("temperature" in unused_settings(a)) is identical
+        for c, name in ((a, "a"), (b, "b")):
+            train(c, cache, tmp_path / name, final_eval=False)
+        assert same(weights(tmp_path / "a"), weights(tmp_path / "b")) is identical, kw
+        for name in ("a", "b"):
+            shutil.rmtree(tmp_path / name)
+    ce = TrainConfig(**base, loss="ce", alpha=0.3, temperature=3.0)
+    assert unused_settings(ce) >= {"alpha", "temperature"}
+    assert effect_key(ce) == effect_key(ce.model_copy(update={"alpha": 0.9, "temperature": 1.0}))
+
+
+def test_sweep_trains_points_identical_in_effect_once(tmp_path, cache):
+    """α = 0 × two temperatures is one run: the second point's directory links to the first's, the CLI says so,
+    and the results still list every point (T's line is flat at α = 0, as it is)."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"store": str(cache), "base": {"epochs": 2, "batch_size": 32},
+                                    "students": {"mlp": {"arch": "mlp", "arch_kwargs": {"in_features": 64,
+                                                                                        "hidden": [8]}}},
+                                    "grid": {"alpha": [0.0, 0.5], "temperature": [2.0, 4.0]}}))
+    out = tmp_path / "out"
+    r = subprocess.run([*DARKSTORE, "sweep", "--grid", str(grid), "--out", str(out)], env=cli_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "same run alpha=0_T=4 = alpha=0_T=2 (temperature, topk_loss unused there)" in r.stderr
+    assert "3 trained now" in r.stderr and "1 the same run as another" in r.stderr
+    link = out / "runs" / "alpha=0_T=4"
+    assert link.is_symlink() and link.resolve() == (out / "runs" / "alpha=0_T=2").resolve()
+    with (out / "results.csv").open() as f:
+        rows = {(float(x["alpha"]), float(x["temperature"])): x for x in csv.DictReader(f)}
+    assert len(rows) == 4 and rows[(0.0, 2.0)]["accuracy"] == rows[(0.0, 4.0)]["accuracy"]
+    again = subprocess.run([*DARKSTORE, "sweep", "--grid", str(grid), "--out", str(out)], env=cli_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 trained now, 3 already finished, 1 the same run" in again.stderr
+    # the report shows the run once (naming its twin) and α = 0 as one band across T
+    r = subprocess.run([*DARKSTORE, "report", str(out), "--format", "md"], env=cli_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert sorted(data["runs"]) == ["alpha=0.5_T=2", "alpha=0.5_T=4", "alpha=0_T=2"]
+    assert data["curves"]["alpha=0_T=2"]["same_as"] == ["alpha=0_T=4"]
+    band = data["hyper"]["temperature"]["alpha=0"]
+    assert band["n"] == 1 and band["mean"] == pytest.approx(float(rows[(0.0, 2.0)]["accuracy"]))
+    assert [p["value"] for p in data["hyper"]["temperature"]["alpha=0.5"]] == [2.0, 4.0]
+
+
 @pytest.mark.slow
 def test_sweep_table_is_mean_and_std_of_the_runs(swept):
     out = swept["out"]
@@ -581,15 +636,21 @@ def test_report_plots_show_the_runs_numbers(swept, tmp_path):
         assert series["eval_accuracy"] == [h["eval_accuracy"] for h in hist]
         assert series["train_loss"] == [h["train_loss"] for h in hist]
     finals = {p.parent.name: json.loads(p.read_text())["final"] for p in out.glob("runs/*/summary.json")}
-    for pt in data["hyper"]["alpha"]:
+    for pt in data["hyper"]["alpha"]["T=4"]:  # one line per T (one T here)
         accs = [f["accuracy"] for n, f in finals.items() if n.startswith(f"alpha={pt['value']:g}_")]
         assert pt["mean"] == pytest.approx(statistics.fmean(accs)) and pt["n"] == 2
+    # losses of different objectives sit in different panels
+    assert {s["objective"] for n, s in data["curves"].items() if n.startswith("alpha=0_")} == {"hard-label CE"}
+    assert {s["objective"] for n, s in data["curves"].items() if n.startswith("alpha=1_")} == {"α·T²·KL + (1−α)·CE"}
     best = max(finals, key=lambda n: finals[n]["accuracy"])
     assert data["best"] == best
     ev = json.loads((out / "runs" / best / "eval.json").read_text())
     assert data["reliability"]["reliability"]["ece"] == ev["reliability"]["ece"]
+    assert sum(data["reliability"]["reliability"]["count"]) == sum(ev["reliability"]["count"]) > 0  # rows per bin
     table = {r[""]: r for r in data["student_vs_teachers"]}
     assert table["held-out accuracy (%)"]["student"] == f"{100 * ev['metrics']['accuracy']:.2f}"
+    threads = ev["compression"]["threads"]  # timings say what they were timed with
+    assert f"CPU latency, batch 1 (ms, {threads} torch thread" in "".join(table)
     assert table["parameters"]["student"] == f"{ev['compression']['student']['params']:,}"
 
 

@@ -5,22 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import BaseModel
 
 from ...jobs import MAX_ID_LENGTH, JobView, State
 from ...spec import JobSpec
+from ...wire import JobEvent, JobList
 from ..deps import ManagerDep, TokenRequired
 from ..errors import responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[TokenRequired])
 JobId = Annotated[str, Path(description="the job's id (24 hex digits)", max_length=MAX_ID_LENGTH)]
-
-
-class JobList(BaseModel):
-    items: list[JobView]
-    total: int
-    limit: int
-    offset: int
 
 
 @router.post("", response_model=JobView, status_code=201,
@@ -66,7 +59,7 @@ def resume_job(job_id: JobId, m: ManagerDep) -> JobView:
     return m.resume(job_id)
 
 
-@router.get("/{job_id}/events", summary="The job's event log: dispatches, tasks started and finished (by which "
+@router.get("/{job_id}/events", response_model=list[JobEvent], summary="The job's event log: dispatches, tasks started and finished (by which "
             "worker), chunk commits, reconciliations", responses=responses(401, 404, 422))
 def job_events(job_id: JobId, m: ManagerDep) -> list[dict[str, Any]]:
     return m.book.events(job_id)

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel
-
 import darkstore
 
 from ...jobs import STATES
+from ...wire import Health, Readiness
 from ..deps import ManagerDep, TokenRequired
 from ..errors import responses
 
 router = APIRouter(tags=["ops"])
-
-
-class Health(BaseModel):
-    status: str
-    version: str
-
-
-class Readiness(BaseModel):
-    status: str
-    mode: str
-    broker: str | None = None
-    queued_tasks: int | None = None
 
 
 @router.get("/healthz", response_model=Health, summary="The process is up")

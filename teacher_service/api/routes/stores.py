@@ -10,13 +10,14 @@ from storage import open_store
 from storage.errors import StoreNotFoundError
 
 from ..deps import ManagerDep, TokenRequired
+from ...wire import StoreSummary
 from ..errors import responses
 from .jobs import JobId
 
 router = APIRouter(prefix="/v1/stores", tags=["stores"], dependencies=[TokenRequired])
 
 
-@router.get("/{job_id}", summary="Summarise a job's store: shape, size, teachers, completeness, accuracies",
+@router.get("/{job_id}", response_model=StoreSummary, summary="Summarise a job's store: shape, size, teachers, completeness, accuracies",
             responses=responses(401, 404, 409, 422))
 def store_summary(job_id: JobId, m: ManagerDep,
                   verify: bool = Query(False, description="also read every committed chunk and check it against its "
