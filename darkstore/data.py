@@ -1,10 +1,11 @@
 """Transfer sets: where the inputs (and hard labels) come from.
 
-Four kinds, chosen by ``kind`` in a data spec:
+Five kinds, chosen by ``kind`` in a data spec:
 
 - ``arrays``: a ``.npz`` with ``x`` and optional ``y`` (or a ``.npy`` of ``x``);
 - ``image_folder``: an ``ImageFolder`` tree (labeled) or a flat folder of images (unlabeled);
 - ``torchvision``: a torchvision dataset by name from a local root — never downloads;
+- ``huggingface``: a Hugging Face dataset saved to disk (``save_to_disk``), image and label columns named;
 - ``factory``: ``module:function`` returning a dataset — only with ``allow_code``.
 
 Every set yields ``(x, y)`` with ``x`` a float32 tensor (images ``[C, H, W]`` in
@@ -77,13 +78,35 @@ class TorchvisionSpec(_Spec):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {train: false} or {split: val}")
 
 
+class HuggingFaceSpec(_Spec):
+    kind: Literal["huggingface"] = "huggingface"
+    root: str = Field(description="a dataset saved with datasets' save_to_disk (a Dataset, or a DatasetDict with "
+                      "split:)")
+    split: str | None = Field(None, description="the split of a saved DatasetDict")
+    image: str = Field("image", description="the input column: an Image feature, or an array (uint8 scaled to "
+                       "[0, 1], floats as stored)")
+    label: str | None = Field("label", description="the hard-label column (None: unlabeled)")
+    mode: Literal["RGB", "L"] = "RGB"
+    size: int | tuple[int, int] | None = Field(None, description="resize every image to this size (squashes)")
+    short_side: int | None = Field(None, ge=1, description="resize so the shorter side is this many pixels")
+    crop: int | tuple[int, int] | None = Field(None, description="then centre-crop to this size")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _one_resize(self) -> "HuggingFaceSpec":
+        if self.size is not None and self.short_side is not None:
+            raise ValueError("give size (an exact size) or short_side (the shorter side, aspect kept), not both")
+        return self
+
+
 class FactorySpec(_Spec):
     kind: Literal["factory"] = "factory"
     factory: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-DataSpec = Annotated[Union[ArraysSpec, ImageFolderSpec, TorchvisionSpec, FactorySpec], Field(discriminator="kind")]
+DataSpec = Annotated[Union[ArraysSpec, ImageFolderSpec, TorchvisionSpec, HuggingFaceSpec, FactorySpec],
+                     Field(discriminator="kind")]
 DATA_SPEC = TypeAdapter(DataSpec)
 
 
@@ -113,7 +136,7 @@ def parse_data_spec(value: Any) -> DataSpec:
 
 def _rebase(spec: DataSpec, base: Path) -> DataSpec:
     """Make a spec file's relative paths relative to the file."""
-    field = {"arrays": "path", "image_folder": "root", "torchvision": "root"}.get(spec.kind)
+    field = {"arrays": "path", "image_folder": "root", "torchvision": "root", "huggingface": "root"}.get(spec.kind)
     if field and not Path(getattr(spec, field)).is_absolute():
         spec = spec.model_copy(update={field: str(base / getattr(spec, field))})
     return spec
@@ -447,6 +470,92 @@ class WrappedSet(TransferSet):
                             self.fingerprint_report)
 
 
+class HuggingFaceSet(TransferSet):
+    """A Hugging Face dataset saved to disk (``save_to_disk``), read with ``datasets.load_from_disk`` (memory-
+    mapped Arrow: nothing is downloaded, nothing loaded whole). Its fingerprint is the dataset's own (recorded
+    when it was saved) with the columns and geometry darkstore reads it with."""
+
+    def __init__(self, spec: HuggingFaceSpec, root: Path):
+        try:
+            import datasets
+        except ImportError as exc:
+            raise SpecError("kind: huggingface needs the datasets package: pip install 'darkstore[hf]'") from exc
+        if not root.exists():
+            raise DataNotFoundError(f"dataset folder not found: {root}")
+        try:
+            ds = datasets.load_from_disk(str(root))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataNotFoundError(f"{root} is not a dataset saved with save_to_disk: {exc}") from exc
+        if isinstance(ds, datasets.DatasetDict):
+            if spec.split not in ds:
+                raise SpecError(f"{root} holds the splits {', '.join(ds)}: name one with split:")
+            ds = ds[spec.split]
+        missing = [c for c in (spec.image, spec.label) if c is not None and c not in ds.column_names]
+        if missing:
+            raise SpecError(f"{root} has no column {missing[0]!r}; its columns: {', '.join(ds.column_names)} "
+                            "(name them with image: and label:)")
+        self.spec, self.root, self.dataset = spec, root, ds
+        # an Image feature decodes to PIL (then converted to mode, as image folders are); arrays come as numpy,
+        # in their stored dtype
+        self._images = isinstance(ds.features[spec.image], datasets.Image)
+        self._column = ds if self._images else ds.with_format("numpy", columns=[spec.image])
+        self._dtype = None if self._images else _declared_dtype(ds.features[spec.image])
+        feature = ds.features.get(spec.label) if spec.label else None
+        self.class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        self._labels = (np.asarray(ds[spec.label], dtype=np.int64) if spec.label
+                        else np.full(len(ds), -1, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        from torchvision.transforms.v2 import functional as TF
+
+        value = self._column[int(i)][self.spec.image]
+        if self._images:
+            x = TF.pil_to_tensor(value.convert(self.spec.mode))
+        else:  # numpy may widen the stored dtype: the feature's declared one decides (uint8: 8-bit pixels)
+            x = torch.as_tensor(np.asarray(value, dtype=self._dtype))
+        x = TF.to_dtype(x, torch.float32, scale=True) if x.dtype == torch.uint8 else x.float()
+        if self.spec.size is not None:
+            size = [self.spec.size] * 2 if isinstance(self.spec.size, int) else list(self.spec.size)
+            x = TF.resize(x, size, antialias=True)
+        if self.spec.short_side is not None or self.spec.crop is not None:
+            from .imaging import geometry
+
+            x = geometry(x, short_side=self.spec.short_side, crop=self.spec.crop,
+                         interpolation=self.spec.interpolation)
+        return x, int(self._labels[i])
+
+    def get_batch(self, rows):
+        xs = [self[int(i)][0] for i in rows]
+        if len({tuple(x.shape) for x in xs}) > 1:
+            raise SpecError(f"the images of {self.root} differ in size; set short_side: and crop: or size:")
+        return torch.stack(xs), torch.from_numpy(self._labels[np.asarray(rows, dtype=np.int64)])
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The dataset's own fingerprint (datasets records it at save time; it changes with every transform
+        applied before saving), with how darkstore reads it."""
+        how = self.spec.model_dump(mode="json", exclude={"root"})
+        blob = json.dumps({"huggingface": self.dataset._fingerprint, "rows": len(self.dataset), **how},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _declared_dtype(feature: Any) -> str | None:
+    """The element dtype a datasets feature declares (Array2D/3D, Value, nested Sequence/list)."""
+    while feature is not None:
+        dtype = getattr(feature, "dtype", None)
+        if isinstance(dtype, str) and dtype not in ("list", "dict"):
+            return dtype
+        feature = getattr(feature, "feature", None) or (feature[0] if isinstance(feature, list) and feature else None)
+    return None
+
+
 def open_transfer_set(
     spec: DataSpec | dict | str | Path,
     *,
@@ -469,6 +578,8 @@ def _open(spec: DataSpec, *, allow_code: bool, base_dir: str | Path | None,
         return ArraysSet(spec, resolve(spec.path, base_dir=base_dir, roots=roots))
     if isinstance(spec, ImageFolderSpec):
         return ImageFolderSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
+    if isinstance(spec, HuggingFaceSpec):
+        return HuggingFaceSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
     if isinstance(spec, TorchvisionSpec):
         import torchvision
 

@@ -226,6 +226,58 @@ def test_fast_decoding_gives_pils_pixels_for_every_kind_of_file(tmp_path):
             read_image(str(tmp_path / bad))
 
 
+def test_a_hugging_face_dataset_on_disk_is_a_transfer_set(tmp_path):
+    """kind: huggingface reads a dataset saved with save_to_disk (Image and ClassLabel features, or arrays):
+    the pixels PIL decodes, the labels and class names, the dataset's own fingerprint; a store made from it
+    through the CLI. A DatasetDict needs split:, a missing column names the columns there are."""
+    datasets = pytest.importorskip("datasets")
+    import subprocess
+
+    from .conftest import DARKSTORE, MEMBERS, cli_env, make_ensemble
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, 40)
+    features = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=list("abcde"))})
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "y": labels.tolist()},
+                                    features=features)
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(10))}).save_to_disk(str(tmp_path / "hf"))
+    spec = {"kind": "huggingface", "root": str(tmp_path / "hf"), "split": "train", "image": "img", "label": "y",
+            "mode": "L"}
+    got = open_transfer_set(spec)
+    assert len(got) == 40 and got.class_names == list("abcde") and np.array_equal(got.labels(), labels)
+    x, y = got.get_batch(np.arange(40))
+    grey = np.stack([np.asarray(Image.fromarray(p).convert("L")) for p in pixels])[:, None] / 255.0
+    np.testing.assert_allclose(x.numpy(), grey, atol=1e-7)
+    assert np.array_equal(y.numpy(), labels)
+    # its fingerprint is the dataset's own: the same when opened again, another for another split or content
+    assert open_transfer_set(spec).fingerprint == got.fingerprint
+    assert open_transfer_set({**spec, "split": "test"}).fingerprint != got.fingerprint
+    ds.map(lambda r: {"y": (r["y"] + 1) % 5}).save_to_disk(str(tmp_path / "hf2"))
+    assert open_transfer_set({**spec, "root": str(tmp_path / "hf2"), "split": None}).fingerprint != got.fingerprint
+    # arrays instead of images; unlabeled
+    datasets.Dataset.from_dict({"x": pixels.transpose(0, 3, 1, 2)}, features=datasets.Features(
+        {"x": datasets.Array3D((3, 8, 8), "uint8")})).save_to_disk(str(tmp_path / "arr"))
+    arr = open_transfer_set({"kind": "huggingface", "root": str(tmp_path / "arr"), "image": "x", "label": None})
+    xa, ya = arr.get_batch(np.arange(3))
+    np.testing.assert_allclose(xa.numpy(), pixels[:3].transpose(0, 3, 1, 2) / 255.0, atol=1e-7)
+    assert (ya == -1).all()
+    with pytest.raises(SpecError, match="splits train, test"):
+        open_transfer_set({**spec, "split": None})
+    with pytest.raises(SpecError, match="no column 'image'.*img, y"):
+        open_transfer_set({**spec, "image": "image"})
+    # a store from it, as users run it: a data spec file relative to itself
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({**spec, "root": "hf"}))
+    ens = make_ensemble(tmp_path / "t", [MEMBERS[0]])
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(ens), "--data", str(tmp_path / "data.yaml"),
+                        "--out", str(tmp_path / "store")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    store = open_store(tmp_path / "store")
+    rows = store.read_all()
+    assert store.meta.num_rows == 40 and store.meta.class_names == list("abcde")
+    assert np.array_equal(rows.labels, labels[rows.index])
+
+
 def _write_idx(path, arr: np.ndarray):
     magic = {1: 0x0801, 3: 0x0803}[arr.ndim]
     with open(path, "wb") as f:
