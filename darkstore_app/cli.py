@@ -75,6 +75,8 @@ class Verify(str, Enum):
     full = "full"
 
 
+Track = Annotated[Optional[list[str]], typer.Option(
+    "--track", help="also send each run's metrics to: tensorboard (event files in RUN/tensorboard; repeatable)")]
 VerifyData = Annotated[Verify, typer.Option(
     "--verify-data", help="quick: the transfer set is read whole once, then checked against its fingerprint "
     "manifest (files' size and mtime, a sample re-read) kept in $DARKSTORE_CACHE (default ~/.cache/darkstore); "
@@ -343,6 +345,7 @@ def train(
     api: Annotated[Optional[str], typer.Option("--api", help="with --job: API base URL [env DARKSTORE_API_URL]")] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="with --job: bearer token [env DARKSTORE_TOKEN]")] = None,
     verify_data: VerifyData = Verify.quick,
+    track: Track = None,
 ):
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     from darkstore.data import open_transfer_set
@@ -392,7 +395,7 @@ def train(
 
         r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset, allow_incomplete=allow_incomplete,
                 allow_code=allow_code, resume=resume, latency=latency, on_epoch=on_epoch,
-                log=lambda m: console.print(m), fingerprints=fps)
+                log=lambda m: console.print(m), fingerprints=fps, track=track or ())
     if not rank0:
         return
     _print_run(r)
@@ -441,6 +444,7 @@ def sweep(
                                         "to a lone train", metavar="")] = True,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories", metavar="")] = False,
     verify_data: VerifyData = Verify.quick,
+    track: Track = None,
 ):
     """Train every grid point (points that differ only in per-student settings together, from one read of the
     store; the rest in parallel processes); finished points are skipped; writes mean ± std over seeds."""
@@ -467,7 +471,7 @@ def sweep(
 
         r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
                       isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event,
-                      fingerprints=_fingerprints(verify_data))
+                      fingerprints=_fingerprints(verify_data), track=track or ())
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)
     same = sum(o.state == "same" for o in r.outcomes)

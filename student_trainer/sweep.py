@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,6 +56,7 @@ from darkstore.fingerprint import FingerprintPolicy
 from storage.location import Location, canonical
 
 from .config import TrainConfig, batch_key, effect_key
+from .tracking import check_trackers
 
 METRICS = ("accuracy", "agreement", "nll", "ece")
 SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
@@ -241,15 +242,18 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
               poll: float = 0.2, threads: int | None = None, isolate: bool = False,
-              stack: bool = True, fingerprints: FingerprintPolicy | None = None) -> SweepResult:
+              stack: bool = True, fingerprints: FingerprintPolicy | None = None,
+              track: Sequence[str] = ()) -> SweepResult:
     """Train every point not finished yet, then write the results tables. Points that see the same batches
     (they differ only in :data:`~student_trainer.config.PER_STUDENT` settings) train together in one process
     from one read of the store; ``parallel`` such processes run at once. ``isolate``: one process per point.
     ``stack``: in a process, students of one architecture and optimiser step as one stacked model.
     ``threads``: torch threads per process (default: the CPU cores shared out among the processes running at
     once; a point's own ``threads`` in the grid wins). ``fingerprints``: how each process checks the transfer
-    set (with a cache, the first process reads it whole and the others wait for its manifest)."""
+    set (with a cache, the first process reads it whole and the others wait for its manifest). ``track``: run
+    trackers every point logs to (:mod:`student_trainer.tracking`)."""
     out = Path(out).resolve()
+    track = check_trackers(track)
     store = store or spec.store
     if store is None:
         raise SpecError("no store: give --store or put store: in the grid file")
@@ -297,7 +301,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                     (run_dir / "point.json").write_text(json.dumps({
                         "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
                         "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
-                        "stack": stack,
+                        "stack": stack, "track": list(track),
                         "fingerprints": fingerprints.model_dump(mode="json") if fingerprints else None,
                     }, indent=2))
                     dirs.append(str(run_dir))
@@ -434,7 +438,8 @@ def _run_points(run_dirs: list[Path]) -> int:
     p0 = points_[0]
     fps = FingerprintPolicy.model_validate(p0["fingerprints"]) if p0.get("fingerprints") else None
     results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], resume=True,
-                         stack=p0.get("stack", True), fingerprints=fps, log=say, on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
+                         stack=p0.get("stack", True), fingerprints=fps, log=say, track=p0.get("track", ()),
+                         on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
     for f in logs.values():
         f.close()
     failed = [r for r in results if isinstance(r, BaseException)]

@@ -42,6 +42,7 @@ from . import losses, objectives
 from .config import TrainConfig
 from .dataset import check_transfer_set
 from .loader import batch_mixing, make_loader, window_chunks
+from .tracking import check_trackers, open_trackers
 from .metrics import evaluate_logits
 from .objectives import student_layer_shape
 from .retemper import plan, unused
@@ -427,8 +428,9 @@ class _Recipe:
     The order of everything that draws random numbers is fixed: a resumed run reaches the same weights."""
 
     def __init__(self, config: TrainConfig, out: Path, dist: _Dist, *, allow_code: bool,
-                 roots: Sequence[str | Path] | None, log: Callable[[str], None] | None):
+                 roots: Sequence[str | Path] | None, log: Callable[[str], None] | None, track: Sequence[str] = ()):
         self.config, self.out, self.dist = config, out, dist
+        self.track, self.trackers = list(track), []  # run tracking (student_trainer.tracking), main rank only
         self.allow_code, self.roots = allow_code, roots
         self.log = log if dist.main else None  # what the run says once
         self.rank_log = log  # what every rank says for itself
@@ -562,6 +564,7 @@ class _Recipe:
             out.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(self.cfg_json, out / "config.json")
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self.trackers = open_trackers(self.track, out, self.history)
 
     def restore(self, ck: dict[str, Any]) -> None:
         if ck.get("version") != CHECKPOINT_VERSION:
@@ -671,6 +674,8 @@ class _Recipe:
         if dist.main:
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            for t in self.trackers:
+                t.epoch(row)
         return row
 
     def position(self) -> tuple:
@@ -730,6 +735,9 @@ class _Recipe:
         }
         _write_json_atomic(summary, out / "summary.json")
         self.ckpt_path.unlink(missing_ok=True)
+        for t in self.trackers:
+            t.finish(self.cfg_json, final)
+            t.close()
         return final
 
 
@@ -824,6 +832,7 @@ def train_many(
     on_step: Callable[[int], None] | None = None,
     on_done: Callable[[Run, RunResult | BaseException], None] | None = None,
     log: Callable[[Run, str], None] | None = None,
+    track: Sequence[str] = (),
 ) -> list[RunResult | BaseException]:
     """Train several students from one store in one process: the store, the transfer set and the eval rows
     are opened once; students whose batches are the same (:func:`together`) train in lockstep from one read
@@ -832,11 +841,13 @@ def train_many(
     ``stack``: students of one architecture and optimiser in a group step as one stacked model (equal to
     training each alone within float rounding, not bit for bit; False: each steps alone, bit-identical to a
     lone run). ``fingerprints``: how the recorded transfer sets are fingerprinted to check them (default: every
-    file hashed; a policy with a cache reads them whole only the first time).
+    file hashed; a policy with a cache reads them whole only the first time). ``track``: trackers each run's
+    metrics also go to (:mod:`student_trainer.tracking`: ``tensorboard``).
 
     A student whose setup fails (a setting its store refuses) gets its exception in the result list and the
     others go on; an error while a group trains fails that group's students."""
     results: dict[int, RunResult | BaseException] = {}
+    track = check_trackers(track)
 
     def done(i: int, res: RunResult | BaseException) -> None:
         results[i] = res
@@ -865,7 +876,7 @@ def train_many(
     for i in todo:
         run = runs[i]
         say = (lambda m, run=run: log(run, m)) if log else None
-        r = _Recipe(run.config, Path(run.out), dist, allow_code=allow_code, roots=roots, log=say)
+        r = _Recipe(run.config, Path(run.out), dist, allow_code=allow_code, roots=roots, log=say, track=track)
         try:
             r.setup_data(inputs)
             r.setup_model()
@@ -913,6 +924,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
     fingerprints: FingerprintPolicy | None = None,
+    track: Sequence[str] = (),
 ) -> RunResult:
     """Train ``config.student`` on ``store``; write the run to ``out``.
 
@@ -923,7 +935,7 @@ def train(
                         allow_incomplete=allow_incomplete, allow_code=allow_code, roots=roots, resume=resume,
                         final_eval=final_eval, latency=latency, fingerprints=fingerprints,
                         on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None, on_step=on_step,
-                        log=(lambda _, m: log(m)) if log else None)
+                        log=(lambda _, m: log(m)) if log else None, track=track)
     if isinstance(res, BaseException):
         raise res
     return res

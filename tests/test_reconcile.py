@@ -140,8 +140,7 @@ def test_a_job_whose_store_vanished_is_failed_not_succeeded(site, cluster):
         assert lost.state == "failed" and "submit the job again" in lost.error
         items = client.jobs().items
         assert [v.state for v in items if v.id == view.id] == ["failed"]
-        sub = client.submit(spec_for(site["counter"], 0.0))  # recomputes it
-        again, created = sub.job, sub.created
+        again = client.submit(spec_for(site["counter"], 0.0)).job  # recomputes it
         assert again.id == view.id
         assert client.wait(view.id, timeout=120).state == "succeeded"
     same_as_reference(site, view.store)
