@@ -346,6 +346,8 @@ def train(
     token: Annotated[Optional[str], typer.Option("--token", help="with --job: bearer token [env DARKSTORE_TOKEN]")] = None,
     verify_data: VerifyData = Verify.quick,
     track: Track = None,
+    job_timeout: Annotated[Optional[float], typer.Option("--job-timeout", help="with --job: give up (exit 1) when the "
+                                                          "job has not finished after this many seconds")] = None,
 ):
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     from darkstore.data import open_transfer_set
@@ -366,7 +368,11 @@ def train(
             sub = c.submit(job)
             view, created = sub.job, sub.created
             console.print(("submitted " if created else "found ") + _job_line(view), highlight=False)
-            view = c.wait(view.id, on_progress=lambda v: None, poll=1.0)
+            try:
+                view = c.wait(view.id, on_progress=lambda v: None, poll=1.0, timeout=job_timeout)
+            except TimeoutError as exc:
+                console.print(f"[red]gave up[/]: {exc}", highlight=False)
+                raise typer.Exit(1)
             if view.state != "succeeded":
                 console.print(f"[red]job {view.id} {view.state}[/]: {escape(view.error or '')}", highlight=False)
                 raise typer.Exit(1)
@@ -657,6 +663,10 @@ def serve(
     engine = "in-process runner" if not s.use_celery else f"Celery via {s.redacted()['broker_url']}"
     console.print(f"darkstore API on http://{host}:{port} — jobs: {engine}; home {s.home.resolve()}; "
                   f"data roots {', '.join(map(str, s.roots))}" + ("; bearer token required" if s.token else ""))
+    if not s.token and host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning[/]: listening on {host} with no token: anyone who reaches this address can "
+                      "submit jobs; set DARKSTORE_TOKEN (docker compose publishes the port on 127.0.0.1 only "
+                      "unless DARKSTORE_BIND says otherwise)")
     uvicorn.run(create_app(s), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
 
 
@@ -686,6 +696,37 @@ def worker(
                   f"home {s.home.resolve()}")
     celery.worker_main(["worker", f"--loglevel={log_level.upper()}", f"--concurrency={concurrency}", "-Q", QUEUE,
                         "-n", name, f"--pool={pool}", "--without-gossip", "--without-mingle"])
+
+
+@app.command("worker-ping", cls=_Command)
+def worker_ping(
+    timeout: Annotated[float, typer.Option(help="seconds to wait for answers")] = 5.0,
+    broker: Annotated[Optional[str], typer.Option(help="Redis URL [env DARKSTORE_BROKER_URL]")] = None,
+    any_host: Annotated[bool, typer.Option("--any-host", help="any worker answering will do (default: one on this "
+                                           "host, as a container's health check wants)", metavar="")] = False,
+):
+    """Exit 0 when a worker (on this host) answers a ping through the broker: the worker's health check."""
+    import socket
+
+    s = _settings(broker_url=broker)
+    if not s.broker_url:
+        raise typer.BadParameter("no broker: --broker redis://HOST:6379/0 or DARKSTORE_BROKER_URL")
+    from teacher_service.celery_app import make_celery
+
+    celery = make_celery(s)
+    host = socket.gethostname()
+    try:
+        replies = celery.control.ping(timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 — the broker is down: unhealthy, said in one line
+        console.print(f"[red]unhealthy[/]: cannot reach the broker {s.broker_url} ({type(exc).__name__}: {exc})")
+        raise typer.Exit(1)
+    names = [name for reply in replies for name in reply]
+    mine = names if any_host else [n for n in names if n.endswith("@" + host)]
+    if not mine:
+        console.print(f"[red]unhealthy[/]: no worker {'' if any_host else f'on {host} '}answered within {timeout:g} s"
+                      + (f" (others did: {', '.join(names)})" if names else ""))
+        raise typer.Exit(1)
+    out.print(", ".join(mine))
 
 
 def _client(api: Optional[str], token: Optional[str]):

