@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,17 @@ def test_holdout_zero_without_an_eval_store_trains_on_every_row_and_exits_0(made
     s = json.loads((out / "summary.json").read_text())
     assert s["eval_rows"] == 0 and s["final"] == {} and (out / "student.safetensors").exists()
     assert not (out / "eval.json").exists()
+
+
+def test_help_loads_no_torch():
+    """`darkstore --help` and every command's --help answer without importing torch (a second or more of
+    start-up): only a command that runs does."""
+    probe = ("import sys\nfrom darkstore_app.cli import main\nsys.argv = ['darkstore', *sys.argv[1:]]\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")
+    for args in (["--help"], ["train", "--help"], ["generate", "--help"], ["worker-ping", "--help"]):
+        p = subprocess.run([sys.executable, "-c", probe, *args], env=cli_env(), capture_output=True, text=True)
+        assert p.returncode == 0 and "Usage" in p.stdout, p.stderr
+        assert p.stderr.strip().splitlines()[-1] == "False", args
 
 
 def test_help_of_every_command_shows_flags_without_a_value_and_choices_as_choices():
