@@ -449,6 +449,10 @@ class WrappedSet(TransferSet):
         from torchvision.transforms.v2 import functional as TF
 
         item = self.dataset[i]
+        if isinstance(item, dict):
+            raise SpecError(f"the dataset {type(self.dataset).__name__} yields dicts (keys {', '.join(map(str, item))}), "
+                            "not (input, label) pairs: for a Hugging Face dataset saved to disk use kind: huggingface "
+                            "with image: and label: naming its columns, or return pairs from the factory")
         x, y = item if isinstance(item, (tuple, list)) else (item, -1)
         if not isinstance(x, torch.Tensor):
             if isinstance(x, np.ndarray):

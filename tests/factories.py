@@ -91,3 +91,10 @@ class Checked(torch.nn.Module):
 
 def checked_mlp(num_classes: int = 5):
     return Checked(MLP(64, num_classes, hidden=[16]))
+
+
+def dict_items(n: int = 8):
+    """A dataset whose items are dicts, as a Hugging Face dataset's are."""
+    rng = np.random.default_rng(0)
+    return [{"image": rng.random((1, 8, 8), dtype=np.float32), "label": i % 5} for i in range(n)]
+

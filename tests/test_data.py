@@ -278,6 +278,14 @@ def test_a_hugging_face_dataset_on_disk_is_a_transfer_set(tmp_path):
     assert np.array_equal(rows.labels, labels[rows.index])
 
 
+def test_a_factory_yielding_dicts_gets_a_clear_error():
+    """A Hugging Face dataset returned by a factory yields dicts: one clear message that names the keys and
+    the kind that reads such datasets (not a TypeError from deep in the loader)."""
+    ds = open_transfer_set({"kind": "factory", "factory": "tests.factories:dict_items"}, allow_code=True)
+    with pytest.raises(SpecError, match="yields dicts \\(keys image, label\\).*kind: huggingface"):
+        ds.get_batch(np.arange(2))
+
+
 def _write_idx(path, arr: np.ndarray):
     magic = {1: 0x0801, 3: 0x0803}[arr.ndim]
     with open(path, "wb") as f:
