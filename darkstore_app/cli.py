@@ -806,9 +806,10 @@ def jobs(
             out.print(f"store {v.store}\ncreated {v.created_at}, started {v.started_at}, finished {v.finished_at}, "
                       f"attempt {v.attempt}" + (f"\nerror: {escape(v.error)}" if v.error else ""), highlight=False)
             return
-        items, total = c.jobs(state, limit, offset)
+        page = c.jobs(state, limit, offset)
+        items, total = page.items, page.total
         if as_json:
-            out.print_json(json.dumps({"total": total, "items": [v.model_dump(mode="json") for v in items]}))
+            out.print_json(page.model_dump_json())
             return
         t = Table(title=f"{total} job(s)" + (f" {state}" if state else ""), title_justify="left")
         t.add_column("id", no_wrap=True)

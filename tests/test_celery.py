@@ -312,8 +312,8 @@ def test_broker_down_gives_503_and_keeps_the_job(cluster, tmp_path):
             with pytest.raises(ApiError) as e:
                 client.submit(spec_for(c["counter"], 0.05))
             assert e.value.status == 503 and "resume" in e.value.detail
-            items, total = client.jobs()
-            assert total == 1 and items[0].state == "queued"  # recorded, waiting for a resume
+            page = client.jobs()
+            assert page.total == 1 and page.items[0].state == "queued"  # recorded, waiting for a resume
     finally:
         down.stop()
     r = httpx.get(c["procs"]["api"].url + "/readyz").json()

@@ -1,0 +1,112 @@
+"""Generalist + specialists (teacher_service.specialists): the combination against an independent float64
+minimisation of the same objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from teacher_service.specialists import SpecialistSets, active_specialists, combine_specialists, objective
+
+SUBSETS = [[0, 1, 2], [3, 4, 5, 6], [2, 7], [9, 10]]
+C = 12
+
+
+def _problem(rows: int, seed: int):
+    rng = np.random.default_rng(seed)
+    pg = rng.dirichlet(np.full(C, 0.5), rows)
+    ps = [rng.dirichlet(np.full(len(s) + 1, 0.7), rows) for s in SUBSETS]
+    active = rng.random((rows, len(SUBSETS))) < 0.6
+    active[0] = False  # a row no specialist takes part in
+    active[1] = True  # and one where every one does
+    return pg, ps, active
+
+
+def _definition(q: np.ndarray, pg: np.ndarray, ps: list[np.ndarray], active: np.ndarray) -> float:
+    """KL(p_g ‖ q) + Σ_active KL(p_m ‖ q_m) for one row, written out from the paper's definition."""
+    def kl(p, r):
+        return float(np.sum(np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(r, 1e-300))), 0)))
+
+    total = kl(pg, q)
+    for m, s in enumerate(SUBSETS):
+        if active[m]:
+            qm = np.append(q[s], 1.0 - q[s].sum())
+            total += kl(ps[m], qm)
+    return total
+
+
+def _reference(pg, ps, active) -> np.ndarray:
+    """An independent minimiser: SLSQP over the simplex, in float64, from the definition above."""
+    from scipy.optimize import minimize
+
+    out = []
+    for b in range(len(pg)):
+        row = [p[b] for p in ps]
+        res = minimize(lambda q: _definition(q, pg[b], row, active[b]), pg[b], method="SLSQP",
+                       bounds=[(1e-12, 1.0)] * C, constraints=[{"type": "eq", "fun": lambda q: q.sum() - 1.0}],
+                       options={"ftol": 1e-15, "maxiter": 2000})
+        assert res.success, res.message
+        out.append(res.x / res.x.sum())
+    return np.array(out)
+
+
+def test_the_combination_minimises_the_papers_objective_against_an_independent_float64_solver():
+    pg, ps, active = _problem(rows=8, seed=0)
+    sets = SpecialistSets.of(SUBSETS, C)
+    q = combine_specialists(torch.from_numpy(pg), [torch.from_numpy(p) for p in ps], sets,
+                            torch.from_numpy(active), iterations=20_000, tol=1e-13).numpy()
+    ref = _reference(pg, ps, active)
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(q, ref, atol=2e-5)
+    for b in range(len(pg)):  # at least as good as the reference's minimum
+        ours, theirs = (_definition(x[b], pg[b], [p[b] for p in ps], active[b]) for x in (q, ref))
+        assert ours <= theirs + 1e-9, (b, ours, theirs)
+    np.testing.assert_allclose(q[0], pg[0], atol=1e-15)  # no active specialist: the generalist's own
+    # the library's objective is the definition
+    got = objective(torch.from_numpy(q), torch.from_numpy(pg), [torch.from_numpy(p) for p in ps], sets,
+                    torch.from_numpy(active)).numpy()
+    want = [_definition(q[b], pg[b], [p[b] for p in ps], active[b]) for b in range(len(pg))]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_float32_on_a_batch_is_the_float64_result_within_rounding():
+    pg, ps, active = _problem(rows=256, seed=1)
+    sets = SpecialistSets.of(SUBSETS, C)
+    q64 = combine_specialists(torch.from_numpy(pg), [torch.from_numpy(p) for p in ps], sets,
+                              torch.from_numpy(active), iterations=20_000, tol=1e-13)
+    q32 = combine_specialists(torch.from_numpy(pg).float(), [torch.from_numpy(p).float() for p in ps], sets,
+                              torch.from_numpy(active))
+    assert (q32.double() - q64).abs().max() < 1e-4
+
+
+def test_specialists_that_agree_with_the_generalist_change_nothing_and_confident_ones_move_mass():
+    pg, ps, _ = _problem(rows=4, seed=2)
+    sets = SpecialistSets.of(SUBSETS, C)
+    agree = []
+    for s in SUBSETS:  # each specialist reports exactly the generalist's view of its classes
+        inside = pg[:, s]
+        agree.append(np.concatenate([inside, 1 - inside.sum(1, keepdims=True)], axis=1))
+    on = torch.ones(4, len(SUBSETS), dtype=torch.bool)
+    q = combine_specialists(torch.from_numpy(pg), [torch.from_numpy(p) for p in agree], sets, on,
+                            iterations=5000, tol=1e-14)
+    np.testing.assert_allclose(q.numpy(), pg, atol=1e-9)
+    sure = [np.tile(np.eye(len(s) + 1)[0], (4, 1)) for s in SUBSETS]  # each sure of its first class
+    q = combine_specialists(torch.from_numpy(pg), [torch.from_numpy(p) for p in sure], sets, on).numpy()
+    for s in (SUBSETS[0], SUBSETS[1]):
+        assert (q[:, s[0]] > pg[:, s[0]]).all() and (q[:, s[1]] < pg[:, s[1]]).all()
+
+
+def test_active_specialists_are_those_meeting_the_generalists_top_n():
+    sets = SpecialistSets.of(SUBSETS, C)
+    pg = torch.full((3, C), 0.01)
+    pg[0, 4], pg[0, 8] = 0.5, 0.3  # top-1 class 4 (specialist 1), top-2 adds 8 (no specialist)
+    pg[1, 2], pg[1, 10] = 0.5, 0.3  # class 2 is in specialists 0 and 2; 10 in 3
+    pg[2, 11] = 0.9  # a class no specialist covers
+    assert active_specialists(pg, sets, 1).tolist() == [[False, True, False, False], [True, False, True, False],
+                                                        [False, False, False, False]]
+    assert active_specialists(pg, sets, 2)[1].tolist() == [True, False, True, True]
+    with pytest.raises(ValueError, match="every class"):
+        SpecialistSets.of([list(range(C))], C)
+    with pytest.raises(ValueError, match="distinct"):
+        SpecialistSets.of([[1, 1]], C)
