@@ -237,6 +237,50 @@ def _augment_spec(augment: str | None, views: int | None, current):
     return AugmentSpec.model_validate(doc)
 
 
+# --- specialists ---------------------------------------------------------------------
+specialists = typer.Typer(cls=_Group, no_args_is_help=True, help="Hinton's specialists: a generalist plus "
+                          "specialists on the classes it confuses, combined into one soft target")
+app.add_typer(specialists, name="specialists")
+
+
+@specialists.command("plan", cls=_Command)
+def specialists_plan(
+    store: Annotated[str, typer.Option(help="the generalist's store (dense targets)")],
+    num: Annotated[int, typer.Option(help="clusters of classes (groups smaller than --min-size stay uncovered)")],
+    out_: Annotated[Path, typer.Option("--out", help="plan file to write (YAML)")] = Path("specialists.yaml"),
+    seed: Annotated[int, typer.Option(help="k-means seed: the same seed, the same plan")] = 0,
+    min_size: Annotated[int, typer.Option(help="fewest classes a specialist takes")] = 2,
+):
+    """Cluster the classes the generalist confuses (k-means on the covariance of its predictions) into
+    specialists' class subsets; writes the plan and prints the most confused pairs."""
+    import yaml
+
+    from storage import open_store
+    from teacher_service.specialists import plan_specialists
+
+    plan = plan_specialists(open_store(store), num, seed=seed, min_size=min_size)
+    doc = plan.to_json()
+    out_.parent.mkdir(parents=True, exist_ok=True)
+    out_.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    t = Table(title=f"{len(plan.subsets)} specialists over {plan.num_classes} classes "
+              f"({len(plan.uncovered)} uncovered)", title_justify="left")
+    for col in ("specialist", "classes", "size"):
+        t.add_column(col)
+    for sp in doc["specialists"]:
+        names = ", ".join(sp["class_names"][:12]) + (" …" if sp["size"] > 12 else "")
+        t.add_row(sp["name"], names, str(sp["size"]))
+    out.print(t)
+    if plan.confused:
+        c = Table(title="most confused pairs (how often one is the other's runner-up)", title_justify="left")
+        for col in ("classes", "rows", "covariance"):
+            c.add_column(col)
+        for pair in plan.confused:
+            a, b = pair["classes"]
+            c.add_row(f"{plan.name(a)} / {plan.name(b)}", str(pair["runner_up_rows"]), f"{pair['covariance']:.3g}")
+        out.print(c)
+    console.print(f"plan written to {out_}")
+
+
 # --- inspect ---------------------------------------------------------------------
 @app.command(cls=_Command)
 def inspect(

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from darkstore.errors import SpecError
+
 
 @dataclass(frozen=True)
 class SpecialistSets:
@@ -151,7 +153,8 @@ class Plan:
     def to_json(self) -> dict:
         return {
             "generalist_store": self.store, "generalist_job_key": self.job_key, "num_classes": self.num_classes,
-            "method": "k-means (seeded) on the columns of the covariance of the generalist's predicted distributions",
+            "method": "k-means (seeded) on the columns of the correlation matrix of the generalist's predicted "
+                      "distributions",
             "seed": self.seed,
             "specialists": [{"name": f"specialist-{i}", "classes": s, "class_names": [self.name(k) for k in s],
                              "size": len(s)} for i, s in enumerate(self.subsets)],
@@ -184,18 +187,22 @@ def prediction_covariance(chunks) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_specialists(reader, num: int, *, seed: int = 0, min_size: int = 2, pairs: int = 10) -> Plan:
     """Cluster the classes the generalist confuses (Hinton et al. 2015, section 5: K-means on the columns of
-    the covariance matrix of the generalist's predictions) into ``num`` groups; each group of at least
-    ``min_size`` classes is one specialist's subset. Deterministic for a seed."""
+    the covariance matrix of the generalist's predictions, here normalised to correlations) into ``num``
+    groups; each group of at least ``min_size`` classes is one specialist's subset. Deterministic for a seed."""
     from sklearn.cluster import KMeans
 
     meta = reader.meta
     if meta.target_form != "dense":
-        raise ValueError(f"{reader.path} keeps {meta.targets} targets: planning needs a dense generalist store")
+        raise SpecError(f"{reader.path} keeps {meta.targets} targets: planning needs a dense generalist store")
     c = meta.num_classes
     if not 1 <= num <= c:
-        raise ValueError(f"--num {num}: between 1 and the store's {c} classes")
+        raise SpecError(f"--num {num}: between 1 and the store's {c} classes")
     cov, runner = prediction_covariance(ch.logits for ch in reader.iter_chunks())
-    labels = KMeans(n_clusters=num, random_state=seed, n_init=10).fit_predict(cov)
+    # the columns as correlations: raw covariance columns are dominated by each class's own variance (the
+    # diagonal), so k-means would group classes by how often they are predicted, not by whom they are confused
+    # with (measured on a planted structure: covariance columns merge groups, correlation columns recover them)
+    sd = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
+    labels = KMeans(n_clusters=num, random_state=seed, n_init=10).fit_predict(cov / np.outer(sd, sd))
     groups = sorted((sorted(np.flatnonzero(labels == g).tolist()) for g in range(num)), key=lambda s: (-len(s), s))
     subsets = [s for s in groups if len(s) >= min_size and len(s) < c]
     covered = {k for s in subsets for k in s}

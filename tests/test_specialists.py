@@ -110,3 +110,72 @@ def test_active_specialists_are_those_meeting_the_generalists_top_n():
         SpecialistSets.of([list(range(C))], C)
     with pytest.raises(ValueError, match="distinct"):
         SpecialistSets.of([[1, 1]], C)
+
+
+# --- planning ----------------------------------------------------------------------------------------------
+GROUPS = [[0, 4, 7], [1, 2, 8, 11], [3, 6], [5, 9, 10]]  # classes the generalist confuses, interleaved
+
+
+def _confusing_generalist(tmp_path):
+    """A real generalist through the CLI: a linear teacher whose logits for a sample of class c rise for c and,
+    less, for c's group — the planted confusion — over an arrays set of noisy one-hot inputs."""
+    import subprocess
+
+    import yaml
+
+    from darkstore.models import build_model, save_weights
+
+    from .conftest import DARKSTORE, cli_env
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, C, 600)
+    x = (np.eye(C)[y] + rng.normal(0, 0.3, (600, C))).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x, y=y, class_names=np.array([f"c{k}" for k in range(C)]))
+    w = 4.0 * np.eye(C)
+    for g in GROUPS:
+        w[np.ix_(g, g)] += 3.0
+    model = build_model("mlp", C, in_features=C, hidden=[])
+    with torch.no_grad():
+        model.net[1].weight.copy_(torch.from_numpy(w))
+        model.net[1].bias.zero_()
+    save_weights(model, tmp_path / "g.safetensors")
+    (tmp_path / "ens.yaml").write_text(yaml.safe_dump({"members": [
+        {"name": "generalist", "arch": "mlp", "arch_kwargs": {"in_features": C, "hidden": []},
+         "weights": "g.safetensors"}]}))
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(tmp_path / "ens.yaml"), "--data",
+                        str(tmp_path / "x.npz"), "--out", str(tmp_path / "store"), "--chunk-rows", "128"],
+                       env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "store"
+
+
+def test_the_plan_recovers_a_planted_confusion_structure_the_same_way_for_a_seed(tmp_path):
+    import subprocess
+
+    import yaml
+
+    from .conftest import DARKSTORE, cli_env
+
+    store = _confusing_generalist(tmp_path)
+    plans = []
+    for name in ("a", "b"):
+        r = subprocess.run([*DARKSTORE, "specialists", "plan", "--store", str(store), "--num", "4", "--seed", "3",
+                            "--out", str(tmp_path / f"{name}.yaml")], env=cli_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        plans.append(yaml.safe_load((tmp_path / f"{name}.yaml").read_text()))
+    assert plans[0] == plans[1]  # deterministic for a seed
+    got = sorted(sp["classes"] for sp in plans[0]["specialists"])
+    assert got == sorted(sorted(g) for g in GROUPS) and plans[0]["uncovered"] == []
+    assert plans[0]["specialists"][0]["class_names"][0].startswith("c")
+    # the most confused pairs are pairs within a planted group
+    pairs = [tuple(p["classes"]) for p in plans[0]["confused_pairs"]]
+    assert pairs and all(any(a in g and b in g for g in GROUPS) for a, b in pairs[:5])
+    assert "most confused pairs" in r.stdout and "c0" in r.stdout
+    # groups below --min-size stay uncovered, and say so
+    r = subprocess.run([*DARKSTORE, "specialists", "plan", "--store", str(store), "--num", "4", "--min-size", "3",
+                        "--out", str(tmp_path / "c.yaml")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["uncovered"] == [3, 6]
+    r = subprocess.run([*DARKSTORE, "specialists", "plan", "--store", str(store), "--num", "99"], env=cli_env(),
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "--num 99" in r.stderr
