@@ -109,8 +109,11 @@ def generate(
     teachers: Annotated[Optional[Path], typer.Option(help="ensemble spec (YAML/JSON)")] = None,
     data: Annotated[Optional[str], typer.Option(help="transfer set: spec file (YAML/JSON), .npz/.npy, or image folder")] = None,
     job: Annotated[Optional[Path], typer.Option(help="a whole job spec file instead of --teachers/--data/options")] = None,
-    combine: Annotated[str, typer.Option(help="geometric | arithmetic")] = "geometric",
+    combine: Annotated[str, typer.Option(help="geometric | arithmetic | specialists (a generalist and the "
+                                         "specialists the ensemble file names, Hinton et al.'s combination)")] = "geometric",
     temperature: Annotated[float, typer.Option(help="generation temperature (used by arithmetic)")] = 1.0,
+    top_n: Annotated[int, typer.Option(help="with --combine specialists: a row's specialists are those whose classes "
+                                       "meet the generalist's top N")] = 1,
     keep_members: Annotated[bool, typer.Option("--keep-members", help="also store each teacher's logits", metavar="")] = False,
     targets: Annotated[Optional[str], typer.Option(help="dense (default: every class) | topk:K (the K largest values "
                                                    "and the tail's mass) | sampled:K[@T] (K classes drawn per row)")] = None,
@@ -161,7 +164,7 @@ def generate(
         spec = JobSpec.model_validate({
             "teachers": EnsembleSpec.from_file(teachers), "data": parse_data_spec(data), "combine": combine,
             "temperature": temperature, "dtype": dtype, "compressor": compressor, "chunk_rows": chunk_rows,
-            "keep_members": keep_members, "precision": precision,
+            "keep_members": keep_members, "precision": precision, "specialist_top_n": top_n,
         })
     if augment is not None or views is not None:
         spec = spec.model_copy(update={"augment": _augment_spec(augment, views, spec.augment)})

@@ -42,7 +42,7 @@ ATTR_KEY = "darkstore"
 
 Dtype = Literal["float16", "float32"]
 Compressor = Literal["zstd", "blosc", "none"]
-Combine = Literal["geometric", "arithmetic"]
+Combine = Literal["geometric", "arithmetic", "specialists"]
 
 
 class TeacherRecord(BaseModel):
@@ -208,6 +208,24 @@ class TargetsRecord(BaseModel):
         return f"{self.form}:{self.k}" + (f"@{self.temperature:g}" if self.form == "sampled" else "")
 
 
+class SpecialistRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the ensemble member")
+    classes: list[int] = Field(min_length=1, description="the classes it predicts, in its output order; its last "
+                                                         "output is the dustbin (every other class)")
+
+
+class SpecialistsRecord(BaseModel):
+    """The ``specialists`` combine rule: a generalist and specialists, combined per row into the distribution
+    that minimises KL(generalist ‖ q) + Σ KL(specialist ‖ q on its classes and dustbin) over the specialists
+    whose classes meet the generalist's ``top_n`` (teacher_service.specialists)."""
+
+    model_config = ConfigDict(extra="forbid")
+    generalist: str
+    specialists: list[SpecialistRecord] = Field(min_length=1)
+    top_n: int = Field(1, ge=1)
+
+
 class StoreMeta(BaseModel):
     """The attributes of a store (``group.attrs['darkstore']``)."""
 
@@ -241,6 +259,8 @@ class StoreMeta(BaseModel):
                                         "`checksums` array holds, in column order (None: a version-1 store)")
     features: list[FeatureRecord] | None = Field(None, description="teacher layers kept per row (FitNets' "
                                                  "hints), flattened side by side in `features` (None: none)")
+    specialists: SpecialistsRecord | None = Field(None, description="combine specialists: the generalist, each "
+                                                  "specialist's classes and top_n (None: another rule)")
 
     @property
     def item_bytes(self) -> int:

@@ -27,7 +27,7 @@ from storage import StoreMeta
 class Retemper:
     temperature: float
     mode: str  # "geometric" | "arithmetic@T_gen" | "arithmetic-members" | "arithmetic-approx" | "topk" | "sampled"
-    #            | "unused" (an objective that reads no targets)
+    #            | "specialists" | "unused" (an objective that reads no targets)
     exact: bool
     note: str = ""  # sparse targets: what the form keeps
 
@@ -46,7 +46,7 @@ class Retemper:
         return torch.log_softmax(logits.float() / t, dim=-1)
 
     def describe(self) -> str:
-        if self.mode in ("topk", "sampled", "unused"):
+        if self.mode in ("topk", "sampled", "unused", "specialists"):
             return self.note
         return {
             "geometric": f"geometric mean re-tempered to T={self.temperature:g}: exact",
@@ -86,6 +86,15 @@ def plan(meta: StoreMeta, temperature: float, *, use_members: bool | None = None
                         f"{meta.targets.k} samples per row drawn at T={ts:g}: an unbiased estimate of the soft term")
     if meta.combine == "geometric":
         return Retemper(temperature, "geometric", True)
+    if meta.combine == "specialists":
+        exact = math.isclose(temperature, 1.0)
+        n = len(meta.specialists.specialists) if meta.specialists else 0
+        return Retemper(temperature, "specialists", exact, (
+            f"the generalist and {n} specialists combined at T=1 (the distribution closest to all of them): exact"
+            if exact else
+            f"APPROXIMATE: the generalist and {n} specialists were combined at T=1; at T={temperature:g} the "
+            "combined distribution is raised to the power 1/T and renormalised, which is not the combination of "
+            "softened members (each member's softened output would need its own store)"))
     if math.isclose(temperature, meta.temperature, rel_tol=1e-9):
         return Retemper(temperature, "arithmetic@T_gen", True)
     if meta.keep_members and use_members is not False:

@@ -7,6 +7,7 @@ in :func:`run_chunks`; only how chunks are handed out differs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 import multiprocessing
@@ -25,7 +26,7 @@ from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_model
 from darkstore.views import ViewInputs, ViewSet, views_record
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
-from storage.schema import FeatureRecord, RowLayout, TargetsRecord
+from storage.schema import FeatureRecord, RowLayout, SpecialistRecord, SpecialistsRecord, TargetsRecord
 from storage.writer import write_chunk_at
 from darkstore.errors import ClassCountMismatchError, DarkstoreError, DataError, SpecError
 from storage.errors import NonFiniteLogitsError
@@ -50,11 +51,27 @@ class Ensemble:
 
     precision: str = "float32"
     channels_last: bool = False
+    specialist_classes: dict[str, list[int]] | None = None  # combine specialists: a specialist's classes
+
+    def __post_init__(self) -> None:
+        self._spread = {name: torch.tensor(classes, dtype=torch.int64, device=self.device)
+                        for name, classes in (self.specialist_classes or {}).items()}
+
+    def _spread_specialist(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """[B, |S| + 1] a specialist's logits -> [B, C] its log-probabilities in the generalist's classes: its
+        own classes where they are, the dustbin's mass spread evenly over the rest (what the combination needs:
+        each class of S and the dustbin's total; kept members stay in C columns)."""
+        logp = torch.log_softmax(z, dim=-1)
+        rest = self.num_classes - len(classes)
+        out = (logp[:, -1:] - math.log(rest)).expand(-1, self.num_classes).clone()
+        out[:, classes] = logp[:, :-1]
+        return out
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, rows: np.ndarray, check: bool = True) -> torch.Tensor:
-        """[B, ...] -> [M, B, C] float32 logits. With ``check``, non-finite output names the member
-        and rows here (a device sync); :func:`run_chunks` checks on the host instead."""
+        """[B, ...] -> [M, B, C] float32 logits (a specialist's log-probabilities spread over the C classes).
+        With ``check``, non-finite output names the member and rows here (a device sync); :func:`run_chunks`
+        checks on the host instead."""
         outs = []
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -62,6 +79,8 @@ class Ensemble:
         for m in self.members:
             with torch.autocast(self.device.type, dtype=getattr(torch, self.precision), enabled=amp):
                 z = m.forward(x).float()
+            if m.name in self._spread:
+                z = self._spread_specialist(z, self._spread[m.name])
             if not check:
                 outs.append(z)
                 continue
@@ -116,9 +135,12 @@ def check_param_budget(members: Sequence[ModelSpec], num_classes: int | None, ma
                                  f"of {max_params:,} (DARKSTORE_MAX_TEACHER_PARAMS)")
 
 
-def probe_classes(members: list[LoadedModel], x: torch.Tensor, declared: int | None) -> int:
-    """Run each member on a couple of samples: they must agree on the class count."""
-    counts = {}
+def probe_classes(members: list[LoadedModel], x: torch.Tensor, declared: int | None,
+                  specialists: dict[str, list[int]] | None = None) -> int:
+    """Run each member on a couple of samples: they must agree on the class count (a specialist predicts its
+    classes and a dustbin; the others, the generalist's count)."""
+    specialists = specialists or {}
+    counts, widths = {}, {}
     with torch.inference_mode():
         for m in members:
             try:
@@ -129,12 +151,24 @@ def probe_classes(members: list[LoadedModel], x: torch.Tensor, declared: int | N
                 raise SpecError(f"teacher {m.name!r} fails on the transfer set's inputs {tuple(x.shape)}: {exc}") from exc
             if out.ndim != 2:
                 raise SpecError(f"teacher {m.name!r} returns shape {tuple(out.shape)}, expected [batch, classes]")
-            counts[m.name] = int(out.shape[1])
+            (widths if m.name in specialists else counts)[m.name] = int(out.shape[1])
     if len(set(counts.values())) > 1 or (declared is not None and declared not in counts.values()):
         shown = ", ".join(f"{k}: {v}" for k, v in counts.items())
         extra = f"; the ensemble/data declares {declared}" if declared is not None else ""
         raise ClassCountMismatchError(f"ensemble members disagree on the class count ({shown}{extra})")
-    return next(iter(counts.values()))
+    c = next(iter(counts.values()))
+    for name, width in widths.items():
+        classes = specialists[name]
+        if width != len(classes) + 1:
+            raise ClassCountMismatchError(f"specialist {name!r} returns {width} outputs; its {len(classes)} classes "
+                                          f"and a dustbin make {len(classes) + 1}")
+        if max(classes) >= c:
+            raise ClassCountMismatchError(f"specialist {name!r} names class {max(classes)}; the generalist predicts "
+                                          f"{c} classes")
+        if len(classes) >= c:
+            raise ClassCountMismatchError(f"specialist {name!r} takes every one of the {c} classes: its dustbin "
+                                          "would be empty")
+    return c
 
 
 @dataclass
@@ -150,7 +184,8 @@ class PreparedJob:
 
     @property
     def ensemble(self) -> Ensemble:
-        return Ensemble(self.members, self.meta.num_classes, self.device, self.spec.precision, self.channels_last)
+        return Ensemble(self.members, self.meta.num_classes, self.device, self.spec.precision, self.channels_last,
+                        self.spec.teachers.specialists)
 
 
 def prepare(
@@ -179,7 +214,7 @@ def prepare(
         raise
     except Exception as exc:  # noqa: BLE001 — user datasets raise anything
         raise DataError(f"cannot read the transfer set's first samples: {type(exc).__name__}: {exc}") from exc
-    c = probe_classes(members, x.to(dev), declared)
+    c = probe_classes(members, x.to(dev), declared, spec.teachers.specialists)
     if names is not None and len(names) != c:
         raise ClassCountMismatchError(f"the teachers predict {c} classes but the data names {len(names)} classes")
     base = data
@@ -213,6 +248,7 @@ def prepare(
         views=views,
         targets=_targets(spec, c),
         features=features,
+        specialists=_specialists_record(spec),
     )
     if spec.row_order == "shuffled":  # the seed comes from the job key: every worker derives the same order
         meta = meta.model_copy(update={"row_order": "shuffled", "row_order_seed": int(meta.job_key[:15], 16)})
@@ -236,6 +272,15 @@ def _feature_records(spec: JobSpec, members: list[LoadedModel], data, dev: torch
     finally:
         taps.close()
     return [r.model_copy(update={"shape": shape}) for r, shape in zip(spec.features, shapes)]
+
+
+def _specialists_record(spec: JobSpec) -> SpecialistsRecord | None:
+    t = spec.teachers
+    if t.specialists is None:
+        return None
+    return SpecialistsRecord(generalist=t.generalist, top_n=spec.specialist_top_n,
+                             specialists=[SpecialistRecord(name=m.name, classes=t.specialists[m.name])
+                                          for m in t.members if m.name in t.specialists])
 
 
 def _targets(spec: JobSpec, num_classes: int) -> TargetsRecord | None:
@@ -472,7 +517,7 @@ class _ChunkSink:
         # only casts, compresses and writes (numpy + zarr), so the two never fight over torch's threads
         meta = self.meta
         finite = torch.isfinite(z).all(dim=-1)  # [M, rows]
-        ell = combine(z, meta.combine, meta.temperature)
+        ell = combine(z, meta.combine, meta.temperature, meta.specialists, self.names)
         y_dev = torch.from_numpy(y).to(z.device, non_blocking=True)
         parts = {"finite": finite, "stats": _stats(z, ell, y_dev), **sparse_targets(ell, meta.targets)}
         if meta.keep_members:

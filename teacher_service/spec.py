@@ -24,6 +24,9 @@ class EnsembleSpec(BaseModel):
     num_classes: int | None = Field(None, gt=1)
     class_names: list[str] | None = None
     members: list[ModelSpec] = Field(min_length=1)
+    specialists: dict[str, list[int]] | None = Field(
+        None, description="for combine: specialists — each specialist member's classes, in its output order (its "
+        "last output is the dustbin: every other class); the one member not named is the generalist")
 
     @model_validator(mode="after")
     def _names(self) -> "EnsembleSpec":
@@ -36,7 +39,38 @@ class EnsembleSpec(BaseModel):
         self.members = named
         if self.class_names is not None and self.num_classes not in (None, len(self.class_names)):
             raise ValueError("class_names and num_classes disagree")
+        if self.specialists is not None:
+            self._check_specialists(names)
         return self
+
+    def _check_specialists(self, names: list[str]) -> None:
+        unknown = sorted(set(self.specialists) - set(names))
+        if unknown:
+            raise ValueError(f"specialists names {unknown[0]!r}, not a member ({', '.join(names)})")
+        generalists = [n for n in names if n not in self.specialists]
+        if len(generalists) != 1:
+            raise ValueError(f"with specialists, exactly one member is the generalist (not named under specialists); "
+                             f"here {len(generalists)}: {', '.join(generalists) or 'none'}")
+        members = []
+        for m in self.members:
+            classes = self.specialists.get(m.name)
+            if classes is None:
+                members.append(m)
+                continue
+            if len(set(classes)) != len(classes) or min(classes) < 0 or (
+                    self.num_classes is not None and max(classes) >= self.num_classes):
+                raise ValueError(f"specialist {m.name}: its classes must be distinct class numbers")
+            if m.num_classes not in (None, len(classes) + 1):
+                raise ValueError(f"specialist {m.name} predicts {len(classes)} classes and a dustbin: "
+                                 f"num_classes {len(classes) + 1}, not {m.num_classes}")
+            members.append(m.model_copy(update={"num_classes": len(classes) + 1}))
+        self.members = members
+
+    @property
+    def generalist(self) -> str | None:
+        if self.specialists is None:
+            return None
+        return next(m.name for m in self.members if m.name not in self.specialists)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "EnsembleSpec":
@@ -76,6 +110,8 @@ class JobSpec(BaseModel):
         default_factory=list, description="teacher layers to keep per row (FitNets' hints): 'TEACHER:LAYER' or "
         "{teacher, layer, pool, project, seed}; pool averages a [C, H, W] output to [C, pool, pool], project maps "
         "it to that many dimensions with a fixed seeded Gaussian matrix")
+    specialist_top_n: int = Field(1, ge=1, description="combine specialists: a row's specialists are those whose "
+                                  "classes meet the generalist's top n classes")
     row_order: Literal["shuffled", "natural"] = Field(
         "shuffled", description="shuffled (default): samples are stored in a seeded random order, so a store made "
         "from a class-sorted set (an image folder) streams well-mixed batches; natural: transfer-set order. Not "
@@ -93,6 +129,13 @@ class JobSpec(BaseModel):
             if f.name in seen:
                 raise ValueError(f"feature {f.name} is named twice")
             seen.add(f.name)
+        return self
+
+    @model_validator(mode="after")
+    def _specialists(self) -> "JobSpec":
+        if (self.combine == "specialists") != (self.teachers.specialists is not None):
+            raise ValueError("combine specialists needs the ensemble's specialists: (each specialist member's "
+                             "classes), and specialists: needs combine specialists")
         return self
 
     @model_validator(mode="after")
@@ -157,6 +200,8 @@ class JobSpec(BaseModel):
             **({"targets": self.targets.model_dump(mode="json")} if self.targets.form != "dense" else {}),
             **({"features": [f.model_dump(mode="json", exclude={"shape"}) for f in self.features]}
                if self.features else {}),
+            **({"specialists": self.teachers.specialists, "top_n": self.specialist_top_n}
+               if self.combine == "specialists" else {}),
         }
 
     def job_key(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> str:

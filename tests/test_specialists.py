@@ -179,3 +179,67 @@ def test_the_plan_recovers_a_planted_confusion_structure_the_same_way_for_a_seed
     r = subprocess.run([*DARKSTORE, "specialists", "plan", "--store", str(store), "--num", "99"], env=cli_env(),
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "--num 99" in r.stderr
+
+
+# --- the combined teacher in a generation job ------------------------------------------------------------------
+def test_a_specialists_job_stores_the_combination_of_its_members(tmp_path):
+    """--combine specialists through the CLI: the store holds log q for every row, q computed here from the members
+    run directly (generalist softmax, specialists' classes + dustbin) with the float64 combination; the store
+    records the rule; the trainer calls it exact at T=1 only."""
+    import subprocess
+
+    import yaml
+
+    from darkstore import SoftTargets
+    from darkstore.models import ModelSpec, build_model, load_model, save_weights
+    from storage import open_store
+
+    from .conftest import DARKSTORE, cli_env
+
+    _confusing_generalist(tmp_path)
+    subsets = {"sp0": GROUPS[1], "sp1": GROUPS[3]}
+    members = [{"name": "generalist", "arch": "mlp", "arch_kwargs": {"in_features": C, "hidden": []},
+                "weights": "g.safetensors"}]
+    for i, (name, classes) in enumerate(subsets.items()):
+        torch.manual_seed(10 + i)
+        sp = build_model("mlp", len(classes) + 1, in_features=C, hidden=[8])
+        save_weights(sp, tmp_path / f"{name}.safetensors")
+        members.append({"name": name, "arch": "mlp", "arch_kwargs": {"in_features": C, "hidden": [8]},
+                        "weights": f"{name}.safetensors"})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"members": members, "specialists": subsets}))
+    args = [*DARKSTORE, "generate", "--teachers", str(tmp_path / "spec.yaml"), "--data", str(tmp_path / "x.npz"),
+            "--combine", "specialists", "--top-n", "2", "--dtype", "float32", "--chunk-rows", "128"]
+    r = subprocess.run([*args, "--out", str(tmp_path / "combined")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    store = open_store(tmp_path / "combined")
+    rec = store.meta.specialists
+    assert rec.generalist == "generalist" and rec.top_n == 2 and [s.classes for s in rec.specialists] == \
+        [GROUPS[1], GROUPS[3]] and store.meta.combine == "specialists"
+    rows = store.read_all()
+    x = torch.from_numpy(np.load(tmp_path / "x.npz")["x"][rows.index])
+    out = {}
+    with torch.no_grad():
+        for m in members:
+            model = load_model(ModelSpec(**{**m, "weights": str(tmp_path / m["weights"])}),
+                               num_classes=C if m["name"] == "generalist" else len(subsets[m["name"]]) + 1
+                               ).module.eval()
+            out[m["name"]] = torch.softmax(model(x).double(), -1)
+    sets = SpecialistSets.of(list(subsets.values()), C)
+    active = active_specialists(out["generalist"], sets, 2)
+    q = combine_specialists(out["generalist"], [out["sp0"], out["sp1"]], sets, active, iterations=20_000, tol=1e-13)
+    ref = torch.log(q).numpy()
+    np.testing.assert_allclose(rows.logits, ref - ref.max(1, keepdims=True), atol=2e-4)
+    assert 0 < int(active.any(1).sum()) < len(x)  # some rows take specialists, some none
+    assert "exact" in SoftTargets(tmp_path / "combined", temperature=1.0).describe()
+    assert SoftTargets(tmp_path / "combined", temperature=4.0).describe().startswith("APPROXIMATE")
+    # a specialist whose outputs do not match its classes, and a rule without specialists: one clear line each
+    bad = {"sp0": GROUPS[1][:-1], "sp1": GROUPS[3]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"members": members, "specialists": bad}))
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(tmp_path / "bad.yaml"), "--data",
+                        str(tmp_path / "x.npz"), "--combine", "specialists", "--out", str(tmp_path / "no")],
+                       env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "sp0" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(tmp_path / "ens.yaml"), "--data",
+                        str(tmp_path / "x.npz"), "--combine", "specialists", "--out", str(tmp_path / "no")],
+                       env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "combine specialists needs" in r.stderr
