@@ -284,6 +284,73 @@ def specialists_plan(
     console.print(f"plan written to {out_}")
 
 
+@specialists.command("train", cls=_Command)
+def specialists_train(
+    plan: Annotated[Path, typer.Option(help="the plan file from `darkstore specialists plan`")],
+    out_: Annotated[Path, typer.Option("--out", help="folder: derived stores, runs, weights and ensemble.yaml")],
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="train just this specialist (repeatable)")] = None,
+    generalist_spec: Annotated[Optional[Path], typer.Option(help="the generalist's model spec (YAML/JSON; default: "
+                                                            "the generalist store's one teacher)")] = None,
+    epochs: Annotated[int, typer.Option()] = 30,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    alpha: Annotated[float, typer.Option(help="weight of the generalist's soft targets (the regulariser); 0: hard "
+                                         "labels only, as the paper trains specialists")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="T of the soft term (exact at 1)")] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
+    checkpoint_every: Annotated[int, typer.Option(help="also checkpoint every N steps")] = 0,
+    allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories", metavar="")] = False,
+):
+    """Train each planned specialist from the generalist (initialised from its weights, on a derived store with
+    its classes oversampled to about half, the dustbin corrected afterwards); resumable: run it again to go on.
+    Writes OUT/ensemble.yaml for `generate --combine specialists`."""
+    import yaml
+
+    from darkstore.models import ModelSpec
+    from darkstore.specfile import load_spec_file
+    from storage import open_store
+    from student_trainer.specialists import correct_dustbin, derive_store, ensemble_doc, init_weights
+    from student_trainer.train import TrainConfig, train as run_train
+
+    doc = load_spec_file(plan)
+    gen = open_store(doc["generalist_store"])
+    if generalist_spec is not None:
+        g_spec = ModelSpec.model_validate(load_spec_file(generalist_spec))
+    elif len(gen.meta.teachers) == 1:
+        g_spec = ModelSpec.model_validate(gen.meta.teachers[0].spec)
+    else:
+        raise typer.BadParameter(f"{gen.path} has {len(gen.meta.teachers)} teachers: name the generalist's model "
+                                 "with --generalist-spec")
+    todo = [sp for sp in doc["specialists"] if not only or sp["name"] in only]
+    if only and len(todo) != len(set(only)):
+        raise typer.BadParameter(f"--only names a specialist the plan does not have ({', '.join(sorted(only))})")
+    trained = {}
+    for sp in todo:
+        name, classes = sp["name"], sp["classes"]
+        store = derive_store(gen, classes, out_ / "stores" / name, seed=seed)
+        rec = store.meta.specialist_of
+        init = out_ / "init" / f"{name}.safetensors"
+        spec = init_weights(g_spec, gen.meta.num_classes, classes, init, allow_code=allow_code)
+        cfg = TrainConfig(student=spec, epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha,
+                          temperature=temperature, seed=seed, device=device, checkpoint_every=checkpoint_every)
+        console.print(f"{name}: {len(classes)} classes + dustbin, {store.meta.num_rows} rows "
+                      f"({rec.subset_fraction:.1%} of the generalist's rows are its classes, repeated {rec.repeat}x)",
+                      highlight=False)
+        r = run_train(cfg, store, out_ / "runs" / name, resume=True, allow_code=allow_code,
+                      log=lambda m, name=name: console.print(f"{name}: {m}", highlight=False))
+        weights = correct_dustbin(spec, out_ / "runs" / name / "student.safetensors", rec.repeat,
+                                  out_ / f"{name}.safetensors", allow_code=allow_code)
+        trained[name] = (spec.model_copy(update={"weights": str(weights.resolve())}), classes)
+        acc = r.final.get("accuracy")
+        console.print(f"{name}: trained{' (already)' if r.already_finished else ''}; held-out accuracy on its "
+                      f"classes + dustbin {acc:.4f}" if acc is not None else f"{name}: trained", highlight=False)
+    if not only:
+        ens = ensemble_doc(g_spec, trained, gen.meta.num_classes, gen.meta.class_names)
+        (out_ / "ensemble.yaml").write_text(yaml.safe_dump(ens, sort_keys=False))
+        console.print(f"ensemble for `generate --combine specialists`: {out_ / 'ensemble.yaml'}")
+
+
 # --- inspect ---------------------------------------------------------------------
 @app.command(cls=_Command)
 def inspect(

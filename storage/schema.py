@@ -226,6 +226,20 @@ class SpecialistsRecord(BaseModel):
     top_n: int = Field(1, ge=1)
 
 
+class SpecialistOfRecord(BaseModel):
+    """A store derived from a generalist's for training one specialist: the generalist's targets collapsed onto
+    ``classes`` and a dustbin (last), labels remapped, the rows of the specialist's classes repeated ``repeat``
+    times so they make about half of an epoch (the paper's oversampling)."""
+
+    model_config = ConfigDict(extra="forbid")
+    generalist_job_key: str
+    generalist_store: str
+    classes: list[int] = Field(min_length=1)
+    repeat: int = Field(ge=1)
+    subset_fraction: float = Field(gt=0, lt=1, description="the specialist's classes' share of the generalist's "
+                                   "rows before repeating (the dustbin correction is log((1 - f) / f · repeat))")
+
+
 class StoreMeta(BaseModel):
     """The attributes of a store (``group.attrs['darkstore']``)."""
 
@@ -261,6 +275,8 @@ class StoreMeta(BaseModel):
                                                  "hints), flattened side by side in `features` (None: none)")
     specialists: SpecialistsRecord | None = Field(None, description="combine specialists: the generalist, each "
                                                   "specialist's classes and top_n (None: another rule)")
+    specialist_of: SpecialistOfRecord | None = Field(None, description="a store derived from a generalist's to "
+                                                     "train one specialist (None: a teachers' store)")
 
     @property
     def item_bytes(self) -> int:

@@ -84,6 +84,14 @@ def plan(meta: StoreMeta, temperature: float, *, use_members: bool | None = None
                             f"sampled:{meta.targets.k}@{temperature:g}")
         return Retemper(temperature, "sampled", True,
                         f"{meta.targets.k} samples per row drawn at T={ts:g}: an unbiased estimate of the soft term")
+    if meta.specialist_of is not None:
+        exact = math.isclose(temperature, 1.0)
+        return Retemper(temperature, "specialists", exact, (
+            "the generalist's distribution collapsed onto the specialist's classes and dustbin at T=1: exact"
+            if exact else
+            f"APPROXIMATE: the generalist's distribution was collapsed onto the specialist's classes at T=1; at "
+            f"T={temperature:g} the collapsed distribution is re-tempered, which is not the collapse of the "
+            "generalist's softened distribution"))
     if meta.combine == "geometric":
         return Retemper(temperature, "geometric", True)
     if meta.combine == "specialists":

@@ -243,3 +243,85 @@ def test_a_specialists_job_stores_the_combination_of_its_members(tmp_path):
                         str(tmp_path / "x.npz"), "--combine", "specialists", "--out", str(tmp_path / "no")],
                        env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 2 and "combine specialists needs" in r.stderr
+
+
+# --- training specialists ------------------------------------------------------------------------------------
+def test_specialists_train_from_the_generalist_resume_after_a_kill_and_feed_the_combined_job(tmp_path):
+    """plan -> specialists train -> generate --combine specialists, through the CLI. Each specialist's derived
+    store holds the generalist's targets collapsed onto its classes + dustbin (against a float64 reference),
+    labels remapped and its classes repeated to about half the rows; it starts as the generalist's head cut to
+    its classes; training killed after a checkpoint resumes to the weights an uninterrupted run reaches; the
+    dustbin is corrected by log(repeat); the ensemble file it writes makes a combined store."""
+    import subprocess
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from darkstore.models import ModelSpec, load_model
+    from storage import open_store
+
+    from .conftest import DARKSTORE, cli_env
+    from .procs import kill_after_checkpoint
+
+    gstore = _confusing_generalist(tmp_path)
+    r = subprocess.run([*DARKSTORE, "specialists", "plan", "--store", str(gstore), "--num", "4", "--out",
+                        str(tmp_path / "plan.yaml")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    sp0 = plan["specialists"][0]
+    S = sp0["classes"]
+    train = [*DARKSTORE, "specialists", "train", "--plan", str(tmp_path / "plan.yaml"), "--epochs", "30",
+             "--batch-size", "32", "--checkpoint-every", "3"]
+    # killed mid-run, then run again: it resumes; an uninterrupted run elsewhere reaches the same weights
+    kill_after_checkpoint([*train, "--out", str(tmp_path / "sp"), "--only", sp0["name"]],
+                          tmp_path / "sp" / "runs" / sp0["name"], cli_env(), grace=0.0)
+    assert not (tmp_path / "sp" / "runs" / sp0["name"] / "summary.json").exists()
+    r = subprocess.run([*train, "--out", str(tmp_path / "sp")], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    r = subprocess.run([*train, "--out", str(tmp_path / "clean"), "--only", sp0["name"]], env=cli_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = load_file(str(tmp_path / "sp" / "runs" / sp0["name"] / "student.safetensors"))
+    b = load_file(str(tmp_path / "clean" / "runs" / sp0["name"] / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the derived store: collapsed targets, remapped labels, the specialist's classes about half the rows
+    derived = open_store(tmp_path / "sp" / "stores" / sp0["name"])
+    rec = derived.meta.specialist_of
+    g = open_store(gstore).read_all()
+    by_sample = np.empty_like(g.logits, dtype=np.float64)
+    by_sample[g.index] = g.logits
+    labels = np.empty_like(g.labels)
+    labels[g.index] = g.labels
+    d = derived.read_all()
+    z = by_sample[d.index]
+    rest = [k for k in range(C) if k not in S]
+    ref = np.concatenate([z[:, S], np.log(np.exp(z[:, rest]).sum(1, keepdims=True))], axis=1)
+    np.testing.assert_allclose(d.logits, ref - ref.max(1, keepdims=True), rtol=1e-3, atol=2e-3)  # float16 store
+    want = np.array([S.index(y) if y in S else len(S) for y in labels[d.index]])
+    assert np.array_equal(d.labels, want) and rec.classes == S and rec.repeat > 1
+    assert 0.4 < float(np.mean(d.labels < len(S))) < 0.65 and len(d.labels) > len(g.labels)
+
+    # the start: the generalist's head cut to S; the end: log(repeat) added to the dustbin's bias
+    spec = ModelSpec(arch="mlp", arch_kwargs={"in_features": C, "hidden": []}, num_classes=len(S) + 1)
+    init = load_model(spec.model_copy(update={"weights": str(tmp_path / "sp" / "init" / f"{sp0['name']}.safetensors")})
+                      ).module
+    gen = load_model(ModelSpec(arch="mlp", arch_kwargs={"in_features": C, "hidden": []},
+                               weights=str(tmp_path / "g.safetensors")), num_classes=C).module
+    x = torch.randn(5, C)
+    with torch.no_grad():
+        assert torch.allclose(init(x)[:, :-1], gen(x)[:, S])
+    final = load_file(str(tmp_path / "sp" / f"{sp0['name']}.safetensors"))
+    assert torch.allclose(final["net.1.bias"][-1], a["net.1.bias"][-1] + np.log(rec.repeat))
+    assert torch.equal(final["net.1.bias"][:-1], a["net.1.bias"][:-1]) and torch.equal(final["net.1.weight"],
+                                                                                           a["net.1.weight"])
+
+    # the ensemble file it wrote feeds the combined job
+    ens = yaml.safe_load((tmp_path / "sp" / "ensemble.yaml").read_text())
+    assert set(ens["specialists"]) == {sp["name"] for sp in plan["specialists"]}
+    r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(tmp_path / "sp" / "ensemble.yaml"), "--data",
+                        str(tmp_path / "x.npz"), "--combine", "specialists", "--out", str(tmp_path / "combined")],
+                       env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert open_store(tmp_path / "combined").complete
