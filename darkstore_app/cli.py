@@ -300,6 +300,7 @@ def specialists_train(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     checkpoint_every: Annotated[int, typer.Option(help="also checkpoint every N steps")] = 0,
+    parallel: Annotated[int, typer.Option(help="specialists trained at once, each in its own process")] = 1,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories", metavar="")] = False,
 ):
     """Train each planned specialist from the generalist (initialised from its weights, on a derived store with
@@ -325,6 +326,8 @@ def specialists_train(
     todo = [sp for sp in doc["specialists"] if not only or sp["name"] in only]
     if only and len(todo) != len(set(only)):
         raise typer.BadParameter(f"--only names a specialist the plan does not have ({', '.join(sorted(only))})")
+    if parallel > 1 and len(todo) > 1:
+        _specialists_in_processes([sp["name"] for sp in todo], parallel, out_ / "logs")  # then found finished
     trained = {}
     for sp in todo:
         name, classes = sp["name"], sp["classes"]
@@ -349,6 +352,45 @@ def specialists_train(
         ens = ensemble_doc(g_spec, trained, gen.meta.num_classes, gen.meta.class_names)
         (out_ / "ensemble.yaml").write_text(yaml.safe_dump(ens, sort_keys=False))
         console.print(f"ensemble for `generate --combine specialists`: {out_ / 'ensemble.yaml'}")
+
+
+def _specialists_in_processes(names: list[str], parallel: int, logs: Path) -> None:
+    """Run this command once per specialist (``--only NAME``, its output in ``logs/NAME.log``), ``parallel`` at a
+    time, each with its share of the cores; a failure is reported by name and stops the rest from starting."""
+    import os
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # this invocation's arguments, minus --parallel
+        if skip:
+            skip = False
+        elif a == "--parallel":
+            skip = True
+        elif not a.startswith("--parallel="):
+            argv.append(a)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
+    logs.mkdir(parents=True, exist_ok=True)
+    waiting, running, failed = list(names), {}, []
+    while waiting or running:
+        while waiting and len(running) < parallel and not failed:
+            name = waiting.pop(0)
+            with (logs / f"{name}.log").open("w") as log:
+                running[name] = subprocess.Popen([sys.executable, "-m", "darkstore_app.cli", *argv, "--only", name],
+                                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                if proc.returncode:
+                    failed.append(name)
+                    tail = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+                    console.print(f"[red]failed[/] {name}: {escape(' '.join(tail))} (log: {logs / f'{name}.log'})",
+                                  highlight=False)
+                else:
+                    console.print(f"{name}: trained (in its own process)", highlight=False)
+        if running:
+            time.sleep(0.2)
+        if failed and not running:
+            raise typer.Exit(1)
 
 
 # --- inspect ---------------------------------------------------------------------
