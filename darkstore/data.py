@@ -280,15 +280,7 @@ class ImageFolderSet(TransferSet):
         x = read_image(path, self.spec.mode)
         if self.spec.resample == "float":
             x = TF.to_dtype(x, torch.float32, scale=True)
-        if self.spec.size is not None:
-            size = [self.spec.size] * 2 if isinstance(self.spec.size, int) else list(self.spec.size)
-            x = TF.resize(x, size, antialias=True)
-        if self.spec.short_side is not None or self.spec.crop is not None:
-            from .imaging import geometry
-
-            x = geometry(x, short_side=self.spec.short_side, crop=self.spec.crop,
-                         interpolation=self.spec.interpolation)
-        return TF.to_dtype(x, torch.float32, scale=True), y
+        return TF.to_dtype(_load_geometry(x, self.spec), torch.float32, scale=True), y
 
     def get_batch(self, rows):
         xs, ys = zip(*(self[int(i)] for i in rows))
@@ -315,6 +307,21 @@ class ImageFolderSet(TransferSet):
         for rel, (_, y), d in zip(self.relpaths, self.samples, digests):
             h.update(f"{rel}\0{y}\0".encode())
             h.update(d)
+
+
+def _load_geometry(x: torch.Tensor, spec: Any) -> torch.Tensor:
+    """A decoded image ([C, H, W], uint8 or float) with a spec's on-load geometry: ``size`` (squashes), or
+    ``short_side`` then ``crop`` (the evaluation transform)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if spec.size is not None:
+        size = [spec.size] * 2 if isinstance(spec.size, int) else list(spec.size)
+        x = TF.resize(x, size, antialias=True)
+    if spec.short_side is not None or spec.crop is not None:
+        from .imaging import geometry
+
+        x = geometry(x, short_side=spec.short_side, crop=spec.crop, interpolation=spec.interpolation)
+    return x
 
 
 FAST_DECODE = (".jpg", ".jpeg", ".png", ".gif", ".webp")
@@ -521,15 +528,7 @@ class HuggingFaceSet(TransferSet):
         else:  # numpy may widen the stored dtype: the feature's declared one decides (uint8: 8-bit pixels)
             x = torch.as_tensor(np.asarray(value, dtype=self._dtype))
         x = TF.to_dtype(x, torch.float32, scale=True) if x.dtype == torch.uint8 else x.float()
-        if self.spec.size is not None:
-            size = [self.spec.size] * 2 if isinstance(self.spec.size, int) else list(self.spec.size)
-            x = TF.resize(x, size, antialias=True)
-        if self.spec.short_side is not None or self.spec.crop is not None:
-            from .imaging import geometry
-
-            x = geometry(x, short_side=self.spec.short_side, crop=self.spec.crop,
-                         interpolation=self.spec.interpolation)
-        return x, int(self._labels[i])
+        return _load_geometry(x, self.spec), int(self._labels[i])
 
     def get_batch(self, rows):
         xs = [self[int(i)][0] for i in rows]
