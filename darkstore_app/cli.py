@@ -451,6 +451,23 @@ def inspect(
 
 
 # --- train -----------------------------------------------------------------------
+def _store_of_job(job: Path, api: Optional[str], token: Optional[str], timeout: Optional[float]) -> str:
+    """Submit ``job`` to the service (a known job is not rerun), wait for it, return its store."""
+    with _client(api, token) as c:
+        sub = c.submit(job)
+        console.print(("submitted " if sub.created else "found ") + _job_line(sub.job), highlight=False)
+        try:
+            view = c.wait(sub.id, on_progress=lambda v: None, poll=1.0, timeout=timeout)
+        except TimeoutError as exc:
+            console.print(f"[red]gave up[/]: {exc}", highlight=False)
+            raise typer.Exit(1)
+        if view.state != "succeeded":
+            console.print(f"[red]job {view.id} {view.state}[/]: {escape(view.error or '')}", highlight=False)
+            raise typer.Exit(1)
+    console.print(f"training from {view.store}")
+    return view.store
+
+
 @app.command(cls=_Command)
 def train(
     out_: Annotated[Path, typer.Option("--out", help="run directory")],
@@ -520,20 +537,7 @@ def train(
     if (store is None) == (job is None):
         raise typer.BadParameter("give --store STORE or --job SPEC (one of them)")
     if job is not None:
-        with _client(api, token) as c:
-            sub = c.submit(job)
-            view, created = sub.job, sub.created
-            console.print(("submitted " if created else "found ") + _job_line(view), highlight=False)
-            try:
-                view = c.wait(view.id, on_progress=lambda v: None, poll=1.0, timeout=job_timeout)
-            except TimeoutError as exc:
-                console.print(f"[red]gave up[/]: {exc}", highlight=False)
-                raise typer.Exit(1)
-            if view.state != "succeeded":
-                console.print(f"[red]job {view.id} {view.state}[/]: {escape(view.error or '')}", highlight=False)
-                raise typer.Exit(1)
-            store = view.store
-            console.print(f"training from {store}")
+        store = _store_of_job(job, api, token, job_timeout)
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
                       hint_layer=hint_layer, student_layer=student_layer, hint_epochs=hint_epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
