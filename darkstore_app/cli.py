@@ -133,6 +133,8 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     precision: Annotated[str, typer.Option(help="teacher forward precision: float32 | bfloat16 | float16 (autocast)")] = "float32",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format", metavar="")] = False,
+    writer_processes: Annotated[Optional[bool], typer.Option("--writer-processes/--writer-threads", help="store writes in "
+                                                             "forked processes or threads (default: processes on CUDA)", metavar="")] = None,
     row_order: Annotated[Optional[str], typer.Option(help="shuffled (default: samples in a seeded random order, so "
                                                      "class-sorted data streams well-mixed) | natural")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories", metavar="")] = False,
@@ -202,7 +204,7 @@ def generate(
 
         writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
                      allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
-                     channels_last=channels_last, shard=part, wait=wait,
+                     channels_last=channels_last, shard=part, wait=wait, writer_processes=writer_processes,
                      fingerprints=_fingerprints(verify_data, progress))
     _say_generated(writer, part, task.get("n", 0), time.perf_counter() - t0)
 
@@ -434,7 +436,17 @@ def inspect(
     t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_sample']:.1f} B/sample, "
               f"{s['bytes_per_row']:.1f} B/row; uncompressed {s['raw_bytes_per_sample']} B/sample, "
               f"{s['raw_bytes_per_row']} B/row)")
-    t.add_row("combine", f"{s['combine']} mean, generation T={s['temperature']:g}")
+    if s.get("specialists"):
+        sp = s["specialists"]
+        covered = len({k for x in sp["specialists"] for k in x["classes"]})
+        t.add_row("combine", f"specialists: {sp['generalist']} + {len(sp['specialists'])} specialists over {covered} "
+                  f"classes, active when they meet the generalist's top {sp['top_n']} (exact at T=1)")
+    else:
+        t.add_row("combine", f"{s['combine']} mean, generation T={s['temperature']:g}")
+    if s.get("specialist_of"):
+        so = s["specialist_of"]
+        t.add_row("specialist of", f"{so['generalist_store']}: classes {so['classes']} + dustbin, their rows "
+                  f"repeated {so['repeat']}x ({so['subset_fraction']:.1%} before)")
     ts = s["transfer_set"]
     t.add_row("transfer set", f"{ts['spec'].get('kind')} {ts['spec'].get('path') or ts['spec'].get('root') or ts['spec'].get('name') or ''}"
               f" — {ts['num_samples']} samples, fingerprint {ts['fingerprint'][:16]}…")

@@ -230,6 +230,8 @@ class StoreReader:
             "complete": self.complete,
             "combine": m.combine,
             "temperature": m.temperature,
+            "specialists": m.specialists.model_dump() if m.specialists else None,
+            "specialist_of": m.specialist_of.model_dump() if m.specialist_of else None,
             "keep_members": m.keep_members,
             "disk_bytes": size,
             "samples": m.transfer_set.num_samples,

@@ -411,7 +411,7 @@ def run_chunks(
     processes (each writer thread hands its chunk to one and waits, holding no GIL), because
     threads alone contend for the GIL with the compute thread (profiled on an H100: a 2 MB write
     took 37 ms inside the job vs 15 ms alone). Default: on CUDA, unless this process is a daemon
-    (a Celery prefork child cannot have children: threads there); ``DARKSTORE_WRITER_PROCESSES=0|1``
+    (a Celery prefork child cannot have children: threads there); ``writer_processes`` True/False
     overrides.
 
     ``should_stop`` is asked before each chunk; when it answers True the chunks in flight are
@@ -490,10 +490,9 @@ def _writer_plan(device: torch.device, writers: int | None, max_inflight: int | 
     if max_inflight is None:
         max_inflight = 2 * writers if cuda else 0
     if writer_processes is None:
-        env = os.environ.get("DARKSTORE_WRITER_PROCESSES", "")
-        writer_processes = env == "1" if env in ("0", "1") else (
-            cuda and max_inflight > 0 and not multiprocessing.current_process().daemon)
-    return writers, max_inflight, writer_processes
+        writer_processes = cuda and max_inflight > 0
+    # a daemonic process (a Celery prefork child) may not start processes, whatever was asked
+    return writers, max_inflight, writer_processes and not multiprocessing.current_process().daemon
 
 
 class _ChunkSink:
@@ -665,11 +664,13 @@ def generate(
     shard: Shard | None = None,
     wait: float = 600.0,
     fingerprints: FingerprintPolicy | None = None,
+    writer_processes: bool | None = None,
 ) -> StoreWriter:
     """Run ``spec`` into the store at ``out``; resumes an interrupted run, does nothing for a finished one.
     ``shard``: compute only that shard's chunks (see :class:`Shard`; ``wait``: how long a shard other than the
     first waits for the store to be created). ``on_start(writer, chunks)`` gets the chunks this call will
-    compute. ``fingerprints``: how the transfer set is fingerprinted (default: every file hashed)."""
+    compute. ``fingerprints``: how the transfer set is fingerprinted (default: every file hashed).
+    ``writer_processes``: see :func:`run_chunks` (None: processes on CUDA, threads elsewhere)."""
     job = prepare(spec, device=device, allow_code=allow_code, roots=roots, channels_last=channels_last,
                   fingerprints=fingerprints)
     writer = open_for(job, out, overwrite=overwrite, shard=shard, wait=wait)
@@ -677,5 +678,5 @@ def generate(
     if on_start:
         on_start(writer, chunks)
     run_chunks(job, writer, chunks, batch_size=batch_size, num_workers=num_workers, on_rows=on_rows,
-               should_stop=should_stop)
+               should_stop=should_stop, writer_processes=writer_processes)
     return writer

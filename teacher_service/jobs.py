@@ -552,7 +552,7 @@ def run_job_chunks(book: JobBook, settings: Settings, cache: EnsembleCache, job_
 
     try:
         rows = run_chunks(job, writer, chunks, batch_size=settings.batch_size, num_workers=settings.loader_workers,
-                          on_chunk=committed, should_stop=stale)
+                          on_chunk=committed, should_stop=stale, writer_processes=settings.writer_processes)
     except Cancelled:
         book.log_event(job_id, "task_stopped", attempt=attempt, chunks=list(chunks), worker=worker, pid=os.getpid())
         return "cancelled"

@@ -230,6 +230,9 @@ def test_a_specialists_job_stores_the_combination_of_its_members(tmp_path):
     ref = torch.log(q).numpy()
     np.testing.assert_allclose(rows.logits, ref - ref.max(1, keepdims=True), atol=2e-4)
     assert 0 < int(active.any(1).sum()) < len(x)  # some rows take specialists, some none
+    r = subprocess.run([*DARKSTORE, "inspect", str(tmp_path / "combined")], env=cli_env(), capture_output=True,
+                       text=True)
+    assert "specialists: generalist + 2 specialists over 7 classes" in r.stdout and "top 2" in r.stdout
     assert "exact" in SoftTargets(tmp_path / "combined", temperature=1.0).describe()
     assert SoftTargets(tmp_path / "combined", temperature=4.0).describe().startswith("APPROXIMATE")
     # a specialist whose outputs do not match its classes, and a rule without specialists: one clear line each
