@@ -69,21 +69,17 @@ def _sample_inputs(data: TransferSet) -> torch.Tensor:
     return x.float()
 
 
-def _cache_dir() -> Path:
-    from darkstore.paths import user_cache_dir
-
-    return user_cache_dir()
-
-
 def teacher_cost(reader: StoreReader, x: torch.Tensor, *, allow_code: bool = False,
-                 roots: Sequence[str | Path] | None = None) -> dict[str, Any]:
+                 roots: Sequence[str | Path] | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
     """Parameters, bytes on disk and CPU cost of the store's teacher ensemble (as recorded).
 
-    Measured once per (store job, CPU threads) and kept in ``~/.cache/darkstore`` (or
-    ``$DARKSTORE_CACHE``): every student of a sweep is compared with the same teachers, which
-    may take far longer to time than the students."""
+    With ``cache_dir`` (the CLI passes its cache, ``$DARKSTORE_CACHE`` or ``~/.cache/darkstore``), measured once
+    per (store job, CPU threads) and kept there: every student of a sweep is compared with the same teachers,
+    which may take far longer to time than the students. Without one, measured every time."""
+    if cache_dir is None:
+        return _teacher_cost(reader, x, allow_code=allow_code, roots=roots)
     key = f"teacher-cost-{reader.meta.job_key[:32]}-t{torch.get_num_threads()}-{tuple(x.shape)}.json".replace(" ", "")
-    cached = _cache_dir() / key
+    cached = Path(cache_dir) / key
     if cached.is_file():
         try:
             return json.loads(cached.read_text())
@@ -137,8 +133,10 @@ def _teacher_cost(reader: StoreReader, x: torch.Tensor, *, allow_code: bool = Fa
 def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, data: TransferSet,
                      rows: np.ndarray, *, device: str = "cpu", weights_path: Path | None = None,
                      latency: bool = True, allow_code: bool = False,
-                     roots: Sequence[str | Path] | None = None, eval_rows: Any = None) -> dict[str, Any]:
-    """``eval_rows``: the same rows already read (a :class:`~student_trainer.train.EvalRows`), to reuse."""
+                     roots: Sequence[str | Path] | None = None, eval_rows: Any = None,
+                     cache_dir: Path | None = None) -> dict[str, Any]:
+    """``eval_rows``: the same rows already read (a :class:`~student_trainer.train.EvalRows`), to reuse;
+    ``cache_dir``: where the teachers' measured cost is kept (:func:`teacher_cost`)."""
     from .train import predict
 
     s, t, y = predict(model, spec, eval_rows if eval_rows is not None else reader, data, rows, device)
@@ -162,7 +160,7 @@ def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReade
         from darkstore.models import logits_of, preprocess
 
         comp["student"].update(_cost(lambda b: logits_of(cpu_model(preprocess(b, spec.preprocess))), x))
-        comp["teachers"] = teacher_cost(reader, x, allow_code=allow_code, roots=roots)
+        comp["teachers"] = teacher_cost(reader, x, allow_code=allow_code, roots=roots, cache_dir=cache_dir)
         comp["threads"] = torch.get_num_threads()
     else:
         comp["teachers"] = teacher_size(reader)
@@ -182,7 +180,8 @@ def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: Tran
                  device: str = "cpu", latency: bool = True, write: bool = True, allow_code: bool = False,
                  roots: Sequence[str | Path] | None = None, fingerprints=None) -> dict[str, Any]:
     """Evaluate a finished run (its rows: the eval store, or the same holdout it trained with);
-    ``fingerprints``: a :class:`~darkstore.fingerprint.FingerprintPolicy` for checking the transfer set."""
+    ``fingerprints``: a :class:`~darkstore.fingerprint.FingerprintPolicy` for checking the transfer set (its
+    ``cache_dir`` also keeps the teachers' measured cost)."""
     from .train import eval_split, open_checked
 
     run = Path(run)
@@ -203,7 +202,8 @@ def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: Tran
         reader = ev or train_reader
     data = open_checked(reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
     report = evaluate_student(model, spec, reader, data, rows, device=device, weights_path=weights,
-                              latency=latency, allow_code=allow_code, roots=roots)
+                              latency=latency, allow_code=allow_code, roots=roots,
+                              cache_dir=fingerprints.cache_dir if fingerprints is not None else None)
     if store is None and len(rows) != s.get("eval_rows", len(rows)):
         report["note"] = (f"the run was evaluated on {s['eval_rows']} rows at training time; the store now gives "
                           f"{len(rows)} (it was incomplete then)")

@@ -386,6 +386,7 @@ class _Inputs:
     def __init__(self, store, data, eval_store, eval_data, *, allow_incomplete: bool, allow_code: bool,
                  roots: Sequence[str | Path] | None, fingerprints: FingerprintPolicy | None = None):
         self.allow_code, self.roots = allow_code, roots
+        self.cache_dir = fingerprints.cache_dir if fingerprints is not None else None  # also keeps teacher costs
         self.reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
         self.meta = self.reader.meta
         self.data = open_checked(self.reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
@@ -710,7 +711,7 @@ class _Recipe:
             report = evaluate_student(self.model, self.spec, self.ev_reader, self.ev_data, self.ev_rows,
                                       device=self.device, weights_path=out / "student.safetensors",
                                       latency=latency, allow_code=self.allow_code, roots=self.roots,
-                                      eval_rows=self.eval_rows)
+                                      eval_rows=self.eval_rows, cache_dir=self.inputs.cache_dir)
             _write_json_atomic(report, out / "eval.json")
         summary = {
             "store": canonical(self.reader.location),
