@@ -83,11 +83,17 @@ VerifyData = Annotated[Verify, typer.Option(
     "full: hash every file again")]
 
 
+def _cache() -> Path:
+    """The CLI's cache folder ($DARKSTORE_CACHE, else ~/.cache/darkstore): fingerprint manifests, teacher costs."""
+    from darkstore.paths import user_cache_dir
+
+    return user_cache_dir()
+
+
 def _fingerprints(verify: Verify | str, progress: Progress | None = None):
     """How this command fingerprints transfer sets: through the user's manifest cache, with a progress bar
     while a large set is read whole."""
     from darkstore.fingerprint import FingerprintPolicy
-    from darkstore.paths import user_cache_dir
 
     task: dict = {}
 
@@ -98,7 +104,7 @@ def _fingerprints(verify: Verify | str, progress: Progress | None = None):
             task["id"] = progress.add_task("fingerprinting the transfer set", total=total, rate="")
         progress.update(task["id"], completed=done, rate=f"{_human(done)} of {_human(total)}")
 
-    return FingerprintPolicy(cache_dir=user_cache_dir() / "fingerprints", verify=Verify(verify).value,
+    return FingerprintPolicy(cache_dir=_cache() / "fingerprints", verify=Verify(verify).value,
                              progress=on_bytes)
 
 
@@ -573,7 +579,7 @@ def train(
 
         r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset, allow_incomplete=allow_incomplete,
                 allow_code=allow_code, resume=resume, latency=latency, on_epoch=on_epoch,
-                log=lambda m: console.print(m), fingerprints=fps, track=track or ())
+                log=lambda m: console.print(m), fingerprints=fps, track=track or (), cache_dir=_cache())
     if not rank0:
         return
     _print_run(r)
@@ -649,7 +655,7 @@ def sweep(
 
         r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
                       isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event,
-                      fingerprints=_fingerprints(verify_data), track=track or ())
+                      fingerprints=_fingerprints(verify_data), track=track or (), cache_dir=_cache())
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)
     same = sum(o.state == "same" for o in r.outcomes)
@@ -675,7 +681,7 @@ def eval_(
     from student_trainer.evaluate import evaluate_run
 
     rep = evaluate_run(run, store=store, device=device, latency=not no_latency, allow_code=allow_code,
-                       fingerprints=_fingerprints(verify_data))
+                       fingerprints=_fingerprints(verify_data), cache_dir=_cache())
     if as_json:
         out.print_json(json.dumps(rep))
         return

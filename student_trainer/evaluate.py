@@ -178,10 +178,11 @@ def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReade
 
 def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: TransferSet | None = None,
                  device: str = "cpu", latency: bool = True, write: bool = True, allow_code: bool = False,
-                 roots: Sequence[str | Path] | None = None, fingerprints=None) -> dict[str, Any]:
+                 roots: Sequence[str | Path] | None = None, fingerprints=None,
+                 cache_dir: Path | None = None) -> dict[str, Any]:
     """Evaluate a finished run (its rows: the eval store, or the same holdout it trained with);
-    ``fingerprints``: a :class:`~darkstore.fingerprint.FingerprintPolicy` for checking the transfer set (its
-    ``cache_dir`` also keeps the teachers' measured cost)."""
+    ``fingerprints``: a :class:`~darkstore.fingerprint.FingerprintPolicy` for checking the transfer set;
+    ``cache_dir``: where the teachers' measured cost is kept (:func:`teacher_cost`)."""
     from .train import eval_split, open_checked
 
     run = Path(run)
@@ -203,7 +204,7 @@ def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: Tran
     data = open_checked(reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
     report = evaluate_student(model, spec, reader, data, rows, device=device, weights_path=weights,
                               latency=latency, allow_code=allow_code, roots=roots,
-                              cache_dir=fingerprints.cache_dir if fingerprints is not None else None)
+                              cache_dir=cache_dir)
     if store is None and len(rows) != s.get("eval_rows", len(rows)):
         report["note"] = (f"the run was evaluated on {s['eval_rows']} rows at training time; the store now gives "
                           f"{len(rows)} (it was incomplete then)")

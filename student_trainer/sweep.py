@@ -243,7 +243,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
               poll: float = 0.2, threads: int | None = None, isolate: bool = False,
               stack: bool = True, fingerprints: FingerprintPolicy | None = None,
-              track: Sequence[str] = ()) -> SweepResult:
+              track: Sequence[str] = (), cache_dir: Path | None = None) -> SweepResult:
     """Train every point not finished yet, then write the results tables. Points that see the same batches
     (they differ only in :data:`~student_trainer.config.PER_STUDENT` settings) train together in one process
     from one read of the store; ``parallel`` such processes run at once. ``isolate``: one process per point.
@@ -301,7 +301,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                     (run_dir / "point.json").write_text(json.dumps({
                         "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
                         "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
-                        "stack": stack, "track": list(track),
+                        "stack": stack, "track": list(track), "cache_dir": str(cache_dir) if cache_dir else None,
                         "fingerprints": fingerprints.model_dump(mode="json") if fingerprints else None,
                     }, indent=2))
                     dirs.append(str(run_dir))
@@ -439,6 +439,7 @@ def _run_points(run_dirs: list[Path]) -> int:
     fps = FingerprintPolicy.model_validate(p0["fingerprints"]) if p0.get("fingerprints") else None
     results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], resume=True,
                          stack=p0.get("stack", True), fingerprints=fps, log=say, track=p0.get("track", ()),
+                         cache_dir=Path(p0["cache_dir"]) if p0.get("cache_dir") else None,
                          on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
     for f in logs.values():
         f.close()

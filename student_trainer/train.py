@@ -384,9 +384,10 @@ class _Inputs:
     (students whose batches are the same share one: each batch is read and decoded once for all of them)."""
 
     def __init__(self, store, data, eval_store, eval_data, *, allow_incomplete: bool, allow_code: bool,
-                 roots: Sequence[str | Path] | None, fingerprints: FingerprintPolicy | None = None):
+                 roots: Sequence[str | Path] | None, fingerprints: FingerprintPolicy | None = None,
+                 cache_dir: Path | None = None):
         self.allow_code, self.roots = allow_code, roots
-        self.cache_dir = fingerprints.cache_dir if fingerprints is not None else None  # also keeps teacher costs
+        self.cache_dir = cache_dir  # where the teachers' measured cost is kept (evaluate.teacher_cost)
         self.reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
         self.meta = self.reader.meta
         self.data = open_checked(self.reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
@@ -834,6 +835,7 @@ def train_many(
     on_done: Callable[[Run, RunResult | BaseException], None] | None = None,
     log: Callable[[Run, str], None] | None = None,
     track: Sequence[str] = (),
+    cache_dir: Path | None = None,
 ) -> list[RunResult | BaseException]:
     """Train several students from one store in one process: the store, the transfer set and the eval rows
     are opened once; students whose batches are the same (:func:`together`) train in lockstep from one read
@@ -843,7 +845,8 @@ def train_many(
     training each alone within float rounding, not bit for bit; False: each steps alone, bit-identical to a
     lone run). ``fingerprints``: how the recorded transfer sets are fingerprinted to check them (default: every
     file hashed; a policy with a cache reads them whole only the first time). ``track``: trackers each run's
-    metrics also go to (:mod:`student_trainer.tracking`: ``tensorboard``).
+    metrics also go to (:mod:`student_trainer.tracking`: ``tensorboard``). ``cache_dir``: where the teachers'
+    timed cost is kept between runs (the CLI's cache folder; None: timed each time ``latency`` asks).
 
     A student whose setup fails (a setting its store refuses) gets its exception in the result list and the
     others go on; an error while a group trains fails that group's students."""
@@ -872,7 +875,7 @@ def train_many(
     if dist.on and len(runs) > 1:
         raise SpecError("under torchrun, train one student per launch")
     inputs = _Inputs(store, data, eval_store, eval_data, allow_incomplete=allow_incomplete, allow_code=allow_code,
-                     roots=roots, fingerprints=fingerprints)
+                     roots=roots, fingerprints=fingerprints, cache_dir=cache_dir)
     recipes: dict[int, _Recipe] = {}
     for i in todo:
         run = runs[i]
@@ -926,6 +929,7 @@ def train(
     log: Callable[[str], None] | None = None,
     fingerprints: FingerprintPolicy | None = None,
     track: Sequence[str] = (),
+    cache_dir: Path | None = None,
 ) -> RunResult:
     """Train ``config.student`` on ``store``; write the run to ``out``.
 
@@ -936,7 +940,7 @@ def train(
                         allow_incomplete=allow_incomplete, allow_code=allow_code, roots=roots, resume=resume,
                         final_eval=final_eval, latency=latency, fingerprints=fingerprints,
                         on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None, on_step=on_step,
-                        log=(lambda _, m: log(m)) if log else None, track=track)
+                        log=(lambda _, m: log(m)) if log else None, track=track, cache_dir=cache_dir)
     if isinstance(res, BaseException):
         raise res
     return res

@@ -347,11 +347,8 @@ def _reference_ece(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
 
 def test_eval_matches_a_float64_reference(tmp_path, cache):
     run = tmp_path / "run"
-    from darkstore.fingerprint import FingerprintPolicy
-
-    policy = FingerprintPolicy(cache_dir=Path(os.environ["DARKSTORE_CACHE"]))  # what the CLI passes
     train(TrainConfig(student=MLP, epochs=3, batch_size=32), cache, run, latency=True,  # timed only when asked
-          fingerprints=policy)
+          cache_dir=Path(os.environ["DARKSTORE_CACHE"]))  # the cache the CLI passes
     rep = json.loads((run / "eval.json").read_text())
     # recompute from the saved student, independently of the evaluation code
     reader = open_store(cache)
@@ -401,16 +398,14 @@ def test_teacher_cost_is_kept_in_the_cache_it_is_given(tmp_path, cache, monkeypa
     """The teachers' timed cost is kept in the cache the caller passes (the CLI: its own cache folder) and read
     from there the next time; with none it is measured each time — no environment variable read deep down."""
     import student_trainer.evaluate as ev
-    from darkstore.fingerprint import FingerprintPolicy
 
     run = tmp_path / "run"
     train(TrainConfig(student=MLP, epochs=1), cache, run, final_eval=False)
     calls = []
     real = ev._teacher_cost
     monkeypatch.setattr(ev, "_teacher_cost", lambda *a, **k: calls.append(1) or real(*a, **k))
-    policy = FingerprintPolicy(cache_dir=tmp_path / "c")
-    first = ev.evaluate_run(run, fingerprints=policy, write=False)
-    again = ev.evaluate_run(run, fingerprints=policy, write=False)
+    first = ev.evaluate_run(run, cache_dir=tmp_path / "c", write=False)
+    again = ev.evaluate_run(run, cache_dir=tmp_path / "c", write=False)
     assert len(calls) == 1 and list((tmp_path / "c").glob("teacher-cost-*.json"))
     assert first["compression"]["teachers"] == again["compression"]["teachers"]
     ev.evaluate_run(run, write=False)
