@@ -156,36 +156,15 @@ def generate(
     verify_data: VerifyData = Verify.quick,
 ):
     """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
-    from darkstore.data import parse_data_spec
     from teacher_service.generate import Shard
     from teacher_service.generate import generate as run
 
-    from teacher_service.spec import EnsembleSpec, JobSpec
-
     part = Shard.parse(shard) if shard is not None else None
-
-    if job is not None:
-        spec = JobSpec.from_file(job)
-    else:
-        if teachers is None or data is None:
-            raise typer.BadParameter("give --teachers and --data, or --job")
-        spec = JobSpec.model_validate({
-            "teachers": EnsembleSpec.from_file(teachers), "data": parse_data_spec(data), "combine": combine,
-            "temperature": temperature, "dtype": dtype, "compressor": compressor, "chunk_rows": chunk_rows,
-            "keep_members": keep_members, "precision": precision, "specialist_top_n": top_n,
-        })
-    if augment is not None or views is not None:
-        spec = spec.model_copy(update={"augment": _augment_spec(augment, views, spec.augment)})
-    if row_order is not None:
-        spec = JobSpec.model_validate({**spec.model_dump(), "row_order": row_order})
-    if targets is not None:
-        spec = JobSpec.model_validate({**spec.model_dump(), "targets": targets})
-    if keep_features:
-        kept = [{"teacher": f.partition(":")[0], "layer": f.partition(":")[2], "pool": feature_pool,
-                 "project": feature_project} if ":" in f else f for f in keep_features]
-        spec = JobSpec.model_validate({**spec.model_dump(), "features": kept})
-    elif feature_pool is not None or feature_project is not None:
-        raise typer.BadParameter("--feature-pool and --feature-project reduce the layers named by --keep-features")
+    spec = _job_spec(job, teachers, data, {
+        "combine": combine, "temperature": temperature, "dtype": dtype, "compressor": compressor,
+        "chunk_rows": chunk_rows, "keep_members": keep_members, "precision": precision, "specialist_top_n": top_n,
+    }, augment=augment, views=views, row_order=row_order, targets=targets, keep_features=keep_features,
+        feature_pool=feature_pool, feature_project=feature_project)
     t0 = time.perf_counter()
     with _progress() as progress:
         task = {}
@@ -213,6 +192,36 @@ def generate(
                      channels_last=channels_last, shard=part, wait=wait, writer_processes=writer_processes,
                      fingerprints=_fingerprints(verify_data, progress))
     _say_generated(writer, part, task.get("n", 0), time.perf_counter() - t0)
+
+
+def _job_spec(job: Optional[Path], teachers: Optional[Path], data: Optional[str], options: dict, *,
+              augment: Optional[str], views: Optional[int], row_order: Optional[str], targets: Optional[str],
+              keep_features: Optional[list[str]], feature_pool: Optional[int], feature_project: Optional[int]):
+    """The job `generate` runs: a job file, or --teachers/--data with the options; then the options that
+    refine either (views, row order, targets, kept features)."""
+    from darkstore.data import parse_data_spec
+    from teacher_service.spec import EnsembleSpec, JobSpec
+
+    if job is not None:
+        spec = JobSpec.from_file(job)
+    else:
+        if teachers is None or data is None:
+            raise typer.BadParameter("give --teachers and --data, or --job")
+        spec = JobSpec.model_validate({"teachers": EnsembleSpec.from_file(teachers), "data": parse_data_spec(data),
+                                       **options})
+    if augment is not None or views is not None:
+        spec = spec.model_copy(update={"augment": _augment_spec(augment, views, spec.augment)})
+    if row_order is not None:
+        spec = JobSpec.model_validate({**spec.model_dump(), "row_order": row_order})
+    if targets is not None:
+        spec = JobSpec.model_validate({**spec.model_dump(), "targets": targets})
+    if keep_features:
+        kept = [{"teacher": f.partition(":")[0], "layer": f.partition(":")[2], "pool": feature_pool,
+                 "project": feature_project} if ":" in f else f for f in keep_features]
+        spec = JobSpec.model_validate({**spec.model_dump(), "features": kept})
+    elif feature_pool is not None or feature_project is not None:
+        raise typer.BadParameter("--feature-pool and --feature-project reduce the layers named by --keep-features")
+    return spec
 
 
 def _say_generated(writer, part, wrote: int, took: float) -> None:
