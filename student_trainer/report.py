@@ -198,8 +198,7 @@ def plot_reliability(run: dict[str, Any], path: Path) -> dict[str, Any]:
         used = [i for i, c in enumerate(rel["count"]) if c > 0]
         ax.plot([rel["confidence"][i] for i in used], [rel["accuracy"][i] for i in used], marker="o",
                 color=f"C{j}", label=f"{label} (ECE {100 * rel['ece']:.2f} %)")
-        lo = [a for a in rel["edges"][:-1]]
-        hx.bar([lo[i] + (j + 0.5) * width for i in used], [rel["count"][i] for i in used], width=width,
+        hx.bar([rel["edges"][i] + (j + 0.5) * width for i in used], [rel["count"][i] for i in used], width=width,
                color=f"C{j}")
         out[key] = {"bin_mid": [mids[i] for i in used], "confidence": [rel["confidence"][i] for i in used],
                     "accuracy": [rel["accuracy"][i] for i in used], "count": [rel["count"][i] for i in used],

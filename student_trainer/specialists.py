@@ -82,10 +82,7 @@ def derive_store(generalist: StoreReader, classes: Sequence[int], out: str | Pat
     writer = StoreWriter.open_or_create(out, derived)
     labels = np.where(y >= 0, pos[np.maximum(y, 0)], -1)
     targets = _collapse(z, classes)
-    done = set(int(i) for i in open_store(out, allow_incomplete=True).finished_chunks())
-    for i in range(derived.n_chunks):
-        if i in done:
-            continue
+    for i in writer.pending_chunks():  # a resumed derivation writes only what is missing
         a, b = writer.bounds(i)
         r = order[a:b]
         t, lab = targets[r], labels[r]
