@@ -236,7 +236,9 @@ class Reconciler:
             self._unlogged.pop(rec.id, None)
             return None
         self._backfill(rec, mask)
-        dispatched = _ts(rec.dispatched_at) or 0.0
+        # a job recorded a moment ago whose submitter is still handing its tasks out has no dispatch time (nor all
+        # its tickets) yet: count from its creation, or this pass would dispatch every chunk a second time
+        dispatched = _ts(rec.dispatched_at) or _ts(rec.created_at) or 0.0
         if now - dispatched < self.lease_ttl:  # just handed out: let the tasks start
             return None
         tickets = self.ledger.tickets(rec.id)
