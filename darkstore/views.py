@@ -63,6 +63,7 @@ VERSIONS = (1, 2)  # what this darkstore replays and resumes
 HEAD = ["view", "clean"]  # every row's first two parameters
 TOLERANCE = 1e-4  # version 2 across device types: RMS pixel difference / RMS pixel, at most
 SKETCH_SIZE = 64
+CPU_BLOCK_BYTES = 1 << 20  # version 2 on a CPU: rows (with their partners) made a block of about this size at a time
 
 
 class ReplayError(DarkstoreError, ValueError):
@@ -590,15 +591,30 @@ class AugmentSpec(BaseModel):
             xc = inp.x.index_select(0, idx(inp.at[clean]))
             parts.append((clean, xc if tuple(xc.shape[1:]) == size else self._resize(xc, size)))
         if not clean.all():
-            aug = ~clean
-            pick = inp.at[aug] if self.mix_op is None else np.concatenate([inp.at[aug], inp.partner_at[aug]])
-            parts.append((aug, self._run(inp.x.index_select(0, idx(pick)), inp.params[aug])))
+            parts.append((~clean, self._run_blocks(inp, np.flatnonzero(~clean), size)))
         if len(parts) == 1:
             return parts[0][1]
         out = torch.empty((len(clean), *size), dtype=inp.x.dtype, device=dev)
         for mask, views in parts:
             out.index_copy_(0, idx(np.flatnonzero(mask)), views)
         return out
+
+    def _run_blocks(self, inp: ViewInputs, rows: np.ndarray, size: tuple[int, ...]) -> torch.Tensor:
+        """The augmented ``rows``' views, on a CPU a block of rows at a time (about :data:`CPU_BLOCK_BYTES` of
+        pixels with their partners, at least one row). A kernel's row does not depend on the rows beside it,
+        so the pixels are the same whatever the block; a block's dozens of intermediate tensors then stay in
+        the cache and in memory the allocator reuses, where a whole batch's are fresh pages each time (a
+        3×224×224 row: about 6× faster alone than in a batch of 32). On other devices, one block."""
+        dev = inp.x.device
+        step = len(rows)
+        if dev.type == "cpu":
+            row_bytes = max(inp.x[0].numel(), math.prod(size)) * inp.x.element_size() * (2 if self.mix_op else 1)
+            step = max(1, CPU_BLOCK_BYTES // row_bytes)
+        blocks = []
+        for r in (rows[i:i + step] for i in range(0, len(rows), step)):
+            pick = inp.at[r] if self.mix_op is None else np.concatenate([inp.at[r], inp.partner_at[r]])
+            blocks.append(self._run(inp.x.index_select(0, torch.as_tensor(pick, device=dev)), inp.params[r]))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def apply(self, base: Any, samples: np.ndarray, params: np.ndarray) -> torch.Tensor:
         """Inputs of ``samples`` (from ``base.get_batch``) transformed by their rows' ``params``."""

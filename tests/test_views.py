@@ -398,6 +398,34 @@ def test_version2_draws_follow_the_same_laws_as_version1():
     assert set(np.unique(p2[:, 7])) <= set(range(100)) and len(np.unique(p2[:, 7])) == 100
 
 
+@pytest.mark.parametrize("mix", ["mixup", "cutmix", None])
+def test_version2_views_made_in_blocks_are_the_whole_batchs_pixels(monkeypatch, mix):
+    """On a CPU the views are made a block of rows at a time; any block size gives the same bits."""
+    import darkstore.views as views_mod
+
+    ops = [{"op": "resized_crop", "scale": [0.35, 1.0], "size": [12, 12]}, {"op": "hflip", "p": 0.5},
+           {"op": "color_jitter", "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}]
+    aug = AugmentSpec.model_validate({"views": 5, "seed": 2, "ops": ops + ([{"op": mix, "alpha": 0.4}] if mix else [])})
+    x = torch.from_numpy(np.random.default_rng(1).random((30, 3, 16, 16), dtype=np.float32))
+
+    class Base:
+        def get_batch(self, rows):
+            return x[torch.as_tensor(np.asarray(rows))], None
+
+    samples, views = np.repeat(np.arange(30), 5)[7:110], np.tile(np.arange(5), 30)[7:110]
+    params = aug.draw(samples, views, (3, 16, 16), 30)
+    made = {}
+    for block in (1, 3 * 16 * 16 * 4 * 7, 1 << 40):  # one row, 7 rows (or fewer with partners), all of them
+        monkeypatch.setattr(views_mod, "CPU_BLOCK_BYTES", block)
+        made[block] = aug.apply(Base(), samples, params)
+    whole = made.pop(1 << 40)
+    assert whole.shape == (len(samples), 3, 12, 12)
+    for block, got in made.items():
+        assert torch.equal(got, whole), block
+    assert not torch.equal(whole[views != 0], aug.apply(Base(), samples, aug.draw(samples, views + 5, (3, 16, 16), 30))[
+        views != 0])
+
+
 def test_a_version2_store_records_how_its_views_were_made(vstore):
     v = open_store(vstore["store"]).meta.views
     assert v.version == 2 and v.device == "cpu" and v.torch == torch.__version__
