@@ -36,13 +36,27 @@ from storage.schema import SpecialistOfRecord
 
 def _collapse(z: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """[N, C] logits -> [N, |S| + 1]: S's logits and the log of the rest's summed probability, row-centred."""
-    z = z.astype(np.float64)
+    z = z.astype(np.float64, copy=False)
     rest = np.setdiff1d(np.arange(z.shape[1]), classes)
     zr = z[:, rest]
     m = zr.max(1, keepdims=True)
     dust = m + np.log(np.exp(zr - m).sum(1, keepdims=True))
     out = np.concatenate([z[:, classes], dust], axis=1)
     return out - out.max(1, keepdims=True)
+
+
+def _collapsed_rows(generalist: StoreReader, classes: list[int]) -> tuple[np.ndarray, ...]:
+    """The generalist's rows read a chunk at a time (never its whole [N, C] logits: 10 GB in float64 for
+    ImageNet): the collapsed targets [N, |S| + 1] in float64, labels, sample indices, and whether each row
+    belongs to S (its label, or for an unlabeled row the generalist's top class)."""
+    if not generalist.complete:
+        raise SpecError(f"{generalist.path} is not complete: finish the generalist's job before deriving specialists")
+    parts = []
+    for ch in generalist.iter_chunks():
+        z = ch.logits.astype(np.float64)
+        parts.append((_collapse(z, classes), ch.labels, ch.index,
+                      np.where(ch.labels >= 0, np.isin(ch.labels, classes), np.isin(z.argmax(1), classes))))
+    return tuple(np.concatenate(col) for col in zip(*parts))
 
 
 def derive_store(generalist: StoreReader, classes: Sequence[int], out: str | Path, *, seed: int = 0) -> StoreReader:
@@ -56,11 +70,9 @@ def derive_store(generalist: StoreReader, classes: Sequence[int], out: str | Pat
     c = meta.num_classes
     if not classes or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= c or len(classes) >= c:
         raise SpecError(f"specialist classes {classes}: distinct, in [0, {c}), and not all of them")
-    rows = generalist.read_all()
-    z, y = rows.logits.astype(np.float64), rows.labels
+    targets, y, index, mine = _collapsed_rows(generalist, classes)
     pos = np.full(c, len(classes), dtype=np.int64)
     pos[classes] = np.arange(len(classes))
-    mine = np.where(y >= 0, np.isin(y, classes), np.isin(z.argmax(1), classes))  # unlabeled: the generalist's call
     n, n_s = len(y), int(mine.sum())
     if n_s == 0:
         raise SpecError(f"no row of {generalist.path} belongs to classes {classes}: nothing to specialise on")
@@ -81,14 +93,13 @@ def derive_store(generalist: StoreReader, classes: Sequence[int], out: str | Pat
         job={"specialist_of": record.model_dump(), "seed": seed}, specialist_of=record)
     writer = StoreWriter.open_or_create(out, derived)
     labels = np.where(y >= 0, pos[np.maximum(y, 0)], -1)
-    targets = _collapse(z, classes)
     for i in writer.pending_chunks():  # a resumed derivation writes only what is missing
         a, b = writer.bounds(i)
         r = order[a:b]
         t, lab = targets[r], labels[r]
         labeled = lab >= 0
         correct = int(((t.argmax(1) == lab) & labeled).sum())
-        writer.write_chunk(i, logits=t, labels=lab, index=rows.index[r],
+        writer.write_chunk(i, logits=t, labels=lab, index=index[r],
                            stats=np.array([int(labeled.sum()), correct, correct]))
     return open_store(out)
 

@@ -144,3 +144,66 @@ def test_a_job_whose_store_vanished_is_failed_not_succeeded(site, cluster):
         assert again.id == view.id
         assert client.wait(view.id, timeout=120).state == "succeeded"
     same_as_reference(site, view.store)
+
+
+# --- one reconcile pass, driven step by step (no workers): which chunks it hands out again and why ------
+
+def _fresh_job(tmp_path, book, *, created_ago: float, dispatched_ago: float | None):
+    """A queued job with its (empty) store, recorded ``created_ago`` seconds ago, as the submitter writes it
+    before handing its tasks out; ``dispatched_ago``: when they were handed out (None: not yet)."""
+    from datetime import timedelta, timezone
+
+    from storage.writer import StoreWriter
+    from teacher_service.generate import prepare
+    from teacher_service.jobs import JobRecord
+
+    from .conftest import MEMBERS, job, make_arrays, make_ensemble
+
+    spec = job(make_ensemble(tmp_path / "t", MEMBERS[1:]),
+               make_arrays(tmp_path / "x.npz", n=100), chunk_rows=20)
+    meta = prepare(spec).meta
+    job_id = meta.job_key[:24]
+    writer = StoreWriter.open_or_create(book.store_path(job_id), meta)
+    stamp = lambda ago: (datetime.now(timezone.utc) - timedelta(seconds=ago)).isoformat()  # noqa: E731
+    rec = JobRecord(id=job_id, job_key=meta.job_key, state="queued", spec=spec.model_dump(mode="json"),
+                    store=book.store_path(job_id), created_at=stamp(created_ago), updated_at=stamp(0),
+                    dispatched_at=None if dispatched_ago is None else stamp(dispatched_ago),
+                    num_rows=meta.num_rows, chunk_rows=meta.chunk_rows)
+    return book.put(rec.with_mask(writer.done_mask()))
+
+
+@pytest.mark.parametrize("created_ago, dispatched_ago, tickets, expect", [
+    (0.0, None, False, None),  # recorded, tasks not handed out yet: the race once seen in CI
+    (0.0, 0.0, True, None),  # handed out a moment ago
+    (10.0, None, False, "no task holds them"),  # recorded long ago and never handed out: the submitter died
+    (10.0, 10.0, False, "no task holds them"),  # handed out long ago, no ticket left anywhere
+    (10.0, 10.0, True, None),  # handed out long ago, still queued: held while the queue is not lost
+], ids=["just-recorded", "just-dispatched", "never-dispatched", "tickets-gone", "queued"])
+def test_a_reconcile_pass_hands_out_only_chunks_nobody_holds(tmp_path, created_ago, dispatched_ago, tickets, expect):
+    from teacher_service.jobs import JobBook
+    from teacher_service.reconcile import Ledger, Reconciler
+
+    from .procs import Redis
+
+    server = Redis(tmp_path)
+    try:
+        book = JobBook(tmp_path / "home")
+        ledger = Ledger(server.url, lease_ttl=LEASE, queue="darkstore")
+        rec = _fresh_job(tmp_path, book, created_ago=created_ago, dispatched_ago=dispatched_ago)
+        if tickets:
+            for chunks in ([0, 1, 2], [3, 4]):
+                ledger.add(rec.id, rec.attempt, chunks)
+            ledger.r.rpush("darkstore", b"message")  # the broker still holds their messages
+        sent = []
+        reconciler = Reconciler(book, ledger, lambda r, chunks: sent.append((r.id, chunks)) or 1,
+                                lease_ttl=LEASE, interval=INTERVAL)
+        actions = reconciler.run_once()
+        if expect is None:
+            assert actions == [] and sent == []
+            assert not [e for e in book.events(rec.id) if e["event"] == "reconciled"]
+        else:
+            assert sent == [(rec.id, [0, 1, 2, 3, 4])]
+            assert [a["reason"] for a in actions] == [expect]
+            assert [e["reason"] for e in book.events(rec.id) if e["event"] == "reconciled"] == [expect]
+    finally:
+        server.stop()
