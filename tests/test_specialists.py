@@ -330,3 +330,21 @@ def test_specialists_train_from_the_generalist_resume_after_a_kill_and_feed_the_
                        env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert open_store(tmp_path / "combined").complete
+
+
+def test_a_specialist_is_not_derived_from_an_unfinished_generalist(tmp_path):
+    """Half a generalist's store (one of two shards) would derive a store from half the rows, silently."""
+    from darkstore.errors import SpecError
+    from storage import open_store
+    from student_trainer.specialists import derive_store
+    from teacher_service.generate import Shard, generate
+
+    from .conftest import MEMBERS, job, make_arrays, make_ensemble
+
+    spec = job(make_ensemble(tmp_path / "t", MEMBERS[1:]), make_arrays(tmp_path / "x.npz", n=100), chunk_rows=20)
+    generate(spec, tmp_path / "g", shard=Shard(0, 2))
+    half = open_store(tmp_path / "g", allow_incomplete=True)
+    assert 0 < half.rows_done < 100
+    with pytest.raises(SpecError, match="not complete"):
+        derive_store(half, [0, 1], tmp_path / "d")
+    assert not (tmp_path / "d").exists()
