@@ -156,6 +156,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         # here, in the main process, when the installed code cannot do it exactly)
         self.layout = meta.layout  # row -> (sample position, view)
         self.fields = list(target_fields(meta)) + (["members"] if members else []) + (["features"] if features else [])
+        # what streams with the targets, a window of chunks at a time: a views store's parameters too (8·P bytes a
+        # row, about 1 GB for ImageNet with 8 views: never read whole into every loader process)
+        self.stream_fields = self.fields + (["view_params"] if meta.views else [])
         self.feature_slices = meta.feature_slices()
         self.views = meta.views_per_sample
         self.recipe = None
@@ -284,7 +287,7 @@ class StoreStream(torch.utils.data.IterableDataset):
     def _open(self, in_process: bool) -> tuple[StoreReader, TransferSet]:
         """The store and the transfer set, opened once per process (inside each DataLoader worker).
         Labels and sample indices (16 bytes a row) are read whole here: one read each instead of two
-        small reads per chunk; the logits, C values a row, stream."""
+        small reads per chunk; the logits (C values a row) and a views store's parameters stream."""
         pid = os.getpid()
         if self._opened is None or self._opened[0] != pid:
             reader = open_store(self.store, allow_incomplete=True)
@@ -294,7 +297,6 @@ class StoreStream(torch.utils.data.IterableDataset):
                 self.data_spec, allow_code=self.allow_code, roots=self.roots)
             labels, index = reader.read_field("labels"), reader.read_field("index")
             self._opened = (pid, reader, data, labels, index,
-                            reader.read_field("view_params") if reader.meta.views else None,
                             _labels_by_sample(labels, index, reader.meta.transfer_set.num_samples))
         return self._opened[1], self._opened[2]
 
@@ -302,7 +304,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         """Read several chunks' targets through the reader, in one call per field: zarr fetches and decodes
         them concurrently, the per-call overhead (about a millisecond) is paid once per window, and every
         chunk is checked against its checksum and for non-finite targets."""
-        got = reader.read_chunks(group, self.fields)
+        got = reader.read_chunks(group, self.stream_fields)
         out, at = {}, 0
         for c in group:
             a, b = reader.bounds(c)
@@ -312,15 +314,15 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        _, reader, _, labels, index, view_params, sample_labels = self._opened
+        _, reader, _, labels, index, sample_labels = self._opened
         t = live.gather(rows, chunk_ids)
+        params = t.pop("view_params", None)
         if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
             clean, back = np.unique(self.layout.first_row(rows), return_inverse=True)
             t = {k: (v[:, back] if k == "members" else v[back]) for k, v in reader.read(clean, self.fields).items()}
         logits, members, feats = t.pop("logits", None), t.pop("members", None), t.pop("features", None)
         mix_labels = mix_lam = deferred = None
         if self.recipe is not None:  # replay: the original inputs through the recorded parameters
-            params = view_params[rows]
             inputs = self.recipe.inputs(data, index[rows], params)
             if self.replay_device is None:
                 x = self.recipe.make(inputs)

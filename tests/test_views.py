@@ -141,6 +141,26 @@ def test_loader_draws_views_per_epoch_and_resumes_the_same_draw(vstore, workers)
     assert np.array_equal(np.sort(np.concatenate(first + rest)), np.sort(got))
 
 
+def test_a_views_loader_streams_the_parameters_it_replays_with(vstore, monkeypatch):
+    """Each batch's recorded parameters arrive with its targets, a window of chunks at a time — no loader process
+    reads the store's whole [N·K, P] parameters (about 1 GB for ImageNet with 8 views) — and replay from them
+    gives the pixels generation made from the same rows' parameters."""
+    from storage.reader import StoreReader
+
+    reader = open_store(vstore["store"])
+    whole, index = reader.read_field("view_params"), reader.read_field("index")
+    read_whole = []
+    real = StoreReader.read_field
+    monkeypatch.setattr(StoreReader, "read_field", lambda self, name: read_whole.append(name) or real(self, name))
+    aug = AugmentSpec.model_validate(reader.meta.views.recipe).at_version(reader.meta.views.version)
+    base = open_transfer_set(reader.meta.transfer_set.spec)
+    batches = list(make_loader(reader, np.arange(N * K), batch_size=16, seed=5, views_per_epoch=2).epoch(0))
+    assert "view_params" not in read_whole and {"labels", "index"} <= set(read_whole)
+    for b in batches:
+        rows = b.rows.numpy()
+        assert torch.equal(b.x, aug.apply(base, index[rows], whole[rows]))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_views_deferred_to_the_training_device_are_the_loaders_views(vstore, workers):
     """replay_device: batches leave the loader (and its worker processes, pinned or not) as the inputs the views
