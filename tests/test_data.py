@@ -215,7 +215,7 @@ def test_fast_decoding_gives_pils_pixels_for_every_kind_of_file(tmp_path):
         (tmp_path / name).write_bytes(data)
         for mode in ("RGB", "L"):
             with Image.open(tmp_path / name) as im:
-                ref = torch.from_numpy(np.asarray(im.convert(mode))).reshape(61, 47, -1).permute(2, 0, 1)
+                ref = torch.from_numpy(np.array(im.convert(mode))).reshape(61, 47, -1).permute(2, 0, 1)
             got = read_image(str(tmp_path / name), mode)
             assert got.dtype == torch.uint8 and torch.equal(got, ref), (name, mode)
             assert torch.equal(_read_image_pil(str(tmp_path / name), mode), ref)
