@@ -277,6 +277,60 @@ def test_cli_generate_with_views(tmp_path, ensemble, arrays):
     assert r.returncode != 0 and "--views needs --augment" in r.stderr
 
 
+def test_views_of_a_jpeg_folder_by_two_shard_processes_replay_in_loader_workers(tmp_path):
+    """The ImageNet-shaped path, small: JPEGs of several shapes resized by their shorter side and centre-cropped
+    (8-bit resampling), views with a crop to another size and mixup made by two `generate --shard` processes at
+    once, then replayed in DataLoader worker processes: the teachers rerun on the replayed views reproduce the
+    stored targets (float64 reference), and `train` runs on it through the CLI."""
+    from PIL import Image
+
+    from darkstore.models import ModelSpec, load_model
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            w, h = [(50, 40), (40, 50), (64, 48), (44, 44)][i % 4]
+            pixels = (rng.random((h, w, 3)) * 90 + np.array([70 * c, 60, 150 - 50 * c])).clip(0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.jpg", quality=90)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"kind": "image_folder", "root": "imgs", "short_side": 36,
+                                                        "crop": 36, "resample": "uint8"}))
+    ens = make_ensemble(tmp_path / "teachers", [{"arch": "small_cnn", "arch_kwargs": {"in_channels": 3, "width": 4}}],
+                        num_classes=3)
+    (tmp_path / "aug.yaml").write_text(yaml.safe_dump({"views": 3, "ops": [
+        {"op": "resized_crop", "scale": [0.4, 1.0], "size": [32, 32]}, {"op": "hflip", "p": 0.5},
+        {"op": "color_jitter", "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.05},
+        {"op": "mixup", "alpha": 0.4}]}))
+    gen = [*DARKSTORE, "generate", "--teachers", str(ens), "--data", "data.yaml", "--augment", "aug.yaml",
+           "--chunk-rows", "16", "--out", "store"]
+    shards = [subprocess.Popen([*gen, "--shard", f"{i}/2"], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in shards:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    reader = open_store(tmp_path / "store")
+    assert reader.complete and reader.meta.num_rows == 24 * 3 and reader.meta.views.version == 2
+
+    batches = list(make_loader(reader, np.arange(72), batch_size=16, shuffle=False, num_workers=2).epoch(0))
+    x = torch.cat([b.x for b in batches]).double()
+    assert x.shape == (72, 3, 32, 32)
+    m = yaml.safe_load(ens.read_text())["members"][0]
+    spec = ModelSpec(**{**m, "weights": str(ens.parent / m["weights"])})
+    with torch.no_grad():
+        ell = load_model(spec, num_classes=3).module.double().eval()(x).numpy()
+    ell -= ell.max(axis=1, keepdims=True)
+    stored = torch.cat([b.logits for b in batches]).double().numpy()
+    assert np.allclose(stored, ell, rtol=2 ** -10, atol=2 ** -10 * np.abs(ell).max())
+    assert any(bool((b.mix_labels >= 0).any()) for b in batches)
+
+    r = subprocess.run([*DARKSTORE, "train", "--store", "store", "--student", "small_cnn", "--arch-kwargs",
+                        '{"in_channels": 3, "width": 4}', "--epochs", "2", "--batch-size", "16", "--num-workers", "2",
+                        "--views-per-epoch", "1", "--out", "run"], cwd=tmp_path, env=cli_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "student.safetensors").exists()
+
+
 @pytest.mark.parametrize("row_order", ["natural", "shuffled"])
 def test_a_mixed_view_carries_its_partner_samples_label_in_any_row_order(tmp_path, row_order):
     """The partner a mix op draws is a transfer-set sample; its hard label is that sample's, wherever the
