@@ -11,9 +11,10 @@ rather than a failed job later. That work is bounded:
   (``submit_memory_bytes``) and a deadline (``submit_timeout``). A check that runs
   over is killed and answered 422; nothing it loaded stays in the API's memory.
 
-Celery's prefork children are daemons and cannot have children: a submit made
-through the broker (``submit_via_celery``) is checked in the worker's own process,
-with the static limits only.
+A submit made through the broker (``submit_via_celery``) is checked in the Celery pool
+process itself, with the static limits only: a forkserver child pickles its parent's
+identity, and billiard's (Celery's multiprocessing) refuses to be pickled. A daemonic
+caller, which may not have children, checks inline too.
 """
 
 from __future__ import annotations
@@ -97,12 +98,18 @@ def _child(conn, fn: Callable, args: tuple, memory: int) -> None:
     conn.close()
 
 
+def _can_start_checker() -> bool:
+    """Whether this process can start a forkserver child: not a daemon, not a Celery (billiard) pool process."""
+    me = multiprocessing.current_process()
+    return not me.daemon and not type(me).__module__.startswith("billiard")
+
+
 class Admission:
     """Runs the submit-time checks: in a bounded child process, or inline where that is impossible."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.isolated = settings.submit_isolation and not multiprocessing.current_process().daemon
+        self.isolated = settings.submit_isolation and _can_start_checker()
         self._ctx = None
 
     def _context(self):

@@ -172,6 +172,19 @@ def _get_ledger() -> Ledger:
 
 
 @worker_process_init.connect
+def _may_start_processes(**_: Any) -> None:
+    """A prefork pool process is a daemon, and Python refuses a daemon children; but a job's inputs are
+    decoded by DataLoader worker processes, its chunks written by writer processes on CUDA, and a
+    submit through the broker is checked in a bounded child. So the pool process stops being a daemon.
+    What a daemon's flag guarded still holds: DataLoader workers end when their parent does (torch's
+    watchdog), writer processes too (their own watchdog, in ``generate``), and the submit checker is a
+    daemon child killed at its deadline."""
+    import multiprocessing
+
+    multiprocessing.current_process().daemon = False
+
+
+@worker_process_init.connect
 def _one_gpu_per_process(**_: Any) -> None:
     """With ``--concurrency N`` on a machine with G GPUs, pool process i uses ``cuda:(i mod G)``:
     one worker container can drive every GPU of its host."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+import time
 from collections import deque
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -411,8 +413,8 @@ def run_chunks(
     processes (each writer thread hands its chunk to one and waits, holding no GIL), because
     threads alone contend for the GIL with the compute thread (profiled on an H100: a 2 MB write
     took 37 ms inside the job vs 15 ms alone). Default: on CUDA, unless this process is a daemon
-    (a Celery prefork child cannot have children: threads there); ``writer_processes`` True/False
-    overrides.
+    (a daemon may not have children: threads there; darkstore's Celery pool processes are not daemons);
+    ``writer_processes`` True/False overrides.
 
     ``should_stop`` is asked before each chunk; when it answers True the chunks in flight are
     committed and the run raises :class:`Cancelled`. Any error stops the run; chunks already
@@ -466,12 +468,11 @@ def run_chunks(
 def loader_workers(data: Any, device: torch.device, asked: int | None = None) -> int:
     """DataLoader processes feeding the teachers: ``asked``, or when none are asked for, none where a batch
     is one array slice (``data.decodes`` false), else up to 8 on a GPU and half the cores on the CPU, whose
-    other half runs the forward. Always none where this process may not have children (a Celery prefork
-    child: its tasks would fail)."""
+    other half runs the forward. Always none where this process may not have children (a daemon, such as
+    a plain multiprocessing pool's worker; darkstore's Celery pool processes are not: see celery_app)."""
     if multiprocessing.current_process().daemon:
         if asked:
-            log.warning("this process is daemonic (a Celery prefork child) and may not start DataLoader workers: "
-                        "decoding inline; run the worker with --pool threads for parallel decoding")
+            log.warning("this process is a daemon and may not start DataLoader workers: decoding inline")
         return 0
     if asked is not None:
         return asked
@@ -491,7 +492,7 @@ def _writer_plan(device: torch.device, writers: int | None, max_inflight: int | 
         max_inflight = 2 * writers if cuda else 0
     if writer_processes is None:
         writer_processes = cuda and max_inflight > 0
-    # a daemonic process (a Celery prefork child) may not start processes, whatever was asked
+    # a daemonic process may not start processes, whatever was asked
     return writers, max_inflight, writer_processes and not multiprocessing.current_process().daemon
 
 
@@ -590,10 +591,22 @@ def _writer_pool(n: int) -> ProcessPoolExecutor:
     ``if __name__ == "__main__"`` guard would start its whole job again in every writer."""
     pool = _POOLS.get(n)
     if pool is None:
-        pool = _POOLS[n] = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork"))
+        pool = _POOLS[n] = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork"),
+                                               initializer=_exit_with_parent, initargs=(os.getpid(),))
         pool.submit(os.getpid).result()  # a fork context launches every process on the first task
     return pool
 
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a writer process: exit once the process that forked it is gone (killed — a Celery pool process at
+    its hard time limit, say — rather than shut down), instead of waiting on its queue forever."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="darkstore-writer-watchdog", daemon=True).start()
 
 
 def _stats(z: torch.Tensor, ell: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

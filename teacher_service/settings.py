@@ -53,11 +53,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
     batch_size: int = Field(256, gt=0, description="rows per teacher forward pass")
     loader_workers: int | None = Field(None, ge=0, description="DataLoader processes decoding inputs inside a task; "
-                                       "default: none for arrays files, else up to 8 (half the cores on the CPU); "
-                                       "none inside a Celery prefork child, which may not have children")
+                                       "default: none for arrays files, else up to 8 (half the cores on the CPU)")
     writer_processes: bool | None = Field(None, description="store writes in forked writer processes (True) or "
-                                          "threads (False); default: processes on CUDA, threads elsewhere and in a "
-                                          "Celery prefork child (which may not have children)")
+                                          "threads (False); default: processes on CUDA, threads elsewhere")
     chunks_per_task: int = Field(4, gt=0, description="store chunks per Celery task: the unit of sharding")
     task_time_limit: int = Field(3600, gt=0, description="hard time limit of one chunk-range task, seconds")
     task_soft_time_limit: int | None = Field(None, gt=0, description="default: 90 % of the hard limit")

@@ -98,3 +98,25 @@ def dict_items(n: int = 8):
     rng = np.random.default_rng(0)
     return [{"image": rng.random((1, 8, 8), dtype=np.float32), "label": i % 5} for i in range(n)]
 
+
+
+class PidRecording(torch.utils.data.Dataset):
+    """``digits_like`` samples; reading one leaves a file ``<pid>-<parent pid>`` in ``folder``, so a test can tell
+    which processes decoded the transfer set."""
+
+    def __init__(self, n: int, folder: str, seed: int):
+        self.inner, self.folder = digits_like(n, seed), folder
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        import os
+        from pathlib import Path
+
+        Path(self.folder, f"{os.getpid()}-{os.getppid()}").touch()
+        return self.inner[i]
+
+
+def pid_recording(n: int = 40, folder: str = ".", seed: int = 0):
+    return PidRecording(n, folder, seed)

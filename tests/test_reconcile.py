@@ -6,13 +6,18 @@ the reconciler can be what finishes the job."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
 from datetime import datetime
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 
+from storage import open_store
 from teacher_service.client import DarkstoreClient
 
 from .procs import Api, Redis, Worker, service_env
@@ -32,14 +37,14 @@ def site(tmp_path_factory):
 class Cluster:
     """redis + API + one worker, with the reconciler's clock turned up."""
 
-    def __init__(self, site, name: str, persist: bool = False):
+    def __init__(self, site, name: str, persist: bool = False, **settings: object):
         self.tmp = site["tmp"] / name
         self.tmp.mkdir()
         self.redis = Redis(self.tmp, persist=persist)
         self.env = service_env(home=self.tmp / "home", data_roots=site["root"], broker_url=self.redis.url,
                                allow_code=True, device="cpu", batch_size=CHUNK, chunks_per_task=3,
                                task_time_limit=600, visibility_timeout=3600, lease_ttl=LEASE,
-                               reconcile_interval=INTERVAL)
+                               reconcile_interval=INTERVAL, **settings)
         self.api = Api(self.env, self.tmp / "api.log")
         self.worker = Worker(self.env, self.tmp / "worker.log", "w")
 
@@ -55,8 +60,8 @@ class Cluster:
 def cluster(site, request):
     made = []
 
-    def make(persist: bool = False) -> Cluster:
-        made.append(Cluster(site, request.node.name, persist))
+    def make(persist: bool = False, **settings: object) -> Cluster:
+        made.append(Cluster(site, request.node.name, persist, **settings))
         return made[-1]
 
     yield make
@@ -207,3 +212,60 @@ def test_a_reconcile_pass_hands_out_only_chunks_nobody_holds(tmp_path, created_a
             assert [e["reason"] for e in book.events(rec.id) if e["event"] == "reconciled"] == [expect]
     finally:
         server.stop()
+
+
+def _children(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_pool_process_decodes_and_writes_in_child_processes_and_they_die_with_it(site, cluster, tmp_path):
+    """Celery's prefork pool processes are daemons, which Python forbids children: darkstore's stop being
+    daemons, so a task decodes its inputs in DataLoader workers and writes its chunks in writer processes.
+    SIGKILL that pool process mid-task: its children exit too (nothing left running), and the job still finishes
+    by itself with the store `generate` makes."""
+    from teacher_service.generate import generate
+    from teacher_service.spec import JobSpec
+
+    seen = tmp_path / "decoded-by"
+    seen.mkdir()
+    spec = spec_for(site["counter"], 0.3, data={"kind": "factory", "factory": "tests.factories:pid_recording",
+                                                "kwargs": {"n": N, "folder": str(seen)}})
+    c = cluster(loader_workers=2, writer_processes=True)
+    with c.client() as client:
+        view = client.submit(spec).job
+        pool = running_task(client, view.id)["pid"]
+        wait_chunks(client, view.id, 1)
+        children = _children(pool)
+        decoders = {int(p.name.split("-")[0]) for p in seen.iterdir() if int(p.name.split("-")[1]) == pool}
+        assert len(decoders) >= 2, "the task decoded its inputs inline, not in DataLoader workers"
+        writers = children - decoders
+        assert writers, f"no writer process among the pool process's children {children}"
+        os.kill(pool, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in children):
+            assert time.monotonic() < deadline, f"children of the killed pool process still run: " \
+                                                f"{[p for p in children if _alive(p)]}"
+            time.sleep(0.1)
+        final = client.wait(view.id, timeout=120)
+    assert final.state == "succeeded", final.error
+    ref = generate(JobSpec.model_validate(spec).rebased(site["root"]), tmp_path / "ref", allow_code=True,
+                   batch_size=CHUNK).path
+    a, b = open_store(final.store).read_all(), open_store(ref).read_all()
+    np.testing.assert_array_equal(a.index, b.index)
+    np.testing.assert_array_equal(a.logits, b.logits)
