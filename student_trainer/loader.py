@@ -149,18 +149,16 @@ class StoreStream(torch.utils.data.IterableDataset):
         self._opened: tuple | None = None
         self.readahead_chunks = 2 * self.buffer_chunks
         self.readahead = readahead
-        opened = open_store(store, allow_incomplete=True)
-        meta = opened.meta
+        meta = open_store(store, allow_incomplete=True).meta
         self.chunk_rows, self.num_rows, self.n_chunks = meta.chunk_rows, meta.num_rows, meta.n_chunks
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
         # a views store: row = (sample, view); rebuild each view from its recorded parameters (refused
         # here, in the main process, when the installed code cannot do it exactly)
         self.layout = meta.layout  # row -> (sample position, view)
         self.fields = list(target_fields(meta)) + (["members"] if members else []) + (["features"] if features else [])
-        # what streams with the targets, a window of chunks at a time: labels and sample indices (16 bytes a row) and a
-        # views store's parameters (8·P bytes a row) too — for ImageNet with 8 views about 0.16 and 1 GB, never read
-        # whole into every loader process
-        self.stream_fields = self.fields + ["labels", "index"] + (["view_params"] if meta.views else [])
+        # what streams with the targets, a window of chunks at a time: a views store's parameters too (8·P bytes a
+        # row, about 1 GB for ImageNet with 8 views: never read whole into every loader process)
+        self.stream_fields = self.fields + (["view_params"] if meta.views else [])
         self.feature_slices = meta.feature_slices()
         self.views = meta.views_per_sample
         self.recipe = None
@@ -171,11 +169,6 @@ class StoreStream(torch.utils.data.IterableDataset):
             defer = replay_device is not None and meta.views.version >= 2  # version 1 replays on the CPU
             self.replay_device = replay_device if defer else None
             self.recipe = recipe_for_replay(meta.views, device=self.replay_device or "cpu")
-        # a mixed view's second label is its partner sample's: each sample's label, read once here (8 bytes a sample)
-        self.sample_labels = None
-        if self.recipe is not None and self.recipe.partner_column() is not None:
-            self.sample_labels = _labels_by_sample(opened.read_field("labels"), opened.read_field("index"),
-                                                   meta.transfer_set.num_samples)
         self.views_per_epoch = views_per_epoch if self.views > 1 else None
         if view_targets not in ("matched", "clean"):
             raise ValueError(f"view_targets must be 'matched' or 'clean', not {view_targets!r}")
@@ -292,8 +285,9 @@ class StoreStream(torch.utils.data.IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _open(self, in_process: bool) -> tuple[StoreReader, TransferSet]:
-        """The store and the transfer set, opened once per process (inside each DataLoader worker); every row
-        field streams (see ``stream_fields``)."""
+        """The store and the transfer set, opened once per process (inside each DataLoader worker).
+        Labels and sample indices (16 bytes a row) are read whole here: one read each instead of two
+        small reads per chunk; the logits (C values a row) and a views store's parameters stream."""
         pid = os.getpid()
         if self._opened is None or self._opened[0] != pid:
             reader = open_store(self.store, allow_incomplete=True)
@@ -301,7 +295,9 @@ class StoreStream(torch.utils.data.IterableDataset):
             # than reopened: reopening an in-memory .npz in every worker at every epoch is slow
             data = self._data if self._data is not None else open_transfer_set(
                 self.data_spec, allow_code=self.allow_code, roots=self.roots)
-            self._opened = (pid, reader, data)
+            labels, index = reader.read_field("labels"), reader.read_field("index")
+            self._opened = (pid, reader, data, labels, index,
+                            _labels_by_sample(labels, index, reader.meta.transfer_set.num_samples))
         return self._opened[1], self._opened[2]
 
     def _read(self, reader: StoreReader, group: list[int]) -> dict[int, dict[str, np.ndarray]]:
@@ -318,16 +314,16 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        reader = self._opened[1]
+        _, reader, _, labels, index, sample_labels = self._opened
         t = live.gather(rows, chunk_ids)
-        labels, index, params = t.pop("labels"), t.pop("index"), t.pop("view_params", None)
+        params = t.pop("view_params", None)
         if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
             clean, back = np.unique(self.layout.first_row(rows), return_inverse=True)
             t = {k: (v[:, back] if k == "members" else v[back]) for k, v in reader.read(clean, self.fields).items()}
         logits, members, feats = t.pop("logits", None), t.pop("members", None), t.pop("features", None)
         mix_labels = mix_lam = deferred = None
         if self.recipe is not None:  # replay: the original inputs through the recorded parameters
-            inputs = self.recipe.inputs(data, index, params)
+            inputs = self.recipe.inputs(data, index[rows], params)
             if self.replay_device is None:
                 x = self.recipe.make(inputs)
             else:
@@ -336,13 +332,13 @@ class StoreStream(torch.utils.data.IterableDataset):
             if col is not None:
                 partner = params[:, col].astype(np.int64)
                 mixed = partner >= 0
-                mix_labels = np.where(mixed, self.sample_labels[np.where(mixed, partner, 0)], -1)  # partner: a sample
+                mix_labels = np.where(mixed, sample_labels[np.where(mixed, partner, 0)], -1)  # partner: a sample
                 mix_lam = np.where(mixed, params[:, col + 1], 1.0).astype(np.float32)
                 mix_labels, mix_lam = torch.from_numpy(mix_labels), torch.from_numpy(mix_lam)
         else:
-            x, _ = data.get_batch(index)
+            x, _ = data.get_batch(index[rows])
         mem = torch.from_numpy(np.ascontiguousarray(members.transpose(1, 0, 2))) if members is not None else None
-        return Batch(x, torch.from_numpy(logits) if logits is not None else None, torch.from_numpy(labels),
+        return Batch(x, torch.from_numpy(logits) if logits is not None else None, torch.from_numpy(labels[rows]),
                      torch.from_numpy(rows.copy()), mem, shard, seq, mix_labels, mix_lam,
                      {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()} or None,
                      self._split_features(feats), deferred)
