@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import cli_seconds, images, machine, med, paired, teachers
+from _common import alternate, cli_seconds, images, machine, med, paired, teachers
 
 import darkstore.views as views_mod
 from darkstore.data import open_transfer_set
@@ -118,11 +118,8 @@ def scenario(work: Path, name: str, shape: tuple[int, int, int], n: int, k: int,
         pc = cli(work, ["--teachers", "ensemble.json", "--data", "out.npz"], "pc", batch)
         vc = cli(work, ["--teachers", "ensemble.json", "--data", "x.npz", "--views", str(k), "--augment",
                         "augment.json"], "vc", batch)
-        pc(), vc()
-        tp, tv = [], []
-        for _ in range(a.cli_repeats):
-            tp.append(pc())
-            tv.append(vc())
+        pc(), vc()  # warm
+        tp, tv = alternate(pc, vc, a.cli_repeats)
         print(f"  whole `darkstore generate` processes: plain {med(tp):.2f} s, views {med(tv):.2f} s; "
               f"views / plain {paired(tv, tp)}")
 
