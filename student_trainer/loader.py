@@ -149,7 +149,8 @@ class StoreStream(torch.utils.data.IterableDataset):
         self._opened: tuple | None = None
         self.readahead_chunks = 2 * self.buffer_chunks
         self.readahead = readahead
-        meta = open_store(store, allow_incomplete=True).meta
+        opened = open_store(store, allow_incomplete=True)
+        meta = opened.meta
         self.chunk_rows, self.num_rows, self.n_chunks = meta.chunk_rows, meta.num_rows, meta.n_chunks
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
         # a views store: row = (sample, view); rebuild each view from its recorded parameters (refused
@@ -159,6 +160,10 @@ class StoreStream(torch.utils.data.IterableDataset):
         # what streams with the targets, a window of chunks at a time: a views store's parameters too (8·P bytes a
         # row, about 1 GB for ImageNet with 8 views: never read whole into every loader process)
         self.stream_fields = self.fields + (["view_params"] if meta.views else [])
+        # labels and sample indices (16 bytes a row) are read whole, once, here: forked loader workers share these
+        # pages instead of each reading its own copy (streaming them costs the training loop two zarr calls a window)
+        self.labels, self.index = opened.read_field("labels"), opened.read_field("index")
+        self.sample_labels = _labels_by_sample(self.labels, self.index, meta.transfer_set.num_samples)
         self.feature_slices = meta.feature_slices()
         self.views = meta.views_per_sample
         self.recipe = None
@@ -285,9 +290,7 @@ class StoreStream(torch.utils.data.IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _open(self, in_process: bool) -> tuple[StoreReader, TransferSet]:
-        """The store and the transfer set, opened once per process (inside each DataLoader worker).
-        Labels and sample indices (16 bytes a row) are read whole here: one read each instead of two
-        small reads per chunk; the logits (C values a row) and a views store's parameters stream."""
+        """The store and the transfer set, opened once per process (inside each DataLoader worker)."""
         pid = os.getpid()
         if self._opened is None or self._opened[0] != pid:
             reader = open_store(self.store, allow_incomplete=True)
@@ -295,9 +298,7 @@ class StoreStream(torch.utils.data.IterableDataset):
             # than reopened: reopening an in-memory .npz in every worker at every epoch is slow
             data = self._data if self._data is not None else open_transfer_set(
                 self.data_spec, allow_code=self.allow_code, roots=self.roots)
-            labels, index = reader.read_field("labels"), reader.read_field("index")
-            self._opened = (pid, reader, data, labels, index,
-                            _labels_by_sample(labels, index, reader.meta.transfer_set.num_samples))
+            self._opened = (pid, reader, data)
         return self._opened[1], self._opened[2]
 
     def _read(self, reader: StoreReader, group: list[int]) -> dict[int, dict[str, np.ndarray]]:
@@ -314,7 +315,7 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        _, reader, _, labels, index, sample_labels = self._opened
+        reader, labels, index = self._opened[1], self.labels, self.index
         t = live.gather(rows, chunk_ids)
         params = t.pop("view_params", None)
         if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
@@ -332,7 +333,7 @@ class StoreStream(torch.utils.data.IterableDataset):
             if col is not None:
                 partner = params[:, col].astype(np.int64)
                 mixed = partner >= 0
-                mix_labels = np.where(mixed, sample_labels[np.where(mixed, partner, 0)], -1)  # partner: a sample
+                mix_labels = np.where(mixed, self.sample_labels[np.where(mixed, partner, 0)], -1)  # partner: a sample
                 mix_lam = np.where(mixed, params[:, col + 1], 1.0).astype(np.float32)
                 mix_labels, mix_lam = torch.from_numpy(mix_labels), torch.from_numpy(mix_lam)
         else:

@@ -311,9 +311,9 @@ def probe_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader, 
 MIXING_WARN = 0.9
 
 
-def report_mixing(loader, reader: StoreReader, log: Callable[[str], None] | None) -> dict[str, float] | None:
+def report_mixing(loader, log: Callable[[str], None] | None) -> dict[str, float] | None:
     """Say how well batches mix the classes (against a full shuffle); warn when they mix poorly."""
-    m = batch_mixing(loader.stream, reader.read_field("labels"))
+    m = batch_mixing(loader.stream, loader.stream.labels)  # read once, by the loader
     if m is None or log is None:
         return m
     line = (f"batches: {m['labels_per_batch']:.1f} distinct labels per batch on average, {m['full_shuffle']:.1f} "
@@ -419,7 +419,7 @@ class _Inputs:
         if key not in self._loaders:
             self._loaders[key] = make_loader(self.reader, rows, data=self.data, allow_code=self.allow_code,
                                              roots=self.roots, **kw)
-            self._mixing[key] = report_mixing(self._loaders[key], self.reader, log)
+            self._mixing[key] = report_mixing(self._loaders[key], log)
         return self._loaders[key], self._mixing[key]
 
 

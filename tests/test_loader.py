@@ -112,3 +112,29 @@ def test_sparse_rows_spanning_many_chunks_in_one_batch(store, readahead):
     assert np.array_equal(got, rows)
     ref = store.read_field("logits")[rows]
     assert np.array_equal(np.concatenate([b.logits.numpy() for b in batches]), ref)
+
+
+def test_labels_and_indices_are_read_once_and_shared_with_the_workers(store, tmp_path, monkeypatch):
+    """Per-row labels and sample indices are read whole once, in the process that makes the loader; its forked
+    workers share them rather than each reading its own copy. The workers' batches still carry the stored labels."""
+    import os
+
+    from storage.reader import StoreReader
+
+    log = tmp_path / "reads"
+    real = StoreReader.read_field
+
+    def read_field(self, name):
+        with open(log, "a") as f:  # appended by whichever process reads
+            f.write(f"{os.getpid()} {name}\n")
+        return real(self, name)
+
+    monkeypatch.setattr(StoreReader, "read_field", read_field)
+    batches = list(make_loader(store, np.arange(N), batch_size=50, seed=1, num_workers=2).epoch(0))
+    reads = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(name for _, name in reads) == ["index", "labels"]
+    assert {int(pid) for pid, _ in reads} == {os.getpid()}
+    labels = store.read_field("labels")
+    assert len({b.shard for b in batches}) == 2  # both workers made batches
+    for b in batches:
+        assert np.array_equal(b.labels.numpy(), labels[b.rows.numpy()])
