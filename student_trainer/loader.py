@@ -163,7 +163,6 @@ class StoreStream(torch.utils.data.IterableDataset):
         # labels and sample indices (16 bytes a row) are read whole, once, here: forked loader workers share these
         # pages instead of each reading its own copy (streaming them costs the training loop two zarr calls a window)
         self.labels, self.index = opened.read_field("labels"), opened.read_field("index")
-        self.sample_labels = _labels_by_sample(self.labels, self.index, meta.transfer_set.num_samples)
         self.feature_slices = meta.feature_slices()
         self.views = meta.views_per_sample
         self.recipe = None
@@ -174,6 +173,9 @@ class StoreStream(torch.utils.data.IterableDataset):
             defer = replay_device is not None and meta.views.version >= 2  # version 1 replays on the CPU
             self.replay_device = replay_device if defer else None
             self.recipe = recipe_for_replay(meta.views, device=self.replay_device or "cpu")
+        self.sample_labels = None  # a mixed view's second label: its partner sample's (mix recipes only)
+        if self.recipe is not None and self.recipe.partner_column() is not None:
+            self.sample_labels = _labels_by_sample(self.labels, self.index, meta.transfer_set.num_samples)
         self.views_per_epoch = views_per_epoch if self.views > 1 else None
         if view_targets not in ("matched", "clean"):
             raise ValueError(f"view_targets must be 'matched' or 'clean', not {view_targets!r}")
@@ -315,7 +317,7 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        reader, labels, index = self._opened[1], self.labels, self.index
+        reader, labels, index = self._opened[1], self.labels, self.index  # labels, index: read once (__init__)
         t = live.gather(rows, chunk_ids)
         params = t.pop("view_params", None)
         if self.clean_targets:  # the stale-target ablation: every view gets its sample's clean-view targets
