@@ -570,6 +570,8 @@ def open_transfer_set(
     """Open a transfer set. Paths resolve against ``base_dir`` and must lie in ``roots`` when given;
     ``fingerprints``: how its fingerprint is computed (default: from scratch, every file hashed)."""
     ds = _open(parse_data_spec(spec), allow_code=allow_code, base_dir=base_dir, roots=roots)
+    if len(ds) == 0:  # here, before anything (a fingerprint, a probe) reads a first sample
+        raise DataError("the transfer set is empty")
     if fingerprints is not None:
         ds.fingerprints = fingerprints
     return ds

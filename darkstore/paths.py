@@ -69,6 +69,18 @@ def import_callable(ref: str, *, allow_code: bool, what: str) -> Callable:
     return obj
 
 
+def children_skip_working_directory() -> None:
+    """No Python process darkstore starts imports from the working directory.
+
+    A child started as ``python -c`` (multiprocessing's forkserver) or ``python -m`` (parallel sweeps and
+    specialists) puts the working directory first on its import path, so a user's folder named like one of
+    darkstore's packages (``storage/`` is a common name) would shadow it. ``PYTHONSAFEPATH`` (Python ≥ 3.11)
+    keeps it off; children inherit it. Called by the entry points (the CLI, the API's submit checker)."""
+    import os
+
+    os.environ["PYTHONSAFEPATH"] = "1"
+
+
 def user_cache_dir() -> Path:
     """darkstore's cache folder: ``$DARKSTORE_CACHE``, else ``$XDG_CACHE_HOME/darkstore``, else
     ``~/.cache/darkstore``. Read by entry points (the CLI), which pass what they need down."""

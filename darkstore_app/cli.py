@@ -1046,6 +1046,9 @@ def main() -> None:
     what was asked (one `error:` line says why); 130 interrupted."""
     import click
 
+    from darkstore.paths import children_skip_working_directory
+
+    children_skip_working_directory()
     usage_errors = tuple({click.UsageError, typer.BadParameter.__base__})  # typer may vendor its own click
     exits, aborts = tuple({click.exceptions.Exit, typer.Exit}), (click.Abort, typer.Abort, KeyboardInterrupt)
     try:

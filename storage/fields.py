@@ -130,6 +130,11 @@ def check_arrays(group: Any, meta: StoreMeta, path: Any, schema_error: type[Exce
             arr = group[f.name]
         except KeyError:
             raise schema_error(f"{path} lacks the '{f.name}' array") from None
+        except (ValueError, TypeError, AttributeError) as exc:  # zarr's parse of a damaged zarr.json
+            raise schema_error(
+                f"{path}/{f.name}/zarr.json, the '{f.name}' array's metadata, is unreadable ({type(exc).__name__}: "
+                f"{exc}); its chunks may be intact: restore that file from a copy of the store, or generate the "
+                "store again") from None
         if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
             raise schema_error(f"{path}/{f.name} is {tuple(arr.shape)} {arr.dtype}, schema says {shape} {dtype}")
 

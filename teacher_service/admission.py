@@ -9,7 +9,12 @@ rather than a failed job later. That work is bounded:
 * in the API, each check runs in a **child process** forked from a forkserver that
   has torch preloaded (tens of milliseconds), with an address-space limit
   (``submit_memory_bytes``) and a deadline (``submit_timeout``). A check that runs
-  over is killed and answered 422; nothing it loaded stays in the API's memory.
+  over is killed and answered 422; nothing it loaded stays in the API's memory. The
+  forkserver never imports from the working directory (``PYTHONSAFEPATH``), so a folder
+  there named like one of darkstore's packages cannot shadow it;
+* at most ``submit_checks`` checks run at once, in the API and inline alike: a submit
+  beyond them waits ``submit_queue_timeout`` seconds for a slot, then is answered 503
+  with ``Retry-After`` (:class:`~teacher_service.errors.CheckersBusyError`).
 
 A submit made through the broker (``submit_via_celery``) is checked in the Celery pool
 process itself, with the static limits only: a forkserver child pickles its parent's
@@ -22,12 +27,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import signal
+import threading
 import traceback
 from typing import Any, Callable
 
-from storage import StoreMeta
 from darkstore.errors import DarkstoreError, SpecError
-from teacher_service.errors import LimitExceededError
+from darkstore.paths import children_skip_working_directory
+from storage import StoreMeta
+from teacher_service.errors import CheckerFailedError, CheckersBusyError, LimitExceededError
 
 from .settings import Settings
 from .spec import JobSpec
@@ -111,9 +119,11 @@ class Admission:
         self.settings = settings
         self.isolated = settings.submit_isolation and _can_start_checker()
         self._ctx = None
+        self._slots = threading.BoundedSemaphore(settings.submit_checks)
 
     def _context(self):
         if self._ctx is None:
+            children_skip_working_directory()  # before the forkserver starts: it inherits the environment
             self._ctx = multiprocessing.get_context("forkserver")
             self._ctx.set_forkserver_preload(_PRELOAD)
         return self._ctx
@@ -135,9 +145,7 @@ class Admission:
                 result = parent.recv()
             except EOFError:
                 proc.join(timeout=10)
-                raise LimitExceededError(
-                    f"the check of this job died (exit code {proc.exitcode}): over the submit memory limit "
-                    "(DARKSTORE_SUBMIT_MEMORY_BYTES)?") from None
+                raise _death(proc.exitcode) from None
         finally:
             if proc.is_alive():
                 proc.kill()
@@ -149,9 +157,31 @@ class Admission:
         raise cls(message)
 
     def admit(self, spec: JobSpec, known: Callable[[str], bool] | None) -> tuple[str, StoreMeta | None]:
-        """See :func:`admit`; ``known`` must be picklable (a bound method of a JobBook is)."""
+        """See :func:`admit`; ``known`` must be picklable (a bound method of a JobBook is). At most
+        ``submit_checks`` run at once."""
         check_spec(spec, self.settings)
-        return self.run(admit, spec, self.settings, known)
+        wait = self.settings.submit_queue_timeout
+        if not self._slots.acquire(timeout=wait):
+            raise CheckersBusyError(
+                f"{self.settings.submit_checks} submit-time checks are running and none finished within {wait:g} s "
+                "(DARKSTORE_SUBMIT_CHECKS); submit again shortly", retry_after=max(1.0, wait))
+        try:
+            return self.run(admit, spec, self.settings, known)
+        finally:
+            self._slots.release()
+
+
+def _death(exitcode: int | None) -> DarkstoreError:
+    """Why a checker died without answering: killed by the kernel (memory), or a fault of the server's."""
+    if exitcode == -signal.SIGKILL:
+        return LimitExceededError("the check of this job was killed (SIGKILL), most likely out of memory; the "
+                                  "limit is DARKSTORE_SUBMIT_MEMORY_BYTES")
+    if exitcode is not None and exitcode < 0:
+        how = f"signal {signal.Signals(-exitcode).name}"
+    else:
+        how = f"exit code {exitcode}"
+    return CheckerFailedError(f"the service could not check this job: its checker process ended ({how}) before "
+                              "answering; the API log has its traceback")
 
 
 __all__ = ["Admission", "check_spec"]

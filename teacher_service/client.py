@@ -30,9 +30,9 @@ from .wire import Health, JobEvent, JobList, Readiness, StoreSummary, Submitted
 class ApiError(DarkstoreError):
     """The API refused a request; ``status`` is the HTTP status, ``kind`` the error kind."""
 
-    def __init__(self, status: int, kind: str, detail: str):
+    def __init__(self, status: int, kind: str, detail: str, retry_after: float | None = None):
         super().__init__(f"{detail} (HTTP {status} {kind})")
-        self.status, self.kind, self.detail = status, kind, detail
+        self.status, self.kind, self.detail, self.retry_after = status, kind, detail, retry_after
 
 
 class ServiceUnreachableError(DarkstoreError, ConnectionError):
@@ -99,21 +99,33 @@ class DarkstoreClient:
                 kind, detail = body.get("error", "HTTPError"), body.get("detail", r.text)
             except ValueError:
                 kind, detail = "HTTPError", r.text[:500]
-            raise ApiError(r.status_code, kind, str(detail))
+            try:
+                retry_after = float(r.headers["Retry-After"])
+            except (KeyError, ValueError):
+                retry_after = None
+            raise ApiError(r.status_code, kind, str(detail), retry_after)
         return r
 
     # -- jobs -------------------------------------------------------------------------
-    def submit(self, spec: JobSpec | dict | str | Path) -> Submitted:
+    def submit(self, spec: JobSpec | dict | str | Path, *, busy_retries: int = 3) -> Submitted:
         """Submit a job: a :class:`JobSpec`, a mapping (``teachers:``/``data:`` may name spec files, read
         relative to the working directory) or a spec file. ``created`` is False when the same job already
-        existed (nothing is recomputed)."""
+        existed (nothing is recomputed). While the service's check slots are busy (503 with Retry-After)
+        the submit is tried again after the time it names, ``busy_retries`` times."""
         if isinstance(spec, (str, Path)):
             body = load_job_file(spec)
         elif isinstance(spec, JobSpec):
             body = spec.model_dump(mode="json")
         else:
             body = inline_job(spec)
-        r = self._call("POST", "/v1/jobs", json=body)
+        for attempt in range(busy_retries + 1):
+            try:
+                r = self._call("POST", "/v1/jobs", json=body)
+                break
+            except ApiError as exc:
+                if exc.kind != "CheckersBusyError" or attempt == busy_retries:
+                    raise
+                time.sleep(exc.retry_after or 1.0)
         return Submitted(job=JobView.model_validate(r.json()), created=r.status_code == 201)
 
     def job(self, job_id: str) -> JobView:

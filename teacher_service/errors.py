@@ -9,4 +9,16 @@ class LimitExceededError(DarkstoreError, ValueError):
     """A request is over one of the service's submit-time limits (parameters, memory, input size, time)."""
 
 
-__all__ = ["LimitExceededError"]
+class CheckersBusyError(DarkstoreError, RuntimeError):
+    """Every submit-time check slot is taken (``submit_checks``): answered 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CheckerFailedError(DarkstoreError, RuntimeError):
+    """The submit-time checker process died of something other than the job (a server fault: 500)."""
+
+
+__all__ = ["CheckerFailedError", "CheckersBusyError", "LimitExceededError"]

@@ -204,8 +204,6 @@ def prepare(
     """Open the data, load the teachers, check they fit each other, build the store's metadata."""
     dev = torch.device(device)
     data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
-    if len(data) == 0:
-        raise SpecError("the transfer set is empty")
     names = spec.teachers.class_names or data.class_names
     declared = spec.teachers.num_classes or (len(spec.teachers.class_names) if spec.teachers.class_names else None)
     members = load_ensemble(spec.teachers, device=dev, allow_code=allow_code, roots=roots,

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
                                   "weights, fingerprinting data, loading and probing teachers); 422 above")
     submit_memory_bytes: int = Field(8 << 30, gt=0, description="memory the submit-time check may allocate "
                                      "(address space of its child process)")
+    submit_checks: int = Field(2, gt=0, description="submit-time checks that may run at once (each may use "
+                               "submit_memory_bytes); a submit beyond them waits up to submit_queue_timeout for a "
+                               "slot, then is answered 503 with Retry-After")
+    submit_queue_timeout: float = Field(30.0, ge=0, description="seconds a submit waits for a free check slot")
     submit_isolation: bool = Field(True, description="check submits in a child process, so that the time and "
                                    "memory limits are enforced and nothing stays allocated in the API")
     max_teacher_params: int = Field(2_000_000_000, gt=0, description="parameters of all teachers of a job "

@@ -120,3 +120,12 @@ class PidRecording(torch.utils.data.Dataset):
 
 def pid_recording(n: int = 40, folder: str = ".", seed: int = 0):
     return PidRecording(n, folder, seed)
+
+
+def slow_digits(delay: float, started: str, n: int = 40):
+    """``digits_like`` after a pause; ``started`` is created when the pause begins (a check in progress)."""
+    from pathlib import Path
+
+    Path(started).touch()
+    time.sleep(delay)
+    return digits_like(n)

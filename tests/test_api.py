@@ -54,6 +54,7 @@ def site(tmp_path_factory):
     # malformed and hostile files
     (root / "empty.npz").write_bytes(b"")
     np.savez(root / "noarrays.npz")
+    np.savez(root / "zero_rows.npz", x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, np.int64))
     whole = (root / "transfer.npz").read_bytes()
     (root / "truncated.npz").write_bytes(whole[: len(whole) // 2])
     os.mkfifo(root / "fifo.npz")
@@ -214,6 +215,8 @@ BAD = [
      "must be the last op"),
     # each of these answered 500 (or hung) before
     ("empty npz", body(data={"kind": "arrays", "path": "empty.npz"}), 422, "cannot read transfer set"),
+    ("a transfer set of 0 rows", body(data={"kind": "arrays", "path": "zero_rows.npz"}), 422,
+     "the transfer set is empty"),
     ("npz without arrays", body(data={"kind": "arrays", "path": "noarrays.npz"}), 422, "has no array 'x'"),
     ("truncated npz", body(data={"kind": "arrays", "path": "truncated.npz"}), 422, "cannot read transfer set"),
     ("NUL byte in a weights path", with_member(weights="teachers/t0\u0000.safetensors"), 422, "NUL byte"),

@@ -96,6 +96,21 @@ def test_cli_inspect_verify_and_train_refuse_a_damaged_chunk(clean, tmp_path, fi
     assert not (out / "summary.json").exists() and not (out / "student.safetensors").exists()
 
 
+@pytest.mark.parametrize("field", ["logits", "labels"])
+def test_a_damaged_array_metadata_file_is_one_named_error(clean, tmp_path, field):
+    """An array's zarr.json that no longer parses: `inspect --verify` and `train` say which file, exit 2."""
+    s = tmp_path / "store"
+    shutil.copytree(clean["store"], s)
+    (s / field / "zarr.json").write_text("{not json")
+    for args in (["inspect", str(s), "--verify"],
+                 ["train", "--store", str(s), "--out", str(tmp_path / "run"), "--student", "mlp",
+                  "--arch-kwargs", '{"in_features": 64, "hidden": [8]}', "--epochs", "1"]):
+        p = subprocess.run([*DARKSTORE, *args], env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and f"{field}/zarr.json" in lines[0] and "generate the store again" in lines[0], lines
+
+
 def test_checksums_are_recorded_per_chunk_and_field(clean):
     r = open_store(clean["store"])
     assert r.meta.schema_version == 2

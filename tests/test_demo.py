@@ -1,35 +1,92 @@
-"""The main job: `darkstore demo` on real handwritten digits."""
+"""The main job: `darkstore demo` on real handwritten digits.
+
+What the demo guarantees on any machine: it runs, its stores verify and hold every row, every number it
+reports is finite, in range and consistent with its runs, and what is seeded repeats bit for bit on one
+machine. Which student recipe wins by a few errors is research (seeds and CPUs move it): `bench/quality.py`
+reports that with its spread, and the demo's own printed comparisons say when a lead is within the spread.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 
+import numpy as np
 import pytest
+
+from darkstore_app.demo import COMPARISONS, SPREAD_SE, TEACHERS, VIEWS
+from storage import open_store
 
 from .conftest import DARKSTORE, cli_env
 
+ARMS = ("baseline", "distilled", "stale", "views")
+
+
+def run_demo(out, *extra: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([*DARKSTORE, "demo", "--out", str(out), *extra], env=cli_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def check_stores(out) -> dict[str, int]:
+    """Every store is complete, verifies its checksums, holds every row of its split and finite targets."""
+    with np.load(out / "data" / "train.npz") as z:
+        n_train, y_train = len(z["y"]), z["y"]
+    with np.load(out / "data" / "test.npz") as z:
+        n_test = len(z["y"])
+    assert n_train + n_test == 1797  # scikit-learn's digits, all of them
+    want = {"train": n_train, "test": n_test, "train_views": n_train * VIEWS["views"]}
+    for name, rows in want.items():
+        store = open_store(out / "stores" / name)
+        store.verify()
+        assert store.complete and store.meta.num_rows == rows, name
+        data = store.read_all()
+        assert np.isfinite(data.logits.astype(np.float64)).all(), name
+        assert [t.name for t in store.meta.teachers] == [t["name"] for t in TEACHERS]
+    train = open_store(out / "stores" / "train").read_all()
+    assert np.array_equal(train.labels, y_train[train.index])  # labels kept with their samples
+    return want
+
 
 @pytest.mark.slow
-def test_demo_distilled_student_beats_baseline(tmp_path):
+def test_demo_runs_end_to_end_and_reports_only_what_its_seeds_support(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([*DARKSTORE, "demo", "--out", str(out)], env=cli_env(), capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_demo(out)
+    n_test = check_stores(out)["test"]
     res = json.loads((out / "results.json").read_text())
-    rows = {row["model"].split(",")[0] if row["model"].startswith("student") else row["model"]: row for row in res["rows"]}
-    base = res["runs"]["baseline"]
-    dist = res["runs"]["distilled"]
-    assert len(base) == len(dist) == 3
-    mean = lambda runs: sum(x["accuracy"] for x in runs) / len(runs)  # noqa: E731
-    assert mean(dist) > mean(base), (mean(dist), mean(base))
-    views = res["runs"]["views"]  # targets recorded per view: beats clean-target distillation
-    assert len(views) == 3 and mean(views) > mean(dist), (mean(views), mean(dist))
-    stale = res["runs"]["stale"]  # the same views paired with clean-input targets
-    assert len(stale) == 3 and mean(views) > mean(stale), (mean(views), mean(stale))
+    for arm in ARMS:
+        accs = [run["accuracy"] for run in res["runs"][arm]]
+        assert len(accs) == 3 and all(math.isfinite(a) and 0 <= a <= 1 for a in accs), (arm, accs)
+        assert (out / "runs" / f"{arm}_seed0" / "eval.json").exists()
+    for row in res["rows"]:
+        assert 0 <= row["accuracy_mean"] <= 1 and row["accuracy_std"] >= 0 and row["params"] > 0, row
     ens = next(row for row in res["rows"] if row["model"].startswith("ensemble"))
-    assert ens["accuracy_mean"] > 0.95  # real teachers on real digits
-    assert "| student, distilled" in r.stdout and "± " in r.stdout
-    for sub in ("stores/train", "stores/test", "stores/train_views", "teachers/ensemble.yaml", "runs", "results.md"):
+    assert ens["accuracy_mean"] > 0.9  # real teachers on real digits (they reach about 0.99)
+    # each printed comparison is the runs' own difference, with the verdict its standard error gives
+    assert [(c["arm"], c["other"]) for c in res["comparisons"]] == COMPARISONS
+    for c in res["comparisons"]:
+        errs = {k: [round((1 - run["accuracy"]) * n_test) for run in res["runs"][k]] for k in (c["arm"], c["other"])}
+        diff = statistics.fmean(errs[c["arm"]]) - statistics.fmean(errs[c["other"]])
+        se = math.sqrt(sum(statistics.variance(e) / len(e) for e in errs.values()))
+        assert c["errors_diff"] == pytest.approx(diff) and c["errors_se"] == pytest.approx(se)
+        assert c["within_spread"] == (diff == 0 or abs(diff) <= SPREAD_SE * se), c
+        assert f"{c['arm']} − {c['other']}" in r.stdout and c["verdict"] in r.stdout
+    assert "| student, distilled" in r.stdout and "± " in r.stdout and "within the seed spread when" in r.stdout
+    for sub in ("teachers/ensemble.yaml", "results.md", "alpha_grid.yaml"):
         assert (out / sub).exists(), sub
-    assert rows
+
+
+@pytest.mark.slow
+def test_the_demo_repeats_bit_for_bit_on_one_machine(tmp_path):
+    """Seeded teachers, stores and students: two runs give the same stores and the same results."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_demo(a, "--quick", "--seeds", "2")
+    run_demo(b, "--quick", "--seeds", "2")
+    for name in check_stores(a):
+        sa, sb = open_store(a / "stores" / name).read_all(), open_store(b / "stores" / name).read_all()
+        assert np.array_equal(sa.logits, sb.logits) and np.array_equal(sa.index, sb.index), name
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert ra["runs"] == rb["runs"] and ra["comparisons"] == rb["comparisons"]

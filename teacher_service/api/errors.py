@@ -35,7 +35,7 @@ from storage.errors import (
     TransferSetMismatchError,
 )
 
-from ..errors import LimitExceededError
+from ..errors import CheckerFailedError, CheckersBusyError, LimitExceededError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ErrorBody(BaseModel):
 # HTTP status for each kind of error a request can cause (first match wins)
 STATUS: list[tuple[type[Exception], int]] = [
     (StoreAccessError, 503),  # the store's object storage cannot be reached
+    (CheckersBusyError, 503),  # every submit-time check slot is taken: Retry-After
+    (CheckerFailedError, 500),  # the server's own checker process failed
     (PathOutsideRootsError, 403),
     (CodeNotAllowedError, 403),
     (StoreExistsError, 409),
@@ -70,7 +72,8 @@ STATUS: list[tuple[type[Exception], int]] = [
 TEXT = {400: "bad request", 401: "missing or wrong bearer token", 403: "a path outside the data roots, or code "
         "the operator did not allow", 404: "no such job or store", 409: "conflicts with the store's state",
         413: "request body too large", 422: "invalid spec, missing or unsafe weights, unreadable data, or over a "
-        "submit-time limit", 503: "the broker or the stores' object storage is unreachable"}
+        "submit-time limit", 500: "the server failed (its log has the details)", 503: "the broker or the stores' "
+        "object storage is unreachable, or every submit-time check slot is busy (see Retry-After)"}
 
 
 def status_of(exc: Exception) -> int:
@@ -111,7 +114,9 @@ def install(app: FastAPI, redact: Redactor) -> None:
 
     @app.exception_handler(DarkstoreError)
     async def darkstore_error(request: Request, exc: DarkstoreError):
-        return body(type(exc).__name__, redact(str(exc)), status_of(exc))
+        retry = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else None
+        return body(type(exc).__name__, redact(str(exc)), status_of(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

@@ -19,10 +19,14 @@ JobId = Annotated[str, Path(description="the job's id (24 hex digits)", max_leng
 @router.post("", response_model=JobView, status_code=201,
              summary="Submit a job (or get the identical one already submitted)",
              responses={200: {"model": JobView, "description": "the same job was already submitted"},
-                        **responses(401, 403, 404, 409, 413, 422, 503)})
+                        **responses(401, 403, 404, 409, 413, 422, 500, 503)})
 def submit(spec: JobSpec, response: Response, m: ManagerDep) -> JobView:
-    """Relative paths resolve against the first data root; every path must stay inside the roots.
-    Teachers are checked (safely, within the submit-time limits) before anything is queued."""
+    """The body is the whole job: ``teachers`` (an ensemble spec) and ``data`` (a transfer-set spec) are inline
+    JSON objects, not names of YAML files (``darkstore submit job.yaml`` reads such files and sends them inline).
+    Relative paths inside them resolve against the first data root; every path must stay inside the roots.
+    Teachers are checked (safely, within the submit-time limits) before anything is queued; at most
+    ``DARKSTORE_SUBMIT_CHECKS`` checks run at once, and a submit that finds no free slot in time is answered
+    503 with ``Retry-After``."""
     view, created = m.submit(spec)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{view.id}"
