@@ -227,8 +227,8 @@ def _job_spec(job: Optional[Path], teachers: Optional[Path], data: Optional[str]
 def _say_generated(writer, part, wrote: int, took: float) -> None:
     left = writer.pending_chunks()
     if not left:
-        console.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed "
-                      f"{'now' if part is None else f'by shard {part}'} in {took:.1f} s)")
+        out.print(f"[green]store complete[/]: {writer.path} ({writer.meta.num_rows} rows; {wrote} computed "
+                  f"{'now' if part is None else f'by shard {part}'} in {took:.1f} s)")  # the result: stdout
     else:  # only a shard ends before the store does
         console.print(f"[green]shard {part} complete[/]: {wrote} rows computed now in {took:.1f} s; the store at "
                       f"{writer.path} still waits for {len(left)} of {writer.meta.n_chunks} chunks from the other "

@@ -16,8 +16,11 @@ Each point trains into ``OUT/runs/<axis=value_…>``. Points that differ only in
 settings (:data:`~student_trainer.config.PER_STUDENT`: the student, T, α, the objective, the
 optimiser's settings, epochs) see the same batches, so they train together in one process
 (``python -m student_trainer.sweep DIR…``): each batch is read and decoded once and every
-student takes its step on it, each with its own random stream — the weights are those each
-point reaches alone. Points that differ in seed, batch size, holdout or the shuffle window
+student takes its step on it, each with its own random stream. Stepped one by one
+(``stack=False``, ``--no-stack``) the weights are bit for bit those each point reaches alone;
+stacked (the default for points of one architecture) they start within float32 rounding of
+them, and the difference grows over training (another order of additions): a sample of the
+recipe as good as alone, but not the same one. Points that differ in seed, batch size, holdout or the shuffle window
 see other batches and run in other processes, ``parallel`` at a time (``isolate``: one
 process per point, as a crash then takes one point down). A point whose run directory holds
 a ``summary.json`` is finished and is skipped; an interrupted point continues from its
@@ -26,7 +29,8 @@ use: T when α = 0 or with ``ce``; :func:`~student_trainer.config.unused_setting
 its run directory is a link to that point's. A lock file per run keeps two sweeps from training the same
 point at once. Each
 point's lines go to its ``train.log``, each process's output to ``OUT/logs/``. Results:
-``OUT/results.csv`` (one row per run), ``OUT/results.json`` and ``OUT/results.md`` (mean ±
+``OUT/results.csv`` (one row per run, with its training wall seconds and how many students it
+was stacked with), ``OUT/results.json`` and ``OUT/results.md`` (mean ±
 sample std over seeds for every other combination of axes).
 """
 
@@ -338,7 +342,8 @@ def load_runs(out: Path, pts: list[Point]) -> list[dict[str, Any]]:
         if f.exists():
             s = json.loads(f.read_text())
             rows.append({"run": p.name, **{k: v for k, v in p.axes.items()},
-                         **{m: s["final"].get(m) for m in METRICS}, "epochs": s["config"]["epochs"]})
+                         **{m: s["final"].get(m) for m in METRICS}, "epochs": s["config"]["epochs"],
+                         "seconds": s.get("seconds"), "stacked_with": s.get("stacked_with", 0)})
     return rows
 
 
@@ -385,7 +390,7 @@ def markdown_table(table: list[dict[str, Any]], axes: list[str]) -> str:
 def write_results(out: Path, pts: list[Point], axes: list[str]) -> list[dict[str, Any]]:
     runs = load_runs(out, pts)
     table = group_table(runs, axes)
-    cols = ["run", *axes, *METRICS, "epochs"]
+    cols = ["run", *axes, *METRICS, "epochs", "seconds", "stacked_with"]
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

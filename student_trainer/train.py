@@ -316,8 +316,11 @@ def report_mixing(loader, log: Callable[[str], None] | None) -> dict[str, float]
     m = batch_mixing(loader.stream, loader.stream.labels)  # read once, by the loader
     if m is None or log is None:
         return m
+    n_chunks = loader.stream.n_chunks
+    window = ("the whole store" if m["window_chunks"] >= n_chunks
+              else f"{m['window_chunks']} of {n_chunks} chunks")
     line = (f"batches: {m['labels_per_batch']:.1f} distinct labels per batch on average, {m['full_shuffle']:.1f} "
-            f"under a full shuffle ({100 * m['ratio']:.0f} %; shuffle window {m['window_chunks']} chunk(s))")
+            f"under a full shuffle ({100 * m['ratio']:.0f} %; shuffle window: {window})")
     if m["ratio"] < MIXING_WARN:
         log(f"warning: poorly mixed {line}: raise --shuffle-buffer-mb, or regenerate the store with "
             "--row-order shuffled (the default for new stores)")
@@ -733,6 +736,8 @@ class _Recipe:
             "world_size": self.dist.world,
             "stacked_with": self.stacked_with,
             "steps": self.steps_done,
+            # wall seconds of training (resumed runs included); students stacked together share theirs
+            "seconds": self.history[-1].get("seconds") if self.history else None,
             "final": final,
         }
         _write_json_atomic(summary, out / "summary.json")

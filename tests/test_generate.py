@@ -398,7 +398,9 @@ def test_two_sharded_generate_processes_fill_one_store_computing_each_chunk_once
     assert "store complete" in both and "shard 0/2" in both and "shard 1/2" in both
     # the same store a single process writes
     rows_file.unlink()
-    subprocess.run([*args[:-1], str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    single = subprocess.run([*args[:-1], str(tmp_path / "whole")], env=env, check=True, capture_output=True,
+                            text=True)
+    assert "store complete" in single.stdout and "store complete" not in single.stderr  # a result, not progress
     assert len(rows_file.read_bytes()) == 640
     whole = open_store(tmp_path / "whole").read_all()
     got = store.read_all()

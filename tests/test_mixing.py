@@ -88,11 +88,13 @@ def test_training_reports_well_mixed_batches_from_either_order_and_poor_mixing_w
     for order in ("natural", "shuffled"):
         p = train(stores, order, tmp_path / order)
         assert "distinct labels per batch" in p.stderr and "warning" not in p.stderr, p.stderr
+        assert "shuffle window: the whole store" in p.stderr, p.stderr  # the default window covers this store
         s = json.loads((tmp_path / order / "summary.json").read_text())
         assert s["mixing"]["ratio"] > 0.93
         assert 0 <= s["final"]["agreement"] <= 1
     p = train(stores, "natural", tmp_path / "tiny-window", "--shuffle-buffer-mb", "0.001")
     assert "warning: poorly mixed batches" in p.stderr, p.stderr
+    assert f"shuffle window: 1 of {stores['natural'].meta.n_chunks} chunks" in p.stderr, p.stderr
 
 
 def test_resuming_keeps_the_stores_own_order(stores, tmp_path):

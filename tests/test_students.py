@@ -631,6 +631,10 @@ def test_sweep_trains_points_identical_in_effect_once(tmp_path, cache):
     with (out / "results.csv").open() as f:
         rows = {(float(x["alpha"]), float(x["temperature"])): x for x in csv.DictReader(f)}
     assert len(rows) == 4 and rows[(0.0, 2.0)]["accuracy"] == rows[(0.0, 4.0)]["accuracy"]
+    for x in rows.values():  # each point's training wall time, and whom it stepped with
+        summary = json.loads((out / "runs" / x["run"] / "summary.json").read_text())
+        assert float(x["seconds"]) == summary["seconds"] > 0
+        assert int(x["stacked_with"]) == summary["stacked_with"]
     again = subprocess.run([*DARKSTORE, "sweep", "--grid", str(grid), "--out", str(out)], env=cli_env(),
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 trained now, 3 already finished, 1 the same run" in again.stderr
