@@ -125,6 +125,8 @@ def parse_data_spec(value: Any) -> DataSpec:
             return ArraysSpec(path=str(p))
         if p.is_dir():
             return ImageFolderSpec(root=str(p))
+        if not p.exists():
+            raise DataNotFoundError(f"transfer set {str(value)!r} does not exist")
         raise DataNotFoundError(
             f"cannot read data spec {str(value)!r}: give a .yaml/.json spec, a .npz/.npy file or an image folder"
         )

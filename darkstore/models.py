@@ -111,6 +111,11 @@ def available_architectures() -> list[str]:
 
 def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """A freshly initialised model of a registered architecture."""
+    if "num_classes" in kwargs:  # said twice: once is enough, twice differently is a mistake
+        if kwargs["num_classes"] != num_classes:
+            raise SpecError(f"arch_kwargs say num_classes {kwargs['num_classes']} for {arch}, but it is built for "
+                            f"{num_classes} classes (the member's or the ensemble's num_classes): give it once")
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
     if arch in BUILTINS:
         try:
             return BUILTINS[arch](num_classes=num_classes, **kwargs)
@@ -322,7 +327,7 @@ def load_model(
         if not isinstance(module, nn.Module):
             raise SpecError(f"factory {spec.factory} returned {type(module).__name__}, not a torch.nn.Module")
         if path is not None:
-            _load_into(module, load_state_dict(path, fmt), path, spec.key_map)
+            _load_into(module, load_state_dict(path, fmt), path, spec.key_map, label=spec.label)
         return LoadedModel(spec, module, "factory", path, digest)
 
     if fmt in CODE_FORMATS:
@@ -340,7 +345,7 @@ def load_model(
         raise SpecError(f"{spec.label!r}: num_classes is unknown; set it on the model or the ensemble")
     module = build_model(spec.arch, c, **spec.arch_kwargs)
     if path is not None:
-        _load_into(module, load_state_dict(path, fmt), path, spec.key_map)
+        _load_into(module, load_state_dict(path, fmt), path, spec.key_map, label=spec.label, num_classes=c)
     elif require_weights:
         raise SpecError(f"{spec.label!r} names no weights; a teacher without weights would be random")
     return LoadedModel(spec, module, fmt, path, digest)
@@ -362,16 +367,44 @@ def remap_keys(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path,
-               key_map: dict[str, str] | None = None) -> None:
+               key_map: dict[str, str] | None = None, *, label: str | None = None,
+               num_classes: int | None = None) -> None:
     state = remap_keys(state, key_map or {})
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        msg = str(exc).split("\n\t", 1)[-1].replace("\n\t", "; ")
-        file_keys = ", ".join(list(state)[:4])
-        model_keys = ", ".join(list(module.state_dict())[:4])
-        raise WeightsError(f"{path} does not fit the architecture: {msg[:600]} (file keys start {file_keys}; the "
-                           f"model's {model_keys}: a key_map renames keys by prefix)") from exc
+        who = f"{label!r}: " if label else ""
+        raise WeightsError(f"{who}{path} does not fit the architecture: "
+                           f"{_misfit(module.state_dict(), state, num_classes)}") from exc
+
+
+def _misfit(model: dict[str, torch.Tensor], file: dict[str, torch.Tensor], num_classes: int | None) -> str:
+    """Why a state dict does not load, in the terms a user acts on: the head's class count, a deeper or
+    shallower variant, another configuration, or other key names (where a key_map helps)."""
+    missing = [k for k in model if k not in file]
+    extra = [k for k in file if k not in model]
+    shapes = [k for k in model if k in file and tuple(model[k].shape) != tuple(file[k].shape)]
+    heads = {int(file[k].shape[0]) for k in shapes if model[k].ndim and file[k].ndim
+             and int(model[k].shape[0]) == num_classes and model[k].shape[1:] == file[k].shape[1:]}
+    if shapes and not missing and not extra and len(heads) == 1 and len(shapes) <= 2:
+        k = heads.pop()
+        return (f"its head has {k} classes, the model is built for {num_classes} (the member's num_classes, else "
+                f"the ensemble's or the transfer set's): set num_classes: {k} on it, or give weights for "
+                f"{num_classes} classes")
+    if shapes and not missing and not extra:
+        k = shapes[0]
+        return (f"{len(shapes)} tensor(s) have other shapes ({k}: file {list(file[k].shape)}, model "
+                f"{list(model[k].shape)}): the weights are of another configuration (width, arch_kwargs)")
+    overlap = len(set(model) & set(file)) / max(1, len(model))
+    if overlap > 0.5 and extra and not missing:
+        return (f"the file has {len(extra)} weights the model lacks ({', '.join(extra[:3])}…): it holds a larger "
+                "variant (deeper or with more blocks, e.g. resnet34 weights under arch resnet18)")
+    if overlap > 0.5 and missing and not extra:
+        return (f"the model has {len(missing)} weights the file lacks ({', '.join(missing[:3])}…): it holds a "
+                "smaller variant (shallower, e.g. resnet18 weights under arch resnet34)")
+    return (f"{len(missing)} of the model's weights are not in the file and {len(extra)} of the file's are not in "
+            f"the model (file keys start {', '.join(list(file)[:3])}; the model's {', '.join(list(model)[:3])}): "
+            "if only the names differ, a key_map renames keys by prefix")
 
 
 def save_weights(module: nn.Module, path: str | Path) -> str:

@@ -56,6 +56,10 @@ def _progress() -> Progress:
     )
 
 
+def _task(progress: Progress, task_id):
+    return next(t for t in progress.tasks if t.id == task_id)
+
+
 def _force_progress() -> bool:
     import os
 
@@ -186,11 +190,25 @@ def generate(
             task["n"] += n
             rate = task["n"] / max(1e-9, time.perf_counter() - task["t"])
             progress.update(task["id"], advance=n, rate=f"{rate:,.0f} rows/s")
+            if progress.disable:  # a log file, CI, a notebook: no bar, so a line every tenth of the work
+                t = _task(progress, task["id"])
+                tenth = int(10 * t.completed / max(1, t.total))
+                if tenth > task.get("said", int(10 * (t.completed - n) / max(1, t.total))):
+                    task["said"] = tenth
+                    console.print(f"{t.description}: {int(t.completed):,} of {int(t.total):,} rows "
+                                  f"({100 * t.completed / max(1, t.total):.0f} %), {rate:,.0f} rows/s", highlight=False)
 
-        writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
-                     allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
-                     channels_last=channels_last, shard=part, wait=wait, writer_processes=writer_processes,
-                     fingerprints=_fingerprints(verify_data, progress))
+        try:
+            writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
+                         allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
+                         channels_last=channels_last, shard=part, wait=wait, writer_processes=writer_processes,
+                         fingerprints=_fingerprints(verify_data, progress))
+        except KeyboardInterrupt:
+            if "id" not in task:
+                raise Interrupted("nothing was computed yet; rerun the same command to start") from None
+            t = _task(progress, task["id"])
+            raise Interrupted(f"{int(t.completed):,} of {int(t.total):,} rows are committed in {out_} and kept; "
+                              f"continue with: {_again(drop=('--overwrite',))}") from None
     _say_generated(writer, part, task.get("n", 0), time.perf_counter() - t0)
 
 
@@ -538,6 +556,8 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps too (0: at epoch ends only)")] = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)", metavar="")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)", metavar="")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="delete the run already in --out and start over "
+                                            "(without it, or --resume, such a folder is refused)", metavar="")] = False,
     latency: Annotated[bool, typer.Option("--latency", help="also time the student's and the teachers' CPU latency "
                                           "for eval.json (darkstore eval does it on request)", metavar="")] = False,
     allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="train on the finished part of an incomplete store", metavar="")] = False,
@@ -563,6 +583,8 @@ def train(
         raise typer.BadParameter("give --student ARCH or --student-spec FILE")
     if (store is None) == (job is None):
         raise typer.BadParameter("give --store STORE or --job SPEC (one of them)")
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in --out, --overwrite deletes it: give one of them")
     if job is not None:
         store = _store_of_job(job, api, token, job_timeout)
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
@@ -582,16 +604,42 @@ def train(
         task = progress.add_task("training", total=cfg.total_epochs, rate="", visible=rank0)
 
         def on_epoch(row):
-            acc = row.get("eval_accuracy")
-            progress.update(task, completed=row["epoch"],
-                            rate=f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else ""))
+            progress.update(task, completed=row["epoch"], rate=_epoch_rate(row))
+            if rank0 and progress.disable:  # a log file, CI, a notebook: no bar, so one line an epoch
+                console.print(f"epoch {row['epoch']}/{cfg.total_epochs}: {_epoch_rate(row)}, "
+                              f"{row.get('seconds', 0):.1f} s", highlight=False)
 
-        r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset, allow_incomplete=allow_incomplete,
-                allow_code=allow_code, resume=resume, latency=latency, on_epoch=on_epoch,
-                log=lambda m: console.print(m), fingerprints=fps, track=track or (), cache_dir=_cache())
+        try:
+            r = run(cfg, store, out_, data=tset, eval_store=eval_store, eval_data=etset,
+                    allow_incomplete=allow_incomplete, allow_code=allow_code, resume=resume, overwrite=overwrite,
+                    latency=latency, on_epoch=on_epoch, log=lambda m: console.print(m), fingerprints=fps,
+                    track=track or (), cache_dir=_cache())
+        except KeyboardInterrupt:
+            epochs = int(_task(progress, task).completed)
+            kept = f"its checkpoint after epoch {epochs}" if epochs else "no finished epoch yet"
+            every = f" (or a later one: --checkpoint-every {checkpoint_every})" if checkpoint_every else ""
+            raise Interrupted(f"{out_} keeps {kept}{every}; continue with: "
+                              f"{_again(add='--resume', drop=('--overwrite',))}") from None
     if not rank0:
         return
     _print_run(r)
+
+
+class Interrupted(DarkstoreError):
+    """Ctrl-C: the message says what was kept and the command that continues."""
+
+
+def _again(add: str | None = None, drop: tuple[str, ...] = ()) -> str:
+    """The command line this process was started with, to run again (``add`` a flag, ``drop`` some)."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a not in drop]
+    return shlex.join(["darkstore", *args, *([add] if add and add not in args else [])])
+
+
+def _epoch_rate(row: dict) -> str:
+    acc = row.get("eval_accuracy")
+    return f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else "")
 
 
 def _print_run(r) -> None:
@@ -652,7 +700,14 @@ def sweep(
 
         def on_event(o, done, total):
             progress.update(task, completed=done, rate=o.point.name)
-            if o.state == "failed":
+            if o.state == "started":
+                console.print(f"training {o.point.name}: its lines go to {o.error}", highlight=False)
+            elif o.state == "epoch":
+                if progress.disable:  # a log file, CI, a notebook: no bar, so one line per point and epoch
+                    e = o.epoch
+                    console.print(f"{o.point.name} epoch {e['epoch']}/{o.point.config.total_epochs}: "
+                                  f"{_epoch_rate(e)}, {o.seconds:.0f} s", highlight=False)
+            elif o.state == "failed":
                 console.print(f"[red]failed[/] {o.point.name}: {escape(o.error)}", highlight=False)
             elif o.state == "busy":
                 console.print(f"[yellow]busy[/] {o.point.name}: {o.error}", highlight=False)
@@ -662,9 +717,13 @@ def sweep(
                 unused = ", ".join(sorted(unused_settings(o.point.config)))
                 console.print(f"same run {o.point.name} = {o.error} ({unused} unused there)", highlight=False)
 
-        r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device, threads=threads,
-                      isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event,
-                      fingerprints=_fingerprints(verify_data), track=track or (), cache_dir=_cache())
+        try:
+            r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device,
+                          threads=threads, isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event,
+                          fingerprints=_fingerprints(verify_data), track=track or (), cache_dir=_cache())
+        except KeyboardInterrupt:
+            raise Interrupted(f"finished points are kept in {out_ / 'runs'} and unfinished ones keep their last "
+                              f"checkpoint; continue with: {_again()}") from None
     skipped = sum(o.state == "skipped" for o in r.outcomes)
     trained = sum(o.state == "finished" for o in r.outcomes)
     same = sum(o.state == "same" for o in r.outcomes)
@@ -811,7 +870,8 @@ def archs(
             out.print(f"timm/<model>: any of timm's {len(timm.list_models()):,} models (timm.list_models()), "
                       "e.g. timm/resnet50, timm/convnext_tiny", highlight=False)
         return
-    model = build_model(layers, 10, **_json_option(arch_kwargs, "--arch-kwargs"))
+    kwargs = _json_option(arch_kwargs, "--arch-kwargs")
+    model = build_model(layers, int(kwargs.pop("num_classes", 10)), **kwargs)  # the head's size: any will do
     for name, module in model.named_modules():
         if name:
             out.print(f"{name}  {type(module).__name__}", highlight=False)
@@ -1031,7 +1091,9 @@ def _error(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _json_option(value: str, option: str) -> dict:
+def _json_option(value: str | None, option: str) -> dict:
+    if value is None:
+        return {}
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
@@ -1053,6 +1115,9 @@ def main() -> None:
     exits, aborts = tuple({click.exceptions.Exit, typer.Exit}), (click.Abort, typer.Abort, KeyboardInterrupt)
     try:
         code = app(standalone_mode=False)
+    except Interrupted as exc:
+        console.print(f"[yellow]interrupted[/]: {exc}", highlight=False)
+        sys.exit(130)
     except DarkstoreError as exc:
         _error(str(exc))
     except ValidationError as exc:
@@ -1066,11 +1131,12 @@ def main() -> None:
     except exits as exc:
         sys.exit(exc.exit_code)
     except aborts:
-        console.print("[yellow]interrupted[/]: committed chunks are kept; rerun the same command to resume")
-        sys.exit(130)
+        code = 130
     except OSError as exc:  # a full disk, a permission, a vanished file
         where = f": {exc.filename}" if exc.filename else ""
         _error(f"{exc.strerror or type(exc).__name__}{where}" if exc.strerror else f"{type(exc).__name__}: {exc}")
+    if code == 130:  # Ctrl-C in a command that says nothing more itself (typer returns 130 for it)
+        console.print("[yellow]interrupted[/]: what was finished is kept; rerun the same command to continue")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -180,7 +180,8 @@ def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, q
                               batch_size=64, lr=2e-3, weight_decay=1e-4, seed=seed,
                               view_targets="clean" if kind == "stale" else "matched")
             store = stores["views" if on_views else "train"]
-            r = train(cfg, store, out / "runs" / f"{kind}_seed{seed}", eval_store=stores["test"])
+            r = train(cfg, store, out / "runs" / f"{kind}_seed{seed}", eval_store=stores["test"],
+                      overwrite=True)  # the demo makes its whole folder anew
             results[kind].append(r.final)
             n_params = r.num_params
             log(f"      {kind:9s} seed {seed}: accuracy {r.final['accuracy']:.4f}")

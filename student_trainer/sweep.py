@@ -154,9 +154,11 @@ def points(spec: GridSpec) -> list[Point]:
 @dataclass
 class PointOutcome:
     point: Point
-    state: str  # "finished" (now), "skipped" (was finished), "same" (another point's run), "failed", "busy"
+    state: str  # "finished" (now), "skipped" (was finished), "same" (another point's run), "failed", "busy";
+    # while it trains (reported through on_event only): "started", "epoch"
     seconds: float = 0.0
-    error: str = ""  # "same": the name of the point whose run this is
+    error: str = ""  # "same": the name of the point whose run this is; "started": its train.log
+    epoch: dict[str, Any] | None = None  # "epoch": the metrics row the point just wrote
 
 
 @dataclass
@@ -242,6 +244,38 @@ def _outcome(p: Point, run_dir: Path, rc: int, seconds: float, log: Path) -> Poi
     return PointOutcome(p, "failed", seconds, " | ".join(tail) or f"exit code {rc}")
 
 
+class _Watch:
+    """Reports points while they train: when each starts (with its train.log) and each epoch it ends (the
+    rows its metrics.jsonl gains), so a sweep is never silent for a whole point."""
+
+    def __init__(self, on_event: Callable[[PointOutcome, int, int], None] | None, done: Callable[[], int],
+                 total: int):
+        self.on_event, self.done, self.total = on_event, done, total
+        self.lines: dict[str, int] = {}
+
+    def start(self, p: Point, run_dir: Path) -> None:
+        self.lines[p.name] = self._rows(run_dir)  # a resumed point's earlier epochs are not news
+        if self.on_event:
+            self.on_event(PointOutcome(p, "started", error=str(run_dir / "train.log")), self.done(), self.total)
+
+    def epochs(self, unit: list[Point], runs: Path, seconds: float) -> None:
+        if not self.on_event:
+            return
+        for p in unit:
+            f = runs / p.name / "metrics.jsonl"
+            text = f.read_text() if f.exists() else ""
+            rows = text[:text.rfind("\n") + 1].splitlines()  # whole lines only: the trainer may be appending
+            for line in rows[self.lines.get(p.name, 0):]:
+                if line.strip():
+                    self.on_event(PointOutcome(p, "epoch", seconds, epoch=json.loads(line)), self.done(), self.total)
+            self.lines[p.name] = max(self.lines.get(p.name, 0), len(rows))
+
+    @staticmethod
+    def _rows(run_dir: Path) -> int:
+        f = run_dir / "metrics.jsonl"
+        return len(f.read_text().splitlines()) if f.exists() else 0
+
+
 def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = None,
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
@@ -292,6 +326,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
 
     running: dict[int, tuple[subprocess.Popen, list[Point], float, Any, Path]] = {}
     free = list(range(parallel))
+    watch = _Watch(on_event, lambda: len(outcomes), len(pts))
     try:
         while units or running:
             while units and free:
@@ -315,9 +350,12 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
                 proc = subprocess.Popen([sys.executable, "-m", "student_trainer.sweep", *dirs],
                                         stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
                 running[slot] = (proc, unit, time.perf_counter(), log, log_path)
+                for p in unit:
+                    watch.start(p, out / "runs" / p.name)
             time.sleep(poll)
             for slot, (proc, unit, t0, log, log_path) in list(running.items()):
                 rc = proc.poll()
+                watch.epochs(unit, out / "runs", time.perf_counter() - t0)
                 if rc is None:
                     continue
                 log.close()

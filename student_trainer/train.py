@@ -275,9 +275,9 @@ class _Dist:
 
 def check_device(config: TrainConfig) -> None:
     """Refuse a device or precision this machine cannot run, before anything is opened."""
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"--device {config.device}: no CUDA device is visible here (torch {torch.__version__}); "
-                        "use --device cpu")
+    from darkstore.device import check_device as check_device_name
+
+    check_device_name(config.device)
     if config.amp == "fp16" and not config.device.startswith("cuda"):
         raise SpecError("--amp fp16 needs a CUDA device (fp16 trains with a gradient scaler); on the CPU use --amp bf16")
 
@@ -748,6 +748,21 @@ class _Recipe:
         return final
 
 
+#: what a run folder holds that training must never delete unasked
+RUN_FILES = ("summary.json", "student.safetensors", "eval.json", "checkpoint.pt")
+
+
+def _refuse_to_replace(out: Path) -> None:
+    """A folder holding a run is continued (``resume``) or replaced on request (``overwrite``), never by default."""
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if not held:
+        return
+    what = "a finished run" if "summary.json" in held else (
+        "an interrupted run (checkpoint.pt)" if "checkpoint.pt" in held else f"a run ({', '.join(held)})")
+    raise RunDirError(f"{out} holds {what}; nothing was changed. --resume continues it (a finished run is "
+                      "left as is), --overwrite deletes it and starts over, or choose another --out")
+
+
 def _finished(config: TrainConfig, out: Path) -> RunResult | None:
     """The result of a finished run in ``out`` with this config (None when it is not finished)."""
     summary_path = out / "summary.json"
@@ -834,6 +849,7 @@ def train_many(
     final_eval: bool = True,
     latency: bool = False,
     stack: bool = True,
+    overwrite: bool = False,
     fingerprints: FingerprintPolicy | None = None,
     on_epoch: Callable[[Run, dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -845,7 +861,8 @@ def train_many(
     """Train several students from one store in one process: the store, the transfer set and the eval rows
     are opened once; students whose batches are the same (:func:`together`) train in lockstep from one read
     of each batch; the others follow one group after another. Each run writes its own directory exactly as
-    :func:`train` does (``resume``: finished runs are returned as they are, interrupted ones continue).
+    :func:`train` does (``resume``: finished runs are returned as they are, interrupted ones continue;
+    without it a folder that holds a run is refused with :class:`RunDirError` unless ``overwrite``).
     ``stack``: students of one architecture and optimiser in a group step as one stacked model (equal to
     training each alone within float rounding, not bit for bit; False: each steps alone, bit-identical to a
     lone run). ``fingerprints``: how the recorded transfer sets are fingerprinted to check them (default: every
@@ -867,6 +884,8 @@ def train_many(
     for i, run in enumerate(runs):
         try:
             fin = _finished(run.config, Path(run.out)) if resume else None
+            if not resume and not overwrite:
+                _refuse_to_replace(Path(run.out))
         except RunDirError as exc:
             done(i, exc)
             continue
@@ -927,6 +946,7 @@ def train(
     allow_code: bool = False,
     roots: Sequence[str | Path] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     final_eval: bool = True,
     latency: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -938,12 +958,13 @@ def train(
 ) -> RunResult:
     """Train ``config.student`` on ``store``; write the run to ``out``.
 
-    ``resume``: continue ``out``'s checkpoint (or return at once when ``out`` is finished);
-    without it an existing run in ``out`` is replaced. ``latency``: time the student's CPU latency
+    ``resume``: continue ``out``'s checkpoint (or return at once when ``out`` is finished); without it a
+    run already in ``out`` is refused (:class:`RunDirError`), or deleted and started over with ``overwrite``.
+    ``latency``: time the student's CPU latency
     for ``eval.json`` (``darkstore eval`` does it on request too)."""
     (res,) = train_many([Run(config, Path(out))], store, data=data, eval_store=eval_store, eval_data=eval_data,
                         allow_incomplete=allow_incomplete, allow_code=allow_code, roots=roots, resume=resume,
-                        final_eval=final_eval, latency=latency, fingerprints=fingerprints,
+                        overwrite=overwrite, final_eval=final_eval, latency=latency, fingerprints=fingerprints,
                         on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None, on_step=on_step,
                         log=(lambda _, m: log(m)) if log else None, track=track, cache_dir=cache_dir)
     if isinstance(res, BaseException):

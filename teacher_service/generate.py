@@ -30,6 +30,7 @@ from darkstore.views import ViewInputs, ViewSet, views_record
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
 from storage.schema import FeatureRecord, RowLayout, SpecialistRecord, SpecialistsRecord, TargetsRecord
 from storage.writer import write_chunk_at
+from darkstore.device import check_device
 from darkstore.errors import ClassCountMismatchError, DarkstoreError, DataError, SpecError
 from storage.errors import NonFiniteLogitsError
 from teacher_service.errors import LimitExceededError
@@ -202,6 +203,7 @@ def prepare(
     fingerprints: FingerprintPolicy | None = None,
 ) -> PreparedJob:
     """Open the data, load the teachers, check they fit each other, build the store's metadata."""
+    check_device(device)
     dev = torch.device(device)
     data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
     names = spec.teachers.class_names or data.class_names

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import DARKSTORE, cli_env, make_arrays, make_ensemble
 
@@ -77,6 +78,26 @@ def test_cuda_without_a_gpu(made):
     p = run(["train", "--store", str(made["tmp"] / "store"), "--out", str(made["tmp"] / "r3"), *student(),
              "--device", "cuda"], env={**cli_env(), "CUDA_VISIBLE_DEVICES": ""})
     one_error_line(p, "cuda", "no CUDA device")
+
+
+def test_generate_on_cuda_without_a_gpu(made):
+    p = run(["generate", "--teachers", str(made["ens"]), "--data", str(made["data"]), "--out",
+             str(made["tmp"] / "never_cuda"), "--device", "cuda"], env={**cli_env(), "CUDA_VISIBLE_DEVICES": ""})
+    one_error_line(p, "--device cuda", "no CUDA device")
+    assert not (made["tmp"] / "never_cuda").exists()
+
+
+def test_a_transfer_set_that_does_not_exist(made):
+    p = run(["generate", "--teachers", str(made["ens"]), "--data", str(made["tmp"] / "trian"), "--out",
+             str(made["tmp"] / "never_typo")])
+    one_error_line(p, "trian", "does not exist")
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_archs_lists_layers_with_or_without_arch_kwargs(arch):
+    for extra in ([], ["--arch-kwargs", '{"num_classes": 100}']):
+        p = run(["archs", "--layers", arch, *extra], expect=0)
+        assert "Conv2d" in p.stdout and "Traceback" not in p.stderr, p.stderr
 
 
 def test_fp16_on_the_cpu(made):
@@ -163,3 +184,43 @@ def test_help_of_every_command_shows_flags_without_a_value_and_choices_as_choice
             assert "<quick|full>" in p.stdout, name
     p = run(["train", "--store", "x", "--student", "mlp", "--out", "y", "--verify-data", "sometimes"])
     assert "sometimes" in one_error_line(p, "verify-data")
+
+
+def _interrupt(args: list[str], ready, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Start ``darkstore ARGS``, press Ctrl-C (SIGINT) once ``ready()`` holds, and return what it said."""
+    import signal
+    import time
+
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as fh:
+        p = subprocess.Popen([*DARKSTORE, *args], env=cli_env(), stdout=subprocess.PIPE, stderr=fh, text=True)
+        deadline = time.monotonic() + 120
+        while not ready() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        assert p.poll() is None, err.read_text()
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, p.returncode, out, err.read_text())
+
+
+def test_ctrl_c_says_what_was_kept_and_the_command_that_continues(made, tmp_path):
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(yaml.safe_dump({"num_classes": 5, "members": [
+        {"name": "slow", "factory": "tests.factories:slow_mlp", "arch_kwargs": {"delay": 0.05}}]}))
+    store = tmp_path / "store"
+    args = ["generate", "--teachers", str(slow), "--data", str(made["data"]), "--out", str(store),
+            "--chunk-rows", "8", "--batch-size", "8", "--allow-code"]
+    p = _interrupt(args, lambda: len(list((store / "done" / "c").glob("*"))) >= 2, tmp_path)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    said = [ln for ln in p.stderr.splitlines() if ln.startswith("interrupted:")]
+    assert len(said) == 1 and "of 80 rows are committed" in said[0], p.stderr
+    again = said[0].split("continue with: ", 1)[1]
+    assert again.startswith("darkstore generate") and str(store) in again
+    run = tmp_path / "run"
+    args = ["train", "--store", str(made["tmp"] / "store"), "--out", str(run), "--student", "mlp",
+            "--arch-kwargs", '{"in_features": 64, "hidden": [8]}', "--epochs", "100000", "--overwrite"]
+    p = _interrupt(args, lambda: (run / "checkpoint.pt").exists(), tmp_path)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    said = [ln for ln in p.stderr.splitlines() if ln.startswith("interrupted:")]
+    assert len(said) == 1 and "keeps its checkpoint after epoch" in said[0], p.stderr
+    assert said[0].endswith("--resume") and "--overwrite" not in said[0], said[0]

@@ -177,6 +177,28 @@ def test_weights_of_another_architecture(tmp_path, arrays):
         generate(job(ens, arrays), tmp_path / "s")
 
 
+def test_misfitting_weights_say_why_in_a_users_terms(tmp_path, arrays):
+    """A member whose head has other classes than the ensemble is named with its class count (not torch's
+    size-mismatch text, nor a key_map hint); weights of a deeper variant say so."""
+    save_weights(build_model("mlp", 10, in_features=64, hidden=[8]), tmp_path / "ten.safetensors")
+    save_weights(build_model("mlp", 5, in_features=64, hidden=[8]), tmp_path / "five.safetensors")
+    ens = _ensemble_doc(tmp_path, [{"name": "fine", "arch": "mlp", "arch_kwargs": {"in_features": 64, "hidden": [8]},
+                                    "weights": "five.safetensors"},
+                                   {"name": "ten_class", "arch": "mlp", "arch_kwargs": {"in_features": 64,
+                                                                                        "hidden": [8]},
+                                    "weights": "ten.safetensors"}], num_classes=5)
+    with pytest.raises(WeightsError) as e:
+        generate(job(ens, arrays), tmp_path / "s")
+    msg = str(e.value)
+    assert "'ten_class'" in msg and "head has 10 classes" in msg and "built for 5" in msg, msg
+    assert "num_classes: 10" in msg and "key_map" not in msg and "size mismatch" not in msg, msg
+    save_weights(build_model("resnet34", 2), tmp_path / "r34.safetensors")
+    ens = _ensemble_doc(tmp_path, [{"name": "r", "arch": "resnet18", "weights": "r34.safetensors"}], num_classes=2)
+    with pytest.raises(WeightsError, match="larger variant") as e:
+        generate(job(ens, arrays), tmp_path / "s2")
+    assert "layer1.2." in str(e.value) and "key_map" not in str(e.value)
+
+
 class Payload:
     """Unpickling this would call os.system: the classic malicious checkpoint."""
 

@@ -626,6 +626,9 @@ def test_sweep_trains_points_identical_in_effect_once(tmp_path, cache):
     assert r.returncode == 0, r.stderr
     assert "same run alpha=0_T=4 = alpha=0_T=2 (temperature, topk_loss unused there)" in r.stderr
     assert "3 trained now" in r.stderr and "1 the same run as another" in r.stderr
+    # not a terminal: each point says where its lines go, then a line per epoch
+    assert f"training alpha=0.5_T=4: its lines go to {out / 'runs' / 'alpha=0.5_T=4' / 'train.log'}" in r.stderr
+    assert "alpha=0.5_T=4 epoch 1/2: loss " in r.stderr and "alpha=0.5_T=4 epoch 2/2: loss " in r.stderr, r.stderr
     link = out / "runs" / "alpha=0_T=4"
     assert link.is_symlink() and link.resolve() == (out / "runs" / "alpha=0_T=2").resolve()
     with (out / "results.csv").open() as f:

@@ -99,6 +99,8 @@ def test_cli_generate_inspect_train(tmp_path, ensemble, arrays):
     r = subprocess.run([*DARKSTORE, "generate", "--teachers", str(ensemble), "--data", str(arrays), "--out", str(st),
                         "--chunk-rows", "100"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # output is not a terminal here (as in a log file or CI): progress comes as lines, not a bar
+    assert "generating: 300 of 300 rows (100 %)" in r.stderr, r.stderr
     r = subprocess.run([*DARKSTORE, "inspect", str(st), "--json", "--verify"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
@@ -112,4 +114,16 @@ def test_cli_generate_inspect_train(tmp_path, ensemble, arrays):
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "held-out: accuracy" in r.stdout and "agreement" in r.stdout and "NLL" in r.stdout
+    assert "epoch 1/2: loss " in r.stderr and "epoch 2/2: loss " in r.stderr, r.stderr  # a line an epoch
     assert (run / "student.safetensors").is_file() and (run / "metrics.jsonl").is_file()
+    # a folder holding a run is never replaced unasked: refused, with the ways forward, and left as it was
+    train = [*DARKSTORE, "train", "--store", str(st), "--student", "mlp", "--arch-kwargs",
+             '{"in_features": 64, "hidden": [8]}', "--epochs", "3", "--out", str(run)]
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    r = subprocess.run(train, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "holds a finished run" in r.stderr and "--resume" in r.stderr, r.stderr
+    assert "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    r = subprocess.run([*train, "--overwrite"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "epoch 3/3" in r.stderr, r.stderr  # started over, on purpose
+    assert json.loads((run / "summary.json").read_text())["config"]["epochs"] == 3
