@@ -499,7 +499,7 @@ def inspect(
 def _store_of_job(job: Path, api: Optional[str], token: Optional[str], timeout: Optional[float]) -> str:
     """Submit ``job`` to the service (a known job is not rerun), wait for it, return its store."""
     with _client(api, token) as c:
-        sub = c.submit(job)
+        sub = c.submit(job, data_root=_data_root(None))
         console.print(("submitted " if sub.created else "found ") + _job_line(sub.job), highlight=False)
         try:
             view = c.wait(sub.id, on_progress=lambda v: None, poll=1.0, timeout=timeout)
@@ -976,6 +976,14 @@ def worker_ping(
     out.print(", ".join(mine))
 
 
+def _data_root(given: Optional[Path]) -> Optional[Path]:
+    """Where the service's first data root is, as seen from here: given, else DARKSTORE_DATA_ROOTS's first."""
+    if given is not None:
+        return given
+    roots = _settings().data_roots
+    return roots[0] if roots else None
+
+
 def _client(api: Optional[str], token: Optional[str]):
     from teacher_service.client import DarkstoreClient
 
@@ -1001,7 +1009,11 @@ def _job_line(v) -> str:
 
 @app.command(cls=_Command)
 def submit(
-    spec: Annotated[Path, typer.Argument(help="job spec file (YAML/JSON); paths resolve on the server, against its first data root")],
+    spec: Annotated[Path, typer.Argument(help="job spec file (YAML/JSON); its relative paths are relative to the "
+                                         "file that holds them, as for generate")],
+    data_root: Annotated[Optional[Path], typer.Option(help="the service's data root as seen from here: paths are "
+                                                      "sent relative to it [default: DARKSTORE_DATA_ROOTS's first, "
+                                                      "else the job file's folder]")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar", metavar="")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="seconds to wait at most")] = None,
     api: Api = None,
@@ -1009,7 +1021,7 @@ def submit(
 ):
     """Submit a teacher job to the service. The same job submitted twice returns the first one."""
     with _client(api, token) as c:
-        sub = c.submit(spec)
+        sub = c.submit(spec, data_root=_data_root(data_root))
         view, created = sub.job, sub.created
         console.print(("submitted new " if created else "already known: ") + _job_line(view), highlight=False)
         out.print(view.id)

@@ -12,6 +12,7 @@ Errors the API answers come back as :class:`ApiError` with the HTTP status and m
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,30 +40,69 @@ class ServiceUnreachableError(DarkstoreError, ConnectionError):
     """Nothing answers at the API's address."""
 
 
-def load_job_file(path: str | Path) -> dict[str, Any]:
-    """A job spec file as the API expects it: ``teachers:``/``data:`` given as file names are inlined
-    (relative to the file).
-
-    Paths inside stay as written: the *server* resolves relative ones against its first data root."""
+def load_job_file(path: str | Path, data_root: str | Path | None = None) -> dict[str, Any]:
+    """A job spec file as the API expects it, read by the rule ``generate`` follows: a relative path is
+    relative to the file that holds it (the job file, or an ensemble or data spec file it names, which are
+    read in). The service resolves relative paths against its first data root, so they are sent relative
+    to ``data_root``: where that root is as seen from here (default: the job file's folder). A path outside
+    it is refused here, before anything is sent."""
     path = Path(path)
     raw = load_spec_file(path)
     if not isinstance(raw, dict):
         raise DarkstoreError(f"{path} must hold a mapping (a job spec), not {type(raw).__name__}")
-    return inline_job(raw, path.parent)
+    job = inline_job(raw, path.parent)
+    if data_root is None:
+        return job
+    home, root = path.parent.resolve(), Path(data_root).expanduser().resolve()
+
+    def to_root(p: str, what: str) -> str:
+        if Path(p).is_absolute():
+            return p  # the service checks it against its roots
+        where = (home / p).resolve()
+        if not where.is_relative_to(root):
+            raise DarkstoreError(f"{what} {p!r} (relative to {path}) lies outside the data root {root}: the "
+                                 "service could not reach it; move it under the root or give --data-root")
+        return str(where.relative_to(root))
+
+    return _map_paths(job, to_root)
 
 
 def inline_job(raw: dict[str, Any], base: str | Path = ".") -> dict[str, Any]:
     """A job spec mapping with ``teachers:``/``data:`` given as spec file names (relative to ``base``) read in,
-    and a bare ``data:`` path turned into a data spec; a new dict, the argument is left as it was."""
+    the relative paths inside such a file made relative to ``base`` as they were to the file, and a bare
+    ``data:`` path turned into a data spec; a new dict, the argument is left as it was."""
     raw = dict(raw)
     for key in ("teachers", "data"):
         ref = raw.get(key)
         if isinstance(ref, (str, Path)) and Path(ref).suffix in (".yaml", ".yml", ".json"):
-            raw[key] = load_spec_file(Path(base) / ref)
+            doc = load_spec_file(Path(base) / ref)
+            folder = Path(ref).parent  # the file's folder, relative to base
+            raw[key] = _map_paths({key: doc}, lambda p, _: p if Path(p).is_absolute() else
+                                  os.path.normpath(folder / p))[key]
         elif key == "data" and isinstance(ref, (str, Path)):
             kind = "arrays" if Path(ref).suffix in (".npz", ".npy") else "image_folder"
             raw[key] = {"kind": kind, ("path" if kind == "arrays" else "root"): str(ref)}
     return raw
+
+
+#: the fields of a job that name files: members' weights, and a data spec's path or root
+_DATA_PATHS = {"arrays": "path", "image_folder": "root", "torchvision": "root", "huggingface": "root"}
+
+
+def _map_paths(job: dict[str, Any], fn: Callable[[str, str], str]) -> dict[str, Any]:
+    """``job`` with ``fn(path, what)`` applied to every file path it names (a new dict)."""
+    job = dict(job)
+    teachers = job.get("teachers")
+    if isinstance(teachers, dict) and isinstance(teachers.get("members"), list):
+        members = [dict(m, weights=fn(m["weights"], f"teacher {m.get('name') or m.get('arch')!r} weights"))
+                   if isinstance(m, dict) and isinstance(m.get("weights"), str) else m for m in teachers["members"]]
+        job["teachers"] = {**teachers, "members": members}
+    data = job.get("data")
+    if isinstance(data, dict):
+        field = _DATA_PATHS.get(data.get("kind", "arrays"))
+        if field and isinstance(data.get(field), str):
+            job["data"] = {**data, field: fn(data[field], f"data {field}")}
+    return job
 
 
 class DarkstoreClient:
@@ -107,13 +147,16 @@ class DarkstoreClient:
         return r
 
     # -- jobs -------------------------------------------------------------------------
-    def submit(self, spec: JobSpec | dict | str | Path, *, busy_retries: int = 3) -> Submitted:
+    def submit(self, spec: JobSpec | dict | str | Path, *, data_root: str | Path | None = None,
+               busy_retries: int = 3) -> Submitted:
         """Submit a job: a :class:`JobSpec`, a mapping (``teachers:``/``data:`` may name spec files, read
-        relative to the working directory) or a spec file. ``created`` is False when the same job already
-        existed (nothing is recomputed). While the service's check slots are busy (503 with Retry-After)
-        the submit is tried again after the time it names, ``busy_retries`` times."""
+        relative to the working directory) or a spec file (its paths relative to the files that hold them,
+        sent relative to ``data_root``, the service's data root as seen from here: :func:`load_job_file`).
+        ``created`` is False when the same job already existed (nothing is recomputed). While the service's
+        check slots are busy (503 with Retry-After) the submit is tried again after the time it names,
+        ``busy_retries`` times."""
         if isinstance(spec, (str, Path)):
-            body = load_job_file(spec)
+            body = load_job_file(spec, data_root)
         elif isinstance(spec, JobSpec):
             body = spec.model_dump(mode="json")
         else:

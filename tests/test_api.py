@@ -22,7 +22,7 @@ from storage import open_store
 from teacher_service.client import ApiError, DarkstoreClient
 from teacher_service.generate import generate
 
-from .conftest import DARKSTORE, MEMBERS, make_arrays, make_ensemble
+from .conftest import DARKSTORE, MEMBERS, cli_env, make_arrays, make_ensemble
 from .procs import Api, service_env
 
 TOKEN = "s3cret-token"
@@ -306,6 +306,38 @@ def test_client_inlines_spec_files_named_in_a_dict(site, tmp_path, monkeypatch):
         assert c.wait(first.id, timeout=120).state == "succeeded"
         with pytest.raises(DarkstoreError, match="missing.yaml"):
             c.submit({**doc, "teachers": "missing.yaml"})
+
+
+def test_generate_and_submit_read_one_job_file_alike(site, tmp_path):
+    """One job file naming an ensemble.yaml whose weights are relative to it: `generate` and `submit` (told
+    where the data root is, as the pipeline's .env tells it) run the same teachers on the same data."""
+    import shutil
+
+    proj = site["root"] / "proj"
+    shutil.copytree(site["root"] / "teachers", proj / "teachers", symlinks=True)
+    (proj / "teachers" / "ensemble.yaml").write_text(yaml.safe_dump(
+        {"num_classes": 5, "members": [{"name": f"t{i}", "arch": m["arch"], "arch_kwargs": m["arch_kwargs"],
+                                        "weights": f"t{i}.safetensors"} for i, m in enumerate(MEMBERS)]}))
+    (proj / "job.yaml").write_text(yaml.safe_dump({"teachers": "teachers/ensemble.yaml",
+                                                   "data": {"kind": "arrays", "path": "../transfer.npz"},
+                                                   "chunk_rows": 150}))
+    local = tmp_path / "local"
+    r = subprocess.run([*DARKSTORE, "generate", "--job", str(proj / "job.yaml"), "--out", str(local)],
+                       env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    env = service_env(api_url=site["api"].url, token=TOKEN, data_roots=site["root"])
+    r = subprocess.run([*DARKSTORE, "submit", str(proj / "job.yaml"), "--wait"], env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    with client(site) as c:
+        served = c.job(r.stdout.strip().splitlines()[0])
+    assert served.job_key == open_store(local).meta.job_key  # the same weights, data and options: the same job
+    # a path that leaves the data root is refused before anything is sent
+    (proj / "far.yaml").write_text(yaml.safe_dump({"teachers": "teachers/ensemble.yaml",
+                                                   "data": {"kind": "arrays", "path": "../../transfer.npz"}}))
+    r = subprocess.run([*DARKSTORE, "submit", str(proj / "far.yaml")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "lies outside the data root" in r.stderr and "HTTP" not in r.stderr, r.stderr
 
 
 def test_cli_submit_wait_and_jobs(site, tmp_path):
