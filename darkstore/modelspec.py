@@ -101,6 +101,17 @@ class ModelSpec(BaseModel):
             raise ValueError(f"format {self.format} needs weights: the file to load")
         return self
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelSpec":
+        """A spec file (YAML/JSON); a relative ``weights`` path is relative to the file, as in an ensemble file."""
+        from .specfile import load_spec_file
+
+        path = Path(path)
+        spec = cls.model_validate(load_spec_file(path))
+        if spec.weights and not Path(spec.weights).is_absolute():
+            spec = spec.model_copy(update={"weights": str(path.resolve().parent / spec.weights)})
+        return spec
+
     @property
     def label(self) -> str:
         return self.name or self.arch or self.factory or Path(self.weights or "model").stem

@@ -352,7 +352,7 @@ def specialists_train(
     doc = load_spec_file(plan)
     gen = open_store(doc["generalist_store"])
     if generalist_spec is not None:
-        g_spec = ModelSpec.model_validate(load_spec_file(generalist_spec))
+        g_spec = ModelSpec.from_file(generalist_spec)
     elif len(gen.meta.teachers) == 1:
         g_spec = ModelSpec.model_validate(gen.meta.teachers[0].spec)
     else:
@@ -572,11 +572,10 @@ def train(
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     from darkstore.data import open_transfer_set
     from darkstore.models import ModelSpec
-    from darkstore.specfile import load_spec_file
     from student_trainer.train import TrainConfig, train as run
 
     if student_spec is not None:
-        spec = ModelSpec.model_validate(load_spec_file(student_spec))
+        spec = ModelSpec.from_file(student_spec)
     elif student is not None:
         spec = ModelSpec(arch=student, arch_kwargs=_json_option(arch_kwargs, "--arch-kwargs"))
     else:

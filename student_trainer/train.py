@@ -32,7 +32,7 @@ import torch
 from darkstore.data import TransferSet, open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
-from storage import StoreReader, open_store
+from storage import StoreMeta, StoreReader, open_store
 from storage.location import canonical
 from darkstore.errors import SpecError
 from storage.errors import SchemaError
@@ -381,6 +381,22 @@ def hint_feature(meta, wanted: str | None) -> str:
     raise SpecError(f"--hint-layer {wanted!r}: the store keeps {', '.join(names) or 'no teacher layers'}")
 
 
+def eval_store_warnings(train: StoreMeta, ev: StoreMeta) -> list[str]:
+    """What makes an eval store's numbers mean something else than a user expects: the training inputs
+    themselves, or other teachers."""
+    said = []
+    if ev.transfer_set.fingerprint == train.transfer_set.fingerprint:
+        said.append("warning: the eval store was made from the training store's own transfer set (the same "
+                    "fingerprint): metrics on it measure fit to the training inputs, not held-out accuracy")
+    ours = sorted(t.sha256 or t.name for t in train.teachers)
+    theirs = sorted(t.sha256 or t.name for t in ev.teachers)
+    if ours != theirs:
+        said.append(f"warning: the eval store's teachers ({', '.join(t.name for t in ev.teachers)}) are not the "
+                    f"training store's ({', '.join(t.name for t in train.teachers)}) by their weights: agreement and "
+                    "the teacher columns describe other teachers than the student learned from")
+    return said
+
+
 class _Inputs:
     """What every student of one store shares, opened once per process: the store, its transfer set (checked
     once), the eval store, the row splits, the eval rows (read once), and one loader per distinct batch order
@@ -403,6 +419,7 @@ class _Inputs:
             self.ev_data = open_checked(self.ev_reader, eval_data, allow_code=allow_code, roots=roots,
                                         fingerprints=fingerprints)
         self.has_eval_store = eval_store is not None
+        self.warnings = eval_store_warnings(self.meta, self.ev_reader.meta) if self.ev_reader else []
         self._splits: dict[float, tuple[np.ndarray, np.ndarray, EvalRows]] = {}
         self._loaders: dict[str, Any] = {}
         self._mixing: dict[str, Any] = {}
@@ -461,6 +478,8 @@ class _Recipe:
         self.rt = plan(self.meta, c.temperature) if uses_targets else unused(c.temperature)
         if log and c.alpha > 0 and uses_targets:
             log(f"targets: {self.rt.describe()}")
+        for warning in inputs.warnings if log else ():
+            log(warning)
         self.data, self.ev_data, self.has_eval_store = inputs.data, inputs.ev_data, inputs.has_eval_store
         self.ev_reader = inputs.ev_reader or self.reader
         self.train_rows, self.ev_rows, self.eval_rows = inputs.split(c.holdout)

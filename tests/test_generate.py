@@ -446,3 +446,14 @@ def test_shard_errors_are_clear(tmp_path, arrays, ensemble):
     assert time.monotonic() - t0 < 60 and not (tmp_path / "s").exists()
     r = subprocess.run([*args, "--shard", "1/2", "--overwrite"], env=cli_env(), capture_output=True, text=True)
     assert r.returncode != 0 and "--overwrite belongs to shard 0/2" in r.stderr, r.stderr
+
+
+def test_a_model_spec_files_weights_are_relative_to_the_file(tmp_path, monkeypatch):
+    """A student's or generalist's spec file reads like an ensemble file: weights relative to the file."""
+    from darkstore.modelspec import ModelSpec
+
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "student.yaml").write_text(yaml.safe_dump({"arch": "mlp", "weights": "init/w.safetensors"}))
+    monkeypatch.chdir(tmp_path)
+    spec = ModelSpec.from_file("specs/student.yaml")
+    assert Path(spec.weights) == tmp_path / "specs" / "init" / "w.safetensors"

@@ -16,7 +16,7 @@ from storage.errors import IncompleteStoreError, TransferSetMismatchError
 from student_trainer.train import TrainConfig, train
 from teacher_service.generate import generate
 
-from .conftest import DARKSTORE, cli_env, job, make_arrays
+from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
 
 STUDENT = ModelSpec(arch="mlp", arch_kwargs={"in_features": 64, "hidden": [16]})
 
@@ -33,6 +33,22 @@ def test_mismatched_transfer_set_is_refused(tmp_path, store):
     smaller = make_arrays(tmp_path / "small.npz", n=200)
     with pytest.raises(TransferSetMismatchError, match="200 samples"):
         train(TrainConfig(student=STUDENT, epochs=1), store, tmp_path / "run", data=open_transfer_set(smaller))
+
+
+def test_an_eval_store_of_the_training_inputs_or_of_other_teachers_is_warned_about(tmp_path, ensemble, store):
+    held_out = make_arrays(tmp_path / "held_out.npz", n=100, seed=5)
+    same_teachers = generate(job(ensemble, held_out, chunk_rows=64), tmp_path / "ev_ok").path
+    others = make_ensemble(tmp_path / "others", MEMBERS[:1], seed=7)
+    other_teachers = generate(job(others, held_out, chunk_rows=64), tmp_path / "ev_others").path
+    said = {}
+    for name, ev in (("itself", store), ("held out", same_teachers), ("other teachers", other_teachers)):
+        lines: list[str] = []
+        train(TrainConfig(student=STUDENT, epochs=1), store, tmp_path / name, eval_store=ev, log=lines.append)
+        said[name] = [ln for ln in lines if ln.startswith("warning")]
+    assert len(said["itself"]) == 1 and "training store's own transfer set" in said["itself"][0]
+    assert said["held out"] == []
+    assert len(said["other teachers"]) == 1 and "teachers (t0) are not the training store's" in \
+        said["other teachers"][0]
 
 
 def test_incomplete_store_needs_explicit_consent(tmp_path, ensemble, arrays):
