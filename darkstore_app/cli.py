@@ -772,19 +772,42 @@ def eval_(
                   f"{te['throughput_per_s']:,.0f}/s" if "throughput_per_s" in te else "—")
     out.print(t)
     if rep.get("confusion"):
-        names = rep.get("class_names") or [str(i) for i in range(len(rep["confusion"]))]
-        out.print("confusion matrix (rows: true class, columns: predicted)")
-        c = Table()
-        c.add_column("")
-        for n in names:
-            c.add_column(str(n), justify="right")
-        for n, row in zip(names, rep["confusion"]):
-            c.add_row(str(n), *[str(v) if v else "·" for v in row])
-        out.print(c)
+        _print_confusion(rep["confusion"], rep.get("class_names"))
     if rep.get("note"):
         console.print(f"[yellow]note[/]: {rep['note']}")
     if store is None:
         console.print(f"written to {run / 'eval.json'}")
+
+
+#: classes up to which `eval` prints the whole confusion matrix; beyond, the pairs most often confused
+CONFUSION_MATRIX_MAX = 20
+
+
+def _print_confusion(matrix: list[list[int]], class_names: list[str] | None, top: int = 10) -> None:
+    names = [str(n) for n in (class_names or range(len(matrix)))]
+    if len(names) <= CONFUSION_MATRIX_MAX:
+        out.print("confusion matrix (rows: true class, columns: predicted)")
+        c = Table()
+        c.add_column("")
+        for n in names:
+            c.add_column(n, justify="right")
+        for n, row in zip(names, matrix):
+            c.add_row(n, *[str(v) if v else "·" for v in row])
+        out.print(c)
+        return
+    pairs = sorted(((v, i, j) for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v),
+                   reverse=True)[:top]
+    if not pairs:
+        out.print(f"no confusions among the {len(names)} classes")
+        return
+    out.print(f"the {len(pairs)} confusions most often made of {len(names)} classes (the whole matrix is in "
+              "eval.json)")
+    c = Table()
+    for col in ("true class", "predicted as", "rows"):
+        c.add_column(col, justify="right" if col == "rows" else "left")
+    for v, i, j in pairs:
+        c.add_row(names[i], names[j], str(v))
+    out.print(c)
 
 
 @app.command(cls=_Command)

@@ -29,7 +29,7 @@ from typing import Any
 
 from student_trainer.errors import RunDirError
 
-from .sweep import METRICS, group_table, markdown_table, mean_std
+from .sweep import METRICS, format_metric, group_table, markdown_table, mean_std
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -116,12 +116,28 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str]) -> dict
     a1.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="learning curves")
     for name, ax in loss_axes.items():
         ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title=f"training loss: {name}")
-    if len(groups) <= 12:
-        a1.legend(fontsize=7)
-    fig.tight_layout()
+        _plain_log_ticks(ax)
+    if len(groups) <= 12:  # below the panels, never over a curve
+        fig.legend(*a1.get_legend_handles_labels(), loc="lower center", ncol=min(4, max(1, len(groups))),
+                   fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(groups) - 1) // 4) if len(groups) <= 12 else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return series
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log-axis ticks as plain numbers (4.2, not 4.2×10⁰); minor ticks labelled only when the axis spans less than
+    a decade (else the major ones are enough)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+    def minor(v, _):
+        lo, hi = ax.get_ylim()
+        return f"{v:g}" if hi < 10 * max(lo, 1e-300) else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _mean_points(runs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -253,6 +269,34 @@ def _html_table(rows: list[dict[str, str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def best_setting(runs: list[dict[str, Any]], flat: list[dict[str, Any]], table: list[dict[str, Any]],
+                 axes: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The setting (every axis but the seed) with the best mean held-out accuracy over its seeds, and the run
+    of it shown in detail: the one whose accuracy is nearest that mean (one seed's luck picks neither)."""
+    keys = [a for a in axes if a != "seed"]
+    scored = [row for row in table if row.get("accuracy_mean") is not None and not math.isnan(row["accuracy_mean"])]
+    if not scored:
+        return None, runs[0]
+    top = max(scored, key=lambda row: row["accuracy_mean"])
+    members = [(r, f) for r, f in zip(runs, flat) if all(json.dumps(f.get(k), sort_keys=True) ==
+                                                          json.dumps(top.get(k), sort_keys=True) for k in keys)]
+    shown = min(members, key=lambda rf: abs((rf[1]["accuracy"] or 0) - top["accuracy_mean"]))[0]
+    setting = {**{k: top.get(k) for k in keys}, "n": top["n"], "accuracy_mean": top["accuracy_mean"],
+               "accuracy_std": top["accuracy_std"]}
+    return setting, shown
+
+
+def _best_sentence(setting: dict[str, Any] | None, shown: dict[str, Any]) -> str:
+    if setting is None:
+        return "No run has a held-out accuracy."
+    what = ", ".join(f"{k}={_label(v)}" for k, v in setting.items()
+                     if k not in ("n", "accuracy_mean", "accuracy_std")) or "the runs"
+    spread = f" ± {100 * setting['accuracy_std']:.2f}" if setting["n"] > 1 else ""
+    return (f"Best setting by mean held-out accuracy over its {setting['n']} seed(s): **{what}** "
+            f"({100 * setting['accuracy_mean']:.2f}{spread} %); its run nearest that mean, {shown['name']}, is the "
+            "one shown in detail below.")
+
+
 def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None = None) -> Path:
     root = Path(root)
     paths = find_runs(root)
@@ -264,16 +308,17 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
         r["aliases"] = sorted(aliases.get(r["path"].resolve(), []))
     out = Path(out) if out is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    scored = [r for r in runs if r["summary"]["final"].get("accuracy") is not None]
-    best = max(scored, key=lambda r: r["summary"]["final"]["accuracy"]) if scored else runs[0]
     axes = _varying(runs)
     flat = [{"run": r["name"], **{a: (_label(v) if isinstance(v := r["config"].get(a), dict) else v) for a in axes},
              **{m: r["summary"]["final"].get(m) for m in METRICS}} for r in runs]
     table = group_table(flat, axes)
-    data: dict[str, Any] = {"runs": [r["name"] for r in runs], "best": best["name"], "axes": axes,
-                            "curves": plot_curves(runs, out / "curves.png", axes),
-                            "hyper": plot_hyper(runs, out / "hyper.png"), "table": table}
-    images = ["curves.png", "hyper.png"]
+    setting, best = best_setting(runs, flat, table, axes)
+    data: dict[str, Any] = {"runs": [r["name"] for r in runs], "best": best["name"], "best_setting": setting,
+                            "axes": axes, "curves": plot_curves(runs, out / "curves.png", axes), "table": table}
+    images = ["curves.png"]
+    if len({(r["config"]["temperature"], r["config"]["alpha"]) for r in runs}) > 1:  # else nothing to plot against
+        data["hyper"] = plot_hyper(runs, out / "hyper.png")
+        images.append("hyper.png")
     if best["eval"]:
         data["reliability"] = plot_reliability(best, out / "reliability.png")
         images.append("reliability.png")
@@ -282,8 +327,7 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
 
     title = f"darkstore report: {root.resolve().name}"
     store = runs[0]["summary"]["store"]
-    intro = (f"{len(runs)} run(s) distilled from `{store}`. Best held-out accuracy: **{best['name']}** "
-             f"({_num(100 * best['summary']['final'].get('accuracy', math.nan), '.2f')} %).")
+    intro = f"{len(runs)} run(s) distilled from `{store}`. " + _best_sentence(setting, best)
     captions = {"curves.png": "Learning curves", "hyper.png": "Accuracy against temperature and α (mean ± std)",
                 "reliability.png": f"Reliability diagram: {best['name']} and the teacher ensemble"}
     if fmt == "md":
@@ -300,9 +344,7 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
             return f'<figure><img alt="{html.escape(captions[name])}" src="data:image/png;base64,{b}"><figcaption>{html.escape(captions[name])}</figcaption></figure>'
 
         res_rows = [{**{a: str(r[a]) for a in axes if a != "seed"}, "n": str(r["n"]),
-                     **{f"{m} (mean ± std)": (f"{100 * r[m + '_mean']:.2f} ± {100 * r[m + '_std']:.2f} %"
-                                              if m in ("accuracy", "agreement") else
-                                              f"{r[m + '_mean']:.4f} ± {r[m + '_std']:.4f}") for m in METRICS}}
+                     **{f"{m} (mean ± std)": format_metric(m, r[m + "_mean"], r[m + "_std"]) for m in METRICS}}
                     for r in table]
         body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro).replace('**', '')}</p>"]
         if data.get("student_vs_teachers"):

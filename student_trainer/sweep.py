@@ -411,6 +411,17 @@ def group_table(runs: list[dict[str, Any]], axes: list[str]) -> list[dict[str, A
     return table
 
 
+#: metrics shown as percentages wherever darkstore prints them (eval, sweep tables, reports); the others as is
+PERCENT_METRICS = ("accuracy", "agreement", "ece")
+
+
+def format_metric(m: str, mean: float, std: float) -> str:
+    """``mean ± std`` of a metric in the one unit every table uses for it."""
+    if m in PERCENT_METRICS:
+        return f"{100 * mean:.2f} ± {100 * std:.2f} %"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
 def markdown_table(table: list[dict[str, Any]], axes: list[str]) -> str:
     keys = [a for a in axes if a != "seed"]
     head = keys + ["n"] + [f"{m} (mean ± std)" for m in METRICS]
@@ -418,9 +429,7 @@ def markdown_table(table: list[dict[str, Any]], axes: list[str]) -> str:
     for r in table:
         cells = [str(r[k]) for k in keys] + [str(r["n"])]
         for m in METRICS:
-            mu, sd = r[m + "_mean"], r[m + "_std"]
-            pct = m in ("accuracy", "agreement")
-            cells.append(f"{100 * mu:.2f} ± {100 * sd:.2f} %" if pct else f"{mu:.4f} ± {sd:.4f}")
+            cells.append(format_metric(m, r[m + "_mean"], r[m + "_std"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
