@@ -1006,6 +1006,13 @@ def _data_root(given: Optional[Path]) -> Optional[Path]:
     return roots[0] if roots else None
 
 
+def _as_served(path: Path, root: Path) -> str:
+    """A path given here (relative to the working directory) as the service resolves it: relative to its data
+    root when it lies inside, else absolute (the service then checks it against its roots)."""
+    where, root = path.expanduser().resolve(), root.expanduser().resolve()
+    return str(where.relative_to(root)) if where.is_relative_to(root) else str(where)
+
+
 def _client(api: Optional[str], token: Optional[str]):
     from teacher_service.client import DarkstoreClient
 
@@ -1036,14 +1043,18 @@ def submit(
     data_root: Annotated[Optional[Path], typer.Option(help="the service's data root as seen from here: paths are "
                                                       "sent relative to it [default: DARKSTORE_DATA_ROOTS's first, "
                                                       "else the job file's folder]")] = None,
+    adopt: Annotated[Optional[Path], typer.Option(help="a store `darkstore generate` already made for this job, "
+                                                  "inside the data root: verified and taken as the job's store "
+                                                  "instead of running the teachers again")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar", metavar="")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="seconds to wait at most")] = None,
     api: Api = None,
     token: Token = None,
 ):
     """Submit a teacher job to the service. The same job submitted twice returns the first one."""
+    root = _data_root(data_root)
     with _client(api, token) as c:
-        sub = c.submit(spec, data_root=_data_root(data_root))
+        sub = c.submit(spec, data_root=root, adopt=_as_served(adopt, root or spec.parent) if adopt else None)
         view, created = sub.job, sub.created
         console.print(("submitted new " if created else "already known: ") + _job_line(view), highlight=False)
         out.print(view.id)

@@ -119,3 +119,12 @@ def unfinished_creation(loc: Location) -> bool:
 
 def disk_bytes(where: str | Path | Location) -> int:
     return Location.parse(where).size_bytes()
+
+
+def copy_store(src: Path, dst: Location) -> None:
+    """Copy the local store at ``src`` to ``dst``, file by file; its commit marks (``done/``) go last, so a copy
+    cut short is a store whose uncommitted chunks a resume recomputes, never one that claims a chunk it lacks."""
+    files = sorted(p for p in Path(src).rglob("*") if p.is_file())
+    keys = [p.relative_to(src).as_posix() for p in files]
+    for f, key in sorted(zip(files, keys), key=lambda fk: fk[1].startswith("done/")):
+        dst.write_bytes(key, f.read_bytes())

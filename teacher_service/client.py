@@ -148,13 +148,14 @@ class DarkstoreClient:
 
     # -- jobs -------------------------------------------------------------------------
     def submit(self, spec: JobSpec | dict | str | Path, *, data_root: str | Path | None = None,
-               busy_retries: int = 3) -> Submitted:
+               adopt: str | None = None, busy_retries: int = 3) -> Submitted:
         """Submit a job: a :class:`JobSpec`, a mapping (``teachers:``/``data:`` may name spec files, read
         relative to the working directory) or a spec file (its paths relative to the files that hold them,
         sent relative to ``data_root``, the service's data root as seen from here: :func:`load_job_file`).
         ``created`` is False when the same job already existed (nothing is recomputed). While the service's
         check slots are busy (503 with Retry-After) the submit is tried again after the time it names,
-        ``busy_retries`` times."""
+        ``busy_retries`` times. ``adopt``: a finished store of this job, as the service sees it (relative to its
+        first data root), taken as the job's store instead of running the teachers."""
         if isinstance(spec, (str, Path)):
             body = load_job_file(spec, data_root)
         elif isinstance(spec, JobSpec):
@@ -163,7 +164,7 @@ class DarkstoreClient:
             body = inline_job(spec)
         for attempt in range(busy_retries + 1):
             try:
-                r = self._call("POST", "/v1/jobs", json=body)
+                r = self._call("POST", "/v1/jobs", json=body, params={"adopt": adopt} if adopt else None)
                 break
             except ApiError as exc:
                 if exc.kind != "CheckersBusyError" or attempt == busy_retries:

@@ -39,9 +39,9 @@ from darkstore.data import open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import sha256_file
 from darkstore.paths import resolve
-from storage import StoreWriter, open_store
+from storage import StoreWriter, copy_store, open_store
 from storage.location import Location
-from darkstore.errors import DarkstoreError, WeightsNotFoundError
+from darkstore.errors import DarkstoreError, SpecError, WeightsNotFoundError
 from storage.errors import SchemaError, StoreAccessError, StoreNotFoundError
 
 from .generate import Cancelled, PreparedJob, prepare, run_chunks
@@ -405,9 +405,11 @@ class JobManager:
         self.admission = Admission(settings)
 
     # -- the API's verbs ----------------------------------------------------------------
-    def submit(self, spec: JobSpec) -> tuple[JobView, bool]:
+    def submit(self, spec: JobSpec, adopt: str | None = None) -> tuple[JobView, bool]:
         """Returns (view, created). The same job submitted again returns the existing one without
-        running any teacher; a failed or cancelled one is resumed rather than duplicated."""
+        running any teacher; a failed or cancelled one is resumed rather than duplicated. ``adopt``: a complete
+        store of this very job inside the data roots (made by `darkstore generate`), verified and copied in as
+        the job's store instead of running the teachers."""
         spec = spec.rebased(self.settings.roots[0])  # relative paths in a request: against the first data root
         key, meta = self.admission.admit(spec, functools.partial(job_exists, str(self.book.root), self.settings.store_root))
         job_id = key[:24]
@@ -417,6 +419,9 @@ class JobManager:
                 existing = rec
             else:
                 existing = None
+                if adopt is not None:
+                    rec = self._adopt(spec, key, adopt, rec)
+                    return self.book.view(rec.id), True
                 if meta is None:  # deleted between the check and now: check it in full
                     _, meta = self.admission.admit(spec, None)
                 store = self.book.store_path(job_id)
@@ -433,6 +438,30 @@ class JobManager:
         if existing.state in ("failed", "cancelled"):
             return self.resume(job_id), False
         return self.book.view(job_id), False
+
+    def _adopt(self, spec: JobSpec, key: str, path: str, prior: JobRecord | None) -> JobRecord:
+        """Take a finished store of this job as its store: it must lie in the data roots, be complete, hold this
+        job (the same key: teachers by weight hash, data fingerprint, options) and pass a full verify (every
+        chunk's checksum). It is copied into the store root, verified again there, and the job is finished."""
+        src = resolve(path, base_dir=self.settings.roots[0], roots=self.settings.roots)
+        reader = open_store(src)  # refuses an incomplete store
+        if reader.meta.job_key != key:
+            raise SpecError(f"the store {path} holds another job (key {reader.meta.job_key[:12]}…, this job's is "
+                            f"{key[:12]}…): its teachers' weights, its transfer set or its options differ")
+        reader.verify()
+        dest = Location.parse(self.book.store_path(key[:24]))
+        if dest.exists():
+            dest.remove()  # an adoption cut short before its record was written
+        copy_store(src, dest)
+        open_store(dest).verify()
+        now = _now()
+        rec = JobRecord(id=key[:24], job_key=key, state="succeeded", spec=spec.model_dump(mode="json"),
+                        store=str(dest), attempt=(prior.attempt + 1) if prior else 1, created_at=now, updated_at=now,
+                        started_at=now, finished_at=now, num_rows=reader.meta.num_rows,
+                        chunk_rows=reader.meta.chunk_rows)
+        rec = self.book.put(rec.with_mask(np.ones(reader.meta.n_chunks, dtype=bool)))
+        self.book.log_event(rec.id, "adopted", attempt=rec.attempt, source=path)
+        return rec
 
     def cancel(self, job_id: str) -> JobView:
         """Stop a queued or running job at its next chunk boundary; committed chunks stay."""

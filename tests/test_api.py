@@ -340,6 +340,33 @@ def test_generate_and_submit_read_one_job_file_alike(site, tmp_path):
     assert r.returncode == 2 and "lies outside the data root" in r.stderr and "HTTP" not in r.stderr, r.stderr
 
 
+def test_a_store_generate_made_is_adopted_not_recomputed(site, tmp_path):
+    """`submit --adopt STORE`: the store `generate` made for this very job, inside the data root, is verified
+    and becomes the job's store (no teacher runs); a store of another job is refused."""
+    from teacher_service.spec import JobSpec
+
+    doc = body(chunk_rows=60, dtype="float32", compressor="none")
+    made = generate(JobSpec.model_validate(doc).rebased(site["root"]), site["root"] / "made_here").path
+    spec = site["root"] / "adopt.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    env = service_env(api_url=site["api"].url, token=TOKEN, data_roots=site["root"])
+    r = subprocess.run([*DARKSTORE, "submit", str(spec), "--adopt", str(made), "--wait"], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "succeeded" in r.stderr, r.stderr
+    with client(site) as c:
+        job_id = r.stdout.strip().splitlines()[0]
+        events = [e.event for e in c.events(job_id)]
+        assert "adopted" in events and "dispatched" not in events, events  # no teacher ran
+        view = c.job(job_id)
+    assert view.store != str(made) and open_store(view.store).complete
+    np.testing.assert_array_equal(open_store(view.store).read_all().logits, open_store(made).read_all().logits)
+    other = site["root"] / "other.yaml"
+    other.write_text(yaml.safe_dump(body(chunk_rows=60, dtype="float16", compressor="none")))
+    r = subprocess.run([*DARKSTORE, "submit", str(other), "--adopt", str(made)], env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 2 and "holds another job" in r.stderr, r.stderr
+
+
 def test_cli_submit_wait_and_jobs(site, tmp_path):
     spec = site["root"] / "job.yaml"
     spec.write_text(yaml.safe_dump(body(chunk_rows=100)))

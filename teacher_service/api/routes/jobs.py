@@ -20,14 +20,20 @@ JobId = Annotated[str, Path(description="the job's id (24 hex digits)", max_leng
              summary="Submit a job (or get the identical one already submitted)",
              responses={200: {"model": JobView, "description": "the same job was already submitted"},
                         **responses(401, 403, 404, 409, 413, 422, 500, 503)})
-def submit(spec: JobSpec, response: Response, m: ManagerDep) -> JobView:
+def submit(spec: JobSpec, response: Response, m: ManagerDep,
+           adopt: Annotated[str | None, Query(description="a complete store of this very job inside the data roots "
+                                              "(made by `darkstore generate`): verified and copied in as the job's "
+                                              "store, finished at once, no teacher run", max_length=4096)] = None
+           ) -> JobView:
     """The body is the whole job: ``teachers`` (an ensemble spec) and ``data`` (a transfer-set spec) are inline
     JSON objects, not names of YAML files (``darkstore submit job.yaml`` reads such files and sends them inline).
     Relative paths inside them resolve against the first data root; every path must stay inside the roots.
     Teachers are checked (safely, within the submit-time limits) before anything is queued; at most
     ``DARKSTORE_SUBMIT_CHECKS`` checks run at once, and a submit that finds no free slot in time is answered
-    503 with ``Retry-After``."""
-    view, created = m.submit(spec)
+    503 with ``Retry-After``. With ``?adopt=PATH`` a store that `darkstore generate` already made for this job
+    (same teachers by weight hash, same transfer set, same options) becomes the job's store after a full
+    verify, instead of running the teachers again."""
+    view, created = m.submit(spec, adopt=adopt)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{view.id}"
     return view
