@@ -678,10 +678,12 @@ def sweep(
                                                    "out among the processes running at once)")] = None,
     isolate: Annotated[bool, typer.Option("--isolate", help="train each point in its own process (default: points "
                                           "that see the same batches train together from one read)", metavar="")] = False,
-    stack: Annotated[bool, typer.Option("--stack/--no-stack", help="students trained together that share an "
-                                        "architecture and optimiser step as one stacked model (torch.func.vmap; "
-                                        "equal within float rounding); --no-stack: each steps alone, bit-identical "
-                                        "to a lone train", metavar="")] = True,
+    stack: Annotated[Optional[bool], typer.Option("--stack/--no-stack", help="students trained together that "
+                                                  "share an architecture and optimiser: --stack steps them as one "
+                                                  "stacked model (torch.func.vmap; equal within float rounding), "
+                                                  "--no-stack each alone (bit-identical to a lone train); default: "
+                                                  "their first steps are timed both ways and the faster is kept",
+                                                  metavar="")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying models and data factories", metavar="")] = False,
     verify_data: VerifyData = Verify.quick,
     track: Track = None,
@@ -718,7 +720,8 @@ def sweep(
 
         try:
             r = run_sweep(spec, out_, store=store, eval_store=eval_store, parallel=parallel, device=device,
-                          threads=threads, isolate=isolate, stack=stack, allow_code=allow_code, on_event=on_event,
+                          threads=threads, isolate=isolate, stack="auto" if stack is None else stack,
+                          allow_code=allow_code, on_event=on_event,
                           fingerprints=_fingerprints(verify_data), track=track or (), cache_dir=_cache())
         except KeyboardInterrupt:
             raise Interrupted(f"finished points are kept in {out_ / 'runs'} and unfinished ones keep their last "

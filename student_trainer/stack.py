@@ -44,9 +44,9 @@ def stack_key(r: "_Recipe") -> str | None:
                        "device": r.device}, sort_keys=True)
 
 
-def stacks(group: list["_Recipe"]) -> tuple[list["Stack"], list["_Recipe"]]:
+def stacks(group: list["_Recipe"], auto: bool = False) -> tuple[list["Stack | AutoStack"], list["_Recipe"]]:
     """``group`` split into stacks (two or more students with one :func:`stack_key`) and the students that
-    step alone."""
+    step alone; ``auto``: each stack times its first steps both ways and keeps the faster (:class:`AutoStack`)."""
     by_key: dict[str, list[_Recipe]] = {}
     alone = []
     for r in group:
@@ -58,7 +58,7 @@ def stacks(group: list["_Recipe"]) -> tuple[list["Stack"], list["_Recipe"]]:
     out = []
     for members in by_key.values():
         if len(members) > 1:
-            out.append(Stack(members))
+            out.append(AutoStack(members) if auto else Stack(members))
         else:
             alone += members
     return out, alone
@@ -84,7 +84,7 @@ def _slice_state(sd: dict[str, Any], i: int) -> dict[str, Any]:
 class Stack:
     """Stacked students (see the module's doc). ``members[0]`` leads: its random stream drives the stack."""
 
-    def __init__(self, members: list["_Recipe"]):
+    def __init__(self, members: list["_Recipe"], quiet: bool = False):
         from torch.func import functional_call, stack_module_state, vmap
 
         self.members = members
@@ -105,7 +105,7 @@ class Stack:
         self.seen = 0
         for r in members:
             r.stacked_with = len(members) - 1
-            if r.log:
+            if r.log and not quiet:
                 r.log(f"stacked with {len(members) - 1} other student(s) of this architecture: one vmapped forward "
                       "and one optimiser step for all of them")
 
@@ -175,3 +175,87 @@ class Stack:
                     r.rng, r.cuda_rng = self.lead.rng, self.lead.cuda_rng
         self.loss_sum.zero_()
         self.seen = 0
+
+
+class AutoStack:
+    """A stack that measures which way is faster on this model and device, as a sweep runs: its first steps
+    stacked, then as many with each student stepping alone, and the faster way for the rest of the run.
+
+    Which wins depends on the model and the device (a thin CNN or an MLP on small inputs gains from stacking;
+    on two CPU cores a convolution over 64×64 inputs is compute-bound and stacking only adds copies:
+    ``./dev bench stack``), so it is timed rather than guessed. Either way the students reach the same weights
+    within float rounding; a run that must match a lone ``train`` bit for bit uses ``stack=False``."""
+
+    WARM, TIMED = 1, 3  # untimed first steps of each way (first-use costs), then timed ones
+
+    def __init__(self, members: list["_Recipe"]):
+        self.members, self.lead = members, members[0]
+        self.stack: Stack | None = Stack(members)
+        self.mode = "trial-stacked"  # then "trial-alone", then "stacked" or "alone"
+        self.times: dict[str, list[float]] = {"trial-stacked": [], "trial-alone": []}
+        self.steps = 0
+
+    @property
+    def settled_alone(self) -> bool:
+        return self.mode == "alone"
+
+    def try_step(self, b) -> bool:
+        t0 = self._clock()
+        if self.mode in ("trial-stacked", "stacked"):
+            if not self.stack.try_step(b):
+                return False
+        else:
+            for r in self.members:
+                with r.own_rng():
+                    r.step(b)
+        if self.mode.startswith("trial"):
+            self._timed(self._clock() - t0)
+        return True
+
+    def after_step(self, epoch: int) -> None:
+        if self.stack is not None and self.mode in ("trial-stacked", "stacked"):
+            self.stack.after_step(epoch)
+        else:
+            for r in self.members:
+                r.after_step(epoch)
+
+    def unload(self) -> None:
+        if self.stack is not None and self.mode in ("trial-stacked", "stacked"):
+            self.stack.unload()
+
+    def _clock(self) -> float:
+        import time
+
+        if self.lead.dev_type == "cuda":
+            torch.cuda.synchronize(self.lead.device)
+        return time.perf_counter()
+
+    def _timed(self, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > self.WARM:
+            self.times[self.mode].append(seconds)
+        if len(self.times[self.mode]) < self.TIMED:
+            return
+        self.steps = 0
+        if self.mode == "trial-stacked":
+            self.stack.unload()  # the students' own modules carry on from here
+            self.mode = "trial-alone"
+        else:
+            self._decide()
+
+    def _decide(self) -> None:
+        import statistics
+
+        stacked = statistics.median(self.times["trial-stacked"])
+        alone = statistics.median(self.times["trial-alone"])
+        n = len(self.members)
+        if alone < stacked:
+            self.mode, self.stack = "alone", None
+            for r in self.members:
+                r.stacked_with = 0
+        else:
+            self.mode, self.stack = "stacked", Stack(self.members, quiet=True)
+        for r in self.members:
+            if r.log:
+                r.log(f"timed {n} students: {1e3 * stacked:.1f} ms a step stacked, {1e3 * alone:.1f} ms one by "
+                      f"one; they step {'one by one' if self.mode == 'alone' else 'stacked'} from here")

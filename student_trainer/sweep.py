@@ -280,12 +280,13 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
               poll: float = 0.2, threads: int | None = None, isolate: bool = False,
-              stack: bool = True, fingerprints: FingerprintPolicy | None = None,
+              stack: bool | str = "auto", fingerprints: FingerprintPolicy | None = None,
               track: Sequence[str] = (), cache_dir: Path | None = None) -> SweepResult:
     """Train every point not finished yet, then write the results tables. Points that see the same batches
     (they differ only in :data:`~student_trainer.config.PER_STUDENT` settings) train together in one process
     from one read of the store; ``parallel`` such processes run at once. ``isolate``: one process per point.
-    ``stack``: in a process, students of one architecture and optimiser step as one stacked model.
+    ``stack``: in a process, students of one architecture and optimiser step as one stacked model (True), each
+    alone (False), or whichever their first steps show is faster on this model and device (``"auto"``).
     ``threads``: torch threads per process (default: the CPU cores shared out among the processes running at
     once; a point's own ``threads`` in the grid wins). ``fingerprints``: how each process checks the transfer
     set (with a cache, the first process reads it whole and the others wait for its manifest). ``track``: run
@@ -490,7 +491,7 @@ def _run_points(run_dirs: list[Path]) -> int:
     p0 = points_[0]
     fps = FingerprintPolicy.model_validate(p0["fingerprints"]) if p0.get("fingerprints") else None
     results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], resume=True,
-                         stack=p0.get("stack", True), fingerprints=fps, log=say, track=p0.get("track", ()),
+                         stack=p0.get("stack", "auto"), fingerprints=fps, log=say, track=p0.get("track", ()),
                          cache_dir=Path(p0["cache_dir"]) if p0.get("cache_dir") else None,
                          on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
     for f in logs.values():

@@ -797,7 +797,7 @@ def _finished(config: TrainConfig, out: Path) -> RunResult | None:
 
 
 def _train_group(group: list[_Recipe], on_step: Callable[[int], None] | None,
-                 on_epoch: Callable[[_Recipe, dict[str, Any]], None] | None, stack: bool = True) -> None:
+                 on_epoch: Callable[[_Recipe, dict[str, Any]], None] | None, stack: bool | str = True) -> None:
     """Students that see the same batches, trained in lockstep: each batch is read, decoded and moved to the
     device once, then every student takes its step on it with its own random stream; ``stack``: students of
     one architecture and optimiser step as one stacked model (:mod:`student_trainer.stack`)."""
@@ -805,7 +805,7 @@ def _train_group(group: list[_Recipe], on_step: Callable[[int], None] | None,
 
     lead = group[0]
     dist = lead.dist
-    stacked, alone = stacks(group) if stack else ([], list(group))
+    stacked, alone = stacks(group, auto=stack == "auto") if stack else ([], list(group))
     lead.loader.load_state_dict(lead.loader_state or {"epoch": 0, "seen": {}})  # shared: set where this group is
     for epoch in range(lead.start_epoch, lead.config.total_epochs + 1):
         for r in group:
@@ -821,6 +821,9 @@ def _train_group(group: list[_Recipe], on_step: Callable[[int], None] | None,
                     alone += stk.members
                     continue
                 stk.after_step(epoch)
+                if getattr(stk, "settled_alone", False):  # timed: one by one is faster here
+                    stacked.remove(stk)
+                    alone += stk.members
             for r in alone:
                 with r.own_rng():
                     r.step(b)
@@ -867,7 +870,7 @@ def train_many(
     resume: bool = False,
     final_eval: bool = True,
     latency: bool = False,
-    stack: bool = True,
+    stack: bool | str = True,
     overwrite: bool = False,
     fingerprints: FingerprintPolicy | None = None,
     on_epoch: Callable[[Run, dict[str, Any]], None] | None = None,
@@ -884,7 +887,8 @@ def train_many(
     without it a folder that holds a run is refused with :class:`RunDirError` unless ``overwrite``).
     ``stack``: students of one architecture and optimiser in a group step as one stacked model (equal to
     training each alone within float rounding, not bit for bit; False: each steps alone, bit-identical to a
-    lone run). ``fingerprints``: how the recorded transfer sets are fingerprinted to check them (default: every
+    lone run; ``"auto"``: each stack times its first steps both ways and keeps the faster,
+    :class:`~student_trainer.stack.AutoStack`). ``fingerprints``: how the recorded transfer sets are fingerprinted to check them (default: every
     file hashed; a policy with a cache reads them whole only the first time). ``track``: trackers each run's
     metrics also go to (:mod:`student_trainer.tracking`: ``tensorboard``). ``cache_dir``: where the teachers'
     timed cost is kept between runs (the CLI's cache folder; None: timed each time ``latency`` asks).

@@ -237,6 +237,23 @@ def test_students_of_one_architecture_step_as_one_stacked_model(tmp_path, cache)
                 assert h_s[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (i, k)
 
 
+def test_auto_stacking_times_both_ways_keeps_one_and_reaches_the_same_weights(tmp_path, cache):
+    """stack="auto" (a sweep's default): the first steps stacked, then one by one, then the faster way; the
+    students end within float rounding of training alone, and their summaries say which way they ended."""
+    cfgs = stack_configs()
+    alone = [train(c, cache, tmp_path / f"alone{i}") for i, c in enumerate(cfgs)]
+    said: list[tuple[str, str]] = []
+    train_many([Run(c, tmp_path / f"auto{i}") for i, c in enumerate(cfgs)], cache, stack="auto",
+               log=lambda run, m: said.append((run.out.name, m)))
+    for i in range(len(cfgs)):
+        verdict = [m for who, m in said if who == f"auto{i}" and m.startswith("timed 4 students: ")]
+        assert len(verdict) == 1 and " ms a step stacked, " in verdict[0], said
+        stepped_alone = verdict[0].endswith("they step one by one from here")
+        assert json.loads((tmp_path / f"auto{i}" / "summary.json").read_text())["stacked_with"] == \
+            (0 if stepped_alone else 3)
+        close(weights(tmp_path / f"alone{i}"), weights(tmp_path / f"auto{i}"), atol=1e-6)
+
+
 def test_stacked_students_resume_after_a_crash_to_the_same_weights(tmp_path, cache):
     # a student that steps alone leads the group (another lr): the stack checkpoints on its own count
     cfgs = stack_configs()[:3]
@@ -251,7 +268,7 @@ def test_stacked_students_resume_after_a_crash_to_the_same_weights(tmp_path, cac
     for a, b in zip(ref, runs):  # each checkpoint holds its own slice of the stack: bit for bit
         assert same(weights(a.out), weights(b.out)) and history(a.out) == history(b.out)
     # a stacked student's checkpoint is a lone run's: it resumes alone too, to within float rounding
-    assert all(isinstance(r, Crash) for r in train_many(runs, cache, on_step=crash))  # the stack again, from scratch
+    assert all(isinstance(r, Crash) for r in train_many(runs, cache, on_step=crash, overwrite=True))  # from scratch
     alone = train(cfgs[1], cache, runs[1].out, resume=True)
     assert alone.resumed_from == "epoch 2 (mid-epoch) step 12"
     close(weights(ref[1].out), weights(runs[1].out), atol=1e-6)
