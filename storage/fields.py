@@ -40,6 +40,7 @@ class FieldSpec:
     target: bool = False  # teacher targets: stored in the store's float dtype, refused when not finite
     log_space: bool = False  # float16: values below the floor are clipped to it (log-probabilities); others refuse overflow
     doc: str = ""
+    when: str = "always"  # in words, what ``present`` decides (the docs' field table shows it)
 
     def chunks(self, meta: StoreMeta) -> tuple[int, ...]:
         shape = self.shape(meta)
@@ -62,33 +63,35 @@ def _always(meta: StoreMeta) -> bool:
 
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan,
-              lambda m: m.target_form == "dense", target=True, log_space=True, doc="ensemble targets in log space, row-centred"),
+              lambda m: m.target_form == "dense", target=True, log_space=True, doc="ensemble targets in log space, row-centred", when="dense targets"),
     FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: m.dtype, np.nan,
-              lambda m: m.target_form == "topk", target=True, log_space=True, doc="top-k targets: the k largest ensemble values"),
+              lambda m: m.target_form == "topk", target=True, log_space=True, doc="top-k targets: the k largest ensemble values", when="topk:K targets"),
     FieldSpec("topk_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
-              lambda m: m.target_form == "topk", doc="top-k targets: their classes, largest first"),
+              lambda m: m.target_form == "topk", doc="top-k targets: their classes, largest first", when="topk:K targets"),
     FieldSpec("tail_lse", ("row",), lambda m: (m.num_rows,), lambda m: "float32", np.nan,
               lambda m: m.target_form == "topk", target=True,
-              doc="top-k targets: log-sum-exp of the values left out (the tail's mass at T = 1)"),
+              doc="top-k targets: log-sum-exp of the values left out (the tail's mass at T = 1)", when="topk:K targets"),
     FieldSpec("sample_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
-              lambda m: m.target_form == "sampled", doc="sampled targets: k classes drawn per row, sorted"),
+              lambda m: m.target_form == "sampled", doc="sampled targets: k classes drawn per row, sorted", when="sampled:K targets"),
     FieldSpec("members", ("member", "row", "class"), lambda m: (m.num_members, m.num_rows, m.num_classes),
               lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1, target=True, log_space=True,
-              doc="each teacher's own logits, row-centred (keep_members)"),
+              doc="each teacher's own logits, row-centred", when="keep_members"),
     FieldSpec("features", ("row", "feature"), lambda m: (m.num_rows, m.feature_size), lambda m: m.dtype, np.nan,
               lambda m: bool(m.features), target=True,
-              doc="kept teacher layers (FitNets' hints), each reduced and flattened, side by side"),
+              doc="kept teacher layers (FitNets' hints), each reduced and flattened, side by side",
+              when="features kept"),
     FieldSpec("labels", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
               doc="hard labels, -1 where unlabeled"),
     FieldSpec("index", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
               doc="the sample of each row (its position in the transfer set)"),
     FieldSpec("view_params", ("row", "param"), lambda m: (m.num_rows, m.num_view_params), lambda m: "float64",
-              np.nan, lambda m: bool(m.views), doc="recorded views: each row's drawn parameters"),
+              np.nan, lambda m: bool(m.views), doc="recorded views: each row's drawn parameters",
+              when="recorded views"),
     FieldSpec("stats", ("chunk", "stat"), lambda m: (m.n_chunks, 2 + m.num_members), lambda m: "int64", 0, _always,
               per_row=False, compressed=False, doc="per chunk: labeled rows, ensemble correct, each member's correct"),
     FieldSpec("checksums", ("chunk", "field"), lambda m: (m.n_chunks, len(m.checksums or ())), lambda m: "uint32", 0,
               lambda m: m.checksums is not None, per_row=False, compressed=False,
-              doc="per chunk: CRC32C of each row field's bytes (schema 2)"),
+              doc="per chunk: CRC32C of each row field's bytes", when="schema 2 and later"),
     FieldSpec("done", ("chunk",), lambda m: (m.n_chunks,), lambda m: "uint8", 0, _always, per_row=False,
               compressed=False, doc="the commit mark, written last"),
 )

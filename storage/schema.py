@@ -1,19 +1,5 @@
-"""Schema v2 of a darkstore store: a Zarr v3 group (the fields are declared in :mod:`storage.fields`).
-
-=============  =====================  ===============================================
-node           shape / dtype          meaning
-=============  =====================  ===============================================
-``logits``     [N, C] f16/f32         ensemble targets in log space, row-centred
-``members``    [M, N, C] (optional)   each teacher's own logits, row-centred
-``features``   [N, D] f16/f32         kept teacher layers (optional), reduced, flattened
-``labels``     [N] int64              hard labels, -1 where unlabeled
-``index``      [N] int64              the sample of each row (its position in the transfer set)
-``stats``      [n_chunks, 2+M] int64  per chunk: labeled rows, ensemble correct,
-                                      then each member's correct count
-``view_params`` [N, P] float64        recorded views: each row's drawn parameters
-``checksums``  [n_chunks, F] uint32   CRC32C of each row field's chunk (schema 2)
-``done``       [n_chunks] uint8       commit mark, written after a chunk's rows
-=============  =====================  ===============================================
+"""Schema v2 of a darkstore store: a Zarr v3 group whose arrays are declared, once, in :mod:`storage.fields`
+(the docs' store-fields page is generated from that table), with attributes validated by :class:`StoreMeta`.
 
 Every array is chunked by ``chunk_rows`` rows, so chunk *i* of each array holds
 exactly rows ``[i*chunk_rows, (i+1)*chunk_rows)``: one unit of work, retry and

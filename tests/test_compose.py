@@ -187,7 +187,7 @@ class Local:
         raise TimeoutError(f"healthcheck {cmd} never passed")
 
 
-#: what a user puts in .env for `docker compose --profile s3 up` (README "Stores on object storage")
+#: what a user puts in .env for `docker compose --profile s3 up` (docs/service.md, "Stores on object storage")
 S3_ENV = {"DARKSTORE_STORE_ROOT": "s3://darkstore/stores", "AWS_ENDPOINT_URL": "http://s3:9000",
           "AWS_ACCESS_KEY_ID": "darkstore", "AWS_SECRET_ACCESS_KEY": "darkstore-secret"}
 

@@ -241,7 +241,8 @@ def test_auto_stacking_times_both_ways_keeps_one_and_reaches_the_same_weights(tm
     """stack="auto" (a sweep's default): the first steps stacked, then one by one, then the faster way; the
     students end within float rounding of training alone, and their summaries say which way they ended."""
     cfgs = stack_configs()
-    alone = [train(c, cache, tmp_path / f"alone{i}") for i, c in enumerate(cfgs)]
+    for i, c in enumerate(cfgs):
+        train(c, cache, tmp_path / f"alone{i}")
     said: list[tuple[str, str]] = []
     train_many([Run(c, tmp_path / f"auto{i}") for i, c in enumerate(cfgs)], cache, stack="auto",
                log=lambda run, m: said.append((run.out.name, m)))

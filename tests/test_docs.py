@@ -1,0 +1,97 @@
+"""The documentation: the site builds with warnings as errors, its generated references cover the code, the README
+stays an entry page whose quick start runs as written, and the code passes ruff."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT, cli_env
+
+README = ROOT / "README.md"
+
+
+def docs_env() -> dict[str, str]:
+    # mkdocs-material and a plugin print notices about MkDocs 2 on every build; they are not about this site
+    return {**cli_env(), "NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "true"}
+
+
+@pytest.mark.slow
+def test_the_site_builds_strictly_with_references_generated_from_the_code(tmp_path):
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)], cwd=ROOT,
+                       env=docs_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    import typer
+
+    from darkstore_app.cli import app
+    from storage.fields import FIELDS
+    from teacher_service.settings import Settings
+
+    cli = (site / "reference" / "cli" / "index.html").read_text()
+    root = typer.main.get_command(app)
+    for name, cmd in root.commands.items():  # every command and every option of it
+        assert f'id="{name}"' in cli, name
+        for p in cmd.params:
+            for opt in getattr(p, "opts", []):
+                if opt.startswith("--") and opt != "--help":
+                    assert opt in cli, (name, opt)
+    fields = (site / "reference" / "store-fields" / "index.html").read_text()
+    assert all(f"<code>{f.name}</code>" in fields for f in FIELDS)
+    settings = (site / "reference" / "settings" / "index.html").read_text()
+    assert all(f"DARKSTORE_{n.upper()}" in settings for n in Settings.model_fields)
+    rest = (site / "reference" / "rest" / "index.html").read_text()
+    assert "/v1/jobs" in rest and "adopt" in rest and "Retry-After" in rest
+    python = (site / "reference" / "python" / "index.html").read_text()
+    assert "SoftTargets" in python and "train_many" in python
+
+
+def test_the_readme_is_an_entry_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    for page in re.findall(r"\]\((docs/[^)#]+)", text):  # its links into the docs lead somewhere
+        assert (ROOT / page).exists(), page
+
+
+def quickstart() -> str:
+    text = README.read_text()
+    return text[text.index("[start:quickstart]"):text.index("[end:quickstart]")]
+
+
+@pytest.mark.slow
+def test_the_quick_start_runs_as_written(tmp_path):
+    """Every command of the README's quick start, in order, in a fresh folder, with the installed `darkstore`;
+    the ensemble file it shows is the one `example-data` writes."""
+    blocks = re.findall(r"```(\w+)\n(.*?)```", quickstart(), flags=re.S)
+    commands = [b for lang, b in blocks if lang == "bash"]
+    shown = [yaml.safe_load(b) for lang, b in blocks if lang == "yaml"]
+    assert commands and len(shown) == 1
+    env = cli_env()
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    assert shutil.which("darkstore", path=env["PATH"]), "the darkstore command is installed beside the tests' Python"
+    for script in commands:
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, (script, r.stdout[-2000:], r.stderr[-3000:])
+    assert yaml.safe_load((tmp_path / "my-data" / "teachers" / "ensemble.yaml").read_text()) == shown[0]
+    assert (tmp_path / "runs" / "first" / "student.safetensors").exists()
+    assert "accuracy" in r.stdout
+
+
+def test_no_doc_page_points_outside_the_repository():
+    for page in [README, *(ROOT / "docs").glob("*.md")]:
+        assert "../shared" not in page.read_text(), page
+
+
+def test_the_code_passes_ruff():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff, "ruff is a test dependency (pip install -e '.[test]')"
+    r = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:]
