@@ -85,6 +85,50 @@ def test_the_quick_start_runs_as_written(tmp_path):
     assert "accuracy" in r.stdout
 
 
+MARK = "<!-- runs in the tests:"
+DOCS = ROOT / "docs"
+
+
+def runnable_blocks(page: Path) -> list[str]:
+    """The bash blocks a page marks as running in the tests (the line before them says so)."""
+    return re.findall(re.escape(MARK) + r"[^\n]*\n```bash\n(.*?)```", page.read_text(), flags=re.S)
+
+
+def run_script(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = cli_env()
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, (script, r.stdout[-2000:], r.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def quickstart_folder(tmp_path_factory) -> Path:
+    """What the pages' examples start from: the quick start's my-data/, and the stores that the generation
+    page's first example makes."""
+    work = tmp_path_factory.mktemp("docs-examples")
+    run_script("darkstore example-data my-data --quick", work)
+    run_script(runnable_blocks(DOCS / "generation.md")[0], work)
+    return work
+
+
+PAGES = sorted(p.name for p in DOCS.glob("*.md") if runnable_blocks(p))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES)
+def test_a_pages_examples_run_as_written(page, quickstart_folder, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(quickstart_folder, work, symlinks=True)
+    for script in runnable_blocks(DOCS / page):
+        run_script(script, work)
+
+
+def test_the_examples_that_run_cover_the_main_path():
+    assert {"generation.md", "training.md", "evaluation.md"} <= set(PAGES)
+
+
 def test_no_doc_page_points_outside_the_repository():
     for page in [README, *(ROOT / "docs").glob("*.md")]:
         assert "../shared" not in page.read_text(), page
