@@ -126,7 +126,17 @@ def test_a_pages_examples_run_as_written(page, quickstart_folder, tmp_path):
 
 
 def test_the_examples_that_run_cover_the_main_path():
-    assert {"generation.md", "training.md", "evaluation.md"} <= set(PAGES)
+    assert {"generation.md", "training.md", "evaluation.md", "sweeps.md", "views.md", "hints.md",
+            "specialists.md"} <= set(PAGES)
+
+
+def test_every_shell_example_runs_in_the_tests_or_says_why_not():
+    for page in DOCS.glob("*.md"):
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("```bash"):
+                before = lines[i - 1] if i else ""
+                assert before.startswith((MARK, "<!-- not run in the tests: ")), (page.name, i + 1)
 
 
 def test_no_doc_page_points_outside_the_repository():
