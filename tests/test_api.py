@@ -456,7 +456,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(site):
     bad: list[str] = []
     for result in schema.get_all_operations():
         op = result.ok()
-        examples = 800 if op.method.upper() == "POST" and op.path == "/v1/jobs" else 250
+        examples = 500 if op.method.upper() == "POST" and op.path == "/v1/jobs" else 150
         strategies = []
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             strategies.append(op.as_strategy(mode))
@@ -482,7 +482,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(site):
 
         fuzz()
     assert not bad, "\n".join(bad[:20])
-    assert sum(calls.values()) >= 2000, calls
+    assert sum(calls.values()) >= 1200, calls
     assert len(calls) >= 8, calls  # every operation was exercised
 
 

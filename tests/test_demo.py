@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,12 +55,12 @@ def check_stores(out) -> dict[str, int]:
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reports_only_what_its_seeds_support(tmp_path):
     out = tmp_path / "demo"
-    r = run_demo(out)
+    r = run_demo(out, "--seeds", "2")  # the README's command but for a third seed (the suite's time)
     n_test = check_stores(out)["test"]
     res = json.loads((out / "results.json").read_text())
     for arm in ARMS:
         accs = [run["accuracy"] for run in res["runs"][arm]]
-        assert len(accs) == 3 and all(math.isfinite(a) and 0 <= a <= 1 for a in accs), (arm, accs)
+        assert len(accs) == 2 and all(math.isfinite(a) and 0 <= a <= 1 for a in accs), (arm, accs)
         assert (out / "runs" / f"{arm}_seed0" / "eval.json").exists()
     for row in res["rows"]:
         assert 0 <= row["accuracy_mean"] <= 1 and row["accuracy_std"] >= 0 and row["params"] > 0, row
@@ -77,16 +78,30 @@ def test_demo_runs_end_to_end_and_reports_only_what_its_seeds_support(tmp_path):
     assert "| student, distilled" in r.stdout and "± " in r.stdout and "within the seed spread when" in r.stdout
     for sub in ("teachers/ensemble.yaml", "results.md", "alpha_grid.yaml"):
         assert (out / sub).exists(), sub
+    check_repeats(out)
 
 
-@pytest.mark.slow
-def test_the_demo_repeats_bit_for_bit_on_one_machine(tmp_path):
-    """Seeded teachers, stores and students: two runs give the same stores and the same results."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_demo(a, "--quick", "--seeds", "2")
-    run_demo(b, "--quick", "--seeds", "2")
-    for name in check_stores(a):
-        sa, sb = open_store(a / "stores" / name).read_all(), open_store(b / "stores" / name).read_all()
-        assert np.array_equal(sa.logits, sb.logits) and np.array_equal(sa.index, sb.index), name
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
-    assert ra["runs"] == rb["runs"] and ra["comparisons"] == rb["comparisons"]
+def check_repeats(out: Path) -> None:
+    """What is seeded repeats bit for bit on one machine: the test store made again from the demo's teachers,
+    and the distilled student of seed 0 trained again from its own config."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from student_trainer.train import TrainConfig, train
+    from teacher_service.generate import generate
+    from teacher_service.spec import JobSpec
+
+    job = out / "again" / "job.yaml"
+    job.parent.mkdir(parents=True)
+    job.write_text(yaml.safe_dump({"teachers": str(out / "teachers" / "ensemble.yaml"),
+                                   "data": {"kind": "arrays", "path": str(out / "data" / "test.npz")},
+                                   "combine": "geometric", "dtype": "float16", "chunk_rows": 256}))
+    test = open_store(out / "stores" / "test")
+    again = open_store(generate(JobSpec.from_file(job), out / "again" / "test").path)
+    assert again.meta.job_key == test.meta.job_key  # the demo's own job, made again
+    assert np.array_equal(again.read_all().logits, test.read_all().logits)
+    run = out / "runs" / "distilled_seed0"
+    cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
+    train(cfg, out / "stores" / "train", out / "again" / "distilled_seed0", eval_store=out / "stores" / "test")
+    a, b = load_file(run / "student.safetensors"), load_file(out / "again" / "distilled_seed0" / "student.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
