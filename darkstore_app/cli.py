@@ -571,15 +571,9 @@ def train(
 ):
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     from darkstore.data import open_transfer_set
-    from darkstore.models import ModelSpec
     from student_trainer.train import TrainConfig, train as run
 
-    if student_spec is not None:
-        spec = ModelSpec.from_file(student_spec)
-    elif student is not None:
-        spec = ModelSpec(arch=student, arch_kwargs=_json_option(arch_kwargs, "--arch-kwargs"))
-    else:
-        raise typer.BadParameter("give --student ARCH or --student-spec FILE")
+    spec = _student_spec(student_spec, student, arch_kwargs)
     if (store is None) == (job is None):
         raise typer.BadParameter("give --store STORE or --job SPEC (one of them)")
     if resume and overwrite:
@@ -614,14 +608,29 @@ def train(
                     latency=latency, on_epoch=on_epoch, log=lambda m: console.print(m), fingerprints=fps,
                     track=track or (), cache_dir=_cache())
         except KeyboardInterrupt:
-            epochs = int(_task(progress, task).completed)
-            kept = f"its checkpoint after epoch {epochs}" if epochs else "no finished epoch yet"
-            every = f" (or a later one: --checkpoint-every {checkpoint_every})" if checkpoint_every else ""
-            raise Interrupted(f"{out_} keeps {kept}{every}; continue with: "
-                              f"{_again(add='--resume', drop=('--overwrite',))}") from None
+            raise _train_interrupted(out_, int(_task(progress, task).completed), checkpoint_every) from None
     if not rank0:
         return
     _print_run(r)
+
+
+def _student_spec(student_spec: Optional[Path], student: Optional[str], arch_kwargs: Optional[str]):
+    """The student `train` builds: a spec file, or an architecture with its JSON arguments."""
+    from darkstore.models import ModelSpec
+
+    if student_spec is not None:
+        return ModelSpec.from_file(student_spec)
+    if student is not None:
+        return ModelSpec(arch=student, arch_kwargs=_json_option(arch_kwargs, "--arch-kwargs"))
+    raise typer.BadParameter("give --student ARCH or --student-spec FILE")
+
+
+def _train_interrupted(out_: str, epochs: int, checkpoint_every: int) -> "Interrupted":
+    """What Ctrl-C in `train` kept, and the command that continues."""
+    kept = f"its checkpoint after epoch {epochs}" if epochs else "no finished epoch yet"
+    every = f" (or a later one: --checkpoint-every {checkpoint_every})" if checkpoint_every else ""
+    return Interrupted(f"{out_} keeps {kept}{every}; continue with: "
+                       f"{_again(add='--resume', drop=('--overwrite',))}")
 
 
 class Interrupted(DarkstoreError):

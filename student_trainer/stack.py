@@ -84,6 +84,8 @@ def _slice_state(sd: dict[str, Any], i: int) -> dict[str, Any]:
 class Stack:
     """Stacked students (see the module's doc). ``members[0]`` leads: its random stream drives the stack."""
 
+    settled_alone = False  # a plain stack stays stacked (an :class:`AutoStack` may settle on stepping alone)
+
     def __init__(self, members: list["_Recipe"], quiet: bool = False):
         from torch.func import functional_call, stack_module_state, vmap
 
