@@ -136,9 +136,13 @@ def parse_data_spec(value: Any) -> DataSpec:
         raise SpecError(f"invalid data spec: {exc}") from exc
 
 
+#: the field of each kind of data spec that names a file or folder (factories name none)
+PATH_FIELD = {"arrays": "path", "image_folder": "root", "torchvision": "root", "huggingface": "root"}
+
+
 def _rebase(spec: DataSpec, base: Path) -> DataSpec:
     """Make a spec file's relative paths relative to the file."""
-    field = {"arrays": "path", "image_folder": "root", "torchvision": "root", "huggingface": "root"}.get(spec.kind)
+    field = PATH_FIELD.get(spec.kind)
     if field and not Path(getattr(spec, field)).is_absolute():
         spec = spec.model_copy(update={field: str(base / getattr(spec, field))})
     return spec

@@ -252,6 +252,7 @@ class _Watch:
                  total: int):
         self.on_event, self.done, self.total = on_event, done, total
         self.lines: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}  # metrics.jsonl's size when last read: unchanged files are not read again
 
     def start(self, p: Point, run_dir: Path) -> None:
         self.lines[p.name] = self._rows(run_dir)  # a resumed point's earlier epochs are not news
@@ -263,7 +264,11 @@ class _Watch:
             return
         for p in unit:
             f = runs / p.name / "metrics.jsonl"
-            text = f.read_text() if f.exists() else ""
+            size = f.stat().st_size if f.exists() else 0
+            if size == self.sizes.get(p.name):
+                continue
+            self.sizes[p.name] = size
+            text = f.read_text() if size else ""
             rows = text[:text.rfind("\n") + 1].splitlines()  # whole lines only: the trainer may be appending
             for line in rows[self.lines.get(p.name, 0):]:
                 if line.strip():

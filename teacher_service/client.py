@@ -85,12 +85,11 @@ def inline_job(raw: dict[str, Any], base: str | Path = ".") -> dict[str, Any]:
     return raw
 
 
-#: the fields of a job that name files: members' weights, and a data spec's path or root
-_DATA_PATHS = {"arrays": "path", "image_folder": "root", "torchvision": "root", "huggingface": "root"}
-
-
 def _map_paths(job: dict[str, Any], fn: Callable[[str, str], str]) -> dict[str, Any]:
-    """``job`` with ``fn(path, what)`` applied to every file path it names (a new dict)."""
+    """``job`` with ``fn(path, what)`` applied to every file path it names (members' weights, the data's
+    path or root): a new dict."""
+    from darkstore.data import PATH_FIELD
+
     job = dict(job)
     teachers = job.get("teachers")
     if isinstance(teachers, dict) and isinstance(teachers.get("members"), list):
@@ -99,7 +98,7 @@ def _map_paths(job: dict[str, Any], fn: Callable[[str, str], str]) -> dict[str, 
         job["teachers"] = {**teachers, "members": members}
     data = job.get("data")
     if isinstance(data, dict):
-        field = _DATA_PATHS.get(data.get("kind", "arrays"))
+        field = PATH_FIELD.get(data.get("kind", "arrays"))
         if field and isinstance(data.get(field), str):
             job["data"] = {**data, field: fn(data[field], f"data {field}")}
     return job
