@@ -5,7 +5,7 @@
 For C = 1,000 and C = 10,000 classes, synthetic ensemble logits shaped like a confident classifier's
 (a normal spread of 3 with the labelled class 6 higher) are written through ``StoreWriter`` as dense
 float16 targets and as each sparse form, with the same sparsification the generator runs
-(``teacher_service.generate.sparse_targets`` / ``draw_samples``). Per form it prints:
+(each form's ``encode`` in ``storage.forms``). Per form it prints:
 
 - bytes per row on disk (zstd), and dense / sparse;
 - write and read time relative to dense: each repeat writes (and then reads, in windows of 4 chunks
@@ -38,7 +38,7 @@ from storage import StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, op
 from storage.fields import target_fields
 from storage.schema import TargetsRecord
 from student_trainer import losses
-from teacher_service.generate import draw_samples, sparse_targets
+from storage.forms import form_of
 
 FORMS = ["dense", "topk:5", "topk:16", "topk:64", "sampled:16", "sampled:64"]
 
@@ -68,9 +68,8 @@ def write(path: Path, z: np.ndarray, form: str) -> float:
     t0 = time.perf_counter()
     for i in range(meta.n_chunks):
         a, b = w.bounds(i)
-        kw = {k: v.numpy() for k, v in sparse_targets(torch.from_numpy(z[a:b]), meta.targets).items()}
-        if "sample_probs" in kw:
-            kw["sample_index"] = draw_samples(kw.pop("sample_probs"), meta.targets, i)
+        form = form_of(meta)
+        kw = {k: v.numpy() for k, v in form.encode(torch.from_numpy(z[a:b]), meta, form.draws(meta, i, (b - a,))).items()}
         if "logits" in kw or "topk_logits" in kw:
             key = "logits" if "logits" in kw else "topk_logits"
             kw[key] = np.clip(kw[key], -60000, None).astype(np.float16)

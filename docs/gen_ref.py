@@ -114,7 +114,7 @@ def fields_page() -> str:
              "axis; a *chunk field* one element per chunk.", "",
              "| field | dims | dtype | kind | present | holds |", "|---|---|---|---|---|---|"]
     for f in FIELDS:
-        lines.append(f"| `{f.name}` | {', '.join(f.dims)} | {f.dtype(sym)} | {'row' if f.per_row else 'chunk'} | "
+        lines.append(f"| `{f.name}` | {', '.join(f.dims_for(None))} | {f.dtype(sym)} | {'row' if f.per_row else 'chunk'} | "
                      f"{f.when} | {_cell(f.doc)} |")
     return "\n".join(lines) + "\n"
 

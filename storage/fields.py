@@ -11,6 +11,10 @@ written (C order, little-endian, the stored dtype), written before the chunk's `
 Readers verify what they read against it, so a chunk changed, swapped, truncated or lost after
 its commit is an error that names the chunk and the field, never silent data.
 
+A store's rows are samples of classes, or fixed-length token sequences (``meta.sequence``): then a
+*per-position* field gains a position axis after its row axis, and ``tokens`` and ``loss_mask`` replace
+``labels``. The target fields come from the target forms (:mod:`storage.forms`), one module per form.
+
 To add a field: declare it here — a row field is then created, validated, written by
 ``StoreWriter.write_chunk(i, <name>=array)``, checksummed and read by ``StoreReader.read(rows,
 [<name>])`` with the others — and write its producer and its consumer. Nothing else changes
@@ -19,60 +23,30 @@ To add a field: declare it here — a row field is then created, validated, writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from .fieldspec import FieldSpec, index_dtype
+from .forms import FORMS, form_of
 from .schema import StoreMeta
 
-@dataclass(frozen=True)
-class FieldSpec:
-    name: str
-    dims: tuple[str, ...]
-    shape: Callable[[StoreMeta], tuple[int, ...]]
-    dtype: Callable[[StoreMeta], str]
-    fill: Any
-    present: Callable[[StoreMeta], bool]
-    per_row: bool = True  # a row field (else one element per chunk)
-    row_axis: int = 0
-    compressed: bool = True
-    target: bool = False  # teacher targets: stored in the store's float dtype, refused when not finite
-    log_space: bool = False  # float16: values below the floor are clipped to it (log-probabilities); others refuse overflow
-    doc: str = ""
-    when: str = "always"  # in words, what ``present`` decides (the docs' field table shows it)
-
-    def chunks(self, meta: StoreMeta) -> tuple[int, ...]:
-        shape = self.shape(meta)
-        if not self.per_row:
-            return (1, *shape[1:])
-        return tuple(meta.chunk_rows if a == self.row_axis else s for a, s in enumerate(shape))
-
-    def chunk_shape(self, meta: StoreMeta, rows: int) -> tuple[int, ...]:
-        """The shape of ``rows`` rows of this row field."""
-        return tuple(rows if a == self.row_axis else s for a, s in enumerate(self.shape(meta)))
-
-    def rows(self, arr: Any, start: int, stop: int) -> Any:
-        """The rows ``[start, stop)`` of this field's array (zarr or numpy)."""
-        return arr[:, start:stop] if self.row_axis == 1 else arr[start:stop]
-
+__all__ = ["FIELDS", "BY_NAME", "FieldSpec", "target_fields", "row_fields", "present"]
 
 def _always(meta: StoreMeta) -> bool:
     return True
 
 
+def _classes(m: StoreMeta) -> bool:
+    return m.sequence is None
+
+
+def _sequences(m: StoreMeta) -> bool:
+    return m.sequence is not None
+
+
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan,
-              lambda m: m.target_form == "dense", target=True, log_space=True, doc="ensemble targets in log space, row-centred", when="dense targets"),
-    FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: m.dtype, np.nan,
-              lambda m: m.target_form == "topk", target=True, log_space=True, doc="top-k targets: the k largest ensemble values", when="topk:K targets"),
-    FieldSpec("topk_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
-              lambda m: m.target_form == "topk", doc="top-k targets: their classes, largest first", when="topk:K targets"),
-    FieldSpec("tail_lse", ("row",), lambda m: (m.num_rows,), lambda m: "float32", np.nan,
-              lambda m: m.target_form == "topk", target=True,
-              doc="top-k targets: log-sum-exp of the values left out (the tail's mass at T = 1)", when="topk:K targets"),
-    FieldSpec("sample_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: "int32", -1,
-              lambda m: m.target_form == "sampled", doc="sampled targets: k classes drawn per row, sorted", when="sampled:K targets"),
+    *(f for form in FORMS.values() for f in form.fields),
     FieldSpec("members", ("member", "row", "class"), lambda m: (m.num_members, m.num_rows, m.num_classes),
               lambda m: m.dtype, np.nan, lambda m: m.keep_members, row_axis=1, target=True, log_space=True,
               doc="each teacher's own logits, row-centred", when="keep_members"),
@@ -80,15 +54,26 @@ FIELDS: tuple[FieldSpec, ...] = (
               lambda m: bool(m.features), target=True,
               doc="kept teacher layers (FitNets' hints), each reduced and flattened, side by side",
               when="features kept"),
-    FieldSpec("labels", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
-              doc="hard labels, -1 where unlabeled"),
+    FieldSpec("labels", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _classes,
+              doc="hard labels, -1 where unlabeled", when="classes"),
+    FieldSpec("tokens", ("row", "token"), lambda m: (m.num_rows, m.sequence.length + 1), index_dtype, 0, _sequences,
+              doc="a sequence row's token ids: the inputs are tokens[:-1], position t's label is tokens[t + 1]",
+              when="token sequences"),
+    FieldSpec("loss_mask", ("row", "position"), lambda m: (m.num_rows, m.sequence.length), lambda m: "uint8", 0,
+              _sequences, doc="1 where a position's label and targets carry a loss (0: padding, prompt)",
+              when="token sequences"),
     FieldSpec("index", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
               doc="the sample of each row (its position in the transfer set)"),
     FieldSpec("view_params", ("row", "param"), lambda m: (m.num_rows, m.num_view_params), lambda m: "float64",
               np.nan, lambda m: bool(m.views), doc="recorded views: each row's drawn parameters",
               when="recorded views"),
     FieldSpec("stats", ("chunk", "stat"), lambda m: (m.n_chunks, 2 + m.num_members), lambda m: "int64", 0, _always,
-              per_row=False, compressed=False, doc="per chunk: labeled rows, ensemble correct, each member's correct"),
+              per_row=False, compressed=False,
+              doc="per chunk: labeled rows (positions), ensemble correct, each member's correct (top-1)"),
+    FieldSpec("nll", ("chunk", "stat"), lambda m: (m.n_chunks, 1 + m.num_members), lambda m: "float64", 0.0,
+              _sequences, per_row=False, compressed=False,
+              doc="per chunk: the ensemble's and each member's summed negative log-likelihood (nats) of the "
+                  "labels at the positions with a loss, at T = 1", when="token sequences"),
     FieldSpec("checksums", ("chunk", "field"), lambda m: (m.n_chunks, len(m.checksums or ())), lambda m: "uint32", 0,
               lambda m: m.checksums is not None, per_row=False, compressed=False,
               doc="per chunk: CRC32C of each row field's bytes", when="schema 2 and later"),
@@ -98,12 +83,9 @@ FIELDS: tuple[FieldSpec, ...] = (
 BY_NAME = {f.name: f for f in FIELDS}
 
 
-#: the row fields that hold a store's teacher targets, by form (``StoreMeta.target_form``)
-TARGETS = {"dense": ("logits",), "topk": ("topk_logits", "topk_index", "tail_lse"), "sampled": ("sample_index",)}
-
-
 def target_fields(meta: StoreMeta) -> tuple[str, ...]:
-    return TARGETS[meta.target_form]
+    """The row fields that hold ``meta``'s teacher targets (its form's)."""
+    return tuple(f.name for f in form_of(meta).fields)
 
 
 def present(meta: StoreMeta) -> list[FieldSpec]:
@@ -123,7 +105,7 @@ def create_arrays(group: Any, meta: StoreMeta, compressors: Any) -> None:
     for f in present(meta):
         group.create_array(f.name, shape=f.shape(meta), chunks=f.chunks(meta), dtype=f.dtype(meta),
                            compressors=compressors if f.compressed else None, fill_value=f.fill,
-                           dimension_names=f.dims)
+                           dimension_names=f.dims_for(meta))
 
 
 def check_arrays(group: Any, meta: StoreMeta, path: Any, schema_error: type[Exception]) -> None:

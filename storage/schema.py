@@ -194,6 +194,30 @@ class TargetsRecord(BaseModel):
         return f"{self.form}:{self.k}" + (f"@{self.temperature:g}" if self.form == "sampled" else "")
 
 
+class TokenizerRecord(BaseModel):
+    """The tokenizer a sequence store's token ids come from."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="where it was loaded from (a local directory or tokenizer.json)")
+    fingerprint: str = Field(description="sha256 of its canonical JSON: vocabulary, merges, normalisation, "
+                             "pre-tokenisation and special tokens")
+    vocab_size: int = Field(gt=1, description="token ids 0 .. vocab_size - 1, added tokens included")
+    eos_id: int | None = Field(None, description="the token ending each document or record")
+    pad_id: int | None = Field(None, description="the token filling a padded record (no loss there)")
+
+
+class SequenceRecord(BaseModel):
+    """A store whose rows are fixed-length token sequences: per-position targets, the tokens beside them."""
+
+    model_config = ConfigDict(extra="forbid")
+    length: int = Field(ge=1, description="positions per row (L); `tokens` holds L + 1 ids per row")
+    tokenizer: TokenizerRecord
+    packing: Literal["packed", "records"] = Field(description="packed: documents joined by EOS and cut into "
+                                                  "rows; records: one record per row, padded, its prompt masked")
+    positions: int = Field(ge=0, description="positions with a loss in the whole store")
+    text_bytes: int = Field(ge=0, description="UTF-8 bytes of the text the rows were made from")
+
+
 class SpecialistRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the ensemble member")
@@ -263,6 +287,8 @@ class StoreMeta(BaseModel):
                                                   "specialist's classes and top_n (None: another rule)")
     specialist_of: SpecialistOfRecord | None = Field(None, description="a store derived from a generalist's to "
                                                      "train one specialist (None: a teachers' store)")
+    sequence: SequenceRecord | None = Field(None, description="rows are token sequences: their length, tokenizer "
+                                            "and packing (None: rows are samples of classes)")
 
     @property
     def item_bytes(self) -> int:
@@ -280,6 +306,20 @@ class StoreMeta(BaseModel):
             out[f.name] = (slice(at, at + f.size), tuple(f.shape or ()))
             at += f.size
         return out
+
+    @property
+    def values(self) -> str:
+        """What the stored target values are, in words: the geometric mean keeps mean logits (softmax(ℓ / T)
+        is the ensemble at every T); the arithmetic mean keeps T_gen × the log of the mean probability at
+        T_gen; specialists keep log-probabilities at T = 1. All centred: each row's (position's) largest is 0."""
+        return {"geometric": "logits (the members' mean)",
+                "arithmetic": f"log-probabilities × T at T={self.temperature:g} (log of the members' mean)",
+                "specialists": "log-probabilities at T=1"}[self.combine]
+
+    @property
+    def positions_per_row(self) -> int:
+        """Target positions per row: the sequence length, or 1 for a row of classes."""
+        return self.sequence.length if self.sequence else 1
 
     @property
     def target_form(self) -> str:
@@ -324,11 +364,15 @@ def chunk_bounds(i: int, chunk_rows: int, num_rows: int) -> tuple[int, int]:
 
 
 def bytes_per_row(meta: StoreMeta) -> int:
-    """Uncompressed bytes one row costs: its targets (dense: C values; topk: K values, K int32 classes and a
-    float32 tail; sampled: K int32 classes), members, label, index and view parameters."""
+    """Uncompressed bytes one row costs: its targets (the form's, :mod:`storage.forms`), members, features,
+    index and view parameters, and its label (classes) or its tokens and loss mask (sequences)."""
+    from .fieldspec import index_dtype
+    from .forms import form_of
+
     item = meta.item_bytes
-    targets = {"dense": lambda: item * meta.num_classes,
-               "topk": lambda: (item + 4) * meta.targets.k + 4,
-               "sampled": lambda: 4 * meta.targets.k}[meta.target_form]()
+    targets = form_of(meta).target_bytes(meta) * meta.positions_per_row
+    if meta.sequence is not None:
+        length = meta.sequence.length
+        return targets + np.dtype(index_dtype(meta)).itemsize * (length + 1) + length + 8
     members = meta.num_members if meta.keep_members else 0
     return targets + item * (meta.num_classes * members + meta.feature_size) + 16 + 8 * meta.num_view_params

@@ -60,7 +60,7 @@ def kd(step: Step) -> torch.Tensor:
     b = step.batch
     if b.sparse is not None:
         sp = step.batch.sparse
-        form = "sampled" if "sample_index" in sp else f"topk-{step.topk_loss}"
+        form = "sampled" if step.rt.mode == "sampled" else f"topk-{step.topk_loss}"
         return losses.sparse_kd_loss(step.student, b.labels, form=form,
                                      index=sp.get("sample_index", sp.get("topk_index")), head=sp.get("topk_logits"),
                                      tail=sp.get("tail_lse"), temperature=step.temperature, alpha=step.alpha,

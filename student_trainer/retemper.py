@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from darkstore.errors import SpecError
 from storage import StoreMeta
+from storage.forms import form_of
 
 
 @dataclass(frozen=True)
@@ -67,23 +67,9 @@ def unused(temperature: float) -> Retemper:
 
 def plan(meta: StoreMeta, temperature: float, *, use_members: bool | None = None) -> Retemper:
     """Choose the most exact re-temperature the store allows (sparse stores: say what their form gives)."""
-    if meta.target_form == "topk":
-        k, c = meta.targets.k, meta.num_classes
-        exact = math.isclose(temperature, 1.0)
-        head = ("the head is re-tempered exactly" if meta.combine == "geometric" else
-                "the head is a sharpened or flattened arithmetic mean (mixed at T=1)")
-        return Retemper(temperature, "topk", exact, (
-            f"top-{k} of {c} classes with the tail's mass: exact at T=1" if exact else
-            f"APPROXIMATE: top-{k} of {c} classes at T={temperature:g}: {head}, the "
-            "tail's mass as if spread evenly over the classes left out"))
-    if meta.target_form == "sampled":
-        ts = meta.targets.temperature
-        if not math.isclose(temperature, ts, rel_tol=1e-9):
-            raise SpecError(f"this store's targets are {meta.targets.k} classes sampled at T={ts:g}: an unbiased "
-                            f"estimate at that temperature only; train with --temperature {ts:g}, or generate "
-                            f"sampled:{meta.targets.k}@{temperature:g}")
-        return Retemper(temperature, "sampled", True,
-                        f"{meta.targets.k} samples per row drawn at T={ts:g}: an unbiased estimate of the soft term")
+    said = form_of(meta).retemper(meta, temperature)
+    if said is not None:  # a sparse form says what it gives at this T
+        return Retemper(temperature, meta.target_form, said[0], said[1])
     if meta.specialist_of is not None:
         exact = math.isclose(temperature, 1.0)
         return Retemper(temperature, "specialists", exact, (

@@ -33,12 +33,13 @@ from darkstore.data import TransferSet, open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
 from storage import StoreMeta, StoreReader, open_store
+from storage.forms import FORMS
 from storage.location import canonical
 from darkstore.errors import SpecError
 from storage.errors import SchemaError
 from student_trainer.errors import RunDirError
 
-from . import losses, objectives
+from . import objectives
 from .config import TrainConfig
 from .dataset import check_transfer_set
 from .loader import batch_mixing, make_loader, window_chunks
@@ -144,7 +145,7 @@ class EvalRows:
     def _read(self):
         for b in make_loader(self.reader, self.rows, batch_size=self.batch_size, shuffle=False,
                              data=self.data).epoch(0):
-            yield b.x, teacher_view(b, self.reader.meta.num_classes), b.labels
+            yield b.x, teacher_view(b, self.reader.meta.num_classes, self.reader.meta.target_form), b.labels
 
     def batches(self):
         if self._kept is not None:
@@ -183,19 +184,12 @@ def predict(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalR
     return torch.cat(s), torch.cat(t), torch.cat(y)
 
 
-def teacher_view(b, num_classes: int) -> torch.Tensor:
-    """[B, C] the teachers' distribution at T = 1 for metrics: a dense store's logits; a top-k store's head with
-    its tail spread evenly (its argmax is the true top class); a sampled store's sample frequencies (smoothed,
-    so that an unsampled class is unlikely rather than impossible)."""
+def teacher_view(b, num_classes: int, form: str) -> torch.Tensor:
+    """[B, C] the teachers' log-probabilities at T = 1 for metrics, as far as the store's form tells
+    (:meth:`storage.forms.Form.teacher_logp`)."""
     if b.logits is not None:
         return b.logits.float()
-    sp = b.sparse
-    if "topk_index" in sp:
-        return losses.topk_teacher_logp(sp["topk_index"], sp["topk_logits"].float(), sp["tail_lse"].float(),
-                                        num_classes, 1.0)
-    idx = sp["sample_index"].long()
-    counts = torch.zeros(len(idx), num_classes).scatter_add_(1, idx, torch.ones(idx.shape))
-    return torch.log((counts + 0.5 / num_classes) / (idx.shape[1] + 0.5))
+    return FORMS[form].teacher_logp(b.sparse, num_classes)
 
 
 def evaluate(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalRows, data: TransferSet | None = None,

@@ -29,6 +29,7 @@ from darkstore.models import LoadedModel, ModelSpec, count_params_meta, load_mod
 from darkstore.views import ViewInputs, ViewSet, views_record
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter, TeacherRecord, TransferSetRecord, sample_order
 from storage.schema import FeatureRecord, RowLayout, SpecialistRecord, SpecialistsRecord, TargetsRecord
+from storage.forms import form_of
 from storage.writer import write_chunk_at
 from darkstore.device import check_device
 from darkstore.errors import ClassCountMismatchError, DarkstoreError, DataError, SpecError
@@ -294,32 +295,6 @@ def _targets(spec: JobSpec, num_classes: int) -> TargetsRecord | None:
     return t
 
 
-def sparse_targets(ell: torch.Tensor, targets: TargetsRecord | None) -> dict[str, torch.Tensor]:
-    """What a chunk stores of the combined values ``ell`` [rows, C] (float32, row-centred): ``{"logits": ell}``
-    for dense targets; for top-k the k largest values, their classes and the log-sum-exp of the rest; for
-    sampled targets the tempered probabilities, in float64, that the writer draws from (``draw_samples``)."""
-    if targets is None:
-        return {"logits": ell}
-    if targets.form == "topk":
-        head, idx = ell.topk(targets.k, dim=-1)
-        tail = torch.logsumexp(ell.scatter(-1, idx, float("-inf")), dim=-1)
-        return {"topk_logits": head, "topk_index": idx.to(torch.int32), "tail_lse": tail.float()}
-    return {"sample_probs": torch.softmax(ell.double() / targets.temperature, dim=-1)}
-
-
-def draw_samples(p: np.ndarray, targets: TargetsRecord, chunk: int) -> np.ndarray:
-    """k classes per row drawn with replacement from ``p`` [rows, C] by inverting each row's CDF at uniforms
-    from a generator seeded by (seed, chunk): the same chunk of the same job draws the same classes, whichever
-    worker writes it. Sorted per row (duplicates kept: a class drawn twice counts twice)."""
-    rows, c = p.shape
-    u = np.random.default_rng([targets.seed, chunk]).random((rows, targets.k))
-    cdf = np.cumsum(p, axis=1)
-    cdf /= cdf[:, -1:]  # exactly 1 at the end, whatever the rounding of the sum
-    offset = np.arange(rows)[:, None]
-    idx = np.searchsorted((cdf + offset).ravel(), (u + offset).ravel(), side="right").reshape(rows, -1)
-    return np.sort(np.minimum(idx - offset * c, c - 1), axis=1).astype(np.int32)
-
-
 def in_store_order(data, meta: StoreMeta):
     """The rows of ``meta``'s store: the transfer set (or its views) in the store's recorded row order and
     recipe version — the store's, not the spec's, so a store resumed by another darkstore keeps both."""
@@ -519,7 +494,9 @@ class _ChunkSink:
         finite = torch.isfinite(z).all(dim=-1)  # [M, rows]
         ell = combine(z, meta.combine, meta.temperature, meta.specialists, self.names)
         y_dev = torch.from_numpy(y).to(z.device, non_blocking=True)
-        parts = {"finite": finite, "stats": _stats(z, ell, y_dev), **sparse_targets(ell, meta.targets)}
+        form = form_of(meta)
+        parts = {"finite": finite, "stats": _stats(z, ell, y_dev),
+                 **form.encode(ell, meta, form.draws(meta, i, (stop - start,)))}
         if meta.keep_members:
             parts["members"] = z - z.amax(dim=-1, keepdim=True)
         if features is not None:
@@ -538,8 +515,6 @@ class _ChunkSink:
                 ev.synchronize()
         kw = {name: h.numpy() for name, (h, _) in hosts.items()}
         fin = kw.pop("finite")
-        if "sample_probs" in kw:
-            kw["sample_index"] = draw_samples(kw.pop("sample_probs"), self.meta.targets, i)
         rows = np.arange(start, stop)
         if not fin.all():
             _check_finite_mask(fin, self.names, self.data.sample_of(rows))

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 
 from storage import open_store
 from storage.schema import TargetsRecord
 from darkstore.errors import SpecError
-from teacher_service.generate import draw_samples, generate
+from storage.forms import FORMS
+from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
 
@@ -82,12 +85,19 @@ def test_sampled_store_draws_from_the_tempered_distribution_reproducibly(made, t
     assert (np.abs(freq - p) <= 5 * se + 3 / k).all()  # + a few draws: the normal bound fails for rare classes
 
 
+def _draw(p: np.ndarray, chunk: int) -> np.ndarray:
+    form = FORMS["sampled"]
+    meta = SimpleNamespace(targets=TargetsRecord(form="sampled", k=20000, seed=3))
+    ell = torch.log(torch.from_numpy(p)).float()
+    return form.encode(ell, meta, form.draws(meta, chunk, (len(p),)))["sample_index"].numpy()
+
+
 def test_draw_samples_inverts_each_rows_cdf():
     p = np.array([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.2, 0.3, 0.5]])
-    idx = draw_samples(p, TargetsRecord(form="sampled", k=20000, seed=3), chunk=0)
+    idx = _draw(p, chunk=0)
     assert set(idx[0]) == {1} and set(idx[1]) <= {0, 2}  # never a class of probability 0
     np.testing.assert_allclose(np.bincount(idx[2], minlength=3) / 20000, p[2], atol=0.015)
-    other = draw_samples(p, TargetsRecord(form="sampled", k=20000, seed=3), chunk=1)
+    other = _draw(p, chunk=1)
     assert not np.array_equal(idx[2], other[2])  # each chunk its own stream
 
 

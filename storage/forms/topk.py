@@ -1,0 +1,68 @@
+"""Top-k targets: the K largest ensemble values, their classes, and the log-sum-exp of the rest.
+
+At T = 1 the head's probabilities and the tail's total mass are exact; how the tail's mass is shared among
+its classes is lost, so at other temperatures it is taken as spread evenly over them (an approximation)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..fieldspec import FieldSpec, index_dtype
+from .base import Form
+
+
+def _topk(m) -> bool:
+    return m.target_form == "topk"
+
+
+class TopK(Form):
+    name = "topk"
+    fields = (
+        FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: m.dtype, np.nan,
+                  _topk, target=True, log_space=True, per_position=True,
+                  doc="top-k targets: the k largest ensemble values (centred log space)", when="topk:K targets"),
+        FieldSpec("topk_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), index_dtype, 0,
+                  _topk, per_position=True,
+                  doc="top-k targets: their classes (tokens), largest first; int32, or uint16 in a sequence store "
+                      "of at most 65,536 tokens", when="topk:K targets"),
+        FieldSpec("tail_lse", ("row",), lambda m: (m.num_rows,), lambda m: "float32", np.nan, _topk, target=True,
+                  per_position=True,
+                  doc="top-k targets: log-sum-exp of the values left out (the tail's mass at T = 1)",
+                  when="topk:K targets"),
+    )
+
+    def target_bytes(self, meta) -> int:
+        import numpy as np
+
+        return (meta.item_bytes + np.dtype(index_dtype(meta)).itemsize) * meta.targets.k + 4
+
+    def encode(self, ell, meta, uniforms=None):
+        import torch
+
+        head, idx = ell.topk(meta.targets.k, dim=-1)
+        tail = torch.logsumexp(ell.scatter(-1, idx, float("-inf")), dim=-1)
+        return {"topk_logits": head, "topk_index": idx.to(torch.int32), "tail_lse": tail.float()}
+
+    def teacher_logp(self, parts, num_classes):
+        """The head with the tail spread evenly over the classes left out (its argmax is the true top class)."""
+        import torch
+
+        head, idx, tail = parts["topk_logits"].float(), parts["topk_index"].long(), parts["tail_lse"].float()
+        n_tail = num_classes - idx.shape[-1]
+        if n_tail > 0:
+            full = (tail - math.log(n_tail))[..., None].expand(*tail.shape, num_classes).clone()
+        else:
+            full = torch.full((*tail.shape, num_classes), float("-inf"), device=head.device)
+        full.scatter_(-1, idx, head)
+        return torch.log_softmax(full, dim=-1)
+
+    def retemper(self, meta, temperature):
+        k, c = meta.targets.k, meta.num_classes
+        exact = math.isclose(temperature, 1.0)
+        head = ("the head is re-tempered exactly" if meta.combine == "geometric" else
+                "the head is a sharpened or flattened arithmetic mean (mixed at T=1)")
+        return exact, (f"top-{k} of {c} classes with the tail's mass: exact at T=1" if exact else
+                       f"APPROXIMATE: top-{k} of {c} classes at T={temperature:g}: {head}, the "
+                       "tail's mass as if spread evenly over the classes left out")
