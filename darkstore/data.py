@@ -6,7 +6,8 @@ Five kinds, chosen by ``kind`` in a data spec:
 - ``image_folder``: an ``ImageFolder`` tree (labeled) or a flat folder of images (unlabeled);
 - ``torchvision``: a torchvision dataset by name from a local root — never downloads;
 - ``huggingface``: a Hugging Face dataset saved to disk (``save_to_disk``), image and label columns named;
-- ``factory``: ``module:function`` returning a dataset — only with ``allow_code``.
+- ``factory``: ``module:function`` returning a dataset — only with ``allow_code``;
+- ``text``: a text corpus and a local tokenizer, cut into fixed-length token sequences (:mod:`darkstore.text`).
 
 Every set yields ``(x, y)`` with ``x`` a float32 tensor (images ``[C, H, W]`` in
 [0, 1]) and ``y`` an int (−1 when unlabeled), and has a content *fingerprint*: a
@@ -105,7 +106,37 @@ class FactorySpec(_Spec):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-DataSpec = Annotated[Union[ArraysSpec, ImageFolderSpec, TorchvisionSpec, HuggingFaceSpec, FactorySpec],
+class TextSpec(_Spec):
+    """A text corpus cut into token sequences for language-model teachers (read by :mod:`darkstore.text`)."""
+
+    kind: Literal["text"] = "text"
+    root: str = Field(description="a text file or a folder of them (format files), a JSON-lines file (jsonl) or a "
+                      "Hugging Face dataset saved to disk (huggingface)")
+    format: Literal["files", "jsonl", "huggingface"] = Field(
+        "files", description="files: each file is one document; jsonl: one document or record per line; "
+        "huggingface: one per row of a dataset saved with save_to_disk")
+    glob: str = Field("**/*.txt", description="files: the files under root that are read, in sorted order")
+    field: str = Field("text", description="jsonl, huggingface: the text column (records: the response)")
+    prompt: str | None = Field(None, description="records: the prompt column; its tokens carry no loss")
+    split: str | None = Field(None, description="huggingface: the split of a saved DatasetDict")
+    tokenizer: str = Field(description="a local tokenizer: a directory holding tokenizer.json (or a transformers "
+                           "tokenizer), or a tokenizer.json file; never downloaded")
+    length: int = Field(ge=1, le=1 << 20, description="positions per row: each row holds length + 1 tokens")
+    packing: Literal["packed", "records"] = Field(
+        "packed", description="packed: documents joined, each ended by the tokenizer's EOS, and cut into rows; "
+        "records: one record per row (prompt, response, EOS), truncated to the row and padded, loss on the "
+        "response only")
+
+    @model_validator(mode="after")
+    def _records(self) -> "TextSpec":
+        if self.prompt is not None and self.packing != "records":
+            raise ValueError("prompt: names the prompt column of records; give packing: records")
+        if self.prompt is not None and self.format == "files":
+            raise ValueError("prompt: needs a column: give format jsonl or huggingface")
+        return self
+
+
+DataSpec = Annotated[Union[ArraysSpec, ImageFolderSpec, TorchvisionSpec, HuggingFaceSpec, FactorySpec, TextSpec],
                      Field(discriminator="kind")]
 DATA_SPEC = TypeAdapter(DataSpec)
 
@@ -136,15 +167,16 @@ def parse_data_spec(value: Any) -> DataSpec:
         raise SpecError(f"invalid data spec: {exc}") from exc
 
 
-#: the field of each kind of data spec that names a file or folder (factories name none)
-PATH_FIELD = {"arrays": "path", "image_folder": "root", "torchvision": "root", "huggingface": "root"}
+#: the fields of each kind of data spec that name a file or folder (factories name none)
+PATH_FIELDS = {"arrays": ("path",), "image_folder": ("root",), "torchvision": ("root",), "huggingface": ("root",),
+               "text": ("root", "tokenizer")}
 
 
 def _rebase(spec: DataSpec, base: Path) -> DataSpec:
     """Make a spec file's relative paths relative to the file."""
-    field = PATH_FIELD.get(spec.kind)
-    if field and not Path(getattr(spec, field)).is_absolute():
-        spec = spec.model_copy(update={field: str(base / getattr(spec, field))})
+    for field in PATH_FIELDS.get(spec.kind, ()):
+        if not Path(getattr(spec, field)).is_absolute():
+            spec = spec.model_copy(update={field: str(base / getattr(spec, field))})
     return spec
 
 
@@ -591,6 +623,11 @@ def _open(spec: DataSpec, *, allow_code: bool, base_dir: str | Path | None,
         return ImageFolderSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
     if isinstance(spec, HuggingFaceSpec):
         return HuggingFaceSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
+    if isinstance(spec, TextSpec):
+        from .text import TextSet
+
+        return TextSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots),
+                       resolve(spec.tokenizer, base_dir=base_dir, roots=roots))
     if isinstance(spec, TorchvisionSpec):
         import torchvision
 

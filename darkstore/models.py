@@ -96,7 +96,9 @@ class ThinCNN(nn.Module):
         return self.head(self.blocks(x))
 
 
-BUILTINS = {"mlp": MLP, "small_cnn": SmallCNN, "thin_cnn": ThinCNN}
+from .gpt import GPT  # noqa: E402 — a language model: num_classes is its vocabulary size
+
+BUILTINS = {"mlp": MLP, "small_cnn": SmallCNN, "thin_cnn": ThinCNN, "gpt": GPT}
 
 
 def torchvision_classifiers() -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-WeightFormat = Literal["auto", "safetensors", "state_dict", "torchscript", "export"]
+WeightFormat = Literal["auto", "safetensors", "state_dict", "torchscript", "export", "transformers"]
 CODE_FORMATS = ("torchscript", "export")
 
 
@@ -74,8 +74,9 @@ class Preprocess(BaseModel):
 class ModelSpec(BaseModel):
     """A teacher (ensemble member) or a student.
 
-    Either ``arch`` (+ optional ``weights``), or a code-carrying source:
-    ``format: torchscript|export`` with ``weights``, or ``factory: module:function``.
+    Either ``arch`` (+ optional ``weights``), a causal language model saved by ``transformers`` (``format:
+    transformers`` with ``weights`` its local directory), or a code-carrying source: ``format:
+    torchscript|export`` with ``weights``, or ``factory: module:function``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -87,6 +88,9 @@ class ModelSpec(BaseModel):
     format: WeightFormat = "auto"
     factory: str | None = None
     preprocess: Preprocess = Field(default_factory=Preprocess)
+    tokenizer: str | None = Field(
+        None, description="language models: the tokenizer the model was trained with (a local directory or "
+        "tokenizer.json), checked against the transfer set's; a transformers directory's own by default")
     key_map: dict[str, str] = Field(
         default_factory=dict, description="rename weight keys before loading, by prefix: {'module.': ''} drops DDP's "
         "prefix; {'0.': 'net.1.', '2.': 'net.3.'} loads a plain nn.Sequential MLP into the built-in mlp. The longest "
@@ -94,10 +98,12 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
-        sources = sum([self.arch is not None, self.factory is not None, self.format in CODE_FORMATS])
+        sources = sum([self.arch is not None, self.factory is not None,
+                       self.format in (*CODE_FORMATS, "transformers")])
         if sources != 1:
-            raise ValueError("give exactly one of: arch, factory, or format torchscript/export with weights")
-        if self.format in CODE_FORMATS and not self.weights:
+            raise ValueError("give exactly one of: arch, factory, or format torchscript/export/transformers with "
+                             "weights")
+        if self.format in (*CODE_FORMATS, "transformers") and not self.weights:
             raise ValueError(f"format {self.format} needs weights: the file to load")
         return self
 
@@ -107,10 +113,13 @@ class ModelSpec(BaseModel):
         from .specfile import load_spec_file
 
         path = Path(path)
-        spec = cls.model_validate(load_spec_file(path))
-        if spec.weights and not Path(spec.weights).is_absolute():
-            spec = spec.model_copy(update={"weights": str(path.resolve().parent / spec.weights)})
-        return spec
+        return cls.model_validate(load_spec_file(path)).rebased(path.resolve().parent)
+
+    def rebased(self, base: Path) -> "ModelSpec":
+        """Relative file paths (weights, tokenizer) made relative to ``base``."""
+        update = {k: str(base / v) for k in ("weights", "tokenizer")
+                  if (v := getattr(self, k)) and not Path(v).is_absolute()}
+        return self.model_copy(update=update) if update else self
 
     @property
     def label(self) -> str:

@@ -136,7 +136,8 @@ def generate(
                                                            "(a fixed seeded Gaussian matrix)")] = None,
     dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
     compressor: Annotated[str, typer.Option(help="zstd | blosc | none")] = "zstd",
-    chunk_rows: Annotated[int, typer.Option(help="rows per chunk: the unit of work and commit")] = 1024,
+    chunk_rows: Annotated[Optional[int], typer.Option(help="rows per chunk: the unit of work and commit (default: 1,024 "
+                                                      "rows of classes; token rows of about 65,536 positions)")] = None,
     batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 256,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader processes decoding inputs (default: none for "
                                                        "arrays files, else up to 8; half the cores on the CPU)")] = None,
@@ -174,11 +175,13 @@ def generate(
         task = {}
 
         def on_start(writer, chunks):
+            # progress in rows of classes, or in tokens (positions) of a sequence store
+            task["per"], task["unit"] = writer.meta.positions_per_row, "tokens" if writer.meta.sequence else "rows"
             mine = writer.meta.num_rows if part is None else sum(
                 b - a for a, b in map(writer.bounds, part.chunks(range(writer.meta.n_chunks))))
             done = mine - sum(b - a for a, b in map(writer.bounds, chunks))
-            task["id"] = progress.add_task("generating" if part is None else f"shard {part}", total=mine,
-                                           completed=done, rate="")
+            task["id"] = progress.add_task("generating" if part is None else f"shard {part}",
+                                           total=mine * task["per"], completed=done * task["per"], rate="")
             task["t"], task["n"] = time.perf_counter(), 0
             what = "this job's store is" if part is None else f"shard {part} of this job's store is"
             if done == mine:
@@ -188,15 +191,18 @@ def generate(
 
         def on_rows(n):
             task["n"] += n
-            rate = task["n"] / max(1e-9, time.perf_counter() - task["t"])
-            progress.update(task["id"], advance=n, rate=f"{rate:,.0f} rows/s")
+            n *= task["per"]
+            rate = task["n"] * task["per"] / max(1e-9, time.perf_counter() - task["t"])
+            unit = task["unit"]
+            progress.update(task["id"], advance=n, rate=f"{rate:,.0f} {unit}/s")
             if progress.disable:  # a log file, CI, a notebook: no bar, so a line every tenth of the work
                 t = _task(progress, task["id"])
                 tenth = int(10 * t.completed / max(1, t.total))
                 if tenth > task.get("said", int(10 * (t.completed - n) / max(1, t.total))):
                     task["said"] = tenth
-                    console.print(f"{t.description}: {int(t.completed):,} of {int(t.total):,} rows "
-                                  f"({100 * t.completed / max(1, t.total):.0f} %), {rate:,.0f} rows/s", highlight=False)
+                    console.print(f"{t.description}: {int(t.completed):,} of {int(t.total):,} {unit} "
+                                  f"({100 * t.completed / max(1, t.total):.0f} %), {rate:,.0f} {unit}/s",
+                                  highlight=False)
 
         try:
             writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
@@ -207,7 +213,7 @@ def generate(
             if "id" not in task:
                 raise Interrupted("nothing was computed yet; rerun the same command to start") from None
             t = _task(progress, task["id"])
-            raise Interrupted(f"{int(t.completed):,} of {int(t.total):,} rows are committed in {out_} and kept; "
+            raise Interrupted(f"{int(t.completed):,} of {int(t.total):,} {task['unit']} are committed in {out_} and kept; "
                               f"continue with: {_again(drop=('--overwrite',))}") from None
     _say_generated(writer, part, task.get("n", 0), time.perf_counter() - t0)
 
@@ -450,7 +456,15 @@ def inspect(
     t.add_column()
     state = "[green]complete[/]" if s["complete"] else f"[yellow]incomplete[/] ({s['chunks_done']}/{s['chunks']} chunks)"
     t.add_row("state", state + (" (verified)" if verify else ""))
-    if s["targets"] == "dense":
+    seq = s["sequence"]
+    if seq:
+        tok = seq["tokenizer"]
+        t.add_row("targets", f"{s['targets']} of {s['classes']:,} tokens per position, {seq['length']} positions per "
+                  f"row, {s['dtype']} {s['values']}, chunks of {s['chunk_rows']} rows, {s['compressor']}")
+        t.add_row("sequences", f"{s['rows']:,} rows ({seq['packing']}), {seq['positions']:,} positions with a loss, "
+                  f"from {_human(seq['text_bytes'])} of text; tokenizer {tok['path']} ({tok['vocab_size']:,} tokens, "
+                  f"fingerprint {tok['fingerprint'][:16]}…)")
+    elif s["targets"] == "dense":
         t.add_row("logits", f"[{s['rows']}, {s['classes']}] {s['dtype']}, chunks of {s['chunk_rows']} rows, "
                   f"{s['compressor']}")
     else:
@@ -483,12 +497,17 @@ def inspect(
     ts = s["transfer_set"]
     t.add_row("transfer set", f"{ts['spec'].get('kind')} {ts['spec'].get('path') or ts['spec'].get('root') or ts['spec'].get('name') or ''}"
               f" — {ts['num_samples']} samples, fingerprint {ts['fingerprint'][:16]}…")
-    acc = s["accuracy"] or {}
+    acc, ppl = s["accuracy"] or {}, s["perplexity"] or {}
     for tr in s["teachers"]:
         a = f", accuracy {100 * acc[tr['name']]:.2f} %" if tr["name"] in acc else ""
+        if tr["name"] in ppl:
+            a = f", perplexity {ppl[tr['name']]:,.2f}, top-1 {100 * acc[tr['name']]:.2f} %"
         h = tr["sha256"][:16] + "…" if tr["sha256"] else "-"
         t.add_row(f"teacher {tr['name']}", f"{tr['arch']} ({tr['format']}), {tr['num_params']:,} params, sha256 {h}{a}")
-    if acc:
+    if ppl:
+        t.add_row("ensemble", f"perplexity {ppl['ensemble']:,.2f}, top-1 {100 * acc['ensemble']:.2f} % on "
+                  f"{acc['labeled_rows']:,} positions")
+    elif acc:
         t.add_row("ensemble accuracy", f"{100 * acc['ensemble']:.2f} % on {acc['labeled_rows']} labeled rows")
     t.add_row("job key", s["job_key"][:16] + "…")
     t.add_row("created", f"{s['created_at']} by darkstore {s['software_version']}")

@@ -202,6 +202,19 @@ class StoreReader:
         acc["labeled_rows"] = labeled
         return acc
 
+    def perplexity(self) -> dict[str, float] | None:
+        """A sequence store's per-token perplexity of the ensemble (its stored distribution at the generation
+        temperature) and of each teacher, exp(mean NLL) over the committed positions with a loss."""
+        if self.meta.sequence is None:
+            return None
+        nll = self.group["nll"][:][self.done]
+        n = int(self.group["stats"][:][self.done][:, 0].sum())
+        if n == 0:
+            return None
+        out = {"ensemble": float(np.exp(nll[:, 0].sum() / n))}
+        out.update({t.name: float(np.exp(nll[:, 1 + j].sum() / n)) for j, t in enumerate(self.meta.teachers)})
+        return out
+
     def verify(self) -> None:
         """Deep check: every committed chunk of every row field reads back, matches its checksum
         (schema 2), holds finite targets and in-range sample indices. Raises naming the chunk and field."""
@@ -209,6 +222,9 @@ class StoreReader:
         for i in self.finished_chunks():
             got = self.read_chunks([i], names)
             index = got["index"]
+            if "tokens" in got and int(got["tokens"].max(initial=0)) >= self.meta.num_classes:
+                raise CorruptChunkError(f"chunk {i} of {self.path}: field tokens has ids beyond the tokenizer's "
+                                        f"{self.meta.num_classes}. {REGENERATE}")
             if (index < 0).any() or (index >= self.meta.transfer_set.num_samples).any():
                 raise CorruptChunkError(f"chunk {i} of {self.path}: field index has row indices outside the "
                                         f"transfer set. {REGENERATE}")
@@ -248,6 +264,9 @@ class StoreReader:
             "teachers": [t.model_dump() for t in m.teachers],
             "transfer_set": m.transfer_set.model_dump(),
             "accuracy": self.accuracy(),
+            "sequence": m.sequence.model_dump() if m.sequence else None,
+            "perplexity": self.perplexity(),
+            "values": m.values,
             "job_key": m.job_key,
             "created_at": m.created_at,
             "software_version": m.software_version,

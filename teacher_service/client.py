@@ -88,20 +88,27 @@ def inline_job(raw: dict[str, Any], base: str | Path = ".") -> dict[str, Any]:
 def _map_paths(job: dict[str, Any], fn: Callable[[str, str], str]) -> dict[str, Any]:
     """``job`` with ``fn(path, what)`` applied to every file path it names (members' weights, the data's
     path or root): a new dict."""
-    from darkstore.data import PATH_FIELD
+    from darkstore.data import PATH_FIELDS
 
     job = dict(job)
     teachers = job.get("teachers")
     if isinstance(teachers, dict) and isinstance(teachers.get("members"), list):
-        members = [dict(m, weights=fn(m["weights"], f"teacher {m.get('name') or m.get('arch')!r} weights"))
-                   if isinstance(m, dict) and isinstance(m.get("weights"), str) else m for m in teachers["members"]]
+        members = [_map_member(m, fn) for m in teachers["members"]]
         job["teachers"] = {**teachers, "members": members}
     data = job.get("data")
     if isinstance(data, dict):
-        field = PATH_FIELD.get(data.get("kind", "arrays"))
-        if field and isinstance(data.get(field), str):
-            job["data"] = {**data, field: fn(data[field], f"data {field}")}
+        for field in PATH_FIELDS.get(data.get("kind", "arrays"), ()):
+            if isinstance(data.get(field), str):
+                data = {**data, field: fn(data[field], f"data {field}")}
+        job["data"] = data
     return job
+
+
+def _map_member(m: Any, fn: Callable[[str, str], str]) -> Any:
+    if not isinstance(m, dict):
+        return m
+    who = f"teacher {m.get('name') or m.get('arch')!r}"
+    return {**m, **{key: fn(m[key], f"{who} {key}") for key in ("weights", "tokenizer") if isinstance(m.get(key), str)}}
 
 
 class DarkstoreClient:

@@ -207,6 +207,11 @@ def prepare(
     check_device(device)
     dev = torch.device(device)
     data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
+    if spec.data.kind == "text":
+        from .sequences import prepare_sequences
+
+        job = prepare_sequences(spec, data, device=dev, allow_code=allow_code, roots=roots, max_params=max_params)
+        return _ordered(spec, job)
     names = spec.teachers.class_names or data.class_names
     declared = spec.teachers.num_classes or (len(spec.teachers.class_names) if spec.teachers.class_names else None)
     members = load_ensemble(spec.teachers, device=dev, allow_code=allow_code, roots=roots,
@@ -226,12 +231,33 @@ def prepare(
         data = ViewSet(base, spec.augment, RowLayout(spec.augment.views))
         views = views_record(spec.augment, data.input_shape, dev)
     features = _feature_records(spec, members, data, dev) if spec.features else None
-    meta = StoreMeta(
+    meta = store_meta(spec, members, data, c, names, base=base, views=views, targets=_targets(spec, c),
+                      features=features, specialists=_specialists_record(spec))
+    if channels_last:
+        for mm in members:
+            mm.module.to(memory_format=torch.channels_last)
+    return _ordered(spec, PreparedJob(spec, members, data, meta, dev, channels_last))
+
+
+def _ordered(spec: JobSpec, job: PreparedJob) -> PreparedJob:
+    """The job with its store's row order (shuffled: the seed comes from the job key, so every worker derives
+    the same order)."""
+    if spec.row_order == "shuffled":
+        job.meta = job.meta.model_copy(update={"row_order": "shuffled", "row_order_seed": int(job.meta.job_key[:15], 16)})
+    return job
+
+
+def store_meta(spec: JobSpec, members: list[LoadedModel], data, num_classes: int, names: list[str] | None, *, base=None,
+               **records: Any) -> StoreMeta:
+    """The store's metadata: the job, its teachers' and transfer set's provenance, and ``records`` (views,
+    targets, features, specialists, sequence)."""
+    base = base or data
+    return StoreMeta(
         software_version=darkstore.__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         job_key=spec.job_key([m.sha256 for m in members], data.fingerprint),
         num_rows=len(data),
-        num_classes=c,
+        num_classes=num_classes,
         class_names=names,
         chunk_rows=spec.chunk_rows,
         dtype=spec.dtype,
@@ -239,26 +265,18 @@ def prepare(
         combine=spec.combine,
         temperature=spec.temperature,
         keep_members=spec.keep_members,
-        teachers=[
-            TeacherRecord(name=m.name, arch=m.spec.arch or m.spec.factory or m.format, format=m.format,
-                          weights=str(m.weights_path) if m.weights_path else None, sha256=m.sha256,
-                          num_params=m.num_params, spec=m.spec.model_dump(mode="json"))
-            for m in members
-        ],
+        teachers=[_teacher_record(m) for m in members],
         transfer_set=TransferSetRecord(spec=base.spec.model_dump(mode="json"), fingerprint=base.fingerprint,
                                        num_samples=len(base)),
         job=spec.model_dump(mode="json"),
-        views=views,
-        targets=_targets(spec, c),
-        features=features,
-        specialists=_specialists_record(spec),
+        **records,
     )
-    if spec.row_order == "shuffled":  # the seed comes from the job key: every worker derives the same order
-        meta = meta.model_copy(update={"row_order": "shuffled", "row_order_seed": int(meta.job_key[:15], 16)})
-    if channels_last:
-        for mm in members:
-            mm.module.to(memory_format=torch.channels_last)
-    return PreparedJob(spec, members, data, meta, dev, channels_last)
+
+
+def _teacher_record(m: LoadedModel) -> TeacherRecord:
+    return TeacherRecord(name=m.name, arch=m.spec.arch or m.spec.factory or m.format, format=m.format,
+                         weights=str(m.weights_path) if m.weights_path else None, sha256=m.sha256,
+                         num_params=m.num_params, spec=m.spec.model_dump(mode="json"))
 
 
 def _feature_records(spec: JobSpec, members: list[LoadedModel], data, dev: torch.device) -> list[FeatureRecord]:
@@ -398,6 +416,11 @@ def run_chunks(
     chunks = [i for i in chunks if not done[i]]
     if not chunks:
         return 0
+    if writer.meta.sequence is not None:
+        from .sequences import run_sequence_chunks
+
+        return run_sequence_chunks(job, writer, chunks, batch_size=batch_size, on_rows=on_rows, on_chunk=on_chunk,
+                                   should_stop=should_stop)
     writers, max_inflight, writer_processes = _writer_plan(job.device, writers, max_inflight, writer_processes)
     data = in_store_order(job.data, writer.meta)
     loader = torch.utils.data.DataLoader(

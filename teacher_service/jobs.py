@@ -151,6 +151,11 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
             hashes.append(None)
             continue
         path = resolve(m.weights, roots=roots)
+        if m.format == "transformers":
+            from darkstore.lm import folder_digest
+
+            hashes.append(folder_digest(m.label, path))
+            continue
         if not path.is_file():
             raise WeightsNotFoundError(f"weights of {m.label!r} not found: {path}")
         hashes.append(sha256_file(path))

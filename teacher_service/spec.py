@@ -79,11 +79,7 @@ class EnsembleSpec(BaseModel):
         return spec.rebased(path.resolve().parent)
 
     def rebased(self, base: Path) -> "EnsembleSpec":
-        members = [
-            m.model_copy(update={"weights": str(base / m.weights)}) if m.weights and not Path(m.weights).is_absolute() else m
-            for m in self.members
-        ]
-        return self.model_copy(update={"members": members})
+        return self.model_copy(update={"members": [m.rebased(base) for m in self.members]})
 
 
 class JobSpec(BaseModel):
@@ -96,7 +92,8 @@ class JobSpec(BaseModel):
     temperature: float = Field(1.0, gt=0, le=100, description="generation temperature (matters for arithmetic)")
     dtype: Dtype = "float16"
     compressor: Compressor = "zstd"
-    chunk_rows: int = Field(1024, ge=1, le=1 << 20)
+    chunk_rows: int | None = Field(None, ge=1, le=1 << 20, description="rows per chunk, the unit of work and commit "
+                                   "(default: 1,024 rows of classes; token rows of about 65,536 positions)")
     keep_members: bool = False
     precision: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="teacher forward precision (autocast); part of the job's identity")
@@ -116,6 +113,20 @@ class JobSpec(BaseModel):
         "shuffled", description="shuffled (default): samples are stored in a seeded random order, so a store made "
         "from a class-sorted set (an image folder) streams well-mixed batches; natural: transfer-set order. Not "
         "part of the job's identity: both orders hold the same targets for every sample")
+
+    @model_validator(mode="after")
+    def _rows(self) -> "JobSpec":
+        if self.chunk_rows is None:
+            length = getattr(self.data, "length", None) if self.data.kind == "text" else None
+            self.chunk_rows = 1024 if length is None else max(1, 65536 // length)
+        if self.data.kind == "text":
+            said = [what for what, on in (("augment (recorded views)", self.augment is not None),
+                                          ("features (hints)", bool(self.features)),
+                                          ("keep_members", self.keep_members),
+                                          ("combine specialists", self.combine == "specialists")) if on]
+            if said:
+                raise ValueError(f"a text transfer set (language-model teachers) takes no {', '.join(said)}")
+        return self
 
     @model_validator(mode="after")
     def _features(self) -> "JobSpec":

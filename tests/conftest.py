@@ -154,3 +154,36 @@ def reference_member_logits(ensemble: Path, data: Path) -> np.ndarray:
         with torch.no_grad():
             out.append(lm.module.double().eval()(x).numpy())
     return np.stack(out)
+
+
+# --- language models: the standard library's json package as corpus, a tokenizer and small teachers -------
+LM_CONFIG = {"block_size": 64, "n_layer": 1, "n_head": 2, "n_embd": 32}
+
+
+@pytest.fixture(scope="session")
+def lm_kit(tmp_path_factory) -> dict:
+    """A tokenizer trained on the json package's sources, two built-in GPT teachers and a transformers GPT-2
+    whose head is 16 tokens wider than the tokenizer; ``job(**options)`` writes a job file using them."""
+    from darkstore_app.lmkit import gpt2_teacher, gpt_teacher, stdlib, train_tokenizer
+
+    root = tmp_path_factory.mktemp("lm")
+    corpus = stdlib() / "json"
+    tok = train_tokenizer(sorted(corpus.glob("*.py")), root / "tok", vocab_size=512)
+    members = [gpt_teacher(root / "gpt_a.safetensors", 512, seed=0, **LM_CONFIG),
+               gpt2_teacher(root / "gpt2_b", 512, tokenizer=tok, seed=1, pad_vocab=16, n_positions=64, n_embd=32,
+                            n_layer=1, n_head=2),
+               gpt_teacher(root / "gpt_c.safetensors", 512, seed=2, **LM_CONFIG)]
+    members[0]["tokenizer"] = "tok"
+
+    def job(path: Path | None = None, members_: list | None = None, **options) -> Path:
+        path = path or root / "job.yaml"
+        data = {"kind": "text", "root": str(corpus), "glob": "*.py", "tokenizer": str(tok), "length": 32,
+                **options.pop("data", {})}
+        spec = {"teachers": {"members": [dict(m, weights=str(root / m["weights"]),
+                                              **({"tokenizer": str(root / m["tokenizer"])} if "tokenizer" in m else {}))
+                                         for m in (members_ or members)]},
+                "data": data, **options}
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return {"root": root, "tokenizer": tok, "corpus": corpus, "members": members, "job": job}

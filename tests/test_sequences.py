@@ -1,0 +1,154 @@
+"""Language-model generation (teacher_service/sequences.py): per-token stores through the CLI checked against a
+float64 recomputation of the members' combined distribution, a killed capture resumed, and each bad input."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from darkstore.lm import load_lm
+from darkstore.models import ModelSpec
+from storage import open_store
+from storage.fields import row_fields
+
+from .conftest import DARKSTORE, cli_env
+
+V = 512
+
+
+def generate(job: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(out), *extra], env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def member_logits64(job: Path, tokens: np.ndarray) -> torch.Tensor:
+    """[M, N, L, V] each member's logits in float64 at the stored rows, vocabulary padding cut."""
+    spec = yaml.safe_load(job.read_text())
+    out = []
+    for m in spec["teachers"]["members"]:
+        lm = load_lm(ModelSpec.model_validate(m), vocab_size=V)
+        lm.module.double().eval()
+        with torch.inference_mode():
+            out.append(lm.module(torch.from_numpy(tokens[:, :-1]).long())
+                       if lm.kind == "gpt" else lm.module(input_ids=torch.from_numpy(tokens[:, :-1]).long()).logits)
+    return torch.stack([z[..., :V].double() for z in out])
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    r = open_store(path)
+    return r.read_chunks(r.finished_chunks(), [f.name for f in row_fields(r.meta)])
+
+
+def test_topk_and_sampled_stores_match_a_float64_recomputation(lm_kit, tmp_path):
+    job = lm_kit["job"](tmp_path / "job.yaml", targets="topk:8", chunk_rows=128)
+    done = generate(job, tmp_path / "topk")
+    assert done.returncode == 0, done.stderr
+    assert "store complete" in done.stdout and "tokens" in done.stderr
+    r = open_store(tmp_path / "topk")
+    r.verify()
+    m = r.meta
+    assert m.sequence.length == 32 and m.num_classes == V and m.sequence.tokenizer.vocab_size == V
+    got = _arrays(tmp_path / "topk")
+    tokens = got["tokens"].astype(np.int64)
+    assert got["topk_index"].dtype == np.uint16 and got["topk_logits"].shape == (m.num_rows, 32, 8)
+    z = member_logits64(job, tokens)
+    ell = z.mean(0)
+    ell = ell - ell.amax(-1, keepdim=True)  # the geometric mean, centred, in float64
+    idx = torch.from_numpy(got["topk_index"].astype(np.int64))
+    exact_at = ell.gather(-1, idx)
+    np.testing.assert_allclose(got["topk_logits"].astype(np.float64), exact_at.numpy(), atol=2e-2, rtol=2e-3)
+    kth = ell.topk(9, dim=-1).values  # the stored head is the top 8, up to float32 near-ties
+    assert (exact_at.min(-1).values >= kth[..., 8] - 1e-5).all()
+    rest = ell.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    np.testing.assert_allclose(got["tail_lse"], rest.numpy(), atol=1e-4)
+    y = torch.from_numpy(tokens[:, 1:])
+    nll64 = -torch.log_softmax(ell, -1).gather(-1, y[..., None]).sum()
+    assert float(r.group["nll"][:][:, 0].sum()) == pytest.approx(float(nll64), rel=1e-5)
+    assert r.perplexity()["ensemble"] == pytest.approx(float(torch.exp(nll64 / y.numel())), rel=1e-5)
+
+    sampled = lm_kit["job"](tmp_path / "sampled.yaml", targets="sampled:16", chunk_rows=128, combine="arithmetic")
+    done = generate(sampled, tmp_path / "sampled")
+    assert done.returncode == 0, done.stderr
+    s = _arrays(tmp_path / "sampled")
+    order = np.argsort(s["index"])[np.argsort(np.argsort(got["index"]))]  # another job: its own row order
+    s = {k: v[order] for k, v in s.items()}
+    np.testing.assert_array_equal(s["tokens"], got["tokens"])
+    assert s["sample_index"].shape == (m.num_rows, 32, 16)
+    p = torch.softmax(z, -1).mean(0)  # the arithmetic mean at T = 1, float64
+    counts = np.zeros((m.num_rows, 32, V))
+    np.put_along_axis(counts, s["sample_index"].astype(np.int64), 1, axis=-1)
+    drawn = p.gather(-1, torch.from_numpy(s["sample_index"].astype(np.int64)))
+    assert (drawn > 0).all()
+    freq = np.stack([np.bincount(row, minlength=V) for row in s["sample_index"].reshape(-1, 16)]).reshape(p.shape)
+    err = (freq / 16 - p.numpy()).sum(axis=(0, 1)) / (m.num_rows * 32)  # unbiased: mean frequency → mean p
+    assert np.abs(err).max() < 5 * np.sqrt(p.numpy().mean((0, 1)).max() / (m.num_rows * 32 * 16)) + 1e-4
+
+
+def test_a_killed_capture_resumes_to_the_same_bytes(lm_kit, tmp_path):
+    job = lm_kit["job"](tmp_path / "job.yaml", targets="topk:8", chunk_rows=8)
+    args = ["generate", "--job", str(job), "--batch-size", "2"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (killed / "done" / "c").exists() and len(list((killed / "done" / "c").glob("*"))) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"generation ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = open_store(killed, allow_incomplete=True)
+    assert 0 < int(partial.done.sum()) < partial.meta.n_chunks, "the kill must land mid-job"
+    resumed = subprocess.run([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    clean = subprocess.run([*DARKSTORE, *args, "--out", str(tmp_path / "clean")], env=cli_env(), capture_output=True,
+                           text=True)
+    assert clean.returncode == 0, clean.stderr
+    a, b = _arrays(killed), _arrays(tmp_path / "clean")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ra, rb = open_store(killed), open_store(tmp_path / "clean")
+    np.testing.assert_array_equal(ra.group["nll"][:], rb.group["nll"][:])
+    np.testing.assert_array_equal(ra.group["stats"][:], rb.group["stats"][:])
+
+
+def _one_error(done: subprocess.CompletedProcess, out: Path, says: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert says in lines[0], lines[0]
+    assert not out.exists(), "nothing may be written"
+
+
+def test_bad_language_model_inputs_get_one_clear_error_and_write_nothing(lm_kit, tmp_path):
+    from darkstore_app.lmkit import gpt_teacher, train_tokenizer
+
+    kit, out = lm_kit, tmp_path / "store"
+    other = train_tokenizer(sorted((kit["corpus"].parent / "http").glob("*.py")), tmp_path / "other", 512)
+    member = {**kit["members"][0], "tokenizer": str(other)}
+    _one_error(generate(kit["job"](tmp_path / "a.yaml", members_=[member, kit["members"][1]]), out),
+               out, "was made with another tokenizer")
+
+    small = gpt_teacher(kit["root"] / "small.safetensors", 300, seed=0, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    _one_error(generate(kit["job"](tmp_path / "b.yaml", members_=[small]), out), out,
+               "predicts 300 tokens but the tokenizer has 512")
+    _one_error(generate(kit["job"](tmp_path / "c.yaml", data={"length": 100}), out), out, "takes at most 64 positions")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    _one_error(generate(kit["job"](tmp_path / "d.yaml", data={"root": str(tmp_path / "empty"), "glob": "*.txt"}), out),
+               out, "the text corpus is empty")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.txt").write_bytes(bytes(range(256)))
+    _one_error(generate(kit["job"](tmp_path / "e.yaml", data={"root": str(tmp_path / "bin"), "glob": "*.txt"}), out),
+               out, "is not text")
+    _one_error(generate(kit["job"](tmp_path / "f.yaml", targets="dense", data={"glob": "nothing*.py"}), out),
+               out, "no files match")
