@@ -18,7 +18,7 @@ COPY teacher_service ./teacher_service
 COPY student_trainer ./student_trainer
 # every version comes from constraints.txt (pip -c), as in ./dev and CI
 # hadolint ignore=DL3013
-RUN pip install -c constraints.txt ".[service,s3,onnx,timm,hf,tensorboard]" \
+RUN pip install -c constraints.txt ".[service,s3,onnx,timm,hf,lm,tensorboard]" \
  && python -c "import torch, torchvision, onnxruntime, s3fs, timm, datasets, tensorboard, darkstore, teacher_service.api, teacher_service.celery_app" \
  && darkstore --help > /dev/null
 

@@ -107,7 +107,7 @@ def fields_page() -> str:
     from storage.fields import FIELDS
     from storage.schema import SCHEMA_VERSION
 
-    sym = SimpleNamespace(dtype="the store's dtype")
+    sym = SimpleNamespace(dtype="the store's dtype", sequence=None, targets=SimpleNamespace(quantised=False))
     lines = ["# Store fields", "",
              f"Every array of a store (schema {SCHEMA_VERSION}), generated from `storage/fields.py`, where each is "
              "declared once. A *row field* holds one entry per store row, chunked by `chunk_rows` along its row "

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import zarr
@@ -15,6 +16,10 @@ from .errors import SchemaError, StoreAccessError, StoreNotFoundError
 from .fields import check_arrays, create_arrays
 from .location import Location, access_error
 from .schema import ATTR_KEY, READABLE_VERSIONS, SCHEMA_VERSION, StoreMeta
+
+# numcodecs' zarr 3 codecs (Delta, Shuffle: storage.fields.codecs_for) warn on every open that other zarr
+# implementations may lack them; darkstore reads its stores with zarr-python
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 #: an object written before a remote store's arrays and removed after its attributes: a location
 #: holding it is a creation that crashed, safe to start again

@@ -103,9 +103,25 @@ def checksum_names(meta: StoreMeta) -> list[str]:
 
 def create_arrays(group: Any, meta: StoreMeta, compressors: Any) -> None:
     for f in present(meta):
+        filters, codecs = codecs_for(f, meta, compressors)
         group.create_array(f.name, shape=f.shape(meta), chunks=f.chunks(meta), dtype=f.dtype(meta),
-                           compressors=compressors if f.compressed else None, fill_value=f.fill,
-                           dimension_names=f.dims_for(meta))
+                           filters=filters, compressors=codecs, fill_value=f.fill_for(meta), dimension_names=f.dims_for(meta))
+
+
+def codecs_for(f: FieldSpec, meta: StoreMeta, compressors: Any) -> tuple[Any, Any]:
+    """A field's zarr filters and compressors. In a sequence store, ids kept in ascending order are stored as
+    their differences, and multi-byte values byte-shuffled before compression (what makes a kept top-k entry
+    about 2 bytes: bench/lm.py); a store of classes keeps the plain codecs it always had."""
+    if not f.compressed or not compressors:
+        return None, None
+    if meta.sequence is None:
+        return None, compressors
+    from numcodecs.zarr3 import Delta, Shuffle
+
+    dtype = np.dtype(f.dtype(meta))
+    filters = [Delta(dtype=dtype.str)] if f.sorted_ids else None
+    shuffle = [Shuffle(elementsize=dtype.itemsize)] if dtype.itemsize > 1 else []
+    return filters, (*shuffle, *compressors)
 
 
 def check_arrays(group: Any, meta: StoreMeta, path: Any, schema_error: type[Exception]) -> None:

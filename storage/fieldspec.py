@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from .schema import StoreMeta
 
 
@@ -30,6 +32,7 @@ class FieldSpec:
     doc: str = ""
     when: str = "always"  # in words, what ``present`` decides (the docs' field table shows it)
     per_position: bool = False  # sequence stores: one entry per position of each row
+    sorted_ids: bool = False  # ascending ids along the last axis in a sequence store: stored delta-encoded
 
     def shape(self, meta: StoreMeta) -> tuple[int, ...]:
         shape = self.extent(meta)
@@ -37,6 +40,12 @@ class FieldSpec:
             at = self.row_axis + 1
             shape = (*shape[:at], meta.sequence.length, *shape[at:])
         return shape
+
+    def fill_for(self, meta: StoreMeta) -> Any:
+        """The fill value in this store's dtype (NaN where the field holds integers — quantised values — is 0)."""
+        if isinstance(self.fill, float) and self.fill != self.fill and np.dtype(self.dtype(meta)).kind in "iu":
+            return 0
+        return self.fill
 
     def dims_for(self, meta: StoreMeta | None) -> tuple[str, ...]:
         """The dimension names (a position axis after the row's in a sequence store, or ``meta`` None: shown)."""

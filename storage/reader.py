@@ -120,7 +120,7 @@ class StoreReader:
         done = self.finished_chunks()
         if len(done) == self.meta.n_chunks:
             return self.read_chunks(done, [name])[name]
-        full = np.full(f.shape(self.meta), f.fill, dtype=f.dtype(self.meta))  # uncommitted rows are never read
+        full = np.full(f.shape(self.meta), f.fill_for(self.meta), dtype=f.dtype(self.meta))  # uncommitted rows are never read
         if done:
             got = self.read_chunks(done, [name])[name]
             sel = np.concatenate([np.arange(*self.bounds(c)) for c in done])

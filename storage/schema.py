@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 SCHEMA_VERSION = 2
 #: versions this darkstore opens: 1 (no chunk checksums) and 2
@@ -159,6 +159,21 @@ class TargetsRecord(BaseModel):
     k: int | None = Field(None, ge=1, description="entries kept per row (topk, sampled)")
     temperature: float | None = Field(None, gt=0, le=100, description="sampled: the temperature drawn at")
     seed: int | None = Field(None, description="sampled: the generator's seed")
+    step: float | None = Field(None, ge=0, le=1, description="topk: each kept value stored as a uint8 count of "
+                               "step nats below its row's (position's) largest, so off by at most step/2, and "
+                               "clipped 255 steps down; 0: values in the store's dtype. Default: 1/16 in a "
+                               "sequence store, 0 otherwise")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        d = handler(self)
+        if d.get("step") is None:  # unset: the dumps (and job keys) of stores made before it existed stay
+            d.pop("step", None)
+        return d
+
+    @property
+    def quantised(self) -> bool:
+        return bool(self.step)
 
     @model_validator(mode="before")
     @classmethod
@@ -186,6 +201,8 @@ class TargetsRecord(BaseModel):
             self.seed = 0
         if self.form != "sampled" and (self.temperature is not None or self.seed is not None):
             raise ValueError("only sampled targets take a temperature and a seed")
+        if self.form != "topk" and self.step:
+            raise ValueError("only topk targets take a step (their values' quantisation)")
         return self
 
     def __str__(self) -> str:

@@ -94,7 +94,7 @@ class SoftTargets:
 
     def teacher_argmax(self, batch: Batch) -> torch.Tensor:
         """[B] the teachers' top class (any target form), e.g. for agreement."""
-        return teacher_view(batch, self.num_classes, self.meta.target_form).argmax(-1)
+        return teacher_view(batch, self.meta).argmax(-1)
 
     def loss(self, student_logits: torch.Tensor, batch: Batch, *, alpha: float = 0.9,
              topk_loss: str = "bucket") -> torch.Tensor:

@@ -33,7 +33,7 @@ from darkstore.data import TransferSet, open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
 from storage import StoreMeta, StoreReader, open_store
-from storage.forms import FORMS
+from storage.forms import form_of
 from storage.location import canonical
 from darkstore.errors import SpecError
 from storage.errors import SchemaError
@@ -145,7 +145,7 @@ class EvalRows:
     def _read(self):
         for b in make_loader(self.reader, self.rows, batch_size=self.batch_size, shuffle=False,
                              data=self.data).epoch(0):
-            yield b.x, teacher_view(b, self.reader.meta.num_classes, self.reader.meta.target_form), b.labels
+            yield b.x, teacher_view(b, self.reader.meta), b.labels
 
     def batches(self):
         if self._kept is not None:
@@ -184,12 +184,12 @@ def predict(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalR
     return torch.cat(s), torch.cat(t), torch.cat(y)
 
 
-def teacher_view(b, num_classes: int, form: str) -> torch.Tensor:
+def teacher_view(b, meta: StoreMeta) -> torch.Tensor:
     """[B, C] the teachers' log-probabilities at T = 1 for metrics, as far as the store's form tells
     (:meth:`storage.forms.Form.teacher_logp`)."""
     if b.logits is not None:
         return b.logits.float()
-    return FORMS[form].teacher_logp(b.sparse, num_classes)
+    return form_of(meta).teacher_logp(b.sparse, meta)
 
 
 def evaluate(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalRows, data: TransferSet | None = None,

@@ -526,7 +526,7 @@ class _ChunkSink:
             parts["features"] = features
         if meta.dtype == "float16":  # cast here too (same rounding as numpy's), halving the copy
             for name in ("logits", "topk_logits", "members"):
-                if name in parts:
+                if name in parts and parts[name].is_floating_point():
                     parts[name] = parts[name].clamp_min(FLOAT16_FLOOR).half()
         hosts = {name: _to_host(t) for name, t in parts.items()}
         self.inflight.append((i, stop - start, self.pool.submit(self._write, i, start, stop, hosts, y, view_params)))

@@ -120,7 +120,7 @@ class ChunkTargets:
         u = None if self.draws is None else self.draws[rows, pos]
         parts = self.form.encode(ell, meta, u)
         for name, t in parts.items():
-            if BY_NAME[name].log_space and meta.dtype == "float16":
+            if BY_NAME[name].log_space and t.is_floating_point() and meta.dtype == "float16":
                 t = t.clamp_min(FLOAT16_FLOOR).half()
             arr = self.parts.get(name)
             host = t.cpu().numpy()

@@ -119,6 +119,8 @@ class JobSpec(BaseModel):
         if self.chunk_rows is None:
             length = getattr(self.data, "length", None) if self.data.kind == "text" else None
             self.chunk_rows = 1024 if length is None else max(1, 65536 // length)
+        if self.targets.form == "topk" and self.targets.step is None and self.data.kind == "text":
+            self.targets = self.targets.model_copy(update={"step": 1 / 16})  # see TargetsRecord.step
         if self.data.kind == "text":
             said = [what for what, on in (("augment (recorded views)", self.augment is not None),
                                           ("features (hints)", bool(self.features)),

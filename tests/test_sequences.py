@@ -17,6 +17,7 @@ from darkstore.lm import load_lm
 from darkstore.models import ModelSpec
 from storage import open_store
 from storage.fields import row_fields
+from storage.forms.topk import TopK
 
 from .conftest import DARKSTORE, cli_env
 
@@ -57,17 +58,23 @@ def test_topk_and_sampled_stores_match_a_float64_recomputation(lm_kit, tmp_path)
     assert m.sequence.length == 32 and m.num_classes == V and m.sequence.tokenizer.vocab_size == V
     got = _arrays(tmp_path / "topk")
     tokens = got["tokens"].astype(np.int64)
-    assert got["topk_index"].dtype == np.uint16 and got["topk_logits"].shape == (m.num_rows, 32, 8)
+    assert got["topk_index"].dtype == np.uint16 and got["topk_logits"].dtype == np.uint8
+    assert got["topk_logits"].shape == (m.num_rows, 32, 8) and m.targets.step == 1 / 16
     z = member_logits64(job, tokens)
     ell = z.mean(0)
     ell = ell - ell.amax(-1, keepdim=True)  # the geometric mean, centred, in float64
     idx = torch.from_numpy(got["topk_index"].astype(np.int64))
+    assert (idx.diff(dim=-1) > 0).all()  # each position's tokens ascending, none twice
     exact_at = ell.gather(-1, idx)
-    np.testing.assert_allclose(got["topk_logits"].astype(np.float64), exact_at.numpy(), atol=2e-2, rtol=2e-3)
+    head = TopK.head({"topk_logits": torch.from_numpy(got["topk_logits"])}, m).double()
+    assert (head - exact_at).abs().max() <= m.targets.step / 2 + 1e-6  # quantised: off by at most half a step
     kth = ell.topk(9, dim=-1).values  # the stored head is the top 8, up to float32 near-ties
     assert (exact_at.min(-1).values >= kth[..., 8] - 1e-5).all()
     rest = ell.scatter(-1, idx, float("-inf")).logsumexp(-1)
     np.testing.assert_allclose(got["tail_lse"], rest.numpy(), atol=1e-4)
+    exact = torch.cat([exact_at, rest[..., None]], -1).log_softmax(-1)  # the exact top-k and its tail bucket
+    stored = torch.cat([head, torch.from_numpy(got["tail_lse"]).double()[..., None]], -1).log_softmax(-1)
+    assert float((exact.exp() * (exact - stored)).sum(-1).mean()) < 1e-3  # nats per token lost to quantisation
     y = torch.from_numpy(tokens[:, 1:])
     nll64 = -torch.log_softmax(ell, -1).gather(-1, y[..., None]).sum()
     assert float(r.group["nll"][:][:, 0].sum()) == pytest.approx(float(nll64), rel=1e-5)

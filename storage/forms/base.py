@@ -33,7 +33,7 @@ class Form:
         """Random numbers a chunk's encoding consumes (None for a deterministic form)."""
         return None
 
-    def teacher_logp(self, parts: dict[str, "torch.Tensor"], num_classes: int) -> "torch.Tensor":
+    def teacher_logp(self, parts: dict[str, "torch.Tensor"], meta: StoreMeta) -> "torch.Tensor":
         """[..., C] the teachers' log-probabilities at T = 1 as far as the stored fields tell (metrics)."""
         raise NotImplementedError
 

@@ -23,7 +23,7 @@ class Dense(Form):
     def encode(self, ell, meta, uniforms=None):
         return {"logits": ell}
 
-    def teacher_logp(self, parts, num_classes):
+    def teacher_logp(self, parts, meta):
         import torch
 
         return torch.log_softmax(parts["logits"].float(), dim=-1)

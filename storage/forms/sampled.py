@@ -18,7 +18,7 @@ class Sampled(Form):
     name = "sampled"
     fields = (
         FieldSpec("sample_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), index_dtype, 0,
-                  lambda m: m.target_form == "sampled", per_position=True,
+                  lambda m: m.target_form == "sampled", per_position=True, sorted_ids=True,
                   doc="sampled targets: k classes (tokens) drawn per row, sorted", when="sampled:K targets"),
     )
 
@@ -40,10 +40,11 @@ class Sampled(Form):
         idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp_max(c - 1)
         return {"sample_index": idx.sort(dim=-1).values.to(torch.int32)}
 
-    def teacher_logp(self, parts, num_classes):
+    def teacher_logp(self, parts, meta):
         """Sample frequencies, smoothed so that an unsampled class is unlikely rather than impossible."""
         import torch
 
+        num_classes = meta.num_classes
         idx = parts["sample_index"].long()
         counts = torch.zeros(*idx.shape[:-1], num_classes, device=idx.device).scatter_add_(
             -1, idx, torch.ones(idx.shape, device=idx.device))

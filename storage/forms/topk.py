@@ -17,16 +17,21 @@ def _topk(m) -> bool:
     return m.target_form == "topk"
 
 
+def _value_dtype(m) -> str:
+    return "uint8" if m.targets.quantised else m.dtype
+
+
 class TopK(Form):
     name = "topk"
     fields = (
-        FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), lambda m: m.dtype, np.nan,
+        FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), _value_dtype, np.nan,
                   _topk, target=True, log_space=True, per_position=True,
-                  doc="top-k targets: the k largest ensemble values (centred log space)", when="topk:K targets"),
+                  doc="top-k targets: the k largest ensemble values (centred log space), or with a step their "
+                      "uint8 counts of step nats below the largest", when="topk:K targets"),
         FieldSpec("topk_index", ("row", "k"), lambda m: (m.num_rows, m.targets.k), index_dtype, 0,
-                  _topk, per_position=True,
-                  doc="top-k targets: their classes (tokens), largest first; int32, or uint16 in a sequence store "
-                      "of at most 65,536 tokens", when="topk:K targets"),
+                  _topk, per_position=True, sorted_ids=True,
+                  doc="top-k targets: their classes, largest value first; in a sequence store their tokens in "
+                      "ascending order (uint16 up to 65,536 tokens), delta-encoded", when="topk:K targets"),
         FieldSpec("tail_lse", ("row",), lambda m: (m.num_rows,), lambda m: "float32", np.nan, _topk, target=True,
                   per_position=True,
                   doc="top-k targets: log-sum-exp of the values left out (the tail's mass at T = 1)",
@@ -34,22 +39,35 @@ class TopK(Form):
     )
 
     def target_bytes(self, meta) -> int:
-        import numpy as np
-
-        return (meta.item_bytes + np.dtype(index_dtype(meta)).itemsize) * meta.targets.k + 4
+        value = np.dtype(_value_dtype(meta)).itemsize
+        return (value + np.dtype(index_dtype(meta)).itemsize) * meta.targets.k + 4
 
     def encode(self, ell, meta, uniforms=None):
+        """The k largest values, their classes and the tail's log-sum-exp; in a sequence store the kept tokens
+        in ascending order (their gaps compress), and with a step the values as uint8 steps below the largest."""
         import torch
 
         head, idx = ell.topk(meta.targets.k, dim=-1)
         tail = torch.logsumexp(ell.scatter(-1, idx, float("-inf")), dim=-1)
+        if meta.sequence is not None:
+            idx, order = idx.sort(dim=-1)
+            head = head.gather(-1, order)
+        if meta.targets.quantised:
+            head = torch.round(-head / meta.targets.step).clamp_(0, 255).to(torch.uint8)
         return {"topk_logits": head, "topk_index": idx.to(torch.int32), "tail_lse": tail.float()}
 
-    def teacher_logp(self, parts, num_classes):
+    @staticmethod
+    def head(parts, meta):
+        """The kept values as floats (centred log space), whatever their stored encoding."""
+        head = parts["topk_logits"]
+        return head.float() * -meta.targets.step if meta.targets.quantised else head.float()
+
+    def teacher_logp(self, parts, meta):
         """The head with the tail spread evenly over the classes left out (its argmax is the true top class)."""
         import torch
 
-        head, idx, tail = parts["topk_logits"].float(), parts["topk_index"].long(), parts["tail_lse"].float()
+        num_classes = meta.num_classes
+        head, idx, tail = self.head(parts, meta), parts["topk_index"].long(), parts["tail_lse"].float()
         n_tail = num_classes - idx.shape[-1]
         if n_tail > 0:
             full = (tail - math.log(n_tail))[..., None].expand(*tail.shape, num_classes).clone()
