@@ -39,7 +39,7 @@ from darkstore.data import open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import sha256_file
 from darkstore.paths import resolve
-from storage import StoreWriter, copy_store, open_store
+from storage import StoreMeta, StoreWriter, copy_store, open_store
 from storage.location import Location
 from darkstore.errors import DarkstoreError, SpecError, WeightsNotFoundError
 from storage.errors import SchemaError, StoreAccessError, StoreNotFoundError
@@ -73,6 +73,8 @@ class Progress(BaseModel):
     chunks_done: int = 0
     chunks_total: int | None = None
     fraction: float = 0.0
+    tokens_done: int | None = Field(None, description="a language-model job: token positions committed")
+    tokens_total: int | None = Field(None, description="a language-model job: token positions in all")
 
 
 class JobRecord(BaseModel):
@@ -93,6 +95,7 @@ class JobRecord(BaseModel):
     # truth: workers set a bit per commit, the reconciler re-reads the marks of active jobs)
     num_rows: int | None = None
     chunk_rows: int | None = None
+    positions_per_row: int | None = Field(None, description="a language-model job: token positions per row")
     committed: str = Field("", description="commit bitmap: base64 of numpy.packbits over the chunks")
 
     @property
@@ -119,8 +122,10 @@ class JobRecord(BaseModel):
         done = int(mask.sum())
         last_rows = self.num_rows - (n - 1) * self.chunk_rows
         rows = done * self.chunk_rows - (self.chunk_rows - last_rows if n and mask[-1] else 0)
+        per = self.positions_per_row
         return Progress(rows_done=rows, rows_total=self.num_rows, chunks_done=done, chunks_total=n,
-                        fraction=rows / self.num_rows if self.num_rows else 1.0)
+                        fraction=rows / self.num_rows if self.num_rows else 1.0,
+                        tokens_done=rows * per if per else None, tokens_total=self.num_rows * per if per else None)
 
 
 class JobView(BaseModel):
@@ -133,6 +138,8 @@ class JobView(BaseModel):
     attempt: int
     progress: Progress
     rows_per_second: float | None = Field(None, description="this attempt's throughput")
+    tokens_per_second: float | None = Field(None, description="a language-model job: this attempt's throughput in "
+                                            "token positions")
     eta_seconds: float | None = None
     created_at: str
     updated_at: str
@@ -323,7 +330,8 @@ class JobBook:
                 changes.update(state="succeeded", error=None, finished_at=_now())
             if (rec.num_rows, rec.chunk_rows) != (r.meta.num_rows, r.meta.chunk_rows) or \
                     not np.array_equal(rec.committed_mask(), mask) or changes:
-                rec = rec.model_copy(update={"num_rows": r.meta.num_rows, "chunk_rows": r.meta.chunk_rows})
+                rec = rec.model_copy(update={"num_rows": r.meta.num_rows, "chunk_rows": r.meta.chunk_rows,
+                                             "positions_per_row": _positions(r.meta)})
                 rec = self.put(rec.with_mask(mask).model_copy(update={**changes, "updated_at": _now()}))
         return rec, mask
 
@@ -382,6 +390,10 @@ def job_exists(home: str, store_root: str | None, key: str) -> bool:
     return JobBook(home, store_root).has_store(key)
 
 
+def _positions(meta: StoreMeta) -> int | None:
+    return meta.sequence.length if meta.sequence else None
+
+
 def make_view(rec: JobRecord, prog: Progress) -> JobView:
     rate = eta = None
     start = _ts(rec.started_at)
@@ -393,7 +405,9 @@ def make_view(rec: JobRecord, prog: Progress) -> JobView:
             if rec.state in ACTIVE:
                 eta = (prog.rows_total - prog.rows_done) / rate
     return JobView(id=rec.id, state=rec.state, store=rec.store, error=rec.error, attempt=rec.attempt, progress=prog,
-                   rows_per_second=rate, eta_seconds=eta, created_at=rec.created_at, updated_at=rec.updated_at,
+                   rows_per_second=rate, eta_seconds=eta,
+                   tokens_per_second=rate * rec.positions_per_row if rate and rec.positions_per_row else None,
+                   created_at=rec.created_at, updated_at=rec.updated_at,
                    started_at=rec.started_at, finished_at=rec.finished_at, job_key=rec.job_key, spec=rec.spec)
 
 
@@ -434,7 +448,8 @@ class JobManager:
                 now = _now()
                 rec = JobRecord(id=job_id, job_key=key, state="queued", spec=spec.model_dump(mode="json"),
                                 store=store, attempt=(rec.attempt + 1) if rec else 1, created_at=now,
-                                updated_at=now, num_rows=meta.num_rows, chunk_rows=meta.chunk_rows)
+                                updated_at=now, num_rows=meta.num_rows, chunk_rows=meta.chunk_rows,
+                                positions_per_row=_positions(meta))
                 rec = self.book.put(rec.with_mask(writer.done_mask()))
                 self.book.log_event(job_id, "submitted", attempt=rec.attempt)
         if existing is None:
@@ -463,7 +478,7 @@ class JobManager:
         rec = JobRecord(id=key[:24], job_key=key, state="succeeded", spec=spec.model_dump(mode="json"),
                         store=str(dest), attempt=(prior.attempt + 1) if prior else 1, created_at=now, updated_at=now,
                         started_at=now, finished_at=now, num_rows=reader.meta.num_rows,
-                        chunk_rows=reader.meta.chunk_rows)
+                        chunk_rows=reader.meta.chunk_rows, positions_per_row=_positions(reader.meta))
         rec = self.book.put(rec.with_mask(np.ones(reader.meta.n_chunks, dtype=bool)))
         self.book.log_event(rec.id, "adopted", attempt=rec.attempt, source=path)
         return rec

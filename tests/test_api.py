@@ -340,6 +340,47 @@ def test_generate_and_submit_read_one_job_file_alike(site, tmp_path):
     assert r.returncode == 2 and "lies outside the data root" in r.stderr and "HTTP" not in r.stderr, r.stderr
 
 
+def test_language_model_jobs_over_rest_match_generate(site, lm_kit, tmp_path):
+    """LM teachers over a text corpus through `darkstore submit` (paths relative to the job file, sent relative
+    to the data root) and a raw REST body: the same job key and targets as `darkstore generate`, progress in
+    tokens, a top-k and a sampled store."""
+    import shutil
+
+    proj = site["root"] / "lm"
+    shutil.copytree(lm_kit["root"], proj)
+    shutil.copytree(lm_kit["corpus"], proj / "corpus", ignore=shutil.ignore_patterns("__pycache__"))
+    members = [{**m, "weights": m["weights"]} for m in lm_kit["members"][:2]]
+    job = {"teachers": {"members": members}, "targets": "topk:8", "chunk_rows": 256,
+           "data": {"kind": "text", "root": "corpus", "glob": "*.py", "tokenizer": "tok", "length": 32}}
+    (proj / "job.yaml").write_text(yaml.safe_dump(job))
+    local = tmp_path / "local"
+    r = subprocess.run([*DARKSTORE, "generate", "--job", str(proj / "job.yaml"), "--out", str(local)],
+                       env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    env = service_env(api_url=site["api"].url, token=TOKEN, data_roots=site["root"])
+    r = subprocess.run([*DARKSTORE, "submit", str(proj / "job.yaml"), "--wait"], env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    with client(site) as c:
+        served = c.job(r.stdout.strip().splitlines()[0])
+        assert served.state == "succeeded" and served.job_key == open_store(local).meta.job_key
+        length, rows = 32, served.progress.rows_total
+        assert served.progress.tokens_done == served.progress.tokens_total == rows * length
+        assert served.tokens_per_second and served.tokens_per_second > 0
+        a, b = open_store(served.store), open_store(local)
+        for name in ("tokens", "topk_index", "topk_logits", "tail_lse"):
+            np.testing.assert_array_equal(a.read_field(name), b.read_field(name), err_msg=name)
+
+        body = {**job, "targets": "sampled:8", "teachers": {"members": [
+            {**m, "weights": f"lm/{m['weights']}", **({"tokenizer": f"lm/{m['tokenizer']}"} if "tokenizer" in m else {})}
+            for m in members]}, "data": {**job["data"], "root": "lm/corpus", "tokenizer": "lm/tok"}}
+        sub = c.submit(body)
+        done = c.wait(sub.job.id, timeout=120)
+        assert done.state == "succeeded", done.error
+        s = c.store(sub.job.id)
+        assert s.targets == "sampled:8@1" and s.sequence["length"] == 32 and s.perplexity["ensemble"] > 1
+
+
 def test_a_store_generate_made_is_adopted_not_recomputed(site, tmp_path):
     """`submit --adopt STORE`: the store `generate` made for this very job, inside the data root, is verified
     and becomes the job's store (no teacher runs); a store of another job is refused."""
