@@ -42,7 +42,7 @@ class Preprocess(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _expand_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset"):
+        if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"]:
             from .imaging import preset_values  # imports torchvision (or timm): only when a preset is named
 
             given = {k: v for k, v in data.items() if v is not None}
