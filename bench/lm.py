@@ -5,7 +5,8 @@
 Real text present on every machine: about ``--megabytes`` of the Python standard library's sources, split by
 file into a transfer set and held-out files (``darkstore_app.lmkit.split_corpus``); a byte-level BPE tokenizer
 trained on the transfer files; three small built-in GPTs trained on them for ``--steps`` steps each (cached
-in ``--work`` between runs). Then, through the CLI as a user runs it, one store per target form, and per form:
+in ``--work`` between runs; ``--layers`` and ``--width`` size them: as in published language models, most of
+their work is in the layers, not in the output head). Then, through the CLI as a user runs it, one store per target form, and per form:
 
 - bytes on disk per token (every field) and per kept entry (the target fields over positions × K), against a
   plain layout of float16 values + int32 indices + a float32 tail, raw and zstd-compressed;
@@ -48,7 +49,8 @@ FORMS = ["topk:8", "topk:32", "topk:128", "topk:32/fp16", "sampled:8", "sampled:
 
 def setup(work: Path, a) -> dict:
     """Corpus, tokenizer and trained teachers (reused when ``work`` holds them for the same arguments)."""
-    key = json.dumps({k: getattr(a, k) for k in ("megabytes", "vocab", "length", "steps")}, sort_keys=True)
+    key = json.dumps({k: getattr(a, k) for k in ("megabytes", "vocab", "length", "steps", "layers", "width")},
+                     sort_keys=True)
     stamp = work / "setup.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return json.loads(stamp.read_text())
@@ -60,8 +62,9 @@ def setup(work: Path, a) -> dict:
 
     rows = TextSet(TextSpec(root=str(transfer), glob="*.py", tokenizer=str(tok), length=a.length), transfer,
                    tok).rows.tokens
-    sizes = [{"n_layer": 2, "n_head": 4, "n_embd": 128}, {"n_layer": 3, "n_head": 4, "n_embd": 96},
-             {"n_layer": 2, "n_head": 2, "n_embd": 96}]
+    w, n = a.width, a.layers
+    sizes = [{"n_layer": n, "n_head": 4, "n_embd": w}, {"n_layer": n + 1, "n_head": 4, "n_embd": w * 3 // 4},
+             {"n_layer": max(1, n - 1), "n_head": 4, "n_embd": w}]
     members = []
     for i, size in enumerate(sizes):
         t0 = time.perf_counter()
@@ -128,7 +131,6 @@ def losses(store: Path, exact: torch.Tensor, rows: np.ndarray) -> tuple[float, f
 def report_forms(kit: dict, work: Path, a) -> float:
     print(f"{'form':>14} {'B/token':>8} {'B/entry':>8} {'plain raw':>10} {'plain zstd':>10} {'KL exact':>9} "
           f"{'KL top-k':>9} {'CLI s':>6} {'CLI tok/s':>10}")
-    exact = rows = None
     topk32 = float("nan")
     for form in FORMS:
         if form == "dense" and a.vocab > 4096:
@@ -141,9 +143,8 @@ def report_forms(kit: dict, work: Path, a) -> float:
         took = time.perf_counter() - t0
         meta = open_store(store).meta
         positions = meta.num_rows * meta.sequence.length
-        if exact is None:
-            rows = np.arange(min(a.kl_rows, meta.num_rows))
-            exact = exact_logp(kit, open_store(store).read(rows, ["tokens"])["tokens"], a.vocab)
+        rows = np.arange(min(a.kl_rows, meta.num_rows))  # each job has its own row order: its own first rows
+        exact = exact_logp(kit, open_store(store).read(rows, ["tokens"])["tokens"], a.vocab)
         names = [f.name for f in form_of(meta).fields]
         target = field_bytes(store, names)
         k = meta.targets.k if meta.targets else meta.num_classes
@@ -232,6 +233,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--layers", type=int, default=4, help="the first teacher's layers (the others: one more, one "
+                   "fewer)")
+    p.add_argument("--width", type=int, default=256, help="the first teacher's width (the second: 3/4 of it)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--kl-rows", type=int, default=48, help="rows whose exact distribution is recomputed")

@@ -74,6 +74,30 @@ class LanguageModel:
         cap = getattr(m.config, "final_logit_softcapping", None)
         return torch.tanh(z / cap) * cap if cap else z
 
+    def logits_into(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`logits` of ``h`` cut to ``out``'s width (the tokenizer's), written into ``out``: straight from
+        the matrix product where the head is a plain projection, else copied."""
+        v = out.shape[-1]
+        head = self._plain_head()
+        if head is None:
+            out.copy_(self.logits(h)[..., :v])
+            return
+        weight, bias = head
+        torch.mm(h.reshape(-1, h.shape[-1]), weight[:v].t(), out=out.view(-1, v))
+        if bias is not None:
+            out += bias[:v]
+
+    def _plain_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if not self.sliced:
+            return None
+        m = self.loaded.module
+        head = m.lm_head if self.kind == "gpt" else m.get_output_embeddings()
+        if type(head) is not torch.nn.Linear or getattr(getattr(m, "config", None), "final_logit_softcapping", None):
+            return None
+        if head.weight.dtype != torch.float32:
+            return None
+        return head.weight, head.bias
+
     def check_split(self, tokens: torch.Tensor) -> None:
         """Compare sliced and whole logits on ``tokens``; run whole from now on where they differ."""
         if self.kind != "transformers":

@@ -138,7 +138,8 @@ def generate(
     compressor: Annotated[str, typer.Option(help="zstd | blosc | none")] = "zstd",
     chunk_rows: Annotated[Optional[int], typer.Option(help="rows per chunk: the unit of work and commit (default: 1,024 "
                                                       "rows of classes; token rows of about 65,536 positions)")] = None,
-    batch_size: Annotated[int, typer.Option(help="rows per forward pass")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option(help="rows per forward pass (default: 256 rows of classes; "
+                                                      "token rows of about 8,192 positions)")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader processes decoding inputs (default: none for "
                                                        "arrays files, else up to 8; half the cores on the CPU)")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
@@ -895,8 +896,17 @@ def demo(
 def example_data(
     root: Annotated[Path, typer.Argument(help="data root to fill (the service's DARKSTORE_DATA_ROOTS)")],
     quick: Annotated[bool, typer.Option("--quick", help="teachers trained for a few epochs only", metavar="")] = False,
+    lm: Annotated[bool, typer.Option("--lm", help="a language-model example instead: the json package's sources, "
+                                     "a tokenizer trained on them, two small GPT teachers, job.yaml", metavar="")] = False,
 ):
-    """Write a ready-to-submit example into a data root: digits, trained teachers, job.yaml, student.yaml."""
+    """Write a ready-to-submit example into a data root: digits, trained teachers, job.yaml, student.yaml (or,
+    with --lm, a language-model job)."""
+    if lm:
+        from darkstore_app.lmkit import write_lm_example
+
+        job = write_lm_example(root, steps=40 if quick else 150, log=lambda m: console.print(m))
+        console.print(f"[green]ready[/]: generate with `darkstore generate --job {job} --out STORE`, or submit it")
+        return
     from darkstore_app.demo import write_example
 
     job = write_example(root, quick=quick, log=lambda m: console.print(m))

@@ -118,3 +118,33 @@ def train_gpt(path: Path, rows: Any, vocab_size: int, *, steps: int = 300, batch
     model.eval()
     save_weights(model, path)
     return {"name": path.stem, "arch": "gpt", "arch_kwargs": config, "weights": path.name}
+
+
+def write_lm_example(root: Path, *, steps: int = 150, log=print) -> Path:
+    """A ready-to-run language-model job in ``root``: the json package's sources as the corpus (copied), a
+    512-token BPE tokenizer trained on them, two small built-in GPTs trained on them for ``steps`` steps, and
+    job.yaml asking for top-32 targets at 64 positions per row. Returns the job file."""
+    import yaml
+
+    from darkstore.data import TextSpec
+    from darkstore.text import TextSet
+
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for f in sorted((stdlib() / "json").glob("*.py")):
+        shutil.copy(f, corpus / f.name)
+    tok = train_tokenizer(sorted(corpus.glob("*.py")), root / "tokenizer", vocab_size=512)
+    rows = TextSet(TextSpec(root=str(corpus), glob="*.py", tokenizer=str(tok), length=64), corpus, tok).rows.tokens
+    members = []
+    for i, size in enumerate(({"n_layer": 2, "n_head": 2, "n_embd": 64}, {"n_layer": 1, "n_head": 2, "n_embd": 96})):
+        (root / "teachers").mkdir(exist_ok=True)
+        m = train_gpt(root / "teachers" / f"gpt{i}.safetensors", rows, 512, steps=steps, seed=i, block_size=64,
+                      **size)
+        members.append({**m, "weights": f"teachers/{m['weights']}", "tokenizer": "tokenizer"})
+        log(f"trained teacher gpt{i} ({size['n_layer']} layers, width {size['n_embd']}) for {steps} steps")
+    job = root / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "teachers": {"members": members}, "targets": "topk:32",
+        "data": {"kind": "text", "root": "corpus", "glob": "*.py", "tokenizer": "tokenizer", "length": 64}},
+        sort_keys=False))
+    return job

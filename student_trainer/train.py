@@ -93,6 +93,10 @@ def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: b
                  roots: Sequence[str | Path] | None = None,
                  fingerprints: FingerprintPolicy | None = None) -> TransferSet:
     """The transfer set a store was generated from (as recorded, unless given), checked by fingerprint."""
+    if reader.meta.sequence is not None:
+        raise SpecError(f"{reader.path} holds a language model's per-token targets ({reader.meta.targets or 'dense'} "
+                        "of each position); training students from a sequence store is not built yet (the "
+                        "roadmap's next step): `darkstore inspect` reads it, and storage's reader gives its fields")
     if data is None:
         data = open_transfer_set(reader.meta.transfer_set.spec, allow_code=allow_code, roots=roots,
                                  fingerprints=fingerprints)

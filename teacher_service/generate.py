@@ -382,7 +382,7 @@ def run_chunks(
     writer: StoreWriter,
     chunks: Sequence[int],
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     on_rows: OnRows | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
@@ -416,6 +416,7 @@ def run_chunks(
     chunks = [i for i in chunks if not done[i]]
     if not chunks:
         return 0
+    batch_size = batch_size or default_batch(writer.meta)
     if writer.meta.sequence is not None:
         from .sequences import run_sequence_chunks
 
@@ -461,6 +462,12 @@ def run_chunks(
         if taps is not None:
             taps.close()
     return sink.written
+
+
+def default_batch(meta: StoreMeta) -> int:
+    """Rows per forward pass when none is asked for: 256 rows of classes, or token rows of about 8,192
+    positions."""
+    return 256 if meta.sequence is None else max(1, 8192 // meta.sequence.length)
 
 
 def loader_workers(data: Any, device: torch.device, asked: int | None = None) -> int:
@@ -663,7 +670,7 @@ def generate(
     out: str | Path,
     *,
     device: str = "cpu",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     allow_code: bool = False,
     overwrite: bool = False,

@@ -28,7 +28,7 @@ from .combine import combine
 from .errors import LimitExceededError
 
 #: default bound on one slice's [members, batch, positions, vocabulary] float32 logits
-SLICE_BYTES = 64 << 20
+SLICE_BYTES = 16 << 20
 #: the largest vocabulary a dense sequence store takes (above it, every position would cost megabytes)
 DENSE_VOCAB = 4096
 
@@ -113,12 +113,15 @@ class ChunkTargets:
         self.stats = np.zeros(2 + meta.num_members, dtype=np.int64)
         self.nll = np.zeros(1 + meta.num_members, dtype=np.float64)
 
-    def add(self, rows: slice, pos: slice, z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
-        """Encode [M, b, s, V] member logits of rows × positions; count the masked positions' statistics."""
+    def add(self, rows: slice, pos: slice, z: torch.Tensor, top: torch.Tensor, y: torch.Tensor,
+            mask: torch.Tensor) -> None:
+        """Encode [M, b, s, V] member logits of rows × positions (``top``: each one's largest per position);
+        count the masked positions' statistics."""
         meta = self.meta
         ell = combine(z, meta.combine, meta.temperature)
+        log_z = torch.logsumexp(ell, dim=-1)
         u = None if self.draws is None else self.draws[rows, pos]
-        parts = self.form.encode(ell, meta, u)
+        parts = self.form.encode(ell, meta, u, log_z)
         for name, t in parts.items():
             if BY_NAME[name].log_space and t.is_floating_point() and meta.dtype == "float16":
                 t = t.clamp_min(FLOAT16_FLOOR).half()
@@ -127,24 +130,36 @@ class ChunkTargets:
             if arr is None:
                 arr = self.parts[name] = np.empty((self.rows, self.length, *host.shape[2:]), dtype=host.dtype)
             arr[rows, pos] = host
-        keep = mask.bool()
-        yk = y.long()
+        self._count(ell, log_z, z, top, y.long()[..., None], mask.bool())
+
+    def _count(self, ell: torch.Tensor, log_z: torch.Tensor, z: torch.Tensor, top: torch.Tensor, y: torch.Tensor,
+               keep: torch.Tensor) -> None:
+        """Top-1 hits and summed NLL of the labels ``y`` [b, s, 1] at the kept positions: the ensemble's stored
+        distribution at its generation temperature, each member's at T = 1. A label is a hit when its value is
+        the largest (``top`` [M, b, s]: each member's; the centred ensemble's is 0), and its NLL is a log-sum-exp
+        less a gather: no argmax or whole log-softmax passes."""
+        t = self.meta.temperature
+        at = ell.gather(-1, y)[..., 0]
         self.stats[0] += int(keep.sum())
-        logp = torch.log_softmax(ell / meta.temperature, dim=-1)
-        self.stats[1] += int(((ell.argmax(-1) == yk) & keep).sum())
-        self.nll[0] -= float(logp.gather(-1, yk[..., None])[..., 0][keep].double().sum())
+        self.stats[1] += int(((at >= 0) & keep).sum())
+        lse = log_z if t == 1 else torch.logsumexp(ell / t, -1)
+        self.nll[0] += float((lse - at / t)[keep].double().sum())
         for j, zm in enumerate(z):
-            self.stats[2 + j] += int(((zm.argmax(-1) == yk) & keep).sum())
-            lp = torch.log_softmax(zm, dim=-1).gather(-1, yk[..., None])[..., 0]
-            self.nll[1 + j] -= float(lp[keep].double().sum())
+            at = zm.gather(-1, y)[..., 0]
+            self.stats[2 + j] += int(((at >= top[j]) & keep).sum())
+            self.nll[1 + j] += float((torch.logsumexp(zm, -1) - at)[keep].double().sum())
 
 
-def _finite(z: torch.Tensor, members: Sequence[LanguageModel], rows: np.ndarray) -> None:
-    bad = ~torch.isfinite(z).all(dim=-1)  # [M, b, s]
+def _finite(z: torch.Tensor, members: Sequence[LanguageModel], rows: Callable[[], np.ndarray]) -> torch.Tensor:
+    """Each member's largest logit per position [M, b, s], after refusing NaN or +Inf anywhere (amax propagates
+    NaN; a −Inf logit is a token the teacher rules out, which its NLL reports if it occurs)."""
+    hi = z.amax(dim=-1)
+    bad = ~torch.isfinite(hi)
     if bool(bad.any()):
         j, r, p = (int(v) for v in bad.nonzero()[0])
         raise NonFiniteLogitsError(f"teacher {members[j].name!r} produced NaN/Inf logits at position {p} of "
-                                   f"sequence {int(rows[r])}; nothing of its chunk was written")
+                                   f"sequence {int(rows()[r])}; nothing of its chunk was written")
+    return hi
 
 
 @torch.inference_mode()
@@ -165,9 +180,11 @@ def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: in
         s = slices.size(b1 - b0, x.shape[1])
         for p0 in range(0, x.shape[1], s):
             p1 = min(p0 + s, x.shape[1])
-            z = torch.stack([m.logits(h[:, p0:p1])[..., :v] for m, h in zip(members, hidden)])
-            _finite(z, members, data.sample_of(np.arange(start + b0, start + b1)))
-            out.add(slice(b0, b1), slice(p0, p1), z, y[:, p0:p1], mask[:, p0:p1])
+            z = torch.empty(len(members), b1 - b0, p1 - p0, v, device=device)
+            for j, (m, h) in enumerate(zip(members, hidden)):
+                m.logits_into(h[:, p0:p1], z[j])
+            top = _finite(z, members, lambda: data.sample_of(np.arange(start + b0, start + b1)))
+            out.add(slice(b0, b1), slice(p0, p1), z, top, y[:, p0:p1], mask[:, p0:p1])
     out.tokens, out.mask = tokens_all.numpy(), mask_all.numpy()
     return out
 

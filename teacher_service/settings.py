@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Redis URL; unset: jobs run in-process (serve --local)")
     allow_code: bool = Field(False, description="allow TorchScript/export files and module:function factories")
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
-    batch_size: int = Field(256, gt=0, description="rows per teacher forward pass")
+    batch_size: int | None = Field(None, gt=0, description="rows per teacher forward pass (default: 256 rows of "
+                                   "classes; token rows of about 8,192 positions)")
     loader_workers: int | None = Field(None, ge=0, description="DataLoader processes decoding inputs inside a task; "
                                        "default: none for arrays files, else up to 8 (half the cores on the CPU)")
     writer_processes: bool | None = Field(None, description="store writes in forked writer processes (True) or "

@@ -80,6 +80,11 @@ def test_topk_and_sampled_stores_match_a_float64_recomputation(lm_kit, tmp_path)
     assert float(r.group["nll"][:][:, 0].sum()) == pytest.approx(float(nll64), rel=1e-5)
     assert r.perplexity()["ensemble"] == pytest.approx(float(torch.exp(nll64 / y.numel())), rel=1e-5)
 
+    refused = subprocess.run([*DARKSTORE, "train", "--store", str(tmp_path / "topk"), "--student", "gpt",
+                              "--out", str(tmp_path / "run")],
+                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "training students from a sequence store is not built yet" in refused.stderr
+
     sampled = lm_kit["job"](tmp_path / "sampled.yaml", targets="sampled:16", chunk_rows=128, combine="arithmetic")
     done = generate(sampled, tmp_path / "sampled")
     assert done.returncode == 0, done.stderr

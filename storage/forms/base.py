@@ -23,10 +23,11 @@ class Form:
         """Uncompressed bytes of one row's targets (one position's, in a sequence store)."""
         raise NotImplementedError
 
-    def encode(self, ell: "torch.Tensor", meta: StoreMeta, uniforms: "torch.Tensor | None" = None
-               ) -> dict[str, "torch.Tensor"]:
+    def encode(self, ell: "torch.Tensor", meta: StoreMeta, uniforms: "torch.Tensor | None" = None,
+               log_z: "torch.Tensor | None" = None) -> dict[str, "torch.Tensor"]:
         """The stored fields of the combined values ``ell`` [..., C] (float32, centred on the last axis), on
-        ell's device. ``uniforms`` [..., k]: the draws of a sampled form (:meth:`draws`)."""
+        ell's device. ``uniforms`` [..., k]: the draws of a sampled form (:meth:`draws`); ``log_z`` [...]:
+        ``logsumexp(ell)`` where the caller has it."""
         raise NotImplementedError
 
     def draws(self, meta: StoreMeta, chunk: int, shape: tuple[int, ...]) -> Any:

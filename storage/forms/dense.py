@@ -20,7 +20,7 @@ class Dense(Form):
     def target_bytes(self, meta) -> int:
         return meta.item_bytes * meta.num_classes
 
-    def encode(self, ell, meta, uniforms=None):
+    def encode(self, ell, meta, uniforms=None, log_z=None):
         return {"logits": ell}
 
     def teacher_logp(self, parts, meta):

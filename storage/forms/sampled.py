@@ -29,7 +29,7 @@ class Sampled(Form):
         """Uniforms [*shape, k] for chunk ``chunk`` (``shape``: its rows, and positions in a sequence store)."""
         return np.random.default_rng([meta.targets.seed, chunk]).random((*shape, meta.targets.k))
 
-    def encode(self, ell, meta, uniforms=None):
+    def encode(self, ell, meta, uniforms=None, log_z=None):
         import torch
 
         c = ell.shape[-1]
