@@ -60,12 +60,6 @@ class LoadedTokenizer:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def record(self):
-        from storage.schema import TokenizerRecord
-
-        return TokenizerRecord(path=self.path, fingerprint=self.fingerprint, vocab_size=self.vocab_size,
-                               eos_id=self.eos_id, pad_id=self.pad_id)
-
 
 def tokenizer_fingerprint(tokenizer: Any, eos_id: int | None, pad_id: int | None) -> str:
     canon = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, separators=(",", ":"))

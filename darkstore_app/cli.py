@@ -173,50 +173,58 @@ def generate(
         feature_pool=feature_pool, feature_project=feature_project)
     t0 = time.perf_counter()
     with _progress() as progress:
-        task = {}
-
-        def on_start(writer, chunks):
-            # progress in rows of classes, or in tokens (positions) of a sequence store
-            task["per"], task["unit"] = writer.meta.positions_per_row, "tokens" if writer.meta.sequence else "rows"
-            mine = writer.meta.num_rows if part is None else sum(
-                b - a for a, b in map(writer.bounds, part.chunks(range(writer.meta.n_chunks))))
-            done = mine - sum(b - a for a, b in map(writer.bounds, chunks))
-            task["id"] = progress.add_task("generating" if part is None else f"shard {part}",
-                                           total=mine * task["per"], completed=done * task["per"], rate="")
-            task["t"], task["n"] = time.perf_counter(), 0
-            what = "this job's store is" if part is None else f"shard {part} of this job's store is"
-            if done == mine:
-                console.print(f"{what} already complete: nothing to compute")
-            elif done:
-                console.print(f"resuming: {done} of {mine} rows already committed")
-
-        def on_rows(n):
-            task["n"] += n
-            n *= task["per"]
-            rate = task["n"] * task["per"] / max(1e-9, time.perf_counter() - task["t"])
-            unit = task["unit"]
-            progress.update(task["id"], advance=n, rate=f"{rate:,.0f} {unit}/s")
-            if progress.disable:  # a log file, CI, a notebook: no bar, so a line every tenth of the work
-                t = _task(progress, task["id"])
-                tenth = int(10 * t.completed / max(1, t.total))
-                if tenth > task.get("said", int(10 * (t.completed - n) / max(1, t.total))):
-                    task["said"] = tenth
-                    console.print(f"{t.description}: {int(t.completed):,} of {int(t.total):,} {unit} "
-                                  f"({100 * t.completed / max(1, t.total):.0f} %), {rate:,.0f} {unit}/s",
-                                  highlight=False)
-
+        shown = _GenerationProgress(progress, part)
         try:
             writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
-                         allow_code=allow_code, overwrite=overwrite, on_start=on_start, on_rows=on_rows,
+                         allow_code=allow_code, overwrite=overwrite, on_start=shown.start, on_rows=shown.rows,
                          channels_last=channels_last, shard=part, wait=wait, writer_processes=writer_processes,
                          fingerprints=_fingerprints(verify_data, progress))
         except KeyboardInterrupt:
-            if "id" not in task:
+            if shown.id is None:
                 raise Interrupted("nothing was computed yet; rerun the same command to start") from None
-            t = _task(progress, task["id"])
-            raise Interrupted(f"{int(t.completed):,} of {int(t.total):,} {task['unit']} are committed in {out_} and kept; "
-                              f"continue with: {_again(drop=('--overwrite',))}") from None
-    _say_generated(writer, part, task.get("n", 0), time.perf_counter() - t0)
+            t = _task(progress, shown.id)
+            raise Interrupted(f"{int(t.completed):,} of {int(t.total):,} {shown.unit} are committed in {out_} and "
+                              f"kept; continue with: {_again(drop=('--overwrite',))}") from None
+    _say_generated(writer, part, shown.n, time.perf_counter() - t0)
+
+
+class _GenerationProgress:
+    """`generate`'s progress: a bar, or a line per tenth of the work where output is not a terminal; in rows
+    of classes, or in tokens (positions) of a sequence store."""
+
+    def __init__(self, progress, part):
+        self.progress, self.part = progress, part
+        self.id, self.n, self.per, self.unit, self.said = None, 0, 1, "rows", None
+
+    def start(self, writer, chunks) -> None:
+        meta, part = writer.meta, self.part
+        self.per, self.unit = meta.positions_per_row, "tokens" if meta.sequence else "rows"
+        mine = meta.num_rows if part is None else sum(
+            b - a for a, b in map(writer.bounds, part.chunks(range(meta.n_chunks))))
+        done = mine - sum(b - a for a, b in map(writer.bounds, chunks))
+        self.id = self.progress.add_task("generating" if part is None else f"shard {part}",
+                                         total=mine * self.per, completed=done * self.per, rate="")
+        self.t = time.perf_counter()
+        what = "this job's store is" if part is None else f"shard {part} of this job's store is"
+        if done == mine:
+            console.print(f"{what} already complete: nothing to compute")
+        elif done:
+            console.print(f"resuming: {done} of {mine} rows already committed")
+
+    def rows(self, n: int) -> None:
+        self.n += n
+        n *= self.per
+        rate = self.n * self.per / max(1e-9, time.perf_counter() - self.t)
+        self.progress.update(self.id, advance=n, rate=f"{rate:,.0f} {self.unit}/s")
+        if not self.progress.disable:
+            return
+        t = _task(self.progress, self.id)  # a log file, CI, a notebook: no bar, so a line every tenth
+        tenth = int(10 * t.completed / max(1, t.total))
+        if tenth > (self.said if self.said is not None else int(10 * (t.completed - n) / max(1, t.total))):
+            self.said = tenth
+            console.print(f"{t.description}: {int(t.completed):,} of {int(t.total):,} {self.unit} "
+                          f"({100 * t.completed / max(1, t.total):.0f} %), {rate:,.0f} {self.unit}/s",
+                          highlight=False)
 
 
 def _job_spec(job: Optional[Path], teachers: Optional[Path], data: Optional[str], options: dict, *,

@@ -22,7 +22,7 @@ from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter
 from storage.errors import NonFiniteLogitsError
 from storage.fields import BY_NAME
 from storage.forms import form_of
-from storage.schema import SequenceRecord
+from storage.schema import SequenceRecord, TokenizerRecord
 
 from .combine import combine
 from .errors import LimitExceededError
@@ -65,8 +65,11 @@ def _check_budget(members, vocab: int, max_params: int) -> None:
 
 
 def sequence_record(data) -> SequenceRecord:
-    return SequenceRecord(length=data.length, tokenizer=data.tokenizer.record(), packing=data.spec.packing,
-                          positions=data.positions, text_bytes=data.rows.text_bytes)
+    tok = data.tokenizer
+    return SequenceRecord(length=data.length, packing=data.spec.packing, positions=data.positions,
+                          text_bytes=data.rows.text_bytes,
+                          tokenizer=TokenizerRecord(path=tok.path, fingerprint=tok.fingerprint,
+                                                    vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id))
 
 
 def check_targets(spec, vocab: int) -> None:

@@ -1,5 +1,6 @@
-"""A version-1 store written by the previous release (tests/data/v1_store, made at commit 347da8d) opens,
-verifies, reads the same targets this release computes for the same job, resumes as version 1, and trains."""
+"""Stores written by earlier releases open, verify, hold what this release computes for the same job, and
+train: a version-1 store (tests/data/v1_store, made at commit 347da8d; it also resumes as version 1) and
+top-k and sampled stores made before target forms became modules (tests/data/v2_sparse_stores, ef80d1b)."""
 
 from __future__ import annotations
 
@@ -51,5 +52,30 @@ def test_a_v1_store_inspects_and_trains_from_the_cli(v1, tmp_path):
                         "--student", "mlp", "--arch-kwargs", '{"in_features": 64, "hidden": [8]}', "--epochs", "1",
                         "--batch-size", "8", "--out", str(tmp_path / "run")], env=cli_env(), capture_output=True,
                        text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final"]["rows"] > 0
+
+
+SPARSE = ROOT / "tests" / "data" / "v2_sparse_stores"
+
+
+@pytest.mark.parametrize("name, targets", [("topk", "topk:2"), ("sampled", "sampled:3")])
+def test_sparse_stores_of_the_previous_release_verify_and_hold_what_this_release_computes(name, targets, tmp_path):
+    r = open_store(SPARSE / name)
+    assert r.meta.schema_version == 2 and r.meta.sequence is None and r.complete
+    r.verify()
+    new = open_store(generate(job(SPARSE / "teachers" / "ensemble.yaml", SPARSE / "transfer.npz", chunk_rows=16,
+                                  targets=targets), tmp_path / name).path)
+    assert new.meta.job_key == r.meta.job_key
+    for f in new.meta.checksums:
+        np.testing.assert_array_equal(r.read_field(f), new.read_field(f), err_msg=f)
+
+
+def test_a_top_k_store_of_the_previous_release_trains(tmp_path):
+    shutil.copytree(SPARSE, tmp_path / "v2")
+    p = subprocess.run([*DARKSTORE, "train", "--store", str(tmp_path / "v2" / "topk"), "--data",
+                        str(tmp_path / "v2" / "transfer.npz"), "--student", "mlp", "--arch-kwargs",
+                        '{"in_features": 64, "hidden": [8]}', "--epochs", "1", "--batch-size", "8", "--out",
+                        str(tmp_path / "run")], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final"]["rows"] > 0
