@@ -468,8 +468,11 @@ def inspect(
     seq = s["sequence"]
     if seq:
         tok = seq["tokenizer"]
+        step = (s.get("targets_record") or {}).get("step")
+        values = (f"uint8 steps of {step:g} nat below each position's largest (off by ≤ {step / 2:g})" if step
+                  else s["dtype"]) + f", {s['values']}"
         t.add_row("targets", f"{s['targets']} of {s['classes']:,} tokens per position, {seq['length']} positions per "
-                  f"row, {s['dtype']} {s['values']}, chunks of {s['chunk_rows']} rows, {s['compressor']}")
+                  f"row; values {values}; chunks of {s['chunk_rows']} rows, {s['compressor']}")
         t.add_row("sequences", f"{s['rows']:,} rows ({seq['packing']}), {seq['positions']:,} positions with a loss, "
                   f"from {_human(seq['text_bytes'])} of text; tokenizer {tok['path']} ({tok['vocab_size']:,} tokens, "
                   f"fingerprint {tok['fingerprint'][:16]}…)")
@@ -489,9 +492,14 @@ def inspect(
         t.add_row("views", f"{s['views_per_sample']} per sample ({s['samples']} samples × {s['views_per_sample']} = "
                   f"{s['rows']} rows; view 0 {'clean' if s['augment']['clean_view0'] else 'augmented'}); ops: {ops}; "
                   f"{len(s['view_params'])} recorded parameters per row (float64)")
-    t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_sample']:.1f} B/sample, "
-              f"{s['bytes_per_row']:.1f} B/row; uncompressed {s['raw_bytes_per_sample']} B/sample, "
-              f"{s['raw_bytes_per_row']} B/row)")
+    if seq:
+        per = seq["length"]
+        t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_row'] / per:.1f} B/token; "
+                  f"uncompressed {s['raw_bytes_per_row'] / per:.1f} B/token)")
+    else:
+        t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_sample']:.1f} B/sample, "
+                  f"{s['bytes_per_row']:.1f} B/row; uncompressed {s['raw_bytes_per_sample']} B/sample, "
+                  f"{s['raw_bytes_per_row']} B/row)")
     if s.get("specialists"):
         sp = s["specialists"]
         covered = len({k for x in sp["specialists"] for k in x["classes"]})

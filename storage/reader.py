@@ -238,6 +238,7 @@ class StoreReader:
             "classes": m.num_classes,
             "dtype": m.dtype,
             "targets": str(m.targets or "dense"),
+            "targets_record": m.targets.model_dump() if m.targets else None,
             "compressor": m.compressor,
             "chunk_rows": m.chunk_rows,
             "chunks": m.n_chunks,

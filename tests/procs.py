@@ -176,3 +176,22 @@ def kill_after_checkpoint(args: list[str], run: Path, env: dict[str, str], grace
     time.sleep(grace)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def kill_generation_midway(args: list[str], out: Path, chunks: int = 3) -> None:
+    """Start ``darkstore generate ARGS --out OUT``, SIGKILL it once ``chunks`` chunks are committed, and check
+    the kill landed mid-job (some chunks committed, not all)."""
+    from storage import open_store
+
+    proc = subprocess.Popen([*DARKSTORE, *args, "--out", str(out)], env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "done" / "c").exists() and len(list((out / "done" / "c").glob("*"))) >= chunks:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"generation ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = open_store(out, allow_incomplete=True)
+    assert 0 < int(partial.done.sum()) < partial.meta.n_chunks, "the kill must land mid-job"

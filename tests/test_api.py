@@ -11,6 +11,7 @@ import pickle
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -308,6 +309,20 @@ def test_client_inlines_spec_files_named_in_a_dict(site, tmp_path, monkeypatch):
             c.submit({**doc, "teachers": "missing.yaml"})
 
 
+def generate_and_submit(site, job: Path, local: Path):
+    """``darkstore generate --job JOB --out LOCAL``, then ``darkstore submit JOB --wait`` (told the data root):
+    the served job's view, and the environment submit ran with."""
+    r = subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(local)], env=cli_env(),
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    env = service_env(api_url=site["api"].url, token=TOKEN, data_roots=site["root"])
+    r = subprocess.run([*DARKSTORE, "submit", str(job), "--wait"], env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    with client(site) as c:
+        return c.job(r.stdout.strip().splitlines()[0]), env
+
+
 def test_generate_and_submit_read_one_job_file_alike(site, tmp_path):
     """One job file naming an ensemble.yaml whose weights are relative to it: `generate` and `submit` (told
     where the data root is, as the pipeline's .env tells it) run the same teachers on the same data."""
@@ -322,15 +337,7 @@ def test_generate_and_submit_read_one_job_file_alike(site, tmp_path):
                                                    "data": {"kind": "arrays", "path": "../transfer.npz"},
                                                    "chunk_rows": 150}))
     local = tmp_path / "local"
-    r = subprocess.run([*DARKSTORE, "generate", "--job", str(proj / "job.yaml"), "--out", str(local)],
-                       env=cli_env(), capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    env = service_env(api_url=site["api"].url, token=TOKEN, data_roots=site["root"])
-    r = subprocess.run([*DARKSTORE, "submit", str(proj / "job.yaml"), "--wait"], env=env, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    with client(site) as c:
-        served = c.job(r.stdout.strip().splitlines()[0])
+    served, env = generate_and_submit(site, proj / "job.yaml", local)
     assert served.job_key == open_store(local).meta.job_key  # the same weights, data and options: the same job
     # a path that leaves the data root is refused before anything is sent
     (proj / "far.yaml").write_text(yaml.safe_dump({"teachers": "teachers/ensemble.yaml",
@@ -349,20 +356,13 @@ def test_language_model_jobs_over_rest_match_generate(site, lm_kit, tmp_path):
     proj = site["root"] / "lm"
     shutil.copytree(lm_kit["root"], proj)
     shutil.copytree(lm_kit["corpus"], proj / "corpus", ignore=shutil.ignore_patterns("__pycache__"))
-    members = [{**m, "weights": m["weights"]} for m in lm_kit["members"][:2]]
+    members = lm_kit["members"][:2]
     job = {"teachers": {"members": members}, "targets": "topk:8", "chunk_rows": 256,
            "data": {"kind": "text", "root": "corpus", "glob": "*.py", "tokenizer": "tok", "length": 32}}
     (proj / "job.yaml").write_text(yaml.safe_dump(job))
     local = tmp_path / "local"
-    r = subprocess.run([*DARKSTORE, "generate", "--job", str(proj / "job.yaml"), "--out", str(local)],
-                       env=cli_env(), capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    env = service_env(api_url=site["api"].url, token=TOKEN, data_roots=site["root"])
-    r = subprocess.run([*DARKSTORE, "submit", str(proj / "job.yaml"), "--wait"], env=env, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+    served, _ = generate_and_submit(site, proj / "job.yaml", local)
     with client(site) as c:
-        served = c.job(r.stdout.strip().splitlines()[0])
         assert served.state == "succeeded" and served.job_key == open_store(local).meta.job_key
         length, rows = 32, served.progress.rows_total
         assert served.progress.tokens_done == served.progress.tokens_total == rows * length

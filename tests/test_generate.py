@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from teacher_service.generate import generate
 from teacher_service.spec import EnsembleSpec
 
 from .conftest import DARKSTORE, cli_env, job, make_arrays, make_ensemble, reference_member_logits
+from .procs import kill_generation_midway
 
 
 def arrays_of(store: Path) -> dict[str, np.ndarray]:
@@ -103,20 +103,7 @@ def test_killed_generation_resumes_to_identical_store(tmp_path):
     args = ["generate", "--teachers", str(ens), "--data", str(data), "--chunk-rows", "100", "--batch-size", "50",
             "--keep-members", "--combine", "arithmetic", "--temperature", "3"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    committed = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        committed = len(list((killed / "done" / "c").glob("*"))) if (killed / "done" / "c").exists() else 0
-        if committed >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"generation ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = open_store(killed, allow_incomplete=True)
-    assert 0 < int(partial.done.sum()) < partial.meta.n_chunks, "the kill must land mid-job"
+    kill_generation_midway(args, killed)
 
     resumed = subprocess.run([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

@@ -3,9 +3,7 @@ float64 recomputation of the members' combined distribution, a killed capture re
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from storage.fields import row_fields
 from storage.forms.topk import TopK
 
 from .conftest import DARKSTORE, cli_env
+from .procs import kill_generation_midway
 
 V = 512
 
@@ -40,6 +39,12 @@ def member_logits64(job: Path, tokens: np.ndarray) -> torch.Tensor:
             out.append(lm.module(torch.from_numpy(tokens[:, :-1]).long())
                        if lm.kind == "gpt" else lm.module(input_ids=torch.from_numpy(tokens[:, :-1]).long()).logits)
     return torch.stack([z[..., :V].double() for z in out])
+
+
+def _like(arrays: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Another job's rows (its own shuffled order) in the order of ``ref``'s, matched by sequence."""
+    order = np.argsort(arrays["index"])[np.argsort(np.argsort(ref["index"]))]
+    return {k: v[order] for k, v in arrays.items()}
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -88,9 +93,7 @@ def test_topk_and_sampled_stores_match_a_float64_recomputation(lm_kit, tmp_path)
     sampled = lm_kit["job"](tmp_path / "sampled.yaml", targets="sampled:16", chunk_rows=128, combine="arithmetic")
     done = generate(sampled, tmp_path / "sampled")
     assert done.returncode == 0, done.stderr
-    s = _arrays(tmp_path / "sampled")
-    order = np.argsort(s["index"])[np.argsort(np.argsort(got["index"]))]  # another job: its own row order
-    s = {k: v[order] for k, v in s.items()}
+    s = _like(_arrays(tmp_path / "sampled"), got)
     np.testing.assert_array_equal(s["tokens"], got["tokens"])
     assert s["sample_index"].shape == (m.num_rows, 32, 16)
     p = torch.softmax(z, -1).mean(0)  # the arithmetic mean at T = 1, float64
@@ -102,23 +105,19 @@ def test_topk_and_sampled_stores_match_a_float64_recomputation(lm_kit, tmp_path)
     err = (freq / 16 - p.numpy()).sum(axis=(0, 1)) / (m.num_rows * 32)  # unbiased: mean frequency → mean p
     assert np.abs(err).max() < 5 * np.sqrt(p.numpy().mean((0, 1)).max() / (m.num_rows * 32 * 16)) + 1e-4
 
+    dense = lm_kit["job"](tmp_path / "dense.yaml", targets="dense", chunk_rows=128)
+    done = generate(dense, tmp_path / "dense")
+    assert done.returncode == 0, done.stderr
+    d = _like(_arrays(tmp_path / "dense"), got)
+    assert d["logits"].shape == (m.num_rows, 32, V) and d["logits"].dtype == np.float16
+    np.testing.assert_allclose(d["logits"].astype(np.float64), ell.numpy(), atol=1e-2, rtol=1e-3)
+
 
 def test_a_killed_capture_resumes_to_the_same_bytes(lm_kit, tmp_path):
     job = lm_kit["job"](tmp_path / "job.yaml", targets="topk:8", chunk_rows=8)
     args = ["generate", "--job", str(job), "--batch-size", "2"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (killed / "done" / "c").exists() and len(list((killed / "done" / "c").glob("*"))) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"generation ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = open_store(killed, allow_incomplete=True)
-    assert 0 < int(partial.done.sum()) < partial.meta.n_chunks, "the kill must land mid-job"
+    kill_generation_midway(args, killed)
     resumed = subprocess.run([*DARKSTORE, *args, "--out", str(killed)], env=cli_env(), capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
     clean = subprocess.run([*DARKSTORE, *args, "--out", str(tmp_path / "clean")], env=cli_env(), capture_output=True,
@@ -142,7 +141,12 @@ def _one_error(done: subprocess.CompletedProcess, out: Path, says: str) -> None:
 
 
 def test_bad_language_model_inputs_get_one_clear_error_and_write_nothing(lm_kit, tmp_path):
+    """A mismatched tokenizer through the CLI (one `error:` line), then each other bad input in-process (the
+    CLI prints every DarkstoreError alike): the error names the problem and nothing is written."""
+    from darkstore.errors import DarkstoreError
     from darkstore_app.lmkit import gpt_teacher, train_tokenizer
+    from teacher_service.generate import generate as run
+    from teacher_service.spec import JobSpec
 
     kit, out = lm_kit, tmp_path / "store"
     other = train_tokenizer(sorted((kit["corpus"].parent / "http").glob("*.py")), tmp_path / "other", 512)
@@ -151,16 +155,18 @@ def test_bad_language_model_inputs_get_one_clear_error_and_write_nothing(lm_kit,
                out, "was made with another tokenizer")
 
     small = gpt_teacher(kit["root"] / "small.safetensors", 300, seed=0, block_size=64, n_layer=1, n_head=2, n_embd=32)
-    _one_error(generate(kit["job"](tmp_path / "b.yaml", members_=[small]), out), out,
-               "predicts 300 tokens but the tokenizer has 512")
-    _one_error(generate(kit["job"](tmp_path / "c.yaml", data={"length": 100}), out), out, "takes at most 64 positions")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    _one_error(generate(kit["job"](tmp_path / "d.yaml", data={"root": str(tmp_path / "empty"), "glob": "*.txt"}), out),
-               out, "the text corpus is empty")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "a.txt").write_bytes(bytes(range(256)))
-    _one_error(generate(kit["job"](tmp_path / "e.yaml", data={"root": str(tmp_path / "bin"), "glob": "*.txt"}), out),
-               out, "is not text")
-    _one_error(generate(kit["job"](tmp_path / "f.yaml", targets="dense", data={"glob": "nothing*.py"}), out),
-               out, "no files match")
+    for options, says in [
+        ({"members_": [small]}, "predicts 300 tokens but the tokenizer has 512"),
+        ({"data": {"length": 100}}, "takes at most 64 positions"),
+        ({"data": {"root": str(tmp_path / "empty"), "glob": "*.txt"}}, "the text corpus is empty"),
+        ({"data": {"root": str(tmp_path / "bin"), "glob": "*.txt"}}, "is not text"),
+        ({"data": {"glob": "nothing*.py"}}, "no files match"),
+        ({"targets": "topk:512"}, "keeps every one of the 512 tokens"),
+    ]:
+        with pytest.raises(DarkstoreError, match=says):
+            run(JobSpec.from_file(kit["job"](tmp_path / "job.yaml", **options)), out)
+        assert not out.exists(), f"nothing may be written ({says})"

@@ -216,3 +216,13 @@ def test_a_new_field_is_one_declaration_plus_its_producer_and_consumer(store_at,
     loc.write_bytes("features/c/1/0", loc.read_bytes("features/c/0/0"))  # checksummed like every row field
     with pytest.raises(CorruptChunkError, match="chunk 1 .*field features"):
         open_store(store_at("s")).read(rows, ["features"])
+
+
+def test_stored_ids_take_the_narrowest_integer_that_holds_the_vocabulary():
+    from types import SimpleNamespace
+
+    from storage.fieldspec import index_dtype
+
+    assert index_dtype(SimpleNamespace(sequence=None, num_classes=10)) == "int32"  # classes: as always
+    assert index_dtype(SimpleNamespace(sequence=object(), num_classes=65_536)) == "uint16"
+    assert index_dtype(SimpleNamespace(sequence=object(), num_classes=152_064)) == "int32"  # no 2^17 cap
