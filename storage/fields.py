@@ -116,7 +116,7 @@ def codecs_for(f: FieldSpec, meta: StoreMeta, compressors: Any) -> tuple[Any, An
         return None, None
     if meta.sequence is None:
         return None, compressors
-    from numcodecs.zarr3 import Delta, Shuffle
+    from zarr.codecs.numcodecs import Delta, Shuffle
 
     dtype = np.dtype(f.dtype(meta))
     filters = [Delta(dtype=dtype.str)] if f.sorted_ids else None

@@ -78,7 +78,7 @@ def test_compose_file_is_valid_and_has_the_topology(config):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER 1000:1000$", dockerfile, re.M) and "HEALTHCHECK" in dockerfile
     # the image installs exactly what the tests run: the same constraints file, the extras the CLI needs
-    assert re.search(r"pip install -c constraints\.txt \"\.\[service,s3,onnx,timm,hf,tensorboard\]\"", dockerfile)
+    assert re.search(r"pip install -c constraints\.txt \"\.\[service,s3,onnx,timm,hf,lm,tensorboard\]\"", dockerfile)
     assert "COPY constraints.txt" in dockerfile
 
 

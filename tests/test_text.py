@@ -64,14 +64,14 @@ def test_a_tokenizers_fingerprint_follows_its_content_not_its_path(lm_kit, tmp_p
 
 def test_a_saved_hugging_face_dataset_and_a_transformers_tokenizer_folder(lm_kit, tmp_path):
     import datasets
-    from transformers import PreTrainedTokenizerFast
 
     texts = [p.read_text() for p in sorted(lm_kit["corpus"].glob("*.py"))[:2]]
     datasets.Dataset.from_dict({"content": texts}).save_to_disk(str(tmp_path / "ds"))
     ours = load_tokenizer(lm_kit["tokenizer"])
-    PreTrainedTokenizerFast(tokenizer_object=ours.tokenizer, eos_token="<|endoftext|>").save_pretrained(
-        str(tmp_path / "hf"), legacy_format=True)  # vocab.json and merges.txt beside tokenizer.json
-    (tmp_path / "hf" / "tokenizer.json").unlink()  # leaves a folder only transformers reads
+    (tmp_path / "hf").mkdir()
+    ours.tokenizer.model.save(str(tmp_path / "hf"))  # vocab.json and merges.txt: a folder only transformers reads
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"}))
     other = load_tokenizer(tmp_path / "hf")
     assert other.eos_id == ours.eos_id and other.encode(texts[:1]) == ours.encode(texts[:1])
     data = open_transfer_set(TextSpec(root=str(tmp_path / "ds"), format="huggingface", field="content",
