@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,11 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from .errors import CodeNotAllowedError, SpecError, UnsafeWeightsError, WeightsError, WeightsNotFoundError
-from .models import LoadedModel, ModelSpec, count_params, load_model, sha256_file
+from .models import LoadedModel, ModelSpec, load_model, sha256_file
 from .paths import resolve
-
-log = logging.getLogger(__name__)
-
 
 class TokenizerMismatchError(SpecError):
     """A teacher's tokenizer or vocabulary does not match the transfer set's."""
@@ -167,15 +163,11 @@ def check_tokenizer(spec: ModelSpec, path: Path | None, tokenizer: Any) -> None:
 
 def _load_transformers(spec: ModelSpec, *, allow_code: bool, roots: Sequence[str | Path] | None) -> LanguageModel:
     folder = resolve(spec.weights, roots=roots)
-    config_file = folder / "config.json"
-    if not folder.is_dir() or not config_file.is_file():
-        raise WeightsNotFoundError(f"teacher {spec.label!r}: {folder} is not a transformers model directory "
-                                   "(config.json and *.safetensors)")
-    config = _read_json(config_file)
+    digest = folder_digest(spec.label, folder)  # a transformers directory with safetensors weights, or an error
+    config = _read_json(folder / "config.json")
     if config.get("auto_map") and not allow_code:
-        raise CodeNotAllowedError(f"teacher {spec.label!r}: {config_file} asks for the model's own code (auto_map); "
-                                  "enable it with --allow-code (CLI) or DARKSTORE_ALLOW_CODE=true (service)")
-    files = _weight_files(spec.label, folder)
+        raise CodeNotAllowedError(f"teacher {spec.label!r}: {folder / 'config.json'} asks for the model's own code "
+                                  "(auto_map); enable it with --allow-code (CLI) or DARKSTORE_ALLOW_CODE=true (service)")
     try:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -189,7 +181,6 @@ def _load_transformers(spec: ModelSpec, *, allow_code: bool, roots: Sequence[str
         raise WeightsError(f"teacher {spec.label!r}: transformers cannot load {folder} as a causal LM: "
                            f"{type(exc).__name__}: {exc}") from exc
     module.eval()
-    digest = _folder_digest(config_file, files)
     loaded = LoadedModel(spec, module, "transformers", folder, digest)
     vocab = int(module.get_output_embeddings().weight.shape[0])
     limit = next((int(config[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx") if config.get(k)), None)
@@ -220,7 +211,7 @@ def _weight_files(label: str, folder: Path) -> list[Path]:
 
 def folder_digest(label: str, folder: Path) -> str:
     """The weight hash of a transformers directory (what the job key holds)."""
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file():  # also a folder that is not there, or a file
         raise WeightsNotFoundError(f"teacher {label!r}: {folder} is not a transformers model directory "
                                    "(config.json and *.safetensors)")
     return _folder_digest(folder / "config.json", _weight_files(label, folder))
@@ -232,10 +223,6 @@ def _folder_digest(config: Path, weights: list[Path]) -> str:
     for p in (config, *weights):
         h.update(sha256_file(p).encode())
     return h.hexdigest()
-
-
-def num_params(lm: LanguageModel) -> int:
-    return count_params(lm.module)
 
 
 # --- fitting teachers to the tokenizer ------------------------------------------------------------------

@@ -128,7 +128,7 @@ def check_param_budget(members: Sequence[ModelSpec], num_classes: int | None, ma
     counts = {}
     for m in members:
         if m.arch is None:
-            continue  # code-carrying members: the operator allowed that code
+            continue  # code-carrying members (the operator allowed that code) and transformers directories
         n = count_params_meta(m, num_classes)
         if n > max_params:
             raise LimitExceededError(f"teacher {m.label!r} has {n:,} parameters, over the limit of {max_params:,} "
@@ -304,12 +304,13 @@ def _specialists_record(spec: JobSpec) -> SpecialistsRecord | None:
                                           for m in t.members if m.name in t.specialists])
 
 
-def _targets(spec: JobSpec, num_classes: int) -> TargetsRecord | None:
+def _targets(spec: JobSpec, num_classes: int, unit: str = "classes") -> TargetsRecord | None:
+    """The store's targets record (None: dense); top-k of every class (token) is refused."""
     t = spec.targets
     if t.form == "dense":
         return None
     if t.form == "topk" and t.k >= num_classes:
-        raise SpecError(f"targets topk:{t.k} keeps every one of the {num_classes} classes: ask for dense targets")
+        raise SpecError(f"targets topk:{t.k} keeps every one of the {num_classes} {unit}: ask for dense targets")
     return t
 
 

@@ -17,7 +17,6 @@ import torch
 
 from darkstore.errors import SpecError
 from darkstore.lm import LanguageModel, check_fit, load_lm
-from darkstore.models import count_params_meta
 from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter
 from storage.errors import NonFiniteLogitsError
 from storage.fields import BY_NAME
@@ -25,7 +24,6 @@ from storage.forms import form_of
 from storage.schema import SequenceRecord, TokenizerRecord
 
 from .combine import combine
-from .errors import LimitExceededError
 
 #: default bound on one slice's [members, batch, positions, vocabulary] float32 logits
 SLICE_BYTES = 16 << 20
@@ -36,9 +34,11 @@ DENSE_VOCAB = 4096
 def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None
                  ) -> list[LanguageModel]:
     """Every LM member loaded, fitted to the transfer set's tokenizer and length, on ``device`` in eval mode."""
+    from .generate import check_param_budget
+
     vocab = data.tokenizer.vocab_size
     if max_params is not None:
-        _check_budget(spec.teachers.members, vocab, max_params)
+        check_param_budget(spec.teachers.members, vocab, max_params)
     members = [load_lm(m, vocab_size=vocab, allow_code=allow_code, roots=roots, tokenizer=data.tokenizer)
                for m in spec.teachers.members]
     check_fit(members, data.tokenizer, data.length)
@@ -49,21 +49,6 @@ def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, m
     return members
 
 
-def _check_budget(members, vocab: int, max_params: int) -> None:
-    total = 0
-    for m in members:
-        if m.arch != "gpt":
-            continue  # a transformers directory: counted once loaded (its config decides)
-        n = count_params_meta(m, vocab)
-        if n > max_params:
-            raise LimitExceededError(f"teacher {m.label!r} has {n:,} parameters, over the limit of {max_params:,} "
-                                     "(DARKSTORE_MAX_TEACHER_PARAMS)")
-        total += n
-    if total > max_params:
-        raise LimitExceededError(f"the teachers have {total:,} parameters together, over the limit of "
-                                 f"{max_params:,} (DARKSTORE_MAX_TEACHER_PARAMS)")
-
-
 def sequence_record(data) -> SequenceRecord:
     tok = data.tokenizer
     return SequenceRecord(length=data.length, packing=data.spec.packing, positions=data.positions,
@@ -72,24 +57,23 @@ def sequence_record(data) -> SequenceRecord:
                                                     vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id))
 
 
-def check_targets(spec, vocab: int) -> None:
-    """What a sequence store cannot hold: dense targets of a large vocabulary, top-k of all of it."""
-    t = spec.targets
-    if t.form == "dense" and vocab > DENSE_VOCAB:
+def check_dense(spec, vocab: int) -> None:
+    """Dense targets of a large vocabulary are refused: every position would cost megabytes."""
+    if spec.targets.form == "dense" and vocab > DENSE_VOCAB:
         raise SpecError(f"dense targets keep all {vocab:,} tokens at every position; above {DENSE_VOCAB:,} ask for "
                         "topk:K or sampled:K")
-    if t.form == "topk" and t.k >= vocab:
-        raise SpecError(f"targets topk:{t.k} keeps every one of the {vocab} tokens: ask for dense targets")
 
 
 def prepare_sequences(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None):
     """The LM teachers loaded and checked against the text transfer set; the sequence store's metadata."""
-    from .generate import PreparedJob, store_meta
+    from .generate import PreparedJob, _targets, store_meta
 
-    check_targets(spec, data.tokenizer.vocab_size)
+    vocab = data.tokenizer.vocab_size
+    check_dense(spec, vocab)
+    targets = _targets(spec, vocab, "tokens")
     members = load_members(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
-    meta = store_meta(spec, [m.loaded for m in members], data, data.tokenizer.vocab_size, None,
-                      sequence=sequence_record(data), targets=None if spec.targets.form == "dense" else spec.targets)
+    meta = store_meta(spec, [m.loaded for m in members], data, vocab, None, sequence=sequence_record(data),
+                      targets=targets)
     return PreparedJob(spec, members, data, meta, device)
 
 
@@ -115,6 +99,8 @@ class ChunkTargets:
         self.parts: dict[str, np.ndarray] = {}
         self.stats = np.zeros(2 + meta.num_members, dtype=np.int64)
         self.nll = np.zeros(1 + meta.num_members, dtype=np.float64)
+        self.tokens: np.ndarray | None = None  # the chunk's rows, set once its targets are computed
+        self.mask: np.ndarray | None = None
 
     def add(self, rows: slice, pos: slice, z: torch.Tensor, top: torch.Tensor, y: torch.Tensor,
             mask: torch.Tensor) -> None:
