@@ -1,6 +1,6 @@
 """What a per-token store costs and loses, and what generation costs over the teachers' bare forward.
 
-    ./dev bench lm [--megabytes 1 --vocab 2048 --length 128 --steps 400 --rounds 3]
+    ./dev bench lm [--megabytes 1 --vocab 2048 --length 128 --steps 400 --rounds 5]
 
 Real text present on every machine: about ``--megabytes`` of the Python standard library's sources, split by
 file into a transfer set and held-out files (``darkstore_app.lmkit.split_corpus``); a byte-level BPE tokenizer
@@ -236,7 +236,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4, help="the first teacher's layers (the others: one more, one "
                    "fewer)")
     p.add_argument("--width", type=int, default=256, help="the first teacher's width (the second: 3/4 of it)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--kl-rows", type=int, default=48, help="rows whose exact distribution is recomputed")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "darkstore-bench-lm")

@@ -74,7 +74,7 @@ class LanguageModel:
         """:meth:`logits` of ``h`` cut to ``out``'s width (the tokenizer's), written into ``out``: straight from
         the matrix product where the head is a plain projection, else copied."""
         v = out.shape[-1]
-        head = self._plain_head()
+        head = self.plain_head()
         if head is None:
             out.copy_(self.logits(h)[..., :v])
             return
@@ -83,7 +83,9 @@ class LanguageModel:
         if bias is not None:
             out += bias[:v]
 
-    def _plain_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def plain_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The head's float32 weight [V', H] and bias where it is a plain projection of the hidden states
+        (no soft-capping, not run whole), else None."""
         if not self.sliced:
             return None
         m = self.loaded.module

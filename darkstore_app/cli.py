@@ -515,10 +515,12 @@ def inspect(
     t.add_row("transfer set", f"{ts['spec'].get('kind')} {ts['spec'].get('path') or ts['spec'].get('root') or ts['spec'].get('name') or ''}"
               f" — {ts['num_samples']} samples, fingerprint {ts['fingerprint'][:16]}…")
     acc, ppl = s["accuracy"] or {}, s["perplexity"] or {}
+    stride = (s.get("sequence") or {}).get("teacher_stride", 1)
     for tr in s["teachers"]:
         a = f", accuracy {100 * acc[tr['name']]:.2f} %" if tr["name"] in acc else ""
         if tr["name"] in ppl:
-            a = f", perplexity {ppl[tr['name']]:,.2f}, top-1 {100 * acc[tr['name']]:.2f} %"
+            a = (f", perplexity {ppl[tr['name']]:,.2f}, top-1 {100 * acc[tr['name']]:.2f} %"
+                 + (f" (every {stride}th position)" if stride > 1 else ""))
         h = tr["sha256"][:16] + "…" if tr["sha256"] else "-"
         t.add_row(f"teacher {tr['name']}", f"{tr['arch']} ({tr['format']}), {tr['num_params']:,} params, sha256 {h}{a}")
     if ppl:

@@ -73,7 +73,12 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("nll", ("chunk", "stat"), lambda m: (m.n_chunks, 1 + m.num_members), lambda m: "float64", 0.0,
               _sequences, per_row=False, compressed=False,
               doc="per chunk: the ensemble's and each member's summed negative log-likelihood (nats) of the "
-                  "labels at the positions with a loss, at T = 1", when="token sequences"),
+                  "labels at the positions with a loss (a member's: those of teacher_positions), at T = 1",
+              when="token sequences"),
+    FieldSpec("teacher_positions", ("chunk",), lambda m: (m.n_chunks,), lambda m: "int64", 0, _sequences,
+              per_row=False, compressed=False,
+              doc="per chunk: the positions with a loss that each teacher's own statistics (its top-1 count in "
+                  "stats, its NLL) cover: every teacher_stride-th of a row", when="token sequences"),
     FieldSpec("checksums", ("chunk", "field"), lambda m: (m.n_chunks, len(m.checksums or ())), lambda m: "uint32", 0,
               lambda m: m.checksums is not None, per_row=False, compressed=False,
               doc="per chunk: CRC32C of each row field's bytes", when="schema 2 and later"),

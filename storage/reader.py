@@ -197,23 +197,33 @@ class StoreReader:
         if labeled == 0:
             return None
         acc = {"ensemble": float(stats[:, 1].sum() / labeled)}
-        for j, t in enumerate(self.meta.teachers):
-            acc[t.name] = float(stats[:, 2 + j].sum() / labeled)
+        own = labeled if self.meta.sequence is None else self._teacher_positions()
+        for j, t in enumerate(self.meta.teachers if own else ()):
+            acc[t.name] = float(stats[:, 2 + j].sum() / own)
         acc["labeled_rows"] = labeled
         return acc
 
     def perplexity(self) -> dict[str, float] | None:
         """A sequence store's per-token perplexity of the ensemble (its stored distribution at the generation
-        temperature) and of each teacher, exp(mean NLL) over the committed positions with a loss."""
+        temperature) over the committed positions with a loss, and of each teacher over those its statistics
+        cover (every ``teacher_stride``-th), exp(mean NLL)."""
         if self.meta.sequence is None:
             return None
         nll = self.group["nll"][:][self.done]
         n = int(self.group["stats"][:][self.done][:, 0].sum())
         if n == 0:
             return None
+        own = self._teacher_positions()
         out = {"ensemble": float(np.exp(nll[:, 0].sum() / n))}
-        out.update({t.name: float(np.exp(nll[:, 1 + j].sum() / n)) for j, t in enumerate(self.meta.teachers)})
+        out.update({t.name: float(np.exp(nll[:, 1 + j].sum() / own))
+                    for j, t in enumerate(self.meta.teachers if own else ())})
         return out
+
+    def _teacher_positions(self) -> int | None:
+        """The committed positions each teacher's own statistics cover (a sequence store's), else None."""
+        if self.meta.sequence is None:
+            return None
+        return int(self.group["teacher_positions"][:][self.done].sum())
 
     def verify(self) -> None:
         """Deep check: every committed chunk of every row field reads back, matches its checksum

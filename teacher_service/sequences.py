@@ -29,6 +29,8 @@ from .combine import combine
 SLICE_BYTES = 16 << 20
 #: the largest vocabulary a dense sequence store takes (above it, every position would cost megabytes)
 DENSE_VOCAB = 4096
+#: where the members' heads fuse, each teacher's own statistics come from every TEACHER_STRIDE-th position
+TEACHER_STRIDE = 16
 
 
 def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None
@@ -49,10 +51,10 @@ def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, m
     return members
 
 
-def sequence_record(data) -> SequenceRecord:
+def sequence_record(data, stride: int = 1) -> SequenceRecord:
     tok = data.tokenizer
     return SequenceRecord(length=data.length, packing=data.spec.packing, positions=data.positions,
-                          text_bytes=data.rows.text_bytes,
+                          text_bytes=data.rows.text_bytes, teacher_stride=stride,
                           tokenizer=TokenizerRecord(path=tok.path, fingerprint=tok.fingerprint,
                                                     vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id))
 
@@ -72,25 +74,79 @@ def prepare_sequences(spec, data, *, device: torch.device, allow_code: bool, roo
     check_dense(spec, vocab)
     targets = _targets(spec, vocab, "tokens")
     members = load_members(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
-    meta = store_meta(spec, [m.loaded for m in members], data, vocab, None, sequence=sequence_record(data),
-                      targets=targets)
+    sequence = sequence_record(data, teacher_stride(members, spec.combine))
+    meta = store_meta(spec, [m.loaded for m in members], data, vocab, None, sequence=sequence, targets=targets)
     return PreparedJob(spec, members, data, meta, device)
 
 
 @dataclass
 class Slices:
-    """How many positions one slice of a batch takes (its logits within the byte bound)."""
+    """How many positions one slice of a batch takes: ``width`` float32 values of ``vocab`` tokens per position
+    (the members' logits, or the one combined row) within the byte bound, the length split evenly."""
 
-    members: int
+    width: int
     vocab: int
     budget: int = SLICE_BYTES
 
     def size(self, batch: int, length: int) -> int:
-        return max(1, min(length, self.budget // (4 * self.members * batch * self.vocab)))
+        most = max(1, min(length, self.budget // (4 * self.width * batch * self.vocab)))
+        return -(-length // -(-length // most))  # as many slices as needed, of equal size
+
+
+class FusedHead:
+    """The geometric mean of members whose heads are plain float32 projections, as one accumulated product:
+    ``ℓ = Σ_j h_j W_jᵀ / M`` (plus the mean bias). The members' logits never exist: no [M, …, V] buffer, no mean
+    over members, no per-member pass; each member's own statistics come from every :data:`TEACHER_STRIDE`-th
+    position instead (:meth:`ChunkTargets.count_teachers`)."""
+
+    def __init__(self, heads: list[tuple[torch.Tensor, torch.Tensor | None]], vocab: int):
+        self.weights = [w[:vocab].t() for w, _ in heads]
+        self.scale = 1.0 / len(heads)
+        biases = [b[:vocab] for _, b in heads if b is not None]
+        self.bias = torch.stack(biases).sum(0) * self.scale if biases else None
+
+    @classmethod
+    def of(cls, members: Sequence[LanguageModel], combine: str, vocab: int) -> "FusedHead | None":
+        heads = [m.plain_head() for m in members]
+        if combine != "geometric" or any(h is None for h in heads):
+            return None
+        return cls(heads, vocab)  # type: ignore[arg-type]
+
+    def __call__(self, hidden: Sequence[torch.Tensor], pos: slice) -> torch.Tensor:
+        """[b, s, V] the combined values of positions ``pos`` from each member's hidden states [b, L, H]."""
+        out = None
+        for w, h in zip(self.weights, hidden):
+            x = h[:, pos]
+            x2 = x.reshape(-1, x.shape[-1])
+            if out is None:
+                out = torch.empty(x2.shape[0], w.shape[1], device=x.device, dtype=torch.float32)
+                out.addmm_(x2, w, beta=0, alpha=self.scale)  # beta 0: the empty buffer is never read
+            else:
+                out.addmm_(x2, w, alpha=self.scale)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:2], -1)
+
+
+def teacher_stride(members: Sequence[LanguageModel], combine: str) -> int:
+    """Every how many positions each teacher's own statistics are computed: all of them where its logits
+    exist anyway, every :data:`TEACHER_STRIDE`-th where the fused head does without them."""
+    fusable = combine == "geometric" and all(m.plain_head() is not None for m in members)
+    return TEACHER_STRIDE if fusable else 1
+
+
+def member_logits(members: Sequence[LanguageModel], hidden: Sequence[torch.Tensor], pos: slice,
+                  vocab: int) -> torch.Tensor:
+    """[M, b, s, V] each member's logits at positions ``pos``, cut to the tokenizer's vocabulary."""
+    b, s = hidden[0].shape[0], len(range(*pos.indices(hidden[0].shape[1])))
+    z = torch.empty(len(members), b, s, vocab, device=hidden[0].device)
+    for j, (m, h) in enumerate(zip(members, hidden)):
+        m.logits_into(h[:, pos], z[j])
+    return z
 
 
 class ChunkTargets:
-    """One chunk's stored arrays, filled slice by slice."""
+    """One chunk's stored arrays, filled slice by slice, and its statistics."""
 
     def __init__(self, meta: StoreMeta, rows: int, chunk: int):
         self.meta, self.form, self.rows = meta, form_of(meta), rows
@@ -99,16 +155,20 @@ class ChunkTargets:
         self.parts: dict[str, np.ndarray] = {}
         self.stats = np.zeros(2 + meta.num_members, dtype=np.int64)
         self.nll = np.zeros(1 + meta.num_members, dtype=np.float64)
+        self.teacher_positions = 0
         self.tokens: np.ndarray | None = None  # the chunk's rows, set once its targets are computed
         self.mask: np.ndarray | None = None
 
-    def add(self, rows: slice, pos: slice, z: torch.Tensor, top: torch.Tensor, y: torch.Tensor,
-            mask: torch.Tensor) -> None:
-        """Encode [M, b, s, V] member logits of rows × positions (``top``: each one's largest per position);
-        count the masked positions' statistics."""
+    def add(self, rows: slice, pos: slice, ell: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+            refuse: Callable[[int, int], None]) -> None:
+        """Encode the combined values ``ell`` [b, s, V] of rows × positions, after refusing a position whose
+        values are NaN or +Inf, or all −Inf (``refuse(row, position)`` raises; a −Inf value is a token the
+        teachers rule out); count the ensemble's statistics at the masked positions."""
         meta = self.meta
-        ell = combine(z, meta.combine, meta.temperature)
         log_z = torch.logsumexp(ell, dim=-1)
+        bad = ~torch.isfinite(log_z)
+        if bool(bad.any()):
+            refuse(*(int(v) for v in bad.nonzero()[0]))
         u = None if self.draws is None else self.draws[rows, pos]
         parts = self.form.encode(ell, meta, u, log_z)
         for name, t in parts.items():
@@ -119,63 +179,104 @@ class ChunkTargets:
             if arr is None:
                 arr = self.parts[name] = np.empty((self.rows, self.length, *host.shape[2:]), dtype=host.dtype)
             arr[rows, pos] = host
-        self._count(ell, log_z, z, top, y.long()[..., None], mask.bool())
+        self._count(ell, log_z, y.long()[..., None], mask.bool())
 
-    def _count(self, ell: torch.Tensor, log_z: torch.Tensor, z: torch.Tensor, top: torch.Tensor, y: torch.Tensor,
-               keep: torch.Tensor) -> None:
-        """Top-1 hits and summed NLL of the labels ``y`` [b, s, 1] at the kept positions: the ensemble's stored
-        distribution at its generation temperature, each member's at T = 1. A label is a hit when its value is
-        the largest (``top`` [M, b, s]: each member's; the centred ensemble's is 0), and its NLL is a log-sum-exp
-        less a gather: no argmax or whole log-softmax passes."""
+    def _count(self, ell: torch.Tensor, log_z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> None:
+        """The ensemble's top-1 hits and summed NLL of the labels ``y`` [b, s, 1] at the kept positions, of its
+        stored distribution at its generation temperature: a hit where the label's value is the largest, and
+        the NLL a log-sum-exp less a gather (no argmax or whole log-softmax passes)."""
         t = self.meta.temperature
         at = ell.gather(-1, y)[..., 0]
         self.stats[0] += int(keep.sum())
-        self.stats[1] += int(((at >= 0) & keep).sum())
+        self.stats[1] += int(((at >= ell.amax(-1)) & keep).sum())
         lse = log_z if t == 1 else torch.logsumexp(ell / t, -1)
         self.nll[0] += float((lse - at / t)[keep].double().sum())
+
+    def count_teachers(self, z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> None:
+        """Each member's own top-1 hits and summed NLL at T = 1 from its logits ``z`` [M, b, s, V] at some
+        positions, their labels ``y`` [b, s] and mask ``keep`` [b, s]."""
+        y, keep = y.long()[..., None], keep.bool()
+        self.teacher_positions += int(keep.sum())
         for j, zm in enumerate(z):
             at = zm.gather(-1, y)[..., 0]
-            self.stats[2 + j] += int(((at >= top[j]) & keep).sum())
+            self.stats[2 + j] += int(((at >= zm.amax(-1)) & keep).sum())
             self.nll[1 + j] += float((torch.logsumexp(zm, -1) - at)[keep].double().sum())
 
 
-def _finite(z: torch.Tensor, members: Sequence[LanguageModel], rows: Callable[[], np.ndarray]) -> torch.Tensor:
-    """Each member's largest logit per position [M, b, s], after refusing NaN or +Inf anywhere (amax propagates
-    NaN; a −Inf logit is a token the teacher rules out, which its NLL reports if it occurs)."""
-    hi = z.amax(dim=-1)
-    bad = ~torch.isfinite(hi)
-    if bool(bad.any()):
-        j, r, p = (int(v) for v in bad.nonzero()[0])
-        raise NonFiniteLogitsError(f"teacher {members[j].name!r} produced NaN/Inf logits at position {p} of "
-                                   f"sequence {int(rows()[r])}; nothing of its chunk was written")
-    return hi
+@dataclass
+class Batch:
+    """One batch of a chunk: its rows of the chunk, the members' hidden states, the labels and mask."""
+
+    rows: slice
+    hidden: list[torch.Tensor]
+    y: torch.Tensor
+    mask: torch.Tensor
+
+    def refuse(self, members: Sequence[LanguageModel], sample: Callable[[int], int], vocab: int
+               ) -> Callable[[int, int], None]:
+        """A callback raising NonFiniteLogitsError for a row and position of this batch, naming the first
+        member whose logits there are NaN, +Inf or all −Inf."""
+        def raise_at(r: int, p: int) -> None:
+            z = member_logits(members, [h[r:r + 1] for h in self.hidden], slice(p, p + 1), vocab)
+            bad = [m.name for m, zm in zip(members, z) if not bool(torch.isfinite(zm.amax()))]
+            who = f"teacher {bad[0]!r}" if bad else "the teachers combined"
+            raise NonFiniteLogitsError(f"{who} produced NaN/Inf logits at position {p} of sequence "
+                                       f"{sample(r)}; nothing of its chunk was written")
+        return raise_at
 
 
 @torch.inference_mode()
 def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: int, batch_size: int,
-                  device: torch.device, slices: Slices) -> ChunkTargets:
-    """Targets of chunk ``i`` (rows in store order: ``data`` is the reordered set)."""
+                  device: torch.device, slice_bytes: int = SLICE_BYTES) -> ChunkTargets:
+    """Targets of chunk ``i`` (rows in store order: ``data`` is the reordered set). Where the members' heads
+    fuse (:class:`FusedHead`), the combined values come from one accumulated product per slice and each
+    member's statistics from every ``teacher_stride``-th position; otherwise from the members' logits."""
     meta = writer.meta
     start, stop = writer.bounds(i)
     out = ChunkTargets(meta, stop - start, i)
-    v = meta.num_classes
+    v, stride = meta.num_classes, meta.sequence.teacher_stride
+    fused = FusedHead.of(members, meta.combine, v) if stride > 1 else None
     tokens_all, mask_all = data.get_batch(np.arange(start, stop))
     for b0 in range(0, stop - start, batch_size):
         b1 = min(b0 + batch_size, stop - start)
-        tokens = tokens_all[b0:b1].to(device)
-        mask = mask_all[b0:b1].to(device)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        hidden = [m.hidden(x) for m in members]
-        s = slices.size(b1 - b0, x.shape[1])
-        for p0 in range(0, x.shape[1], s):
-            p1 = min(p0 + s, x.shape[1])
-            z = torch.empty(len(members), b1 - b0, p1 - p0, v, device=device)
-            for j, (m, h) in enumerate(zip(members, hidden)):
-                m.logits_into(h[:, p0:p1], z[j])
-            top = _finite(z, members, lambda: data.sample_of(np.arange(start + b0, start + b1)))
-            out.add(slice(b0, b1), slice(p0, p1), z, top, y[:, p0:p1], mask[:, p0:p1])
+        tokens, mask = tokens_all[b0:b1].to(device), mask_all[b0:b1].to(device)
+        x = tokens[:, :-1]
+        batch = Batch(slice(b0, b1), [m.hidden(x) for m in members], tokens[:, 1:], mask)
+        refuse = batch.refuse(members, lambda r: int(data.sample_of(np.array([start + b0 + r]))[0]), v)
+        _targets(out, batch, members, fused, refuse, Slices(1 if fused else len(members), v, slice_bytes))
+        if fused is not None:
+            _teachers(out, batch, members, stride, Slices(len(members), v, slice_bytes))
     out.tokens, out.mask = tokens_all.numpy(), mask_all.numpy()
     return out
+
+
+def _targets(out: ChunkTargets, batch: Batch, members: list[LanguageModel], fused: FusedHead | None,
+             refuse: Callable[[int, int], None], slices: Slices) -> None:
+    """Encode a batch's targets slice by slice (with each member's statistics where its logits exist)."""
+    b, length = batch.y.shape
+    s = slices.size(b, length)
+    for p0 in range(0, length, s):
+        pos = slice(p0, min(p0 + s, length))
+        z = None
+        if fused is not None:
+            ell = fused(batch.hidden, pos)
+        else:
+            z = member_logits(members, batch.hidden, pos, out.meta.num_classes)
+            ell = combine(z, out.meta.combine, out.meta.temperature)
+        out.add(batch.rows, pos, ell, batch.y[:, pos], batch.mask[:, pos], lambda r, p: refuse(r, p0 + p))
+        if z is not None:
+            out.count_teachers(z, batch.y[:, pos], batch.mask[:, pos])
+
+
+def _teachers(out: ChunkTargets, batch: Batch, members: list[LanguageModel], stride: int, slices: Slices) -> None:
+    """Each member's statistics at every ``stride``-th position of a batch, from its logits there."""
+    hidden = [h[:, ::stride] for h in batch.hidden]
+    y, mask = batch.y[:, ::stride], batch.mask[:, ::stride]
+    b, n = y.shape
+    s = slices.size(b, n)
+    for p0 in range(0, n, s):
+        pos = slice(p0, min(p0 + s, n))
+        out.count_teachers(member_logits(members, hidden, pos, out.meta.num_classes), y[:, pos], mask[:, pos])
 
 
 def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batch_size: int = 8,
@@ -186,15 +287,14 @@ def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batc
     from .generate import Cancelled, in_store_order
 
     data = in_store_order(job.data, writer.meta)
-    slices = Slices(len(job.members), writer.meta.num_classes, slice_bytes)
     written = 0
     for i in chunks:
         if should_stop is not None and should_stop():
             raise Cancelled(f"stopped before chunk {i}; {written} rows were committed in this run")
         start, stop = writer.bounds(i)
-        t = compute_chunk(job.members, data, writer, i, batch_size, job.device, slices)
+        t = compute_chunk(job.members, data, writer, i, batch_size, job.device, slice_bytes)
         writer.write_chunk(i, tokens=t.tokens, loss_mask=t.mask, index=data.sample_of(np.arange(start, stop)),
-                           stats=t.stats, nll=t.nll, **t.parts)
+                           stats=t.stats, nll=t.nll, teacher_positions=t.teacher_positions, **t.parts)
         written += stop - start
         if on_rows:
             on_rows(stop - start)

@@ -3,6 +3,7 @@ float64 recomputation of the members' combined distribution, a killed capture re
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -88,6 +89,12 @@ def test_topk_and_sampled_stores_match_a_float64_recomputation(lm_kit, tmp_path)
     nll64 = -torch.log_softmax(ell, -1).gather(-1, y[..., None]).sum()
     assert float(r.group["nll"][:][:, 0].sum()) == pytest.approx(float(nll64), rel=1e-5)
     assert r.perplexity()["ensemble"] == pytest.approx(float(torch.exp(nll64 / y.numel())), rel=1e-5)
+    stride = m.sequence.teacher_stride  # the heads fuse: each teacher's own statistics every stride-th position
+    assert stride > 1 and int(r.group["teacher_positions"][:].sum()) == y[:, ::stride].numel()
+    own = -torch.log_softmax(z[:, :, ::stride], -1).gather(-1, y[None, :, ::stride, None].expand(len(z), -1, -1, 1))
+    np.testing.assert_allclose(r.group["nll"][:][:, 1:].sum(0), own.sum((1, 2, 3)).numpy(), rtol=1e-5)
+    hits = (z[:, :, ::stride].argmax(-1) == y[None, :, ::stride]).sum((1, 2)).numpy()
+    assert np.abs(r.group["stats"][:][:, 2:].sum(0) - hits).max() <= 1  # float32 near-ties aside
 
     with pytest.raises(SpecError, match="training students from a sequence store is not built yet"):
         open_checked(r, None)
@@ -165,7 +172,22 @@ def test_bad_language_model_inputs_get_one_clear_error_and_write_nothing(lm_kit,
         ({"data": {"root": str(tmp_path / "bin"), "glob": "*.txt"}}, "is not text"),
         ({"data": {"glob": "nothing*.py"}}, "no files match"),
         ({"targets": "topk:512"}, "keeps every one of the 512 tokens"),
+        ({"members_": [kit["members"][0], _nan_head(kit["members"][2], kit["root"], tmp_path)]},
+         "teacher 'gpt_nan' produced NaN/Inf logits at position 0 of sequence"),
     ]:
         with pytest.raises(DarkstoreError, match=says):
             run(JobSpec.from_file(kit["job"](tmp_path / "job.yaml", **options)), out)
+        if "NaN" in says:  # found while computing: the store exists, no chunk of it is committed
+            assert not open_store(out, allow_incomplete=True).finished_chunks()
+            shutil.rmtree(out)
         assert not out.exists(), f"nothing may be written ({says})"
+
+
+def _nan_head(member: dict, root: Path, tmp_path: Path) -> dict:
+    """A copy of a built-in GPT teacher whose head gives one token a NaN logit everywhere."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(root / member["weights"])
+    weights["lm_head.weight"][7] = float("nan")
+    save_file(weights, tmp_path / "nan.safetensors")
+    return {**member, "name": "gpt_nan", "weights": str(tmp_path / "nan.safetensors")}

@@ -223,3 +223,20 @@ def test_sampled_targets_refuse_another_temperature_and_mse(made, tmp_path):
     assert p.returncode == 2 and "sampled at T=2" in p.stderr and "Traceback" not in p.stderr
     p = train_cli(out, tmp_path / "run2", "--temperature", "2", "--loss", "mse")
     assert p.returncode == 2 and "needs dense targets" in p.stderr
+
+
+@pytest.mark.parametrize("v,k", [(2048, 32), (2053, 8), (512, 8), (3000, 128), (64, 8), (40, 39)])
+def test_two_round_top_k_gives_the_top_k_with_ties_and_minus_infinity(v, k):
+    """top_k equals torch.topk as sets of values, and its positions hold those values, on rows with ties,
+    −inf entries and a length that is not a multiple of the block count."""
+    from storage.forms.topk import top_k
+
+    g = torch.Generator().manual_seed(v + k)
+    x = torch.randn(6, 7, v, generator=g, dtype=torch.float64).float()
+    x[0] = torch.round(x[0] * 2) / 2  # many ties
+    x[1, :, ::3] = float("-inf")
+    values, idx = top_k(x, k)
+    want = x.topk(k, dim=-1).values
+    assert torch.equal(values.sort(-1, descending=True).values, want)
+    assert torch.equal(x.gather(-1, idx), values)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # no position twice

@@ -21,7 +21,7 @@ class Dense(Form):
         return meta.item_bytes * meta.num_classes
 
     def encode(self, ell, meta, uniforms=None, log_z=None):
-        return {"logits": ell}
+        return {"logits": ell - ell.amax(-1, keepdim=True)}
 
     def teacher_logp(self, parts, meta):
         import torch
