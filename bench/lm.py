@@ -1,6 +1,6 @@
 """What a per-token store costs and loses, and what generation costs over the teachers' bare forward.
 
-    ./dev bench lm [--megabytes 1 --vocab 2048 --length 128 --steps 400 --rounds 5]
+    ./dev bench lm [--megabytes 1 --vocab 2048 --length 128 --steps 400 --rounds 3]
 
 Real text present on every machine: about ``--megabytes`` of the Python standard library's sources, split by
 file into a transfer set and held-out files (``darkstore_app.lmkit.split_corpus``); a byte-level BPE tokenizer
@@ -15,8 +15,9 @@ their work is in the layers, not in the output head). Then, through the CLI as a
   frequencies); for top-k also the KL between the exact top-k (head and tail bucket) and the stored one: what
   quantising the values lost;
 - generation throughput: ``run_sequence_chunks`` in-process against the members' bare forward (backbone and
-  full head, nothing combined, encoded or written) over the same batches, interleaved rounds, the median of
-  the paired ratios; and the whole ``darkstore generate`` process's tokens/s beside it.
+  full head, nothing combined, encoded or written) over the same batches, chunk by chunk in alternating
+  order, the median of the paired per-chunk ratios; and the whole ``darkstore generate`` process's tokens/s
+  beside it.
 
 Last lines: ``lm_generate_efficiency: <bare forward time / generation time>`` and
 ``topk32_bytes_per_entry: <bytes>``.
@@ -189,41 +190,45 @@ def _cli(args: list[str]):
 
 
 def efficiency(kit: dict, work: Path, a) -> float:
-    """Generation in-process against the bare forward over the same batches, interleaved rounds."""
-    from teacher_service.generate import prepare
+    """Generation in-process against the bare forward over the same rows, chunk by chunk: each chunk's rows
+    through the bare forward and the same chunk generated and committed, side by side in alternating order,
+    so that the drift of a shared machine hits both alike; the median of the paired per-chunk ratios."""
+    from teacher_service.generate import default_batch, in_store_order, prepare
     from teacher_service.sequences import run_sequence_chunks
     from teacher_service.spec import JobSpec
     from storage import StoreWriter
 
     job = prepare(JobSpec.from_file(job_file(kit, "topk:32", work / "eff.yaml", a.length)))
-    members, data = job.members, job.data
-    tokens = torch.from_numpy(data.rows.tokens)
-    v = job.meta.num_classes
+    members, v = job.members, job.meta.num_classes
+    batch = a.batch_size or default_batch(job.meta)
+    data = in_store_order(job.data, job.meta)  # the rows in the order generation reads them
 
     @torch.inference_mode()
-    def bare() -> None:
-        for b0 in range(0, len(tokens), a.batch_size):
-            x = tokens[b0:b0 + a.batch_size, :-1]
+    def bare(start: int, stop: int) -> None:
+        tokens = data.get_batch(np.arange(start, stop))[0]
+        for b0 in range(0, len(tokens), batch):
+            x = tokens[b0:b0 + batch, :-1]
             for m in members:
                 m.logits(m.hidden(x))[..., :v]
 
-    def generate() -> None:
-        store = work / "eff-store"
+    store = work / "eff-store"
+    tb, tg = [], []
+    for r in range(a.rounds + 1):  # the first round warms up, untimed
         shutil.rmtree(store, ignore_errors=True)
         w = StoreWriter.open_or_create(store, job.meta)
-        run_sequence_chunks(job, w, w.pending_chunks(), batch_size=a.batch_size)
-
-    tb, tg = [], []
-    for _ in range(a.rounds):
-        for fn, out in ((bare, tb), (generate, tg)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+        for i in range(job.meta.n_chunks):
+            runs = [(tb, lambda: bare(*w.bounds(i))),
+                    (tg, lambda: run_sequence_chunks(job, w, [i], batch_size=batch))]
+            for out, fn in runs if (r + i) % 2 else runs[::-1]:
+                t0 = time.perf_counter()
+                fn()
+                if r:
+                    out.append(time.perf_counter() - t0)
     m, lo, hi = paired_ratio(tb, tg)
-    n = tokens[:, :-1].numel()
-    print(f"\ngeneration (topk:32, {len(members)} teachers, batch {a.batch_size}): {n / np.median(tg):,.0f} tokens/s; "
-          f"bare forward {n / np.median(tb):,.0f} tokens/s; bare / generation {m:.3f} (range {lo:.3f}–{hi:.3f}, "
-          f"{a.rounds} pairs)")
+    n = job.meta.num_rows * a.length * a.rounds
+    print(f"\ngeneration (topk:32, {len(members)} teachers, batch {batch} rows): {n / sum(tg):,.0f} tokens/s; "
+          f"bare forward {n / sum(tb):,.0f} tokens/s; bare / generation per chunk {m:.3f} (range {lo:.3f}–{hi:.3f}, "
+          f"{len(tb)} pairs of {job.meta.chunk_rows}-row chunks, {a.rounds} rounds); totals {sum(tb) / sum(tg):.3f}")
     return m
 
 
@@ -236,8 +241,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4, help="the first teacher's layers (the others: one more, one "
                    "fewer)")
     p.add_argument("--width", type=int, default=256, help="the first teacher's width (the second: 3/4 of it)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: what `generate` "
+                   "takes by default, rows of about 8,192 positions)")
     p.add_argument("--kl-rows", type=int, default=48, help="rows whose exact distribution is recomputed")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "darkstore-bench-lm")
     a = p.parse_args()

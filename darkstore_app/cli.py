@@ -520,7 +520,7 @@ def inspect(
         a = f", accuracy {100 * acc[tr['name']]:.2f} %" if tr["name"] in acc else ""
         if tr["name"] in ppl:
             a = (f", perplexity {ppl[tr['name']]:,.2f}, top-1 {100 * acc[tr['name']]:.2f} %"
-                 + (f" (every {stride}th position)" if stride > 1 else ""))
+                 + (f" (on one position in {stride})" if stride > 1 else ""))
         h = tr["sha256"][:16] + "…" if tr["sha256"] else "-"
         t.add_row(f"teacher {tr['name']}", f"{tr['arch']} ({tr['format']}), {tr['num_params']:,} params, sha256 {h}{a}")
     if ppl:

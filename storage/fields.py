@@ -78,7 +78,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("teacher_positions", ("chunk",), lambda m: (m.n_chunks,), lambda m: "int64", 0, _sequences,
               per_row=False, compressed=False,
               doc="per chunk: the positions with a loss that each teacher's own statistics (its top-1 count in "
-                  "stats, its NLL) cover: every teacher_stride-th of a row", when="token sequences"),
+                  "stats, its NLL) cover: one in teacher_stride (the sequence record)", when="token sequences"),
     FieldSpec("checksums", ("chunk", "field"), lambda m: (m.n_chunks, len(m.checksums or ())), lambda m: "uint32", 0,
               lambda m: m.checksums is not None, per_row=False, compressed=False,
               doc="per chunk: CRC32C of each row field's bytes", when="schema 2 and later"),

@@ -233,8 +233,9 @@ class SequenceRecord(BaseModel):
                                                   "rows; records: one record per row, padded, its prompt masked")
     positions: int = Field(ge=0, description="positions with a loss in the whole store")
     text_bytes: int = Field(ge=0, description="UTF-8 bytes of the text the rows were made from")
-    teacher_stride: int = Field(1, ge=1, description="each teacher's own statistics (top-1, NLL) cover every "
-                                "teacher_stride-th position of a row (those with a loss); the ensemble's cover all")
+    teacher_stride: int = Field(1, ge=1, description="each teacher's own statistics (top-1, NLL) cover position "
+                                "p of row r where p - r is a multiple of teacher_stride (those with a loss); the "
+                                "ensemble's cover all")
 
 
 class SpecialistRecord(BaseModel):

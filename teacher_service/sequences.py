@@ -30,7 +30,9 @@ SLICE_BYTES = 16 << 20
 #: the largest vocabulary a dense sequence store takes (above it, every position would cost megabytes)
 DENSE_VOCAB = 4096
 #: where the members' heads fuse, each teacher's own statistics come from every TEACHER_STRIDE-th position
-TEACHER_STRIDE = 16
+TEACHER_STRIDE = 32
+#: sampled positions gathered before the members' logits are made for them (fewer, larger products)
+TEACHER_FLUSH = 4096
 
 
 def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None
@@ -96,14 +98,15 @@ class Slices:
 class FusedHead:
     """The geometric mean of members whose heads are plain float32 projections, as one accumulated product:
     ``ℓ = Σ_j h_j W_jᵀ / M`` (plus the mean bias). The members' logits never exist: no [M, …, V] buffer, no mean
-    over members, no per-member pass; each member's own statistics come from every :data:`TEACHER_STRIDE`-th
-    position instead (:meth:`ChunkTargets.count_teachers`)."""
+    over members, no per-member pass; each member's own statistics come from a sample of positions instead
+    (:class:`TeacherSample`)."""
 
     def __init__(self, heads: list[tuple[torch.Tensor, torch.Tensor | None]], vocab: int):
         self.weights = [w[:vocab].t() for w, _ in heads]
         self.scale = 1.0 / len(heads)
         biases = [b[:vocab] for _, b in heads if b is not None]
         self.bias = torch.stack(biases).sum(0) * self.scale if biases else None
+        self._out: torch.Tensor | None = None  # reused: a fresh 16 MB buffer per slice costs page faults
 
     @classmethod
     def of(cls, members: Sequence[LanguageModel], combine: str, vocab: int) -> "FusedHead | None":
@@ -113,14 +116,15 @@ class FusedHead:
         return cls(heads, vocab)  # type: ignore[arg-type]
 
     def __call__(self, hidden: Sequence[torch.Tensor], pos: slice) -> torch.Tensor:
-        """[b, s, V] the combined values of positions ``pos`` from each member's hidden states [b, L, H]."""
+        """[b, s, V] the combined values of positions ``pos`` from each member's hidden states [b, L, H], in a
+        buffer that the next call overwrites."""
         out = None
         for w, h in zip(self.weights, hidden):
             x = h[:, pos]
             x2 = x.reshape(-1, x.shape[-1])
             if out is None:
-                out = torch.empty(x2.shape[0], w.shape[1], device=x.device, dtype=torch.float32)
-                out.addmm_(x2, w, beta=0, alpha=self.scale)  # beta 0: the empty buffer is never read
+                out = self._buffer(x2.shape[0], w.shape[1], x.device)
+                out.addmm_(x2, w, beta=0, alpha=self.scale)  # beta 0: what the buffer held is never read
             else:
                 out.addmm_(x2, w, alpha=self.scale)
         if self.bias is not None:
@@ -128,9 +132,15 @@ class FusedHead:
         return out.view(*x.shape[:2], -1)
 
 
+    def _buffer(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        if self._out is None or self._out.numel() < rows * vocab or self._out.device != device:
+            self._out = torch.empty(rows * vocab, device=device, dtype=torch.float32)
+        return self._out[:rows * vocab].view(rows, vocab)
+
+
 def teacher_stride(members: Sequence[LanguageModel], combine: str) -> int:
     """Every how many positions each teacher's own statistics are computed: all of them where its logits
-    exist anyway, every :data:`TEACHER_STRIDE`-th where the fused head does without them."""
+    exist anyway, one in :data:`TEACHER_STRIDE` where the fused head does without them (:class:`TeacherSample`)."""
     fusable = combine == "geometric" and all(m.plain_head() is not None for m in members)
     return TEACHER_STRIDE if fusable else 1
 
@@ -230,12 +240,14 @@ def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: in
                   device: torch.device, slice_bytes: int = SLICE_BYTES) -> ChunkTargets:
     """Targets of chunk ``i`` (rows in store order: ``data`` is the reordered set). Where the members' heads
     fuse (:class:`FusedHead`), the combined values come from one accumulated product per slice and each
-    member's statistics from every ``teacher_stride``-th position; otherwise from the members' logits."""
+    member's statistics from a sample of positions (:class:`TeacherSample`); otherwise from the members'
+    logits."""
     meta = writer.meta
     start, stop = writer.bounds(i)
     out = ChunkTargets(meta, stop - start, i)
     v, stride = meta.num_classes, meta.sequence.teacher_stride
     fused = FusedHead.of(members, meta.combine, v) if stride > 1 else None
+    sample = TeacherSample(out, members, stride, Slices(len(members), v, slice_bytes)) if fused else None
     tokens_all, mask_all = data.get_batch(np.arange(start, stop))
     for b0 in range(0, stop - start, batch_size):
         b1 = min(b0 + batch_size, stop - start)
@@ -244,8 +256,10 @@ def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: in
         batch = Batch(slice(b0, b1), [m.hidden(x) for m in members], tokens[:, 1:], mask)
         refuse = batch.refuse(members, lambda r: int(data.sample_of(np.array([start + b0 + r]))[0]), v)
         _targets(out, batch, members, fused, refuse, Slices(1 if fused else len(members), v, slice_bytes))
-        if fused is not None:
-            _teachers(out, batch, members, stride, Slices(len(members), v, slice_bytes))
+        if sample is not None:
+            sample.add(batch, start + b0)
+    if sample is not None:
+        sample.flush()
     out.tokens, out.mask = tokens_all.numpy(), mask_all.numpy()
     return out
 
@@ -268,15 +282,48 @@ def _targets(out: ChunkTargets, batch: Batch, members: list[LanguageModel], fuse
             out.count_teachers(z, batch.y[:, pos], batch.mask[:, pos])
 
 
-def _teachers(out: ChunkTargets, batch: Batch, members: list[LanguageModel], stride: int, slices: Slices) -> None:
-    """Each member's statistics at every ``stride``-th position of a batch, from its logits there."""
-    hidden = [h[:, ::stride] for h in batch.hidden]
-    y, mask = batch.y[:, ::stride], batch.mask[:, ::stride]
-    b, n = y.shape
-    s = slices.size(b, n)
-    for p0 in range(0, n, s):
-        pos = slice(p0, min(p0 + s, n))
-        out.count_teachers(member_logits(members, hidden, pos, out.meta.num_classes), y[:, pos], mask[:, pos])
+class TeacherSample:
+    """Each member's own statistics at a sample of positions: position p of store row r where
+    ``(p − r) mod stride = 0``. The offset cycles with the row, so every position of a row is sampled equally
+    often over rows (the first positions, with the least context, are not over-represented). Their hidden
+    states are gathered batch by batch and the members' logits made for :data:`TEACHER_FLUSH` positions at a
+    time."""
+
+    def __init__(self, out: ChunkTargets, members: list[LanguageModel], stride: int, slices: Slices):
+        self.out, self.members, self.stride, self.slices = out, members, stride, slices
+        self.parts: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
+        self.held = 0
+
+    def positions(self, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, n] the sampled positions of store rows ``rows`` (clamped into the row) and whether each is real."""
+        n = -(-length // self.stride)
+        pos = rows[:, None] % self.stride + self.stride * torch.arange(n, device=rows.device)
+        return pos.clamp_max(length - 1), pos < length
+
+    def add(self, batch: Batch, first_row: int) -> None:
+        b, length = batch.y.shape
+        pos, real = self.positions(torch.arange(first_row, first_row + b, device=batch.y.device), length)
+        hidden = [h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])) for h in batch.hidden]
+        keep = batch.mask.gather(1, pos).bool() & real
+        self.parts.append((hidden, batch.y.gather(1, pos), keep))
+        self.held += pos.numel()
+        if self.held >= TEACHER_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        """The members' logits at the gathered positions, slice by slice, and their statistics."""
+        if not self.parts:
+            return
+        # one row of every gathered position: [1, N, H] hidden states, [1, N] labels and mask
+        hidden = [torch.cat([p[0][j].flatten(0, 1) for p in self.parts])[None] for j in range(len(self.members))]
+        y, keep = (torch.cat([p[i].flatten() for p in self.parts])[None] for i in (1, 2))
+        self.parts, self.held = [], 0
+        n = y.shape[1]
+        s = self.slices.size(1, n)
+        for p0 in range(0, n, s):
+            pos = slice(p0, min(p0 + s, n))
+            z = member_logits(self.members, hidden, pos, self.out.meta.num_classes)
+            self.out.count_teachers(z, y[:, pos], keep[:, pos])
 
 
 def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batch_size: int = 8,
