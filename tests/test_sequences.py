@@ -138,8 +138,19 @@ def test_a_killed_capture_resumes_to_the_same_bytes(lm_kit, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     ra, rb = open_store(killed), open_store(tmp_path / "clean")
-    np.testing.assert_array_equal(ra.group["nll"][:], rb.group["nll"][:])
-    np.testing.assert_array_equal(ra.group["stats"][:], rb.group["stats"][:])
+    for name in ("nll", "stats", "teacher_positions"):
+        np.testing.assert_array_equal(ra.group[name][:], rb.group[name][:], err_msg=name)
+
+    # two shards (as two machines would run them, one after the other here) fill one store with the same bytes
+    from teacher_service.generate import Shard
+
+    spec = JobSpec.from_file(job)
+    for i in (0, 1):
+        run(spec, tmp_path / "sharded", shard=Shard(i, 2), batch_size=2)
+    assert open_store(tmp_path / "sharded").complete
+    c = _arrays(tmp_path / "sharded")
+    for k in b:
+        np.testing.assert_array_equal(c[k], b[k], err_msg=k)
 
 
 def _one_error(done: subprocess.CompletedProcess, out: Path, says: str) -> None:
