@@ -257,13 +257,14 @@ class StoreStream(torch.utils.data.IterableDataset):
             return
         reader, data = self._open(info is None)
         # when each chunk is first and last needed: read ahead in a thread, keep only live chunks
+        chunks_of = _chunks_of_batches(batches[skip:], self.chunk_rows)
         last_use: dict[int, int] = {}
         first_use: list[int] = []
-        for i in range(skip, len(batches)):
-            for c in np.unique(batches[i] // self.chunk_rows):
-                if int(c) not in last_use:
-                    first_use.append(int(c))
-                last_use[int(c)] = i
+        for i, cs in enumerate(chunks_of, start=skip):
+            for c in cs:
+                if c not in last_use:
+                    first_use.append(c)
+                last_use[c] = i
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkstore-readahead") if self.readahead \
             else _Inline()
         pending: dict[int, Future] = {}
@@ -273,7 +274,7 @@ class StoreStream(torch.utils.data.IterableDataset):
             for i in range(skip, len(batches)):
                 rows = batches[i]
                 chunk_ids = rows // self.chunk_rows
-                need = [int(c) for c in np.unique(chunk_ids) if int(c) not in live]
+                need = [c for c in chunks_of[i - skip] if c not in live]
                 # read ahead up to a bound, and always far enough for this batch (sparse rows, e.g. a
                 # holdout, can spread one batch over more chunks than the read-ahead bound)
                 while nxt < len(first_use) and (len(pending) < self.readahead_chunks
@@ -351,6 +352,17 @@ class StoreStream(torch.utils.data.IterableDataset):
             return None
         return {name: torch.from_numpy(np.ascontiguousarray(feats[:, cols]).reshape(len(feats), *shape))
                 for name, (cols, shape) in self.feature_slices.items()}
+
+
+def _chunks_of_batches(batches: list[np.ndarray], chunk_rows: int) -> list[list[int]]:
+    """Each batch's chunks, ascending: one sort over the epoch rather than a unique per batch."""
+    if not batches:
+        return []
+    which = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
+    pairs = np.unique(which * (np.int64(1) << 40) + np.concatenate(batches) // chunk_rows)
+    batch_of, chunk = pairs >> 40, pairs & ((np.int64(1) << 40) - 1)
+    cuts = np.searchsorted(batch_of, np.arange(1, len(batches)))
+    return [c.tolist() for c in np.split(chunk, cuts)]
 
 
 class _Inline:
@@ -435,6 +447,11 @@ class StudentLoader:
             self._seen = {}
         self._epoch = epoch
         self.stream.epoch, self.stream.skip = epoch, dict(self._seen)
+        if self.num_workers == 0 and not self.pin_memory:  # in this process: no DataLoader round trip a batch
+            for b in self.stream:
+                self._seen[b.shard] = b.seq + 1
+                yield b
+            return
         if self._dl is None:
             kw: dict[str, Any] = {}
             if self.num_workers > 0:  # workers live across epochs: no fork, no reopening per epoch
