@@ -221,7 +221,7 @@ class StoreReader:
     def perplexity(self) -> dict[str, float] | None:
         """A sequence store's per-token perplexity of the ensemble (its stored distribution at the generation
         temperature) over the committed positions with a loss, and of each teacher over those its statistics
-        cover (every ``teacher_stride``-th), exp(mean NLL)."""
+        cover (one position in ``teacher_stride``), exp(mean NLL)."""
         if self.meta.sequence is None:
             return None
         nll = self.group["nll"][:][self.done]
@@ -303,14 +303,6 @@ REGENERATE = ("Regenerate the chunk: delete its commit mark (done/c/<chunk>) and
               "recomputes exactly the uncommitted chunks")
 
 
-def open_store(where: str | Path | Location, *, allow_incomplete: bool = False) -> StoreReader:
-    """Open the store at a local path or URL (``file://``, ``s3://``, ``memory://``) for reading."""
-    return StoreReader(where, allow_incomplete=allow_incomplete)
-
-
-__all__ = ["Chunk", "StoreReader", "StoreMeta", "open_store"]
-
-
 def _read_blocks(reads: list[tuple[Any, int, int, int]]) -> list[np.ndarray]:
     """Each (zarr array, row axis, start, stop) read with a basic slice, all concurrently in one round trip to
     zarr's event loop: chunk-aligned slices decode whole chunk objects, with none of the per-element index
@@ -327,3 +319,12 @@ def _read_blocks(reads: list[tuple[Any, int, int, int]]) -> list[np.ndarray]:
                                       for arr, axis, a, b in reads])
 
     return [np.asarray(x) for x in sync(gather())] if reads else []
+
+
+def open_store(where: str | Path | Location, *, allow_incomplete: bool = False) -> StoreReader:
+    """Open the store at a local path or URL (``file://``, ``s3://``, ``memory://``) for reading."""
+    return StoreReader(where, allow_incomplete=allow_incomplete)
+
+
+__all__ = ["Chunk", "StoreReader", "StoreMeta", "open_store"]
+

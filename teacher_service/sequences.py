@@ -29,7 +29,7 @@ from .combine import combine
 SLICE_BYTES = 16 << 20
 #: the largest vocabulary a dense sequence store takes (above it, every position would cost megabytes)
 DENSE_VOCAB = 4096
-#: where the members' heads fuse, each teacher's own statistics come from every TEACHER_STRIDE-th position
+#: where the members' heads fuse, each teacher's own statistics come from one position in TEACHER_STRIDE
 TEACHER_STRIDE = 32
 #: sampled positions gathered before the members' logits are made for them (fewer, larger products)
 TEACHER_FLUSH = 4096
@@ -108,12 +108,16 @@ class FusedHead:
         self.bias = torch.stack(biases).sum(0) * self.scale if biases else None
         self._out: torch.Tensor | None = None  # reused: a fresh 16 MB buffer per slice costs page faults
 
+    @staticmethod
+    def fits(members: Sequence[LanguageModel], combine: str) -> bool:
+        """Whether the members' combination can be one product: the geometric mean of plain heads."""
+        return combine == "geometric" and all(m.plain_head() is not None for m in members)
+
     @classmethod
     def of(cls, members: Sequence[LanguageModel], combine: str, vocab: int) -> "FusedHead | None":
-        heads = [m.plain_head() for m in members]
-        if combine != "geometric" or any(h is None for h in heads):
+        if not cls.fits(members, combine):
             return None
-        return cls(heads, vocab)  # type: ignore[arg-type]
+        return cls([m.plain_head() for m in members], vocab)  # type: ignore[misc]
 
     def __call__(self, hidden: Sequence[torch.Tensor], pos: slice) -> torch.Tensor:
         """[b, s, V] the combined values of positions ``pos`` from each member's hidden states [b, L, H], in a
@@ -131,7 +135,6 @@ class FusedHead:
             out += self.bias
         return out.view(*x.shape[:2], -1)
 
-
     def _buffer(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
         if self._out is None or self._out.numel() < rows * vocab or self._out.device != device:
             self._out = torch.empty(rows * vocab, device=device, dtype=torch.float32)
@@ -141,8 +144,7 @@ class FusedHead:
 def teacher_stride(members: Sequence[LanguageModel], combine: str) -> int:
     """Every how many positions each teacher's own statistics are computed: all of them where its logits
     exist anyway, one in :data:`TEACHER_STRIDE` where the fused head does without them (:class:`TeacherSample`)."""
-    fusable = combine == "geometric" and all(m.plain_head() is not None for m in members)
-    return TEACHER_STRIDE if fusable else 1
+    return TEACHER_STRIDE if FusedHead.fits(members, combine) else 1
 
 
 def member_logits(members: Sequence[LanguageModel], hidden: Sequence[torch.Tensor], pos: slice,
@@ -237,17 +239,18 @@ class Batch:
 
 @torch.inference_mode()
 def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: int, batch_size: int,
-                  device: torch.device, slice_bytes: int = SLICE_BYTES) -> ChunkTargets:
-    """Targets of chunk ``i`` (rows in store order: ``data`` is the reordered set). Where the members' heads
-    fuse (:class:`FusedHead`), the combined values come from one accumulated product per slice and each
+                  device: torch.device, fused: FusedHead | None, slice_bytes: int = SLICE_BYTES) -> ChunkTargets:
+    """Targets of chunk ``i`` (rows in store order: ``data`` is the reordered set). With ``fused`` (the store's
+    ``teacher_stride`` above 1), the combined values come from one accumulated product per slice and each
     member's statistics from a sample of positions (:class:`TeacherSample`); otherwise from the members'
     logits."""
     meta = writer.meta
     start, stop = writer.bounds(i)
     out = ChunkTargets(meta, stop - start, i)
-    v, stride = meta.num_classes, meta.sequence.teacher_stride
-    fused = FusedHead.of(members, meta.combine, v) if stride > 1 else None
-    sample = TeacherSample(out, members, stride, Slices(len(members), v, slice_bytes)) if fused else None
+    v = meta.num_classes
+    members_slices = Slices(len(members), v, slice_bytes)
+    slices = Slices(1, v, slice_bytes) if fused else members_slices
+    sample = TeacherSample(out, members, meta.sequence.teacher_stride, members_slices) if fused else None
     tokens_all, mask_all = data.get_batch(np.arange(start, stop))
     for b0 in range(0, stop - start, batch_size):
         b1 = min(b0 + batch_size, stop - start)
@@ -255,7 +258,7 @@ def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: in
         x = tokens[:, :-1]
         batch = Batch(slice(b0, b1), [m.hidden(x) for m in members], tokens[:, 1:], mask)
         refuse = batch.refuse(members, lambda r: int(data.sample_of(np.array([start + b0 + r]))[0]), v)
-        _targets(out, batch, members, fused, refuse, Slices(1 if fused else len(members), v, slice_bytes))
+        _targets(out, batch, members, fused, refuse, slices)
         if sample is not None:
             sample.add(batch, start + b0)
     if sample is not None:
@@ -333,13 +336,15 @@ def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batc
     """Compute and commit ``chunks`` of a sequence store (see :func:`teacher_service.generate.run_chunks`)."""
     from .generate import Cancelled, in_store_order
 
-    data = in_store_order(job.data, writer.meta)
+    meta = writer.meta
+    data = in_store_order(job.data, meta)
+    fused = FusedHead.of(job.members, meta.combine, meta.num_classes) if meta.sequence.teacher_stride > 1 else None
     written = 0
     for i in chunks:
         if should_stop is not None and should_stop():
             raise Cancelled(f"stopped before chunk {i}; {written} rows were committed in this run")
         start, stop = writer.bounds(i)
-        t = compute_chunk(job.members, data, writer, i, batch_size, job.device, slice_bytes)
+        t = compute_chunk(job.members, data, writer, i, batch_size, job.device, fused, slice_bytes)
         writer.write_chunk(i, tokens=t.tokens, loss_mask=t.mask, index=data.sample_of(np.arange(start, stop)),
                            stats=t.stats, nll=t.nll, teacher_positions=t.teacher_positions, **t.parts)
         written += stop - start

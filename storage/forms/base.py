@@ -26,8 +26,8 @@ class Form:
     def encode(self, ell: "torch.Tensor", meta: StoreMeta, uniforms: "torch.Tensor | None" = None,
                log_z: "torch.Tensor | None" = None) -> dict[str, "torch.Tensor"]:
         """The stored fields of the combined values ``ell`` [..., C] (float32; log space up to a shift per row:
-        what is stored is centred on each row's largest value), on ell's device. ``uniforms`` [..., k]: the draws of a sampled form (:meth:`draws`); ``log_z`` [...]:
-        ``logsumexp(ell)`` where the caller has it."""
+        what is stored is centred on each row's largest value), on ell's device. ``uniforms`` [..., k]: the
+        draws of a sampled form (:meth:`draws`); ``log_z`` [...]: ``logsumexp(ell)`` where the caller has it."""
         raise NotImplementedError
 
     def draws(self, meta: StoreMeta, chunk: int, shape: tuple[int, ...]) -> Any:
