@@ -719,7 +719,8 @@ def sweep(
     out_: Annotated[Path, typer.Option("--out", help="sweep directory: runs/, results.*")],
     store: Annotated[Optional[str], typer.Option(help="store to distill from (default: the grid file's store)")] = None,
     eval_store: Annotated[Optional[str], typer.Option(help="held-out store every run is evaluated on")] = None,
-    parallel: Annotated[Optional[int], typer.Option(help="runs at once (default: one per CPU core, or one per GPU)")] = None,
+    parallel: Annotated[Optional[int], typer.Option(help="processes at once (default: one per CPU core, or one per "
+                                                    "GPU; one: the groups train in this process)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda (cuda: run i uses GPU i mod count)")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per process (default: the cores shared "
                                                    "out among the processes running at once)")] = None,

@@ -22,7 +22,8 @@ stacked (the default for points of one architecture) they start within float32 r
 them, and the difference grows over training (another order of additions): a sample of the
 recipe as good as alone, but not the same one. Points that differ in seed, batch size, holdout or the shuffle window
 see other batches and run in other processes, ``parallel`` at a time (``isolate``: one
-process per point, as a crash then takes one point down). A point whose run directory holds
+process per point, as a crash then takes one point down); when one runs at a time, the groups
+train one after another in the sweep's own process (torch loaded once). A point whose run directory holds
 a ``summary.json`` is finished and is skipped; an interrupted point continues from its
 checkpoint. A point identical in effect to an earlier one (it differs only in settings its run does not
 use: T when α = 0 or with ``ce``; :func:`~student_trainer.config.unused_settings`) is not trained again:
@@ -50,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -281,6 +282,69 @@ class _Watch:
         return len(f.read_text().splitlines()) if f.exists() else 0
 
 
+def _write_points(unit: list[Point], runs: Path, common: dict[str, Any], device: str, threads: int) -> list[str]:
+    """Each point's ``point.json`` (what its training process reads); the run directories."""
+    dirs = []
+    for p in unit:
+        run_dir = runs / p.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = p.config.model_copy(update={"device": device, "threads": p.config.threads or threads})
+        (run_dir / "point.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "axes": p.axes,
+                                                        **common}, indent=2))
+        dirs.append(str(run_dir))
+    return dirs
+
+
+def _in_this_process(dirs: list[str], log_path: Path, after_epoch: Callable[[], None]) -> int:
+    """Train one unit in this process, as its own process would (its output to ``log_path``); exit status."""
+    import traceback
+
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with log_path.open("a", buffering=1) as log:
+        try:
+            return _run_points([Path(d) for d in dirs], after_epoch=after_epoch, out=log)
+        except Exception as e:  # what a child process would die of: this point fails, the sweep goes on
+            traceback.print_exc(file=log)
+            print(f"failed: {type(e).__name__}: {e}", file=log)
+            return 1
+        finally:  # the next unit starts as a fresh process would
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
+
+
+def _in_processes(units: list[list[Point]], parallel: int, prepare: Callable[[list[Point], int], tuple[list[str], Path]],
+                  threads: int, watch: "_Watch", runs: Path, finish: Callable[[list[Point], int, float, Path], None],
+                  poll: float) -> None:
+    """Train ``units`` in child processes (``python -m student_trainer.sweep DIR…``), ``parallel`` at once."""
+    running: dict[int, tuple[subprocess.Popen, list[Point], float, Any, Path]] = {}
+    free = list(range(parallel))
+    try:
+        while units or running:
+            while units and free:
+                slot, unit = free.pop(0), units.pop(0)
+                dirs, log_path = prepare(unit, slot)
+                env = dict(os.environ, OMP_NUM_THREADS=str(unit[0].config.threads or threads))  # read at start-up
+                log = log_path.open("a")
+                proc = subprocess.Popen([sys.executable, "-m", "student_trainer.sweep", *dirs],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                running[slot] = (proc, unit, time.perf_counter(), log, log_path)
+            time.sleep(poll)
+            for slot, (proc, unit, t0, log, log_path) in list(running.items()):
+                rc = proc.poll()
+                watch.epochs(unit, runs, time.perf_counter() - t0)
+                if rc is None:
+                    continue
+                log.close()
+                del running[slot]
+                free.append(slot)
+                finish(unit, rc, t0, log_path)
+    finally:
+        for proc, *_ in running.values():
+            proc.kill()
+
+
 def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = None,
               eval_store: str | Path | None = None, parallel: int | None = None, device: str | None = None,
               allow_code: bool = False, on_event: Callable[[PointOutcome, int, int], None] | None = None,
@@ -330,50 +394,33 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
     parallel = min(parallel or default_parallel(device), max(1, len(units)))
     threads = threads or (max(1, (os.cpu_count() or 1) // parallel) if not device.startswith("cuda") else 1)
 
-    running: dict[int, tuple[subprocess.Popen, list[Point], float, Any, Path]] = {}
-    free = list(range(parallel))
     watch = _Watch(on_event, lambda: len(outcomes), len(pts))
-    try:
-        while units or running:
-            while units and free:
-                slot, unit = free.pop(0), units.pop(0)
-                dirs = []
-                for p in unit:
-                    run_dir = out / "runs" / p.name
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    cfg = p.config.model_copy(update={"device": f"cuda:{slot}" if gpus else device,
-                                                      "threads": p.config.threads or threads})
-                    (run_dir / "point.json").write_text(json.dumps({
-                        "config": cfg.model_dump(mode="json"), "axes": p.axes, "store": canonical(store),
-                        "eval_store": canonical(eval_store) if eval_store else None, "allow_code": allow_code,
-                        "stack": stack, "track": list(track), "cache_dir": str(cache_dir) if cache_dir else None,
-                        "fingerprints": fingerprints.model_dump(mode="json") if fingerprints else None,
-                    }, indent=2))
-                    dirs.append(str(run_dir))
-                env = dict(os.environ, OMP_NUM_THREADS=str(unit[0].config.threads or threads))  # read at start-up
-                log_path = out / "logs" / f"{_unit_name(unit)}.log"
-                log = log_path.open("a")
-                proc = subprocess.Popen([sys.executable, "-m", "student_trainer.sweep", *dirs],
-                                        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-                running[slot] = (proc, unit, time.perf_counter(), log, log_path)
-                for p in unit:
-                    watch.start(p, out / "runs" / p.name)
-            time.sleep(poll)
-            for slot, (proc, unit, t0, log, log_path) in list(running.items()):
-                rc = proc.poll()
-                watch.epochs(unit, out / "runs", time.perf_counter() - t0)
-                if rc is None:
-                    continue
-                log.close()
-                del running[slot]
-                free.append(slot)
-                for p in unit:
-                    outcomes.append(_outcome(p, out / "runs" / p.name, rc, time.perf_counter() - t0, log_path))
-                    if on_event:
-                        on_event(outcomes[-1], len(outcomes), len(pts))
-    finally:
-        for proc, *_ in running.values():
-            proc.kill()
+    point_file = {"store": canonical(store), "eval_store": canonical(eval_store) if eval_store else None,
+                  "allow_code": allow_code, "stack": stack, "track": list(track),
+                  "cache_dir": str(cache_dir) if cache_dir else None,
+                  "fingerprints": fingerprints.model_dump(mode="json") if fingerprints else None}
+
+    def finish(unit: list[Point], rc: int, t0: float, log_path: Path) -> None:
+        for p in unit:
+            outcomes.append(_outcome(p, out / "runs" / p.name, rc, time.perf_counter() - t0, log_path))
+            if on_event:
+                on_event(outcomes[-1], len(outcomes), len(pts))
+
+    def prepare(unit: list[Point], slot: int) -> tuple[list[str], Path]:
+        dirs = _write_points(unit, out / "runs", point_file, f"cuda:{slot}" if gpus else device, threads)
+        for p in unit:
+            watch.start(p, out / "runs" / p.name)
+        return dirs, out / "logs" / f"{_unit_name(unit)}.log"
+
+    if parallel == 1 and not isolate:  # one process at a time: this one (no second start-up per unit)
+        for unit in units:
+            t0 = time.perf_counter()
+            dirs, log_path = prepare(unit, 0)
+            rc = _in_this_process(dirs, log_path, lambda: watch.epochs(unit, out / "runs", time.perf_counter() - t0))
+            watch.epochs(unit, out / "runs", time.perf_counter() - t0)
+            finish(unit, rc, t0, log_path)
+    else:
+        _in_processes(units, parallel, prepare, threads, watch, out / "runs", finish, poll)
     result = SweepResult(out, sorted(outcomes, key=lambda o: pts.index(o.point)))
     result.table = write_results(out, pts, list(spec.grid))
     return result
@@ -454,25 +501,35 @@ def write_results(out: Path, pts: list[Point], axes: list[str]) -> list[dict[str
     return table
 
 
-def _run_points(run_dirs: list[Path]) -> int:
-    """Train a sweep's points in this process (the child process of a sweep): each point's run directory is
-    locked (one held by another process is left to it), points that see the same batches train together,
-    and each point's own lines go to its ``train.log``. Exit status 0 when every point here finished."""
+def _run_points(run_dirs: list[Path], after_epoch: Callable[[], None] | None = None, out: TextIO | None = None) -> int:
+    """Train a sweep's points in this process (a sweep's child process, or the sweep itself when it runs one
+    process at a time): each point's run directory is locked (one held by another process is left to it),
+    points that see the same batches train together, and each point's own lines go to its ``train.log``.
+    ``after_epoch``: called when a point has written an epoch's metrics; ``out``: where this process's own
+    lines go (standard output). Exit status 0 when every point here finished."""
+    out = out or sys.stdout
+    mine, locks = [], []
+    try:
+        for d in run_dirs:
+            lock = (d / ".lock").open("a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{d} is being trained by another process", file=out, flush=True)
+                lock.close()
+                continue
+            locks.append(lock)
+            mine.append(d)
+        return _train_points(mine, after_epoch, out) if mine else 1
+    finally:
+        for lock in locks:
+            lock.close()  # releases the lock
+
+
+def _train_points(mine: list[Path], after_epoch: Callable[[], None] | None, out: TextIO) -> int:
     from .train import Run, train_many
 
-    mine, logs, locks = [], {}, []
-    for d in run_dirs:
-        lock = (d / ".lock").open("a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"{d} is being trained by another process", flush=True)
-            lock.close()
-            continue
-        locks.append(lock)
-        mine.append(d)
-    if not mine:
-        return 1
+    logs: dict[Path, Any] = {}
     points_ = [json.loads((d / "point.json").read_text()) for d in mine]
     runs = [Run(TrainConfig.model_validate(p["config"]), d) for p, d in zip(points_, mine)]
 
@@ -481,11 +538,16 @@ def _run_points(run_dirs: list[Path]) -> int:
             logs[run.out] = (run.out / "train.log").open("a", buffering=1)
         logs[run.out].write(line + "\n")
 
+    def epoch(run, row: dict[str, Any]) -> None:
+        say(run, json.dumps(row))
+        if after_epoch:
+            after_epoch()
+
     for run in runs:
         say(run, f"== {time.strftime('%Y-%m-%d %H:%M:%S')} training {run.out.name}"
                  + (f" with {len(runs) - 1} other point(s) in this process" if len(runs) > 1 else ""))
     print(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} training {len(runs)} point(s): "
-          f"{', '.join(d.name for d in mine)}", flush=True)
+          f"{', '.join(d.name for d in mine)}", file=out, flush=True)
 
     def done(run, res) -> None:
         if isinstance(res, BaseException):
@@ -495,15 +557,17 @@ def _run_points(run_dirs: list[Path]) -> int:
 
     p0 = points_[0]
     fps = FingerprintPolicy.model_validate(p0["fingerprints"]) if p0.get("fingerprints") else None
-    results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], resume=True,
-                         stack=p0.get("stack", "auto"), fingerprints=fps, log=say, track=p0.get("track", ()),
-                         cache_dir=Path(p0["cache_dir"]) if p0.get("cache_dir") else None,
-                         on_epoch=lambda run, row: say(run, json.dumps(row)), on_done=done)
-    for f in logs.values():
-        f.close()
+    try:
+        results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"],
+                             resume=True, stack=p0.get("stack", "auto"), fingerprints=fps, log=say,
+                             track=p0.get("track", ()), on_epoch=epoch, on_done=done,
+                             cache_dir=Path(p0["cache_dir"]) if p0.get("cache_dir") else None)
+    finally:
+        for f in logs.values():
+            f.close()
     failed = [r for r in results if isinstance(r, BaseException)]
     for r in failed:
-        print(f"failed: {type(r).__name__}: {r}", flush=True)
+        print(f"failed: {type(r).__name__}: {r}", file=out, flush=True)
     return 1 if failed else 0
 
 

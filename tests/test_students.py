@@ -649,6 +649,30 @@ def test_settings_a_run_does_not_use_change_nothing(tmp_path, cache):
     assert effect_key(ce) == effect_key(ce.model_copy(update={"alpha": 0.9, "temperature": 1.0}))
 
 
+def test_sweep_one_process_at_a_time_trains_in_its_own_and_fails_points_alone(tmp_path, cache, monkeypatch):
+    """--parallel 1: every group trains in the sweep's process, one after another. A student that cannot run
+    fails its point; its group's other student and the next group train on, and the process's torch settings
+    are what they were before."""
+    from student_trainer.sweep import GridSpec, run_sweep
+
+    wrong = {"arch": "mlp", "arch_kwargs": {"in_features": 65, "hidden": [16]}}  # the store's rows have 64 features
+    spec = GridSpec.model_validate({"store": str(cache), "base": {"epochs": 1, "batch_size": 32, "deterministic": True,
+                                                                 "threads": 1},
+                                    "students": {"ok": {"arch": "mlp", "arch_kwargs": {"in_features": 64}}, "wrong": wrong},
+                                    "grid": {"student": ["ok", "wrong"], "seed": [0, 1]}})
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a sweep at --parallel 1 started a process"))
+    events = []
+    r = run_sweep(spec, tmp_path / "out", parallel=1, on_event=lambda o, done, total: events.append(o.state))
+    states = {o.point.name: o.state for o in r.outcomes}
+    assert states == {"student=ok_seed=0": "finished", "student=wrong_seed=0": "failed",
+                                                  "student=ok_seed=1": "finished", "student=wrong_seed=1": "failed"}
+    assert "65" in next(o.error for o in r.outcomes if o.state == "failed")  # the shape error, not an exit code
+    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2  # a log per group, as for processes
+    assert events.count("epoch") == 2 and events.count("started") == 4
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+
+
 def test_sweep_trains_points_identical_in_effect_once(tmp_path, cache):
     """α = 0 × two temperatures is one run: the second point's directory links to the first's, the CLI says so,
     and the results still list every point (T's line is flat at α = 0, as it is)."""
