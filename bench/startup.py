@@ -7,13 +7,16 @@ Set-up (untimed): a store of 256 rows × 10 classes from one tiny MLP teacher. T
 ``--rounds`` rounds, whole processes, wall time from spawn to exit:
 
 - ``python -c "import torch"``: the floor every torch program pays;
+- ``torch + optimiser``: import torch, one ``AdamW`` step on one parameter: the floor of every torch
+  *training* program, as ``torch.optim`` imports ``torch._dynamo`` at its first call;
 - ``darkstore --help``: the command line alone (no torch);
 - ``darkstore inspect STORE``: the store opened and summarised;
 - ``darkstore train`` of an MLP (64 → 16 → 10) for one epoch of the 256 rows: about a millisecond of work.
 
 Printed: the median of each and the median of the paired ratios to ``import torch`` with their range; then,
 in one process, the import times of the modules ``train`` loads (``python -X importtime``) above 20 ms.
-Last line: ``train_startup_vs_import_torch: <median paired ratio>``.
+Last lines: ``train_startup_vs_torch_and_optimiser`` and ``train_startup_vs_import_torch``, medians of paired
+ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from typing import Callable
 from _common import images, machine, paired, teachers
 
 DARKSTORE = [sys.executable, "-m", "darkstore_app.cli"]
+#: the floor of any torch training program: torch.optim imports torch._dynamo at its first call
+OPTIMISER = ("import torch; p = torch.zeros(1, requires_grad=True); o = torch.optim.AdamW([p]); "
+             "p.sum().backward(); o.step()")
 
 
 def setup(work: Path) -> Path:
@@ -65,6 +71,7 @@ def commands(work: Path, store: Path) -> dict[str, Callable[[], list[str]]]:
 
     return {
         "import torch": lambda: [sys.executable, "-c", "import torch"],
+        "torch + optimiser": lambda: [sys.executable, "-c", OPTIMISER],
         "darkstore --help": lambda: [*DARKSTORE, "--help"],
         "darkstore inspect": lambda: [*DARKSTORE, "inspect", str(store)],
         "darkstore train": train,
@@ -106,8 +113,10 @@ def main() -> None:
         print("\nimports of one `darkstore train` (cumulative, above 20 ms, top level):")
         for s, mod in imports(work, store)[:15]:
             print(f"  {s:6.3f} s  {mod}")
+        floor = statistics.median(t / b for t, b in zip(times["darkstore train"], times["torch + optimiser"]))
+        print(f"\ntrain_startup_vs_torch_and_optimiser: {floor:.2f}")
         m = statistics.median(t / b for t, b in zip(times["darkstore train"], base))
-        print(f"\ntrain_startup_vs_import_torch: {m:.2f}")
+        print(f"train_startup_vs_import_torch: {m:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
