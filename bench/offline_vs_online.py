@@ -3,9 +3,11 @@ online distillation (the teachers run at every step of every student), generatio
 
     ./dev bench offline_vs_online [--rows 4000 --epochs 2 --cli-students 1,4,16 --rounds 3 --width 16]
 
-1. **Through the CLI, whole processes** (what users run). Offline: ``darkstore generate`` then one
+1. **Through the CLI, whole processes** (what users run). Offline: ``darkstore generate --job`` then one
    ``darkstore sweep`` of S students that differ in their temperature (so they see the same batches, train
-   together from one read of the store, and step as one stacked model). Online: S runs of
+   together from one read of the store, and step as one stacked model); and the same as one command, a
+   ``darkstore sweep`` whose grid names the job (``job:``), so it generates first in the same process.
+   Generation runs at its default batch size. Online: S runs of
    ``bench/online_kd.py``, a plain-PyTorch online-distillation script, one process per student (teachers
    loaded, every batch through them and the student). Same student, loss, epochs and batch size. The variants alternate within each of ``--rounds``
    rounds; printed: the median wall time of each and the median of the paired ratios with their range.
@@ -16,7 +18,8 @@ online distillation (the teachers run at every step of every student), generatio
 
 The teachers are ``--members`` small CNNs of ``--width`` (16: tiny, about 10× a student step per row; 64:
 heavier, as in real use); f/s is printed. Last lines: ``offline_speedup_vs_theory: <in-process measured /
-theory>`` and ``cli_speedup_4_students: <median paired online / offline wall time at S = 4>``.
+theory>`` and, per student count S, ``cli_speedup_S_students: <median paired online / offline wall time>`` for
+both offline forms.
 """
 
 from __future__ import annotations
@@ -52,16 +55,19 @@ def cli(*args: str, cwd: Path) -> None:
         raise SystemExit(f"darkstore {' '.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
 
 
-def offline_cli(work: Path, tag: str, students: int, a) -> float:
-    """``darkstore generate`` + one ``darkstore sweep`` of ``students`` students (whole processes); wall seconds."""
+def offline_cli(work: Path, tag: str, students: int, a, one_command: bool = False) -> float:
+    """``darkstore generate`` + one ``darkstore sweep`` of ``students`` students (whole processes), or
+    (``one_command``) one ``darkstore sweep`` whose grid names the job, so it generates first; wall seconds."""
     grid = {"store": f"store-{tag}", "base": {
         "epochs": a.epochs, "batch_size": a.batch_size, "holdout": 0, "alpha": 0.9,
         "student": {"arch": "mlp", "arch_kwargs": {"in_features": 3 * 32 * 32, "hidden": [a.hidden]}}},
         "grid": {"temperature": [round(4.0 + k / 8, 4) for k in range(students)]}}
+    if one_command:
+        grid["job"] = "job.yaml"
     (work / f"grid-{tag}.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
     t0 = time.perf_counter()
-    cli("generate", "--teachers", "ensemble.yaml", "--data", "x.npz", "--out", f"store-{tag}", "--batch-size",
-        str(a.batch_size), cwd=work)
+    if not one_command:
+        cli("generate", "--job", "job.yaml", "--out", f"store-{tag}", cwd=work)
     cli("sweep", "--grid", f"grid-{tag}.yaml", "--out", f"sweep-{tag}", cwd=work)
     return time.perf_counter() - t0
 
@@ -78,21 +84,22 @@ def online_cli(work: Path, students: int, a) -> float:
     return time.perf_counter() - t0
 
 
-def through_cli(work: Path, a) -> dict[int, tuple[list[float], list[float]]]:
+def through_cli(work: Path, a) -> dict[int, tuple[list[float], list[float], list[float]]]:
     (work / "ensemble.yaml").write_text(yaml.safe_dump({"num_classes": a.classes, "members": teachers(
         work / "t", a.members, a.classes, "small_cnn", in_channels=3, width=a.width)}, sort_keys=False))
     images(work / "x.npz", a.rows, classes=a.classes)
-    out: dict[int, tuple[list[float], list[float]]] = {}
+    (work / "job.yaml").write_text(yaml.safe_dump({"teachers": "ensemble.yaml", "data": "x.npz"}))
+    out: dict[int, tuple[list[float], list[float], list[float]]] = {}
     for rnd in range(a.rounds):
         for n in a.cli_students:
-            off, on = out.setdefault(n, ([], []))
-            if rnd % 2 == 0:  # alternate which variant goes first
-                off.append(offline_cli(work, f"{rnd}-{n}", n, a))
-                on.append(online_cli(work, n, a))
-            else:
-                on.append(online_cli(work, n, a))
-                off.append(offline_cli(work, f"{rnd}-{n}", n, a))
-            print(f"  round {rnd + 1}, {n} student(s): offline {off[-1]:.1f} s, online {on[-1]:.1f} s", flush=True)
+            off, one, on = out.setdefault(n, ([], [], []))
+            runs = [lambda: off.append(offline_cli(work, f"{rnd}-{n}", n, a)),
+                    lambda: one.append(offline_cli(work, f"{rnd}-{n}-one", n, a, one_command=True)),
+                    lambda: on.append(online_cli(work, n, a))]
+            for run in runs if rnd % 2 == 0 else runs[::-1]:  # alternate which variant goes first
+                run()
+            print(f"  round {rnd + 1}, {n} student(s): offline {off[-1]:.1f} s (one command {one[-1]:.1f} s), "
+                  f"online {on[-1]:.1f} s", flush=True)
     return out
 
 
@@ -126,13 +133,16 @@ def main() -> None:
         print(f"in process, {a.students} students: speed-up measured {measured:.2f}x (median of {len(ratios)} "
               f"alternated pairs, range {min(ratios):.2f}–{max(ratios):.2f}), theory {theory:.2f}x")
         print(f"through the CLI (whole processes, {a.rounds} alternating rounds; medians):")
-        for n, (off, on) in runs.items():
-            print(f"  {n:>2} student(s): offline {statistics.median(off):6.1f} s, online {statistics.median(on):6.1f} s"
-                  f"  -> online / offline {paired(on, off)}")
+        for n, (off, one, on) in runs.items():
+            print(f"  {n:>2} student(s): generate + sweep {statistics.median(off):6.1f} s, sweep with the job "
+                  f"{statistics.median(one):6.1f} s, online {statistics.median(on):6.1f} s")
+            print(f"      online / (generate + sweep) {paired(on, off)};  online / (sweep with the job) "
+                  f"{paired(on, one)}")
         print(f"offline_speedup_vs_theory: {measured / theory:.3f}")
-        if 4 in runs:
-            r = [x / y for x, y in zip(*reversed(runs[4]))]
-            print(f"cli_speedup_4_students: {statistics.median(r):.2f}")
+        for n in sorted(runs):
+            off, one, on = runs[n]
+            print(f"cli_speedup_{n}_students: {statistics.median(x / y for x, y in zip(on, off)):.2f} (generate + "
+                  f"sweep), {statistics.median(x / y for x, y in zip(on, one)):.2f} (one command)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

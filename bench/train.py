@@ -4,7 +4,7 @@ read-ahead) against the same loop with every target preloaded in memory.
     ./dev bench train [--rows 50000 --classes 100 --epochs 2 --hidden 512]
 
 Both loops see the same batches in the same order and run the same model, loss and optimiser;
-only where the targets come from differs. Last line: ``train_efficiency: <preloaded / streamed>``.
+only where the targets come from differs. The loader shuffles within the window ``train`` uses by default. Last line: ``train_efficiency: <preloaded / streamed>``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from darkstore.data import open_transfer_set
 from darkstore.models import build_model
 from storage import open_store
 from student_trainer import losses
-from student_trainer.loader import Batch, make_loader
+from student_trainer.config import TrainConfig
+from student_trainer.loader import Batch, make_loader, window_chunks
 from teacher_service.generate import generate
 from teacher_service.spec import JobSpec
 
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--chunk-rows", type=int, default=1024)
     ap.add_argument("--num-workers", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=15, help="alternated pairs (this VM drifts ±10 %% run to run)")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -53,8 +54,10 @@ def main() -> None:
         data = open_transfer_set(store.meta.transfer_set.spec)
         rows = np.arange(a.rows)
         cuda = a.device.startswith("cuda")
+        # the shuffle window `train` uses by default (a store this size shuffles whole)
+        window = window_chunks(store.meta, TrainConfig.model_fields["shuffle_buffer_mb"].default)
         loader = make_loader(store, rows, batch_size=a.batch_size, seed=0, num_workers=a.num_workers, data=data,
-                             pin_memory=cuda)
+                             pin_memory=cuda, buffer_chunks=window)
         # the preloaded alternative: every target in memory, inputs from the same in-memory set
         everything = store.read_all()
 

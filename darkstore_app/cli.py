@@ -163,7 +163,6 @@ def generate(
 ):
     """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
     from teacher_service.generate import Shard
-    from teacher_service.generate import generate as run
 
     part = Shard.parse(shard) if shard is not None else None
     spec = _job_spec(job, teachers, data, {
@@ -171,14 +170,21 @@ def generate(
         "chunk_rows": chunk_rows, "keep_members": keep_members, "precision": precision, "specialist_top_n": top_n,
     }, augment=augment, views=views, row_order=row_order, targets=targets, keep_features=keep_features,
         feature_pool=feature_pool, feature_project=feature_project)
+    _run_job(spec, out_, part, verify_data, device=device, batch_size=batch_size, num_workers=num_workers,
+             allow_code=allow_code, overwrite=overwrite, channels_last=channels_last, wait=wait,
+             writer_processes=writer_processes)
+
+
+def _run_job(spec, out_: str, part, verify_data: "Verify", **options) -> None:
+    """Fill ``out_`` from the job ``spec`` in this process, with progress (`generate`, and `sweep` with a job)."""
+    from teacher_service.generate import generate as run
+
     t0 = time.perf_counter()
     with _progress() as progress:
         shown = _GenerationProgress(progress, part)
         try:
-            writer = run(spec, out_, device=device, batch_size=batch_size, num_workers=num_workers,
-                         allow_code=allow_code, overwrite=overwrite, on_start=shown.start, on_rows=shown.rows,
-                         channels_last=channels_last, shard=part, wait=wait, writer_processes=writer_processes,
-                         fingerprints=_fingerprints(verify_data, progress))
+            writer = run(spec, out_, on_start=shown.start, on_rows=shown.rows, shard=part,
+                         fingerprints=_fingerprints(verify_data, progress), **options)
         except KeyboardInterrupt:
             if shown.id is None:
                 raise Interrupted("nothing was computed yet; rerun the same command to start") from None
@@ -737,13 +743,22 @@ def sweep(
     track: Track = None,
 ):
     """Train every grid point (points that differ only in per-student settings together, from one read of the
-    store; the rest in parallel processes); finished points are skipped; writes mean ± std over seeds."""
+    store; the rest in parallel processes); finished points are skipped; writes mean ± std over seeds. A grid
+    file with a job: fills its store from that job first (resumable)."""
     from student_trainer.config import unused_settings
     from student_trainer.sweep import GridSpec, markdown_table, points, run_sweep
 
     spec = GridSpec.from_file(grid)
     n = len(points(spec))
     t0 = time.perf_counter()
+    if spec.job:  # the teachers first, in this process: a sweep at one process at a time loads torch once
+        from teacher_service.spec import JobSpec
+
+        if not (store or spec.store):
+            raise typer.BadParameter("the grid file's job: needs a store: (or --store) to fill")
+        _run_job(JobSpec.from_file(spec.job), store or spec.store, None, verify_data,
+                 device=device or spec.base.get("device", "cpu"),
+                 allow_code=allow_code)
     with _progress() as progress:
         task = progress.add_task("sweep", total=n, rate="")
 

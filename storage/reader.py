@@ -73,7 +73,24 @@ class StoreReader:
 
     # -- data -----------------------------------------------------------------
     def read_chunks(self, chunks: list[int], fields: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
-        """Row fields of committed ``chunks``, concatenated along rows in the order given: every (field, chunk)
+        """Row fields of committed ``chunks``, concatenated along rows in the order given (see
+        :meth:`read_chunk_parts`)."""
+        parts = self.read_chunk_parts(chunks, fields)
+        out: dict[str, np.ndarray] = {}
+        for name in fields:
+            axis = BY_NAME[name].row_axis
+            if len(parts) == 1:
+                out[name] = parts[0][name]
+            elif parts:
+                out[name] = np.concatenate([p[name] for p in parts], axis=axis)
+            else:
+                shape = list(self.array(name).shape)
+                shape[axis] = 0
+                out[name] = np.zeros(shape, self.array(name).dtype)
+        return out
+
+    def read_chunk_parts(self, chunks: list[int], fields: tuple[str, ...] | list[str]) -> list[dict[str, np.ndarray]]:
+        """Row fields of committed ``chunks``, one mapping per chunk in the order given: every (field, chunk)
         read as a whole chunk object, all of them concurrently in one call into zarr; every chunk checked
         against its checksum (schema 2) and target fields checked finite. The one way rows leave a store."""
         for c in chunks:
@@ -94,17 +111,12 @@ class StoreReader:
                              (specs[0][0], chunks[0]) if specs and chunks else ("?", -1))
             raise CorruptChunkError(f"chunk {bad} of {self.path}: field {name} cannot be read "
                                     f"({type(exc).__name__}: {exc}). {REGENERATE}") from exc
-        out: dict[str, np.ndarray] = {}
+        out: list[dict[str, np.ndarray]] = [{} for _ in chunks]
         for j, (name, f) in enumerate(specs):
-            mine = parts[j * len(chunks):(j + 1) * len(chunks)]
-            for c, values in zip(chunks, mine):
+            for k, c in enumerate(chunks):
+                values = parts[j * len(chunks) + k]
                 self._check(c, name, values)
-            if len(mine) == 1:
-                out[name] = mine[0]
-            else:
-                shape = list(self.array(name).shape)
-                shape[f.row_axis] = 0
-                out[name] = np.concatenate(mine, axis=f.row_axis) if mine else np.zeros(shape, self.array(name).dtype)
+                out[k][name] = values
         return out
 
     def array(self, name: str):

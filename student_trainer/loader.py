@@ -131,6 +131,11 @@ def batch_mixing(stream: "StoreStream", labels: np.ndarray, epoch: int = 1) -> d
             "ratio": float(np.mean(got) / expected), "window_chunks": stream.buffer_chunks}
 
 
+#: chunks read in one call into zarr: enough to spread its per-call cost, few enough that the decoded chunks in
+#: flight stay a few MB beside the live ones
+READ_GROUP = 32
+
+
 class StoreStream(torch.utils.data.IterableDataset):
     """One epoch of batches for one rank; DataLoader workers split it by shard."""
 
@@ -147,6 +152,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.allow_code, self.roots = allow_code, roots
         self._data = data  # in-process use (num_workers=0) may pass an open set
         self._opened: tuple | None = None
+        self._kept: tuple[int, _Live] | None = None  # (pid, chunks kept across epochs)
         self.readahead_chunks = 2 * self.buffer_chunks
         self.readahead = readahead
         opened = open_store(store, allow_incomplete=True)
@@ -184,6 +190,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         self.clean_targets = view_targets == "clean" and self.views > 1
         self._epoch_rows: tuple[int, list[np.ndarray]] | None = None
         self.rows_by_chunk = self._split(self.rows)
+        # every chunk these rows touch fits in one shuffle window: a process reads each once and keeps it for
+        # the next epochs (an epoch holds them all at once anyway), instead of reading the store every epoch
+        self.keep_chunks = self.buffer_chunks >= sum(len(r) > 0 for r in self.rows_by_chunk)
         self.num_workers = 1  # set by StudentLoader
         self._box = None  # shared with persistent workers: [epoch, batches to skip per local shard]
         self._epoch, self._skip = 0, {}
@@ -221,7 +230,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                 self._box[1 + w] = int(value.get(first + w, 0))
 
     def __getstate__(self) -> dict[str, Any]:  # a spawned worker opens its own store and data
-        return {**self.__dict__, "_opened": None}
+        return {**self.__dict__, "_opened": None, "_kept": None}
 
     def _split(self, rows: np.ndarray) -> list[np.ndarray]:
         cut = np.searchsorted(rows, np.arange(0, self.num_rows + self.chunk_rows, self.chunk_rows))
@@ -256,19 +265,20 @@ class StoreStream(torch.utils.data.IterableDataset):
         if skip >= len(batches):
             return
         reader, data = self._open(info is None)
+        live = self._kept_chunks() if self.keep_chunks else _Live(self.chunk_rows)
         # when each chunk is first and last needed: read ahead in a thread, keep only live chunks
         chunks_of = _chunks_of_batches(batches[skip:], self.chunk_rows)
         last_use: dict[int, int] = {}
         first_use: list[int] = []
         for i, cs in enumerate(chunks_of, start=skip):
             for c in cs:
-                if c not in last_use:
+                if c not in last_use and c not in live:
                     first_use.append(c)
                 last_use[c] = i
+        live.reserve(len(last_use) if self.keep_chunks else _most_at_once(chunks_of, last_use, skip))
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkstore-readahead") if self.readahead \
             else _Inline()
         pending: dict[int, Future] = {}
-        live = _Live(self.chunk_rows)
         nxt = 0
         try:
             for i in range(skip, len(batches)):
@@ -279,7 +289,7 @@ class StoreStream(torch.utils.data.IterableDataset):
                 # holdout, can spread one batch over more chunks than the read-ahead bound)
                 while nxt < len(first_use) and (len(pending) < self.readahead_chunks
                                                 or any(c not in pending for c in need)):
-                    group = first_use[nxt:nxt + self.buffer_chunks]  # one zarr call reads a window's chunks
+                    group = first_use[nxt:nxt + min(self.buffer_chunks, READ_GROUP)]  # one zarr call reads them
                     fut = pool.submit(self._read, reader, group)
                     for c in group:
                         pending[c] = fut
@@ -287,10 +297,16 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for c in need:
                     live.add(c, pending.pop(c).result()[c])
                 yield self._batch(rows, chunk_ids, live, data, shard, i)
-                for c in [c for c in live.chunks if last_use[c] <= i]:
+                for c in [c for c in live.chunks if last_use.get(c, -1) <= i] if not self.keep_chunks else ():
                     live.drop(c)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _kept_chunks(self) -> "_Live":
+        """This process's chunks kept across epochs (a forked worker starts its own)."""
+        if self._kept is None or self._kept[0] != os.getpid():
+            self._kept = (os.getpid(), _Live(self.chunk_rows))
+        return self._kept[1]
 
     def _open(self, in_process: bool) -> tuple[StoreReader, TransferSet]:
         """The store and the transfer set, opened once per process (inside each DataLoader worker)."""
@@ -305,16 +321,10 @@ class StoreStream(torch.utils.data.IterableDataset):
         return self._opened[1], self._opened[2]
 
     def _read(self, reader: StoreReader, group: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        """Read several chunks' targets through the reader, in one call per field: zarr fetches and decodes
-        them concurrently, the per-call overhead (about a millisecond) is paid once per window, and every
+        """Read several chunks' targets through the reader, one mapping per chunk: zarr fetches and decodes
+        them concurrently in one call (its overhead, about a millisecond, paid once per group), and every
         chunk is checked against its checksum and for non-finite targets."""
-        got = reader.read_chunks(group, self.stream_fields)
-        out, at = {}, 0
-        for c in group:
-            a, b = reader.bounds(c)
-            out[c] = {k: (v[:, at:at + b - a] if k == "members" else v[at:at + b - a]) for k, v in got.items()}
-            at += b - a
-        return out
+        return dict(zip(group, reader.read_chunk_parts(group, self.stream_fields)))
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
@@ -354,6 +364,19 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for name, (cols, shape) in self.feature_slices.items()}
 
 
+def _most_at_once(chunks_of: list[list[int]], last_use: dict[int, int], skip: int) -> int:
+    """The most chunks held at once when each is held from the batch that first needs it to its last."""
+    delta = np.zeros(len(chunks_of) + 1, dtype=np.int64)
+    seen: set[int] = set()
+    for i, cs in enumerate(chunks_of):
+        for c in cs:
+            if c not in seen:
+                seen.add(c)
+                delta[i] += 1
+                delta[last_use[c] - skip + 1] -= 1
+    return int(np.cumsum(delta).max()) if len(chunks_of) else 0
+
+
 def _chunks_of_batches(batches: list[np.ndarray], chunk_rows: int) -> list[list[int]]:
     """Each batch's chunks, ascending: one sort over the epoch rather than a unique per batch."""
     if not batches:
@@ -378,39 +401,64 @@ class _Inline:
 
 
 class _Live:
-    """The chunks in memory, kept as one array per target field so that a batch's targets are one fancy index
-    each (``members`` has its rows on axis 1)."""
+    """The chunks in memory: one array per target field with a slot of ``chunk_rows`` rows per chunk, so that
+    a batch's targets are one fancy index each and adding a chunk is one copy into a free slot (``members``
+    has its rows on axis 1). ``reserve`` sizes it for the most chunks an epoch holds at once."""
 
     def __init__(self, chunk_rows: int):
         self.chunk_rows = chunk_rows
-        self.chunks: dict[int, dict[str, np.ndarray]] = {}
-        self.offset = np.zeros(1, dtype=np.int64)
+        self.slot: dict[int, int] = {}  # chunk -> its slot
+        self.free: list[int] = []
+        self.capacity = 0
+        self.want = 1
         self.bufs: dict[str, np.ndarray] = {}
-        self.stale = True
+        self.slot_of = np.zeros(0, dtype=np.int64)  # chunk -> slot, for the vectorised gather
+
+    @property
+    def chunks(self) -> list[int]:
+        return list(self.slot)
 
     def __contains__(self, c: int) -> bool:
-        return c in self.chunks
+        return c in self.slot
+
+    def reserve(self, slots: int) -> None:
+        self.want = max(self.want, slots)
 
     def add(self, c: int, chunk: dict[str, np.ndarray]) -> None:
-        self.chunks[c] = chunk
-        self.stale = True
+        if not self.free:
+            self._grow(chunk, max(self.want, self.capacity + 1))
+        s, r = self.free.pop(), self.chunk_rows
+        for n, v in chunk.items():
+            if n == "members":
+                self.bufs[n][:, s * r:s * r + v.shape[1]] = v
+            else:
+                self.bufs[n][s * r:s * r + len(v)] = v
+        self.slot[c] = s
+        if c >= len(self.slot_of):
+            self.slot_of = np.concatenate([self.slot_of, np.zeros(c + 1 - len(self.slot_of), dtype=np.int64)])
+        self.slot_of[c] = s
 
-    def drop(self, c: int) -> None:  # the buffers keep their rows until the next rebuild: offsets stay valid
-        del self.chunks[c]
+    def drop(self, c: int) -> None:
+        self.free.append(self.slot.pop(c))
 
     def gather(self, rows: np.ndarray, chunk_ids: np.ndarray) -> dict[str, np.ndarray]:
-        if self.stale:
-            keys = list(self.chunks)
-            names = list(self.chunks[keys[0]]) if keys else []
-            self.bufs = {n: np.concatenate([self.chunks[k][n] for k in keys], axis=1 if n == "members" else 0)
-                         for n in names}
-            lengths = [next(len(v) for n, v in self.chunks[k].items() if n != "members") for k in keys]
-            starts = np.cumsum([0] + lengths)
-            self.offset = np.zeros(max(keys) + 1 if keys else 1, dtype=np.int64)
-            self.offset[keys] = starts[:-1]
-            self.stale = False
-        pos = self.offset[chunk_ids] + rows - chunk_ids * self.chunk_rows
+        pos = (self.slot_of[chunk_ids] - chunk_ids) * self.chunk_rows + rows
         return {n: (b[:, pos] if n == "members" else b[pos]) for n, b in self.bufs.items()}
+
+    def _grow(self, chunk: dict[str, np.ndarray], slots: int) -> None:
+        """Room for ``slots`` chunks; what is held moves over (untouched pages of ``np.empty`` cost no memory)."""
+        r = self.chunk_rows
+        for n, v in chunk.items():
+            axis = 1 if n == "members" else 0
+            shape = list(v.shape)
+            shape[axis] = slots * r
+            new = np.empty(shape, dtype=v.dtype)
+            old = self.bufs.get(n)
+            if old is not None:
+                (new[:, :old.shape[1]] if axis else new[:old.shape[0]])[...] = old
+            self.bufs[n] = new
+        self.free.extend(range(slots - 1, self.capacity - 1, -1))  # popped from the end: lowest slot first
+        self.capacity = slots
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 A grid file (YAML or JSON)::
 
+    store: store/              # the store the students distill from
+    job: job.yaml              # optional: the teacher job that fills it (`darkstore sweep` runs it first)
     base:                      # TrainConfig fields every point shares
       epochs: 60
       student: {arch: mlp, arch_kwargs: {in_features: 64, hidden: [256]}}
@@ -70,6 +72,9 @@ SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
 class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     store: str | None = Field(None, description="store to distill from (the command line's --store wins)")
+    job: str | None = Field(None, description="a job file (teachers and transfer set): `darkstore sweep` first "
+                            "fills the store from it in its own process (resumable; nothing to compute when the "
+                            "store is complete)")
     eval_store: str | None = None
     base: dict[str, Any] = Field(default_factory=dict)
     students: dict[str, ModelSpec] = Field(default_factory=dict)
@@ -109,7 +114,9 @@ class GridSpec(BaseModel):
         except ValidationError as exc:
             raise SpecError(f"{path}: {exc}") from exc
         base = Path(path).resolve().parent
-        upd = {k: _relative_to(base, v) for k in ("store", "eval_store") if (v := getattr(spec, k))}
+        upd: dict[str, Any] = {k: _relative_to(base, v) for k in ("store", "eval_store") if (v := getattr(spec, k))}
+        if spec.job:
+            upd["job"] = str(base / spec.job)
         return spec.model_copy(update=upd)
 
 

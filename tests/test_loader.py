@@ -114,6 +114,30 @@ def test_sparse_rows_spanning_many_chunks_in_one_batch(store, readahead):
     assert np.array_equal(np.concatenate([b.logits.numpy() for b in batches]), ref)
 
 
+def test_a_store_that_fits_one_window_is_read_once_and_kept_across_epochs(store, monkeypatch):
+    """When every chunk fits one shuffle window (an epoch holds them all at once anyway), the loader reads each
+    chunk once per process and serves later epochs from memory; a smaller window reads the store every epoch.
+    Either way every batch carries the stored targets."""
+    from storage.reader import StoreReader
+
+    read: list[int] = []
+    real = StoreReader.read_chunk_parts
+
+    def spy(self, chunks, *args, **kwargs):
+        read.extend(chunks)
+        return real(self, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(StoreReader, "read_chunk_parts", spy)
+    full = store.read_all()
+    for buffer, epochs, reads in ((16, 3, 1), (3, 2, 2)):
+        loader = make_loader(store, np.arange(N), batch_size=50, seed=1, buffer_chunks=buffer)
+        read.clear()  # making a loader reads labels and indices whole, once
+        for e in range(epochs):
+            for b in loader.epoch(e):
+                assert np.array_equal(b.logits.numpy(), full.logits[b.rows.numpy()])
+        assert sorted(read) == sorted(list(range(16)) * reads), buffer
+
+
 def test_labels_and_indices_are_read_once_and_shared_with_the_workers(store, tmp_path, monkeypatch):
     """Per-row labels and sample indices are read whole once, in the process that makes the loader; its forked
     workers share them rather than each reading its own copy. The workers' batches still carry the stored labels."""

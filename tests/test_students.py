@@ -673,6 +673,31 @@ def test_sweep_one_process_at_a_time_trains_in_its_own_and_fails_points_alone(tm
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
 
 
+def test_sweep_with_a_job_fills_its_store_first_then_trains(tmp_path):
+    """A grid file that names its teacher job: one `darkstore sweep` generates the store (the same bytes as
+    `generate`), then trains; run again, it computes nothing and trains nothing."""
+    from teacher_service.spec import JobSpec
+
+    make_arrays(tmp_path / "transfer.npz", n=200)
+    make_ensemble(tmp_path / "teachers", MEMBERS[1:2])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"teachers": "teachers/ensemble.yaml", "data": "transfer.npz",
+                                                       "chunk_rows": 64}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"store": "store", "job": "job.yaml", "grid": {"temperature": [2.0, 4.0]},
+                                    "base": {"epochs": 1, "batch_size": 32, "student": MLP}}))
+    args = [*DARKSTORE, "sweep", "--grid", str(grid), "--out", str(tmp_path / "out")]
+    r = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "out").glob("runs/*/summary.json"))) == 2
+    reference = generate(JobSpec.from_file(tmp_path / "job.yaml"), tmp_path / "reference")
+    swept = open_store(tmp_path / "store")
+    assert swept.meta.job_key == open_store(reference.path).meta.job_key
+    assert np.array_equal(swept.read_field("logits"), open_store(reference.path).read_field("logits"))
+    again = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already complete: nothing to compute" in again.stderr and "2 already finished" in again.stderr
+
+
 def test_sweep_trains_points_identical_in_effect_once(tmp_path, cache):
     """α = 0 × two temperatures is one run: the second point's directory links to the first's, the CLI says so,
     and the results still list every point (T's line is flat at α = 0, as it is)."""
