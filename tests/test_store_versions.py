@@ -35,12 +35,23 @@ def test_a_v1_store_opens_verifies_and_holds_what_this_release_computes(v1, tmp_
     assert new_w.meta.schema_version == 2 and new_w.meta.job_key == r.meta.job_key  # the same job, by identity
     new = open_store(new_w.path).read_all(members=True)
     for field in ("logits", "members", "labels", "index"):
-        np.testing.assert_array_equal(getattr(old, field), getattr(new, field), err_msg=field)
+        same_values(getattr(old, field), getattr(new, field), field)
     assert r.accuracy() == open_store(new_w.path).accuracy()
 
     # the same job pointed at the v1 store resumes it (nothing to do) and leaves it version 1
     again = StoreWriter.open_or_create(v1 / "store", new_w.meta)
     assert again.meta.schema_version == 1 and again.pending_chunks() == []
+
+
+def same_values(old: np.ndarray, new: np.ndarray, name: str) -> None:
+    """What a stored release computed against what this release computes: integer fields exactly; float fields
+    within a few units in the last place (the stored files were written on another CPU, and torch's reductions
+    vectorise by CPU, so the last bit of a float32 sum may differ)."""
+    assert old.dtype == new.dtype, name
+    if np.issubdtype(new.dtype, np.floating):
+        np.testing.assert_array_max_ulp(old, new, maxulp=4)
+    else:
+        np.testing.assert_array_equal(old, new, err_msg=name)
 
 
 def test_a_v1_store_inspects_and_trains_from_the_cli(v1, tmp_path):
@@ -68,7 +79,7 @@ def test_sparse_stores_of_the_previous_release_verify_and_hold_what_this_release
                                   targets=targets), tmp_path / name).path)
     assert new.meta.job_key == r.meta.job_key
     for f in new.meta.checksums:
-        np.testing.assert_array_equal(r.read_field(f), new.read_field(f), err_msg=f)
+        same_values(r.read_field(f), new.read_field(f), f)
 
 
 def test_a_top_k_store_of_the_previous_release_trains(tmp_path):
