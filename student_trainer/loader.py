@@ -268,14 +268,14 @@ class StoreStream(torch.utils.data.IterableDataset):
         live = self._kept_chunks() if self.keep_chunks else _Live(self.chunk_rows)
         # when each chunk is first and last needed: read ahead in a thread, keep only live chunks
         chunks_of = _chunks_of_batches(batches[skip:], self.chunk_rows)
+        first_at: dict[int, int] = {}
         last_use: dict[int, int] = {}
-        first_use: list[int] = []
         for i, cs in enumerate(chunks_of, start=skip):
             for c in cs:
-                if c not in last_use and c not in live:
-                    first_use.append(c)
+                first_at.setdefault(c, i)
                 last_use[c] = i
-        live.reserve(len(last_use) if self.keep_chunks else _most_at_once(chunks_of, last_use, skip))
+        first_use = [c for c in first_at if c not in live]  # in the order batches first need them
+        live.reserve(len(last_use) if self.keep_chunks else _most_at_once(first_at, last_use))
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="darkstore-readahead") if self.readahead \
             else _Inline()
         pending: dict[int, Future] = {}
@@ -297,8 +297,9 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for c in need:
                     live.add(c, pending.pop(c).result()[c])
                 yield self._batch(rows, chunk_ids, live, data, shard, i)
-                for c in [c for c in live.chunks if last_use.get(c, -1) <= i] if not self.keep_chunks else ():
-                    live.drop(c)
+                if not self.keep_chunks:
+                    for c in [c for c in live.chunks if last_use[c] <= i]:
+                        live.drop(c)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -364,17 +365,12 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for name, (cols, shape) in self.feature_slices.items()}
 
 
-def _most_at_once(chunks_of: list[list[int]], last_use: dict[int, int], skip: int) -> int:
+def _most_at_once(first_at: dict[int, int], last_use: dict[int, int]) -> int:
     """The most chunks held at once when each is held from the batch that first needs it to its last."""
-    delta = np.zeros(len(chunks_of) + 1, dtype=np.int64)
-    seen: set[int] = set()
-    for i, cs in enumerate(chunks_of):
-        for c in cs:
-            if c not in seen:
-                seen.add(c)
-                delta[i] += 1
-                delta[last_use[c] - skip + 1] -= 1
-    return int(np.cumsum(delta).max()) if len(chunks_of) else 0
+    if not first_at:
+        return 0
+    events = sorted([(first_at[c], 1) for c in first_at] + [(last_use[c] + 1, -1) for c in first_at])
+    return int(np.cumsum([d for _, d in events]).max())
 
 
 def _chunks_of_batches(batches: list[np.ndarray], chunk_rows: int) -> list[list[int]]:
