@@ -227,6 +227,77 @@ def _folder_digest(config: Path, weights: list[Path]) -> str:
     return h.hexdigest()
 
 
+# --- students --------------------------------------------------------------------------------------------
+def load_student(spec: ModelSpec, record: Any, *, length: int, allow_code: bool = False,
+                 roots: Sequence[str | Path] | None = None) -> LanguageModel:
+    """A causal-LM student for a sequence store whose tokenizer is ``record`` (the store's
+    :class:`~storage.schema.TokenizerRecord`) and whose rows have ``length`` positions, on the CPU in train
+    mode: the built-in GPT (random init unless ``weights``), or a ``transformers`` directory, loaded from its
+    safetensors where it holds them and otherwise built from its ``config.json`` at random (seeded by the
+    caller). A student that names another tokenizer, predicts fewer tokens or takes fewer positions is
+    refused before training."""
+    check_student_tokenizer(spec, tokenizer_path(spec, roots), record)
+    if spec.format == "transformers":
+        folder = resolve(spec.weights, roots=roots)
+        if (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+            lm = _transformers_from_config(spec, folder, allow_code=allow_code)
+        else:
+            lm = _load_transformers(spec, allow_code=allow_code, roots=roots)
+    elif spec.arch == "gpt":
+        loaded = load_model(spec, num_classes=spec.num_classes or _head_width(spec, roots) or record.vocab_size,
+                            allow_code=allow_code, roots=roots, require_weights=False)
+        lm = LanguageModel(loaded, loaded.module.lm_head.out_features, loaded.module.max_positions,
+                           tokenizer_path(spec, roots), "gpt")
+    else:
+        raise SpecError(f"student {spec.label!r} is not a language model: a sequence store trains arch gpt "
+                        "(--student gpt --arch-kwargs '{\"n_layer\": 2, ...}') or format transformers (a local "
+                        "directory with config.json, and safetensors weights to start from)")
+    if lm.vocab < record.vocab_size:
+        raise TokenizerMismatchError(f"student {spec.label!r} predicts {lm.vocab} tokens but the store's tokenizer "
+                                     f"has {record.vocab_size}")
+    if lm.max_positions is not None and length > lm.max_positions:
+        raise SpecError(f"student {spec.label!r} takes at most {lm.max_positions} positions; the store's rows have "
+                        f"{length} (raise block_size / max_position_embeddings)")
+    lm.module.train()
+    return lm
+
+
+def check_student_tokenizer(spec: ModelSpec, path: Path | None, record: Any) -> None:
+    """A student that names a tokenizer (its ``tokenizer``, or a transformers directory's own) must have the
+    store's: same fingerprint."""
+    from .text import load_tokenizer
+
+    if path is None:
+        return
+    own = load_tokenizer(path)
+    if own.fingerprint != record.fingerprint:
+        theirs = f"{record.vocab_size} tokens, EOS {record.eos_id}, pad {record.pad_id}"
+        mine = f"{own.vocab_size} tokens, EOS {own.eos_id}, pad {own.pad_id}"
+        raise TokenizerMismatchError(f"student {spec.label!r} was made with another tokenizer than the store's "
+                                     f"(student's {path}: {mine}; store's {record.path}: {theirs}; their "
+                                     "fingerprints differ)")
+
+
+def _transformers_from_config(spec: ModelSpec, folder: Path, *, allow_code: bool) -> LanguageModel:
+    """A transformers causal LM built at random from ``folder/config.json`` (no weights: a student from scratch)."""
+    config = _read_json(folder / "config.json")
+    if config.get("auto_map") and not allow_code:
+        raise CodeNotAllowedError(f"student {spec.label!r}: {folder / 'config.json'} asks for the model's own code "
+                                  "(auto_map); enable it with --allow-code")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=allow_code)
+        module = AutoModelForCausalLM.from_config(cfg, trust_remote_code=allow_code, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 — transformers raises many types for a config it cannot build
+        raise WeightsError(f"student {spec.label!r}: transformers cannot build a causal LM from "
+                           f"{folder / 'config.json'}: {type(exc).__name__}: {exc}") from exc
+    loaded = LoadedModel(spec, module, "transformers", folder, None)
+    vocab = int(module.get_output_embeddings().weight.shape[0])
+    limit = next((int(config[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx") if config.get(k)), None)
+    return LanguageModel(loaded, vocab, limit, tokenizer_path(spec), "transformers")
+
+
 # --- fitting teachers to the tokenizer ------------------------------------------------------------------
 def check_fit(members: list[LanguageModel], tokenizer: Any, length: int) -> None:
     """Every member reads the transfer set's tokens: a vocabulary at least the tokenizer's (a wider head is

@@ -18,10 +18,11 @@ class TrainConfig(BaseModel):
     student: ModelSpec
     temperature: float = Field(4.0, gt=0, description="distillation temperature T")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft term; 0 = hard labels only")
-    loss: Literal["kl", "mse", "ce", "hint"] = Field(
+    loss: Literal["kl", "mse", "ce", "hint", "reverse_kl", "jsd"] = Field(
         "kl", description="the objective (student_trainer.objectives): kl = Hinton's KD against the stored targets; "
         "mse = logit matching (dense stores); ce = hard labels only; hint = FitNets: hint_epochs regressing "
-        "student_layer onto the stored hint_layer, then epochs of kl")
+        "student_layer onto the stored hint_layer, then epochs of kl; reverse_kl, jsd = KL(q ‖ p) or the "
+        "Jensen-Shannon divergence instead of KL(p ‖ q) (sequence stores: student_trainer.token_losses)")
     hint_layer: str | None = Field(None, description="hint: the stored teacher layer, TEACHER:LAYER (default: the "
                                    "store's only one)")
     student_layer: str | None = Field(None, description="hint: the student module it guides (a name from "

@@ -166,9 +166,15 @@ class StoreStream(torch.utils.data.IterableDataset):
         # what streams with the targets, a window of chunks at a time: a views store's parameters too (8·P bytes a
         # row, about 1 GB for ImageNet with 8 views: never read whole into every loader process)
         self.stream_fields = self.fields + (["view_params"] if meta.views else [])
-        # labels and sample indices (16 bytes a row) are read whole, once, here: forked loader workers share these
-        # pages instead of each reading its own copy (streaming them costs the training loop two zarr calls a window)
-        self.labels, self.index = opened.read_field("labels"), opened.read_field("index")
+        # a sequence store: rows are token sequences, their inputs and labels the stored tokens (no transfer set)
+        self.sequence = meta.sequence is not None
+        if self.sequence:
+            self.stream_fields += ["tokens", "loss_mask"]
+            self.labels = self.index = None
+        else:
+            # labels and sample indices (16 bytes a row) are read whole, once, here: forked loader workers share
+            # these pages instead of each reading its own copy (streaming them costs two zarr calls a window)
+            self.labels, self.index = opened.read_field("labels"), opened.read_field("index")
         self.feature_slices = meta.feature_slices()
         self.views = meta.views_per_sample
         self.recipe = None
@@ -314,6 +320,9 @@ class StoreStream(torch.utils.data.IterableDataset):
         pid = os.getpid()
         if self._opened is None or self._opened[0] != pid:
             reader = open_store(self.store, allow_incomplete=True)
+            if self.sequence:  # the inputs are in the store
+                self._opened = (pid, reader, None)
+                return reader, None
             # an open set given by the caller is inherited by forked workers (copy-on-write) rather
             # than reopened: reopening an in-memory .npz in every worker at every epoch is slow
             data = self._data if self._data is not None else open_transfer_set(
@@ -329,6 +338,8 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
+        if self.sequence:
+            return _token_batch(live.gather(rows, chunk_ids), rows, shard, seq)
         reader, labels, index = self._opened[1], self.labels, self.index  # labels, index: read once (__init__)
         t = live.gather(rows, chunk_ids)
         params = t.pop("view_params", None)
@@ -363,6 +374,19 @@ class StoreStream(torch.utils.data.IterableDataset):
             return None
         return {name: torch.from_numpy(np.ascontiguousarray(feats[:, cols]).reshape(len(feats), *shape))
                 for name, (cols, shape) in self.feature_slices.items()}
+
+
+def _token_batch(t: dict[str, np.ndarray], rows: np.ndarray, shard: int, seq: int) -> Batch:
+    """A batch of token rows: ``x`` the inputs [B, L] (int64), ``labels`` [B, L] the next tokens, −1 where the
+    stored loss mask says a position carries no loss; the per-position targets as stored ([B, L, ...])."""
+    tokens = t.pop("tokens").astype(np.int64)
+    mask = t.pop("loss_mask").astype(bool)
+    labels = np.where(mask, tokens[:, 1:], -1)
+    logits = t.pop("logits", None)
+    return Batch(torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+                 torch.from_numpy(logits) if logits is not None else None, torch.from_numpy(labels),
+                 torch.from_numpy(rows.copy()), None, shard, seq,
+                 sparse={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()} or None)
 
 
 def _most_at_once(first_at: dict[int, int], last_use: dict[int, int]) -> int:

@@ -97,10 +97,13 @@ class Objective:
     name: str
     fn: Callable[[Step], torch.Tensor]
     doc: str
-    needs: str = "targets"  # "targets" | "dense" | "labels" | "features"
+    needs: str = "targets"  # "targets" | "dense" | "labels" | "features" | "sequences"
 
     def check(self, meta: Any, path: Any) -> None:
         """Refuse a store this objective cannot learn from, before anything trains."""
+        if self.needs == "sequences" and meta.sequence is None:
+            raise SpecError(f"--loss {self.name} is built for language models' per-token targets; {path} holds "
+                            "classes (use --loss kl)")
         if self.needs == "dense" and meta.target_form != "dense":
             raise SpecError(f"--loss {self.name} matches logits and needs dense targets; {path} holds "
                             f"{meta.targets} targets (use --loss kl)")
@@ -114,6 +117,10 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("mse", mse, "logit matching against dense stored logits", needs="dense"),
     Objective("ce", ce, "hard labels only", needs="labels"),
     Objective("hint", hint, "FitNets' hint: regress a student layer onto stored teacher features", needs="features"),
+    # language models' divergences: their loss is student_trainer.token_losses (the LM recipe computes it)
+    Objective("reverse_kl", kd, "KL(q ‖ p) against per-token targets (sequence stores)", needs="sequences"),
+    Objective("jsd", kd, "the Jensen-Shannon divergence against per-token targets (sequence stores)",
+              needs="sequences"),
 )}
 
 

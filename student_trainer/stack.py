@@ -37,7 +37,7 @@ def stack_key(r: "_Recipe") -> str | None:
     """Students with equal keys can be stacked; None: this one steps alone (two-stage objectives and
     regressor heads, fp16 loss scaling (skips steps per student), DDP)."""
     c = r.config
-    if len(r.stages) > 1 or r.hint_name is not None or c.amp == "fp16" or r.dist.on:
+    if not r.stackable or len(r.stages) > 1 or r.hint_name is not None or c.amp == "fp16" or r.dist.on:
         return None
     return json.dumps({"student": r.spec.model_dump(mode="json"), "optimizer": c.optimizer, "lr": c.lr,
                        "weight_decay": c.weight_decay, "schedule": c.schedule, "warmup": c.warmup, "amp": c.amp,

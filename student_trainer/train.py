@@ -311,6 +311,8 @@ MIXING_WARN = 0.9
 
 def report_mixing(loader, log: Callable[[str], None] | None) -> dict[str, float] | None:
     """Say how well batches mix the classes (against a full shuffle); warn when they mix poorly."""
+    if loader.stream.labels is None:  # token rows: no classes to mix
+        return None
     m = batch_mixing(loader.stream, loader.stream.labels)  # read once, by the loader
     if m is None or log is None:
         return m
@@ -407,10 +409,17 @@ class _Inputs:
         self.cache_dir = cache_dir  # where the teachers' measured cost is kept (evaluate.teacher_cost)
         self.reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
         self.meta = self.reader.meta
-        self.data = open_checked(self.reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
+        self.sequence = self.meta.sequence is not None  # token rows: their own inputs, no transfer set
+        self.data = None if self.sequence else open_checked(self.reader, data, allow_code=allow_code, roots=roots,
+                                                            fingerprints=fingerprints)
         self.ev_reader: StoreReader | None = None
         self.ev_data = self.data
-        if eval_store is not None:
+        if eval_store is not None and self.sequence:
+            from .lm_train import check_eval_store
+
+            self.ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
+            check_eval_store(self.meta, self.ev_reader.meta, self.ev_reader.path)
+        elif eval_store is not None:
             self.ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
             if self.ev_reader.meta.num_classes != self.meta.num_classes:
                 raise SchemaError("the eval store has a different class count from the training store")
@@ -424,7 +433,13 @@ class _Inputs:
 
     def split(self, holdout: float) -> tuple[np.ndarray, np.ndarray, EvalRows]:
         """(train rows, eval rows, the eval rows' data) for a holdout (ignored with an eval store)."""
-        if holdout not in self._splits:
+        if holdout not in self._splits and self.sequence:
+            from .lm_train import sequence_split, token_eval_rows
+
+            tr, ev = sequence_split(self.reader, holdout, self.ev_reader)
+            self._splits[holdout] = (tr, ev, token_eval_rows(self.ev_reader or self.reader, ev,
+                                                             whole_store=self.ev_reader is not None))
+        elif holdout not in self._splits:
             tr, ev = eval_split(self.reader, holdout, self.ev_reader)
             self._splits[holdout] = (tr, ev, EvalRows(self.ev_reader or self.reader, self.ev_data, ev))
         return self._splits[holdout]
@@ -446,6 +461,8 @@ class _Recipe:
     (:meth:`setup_model`), the run folder (:meth:`start`), then epochs of steps (:meth:`epoch`,
     :meth:`step`) with checkpoints (:meth:`checkpoint`), and the finished run (:meth:`finish`).
     The order of everything that draws random numbers is fixed: a resumed run reaches the same weights."""
+
+    stackable = True  # students of one architecture may step as one stacked model (student_trainer.stack)
 
     def __init__(self, config: TrainConfig, out: Path, dist: _Dist, *, allow_code: bool,
                  roots: Sequence[str | Path] | None, log: Callable[[str], None] | None, track: Sequence[str] = ()):
@@ -485,11 +502,7 @@ class _Recipe:
             log("warning: --alpha 0 asks for hard labels only, but no training row has a label: the student learns "
                 "from the soft targets alone (unlabeled rows always get the soft term), and accuracy cannot be "
                 "measured")
-        self.device = device = self.dist.init(c.device)
-        if c.threads is not None:
-            torch.set_num_threads(c.threads)
-        if c.deterministic:
-            torch.use_deterministic_algorithms(True)
+        device = self.setup_device()
         features = self.hint_name is not None
         self.loader, self.mixing = inputs.loader(
             self.train_rows, log, batch_size=c.batch_size, seed=c.seed, shuffle=True, num_workers=c.num_workers,
@@ -499,8 +512,18 @@ class _Recipe:
             view_targets=c.view_targets, members=self.rt.needs_members, pin_memory=device.startswith("cuda"),
             features=features, replay_device=None if torch.device(device).type == "cpu" else device)
 
+    def setup_device(self) -> str:
+        """This rank's device, torch's threads and determinism as the config asks."""
+        c = self.config
+        self.device = self.dist.init(c.device)
+        if c.threads is not None:
+            torch.set_num_threads(c.threads)
+        if c.deterministic:
+            torch.use_deterministic_algorithms(True)
+        return self.device
+
     def setup_model(self) -> None:
-        c, dist, device = self.config, self.dist, self.device
+        c, device = self.config, self.device
         torch.manual_seed(c.seed)
         lm = load_model(c.student, num_classes=self.meta.num_classes, allow_code=self.allow_code, roots=self.roots,
                         require_weights=False)
@@ -514,6 +537,12 @@ class _Recipe:
             layers = {self.hint_name: c.student_layer}
             heads = {self.hint_name: objectives.regressor(shape, self.meta.feature_slices()[self.hint_name][1])}
         self.wrapped = objectives.WithHeads(self.model, layers, heads).to(device)
+        self.setup_steps(bool(heads))
+
+    def setup_steps(self, heads: bool) -> None:
+        """The DDP wrapper (under torchrun), the steps per epoch every rank agrees on, precision, and this
+        student's own random stream."""
+        c, dist, device = self.config, self.dist, self.device
         self.net = self.wrapped
         if dist.on:  # one module: the heads' gradients are averaged with the student's
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -685,11 +714,11 @@ class _Recipe:
         total, seen = dist.all_sum([self.accum[0], float(self.accum[1])], self.device)
         row = {"epoch": epoch, "step": self.steps_done, "train_loss": total / max(1.0, seen),
                "lr": self.sched.get_last_lr()[0], "seconds": round(time.perf_counter() - self.t0, 4)}
+        row.update(self.epoch_extra(seen, row["seconds"]))
         if len(self.stages) > 1:
             row["stage"] = self.stage.name
         if dist.main and len(self.ev_rows):
-            row.update({f"eval_{k}": v for k, v in evaluate(self.model, self.spec, self.eval_rows,
-                                                             device=self.device).items()})
+            row.update({f"eval_{k}": v for k, v in self.evaluate_now().items()})
         self.history.append(row)
         self.accum = [0.0, 0]
         self.checkpoint(epoch, True, 0.0)
@@ -699,6 +728,14 @@ class _Recipe:
             for t in self.trackers:
                 t.epoch(row)
         return row
+
+    def epoch_extra(self, seen: float, seconds: float) -> dict[str, Any]:
+        """What an epoch's metrics row adds to its loss (a language model's: the tokens and tokens/s)."""
+        return {}
+
+    def evaluate_now(self) -> dict[str, float]:
+        """The student's metrics on the eval rows (each epoch's row of metrics.jsonl)."""
+        return evaluate(self.model, self.spec, self.eval_rows, device=self.device)
 
     def position(self) -> tuple:
         """Where this run stands: students train together only from the same place."""
@@ -719,22 +756,19 @@ class _Recipe:
         if float(gap) > 0:
             raise RuntimeError(f"DDP ranks ended with different weights (max |Δ| {float(gap):.3g})")
 
-    def finish(self, final_eval: bool, latency: bool = False) -> dict[str, Any]:
-        """Weights, eval.json, then summary.json last (the run is finished exactly when it exists)."""
-        if not self.dist.main:
-            return {}
-        out, c = self.out, self.config
-        digest = save_weights(self.model, out / "student.safetensors")
-        final = {k.removeprefix("eval_"): v for k, v in self.history[-1].items() if k.startswith("eval_")}
-        if final_eval and len(self.ev_rows):  # --holdout 0 without an eval store: nothing to evaluate on
-            from .evaluate import evaluate_student
+    def final_report(self, latency: bool) -> dict[str, Any]:
+        """eval.json: the student against the teachers on the eval rows."""
+        from .evaluate import evaluate_student
 
-            report = evaluate_student(self.model, self.spec, self.ev_reader, self.ev_data, self.ev_rows,
-                                      device=self.device, weights_path=out / "student.safetensors",
-                                      latency=latency, allow_code=self.allow_code, roots=self.roots,
-                                      eval_rows=self.eval_rows, cache_dir=self.inputs.cache_dir)
-            _write_json_atomic(report, out / "eval.json")
-        summary = {
+        return evaluate_student(self.model, self.spec, self.ev_reader, self.ev_data, self.ev_rows,
+                                device=self.device, weights_path=self.out / "student.safetensors", latency=latency,
+                                allow_code=self.allow_code, roots=self.roots, eval_rows=self.eval_rows,
+                                cache_dir=self.inputs.cache_dir)
+
+    def summary(self, digest: str) -> dict[str, Any]:
+        """summary.json's record of the run (its final metrics are added by :meth:`finish`)."""
+        c = self.config
+        return {
             "store": canonical(self.reader.location),
             "store_job_key": self.meta.job_key,
             "eval_store": canonical(self.ev_reader.location) if self.has_eval_store else None,
@@ -755,8 +789,18 @@ class _Recipe:
             "steps": self.steps_done,
             # wall seconds of training (resumed runs included); students stacked together share theirs
             "seconds": self.history[-1].get("seconds") if self.history else None,
-            "final": final,
         }
+
+    def finish(self, final_eval: bool, latency: bool = False) -> dict[str, Any]:
+        """Weights, eval.json, then summary.json last (the run is finished exactly when it exists)."""
+        if not self.dist.main:
+            return {}
+        out = self.out
+        digest = save_weights(self.model, out / "student.safetensors")
+        final = {k.removeprefix("eval_"): v for k, v in self.history[-1].items() if k.startswith("eval_")}
+        if final_eval and len(self.ev_rows):  # --holdout 0 without an eval store: nothing to evaluate on
+            _write_json_atomic(self.final_report(latency), out / "eval.json")
+        summary = {**self.summary(digest), "final": final}
         _write_json_atomic(summary, out / "summary.json")
         self.ckpt_path.unlink(missing_ok=True)
         for t in self.trackers:
@@ -922,10 +966,13 @@ def train_many(
     inputs = _Inputs(store, data, eval_store, eval_data, allow_incomplete=allow_incomplete, allow_code=allow_code,
                      roots=roots, fingerprints=fingerprints, cache_dir=cache_dir)
     recipes: dict[int, _Recipe] = {}
+    kind = _Recipe
+    if inputs.sequence:
+        from .lm_train import LMRecipe as kind
     for i in todo:
         run = runs[i]
         say = (lambda m, run=run: log(run, m)) if log else None
-        r = _Recipe(run.config, Path(run.out), dist, allow_code=allow_code, roots=roots, log=say, track=track)
+        r = kind(run.config, Path(run.out), dist, allow_code=allow_code, roots=roots, log=say, track=track)
         try:
             r.setup_data(inputs)
             r.setup_model()

@@ -1,0 +1,145 @@
+"""How a language-model student does on held-out token rows, in the terms language-model people read.
+
+Over the positions with a loss: the student's perplexity (exp of its mean NLL of the next token), bits per
+byte (its NLL over the bytes of the text, by the store's bytes per token), top-1 accuracy (its most likely
+token is the next one), top-1 agreement with the teachers (its most likely token is theirs), and the teachers'
+own perplexity on the same positions, as far as the store's form tells:
+
+- ``dense``: exact;
+- ``topk``: exact where the next token is among the K kept; elsewhere the tail's mass is spread evenly over
+  the tokens left out (``teacher_in_topk`` says how often the token was kept);
+- ``sampled``: not known per position (K draws do not give a probability); agreement is with the most drawn
+  token.
+
+With an eval store evaluated whole, its generation's record gives the teachers' exact perplexity instead
+(``teacher_perplexity_source``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from storage import StoreReader
+from storage.forms import form_of
+
+from .loader import Batch, make_loader
+
+#: token eval rows kept in memory across epochs and students, when they fit
+EVAL_CACHE_MB = 512.0
+#: rows per eval batch
+EVAL_BATCH = 32
+
+
+class TokenEvalRows:
+    """The token rows a run is judged on, read once and kept (up to ``EVAL_CACHE_MB``) for every epoch and every
+    student trained together; read again each time when they do not fit."""
+
+    def __init__(self, reader: StoreReader, rows: np.ndarray, *, whole_store: bool = False):
+        self.reader, self.rows, self.whole_store = reader, rows, whole_store
+        self._kept: list[Batch] | None = None
+        self._fits: bool | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self) -> Iterator[Batch]:
+        yield from make_loader(self.reader, self.rows, batch_size=EVAL_BATCH, shuffle=False).epoch(0)
+
+    def batches(self) -> Iterator[Batch]:
+        if self._kept is not None:
+            return iter(self._kept)
+        if self._fits is False:
+            return self._read()
+        kept, size = [], 0
+        for b in self._read():
+            size += b.x.nbytes + b.labels.nbytes + sum(v.nbytes for v in (b.sparse or {}).values())
+            size += b.logits.nbytes if b.logits is not None else 0
+            if size > EVAL_CACHE_MB * (1 << 20):
+                self._fits = False
+                return self._read()
+            kept.append(b)
+        self._kept, self._fits = kept, True
+        return iter(kept)
+
+
+def _teacher_parts(b: Batch) -> dict[str, torch.Tensor]:
+    return {"logits": b.logits} if b.logits is not None else dict(b.sparse)
+
+
+def teacher_top1(parts: dict[str, torch.Tensor], meta) -> torch.Tensor:
+    """[n] the teachers' most likely token at each position, as far as the stored fields tell."""
+    if "sample_index" in parts:  # the most drawn token
+        idx = parts["sample_index"].long()
+        counts = (idx[:, :, None] == idx[:, None, :]).sum(-1)
+        return idx.gather(1, counts.argmax(1, keepdim=True)).squeeze(1)
+    if "topk_index" in parts:
+        head = form_of(meta).head(parts, meta)
+        return parts["topk_index"].long().gather(1, head.argmax(1, keepdim=True)).squeeze(1)
+    return parts["logits"].float().argmax(-1)
+
+
+class _Sums:
+    def __init__(self):
+        self.n = self.nll = self.top1 = self.agree = self.t_nll = self.t_kept = 0.0
+
+    def add(self, logp: torch.Tensor, y: torch.Tensor, parts: dict[str, torch.Tensor], meta) -> None:
+        s1 = logp.argmax(-1)
+        self.n += len(y)
+        self.nll -= float(logp.gather(1, y[:, None]).double().sum())
+        self.top1 += float((s1 == y).sum())
+        self.agree += float((s1 == teacher_top1(parts, meta)).sum())
+        if "sample_index" not in parts:
+            t = form_of(meta).teacher_logp(parts, meta)
+            self.t_nll -= float(t.gather(1, y[:, None]).double().sum())
+            if "topk_index" in parts:
+                self.t_kept += float((parts["topk_index"].long() == y[:, None]).any(1).sum())
+
+
+@torch.no_grad()
+def evaluate_tokens(hidden: Callable[[torch.Tensor], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor],
+                    ev: TokenEvalRows, *, device: str, slice_positions: int) -> dict[str, Any]:
+    """The student's (``hidden`` then ``head``) metrics over ``ev``'s positions with a loss (module docstring)."""
+    meta = ev.reader.meta
+    sums = _Sums()
+    for b in ev.batches():
+        b = b.to(device)
+        keep = (b.labels >= 0).flatten().nonzero().squeeze(1)
+        h = hidden(b.x).flatten(0, 1).index_select(0, keep)
+        y = b.labels.flatten().index_select(0, keep)
+        parts = {k: v.flatten(0, 1).index_select(0, keep) for k, v in _teacher_parts(b).items()}
+        for a in range(0, len(keep), slice_positions):
+            z = slice(a, a + slice_positions)
+            sums.add(torch.log_softmax(head(h[z]).float(), dim=-1), y[z], {k: v[z] for k, v in parts.items()},
+                     meta)
+    return summarise(sums, ev)
+
+
+def summarise(sums: _Sums, ev: TokenEvalRows) -> dict[str, Any]:
+    meta = ev.reader.meta
+    if sums.n == 0:
+        return {}
+    seq = meta.sequence
+    bytes_per_token = seq.text_bytes / seq.positions if seq.positions and seq.text_bytes else None
+    nll = sums.nll / sums.n
+    out: dict[str, Any] = {"perplexity": math.exp(nll), "nll": nll, "top1": sums.top1 / sums.n,
+                           "agreement": sums.agree / sums.n, "positions": int(sums.n)}
+    if bytes_per_token:
+        out["bits_per_byte"] = nll / math.log(2) / bytes_per_token
+    t_nll, source = None, None
+    if ev.whole_store and ev.reader.perplexity():
+        t_nll, source = math.log(ev.reader.perplexity()["ensemble"]), "the eval store's generation (exact)"
+    elif meta.target_form != "sampled":
+        t_nll = sums.t_nll / sums.n
+        source = ("the stored targets (exact)" if meta.target_form == "dense" else
+                  "the stored top-k (exact where the next token was kept, else the tail spread evenly)")
+    if t_nll is not None:
+        out.update({"teacher_perplexity": math.exp(t_nll), "teacher_perplexity_source": source})
+        if bytes_per_token:
+            out["teacher_bits_per_byte"] = t_nll / math.log(2) / bytes_per_token
+    if meta.target_form == "topk":
+        out["teacher_in_topk"] = sums.t_kept / sums.n
+    return out

@@ -1,0 +1,186 @@
+"""The recipe for language-model students: causal LMs trained on a sequence store's per-token targets.
+
+Everything that is not about tokens is the class recipe's (:class:`student_trainer.train._Recipe`): the run
+folder, checkpoints and mid-epoch resume, the loader (a sequence store's rows are their own inputs: the
+stored tokens), lockstep groups of students that share batches, DDP, tracking. This module adds what differs:
+the student (:func:`darkstore.lm.load_student`: the built-in GPT or a ``transformers`` causal LM), the per-token
+objective (:mod:`.token_losses`, a slice of positions at a time), and the evaluation (:mod:`.lm_eval`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from darkstore.errors import SpecError
+from darkstore.lm import LanguageModel, load_student
+from darkstore.models import count_params
+
+from . import token_losses
+from .lm_eval import TokenEvalRows, evaluate_tokens
+from .loader import window_chunks
+from .retemper import plan, unused
+from .train import HOLDOUT_SEED, _Recipe, check_device, plan_stages
+
+#: --loss for a sequence store -> the divergence of the soft term (ce: next-token cross-entropy only)
+TOKEN_LOSSES = {"kl": "forward", "reverse_kl": "reverse", "jsd": "jsd", "ce": None}
+
+
+class TokenStudent(nn.Module):
+    """A causal-LM student as the recipe steps it: ``forward`` gives hidden states [B, L, H] (so that DDP sees
+    the forward pass), :meth:`head` turns those of some positions into logits over the store's vocabulary (a
+    wider head, vocabulary padding, is cut to it). No trainable heads of its own (``heads`` is empty)."""
+
+    def __init__(self, lm: LanguageModel, vocab: int):
+        super().__init__()
+        self.student = lm.module
+        self.lm, self.vocab = lm, vocab
+        self.heads = nn.ModuleList()
+        self.heads_on = False
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm.hidden(tokens)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.logits(h)[..., :self.vocab]
+
+
+def sequence_split(reader, holdout: float, ev_reader) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, eval rows): all finished rows and the eval store's, or a fixed holdout of rows (the same
+    rows for every student of the store)."""
+    rows = reader.finished_rows()
+    if ev_reader is not None:
+        return rows, ev_reader.finished_rows()
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(len(rows))
+    k = int(round(len(rows) * holdout))
+    return np.sort(rows[perm[k:]]), np.sort(rows[perm[:k]])
+
+
+def check_eval_store(meta, ev_meta, path) -> None:
+    """An eval store for a sequence store: token rows of the same tokenizer."""
+    from storage.errors import SchemaError
+
+    if ev_meta.sequence is None:
+        raise SchemaError(f"the eval store {path} holds classes; the training store holds token sequences")
+    ours, theirs = meta.sequence.tokenizer, ev_meta.sequence.tokenizer
+    if ours.fingerprint != theirs.fingerprint:
+        raise SchemaError(f"the eval store {path} was tokenized by another tokenizer ({theirs.vocab_size} tokens, "
+                          f"{theirs.path}) than the training store ({ours.vocab_size} tokens, {ours.path}): their "
+                          "fingerprints differ")
+
+
+class LMRecipe(_Recipe):
+    """One language-model student's run (see the module docstring)."""
+
+    stackable = False  # students step one by one (stacking is for the small class models)
+
+    def setup_data(self, inputs) -> None:
+        c, log = self.config, self.log
+        check_device(c)
+        self.inputs, self.reader, self.meta = inputs, inputs.reader, inputs.meta
+        if c.loss not in TOKEN_LOSSES:
+            raise SpecError(f"--loss {c.loss} is for stores of classes; a sequence store trains with "
+                            f"{', '.join(TOKEN_LOSSES)}")
+        self.divergence = TOKEN_LOSSES[c.loss]
+        self.stages = plan_stages(c)
+        self.hint_name = None
+        uses_targets = self.divergence is not None and c.alpha > 0
+        self.rt = plan(self.meta, c.temperature) if uses_targets else unused(c.temperature)
+        if self.meta.target_form == "sampled" and uses_targets and self.divergence != "forward":
+            raise SpecError(f"--loss {c.loss}: a sampled store estimates the forward KL only (--loss kl); "
+                            "reverse KL and JSD need the teachers' probabilities: a top-k or dense store")
+        self.form = self.meta.target_form if self.meta.target_form != "topk" else f"topk-{c.topk_loss}"
+        if log and uses_targets:
+            log(f"targets: {self.rt.describe()}")
+        self.data = self.ev_data = None
+        self.has_eval_store = inputs.has_eval_store
+        self.ev_reader = inputs.ev_reader or self.reader
+        self.train_rows, self.ev_rows, self.eval_rows = inputs.split(c.holdout)
+        device = self.setup_device()
+        self.loader, self.mixing = inputs.loader(
+            self.train_rows, log, batch_size=c.batch_size, seed=c.seed, shuffle=True, num_workers=c.num_workers,
+            buffer_chunks=window_chunks(self.meta, c.shuffle_buffer_mb), rank=self.dist.rank,
+            world_size=self.dist.world, pin_memory=device.startswith("cuda"))
+
+    def setup_model(self) -> None:
+        c, device = self.config, self.device
+        torch.manual_seed(c.seed)
+        seq = self.meta.sequence
+        lm = load_student(c.student, seq.tokenizer, length=seq.length, allow_code=self.allow_code,
+                          roots=self.roots)
+        self.spec = c.student
+        self.wrapped = TokenStudent(lm, seq.tokenizer.vocab_size).to(device)
+        self.model = lm.module
+        self.vocab = seq.tokenizer.vocab_size
+        self.slice = token_losses.slice_positions(self.vocab)
+        for note in lm.notes if self.log else ():
+            self.log(f"student {c.student.label}: {note}")
+        self.setup_steps(False)
+
+    def step(self, b) -> None:
+        """One optimiser step on a batch of token rows already on the device (inside :meth:`own_rng`)."""
+        c = self.config
+        targets = {} if b.logits is None else {"logits": b.logits}
+        for k, v in (b.sparse or {}).items():
+            targets["head" if k == "topk_logits" else k] = v
+        if "head" in targets:
+            targets["head"] = form_head(targets["head"], self.meta)
+        with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            hidden = self.net(b.x)
+            alpha = 0.0 if self.divergence is None else c.alpha
+            loss = token_losses.sliced_loss(hidden, self.wrapped.head, b.labels, targets if alpha else {},
+                                            vocab=self.vocab, form=self.form, temperature=c.temperature,
+                                            alpha=alpha, kind=self.divergence or "forward", teacher_logp=self.rt)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.steps_done += 1
+        if self.loss_acc is None:
+            self.loss_acc = torch.tensor(self.accum[0], dtype=torch.float64, device=loss.device)
+        n = int((b.labels >= 0).sum())  # the loss is a mean over positions: its sum weighs them
+        self.loss_acc += loss.detach().double() * n
+        self.accum[1] += n
+
+    def evaluate_now(self) -> dict[str, float]:
+        was = self.wrapped.training
+        self.wrapped.eval()
+        try:
+            return evaluate_tokens(self.wrapped, self.wrapped.head, self.eval_rows, device=self.device,
+                                   slice_positions=self.slice)
+        finally:
+            self.wrapped.train(was)
+
+    def epoch_extra(self, seen: float, seconds: float) -> dict[str, Any]:
+        return {"tokens": int(seen), "tokens_per_second": seen / seconds if seconds else None}
+
+    def final_report(self, latency: bool) -> dict[str, Any]:
+        """eval.json: the student's and the teachers' metrics on the eval rows, and training's tokens/s."""
+        report = {"student": self.spec.label, "num_params": count_params(self.model), **self.evaluate_now()}
+        tokens = sum(r.get("tokens", 0) for r in self.history)
+        seconds = sum(r.get("seconds", 0.0) for r in self.history)
+        if tokens and seconds:
+            report["train_tokens_per_second"] = tokens / seconds
+        return report
+
+    def summary(self, digest: str) -> dict[str, Any]:
+        seq = self.meta.sequence
+        return {**super().summary(digest), "modality": "tokens",
+                "sequence": {"length": seq.length, "vocab_size": seq.tokenizer.vocab_size,
+                             "tokenizer_fingerprint": seq.tokenizer.fingerprint},
+                "loss_divergence": self.divergence, "target_form": self.form}
+
+
+def form_head(values: torch.Tensor, meta) -> torch.Tensor:
+    """A top-k store's kept values as floats (centred log space), whatever their stored encoding."""
+    from storage.forms import form_of
+
+    return form_of(meta).head({"topk_logits": values}, meta)
+
+
+def token_eval_rows(reader, rows: np.ndarray, whole_store: bool) -> TokenEvalRows:
+    return TokenEvalRows(reader, rows, whole_store=whole_store)
