@@ -410,13 +410,18 @@ def _misfit(model: dict[str, torch.Tensor], file: dict[str, torch.Tensor], num_c
 
 
 def save_weights(module: nn.Module, path: str | Path) -> str:
-    """Save a state dict as safetensors; returns its sha256."""
-    from safetensors.torch import save_file
+    """Save a state dict as safetensors; returns its sha256. Tensors tied to each other (a language model's
+    input embedding and output head) are saved once (safetensors' ``save_model``; ``load_model`` restores them)."""
+    from safetensors.torch import save_file, save_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(path))
+    state = module.state_dict()
+    storages = [v.untyped_storage().data_ptr() for v in state.values() if v.numel()]
+    if len(set(storages)) < len(storages):
+        save_model(module, str(path))
+    else:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
     return sha256_file(path)
 
 

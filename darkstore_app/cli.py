@@ -569,11 +569,14 @@ def train(
     data: Annotated[Optional[str], typer.Option(help="transfer set (default: the one recorded in the store)")] = None,
     eval_store: Annotated[Optional[str], typer.Option(help="store over a held-out set to evaluate on (a directory or URL)")] = None,
     eval_data: Annotated[Optional[str], typer.Option(help="inputs of --eval-store (default: as recorded)")] = None,
-    temperature: Annotated[float, typer.Option(help="distillation temperature T")] = 4.0,
+    temperature: Annotated[Optional[float], typer.Option(help="distillation temperature T (default: 4 for "
+                                                         "classes; 1 for a language model's store, or the T a "
+                                                         "sampled store was drawn at)")] = None,
     alpha: Annotated[float, typer.Option(help="weight of the soft term (0 = hard labels only)")] = 0.9,
     loss: Annotated[str, typer.Option("--loss", "--objective", help="kl (Hinton's KD) | mse (logit matching, "
                                       "dense stores) | ce (hard labels only) | hint (FitNets: --hint-epochs "
-                                      "guiding --student-layer, then --epochs of kl)")] = "kl",
+                                      "guiding --student-layer, then --epochs of kl) | reverse_kl | jsd "
+                                      "(language models' stores)")] = "kl",
     hint_layer: Annotated[Optional[str], typer.Option(help="hint: the store's teacher layer, TEACHER:LAYER "
                                                       "(default: its only one)")] = None,
     student_layer: Annotated[Optional[str], typer.Option(help="hint: the student module it guides (e.g. "
@@ -624,6 +627,10 @@ def train(
         raise typer.BadParameter("--resume continues the run in --out, --overwrite deletes it: give one of them")
     if job is not None:
         store = _store_of_job(job, api, token, job_timeout)
+    if temperature is None:
+        from student_trainer.config import store_temperature
+
+        temperature = store_temperature(store) or 4.0
     cfg = TrainConfig(student=spec, temperature=temperature, alpha=alpha, loss=loss, epochs=epochs,
                       hint_layer=hint_layer, student_layer=student_layer, hint_epochs=hint_epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer, seed=seed,
@@ -690,6 +697,8 @@ def _again(add: str | None = None, drop: tuple[str, ...] = ()) -> str:
 
 
 def _epoch_rate(row: dict) -> str:
+    if row.get("eval_perplexity") is not None:  # a language model
+        return f"loss {row['train_loss']:.4f} ppl {row['eval_perplexity']:.2f}"
     acc = row.get("eval_accuracy")
     return f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else "")
 
@@ -706,12 +715,25 @@ def _print_run(r) -> None:
     console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in "
                   f"{r.out / 'metrics.jsonl'}, evaluation in {r.out / 'eval.json'}")
 
+    if "perplexity" in f:
+        out.print(_lm_line(f))
+        return
+
     def num(key: str) -> str:
         v = f.get(key)
         return "n/a (no labels)" if v is None or v != v else f"{v:.4f}"
 
     out.print(f"held-out: accuracy {num('accuracy')}  agreement {num('agreement')}  NLL {num('nll')}  "
               f"({f.get('rows', 0)} rows)")
+
+
+def _lm_line(f: dict) -> str:
+    """A language-model student's held-out metrics in one line, its teachers' beside them."""
+    teachers = f.get("teacher_perplexity")
+    line = f"held-out: perplexity {f['perplexity']:.3f}" + (f" (teachers {teachers:.3f})" if teachers else "")
+    if f.get("bits_per_byte") is not None:
+        line += f"  bits/byte {f['bits_per_byte']:.4f}"
+    return line + f"  top-1 {f['top1']:.4f}  agreement {f['agreement']:.4f}  ({f['positions']:,} positions)"
 
 
 # --- many students: sweep, eval, export, report -------------------------------------

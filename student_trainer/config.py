@@ -70,6 +70,27 @@ class TrainConfig(BaseModel):
         return self.hint_epochs + self.epochs
 
 
+def default_temperature(meta) -> float:
+    """T where none is given: 4 for a store of classes (in Hinton's range); 1 for a language model's store
+    (top-k and dense targets are exact there, and per-token distillation trains at 1), or a sampled store's own
+    T (the only one its samples estimate)."""
+    if meta.sequence is None:
+        return 4.0
+    return float(meta.targets.temperature) if meta.target_form == "sampled" else 1.0
+
+
+def store_temperature(store) -> float | None:
+    """:func:`default_temperature` of the store at ``store`` (None where it cannot be opened yet: training
+    then says why)."""
+    from darkstore.errors import DarkstoreError
+    from storage import open_store
+
+    try:
+        return default_temperature(open_store(store, allow_incomplete=True).meta)
+    except DarkstoreError:
+        return None
+
+
 #: settings that are each student's own: students that differ only in these see the same batches and can train
 #: together from one read of the store (a sweep over them shares batches; one over seed, batch size, epochs,
 #: holdout or the shuffle window does not)

@@ -9,6 +9,8 @@ objective (:mod:`.token_losses`, a slice of positions at a time), and the evalua
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from torch import nn
 
 from darkstore.errors import SpecError
 from darkstore.lm import LanguageModel, load_student
-from darkstore.models import count_params
+from darkstore.models import count_params, save_weights
 
 from . import token_losses
 from .lm_eval import TokenEvalRows, evaluate_tokens
@@ -147,6 +149,11 @@ class LMRecipe(_Recipe):
         self.accum[1] += n
 
     def evaluate_now(self) -> dict[str, float]:
+        return {k: v for k, v in self.evaluate_all().items() if not isinstance(v, str)}
+
+    def evaluate_all(self) -> dict[str, Any]:
+        """:func:`~student_trainer.lm_eval.evaluate_tokens` on the eval rows, where the teachers' figure came
+        from included."""
         was = self.wrapped.training
         self.wrapped.eval()
         try:
@@ -155,12 +162,25 @@ class LMRecipe(_Recipe):
         finally:
             self.wrapped.train(was)
 
+    def save_student(self) -> str:
+        """``student.safetensors``; a ``transformers`` student also as a directory ``transformers`` loads
+        (``student/``: config, safetensors weights and the store's tokenizer files)."""
+        digest = save_weights(self.model, self.out / "student.safetensors")
+        if self.wrapped.lm.kind == "transformers":
+            folder = self.out / "student"
+            self.model.save_pretrained(str(folder), safe_serialization=True)
+            tok = Path(self.meta.sequence.tokenizer.path)
+            for f in (tok.glob("tokenizer*.json") if tok.is_dir() else [tok]):
+                if f.is_file():
+                    shutil.copy(f, folder / f.name)
+        return digest
+
     def epoch_extra(self, seen: float, seconds: float) -> dict[str, Any]:
         return {"tokens": int(seen), "tokens_per_second": seen / seconds if seconds else None}
 
     def final_report(self, latency: bool) -> dict[str, Any]:
         """eval.json: the student's and the teachers' metrics on the eval rows, and training's tokens/s."""
-        report = {"student": self.spec.label, "num_params": count_params(self.model), **self.evaluate_now()}
+        report = {"student": self.spec.label, "num_params": count_params(self.model), **self.evaluate_all()}
         tokens = sum(r.get("tokens", 0) for r in self.history)
         seconds = sum(r.get("seconds", 0.0) for r in self.history)
         if tokens and seconds:

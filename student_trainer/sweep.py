@@ -62,7 +62,7 @@ from darkstore.errors import SpecError
 from darkstore.fingerprint import FingerprintPolicy
 from storage.location import Location, canonical
 
-from .config import TrainConfig, batch_key, effect_key
+from .config import TrainConfig, batch_key, effect_key, store_temperature
 from .tracking import check_trackers
 
 METRICS = ("accuracy", "agreement", "nll", "ece")
@@ -139,7 +139,9 @@ def _fmt(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))
 
 
-def points(spec: GridSpec) -> list[Point]:
+def points(spec: GridSpec, temperature: float | None = None) -> list[Point]:
+    """Every combination of the grid's axes over its base; ``temperature``: T where neither sets it (the
+    store's default, :func:`~student_trainer.config.default_temperature`)."""
     keys = list(spec.grid)
     out = []
     for combo in itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]:
@@ -150,6 +152,8 @@ def points(spec: GridSpec) -> list[Point]:
             cfg["student"] = spec.students[axes["student"]]
         elif "student" not in cfg:
             cfg["student"] = next(iter(spec.students.values()))
+        if temperature is not None:
+            cfg.setdefault("temperature", temperature)
         try:
             config = TrainConfig.model_validate(cfg)
         except ValidationError as exc:
@@ -374,7 +378,7 @@ def run_sweep(spec: GridSpec, out: str | Path, *, store: str | Path | None = Non
         raise SpecError("no store: give --store or put store: in the grid file")
     eval_store = eval_store or spec.eval_store
     device = device or spec.base.get("device", "cpu")
-    pts = points(spec)
+    pts = points(spec, store_temperature(store))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({

@@ -72,8 +72,8 @@ def bucket_logps(student: torch.Tensor, index: torch.Tensor, head: torch.Tensor,
         logq_other = torch.log1p(-torch.exp(torch.logsumexp(logq_head, dim=-1)).clamp(max=1 - 1e-7))
     else:
         logq_other = torch.full_like(logq_head[:, 0], float("-inf"))
-    tail_t = losses.tail_at(tail.float(), v - k, temperature)
-    logp = F.log_softmax(torch.cat([head.float() / temperature, tail_t[:, None]], dim=-1), dim=-1)
+    tail_t = losses.tail_at(tail.to(student.dtype), v - k, temperature)
+    logp = F.log_softmax(torch.cat([head.to(student.dtype) / temperature, tail_t[:, None]], dim=-1), dim=-1)
     return logp, torch.cat([logq_head, logq_other[:, None]], dim=-1)
 
 
@@ -105,7 +105,7 @@ def soft_term(student: torch.Tensor, targets: dict[str, torch.Tensor], *, form: 
 def position_losses(student: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor], *, form: str,
                     temperature: float, alpha: float, kind: str = "forward",
                     teacher_logp: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """[N, V] student logits (float32), [N] next tokens -> [N] ``α · T² · D(p, q) + (1 − α) · CE`` per position
+    """[N, V] student logits (float32 or wider), [N] next tokens -> [N] ``α · T² · D(p, q) + (1 − α) · CE`` per position
     (every position given carries a loss; :func:`sliced_loss` picks them)."""
     hard = F.cross_entropy(student, labels, reduction="none")
     if alpha == 0:
@@ -137,12 +137,13 @@ def sliced_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tenso
     t = {k: v.flatten(0, 1).index_select(0, keep) for k, v in targets.items()}
 
     def part(h_s: torch.Tensor, y_s: torch.Tensor, t_s: dict[str, torch.Tensor]) -> torch.Tensor:
-        return position_losses(head(h_s).float(), y_s, t_s, **options).sum()
+        z = head(h_s)
+        return position_losses(z.to(torch.promote_types(z.dtype, torch.float32)), y_s, t_s, **options).sum()
 
     step = slice_positions(vocab, slice_bytes)
     if n <= step:
         return part(h, y, t) / n
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for a in range(0, n, step):
         b = min(n, a + step)
         total = total + checkpoint(part, h[a:b], y[a:b], {k: v[a:b] for k, v in t.items()}, use_reentrant=False)

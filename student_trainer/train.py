@@ -756,6 +756,10 @@ class _Recipe:
         if float(gap) > 0:
             raise RuntimeError(f"DDP ranks ended with different weights (max |Δ| {float(gap):.3g})")
 
+    def save_student(self) -> str:
+        """The trained student's weights in the run folder; returns their sha256."""
+        return save_weights(self.model, self.out / "student.safetensors")
+
     def final_report(self, latency: bool) -> dict[str, Any]:
         """eval.json: the student against the teachers on the eval rows."""
         from .evaluate import evaluate_student
@@ -796,7 +800,7 @@ class _Recipe:
         if not self.dist.main:
             return {}
         out = self.out
-        digest = save_weights(self.model, out / "student.safetensors")
+        digest = self.save_student()
         final = {k.removeprefix("eval_"): v for k, v in self.history[-1].items() if k.startswith("eval_")}
         if final_eval and len(self.ev_rows):  # --holdout 0 without an eval store: nothing to evaluate on
             _write_json_atomic(self.final_report(latency), out / "eval.json")
