@@ -66,6 +66,13 @@ from .config import TrainConfig, batch_key, effect_key, store_temperature
 from .tracking import check_trackers
 
 METRICS = ("accuracy", "agreement", "nll", "ece")
+#: a language model's held-out metrics (student_trainer.lm_eval), shown instead where a sweep's runs have them
+LM_METRICS = ("perplexity", "bits_per_byte", "top1", "agreement")
+
+
+def metrics_of(runs: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The metrics a sweep's tables show: a language model's where its runs report perplexity."""
+    return LM_METRICS if any(r.get("perplexity") is not None for r in runs) else METRICS
 SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
 
 
@@ -444,7 +451,8 @@ def load_runs(out: Path, pts: list[Point]) -> list[dict[str, Any]]:
         if f.exists():
             s = json.loads(f.read_text())
             rows.append({"run": p.name, **{k: v for k, v in p.axes.items()},
-                         **{m: s["final"].get(m) for m in METRICS}, "epochs": s["config"]["epochs"],
+                         **{m: s["final"].get(m) for m in (*METRICS, *LM_METRICS)},
+                         "epochs": s["config"]["epochs"],
                          "seconds": s.get("seconds"), "stacked_with": s.get("stacked_with", 0)})
     return rows
 
@@ -469,14 +477,14 @@ def group_table(runs: list[dict[str, Any]], axes: list[str]) -> list[dict[str, A
     for _, rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         row: dict[str, Any] = {k: rs[0].get(k) for k in keys}
         row["n"] = len(rs)
-        for m in METRICS:
+        for m in metrics_of(runs):
             row[m + "_mean"], row[m + "_std"] = mean_std([r[m] for r in rs])
         table.append(row)
     return table
 
 
 #: metrics shown as percentages wherever darkstore prints them (eval, sweep tables, reports); the others as is
-PERCENT_METRICS = ("accuracy", "agreement", "ece")
+PERCENT_METRICS = ("accuracy", "agreement", "ece", "top1")
 
 
 def format_metric(m: str, mean: float, std: float) -> str:
@@ -487,12 +495,14 @@ def format_metric(m: str, mean: float, std: float) -> str:
 
 
 def markdown_table(table: list[dict[str, Any]], axes: list[str]) -> str:
+    """The grouped table (:func:`group_table`) in Markdown, with the metrics it holds."""
+    metrics = LM_METRICS if table and "perplexity_mean" in table[0] else METRICS
     keys = [a for a in axes if a != "seed"]
-    head = keys + ["n"] + [f"{m} (mean ± std)" for m in METRICS]
+    head = keys + ["n"] + [f"{m} (mean ± std)" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [str(r[k]) for k in keys] + [str(r["n"])]
-        for m in METRICS:
+        for m in metrics:
             cells.append(format_metric(m, r[m + "_mean"], r[m + "_std"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -501,7 +511,8 @@ def markdown_table(table: list[dict[str, Any]], axes: list[str]) -> str:
 def write_results(out: Path, pts: list[Point], axes: list[str]) -> list[dict[str, Any]]:
     runs = load_runs(out, pts)
     table = group_table(runs, axes)
-    cols = ["run", *axes, *METRICS, "epochs", "seconds", "stacked_with"]
+    metrics = metrics_of(runs)
+    cols = ["run", *axes, *metrics, "epochs", "seconds", "stacked_with"]
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

@@ -157,3 +157,22 @@ def test_bad_language_model_settings_get_one_clear_error(lm_kit, stores, tmp_pat
     sampled = meta.model_copy(update={"targets": meta.targets.model_copy(update={"form": "sampled",
                                                                                  "temperature": 2.0})})
     assert default_temperature(sampled) == 2.0 and default_temperature(meta) == 1.0
+
+
+def test_a_sweep_of_lm_students_trains_them_together_and_tables_perplexity(stores, tmp_path):
+    """Two LM students that see the same batches (they differ in α and the loss) train in one group of the
+    sweep's own process, each as it would alone; the tables show perplexity, not accuracy."""
+    from student_trainer.sweep import GridSpec, run_sweep
+
+    spec = GridSpec.model_validate({"base": {"student": gpt().model_dump(mode="json"), "epochs": 1,
+                                             "batch_size": 16, "deterministic": True},
+                                    "grid": {"loss": ["kl", "reverse_kl"], "alpha": [0.5]}})
+    r = run_sweep(spec, tmp_path / "out", store=stores["topk"], parallel=1)
+    assert [o.state for o in r.outcomes] == ["finished", "finished"]
+    header = (tmp_path / "out" / "results.md").read_text().splitlines()[2]
+    assert "perplexity (mean ± std)" in header and "accuracy" not in header
+    alone = train(TrainConfig(student=gpt(), epochs=1, batch_size=16, deterministic=True, temperature=1.0,
+                              loss="reverse_kl", alpha=0.5), stores["topk"], tmp_path / "alone")
+    point = json.loads((tmp_path / "out" / "runs" / "loss=reverse-kl_alpha=0.5" / "summary.json").read_text())
+    assert point["config"]["temperature"] == 1.0  # the store's default T
+    assert point["final"]["perplexity"] == pytest.approx(alone.final["perplexity"], rel=1e-6)
