@@ -832,7 +832,8 @@ def eval_(
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow code-carrying teachers/data", metavar="")] = False,
     verify_data: VerifyData = Verify.quick,
 ):
-    """Accuracy, agreement, NLL, ECE, confusion matrix and the student-vs-teachers cost of a run."""
+    """Accuracy, agreement, NLL, ECE, confusion matrix and the student-vs-teachers cost of a run (a language
+    model's: perplexity, bits per byte, top-1 and agreement beside the teachers')."""
     from student_trainer.evaluate import evaluate_run
 
     rep = evaluate_run(run, store=store, device=device, latency=not no_latency, allow_code=allow_code,
@@ -840,6 +841,40 @@ def eval_(
     if as_json:
         out.print_json(json.dumps(rep))
         return
+    if "perplexity" in rep["metrics"]:
+        _print_lm_eval(run, rep)
+    else:
+        _print_class_eval(run, rep)
+    if rep.get("note"):
+        console.print(f"[yellow]note[/]: {rep['note']}")
+    if store is None:
+        console.print(f"written to {run / 'eval.json'}")
+
+
+def _print_lm_eval(run: Path, rep: dict) -> None:
+    m, tm, comp = rep["metrics"], rep["teacher_metrics"], rep["compression"]
+    st, te = comp["student"], comp["teachers"]
+    out.print(f"{run}: {rep['positions']:,} positions in {rep['rows']} rows of {rep['store']}", highlight=False)
+    t = Table()
+    for col in ("", "student", "teacher ensemble"):
+        t.add_column(col, justify="right" if col else "left")
+
+    def num(v, fmt=".3f") -> str:
+        return "—" if v is None else format(v, fmt)
+
+    t.add_row("perplexity", num(m.get("perplexity")), num(tm.get("perplexity")))
+    t.add_row("bits per byte", num(m.get("bits_per_byte"), ".4f"), num(tm.get("bits_per_byte"), ".4f"))
+    t.add_row("top-1 (next token)", _pct(m.get("top1")), "")
+    t.add_row("agreement with teachers", _pct(m.get("agreement")), "")
+    t.add_row("parameters", f"{st['params']:,}", f"{te['params']:,}")
+    t.add_row("size on disk", _human(st["size_bytes"]) if st.get("size_bytes") else "—",
+              _human(te["size_bytes"]) if te.get("size_bytes") else "—")
+    out.print(t)
+    if tm.get("source"):
+        out.print(f"the teachers' perplexity: from {tm['source']}", highlight=False)
+
+
+def _print_class_eval(run: Path, rep: dict) -> None:
     m, tm, comp = rep["metrics"], rep["teacher_metrics"], rep["compression"]
     st, te = comp["student"], comp["teachers"]
     out.print(f"{run}: {rep['rows']} rows of {rep['store']}", highlight=False)
@@ -861,10 +896,6 @@ def eval_(
     out.print(t)
     if rep.get("confusion"):
         _print_confusion(rep["confusion"], rep.get("class_names"))
-    if rep.get("note"):
-        console.print(f"[yellow]note[/]: {rep['note']}")
-    if store is None:
-        console.print(f"written to {run / 'eval.json'}")
 
 
 #: classes up to which `eval` prints the whole confusion matrix; beyond, the pairs most often confused

@@ -190,6 +190,10 @@ def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: Tran
     if not summary_path.is_file():
         raise RunDirError(f"{run} is not a finished run (no summary.json); train it first, or resume it")
     s = json.loads(summary_path.read_text())
+    if s.get("modality") == "tokens":  # a language model
+        from .lm_train import evaluate_lm_run
+
+        return evaluate_lm_run(run, s, store=store, device=device, write=write, allow_code=allow_code)
     weights = run / "student.safetensors"
     spec = ModelSpec.model_validate(s["student"]).model_copy(update={"weights": str(weights)})
     model = load_model(spec, allow_code=allow_code).module.to(device)

@@ -18,6 +18,7 @@ With an eval store evaluated whole, its generation's record gives the teachers' 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -143,3 +144,27 @@ def summarise(sums: _Sums, ev: TokenEvalRows) -> dict[str, Any]:
     if meta.target_form == "topk":
         out["teacher_in_topk"] = sums.t_kept / sums.n
     return out
+
+
+TEACHER_KEYS = {"teacher_perplexity": "perplexity", "teacher_bits_per_byte": "bits_per_byte",
+                "teacher_perplexity_source": "source", "teacher_in_topk": "in_topk"}
+
+
+def lm_report(flat: dict[str, Any], reader: StoreReader, rows: np.ndarray, *, params: int,
+              weights_path: Path | None) -> dict[str, Any]:
+    """eval.json of a language-model run, shaped as a class run's: the store and rows, the student's
+    ``metrics``, the teachers' (``teacher_metrics``) and their sizes against the student's (``compression``)."""
+    from storage.location import canonical
+
+    from .evaluate import teacher_size
+
+    student = {k: v for k, v in flat.items() if k not in TEACHER_KEYS and k != "positions"}
+    teachers = {TEACHER_KEYS[k]: v for k, v in flat.items() if k in TEACHER_KEYS}
+    st = {"params": params, "size_bytes": weights_path.stat().st_size if weights_path else None}
+    te = teacher_size(reader)
+    ratios = {"params": te["params"] / max(1, params)}
+    if te.get("size_bytes") and st.get("size_bytes"):
+        ratios["size"] = te["size_bytes"] / st["size_bytes"]
+    return {"store": canonical(reader.location), "rows": int(len(rows)), "positions": flat.get("positions", 0),
+            "metrics": student, "teacher_metrics": teachers,
+            "compression": {"student": st, "teachers": te, "teachers_over_student": ratios}}

@@ -9,6 +9,7 @@ objective (:mod:`.token_losses`, a slice of positions at a time), and the evalua
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from darkstore.lm import LanguageModel, load_student
 from darkstore.models import count_params, save_weights
 
 from . import token_losses
-from .lm_eval import TokenEvalRows, evaluate_tokens
+from .lm_eval import TokenEvalRows, evaluate_tokens, lm_report
 from .loader import window_chunks
 from .retemper import plan, unused
 from .train import HOLDOUT_SEED, _Recipe, check_device, plan_stages
@@ -179,17 +180,16 @@ class LMRecipe(_Recipe):
         return {"tokens": int(seen), "tokens_per_second": seen / seconds if seconds else None}
 
     def final_report(self, latency: bool) -> dict[str, Any]:
-        """eval.json: the student's and the teachers' metrics on the eval rows, and training's tokens/s."""
-        report = {"student": self.spec.label, "num_params": count_params(self.model), **self.evaluate_all()}
-        tokens = sum(r.get("tokens", 0) for r in self.history)
-        seconds = sum(r.get("seconds", 0.0) for r in self.history)
-        if tokens and seconds:
-            report["train_tokens_per_second"] = tokens / seconds
-        return report
+        """eval.json (:func:`~student_trainer.lm_eval.lm_report`)."""
+        return lm_report(self.evaluate_all(), self.ev_reader, self.ev_rows, params=count_params(self.model),
+                         weights_path=self.out / "student.safetensors")
 
     def summary(self, digest: str) -> dict[str, Any]:
         seq = self.meta.sequence
-        return {**super().summary(digest), "modality": "tokens",
+        tokens = sum(r.get("tokens", 0) for r in self.history)
+        seconds = sum(r.get("seconds", 0.0) for r in self.history)
+        return {**super().summary(digest), "modality": "tokens", "tokens": tokens,
+                "tokens_per_second": tokens / seconds if seconds else None,
                 "sequence": {"length": seq.length, "vocab_size": seq.tokenizer.vocab_size,
                              "tokenizer_fingerprint": seq.tokenizer.fingerprint},
                 "loss_divergence": self.divergence, "target_form": self.form}
@@ -204,3 +204,42 @@ def form_head(values: torch.Tensor, meta) -> torch.Tensor:
 
 def token_eval_rows(reader, rows: np.ndarray, whole_store: bool) -> TokenEvalRows:
     return TokenEvalRows(reader, rows, whole_store=whole_store)
+
+
+def load_run_lm(run: Path, summary: dict[str, Any], record, length: int, *, allow_code: bool = False
+                ) -> TokenStudent:
+    """A finished LM run's student, in eval mode: its spec with the run's weights (a transformers student from
+    the saved ``student/`` directory)."""
+    from darkstore.models import ModelSpec
+
+    spec = ModelSpec.model_validate(summary["student"])
+    weights = run / "student" if spec.format == "transformers" else run / "student.safetensors"
+    lm = load_student(spec.model_copy(update={"weights": str(weights)}), record, length=length,
+                      allow_code=allow_code)
+    return TokenStudent(lm, record.vocab_size).eval()
+
+
+def evaluate_lm_run(run: Path, summary: dict[str, Any], *, store=None, device: str = "cpu", write: bool = True,
+                    allow_code: bool = False) -> dict[str, Any]:
+    """``darkstore eval`` of a language-model run: its held-out rows (the eval store, or the same holdout it
+    trained with), or every row of ``store`` (a sequence store of the same tokenizer)."""
+    from storage import open_store
+
+    train_reader = open_store(summary["store"], allow_incomplete=True)
+    if store is not None:
+        reader = open_store(store)
+        check_eval_store(train_reader.meta, reader.meta, reader.path)
+        rows, whole = reader.finished_rows(), True
+    else:
+        ev = open_store(summary["eval_store"]) if summary.get("eval_store") else None
+        _, rows = sequence_split(train_reader, summary.get("holdout") or 0.0, ev)
+        reader, whole = ev or train_reader, ev is not None
+    seq = train_reader.meta.sequence
+    student = load_run_lm(run, summary, seq.tokenizer, seq.length, allow_code=allow_code).to(device)
+    flat = evaluate_tokens(student, student.head, TokenEvalRows(reader, rows, whole_store=whole), device=device,
+                           slice_positions=token_losses.slice_positions(seq.tokenizer.vocab_size))
+    report = lm_report(flat, reader, rows, params=count_params(student.student),
+                       weights_path=run / "student.safetensors")
+    if write and store is None:
+        (run / "eval.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -20,6 +20,7 @@ from storage import open_store
 from storage.errors import SchemaError
 from student_trainer import objectives
 from student_trainer.config import TrainConfig, default_temperature
+from student_trainer.evaluate import evaluate_run
 from student_trainer.lm_train import check_eval_store, sequence_split
 from student_trainer.train import train
 from teacher_service.generate import generate
@@ -83,7 +84,9 @@ def test_lm_evaluation_matches_a_float64_recomputation(stores, tmp_path):
     the saved student run in float64 over the stored tokens and targets."""
     cfg = TrainConfig(student=gpt(), temperature=1.0, epochs=1, batch_size=16, lr=3e-3, holdout=0.2)
     r = train(cfg, stores["dense"], tmp_path / "run")
-    got = json.loads((tmp_path / "run" / "eval.json").read_text())
+    written = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluate_run(tmp_path / "run", write=False) == written  # `darkstore eval` of the finished run
+    got, teachers = written["metrics"], written["teacher_metrics"]
     reader = open_store(stores["dense"])
     _, ev = sequence_split(reader, 0.2, None)
     f = reader.read(ev, ["tokens", "loss_mask", "logits"])
@@ -96,16 +99,18 @@ def test_lm_evaluation_matches_a_float64_recomputation(stores, tmp_path):
     logq = logq[torch.from_numpy(keep)]
     logp = torch.log_softmax(torch.from_numpy(f["logits"]).double(), -1)[torch.from_numpy(keep)]
     nll = -logq.gather(1, y[:, None]).mean().item()
-    assert got["positions"] == int(keep.sum())
+    assert written["positions"] == int(keep.sum()) and written["rows"] == len(ev)
     assert math.isclose(got["perplexity"], math.exp(nll), rel_tol=1e-5)
     assert math.isclose(got["top1"], (logq.argmax(1) == y).double().mean().item(), abs_tol=1e-9)
     assert math.isclose(got["agreement"], (logq.argmax(1) == logp.argmax(1)).double().mean().item(), abs_tol=1e-9)
-    assert math.isclose(got["teacher_perplexity"], math.exp(-logp.gather(1, y[:, None]).mean().item()),
+    assert math.isclose(teachers["perplexity"], math.exp(-logp.gather(1, y[:, None]).mean().item()),
                         rel_tol=1e-5)
     seq = reader.meta.sequence
     assert math.isclose(got["bits_per_byte"], nll / math.log(2) / (seq.text_bytes / seq.positions), rel_tol=1e-5)
     assert r.final["perplexity"] == pytest.approx(got["perplexity"], rel=1e-9)
-    assert got["train_tokens_per_second"] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tokens"] > 0 and summary["tokens_per_second"] > 0
+    assert written["compression"]["teachers"]["params"] > written["compression"]["student"]["params"]
 
 
 def test_a_transformers_student_built_from_its_config_trains_on_jsd(lm_kit, stores, tmp_path):
@@ -121,9 +126,10 @@ def test_a_transformers_student_built_from_its_config_trains_on_jsd(lm_kit, stor
     cfg = TrainConfig(student=spec, temperature=1.0, loss="jsd", alpha=0.5, epochs=1, batch_size=16)
     r = train(cfg, stores["topk"], tmp_path / "run", eval_store=stores["dense"])
     got = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert got["teacher_perplexity_source"].startswith("the eval store's generation")
-    assert got["teacher_perplexity"] == pytest.approx(open_store(stores["dense"]).perplexity()["ensemble"])
+    assert got["teacher_metrics"]["source"].startswith("the eval store's generation")
+    assert got["teacher_metrics"]["perplexity"] == pytest.approx(open_store(stores["dense"]).perplexity()["ensemble"])
     assert got["positions"] == int(open_store(stores["dense"]).meta.sequence.positions)
+    assert evaluate_run(tmp_path / "run", write=False)["metrics"] == got["metrics"]  # reloaded from student/
     assert r.num_params > 0 and json.loads((tmp_path / "run" / "summary.json").read_text())["loss_divergence"] == "jsd"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
