@@ -72,3 +72,32 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> [B, T, vocabulary] logits."""
         return self.head(self.hidden(idx))
+
+
+def to_gpt2(model: GPT, *, eos_id: int | None = None):
+    """The same network as a ``transformers`` ``GPT2LMHeadModel`` (exact GELU, no dropout, an untied head), so
+    that a built-in GPT student loads with ``AutoModelForCausalLM``: GPT-2's blocks are these blocks, its
+    ``Conv1D`` weights the transposes of these ``Linear`` ones."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    width, blocks = model.wte.embedding_dim, list(model.blocks)
+    cfg = GPT2Config(vocab_size=model.wte.num_embeddings, n_positions=model.block_size, n_embd=width,
+                     n_layer=len(blocks), n_head=blocks[0].heads if blocks else 1, activation_function="gelu",
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.ln_f.eps,
+                     tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id)
+    state = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.wpe.weight,
+             "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": model.ln_f.bias,
+             "lm_head.weight": model.lm_head.weight}
+    for i, b in enumerate(blocks):
+        pairs = {"ln_1": b.ln1, "ln_2": b.ln2, "attn.c_attn": b.qkv, "attn.c_proj": b.proj, "mlp.c_fc": b.mlp[0],
+                 "mlp.c_proj": b.mlp[2]}
+        for name, m in pairs.items():
+            conv = isinstance(m, nn.Linear)
+            state[f"transformer.h.{i}.{name}.weight"] = m.weight.t() if conv else m.weight
+            state[f"transformer.h.{i}.{name}.bias"] = m.bias
+    out = GPT2LMHeadModel(cfg)
+    missing, unexpected = out.load_state_dict({k: v.detach().clone().contiguous() for k, v in state.items()},
+                                              strict=False)
+    if unexpected or any(not k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing):
+        raise RuntimeError(f"GPT-2 layout mismatch: missing {missing}, unexpected {unexpected}")
+    return out.eval()

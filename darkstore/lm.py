@@ -172,10 +172,9 @@ def _load_transformers(spec: ModelSpec, *, allow_code: bool, roots: Sequence[str
                                   "(auto_map); enable it with --allow-code (CLI) or DARKSTORE_ALLOW_CODE=true (service)")
     try:
         from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise SpecError("format transformers needs the transformers package: pip install 'darkstore[lm]'") from exc
-    hf_logging.disable_progress_bar()  # darkstore reports its own progress
+    quiet_transformers()
     try:
         module = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
                                                       trust_remote_code=allow_code, dtype=torch.float32)
@@ -187,6 +186,13 @@ def _load_transformers(spec: ModelSpec, *, allow_code: bool, roots: Sequence[str
     vocab = int(module.get_output_embeddings().weight.shape[0])
     limit = next((int(config[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx") if config.get(k)), None)
     return LanguageModel(loaded, vocab, limit, tokenizer_path(spec, roots), "transformers")
+
+
+def quiet_transformers() -> None:
+    """No progress bars from transformers' loading and saving: darkstore reports its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -286,6 +292,7 @@ def _transformers_from_config(spec: ModelSpec, folder: Path, *, allow_code: bool
                                   "(auto_map); enable it with --allow-code")
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    quiet_transformers()
     try:
         cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=allow_code)
         module = AutoModelForCausalLM.from_config(cfg, trust_remote_code=allow_code, dtype=torch.float32)

@@ -932,7 +932,8 @@ def _print_confusion(matrix: list[list[int]], class_names: list[str] | None, top
 @app.command(cls=_Command)
 def export(
     run: Annotated[Path, typer.Argument(help="a finished run directory")],
-    format_: Annotated[list[str], typer.Option("--format", help="safetensors | torchscript | onnx (repeatable)")],
+    format_: Annotated[list[str], typer.Option("--format", help="safetensors | torchscript | onnx; a language "
+                                                "model's run: safetensors | transformers (repeatable)")],
     out_: Annotated[Optional[Path], typer.Option("--out", help="folder (default RUN/export/FORMAT)")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow a student (or transfer set) built by a module:function factory", metavar="")] = False,
 ):

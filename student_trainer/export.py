@@ -100,7 +100,10 @@ def _compare(ref_fn: Callable[[torch.Tensor], torch.Tensor], got_fn: Callable[[t
 def export_run(run: str | Path, fmt: str, out: str | Path | None = None, allow_code: bool = False) -> ExportResult:
     """Export a finished run's student as ``fmt``, reload the file and compare it with the student on the run's
     own inputs. ``allow_code`` as for training: a student built by a factory (or a transfer set made by one)
-    runs that code here too."""
+    runs that code here too. A language model's run: :func:`export_lm_run`."""
+    summary_path = Path(run) / "summary.json"
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("modality") == "tokens":
+        return export_lm_run(Path(run), fmt, out, allow_code)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     run = Path(run)
@@ -142,5 +145,61 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None, allow_c
         got = (lambda b: sess.run(None, {"input": b.numpy()})[0])  # noqa: E731
     diff, tol, sizes = _compare(wrapped, got, x, f"{fmt} export {path}")
     result = ExportResult(fmt, path, diff, tol, sizes, path.stat().st_size)
+    (out / "export.json").write_text(json.dumps(result.to_json(), indent=2))
+    return result
+
+
+#: what a language-model student exports as: its weights with a darkstore spec, or a directory transformers loads
+LM_FORMATS = ("safetensors", "transformers")
+
+
+def export_lm_run(run: Path, fmt: str, out: str | Path | None = None, allow_code: bool = False) -> ExportResult:
+    """A language-model run's student as safetensors (weights and ``student.json``, which ``darkstore`` loads)
+    or as a ``transformers`` directory (``AutoModelForCausalLM`` and ``AutoTokenizer`` load it; the built-in GPT
+    becomes a ``GPT2LMHeadModel``), reloaded and compared with the student's logits on the store's first
+    rows. A transformers student exports as its directory in both formats."""
+    from darkstore.lm import load_student, quiet_transformers
+    from storage import open_store
+
+    from .lm_train import TokenStudent, copy_tokenizer, load_run_lm
+
+    if fmt not in LM_FORMATS:
+        raise ExportError(f"a language-model run exports as {' or '.join(LM_FORMATS)}; {fmt!r} is for class "
+                          "students")
+    quiet_transformers()
+    summary = json.loads((run / "summary.json").read_text())
+    reader = open_store(summary["store"], allow_incomplete=True)
+    seq = reader.meta.sequence
+    student = load_run_lm(run, summary, seq.tokenizer, seq.length, allow_code=allow_code)
+    rows = reader.finished_rows()[:CHECK_ROWS]
+    x = torch.from_numpy(reader.read(rows, ["tokens"])["tokens"][:, :-1].astype(np.int64))
+    out = Path(out) if out is not None else run / "export" / fmt
+    out.mkdir(parents=True, exist_ok=True)
+    v = seq.tokenizer.vocab_size
+    if fmt == "safetensors" and student.lm.kind == "gpt":
+        path = out / "student.safetensors"
+        shutil.copyfile(run / "student.safetensors", path)
+        doc = {**summary["student"], "weights": path.name}
+        (out / "student.json").write_text(json.dumps(doc, indent=2))
+        spec = ModelSpec.model_validate(doc).rebased(out)
+        again = TokenStudent(load_student(spec, seq.tokenizer, length=seq.length, allow_code=allow_code), v).eval()
+        got = (lambda b: again.head(again(b)))  # noqa: E731
+    else:
+        path = out
+        if student.lm.kind == "gpt":
+            from darkstore.gpt import to_gpt2
+
+            to_gpt2(student.student, eos_id=seq.tokenizer.eos_id).save_pretrained(str(out), safe_serialization=True)
+        else:
+            student.student.save_pretrained(str(out), safe_serialization=True)
+        copy_tokenizer(seq.tokenizer.path, out)
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, use_safetensors=True,
+                                                  dtype=torch.float32).eval()
+        got = (lambda b: hf(input_ids=b).logits[..., :v])  # noqa: E731
+    diff, tol, sizes = _compare(lambda b: student.head(student(b)), got, x, f"{fmt} export {path}")
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+    result = ExportResult(fmt, path, diff, tol, sizes, size)
     (out / "export.json").write_text(json.dumps(result.to_json(), indent=2))
     return result

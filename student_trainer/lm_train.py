@@ -170,10 +170,7 @@ class LMRecipe(_Recipe):
         if self.wrapped.lm.kind == "transformers":
             folder = self.out / "student"
             self.model.save_pretrained(str(folder), safe_serialization=True)
-            tok = Path(self.meta.sequence.tokenizer.path)
-            for f in (tok.glob("tokenizer*.json") if tok.is_dir() else [tok]):
-                if f.is_file():
-                    shutil.copy(f, folder / f.name)
+            copy_tokenizer(self.meta.sequence.tokenizer.path, folder)
         return digest
 
     def epoch_extra(self, seen: float, seconds: float) -> dict[str, Any]:
@@ -193,6 +190,15 @@ class LMRecipe(_Recipe):
                 "sequence": {"length": seq.length, "vocab_size": seq.tokenizer.vocab_size,
                              "tokenizer_fingerprint": seq.tokenizer.fingerprint},
                 "loss_divergence": self.divergence, "target_form": self.form}
+
+
+def copy_tokenizer(path: str, folder: Path) -> None:
+    """The store's tokenizer files (``tokenizer.json``, ``tokenizer_config.json``) into ``folder``, so that
+    ``AutoTokenizer`` loads it from there."""
+    tok = Path(path)
+    for f in (tok.glob("tokenizer*.json") if tok.is_dir() else [tok]):
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
 
 
 def form_head(values: torch.Tensor, meta) -> torch.Tensor:

@@ -20,7 +20,9 @@ from storage import open_store
 from storage.errors import SchemaError
 from student_trainer import objectives
 from student_trainer.config import TrainConfig, default_temperature
+from student_trainer.errors import ExportError
 from student_trainer.evaluate import evaluate_run
+from student_trainer.export import export_run
 from student_trainer.lm_train import check_eval_store, sequence_split
 from student_trainer.train import train
 from teacher_service.generate import generate
@@ -77,6 +79,21 @@ def test_a_gpt_student_resumes_mid_epoch_to_the_same_weights(stores, tmp_path):
     mask = open_store(stores["topk"]).read(np.arange(open_store(stores["topk"]).meta.num_rows), ["loss_mask"])
     assert rows[0]["tokens"] < mask["loss_mask"].sum() and rows[0]["tokens"] > 0.8 * mask["loss_mask"].sum()
     assert n_train and ref.final["perplexity"] > 1
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for fmt in ("safetensors", "transformers"):  # `darkstore export`: reloaded and compared by the export itself
+        e = export_run(tmp_path / "run", fmt)
+        assert e.max_abs_diff <= e.tolerance
+    hf = AutoModelForCausalLM.from_pretrained(str(e.path), local_files_only=True)
+    model = GPT(V, **GPT_KW).eval()
+    model.load_state_dict(b)
+    x = torch.from_numpy(open_store(stores["topk"]).read(np.arange(4), ["tokens"])["tokens"][:, :-1].astype(np.int64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, model(x), rtol=1e-5, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(str(e.path)).vocab_size == V
+    with pytest.raises(ExportError, match="exports as safetensors or transformers"):
+        export_run(tmp_path / "run", "onnx")
 
 
 def test_lm_evaluation_matches_a_float64_recomputation(stores, tmp_path):
