@@ -24,12 +24,38 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from student_trainer.errors import RunDirError
 
-from .sweep import METRICS, format_metric, group_table, markdown_table, mean_std
+from .sweep import LM_METRICS, METRICS, format_metric, group_table, markdown_table, mean_std
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The held-out metric a report plots and ranks runs by: accuracy for classes, perplexity for language
+    models (lower is better)."""
+    key: str
+    label: str
+    higher_is_better: bool
+    percent: bool
+
+    def shown(self, v: float | None) -> float:
+        return math.nan if v is None else (100 * v if self.percent else v)
+
+    @property
+    def axis(self) -> str:
+        return f"{self.label} (%)" if self.percent else self.label
+
+
+ACCURACY = Headline("accuracy", "held-out accuracy", True, True)
+PERPLEXITY = Headline("perplexity", "held-out perplexity", False, False)
+
+
+def headline_of(runs: list[dict[str, Any]]) -> Headline:
+    return PERPLEXITY if any(r["summary"].get("modality") == "tokens" for r in runs) else ACCURACY
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -91,7 +117,7 @@ def _objective(config: dict[str, Any]) -> str:
     return "α·T²·KL + (1−α)·CE"
 
 
-def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str]) -> dict[str, Any]:
+def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str], head: Headline = ACCURACY) -> dict[str, Any]:
     """Held-out accuracy, one line per run (runs that differ only by seed share a colour), and the training loss
     in one panel per objective (hard-label CE and α·T²·KL + (1−α)·CE are not on one scale)."""
     plt = _plots()
@@ -105,15 +131,15 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, axes: list[str]) -> dict
         first = g not in groups
         colour = f"C{groups.setdefault(g, len(groups)) % 10}"
         ep = [h["epoch"] for h in r["history"]]
-        acc = [h.get("eval_accuracy") for h in r["history"]]
+        acc = [h.get(f"eval_{head.key}") for h in r["history"]]
         loss = [h["train_loss"] for h in r["history"]]
-        series[r["name"]] = {"epoch": ep, "eval_accuracy": acc, "train_loss": loss,
+        series[r["name"]] = {"epoch": ep, f"eval_{head.key}": acc, "train_loss": loss,
                              "objective": _objective(r["config"]), "same_as": r.get("aliases", [])}
         label = (g + (f" (= {', '.join(r['aliases'])})" if r.get("aliases") else "")) if first else None
         if any(a is not None for a in acc):
-            a1.plot(ep, [100 * a if a is not None else math.nan for a in acc], lw=1, color=colour, label=label)
+            a1.plot(ep, [head.shown(a) for a in acc], lw=1, color=colour, label=label)
         loss_axes[_objective(r["config"])].plot(ep, loss, lw=1, color=colour)
-    a1.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="learning curves")
+    a1.set(xlabel="epoch", ylabel=head.axis, title="learning curves")
     for name, ax in loss_axes.items():
         ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title=f"training loss: {name}")
         _plain_log_ticks(ax)
@@ -140,16 +166,16 @@ def _plain_log_ticks(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _mean_points(runs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+def _mean_points(runs: list[dict[str, Any]], key: str, head: Headline = ACCURACY) -> list[dict[str, Any]]:
     pts = []
     for v in sorted({r["config"][key] for r in runs}):
-        accs = [r["summary"]["final"].get("accuracy") for r in runs if r["config"][key] == v]
+        accs = [r["summary"]["final"].get(head.key) for r in runs if r["config"][key] == v]
         mu, sd = mean_std(accs)
         pts.append({"value": v, "mean": mu, "std": sd, "n": len(accs)})
     return pts
 
 
-def plot_hyper(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
+def plot_hyper(runs: list[dict[str, Any]], path: Path, head: Headline = ACCURACY) -> dict[str, Any]:
     """Accuracy against T, one line per α, and against α, one line per T (mean ± std over the runs that share
     both values, n beside each point). T does nothing at α = 0 (hard labels only): those runs are one
     horizontal band on the T panel, and the shared α = 0 point on every line of the α panel."""
@@ -164,23 +190,23 @@ def plot_hyper(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
         lines: dict[str, Any] = {}
         if key == "temperature":
             if hard:
-                mu, sd = mean_std([r["summary"]["final"].get("accuracy") for r in hard])
-                ax.axhline(100 * mu, color="k", ls="--", lw=1, label=f"α = 0: T unused (n = {len(hard)})")
-                ax.axhspan(100 * (mu - sd), 100 * (mu + sd), color="k", alpha=0.08)
+                mu, sd = mean_std([r["summary"]["final"].get(head.key) for r in hard])
+                ax.axhline(head.shown(mu), color="k", ls="--", lw=1, label=f"α = 0: T unused (n = {len(hard)})")
+                ax.axhspan(head.shown(mu - sd), head.shown(mu + sd), color="k", alpha=0.08)
                 lines["alpha=0"] = {"mean": mu, "std": sd, "n": len(hard), "temperature": "unused"}
             for i, a in enumerate(a for a in alphas if a != 0):
-                pts = _mean_points([r for r in runs if r["config"]["alpha"] == a], "temperature")
+                pts = _mean_points([r for r in runs if r["config"]["alpha"] == a], "temperature", head)
                 lines[f"alpha={a:g}"] = pts
-                _errorbar(ax, pts, f"α = {a:g}", f"C{i % 10}")
-            ax.set(xlabel="temperature T", title="accuracy vs T, one line per α")
+                _errorbar(ax, pts, f"α = {a:g}", f"C{i % 10}", head)
+            ax.set(xlabel="temperature T", title=f"{head.key} vs T, one line per α")
         else:
             for i, t in enumerate(temps):
                 pts = _mean_points([r for r in runs if r["config"]["temperature"] == t or r["config"]["alpha"] == 0],
-                                   "alpha")
+                                   "alpha", head)
                 lines[f"T={t:g}"] = pts
-                _errorbar(ax, pts, f"T = {t:g}", f"C{i % 10}")
-            ax.set(xlabel="α (weight of the soft term)", title="accuracy vs α, one line per T")
-        ax.set(ylabel="held-out accuracy (%)")
+                _errorbar(ax, pts, f"T = {t:g}", f"C{i % 10}", head)
+            ax.set(xlabel="α (weight of the soft term)", title=f"{head.key} vs α, one line per T")
+        ax.set(ylabel=head.axis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         data[key] = lines
@@ -190,9 +216,9 @@ def plot_hyper(runs: list[dict[str, Any]], path: Path) -> dict[str, Any]:
     return data
 
 
-def _errorbar(ax, pts: list[dict[str, Any]], label: str, colour: str) -> None:
-    xs, ys = [p["value"] for p in pts], [100 * p["mean"] for p in pts]
-    ax.errorbar(xs, ys, yerr=[100 * p["std"] for p in pts], marker="o", capsize=4, label=label, color=colour)
+def _errorbar(ax, pts: list[dict[str, Any]], label: str, colour: str, head: Headline = ACCURACY) -> None:
+    xs, ys = [p["value"] for p in pts], [head.shown(p["mean"]) for p in pts]
+    ax.errorbar(xs, ys, yerr=[head.shown(p["std"]) for p in pts], marker="o", capsize=4, label=label, color=colour)
     for x, y, p in zip(xs, ys, pts):
         ax.annotate(f"n={p['n']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6, color=colour)
 
@@ -256,6 +282,25 @@ def student_vs_teachers(run: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def lm_vs_teachers(run: dict[str, Any]) -> list[dict[str, str]]:
+    """A language-model student beside its teachers: perplexity, bits per byte, top-1, agreement, sizes."""
+    ev = run["eval"]
+    m, tm, comp = ev["metrics"], ev["teacher_metrics"], ev["compression"]
+    st, te = comp["student"], comp["teachers"]
+    pct = lambda v: _num(None if v is None else 100 * v, ".2f")  # noqa: E731
+    return [
+        {"": "held-out perplexity", "student": _num(m.get("perplexity"), ".3f"),
+         "teachers": _num(tm.get("perplexity"), ".3f")},
+        {"": "bits per byte", "student": _num(m.get("bits_per_byte"), ".4f"),
+         "teachers": _num(tm.get("bits_per_byte"), ".4f")},
+        {"": "top-1, next token (%)", "student": pct(m.get("top1")), "teachers": "—"},
+        {"": "agreement with teachers (%)", "student": pct(m.get("agreement")), "teachers": "100.00"},
+        {"": "parameters", "student": f"{st['params']:,}", "teachers": f"{te['params']:,} ({te['members']} members)"},
+        {"": "size on disk (KiB)", "student": _num(st.get("size_bytes") and st["size_bytes"] / 1024, ".1f"),
+         "teachers": _num(te.get("size_bytes") and te["size_bytes"] / 1024, ".1f")},
+    ]
+
+
 def _md_table(rows: list[dict[str, str]]) -> str:
     head = list(rows[0])
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -270,31 +315,48 @@ def _html_table(rows: list[dict[str, str]]) -> str:
 
 
 def best_setting(runs: list[dict[str, Any]], flat: list[dict[str, Any]], table: list[dict[str, Any]],
-                 axes: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """The setting (every axis but the seed) with the best mean held-out accuracy over its seeds, and the run
-    of it shown in detail: the one whose accuracy is nearest that mean (one seed's luck picks neither)."""
+                 axes: list[str], head: Headline = ACCURACY) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The setting (every axis but the seed) with the best mean of the headline metric over its seeds, and the
+    run of it shown in detail: the one nearest that mean (one seed's luck picks neither)."""
     keys = [a for a in axes if a != "seed"]
-    scored = [row for row in table if row.get("accuracy_mean") is not None and not math.isnan(row["accuracy_mean"])]
+    mean, std = f"{head.key}_mean", f"{head.key}_std"
+    scored = [row for row in table if row.get(mean) is not None and not math.isnan(row[mean])]
     if not scored:
         return None, runs[0]
-    top = max(scored, key=lambda row: row["accuracy_mean"])
+    top = (max if head.higher_is_better else min)(scored, key=lambda row: row[mean])
     members = [(r, f) for r, f in zip(runs, flat) if all(json.dumps(f.get(k), sort_keys=True) ==
                                                           json.dumps(top.get(k), sort_keys=True) for k in keys)]
-    shown = min(members, key=lambda rf: abs((rf[1]["accuracy"] or 0) - top["accuracy_mean"]))[0]
-    setting = {**{k: top.get(k) for k in keys}, "n": top["n"], "accuracy_mean": top["accuracy_mean"],
-               "accuracy_std": top["accuracy_std"]}
+    shown = min(members, key=lambda rf: abs((rf[1][head.key] or 0) - top[mean]))[0]
+    setting = {**{k: top.get(k) for k in keys}, "n": top["n"], mean: top[mean], std: top[std]}
     return setting, shown
 
 
-def _best_sentence(setting: dict[str, Any] | None, shown: dict[str, Any]) -> str:
+def _best_sentence(setting: dict[str, Any] | None, shown: dict[str, Any], head: Headline = ACCURACY) -> str:
     if setting is None:
-        return "No run has a held-out accuracy."
-    what = ", ".join(f"{k}={_label(v)}" for k, v in setting.items()
-                     if k not in ("n", "accuracy_mean", "accuracy_std")) or "the runs"
-    spread = f" ± {100 * setting['accuracy_std']:.2f}" if setting["n"] > 1 else ""
-    return (f"Best setting by mean held-out accuracy over its {setting['n']} seed(s): **{what}** "
-            f"({100 * setting['accuracy_mean']:.2f}{spread} %); its run nearest that mean, {shown['name']}, is the "
-            "one shown in detail below.")
+        return f"No run has a {head.label}."
+    mean, std = f"{head.key}_mean", f"{head.key}_std"
+    what = ", ".join(f"{k}={_label(v)}" for k, v in setting.items() if k not in ("n", mean, std)) or "the runs"
+    unit, fmt = (" %", ".2f") if head.percent else ("", ".3f")
+    spread = f" ± {format(head.shown(setting[std]), fmt)}" if setting["n"] > 1 else ""
+    return (f"Best setting by mean {head.label} over its {setting['n']} seed(s): **{what}** "
+            f"({format(head.shown(setting[mean]), fmt)}{spread}{unit}); its run nearest that mean, {shown['name']}, "
+            "is the one shown in detail below.")
+
+
+def _figures(runs: list[dict[str, Any]], best: dict[str, Any], out: Path, axes: list[str],
+             head: Headline) -> tuple[dict[str, Any], list[str]]:
+    """The report's plots (PNG files in ``out``) and tables, with every number they show; the image names."""
+    data: dict[str, Any] = {"curves": plot_curves(runs, out / "curves.png", axes, head)}
+    images = ["curves.png"]
+    if len({(r["config"]["temperature"], r["config"]["alpha"]) for r in runs}) > 1:  # else nothing to plot against
+        data["hyper"] = plot_hyper(runs, out / "hyper.png", head)
+        images.append("hyper.png")
+    if best["eval"] and best["eval"].get("reliability"):
+        data["reliability"] = plot_reliability(best, out / "reliability.png")
+        images.append("reliability.png")
+    if best["eval"]:
+        data["student_vs_teachers"] = (lm_vs_teachers(best) if head is PERPLEXITY else student_vs_teachers(best))
+    return data, images
 
 
 def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None = None) -> Path:
@@ -309,26 +371,22 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
     out = Path(out) if out is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     axes = _varying(runs)
+    head = headline_of(runs)
+    metrics = LM_METRICS if head is PERPLEXITY else METRICS
     flat = [{"run": r["name"], **{a: (_label(v) if isinstance(v := r["config"].get(a), dict) else v) for a in axes},
-             **{m: r["summary"]["final"].get(m) for m in METRICS}} for r in runs]
+             **{m: r["summary"]["final"].get(m) for m in metrics}} for r in runs]
     table = group_table(flat, axes)
-    setting, best = best_setting(runs, flat, table, axes)
-    data: dict[str, Any] = {"runs": [r["name"] for r in runs], "best": best["name"], "best_setting": setting,
-                            "axes": axes, "curves": plot_curves(runs, out / "curves.png", axes), "table": table}
-    images = ["curves.png"]
-    if len({(r["config"]["temperature"], r["config"]["alpha"]) for r in runs}) > 1:  # else nothing to plot against
-        data["hyper"] = plot_hyper(runs, out / "hyper.png")
-        images.append("hyper.png")
-    if best["eval"]:
-        data["reliability"] = plot_reliability(best, out / "reliability.png")
-        images.append("reliability.png")
-        data["student_vs_teachers"] = student_vs_teachers(best)
+    setting, best = best_setting(runs, flat, table, axes, head)
+    data, images = _figures(runs, best, out, axes, head)
+    data = {"runs": [r["name"] for r in runs], "best": best["name"], "best_setting": setting, "axes": axes,
+            "table": table, **data}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
 
     title = f"darkstore report: {root.resolve().name}"
     store = runs[0]["summary"]["store"]
-    intro = f"{len(runs)} run(s) distilled from `{store}`. " + _best_sentence(setting, best)
-    captions = {"curves.png": "Learning curves", "hyper.png": "Accuracy against temperature and α (mean ± std)",
+    intro = f"{len(runs)} run(s) distilled from `{store}`. " + _best_sentence(setting, best, head)
+    captions = {"curves.png": "Learning curves",
+                "hyper.png": f"{head.label.capitalize()} against temperature and α (mean ± std)",
                 "reliability.png": f"Reliability diagram: {best['name']} and the teacher ensemble"}
     if fmt == "md":
         parts = [f"# {title}\n", intro + "\n"]
@@ -344,7 +402,7 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
             return f'<figure><img alt="{html.escape(captions[name])}" src="data:image/png;base64,{b}"><figcaption>{html.escape(captions[name])}</figcaption></figure>'
 
         res_rows = [{**{a: str(r[a]) for a in axes if a != "seed"}, "n": str(r["n"]),
-                     **{f"{m} (mean ± std)": format_metric(m, r[m + "_mean"], r[m + "_std"]) for m in METRICS}}
+                     **{f"{m} (mean ± std)": format_metric(m, r[m + "_mean"], r[m + "_std"]) for m in metrics}}
                     for r in table]
         body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro).replace('**', '')}</p>"]
         if data.get("student_vs_teachers"):

@@ -199,3 +199,11 @@ def test_a_sweep_of_lm_students_trains_them_together_and_tables_perplexity(store
     point = json.loads((tmp_path / "out" / "runs" / "loss=reverse-kl_alpha=0.5" / "summary.json").read_text())
     assert point["config"]["temperature"] == 1.0  # the store's default T
     assert point["final"]["perplexity"] == pytest.approx(alone.final["perplexity"], rel=1e-6)
+    from student_trainer.report import make_report
+
+    page = make_report(tmp_path / "out", fmt="md").read_text()
+    assert "Best setting by mean held-out perplexity" in page and "| held-out perplexity |" in page
+    best = json.loads((tmp_path / "out" / "report" / "report.json").read_text())["best_setting"]
+    ppl = {o.point.config.loss: json.loads((tmp_path / "out" / "runs" / o.point.name / "summary.json").read_text())
+           ["final"]["perplexity"] for o in r.outcomes}
+    assert best["loss"] == min(ppl, key=ppl.get)  # the lower perplexity is the better
