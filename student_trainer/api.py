@@ -14,6 +14,12 @@ streamed with their inputs, and Hinton's loss against them — the same loader, 
             loss = targets.loss(model(batch.x), batch, alpha=0.9)
             ...
 
+A language model's store (per-token targets) works the same way: ``batch.x`` is [B, L] token ids,
+``batch.labels`` [B, L] the next tokens (−1 where no loss), and :meth:`SoftTargets.loss` takes the student's
+[B, L, V] logits (or, memory-bounded, :meth:`SoftTargets.loss_from_hidden` its hidden states and output head).
+:meth:`SoftTargets.fields` gives a batch as a dict (``input_ids``, ``labels`` and the stored targets) for loops
+that pass dicts around, such as a Hugging Face ``Trainer``; ``loss`` takes that dict too.
+
 Names here are the stable surface; everything they call may change between releases.
 """
 
@@ -29,7 +35,10 @@ from darkstore.data import TransferSet, open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from storage import StoreReader, open_store
 
-from . import losses, objectives
+from . import losses, objectives, token_losses
+from .config import default_temperature
+from .lm_eval import teacher_top1
+from .lm_train import batch_fields, sequence_split, token_targets
 from .loader import Batch, StudentLoader, make_loader
 from .retemper import plan
 from .train import eval_split, open_checked, teacher_view
@@ -42,9 +51,11 @@ class SoftTargets:
     ``data``: the transfer set (default: the one the store records), checked against the store's fingerprint.
     ``temperature``: the T of the soft term; the store's re-temperature plan says how exactly its targets give
     the teachers' distribution at that T (:meth:`describe`). ``members``: re-temperature from each member's
-    kept logits when the store has them (exact for arithmetic means); default as the trainer chooses."""
+    kept logits when the store has them (exact for arithmetic means); default as the trainer chooses.
+    ``temperature`` defaults as ``darkstore train``'s does: 4 for classes, 1 for a language model's store (a
+    sampled store's own T)."""
 
-    def __init__(self, store: str | Path | StoreReader, *, temperature: float = 4.0,
+    def __init__(self, store: str | Path | StoreReader, *, temperature: float | None = None,
                  data: TransferSet | str | Path | dict | None = None, allow_incomplete: bool = False,
                  allow_code: bool = False, roots: Sequence[str | Path] | None = None,
                  members: bool | None = None, fingerprints: FingerprintPolicy | None = None):
@@ -53,8 +64,10 @@ class SoftTargets:
         self.allow_code, self.roots = allow_code, roots
         if data is not None and not isinstance(data, TransferSet):
             data = open_transfer_set(data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
-        self.data = open_checked(self.reader, data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
-        self.temperature = float(temperature)
+        self.sequence = self.meta.sequence is not None  # token rows: their own inputs, no transfer set
+        self.data = None if self.sequence else open_checked(self.reader, data, allow_code=allow_code, roots=roots,
+                                                            fingerprints=fingerprints)
+        self.temperature = float(default_temperature(self.meta) if temperature is None else temperature)
         self.plan = plan(self.meta, self.temperature, use_members=members)
 
     @property
@@ -68,6 +81,8 @@ class SoftTargets:
     def split(self, holdout: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
         """(train rows, eval rows): the store's committed rows with a fixed, seeded holdout (in a views store by
         sample, evaluating the held-out samples' clean views), as ``darkstore train`` splits them."""
+        if self.sequence:
+            return sequence_split(self.reader, holdout, None)
         return eval_split(self.reader, holdout, None)
 
     def loader(self, rows: np.ndarray | None = None, *, batch_size: int = 128, seed: int = 0, shuffle: bool = True,
@@ -93,15 +108,46 @@ class SoftTargets:
         return self.plan(batch.logits.float(), None if batch.members is None else batch.members.float())
 
     def teacher_argmax(self, batch: Batch) -> torch.Tensor:
-        """[B] the teachers' top class (any target form), e.g. for agreement."""
+        """[B] the teachers' top class (any target form), e.g. for agreement; a language model's store: [B, L]
+        their most likely next token at every position (a sampled store: the most drawn one)."""
+        if self.sequence:
+            fields = batch_fields(batch)
+            flat = {k: v.flatten(0, 1) for k, v in fields.items()}
+            return teacher_top1(flat, self.meta).view(batch.labels.shape)
         return teacher_view(batch, self.meta).argmax(-1)
+
+    def fields(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """A language model's batch as a dict: ``input_ids`` [B, L], ``labels`` [B, L] (−1: no loss) and the
+        stored target fields by name (what :meth:`loss` also takes)."""
+        return {"input_ids": batch.x, "labels": batch.labels, **batch_fields(batch)}
 
     def loss(self, student_logits: torch.Tensor, batch: Batch, *, alpha: float = 0.9,
              topk_loss: str = "bucket") -> torch.Tensor:
         """Hinton's ``α·T²·KL(teachers ‖ student) + (1−α)·CE`` over the batch — what ``darkstore train --loss kl``
         minimises, for any target form (dense, top-k, sampled) and mixed views; at α = 0 labeled rows take the
-        hard-label term alone (unlabeled rows always take the soft term)."""
+        hard-label term alone (unlabeled rows always take the soft term). A language model's store: the
+        student's [B, L, V] logits, the mean over positions with a loss (:meth:`loss_from_hidden`)."""
+        if self.sequence:
+            return self.loss_from_hidden(student_logits, lambda z: z, batch, alpha=alpha, topk_loss=topk_loss)
         return objectives.kd(objectives.Step(student_logits, batch, self.temperature, alpha, topk_loss, self.plan))
+
+    def loss_from_hidden(self, hidden: torch.Tensor, head, batch: Batch | dict[str, torch.Tensor], *,
+                         alpha: float = 0.9, topk_loss: str = "bucket", divergence: str = "forward") -> torch.Tensor:
+        """A language model's per-token loss, what ``darkstore train`` minimises: the mean over positions with
+        a loss of ``α·T²·D(teachers, student) + (1−α)·CE(next token)``, from the student's hidden states
+        [B, L, H] and its output ``head`` ([n, H] -> [n, V]), made a slice of positions at a time so that
+        [B, L, V] logits never exist whole. ``divergence``: forward (KL), reverse or jsd
+        (:mod:`student_trainer.token_losses`). ``batch``: a :class:`Batch` or :meth:`fields`' dict."""
+        if not self.sequence:
+            raise ValueError("loss_from_hidden is for a language model's store; use loss() for classes")
+        labels = batch["labels"] if isinstance(batch, dict) else batch.labels
+        stored = ({k: v for k, v in batch.items() if k not in ("input_ids", "labels")} if isinstance(batch, dict)
+                  else batch_fields(batch))
+        form = self.meta.target_form if self.meta.target_form != "topk" else f"topk-{topk_loss}"
+        return token_losses.sliced_loss(hidden, head, labels, token_targets(stored, self.meta) if alpha else {},
+                                        vocab=self.meta.sequence.tokenizer.vocab_size, form=form,
+                                        temperature=self.temperature, alpha=alpha, kind=divergence,
+                                        teacher_logp=self.plan)
 
 
 kd_loss = losses.kd_loss

@@ -126,11 +126,7 @@ class LMRecipe(_Recipe):
     def step(self, b) -> None:
         """One optimiser step on a batch of token rows already on the device (inside :meth:`own_rng`)."""
         c = self.config
-        targets = {} if b.logits is None else {"logits": b.logits}
-        for k, v in (b.sparse or {}).items():
-            targets["head" if k == "topk_logits" else k] = v
-        if "head" in targets:
-            targets["head"] = form_head(targets["head"], self.meta)
+        targets = token_targets(batch_fields(b), self.meta)
         with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             hidden = self.net(b.x)
             alpha = 0.0 if self.divergence is None else c.alpha
@@ -201,11 +197,20 @@ def copy_tokenizer(path: str, folder: Path) -> None:
             shutil.copy(f, folder / f.name)
 
 
-def form_head(values: torch.Tensor, meta) -> torch.Tensor:
-    """A top-k store's kept values as floats (centred log space), whatever their stored encoding."""
+def batch_fields(b) -> dict[str, torch.Tensor]:
+    """A batch's stored per-position target fields by name ([B, L, ...] each)."""
+    return {"logits": b.logits} if b.logits is not None else dict(b.sparse or {})
+
+
+def token_targets(fields: dict[str, torch.Tensor], meta) -> dict[str, torch.Tensor]:
+    """The stored target fields as :mod:`.token_losses` reads them: a top-k store's values decoded to floats
+    (``head``, centred log space, whatever their stored encoding), the others as stored."""
     from storage.forms import form_of
 
-    return form_of(meta).head({"topk_logits": values}, meta)
+    out = {k: v for k, v in fields.items() if k != "topk_logits"}
+    if "topk_logits" in fields:
+        out["head"] = form_of(meta).head(fields, meta)
+    return out
 
 
 def token_eval_rows(reader, rows: np.ndarray, whole_store: bool) -> TokenEvalRows:

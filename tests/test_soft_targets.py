@@ -4,6 +4,7 @@ that use it."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,56 @@ def test_the_bring_your_own_loop_examples_learn_the_teachers(stores, example):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["agreement_after"] > out["agreement_before"] + 0.2, out
+
+
+@pytest.fixture(scope="module")
+def lm_store(lm_kit, tmp_path_factory):
+    from teacher_service.spec import JobSpec
+
+    root = tmp_path_factory.mktemp("soft-lm")
+    return generate(JobSpec.from_file(lm_kit["job"](root / "job.yaml", targets="topk:8")), root / "store").path
+
+
+def test_a_language_models_store_gives_per_token_targets_and_loss(lm_store):
+    """Token batches as a Trainer sees them; the loss from logits, from the dict and from hidden states and
+    the head are one number: the mean over positions with a loss of the top-k bucket KL mixed with CE, from
+    its definition in float64 (the stored values decoded)."""
+    from darkstore.gpt import GPT
+    from storage.forms import form_of
+
+    targets = SoftTargets(lm_store)
+    assert targets.temperature == 1.0 and "exact at T=1" in targets.describe()
+    train_rows, eval_rows = targets.split(0.1)
+    batch = next(targets.loader(train_rows, batch_size=8, seed=1).epoch(1))
+    torch.manual_seed(0)
+    model = GPT(512, block_size=32, n_layer=1, n_head=2, n_embd=16).double()
+    hidden = model.hidden(batch.x)
+    logits = model.head(hidden)
+    got = targets.loss(logits, batch, alpha=0.5).detach()
+    assert torch.equal(got, targets.loss(logits, targets.fields(batch), alpha=0.5).detach())
+    assert math.isclose(float(targets.loss_from_hidden(hidden, model.head, batch, alpha=0.5).detach()), float(got),
+                        rel_tol=1e-12)
+    keep = batch.labels >= 0
+    s, y = logits[keep], batch.labels[keep]
+    idx = batch.sparse["topk_index"][keep].long()
+    head = form_of(targets.meta).head({"topk_logits": batch.sparse["topk_logits"][keep]}, targets.meta).double()
+    tail = batch.sparse["tail_lse"][keep].double()
+    p = torch.softmax(torch.cat([head, tail[:, None]], -1), -1)
+    q_head = torch.softmax(s, -1).gather(1, idx)
+    q = torch.cat([q_head, 1 - q_head.sum(-1, keepdim=True)], -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    ce = torch.nn.functional.cross_entropy(s, y, reduction="none")
+    assert math.isclose(float(got), float((0.5 * kl + 0.5 * ce).mean().detach()), rel_tol=1e-9)
+    assert targets.teacher_argmax(batch).shape == batch.labels.shape
+
+
+def test_the_hugging_face_trainer_example_distills_a_language_model(lm_store):
+    """examples/hf_trainer_lm.py as users run it: a transformers Trainer with darkstore's batches and loss (the
+    soft term alone, α = 1) ends far closer to the teachers on held-out positions than it started (these
+    teachers are random, so their agreement says little; their KL does)."""
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer_lm.py"), "--store", str(lm_store),
+                        "--max-steps", "60", "--alpha", "1"], env=cli_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kl_after"] < out["kl_before"] / 4, out
