@@ -50,7 +50,8 @@ FORMS = ["topk:8", "topk:32", "topk:128", "topk:32/fp16", "sampled:8", "sampled:
 
 def setup(work: Path, a) -> dict:
     """Corpus, tokenizer and trained teachers (reused when ``work`` holds them for the same arguments)."""
-    key = json.dumps({k: getattr(a, k) for k in ("megabytes", "vocab", "length", "steps", "layers", "width")},
+    key = json.dumps({"teacher_recipe": 2,  # 2: lmkit.train_gpt warms the learning rate up
+                      **{k: getattr(a, k) for k in ("megabytes", "vocab", "length", "steps", "layers", "width")}},
                      sort_keys=True)
     stamp = work / "setup.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:

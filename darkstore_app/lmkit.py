@@ -91,7 +91,8 @@ def split_corpus(out: Path, megabytes: float = 1.0, held_out: float = 0.1, seed:
 
 def train_gpt(path: Path, rows: Any, vocab_size: int, *, steps: int = 300, batch: int = 32, lr: float = 3e-3,
               seed: int = 0, **config: Any) -> dict[str, Any]:
-    """A built-in GPT trained on token ``rows`` [N, L + 1] (next-token cross-entropy, AdamW, cosine decay) and
+    """A built-in GPT trained on token ``rows`` [N, L + 1] (next-token cross-entropy, AdamW, a linear warm-up over
+    a tenth of the steps then cosine decay) and
     saved as safetensors; returns its member spec. Minutes on a CPU at demo sizes."""
     import math
 
@@ -107,9 +108,11 @@ def train_gpt(path: Path, rows: Any, vocab_size: int, *, steps: int = 300, batch
     data = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
     model.train()
+    warm = max(1, steps // 10)  # a linear warm-up: without it small GPTs often stall on a plateau for a while
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = lr * ((step + 1) / warm if step < warm else
+                            0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
         b = data[torch.randint(len(data), (batch,), generator=gen)]
         loss = F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
