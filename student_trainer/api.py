@@ -41,7 +41,8 @@ from .lm_eval import teacher_top1
 from .lm_train import batch_fields, sequence_split, token_targets
 from .loader import Batch, StudentLoader, make_loader
 from .retemper import plan
-from .train import eval_split, open_checked, teacher_view
+from .eval_cache import eval_split, teacher_view
+from .recipe import open_checked
 
 
 class SoftTargets:

@@ -135,9 +135,9 @@ def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReade
                      latency: bool = True, allow_code: bool = False,
                      roots: Sequence[str | Path] | None = None, eval_rows: Any = None,
                      cache_dir: Path | None = None) -> dict[str, Any]:
-    """``eval_rows``: the same rows already read (a :class:`~student_trainer.train.EvalRows`), to reuse;
+    """``eval_rows``: the same rows already read (a :class:`~student_trainer.eval_cache.EvalRows`), to reuse;
     ``cache_dir``: where the teachers' measured cost is kept (:func:`teacher_cost`)."""
-    from .train import predict
+    from .eval_cache import predict
 
     s, t, y = predict(model, spec, eval_rows if eval_rows is not None else reader, data, rows, device)
     c = reader.meta.num_classes
@@ -183,7 +183,8 @@ def evaluate_run(run: str | Path, *, store: str | Path | None = None, data: Tran
     """Evaluate a finished run (its rows: the eval store, or the same holdout it trained with);
     ``fingerprints``: a :class:`~darkstore.fingerprint.FingerprintPolicy` for checking the transfer set;
     ``cache_dir``: where the teachers' measured cost is kept (:func:`teacher_cost`)."""
-    from .train import eval_split, open_checked
+    from .eval_cache import eval_split
+    from .recipe import open_checked
 
     run = Path(run)
     summary_path = run / "summary.json"

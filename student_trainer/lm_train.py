@@ -1,6 +1,6 @@
 """The recipe for language-model students: causal LMs trained on a sequence store's per-token targets.
 
-Everything that is not about tokens is the class recipe's (:class:`student_trainer.train._Recipe`): the run
+Everything that is not about tokens is the class recipe's (:class:`student_trainer.recipe.Recipe`): the run
 folder, checkpoints and mid-epoch resume, the loader (a sequence store's rows are their own inputs: the
 stored tokens), lockstep groups of students that share batches, DDP, tracking. This module adds what differs:
 the student (:func:`darkstore.lm.load_student`: the built-in GPT or a ``transformers`` causal LM), the per-token
@@ -26,7 +26,8 @@ from . import token_losses
 from .lm_eval import TokenEvalRows, evaluate_tokens, lm_report
 from .loader import window_chunks
 from .retemper import plan, unused
-from .train import HOLDOUT_SEED, _Recipe, check_device, plan_stages
+from .eval_cache import HOLDOUT_SEED
+from .recipe import Recipe, check_device, plan_stages
 
 #: --loss for a sequence store -> the divergence of the soft term (ce: next-token cross-entropy only)
 TOKEN_LOSSES = {"kl": "forward", "reverse_kl": "reverse", "jsd": "jsd", "ce": None}
@@ -75,7 +76,7 @@ def check_eval_store(meta, ev_meta, path) -> None:
                           "fingerprints differ")
 
 
-class LMRecipe(_Recipe):
+class LMRecipe(Recipe):
     """One language-model student's run (see the module docstring)."""
 
     stackable = False  # students step one by one (stacking is for the small class models)

@@ -30,10 +30,10 @@ from darkstore.models import logits_of, preprocess
 from . import objectives
 
 if TYPE_CHECKING:
-    from .train import _Recipe
+    from .recipe import Recipe
 
 
-def stack_key(r: "_Recipe") -> str | None:
+def stack_key(r: "Recipe") -> str | None:
     """Students with equal keys can be stacked; None: this one steps alone (two-stage objectives and
     regressor heads, fp16 loss scaling (skips steps per student), DDP)."""
     c = r.config
@@ -44,10 +44,10 @@ def stack_key(r: "_Recipe") -> str | None:
                        "device": r.device}, sort_keys=True)
 
 
-def stacks(group: list["_Recipe"], auto: bool = False) -> tuple[list["Stack | AutoStack"], list["_Recipe"]]:
+def stacks(group: list["Recipe"], auto: bool = False) -> tuple[list["Stack | AutoStack"], list["Recipe"]]:
     """``group`` split into stacks (two or more students with one :func:`stack_key`) and the students that
     step alone; ``auto``: each stack times its first steps both ways and keeps the faster (:class:`AutoStack`)."""
-    by_key: dict[str, list[_Recipe]] = {}
+    by_key: dict[str, list[Recipe]] = {}
     alone = []
     for r in group:
         k = stack_key(r)
@@ -86,7 +86,7 @@ class Stack:
 
     settled_alone = False  # a plain stack stays stacked (an :class:`AutoStack` may settle on stepping alone)
 
-    def __init__(self, members: list["_Recipe"], quiet: bool = False):
+    def __init__(self, members: list["Recipe"], quiet: bool = False):
         from torch.func import functional_call, stack_module_state, vmap
 
         self.members = members
@@ -190,7 +190,7 @@ class AutoStack:
 
     WARM, TIMED = 1, 3  # untimed first steps of each way (first-use costs), then timed ones
 
-    def __init__(self, members: list["_Recipe"]):
+    def __init__(self, members: list["Recipe"]):
         self.members, self.lead = members, members[0]
         self.stack: Stack | None = Stack(members)
         self.mode = "trial-stacked"  # then "trial-alone", then "stacked" or "alone"

@@ -110,12 +110,15 @@ class GridSpec(BaseModel):
         return self
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "GridSpec":
-        from darkstore.specfile import load_spec_file
+    def from_file(cls, path: str | Path, sets: Sequence[str] = ()) -> "GridSpec":
+        """The grid file at ``path``, with ``sets`` (``KEY=VALUE``, dotted keys into the file: ``base.epochs=3``,
+        ``grid.seed=[0, 1]``) applied over it."""
+        from darkstore.specfile import apply_overrides, load_spec_file
 
         doc = load_spec_file(path)
         if not isinstance(doc, dict):
             raise SpecError(f"{path}: a grid file is a mapping with base/students/grid")
+        doc = apply_overrides(doc, list(sets))
         try:
             spec = cls.model_validate(doc)
         except ValidationError as exc:

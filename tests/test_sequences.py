@@ -18,7 +18,7 @@ from darkstore.models import ModelSpec
 from storage import open_store
 from storage.fields import row_fields
 from storage.forms.topk import TopK
-from student_trainer.train import open_checked
+from student_trainer.recipe import open_checked
 from teacher_service.generate import generate as run
 from teacher_service.spec import JobSpec
 

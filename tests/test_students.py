@@ -24,7 +24,9 @@ from darkstore.data import open_transfer_set
 from darkstore.models import ModelSpec, load_model
 from storage import open_store
 from student_trainer.errors import RunDirError
-from student_trainer.train import Run, TrainConfig, lr_lambda, split_rows, train, train_many
+from student_trainer.eval_cache import split_rows
+from student_trainer.recipe import lr_lambda
+from student_trainer.train import Run, TrainConfig, train, train_many
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble

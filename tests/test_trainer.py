@@ -79,7 +79,7 @@ def test_training_is_deterministic_and_outputs_reload(tmp_path, store, arrays):
     # reloading the saved student reproduces the reported held-out accuracy
     model = build_model("mlp", 5, in_features=64, hidden=[16])
     model.load_state_dict(wa)
-    from student_trainer.train import evaluate, split_rows
+    from student_trainer.eval_cache import evaluate, split_rows
 
     reader = open_store(store)
     _, held = split_rows(reader.meta.num_rows, cfg.holdout)

@@ -18,7 +18,8 @@ from storage import open_store
 from storage.schema import RowLayout
 from student_trainer import losses
 from student_trainer.loader import make_loader
-from student_trainer.train import TrainConfig, eval_split, train
+from student_trainer.eval_cache import eval_split
+from student_trainer.train import TrainConfig, train
 from teacher_service.generate import generate
 from teacher_service.spec import JobSpec
 
