@@ -207,3 +207,30 @@ def test_a_sweep_of_lm_students_trains_them_together_and_tables_perplexity(store
     ppl = {o.point.config.loss: json.loads((tmp_path / "out" / "runs" / o.point.name / "summary.json").read_text())
            ["final"]["perplexity"] for o in r.outcomes}
     assert best["loss"] == min(ppl, key=ppl.get)  # the lower perplexity is the better
+
+
+@pytest.mark.slow
+def test_an_lm_student_trains_on_two_ranks_under_torchrun(stores, tmp_path):
+    """DDP: each rank reads its own chunks and steps the smallest rank's batch count; the run itself checks
+    that the ranks end with the same weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from student_trainer.loader import make_loader
+
+    from .conftest import cli_env
+
+    out = tmp_path / "ddp"
+    r = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+                        "--no-python", sys.executable, "-m", "darkstore_app.cli", "train", "--store",
+                        str(stores["topk"]), "--student", "gpt", "--arch-kwargs", json.dumps(GPT_KW), "--epochs", "1",
+                        "--batch-size", "8", "--out", str(out)], env=cli_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    reader = open_store(stores["topk"])
+    rows, _ = sequence_split(reader, 0.1, None)
+    per_rank = [make_loader(reader, rows, batch_size=8, rank=k, world_size=2).batches_in_epoch(1) for k in (0, 1)]
+    assert s["world_size"] == 2 and s["steps"] == min(per_rank)
+    assert math.isfinite(s["final"]["perplexity"])
