@@ -415,7 +415,7 @@ def test_eval_matches_a_float64_reference(tmp_path, cache):
 
 
 def test_eval_prints_a_small_confusion_matrix_whole_and_a_large_ones_top_confusions(capsys):
-    from darkstore_app.cli import CONFUSION_MATRIX_MAX, _print_confusion
+    from darkstore_app.cli_students import CONFUSION_MATRIX_MAX, _print_confusion
 
     small = [[5, 1], [0, 7]]
     _print_confusion(small, ["cat", "dog"])
