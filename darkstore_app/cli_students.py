@@ -382,13 +382,19 @@ def eval_(
         console.print(f"written to {run / 'eval.json'}")
 
 
+def _vs_table() -> Table:
+    """The student beside its teachers: a row per measure."""
+    t = Table()
+    for col in ("", "student", "teacher ensemble"):
+        t.add_column(col, justify="right" if col else "left")
+    return t
+
+
 def _print_lm_eval(run: Path, rep: dict) -> None:
     m, tm, comp = rep["metrics"], rep["teacher_metrics"], rep["compression"]
     st, te = comp["student"], comp["teachers"]
     out.print(f"{run}: {rep['positions']:,} positions in {rep['rows']} rows of {rep['store']}", highlight=False)
-    t = Table()
-    for col in ("", "student", "teacher ensemble"):
-        t.add_column(col, justify="right" if col else "left")
+    t = _vs_table()
 
     def num(v, fmt=".3f") -> str:
         return "—" if v is None else format(v, fmt)
@@ -409,9 +415,7 @@ def _print_class_eval(run: Path, rep: dict) -> None:
     m, tm, comp = rep["metrics"], rep["teacher_metrics"], rep["compression"]
     st, te = comp["student"], comp["teachers"]
     out.print(f"{run}: {rep['rows']} rows of {rep['store']}", highlight=False)
-    t = Table()
-    for col in ("", "student", "teacher ensemble"):
-        t.add_column(col, justify="right" if col else "left")
+    t = _vs_table()
     t.add_row("accuracy", _pct(m.get("accuracy")), _pct(tm.get("accuracy")))
     t.add_row("agreement with teachers", _pct(m.get("agreement")), "")
     t.add_row("NLL", f"{m['nll']:.4f}" if "nll" in m else "—", f"{tm['nll']:.4f}" if "nll" in tm else "—")

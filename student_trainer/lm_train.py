@@ -134,17 +134,7 @@ class LMRecipe(Recipe):
             loss = token_losses.sliced_loss(hidden, self.wrapped.head, b.labels, targets if alpha else {},
                                             vocab=self.vocab, form=self.form, temperature=c.temperature,
                                             alpha=alpha, kind=self.divergence or "forward", teacher_logp=self.rt)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.sched.step()
-        self.steps_done += 1
-        if self.loss_acc is None:
-            self.loss_acc = torch.tensor(self.accum[0], dtype=torch.float64, device=loss.device)
-        n = int((b.labels >= 0).sum())  # the loss is a mean over positions: its sum weighs them
-        self.loss_acc += loss.detach().double() * n
-        self.accum[1] += n
+        self.apply(loss, int((b.labels >= 0).sum()))  # a mean over the positions with a loss
 
     def evaluate_now(self) -> dict[str, float]:
         return {k: v for k, v in self.evaluate_all().items() if not isinstance(v, str)}

@@ -461,6 +461,11 @@ class Recipe:
         loss = self.stage.objective.fn(objectives.Step(
             logits_of(out).float(), b, temperature=c.temperature, alpha=c.alpha, topk_loss=c.topk_loss, rt=self.rt,
             heads={k: v.float() for k, v in heads.items()}))
+        self.apply(loss, len(y))
+
+    def apply(self, loss: torch.Tensor, weight: int) -> None:
+        """Backward, the optimiser's and the schedule's step, and the epoch's loss sum (``loss`` a mean over
+        ``weight`` rows or positions), kept on the device: no host sync a step."""
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -469,8 +474,8 @@ class Recipe:
         self.steps_done += 1
         if self.loss_acc is None:
             self.loss_acc = torch.tensor(self.accum[0], dtype=torch.float64, device=loss.device)
-        self.loss_acc += loss.detach().double() * len(y)  # the same float64 sums as on the host, in the same order
-        self.accum[1] += len(y)
+        self.loss_acc += loss.detach().double() * weight  # the same float64 sums as on the host, in the same order
+        self.accum[1] += weight
 
     def flush(self) -> None:
         """Bring the epoch's loss sum to the host (before a checkpoint or the epoch's metrics)."""
