@@ -23,11 +23,11 @@ from darkstore.lm import LanguageModel, load_student
 from darkstore.models import count_params, save_weights
 
 from . import token_losses
+from .eval_cache import HOLDOUT_SEED
 from .lm_eval import TokenEvalRows, evaluate_tokens, lm_report
 from .loader import window_chunks
-from .retemper import plan, unused
-from .eval_cache import HOLDOUT_SEED
 from .recipe import Recipe, check_device, plan_stages
+from .retemper import plan, unused
 
 #: --loss for a sequence store -> the divergence of the soft term (ce: next-token cross-entropy only)
 TOKEN_LOSSES = {"kl": "forward", "reverse_kl": "reverse", "jsd": "jsd", "ce": None}
