@@ -134,7 +134,7 @@ class LMRecipe(Recipe):
             loss = token_losses.sliced_loss(hidden, self.wrapped.head, b.labels, targets if alpha else {},
                                             vocab=self.vocab, form=self.form, temperature=c.temperature,
                                             alpha=alpha, kind=self.divergence or "forward", teacher_logp=self.rt)
-        self.apply(loss, int((b.labels >= 0).sum()))  # a mean over the positions with a loss
+        self.apply(loss, (b.labels >= 0).sum())  # a mean over the positions with a loss (counted on the device)
 
     def evaluate_now(self) -> dict[str, float]:
         return {k: v for k, v in self.evaluate_all().items() if not isinstance(v, str)}

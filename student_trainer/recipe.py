@@ -261,6 +261,7 @@ class Recipe:
         self.history: list[dict[str, Any]] = []
         self.start_epoch, self.steps_done, self.accum, self.t_prior = 1, 0, [0.0, 0], 0.0
         self.loss_acc: torch.Tensor | None = None  # accum[0] kept on the device between flushes (no sync a step)
+        self.weight_acc: torch.Tensor | None = None  # accum[1], likewise
         self.resumed_from: str | None = None
         self.loader_state: dict[str, Any] | None = None  # where the checkpoint's loader stood (None: a fresh run)
         self.stacked_with = 0  # other students stepped with this one as one stacked model
@@ -463,9 +464,10 @@ class Recipe:
             heads={k: v.float() for k, v in heads.items()}))
         self.apply(loss, len(y))
 
-    def apply(self, loss: torch.Tensor, weight: int) -> None:
+    def apply(self, loss: torch.Tensor, weight: int | torch.Tensor) -> None:
         """Backward, the optimiser's and the schedule's step, and the epoch's loss sum (``loss`` a mean over
-        ``weight`` rows or positions), kept on the device: no host sync a step."""
+        ``weight`` rows or positions, a count on the host or a 0-d integer tensor on the device), kept on the
+        device: no host sync a step."""
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -474,14 +476,15 @@ class Recipe:
         self.steps_done += 1
         if self.loss_acc is None:
             self.loss_acc = torch.tensor(self.accum[0], dtype=torch.float64, device=loss.device)
+            self.weight_acc = torch.tensor(self.accum[1], dtype=torch.int64, device=loss.device)
         self.loss_acc += loss.detach().double() * weight  # the same float64 sums as on the host, in the same order
-        self.accum[1] += weight
+        self.weight_acc += weight
 
     def flush(self) -> None:
         """Bring the epoch's loss sum to the host (before a checkpoint or the epoch's metrics)."""
         if self.loss_acc is not None:
-            self.accum[0] = float(self.loss_acc)
-            self.loss_acc = None
+            self.accum[0], self.accum[1] = float(self.loss_acc), int(self.weight_acc)
+            self.loss_acc = self.weight_acc = None
 
     def begin_epoch(self, epoch: int) -> None:
         if not self.stage.first <= epoch <= self.stage.last:
