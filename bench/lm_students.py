@@ -1,6 +1,6 @@
 """Language-model students from cached per-token targets, on real text, through the CLI as users run them.
 
-    ./dev bench lm_students [--parts quality,offline,efficiency --seeds 0,1,2 --megabytes 0.5 --vocab 1024]
+    ./dev bench lm_students [--parts quality,offline,efficiency --forms ce,dense,... --seeds 0,1,2 --megabytes 0.5]
 
 The corpus, tokenizer and three trained GPT teachers are ``bench/lm.py``'s (cached in ``--work``): about
 ``--megabytes`` of the standard library's sources, split by file into transfer files and held-out files that
@@ -87,7 +87,7 @@ def store_bytes(path: Path) -> float:
 def quality(kit: dict, work: Path, st: dict[str, Path], a) -> None:
     print(f"\n{'form':>12} {'B/token':>8} {'held-out perplexity':>22} {'bits/byte':>10} {'agreement':>10} "
           f"{'train s':>8}")
-    for form in FORMS:
+    for form in a.forms:
         store = st["topk:32" if form == "ce" else form]
         ppl, bpb, agree, secs = [], [], [], []
         for seed in a.seeds:
@@ -106,7 +106,8 @@ def quality(kit: dict, work: Path, st: dict[str, Path], a) -> None:
               f"{statistics.fmean(bpb):>10.4f} {statistics.fmean(agree):>10.4f} {statistics.fmean(secs):>8.1f}",
               flush=True)
     print(f"{'teachers':>12} {'':>8} {teacher:>13.3f} (the ensemble on the same held-out tokens, exact)")
-    twin(st, work, a)
+    if "topk:32" in a.forms:
+        twin(st, work, a)
 
 
 def export_arrays(st: dict[str, Path], work: Path) -> tuple[Path, Path, Path]:
@@ -241,6 +242,7 @@ def efficiency(st: dict[str, Path], a) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="quality,offline,efficiency")
+    p.add_argument("--forms", default=",".join(FORMS), help="quality's target forms (the twin runs with topk:32)")
     p.add_argument("--megabytes", type=float, default=0.5)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--length", type=int, default=128)
@@ -260,6 +262,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "darkstore-bench-lm-students")
     a = p.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.forms = a.forms.split(",")
+    if not set(a.forms) <= set(FORMS):
+        p.error(f"--forms: each of {', '.join(FORMS)}")
     parts = set(a.parts.split(","))
     print(f"machine: {machine()}")
     setup = argparse.Namespace(megabytes=a.megabytes, vocab=a.vocab, length=a.length, steps=a.steps,
