@@ -166,7 +166,7 @@ def offline_vs_online(kit: dict, work: Path, st: dict[str, Path], a) -> float:
     for r in range(a.rounds):
         shutil.rmtree(work / "offline-store", ignore_errors=True)
         shutil.rmtree(work / "offline-sweep", ignore_errors=True)
-        runs = [(off, lambda: cli(["sweep", str(work / "grid.yaml"), "--out", str(work / "offline-sweep")])),
+        runs = [(off, lambda: cli(["sweep", "--grid", str(work / "grid.yaml"), "--out", str(work / "offline-sweep")])),
                 (on, lambda: sum(_timed_twin(a, rows, held, work, s) for s in range(4)))]
         for out, fn in runs if r % 2 else runs[::-1]:
             out.append(fn())
