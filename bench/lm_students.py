@@ -209,22 +209,30 @@ def efficiency(st: dict[str, Path], a) -> float:
             for r in stream.plan(shard):
                 yield _token_batch({k: v[r] for k, v in everything.items()}, r, shard, 0)
 
+    def from_store(epoch: int):
+        loader.load_state_dict({"epoch": 0, "seen": {}})  # a whole epoch again, not the rest of one
+        return loader.epoch(epoch)
+
     def run(epoch_of):
-        def go():
+        def go() -> int:
             torch.manual_seed(0)
             model = GPT(meta.num_classes, block_size=a.length, n_layer=a.layers, n_head=2, n_embd=a.width)
             opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-            for b in epoch_of(1):
+            steps = 0
+            for steps, b in enumerate(epoch_of(1), 1):
                 loss = token_losses.sliced_loss(model.hidden(b.x), model.head, b.labels,
                                                 token_targets(batch_fields(b), meta), vocab=meta.num_classes,
                                                 form="topk-bucket", temperature=1.0, alpha=a.alpha)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            return steps
         return go
 
-    pre, streamed = run(preloaded), run(loader.epoch)
-    pre(), streamed()
+    pre, streamed = run(preloaded), run(from_store)
+    steps = pre(), streamed()  # and the first-use costs, untimed
+    if steps[0] != steps[1] or not steps[0]:
+        raise SystemExit("efficiency: the two loops did not take the same steps")
     tp, ts = [], []
     for i in range(a.repeats):
         for out, fn in ((tp, pre), (ts, streamed)) if i % 2 else ((ts, streamed), (tp, pre)):
