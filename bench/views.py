@@ -84,7 +84,7 @@ def steps_timer(store, rows, data, *, steps: int, batch: int, views_per_epoch: i
 def cli_timer(work: Path, store: str, epochs: int, extra: list[str]):
     return lambda: cli_seconds(work, ["train", "--store", store, "--out", "run", "--student-spec", "student.yaml",
                                       "--epochs", str(epochs), "--batch-size", "128", "--holdout", "0.05",
-                                      "--threads", "2", *extra])
+                                      "--threads", "2", "--overwrite", *extra])
 
 
 def main() -> None:
