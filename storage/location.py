@@ -17,6 +17,7 @@ job spec or a store URL.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -131,6 +132,8 @@ class Location:
 
     def exists(self, key: str = "") -> bool:
         """Whether the object ``key`` (or, with no key, anything at this location) exists."""
+        if self.scheme == "file":  # one stat, no filesystem object (the service lists a page of jobs with it)
+            return os.path.exists(self._key(key))
         with _access(self):
             return bool(self.fs.exists(self._key(key)))
 

@@ -14,11 +14,15 @@ from ..settings import Settings
 bearer = HTTPBearer(auto_error=False, description="DARKSTORE_TOKEN, when the operator sets one")
 
 
-def get_settings(request: Request) -> Settings:
+# async, as they take no time: a sync dependency costs each request a trip through the thread pool, and
+# under concurrent requests those trips queue for the interpreter lock
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_manager(request: Request) -> JobManager:
+async def get_manager(request: Request) -> JobManager:
     return request.app.state.manager
 
 
@@ -26,8 +30,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ManagerDep = Annotated[JobManager, Depends(get_manager)]
 
 
-def require_token(settings: SettingsDep,
-                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def require_token(settings: SettingsDep,
+                        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """With ``DARKSTORE_TOKEN`` set, every route but /healthz and /readyz needs ``Authorization: Bearer <token>``."""
     if settings.token is None:
         return
