@@ -323,7 +323,7 @@ def report(ens: float, teachers: list[float], ours: dict, plain: dict, n_test: i
     lines += ["", "both sides seed the student's initialisation alike (torch.manual_seed(seed) before building it), so "
               "seeds pair up; the standard errors treat them as independent, which is conservative", "",
               f"views − written-out views (darkstore, same views and steps): {100 * d:+.2f} ± {100 * se:.2f} pt "
-              f"({'views at least as good' if d >= -2 * se else 'views WORSE'})"]
+              f"({'views better' if d > 2 * se else 'within noise' if d >= -2 * se else 'views WORSE'})"]
     return "\n".join(lines)
 
 
