@@ -486,6 +486,12 @@ class Recipe:
             self.accum[0], self.accum[1] = float(self.loss_acc), int(self.weight_acc)
             self.loss_acc = self.weight_acc = None
 
+    def add_sums(self, loss_sum: float, weight: int) -> None:
+        """Steps taken elsewhere (a stack's, for this student) counted into the epoch's sums, after its own."""
+        self.flush()
+        self.accum[0] += loss_sum
+        self.accum[1] += weight
+
     def begin_epoch(self, epoch: int) -> None:
         if not self.stage.first <= epoch <= self.stage.last:
             self.enter_stage(self.stage_of(epoch))

@@ -171,9 +171,7 @@ class Stack:
                     buf.copy_(self.buffers[n][i])
                 r.opt.load_state_dict(_slice_state(opt_sd, i))
                 r.sched.load_state_dict(sched_sd)
-                r.flush()  # its own steps' sums (one by one while timed) first: they would overwrite these
-                r.accum[0] += sums[i]
-                r.accum[1] += self.seen
+                r.add_sums(sums[i], self.seen)
                 if r is not self.lead:
                     r.rng, r.cuda_rng = self.lead.rng, self.lead.cuda_rng
         self.loss_sum.zero_()

@@ -14,10 +14,8 @@ from ..settings import Settings
 bearer = HTTPBearer(auto_error=False, description="DARKSTORE_TOKEN, when the operator sets one")
 
 
-# async, as they take no time: a sync dependency costs each request a trip through the thread pool, and
-# under concurrent requests those trips queue for the interpreter lock
-
-
+# These are async because they take no time: a sync dependency costs each request a trip through the thread
+# pool, and under concurrent requests those trips queue for the interpreter lock.
 async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
