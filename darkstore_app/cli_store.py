@@ -391,7 +391,7 @@ def inspect(
         t.add_row("sequences", f"{s['rows']:,} rows ({seq['packing']}), {seq['positions']:,} positions with a loss, "
                   f"from {_human(seq['text_bytes'])} of text; tokenizer {tok['path']} ({tok['vocab_size']:,} tokens, "
                   f"fingerprint {tok['fingerprint'][:16]}…)")
-    elif s["targets"] == "dense":
+    elif s["targets_record"] is None:  # every class's value
         t.add_row("logits", f"[{s['rows']}, {s['classes']}] {s['dtype']}, chunks of {s['chunk_rows']} rows, "
                   f"{s['compressor']}")
     else:

@@ -8,7 +8,8 @@ from ._zarr import copy_store
 from .errors import *  # noqa: F401,F403
 from .location import Location
 from .reader import Chunk, StoreReader, open_store
-from .schema import SCHEMA_VERSION, StoreMeta, TeacherRecord, TransferSetRecord, bytes_per_row, chunk_bounds, sample_order
+from .fields import bytes_per_row
+from .schema import SCHEMA_VERSION, StoreMeta, TeacherRecord, TransferSetRecord, chunk_bounds, sample_order
 from .writer import FLOAT16_FLOOR, StoreWriter
 
 __version__ = "0.1.0"

@@ -161,3 +161,15 @@ def checksum(x: np.ndarray) -> int:
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return int(google_crc32c.value(a.tobytes()))
+
+
+def bytes_per_row(meta: StoreMeta) -> int:
+    """Uncompressed bytes one row costs: its targets (the form's, :mod:`storage.forms`), members, features,
+    index and view parameters, and its label (classes) or its tokens and loss mask (sequences)."""
+    item = meta.item_bytes
+    targets = form_of(meta).target_bytes(meta) * meta.positions_per_row
+    if meta.sequence is not None:
+        length = meta.sequence.length
+        return targets + np.dtype(index_dtype(meta)).itemsize * (length + 1) + length + 8
+    members = meta.num_members if meta.keep_members else 0
+    return targets + item * (meta.num_classes * members + meta.feature_size) + 16 + 8 * meta.num_view_params

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .schema import StoreMeta
+if TYPE_CHECKING:
+    from .schema import StoreMeta
 
 
 @dataclass(frozen=True)

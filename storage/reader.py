@@ -11,9 +11,10 @@ import numpy as np
 
 from ._zarr import open_group
 from .errors import CorruptChunkError, IncompleteStoreError, NonFiniteLogitsError, SchemaError
-from .fields import BY_NAME, all_finite, checksum, row_fields
+from .fields import BY_NAME, all_finite, bytes_per_row, checksum, row_fields
 from .location import Location
-from .schema import StoreMeta, bytes_per_row, chunk_bounds
+from .forms import TargetsRecord
+from .schema import StoreMeta, chunk_bounds
 
 
 @dataclass
@@ -274,7 +275,7 @@ class StoreReader:
             "rows": m.num_rows,
             "classes": m.num_classes,
             "dtype": m.dtype,
-            "targets": str(m.targets or "dense"),
+            "targets": str(m.targets or TargetsRecord()),
             "targets_record": m.targets.model_dump() if m.targets else None,
             "compressor": m.compressor,
             "chunk_rows": m.chunk_rows,

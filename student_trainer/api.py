@@ -38,7 +38,8 @@ from storage import StoreReader, open_store
 from . import losses, objectives, token_losses
 from .config import default_temperature
 from .lm_eval import teacher_top1
-from .lm_train import batch_fields, sequence_split, token_targets
+from .forms import soft_term
+from .lm_train import sequence_split
 from .loader import Batch, StudentLoader, make_loader
 from .retemper import plan
 from .eval_cache import eval_split, teacher_view
@@ -112,7 +113,7 @@ class SoftTargets:
         """[B] the teachers' top class (any target form), e.g. for agreement; a language model's store: [B, L]
         their most likely next token at every position (a sampled store: the most drawn one)."""
         if self.sequence:
-            fields = batch_fields(batch)
+            fields = batch.stored()
             flat = {k: v.flatten(0, 1) for k, v in fields.items()}
             return teacher_top1(flat, self.meta).view(batch.labels.shape)
         return teacher_view(batch, self.meta).argmax(-1)
@@ -120,7 +121,7 @@ class SoftTargets:
     def fields(self, batch: Batch) -> dict[str, torch.Tensor]:
         """A language model's batch as a dict: ``input_ids`` [B, L], ``labels`` [B, L] (−1: no loss) and the
         stored target fields by name (what :meth:`loss` also takes)."""
-        return {"input_ids": batch.x, "labels": batch.labels, **batch_fields(batch)}
+        return {"input_ids": batch.x, "labels": batch.labels, **batch.stored()}
 
     def loss(self, student_logits: torch.Tensor, batch: Batch, *, alpha: float = 0.9,
              topk_loss: str = "bucket") -> torch.Tensor:
@@ -130,7 +131,8 @@ class SoftTargets:
         student's [B, L, V] logits, the mean over positions with a loss (:meth:`loss_from_hidden`)."""
         if self.sequence:
             return self.loss_from_hidden(student_logits, lambda z: z, batch, alpha=alpha, topk_loss=topk_loss)
-        return objectives.kd(objectives.Step(student_logits, batch, self.temperature, alpha, topk_loss, self.plan))
+        return objectives.kd(objectives.Step(student_logits, batch, alpha, soft_term(self.meta, self.plan,
+                                                                                     topk_loss=topk_loss)))
 
     def loss_from_hidden(self, hidden: torch.Tensor, head, batch: Batch | dict[str, torch.Tensor], *,
                          alpha: float = 0.9, topk_loss: str = "bucket", divergence: str = "forward") -> torch.Tensor:
@@ -143,12 +145,10 @@ class SoftTargets:
             raise ValueError("loss_from_hidden is for a language model's store; use loss() for classes")
         labels = batch["labels"] if isinstance(batch, dict) else batch.labels
         stored = ({k: v for k, v in batch.items() if k not in ("input_ids", "labels")} if isinstance(batch, dict)
-                  else batch_fields(batch))
-        form = self.meta.target_form if self.meta.target_form != "topk" else f"topk-{topk_loss}"
-        return token_losses.sliced_loss(hidden, head, labels, token_targets(stored, self.meta) if alpha else {},
-                                        vocab=self.meta.sequence.tokenizer.vocab_size, form=form,
-                                        temperature=self.temperature, alpha=alpha, kind=divergence,
-                                        teacher_logp=self.plan)
+                  else batch.stored())
+        soft = soft_term(self.meta, self.plan, topk_loss=topk_loss, divergence=divergence)
+        return token_losses.sliced_loss(hidden, head, labels, soft.decode(stored) if alpha else {},
+                                        vocab=self.meta.sequence.tokenizer.vocab_size, soft=soft, alpha=alpha)
 
 
 kd_loss = losses.kd_loss

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from darkstore.modelspec import ModelSpec
+from storage.forms import form_of
 
 
 class TrainConfig(BaseModel):
@@ -76,7 +77,8 @@ def default_temperature(meta) -> float:
     T (the only one its samples estimate)."""
     if meta.sequence is None:
         return 4.0
-    return float(meta.targets.temperature) if meta.target_form == "sampled" else 1.0
+    drawn = form_of(meta).drawn_at(meta.targets)
+    return 1.0 if drawn is None else drawn
 
 
 def store_temperature(store) -> float | None:

@@ -112,9 +112,7 @@ def predict(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalR
 def teacher_view(b, meta: StoreMeta) -> torch.Tensor:
     """[B, C] the teachers' log-probabilities at T = 1 for metrics, as far as the store's form tells
     (:meth:`storage.forms.Form.teacher_logp`)."""
-    if b.logits is not None:
-        return b.logits.float()
-    return form_of(meta).teacher_logp(b.sparse, meta)
+    return form_of(meta).teacher_logp(b.stored(), meta)
 
 
 def evaluate(model: torch.nn.Module, spec: ModelSpec, reader: StoreReader | EvalRows, data: TransferSet | None = None,

@@ -67,37 +67,29 @@ class TokenEvalRows:
         return iter(kept)
 
 
-def _teacher_parts(b: Batch) -> dict[str, torch.Tensor]:
-    return {"logits": b.logits} if b.logits is not None else dict(b.sparse)
-
-
 def teacher_top1(parts: dict[str, torch.Tensor], meta) -> torch.Tensor:
     """[n] the teachers' most likely token at each position, as far as the stored fields tell."""
-    if "sample_index" in parts:  # the most drawn token
-        idx = parts["sample_index"].long()
-        counts = (idx[:, :, None] == idx[:, None, :]).sum(-1)
-        return idx.gather(1, counts.argmax(1, keepdim=True)).squeeze(1)
-    if "topk_index" in parts:
-        head = form_of(meta).head(parts, meta)
-        return parts["topk_index"].long().gather(1, head.argmax(1, keepdim=True)).squeeze(1)
-    return parts["logits"].float().argmax(-1)
+    return form_of(meta).top1(parts, meta)
 
 
 class _Sums:
     def __init__(self):
-        self.n = self.nll = self.top1 = self.agree = self.t_nll = self.t_kept = 0.0
+        self.n = self.nll = self.top1 = self.agree = self.t_nll = 0.0
+        self.t_kept: float | None = None
 
     def add(self, logp: torch.Tensor, y: torch.Tensor, parts: dict[str, torch.Tensor], meta) -> None:
+        form = form_of(meta)
         s1 = logp.argmax(-1)
         self.n += len(y)
         self.nll -= float(logp.gather(1, y[:, None]).double().sum())
         self.top1 += float((s1 == y).sum())
-        self.agree += float((s1 == teacher_top1(parts, meta)).sum())
-        if "sample_index" not in parts:
-            t = form_of(meta).teacher_logp(parts, meta)
+        self.agree += float((s1 == form.top1(parts, meta)).sum())
+        if form.logp_source is not None:
+            t = form.teacher_logp(parts, meta)
             self.t_nll -= float(t.gather(1, y[:, None]).double().sum())
-            if "topk_index" in parts:
-                self.t_kept += float((parts["topk_index"].long() == y[:, None]).any(1).sum())
+        kept = form.kept(parts, y)
+        if kept is not None:
+            self.t_kept = (self.t_kept or 0.0) + float(kept.sum())
 
 
 @torch.no_grad()
@@ -111,7 +103,7 @@ def evaluate_tokens(hidden: Callable[[torch.Tensor], torch.Tensor], head: Callab
         keep = (b.labels >= 0).flatten().nonzero().squeeze(1)
         h = hidden(b.x).flatten(0, 1).index_select(0, keep)
         y = b.labels.flatten().index_select(0, keep)
-        parts = {k: v.flatten(0, 1).index_select(0, keep) for k, v in _teacher_parts(b).items()}
+        parts = {k: v.flatten(0, 1).index_select(0, keep) for k, v in b.stored().items()}
         for a in range(0, len(keep), slice_positions):
             z = slice(a, a + slice_positions)
             sums.add(torch.log_softmax(head(h[z]).float(), dim=-1), y[z], {k: v[z] for k, v in parts.items()},
@@ -133,15 +125,13 @@ def summarise(sums: _Sums, ev: TokenEvalRows) -> dict[str, Any]:
     t_nll, source = None, None
     if ev.whole_store and ev.reader.perplexity():
         t_nll, source = math.log(ev.reader.perplexity()["ensemble"]), "the eval store's generation (exact)"
-    elif meta.target_form != "sampled":
-        t_nll = sums.t_nll / sums.n
-        source = ("the stored targets (exact)" if meta.target_form == "dense" else
-                  "the stored top-k (exact where the next token was kept, else the tail spread evenly)")
+    elif form_of(meta).logp_source is not None:
+        t_nll, source = sums.t_nll / sums.n, form_of(meta).logp_source
     if t_nll is not None:
         out.update({"teacher_perplexity": math.exp(t_nll), "teacher_perplexity_source": source})
         if bytes_per_token:
             out["teacher_bits_per_byte"] = t_nll / math.log(2) / bytes_per_token
-    if meta.target_form == "topk":
+    if sums.t_kept is not None:
         out["teacher_in_topk"] = sums.t_kept / sums.n
     return out
 

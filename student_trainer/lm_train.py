@@ -27,6 +27,7 @@ from .eval_cache import HOLDOUT_SEED
 from .lm_eval import TokenEvalRows, evaluate_tokens, lm_report
 from .loader import window_chunks
 from .recipe import Recipe, check_device, plan_stages
+from .forms import soft_term
 from .retemper import plan, unused
 
 #: --loss for a sequence store -> the divergence of the soft term (ce: next-token cross-entropy only)
@@ -93,10 +94,8 @@ class LMRecipe(Recipe):
         self.hint_name = None
         uses_targets = self.divergence is not None and c.alpha > 0
         self.rt = plan(self.meta, c.temperature) if uses_targets else unused(c.temperature)
-        if self.meta.target_form == "sampled" and uses_targets and self.divergence != "forward":
-            raise SpecError(f"--loss {c.loss}: a sampled store estimates the forward KL only (--loss kl); "
-                            "reverse KL and JSD need the teachers' probabilities: a top-k or dense store")
-        self.form = self.meta.target_form if self.meta.target_form != "topk" else f"topk-{c.topk_loss}"
+        self.soft = (soft_term(self.meta, self.rt, topk_loss=c.topk_loss, divergence=self.divergence)
+                     if uses_targets else None)
         if log and uses_targets:
             log(f"targets: {self.rt.describe()}")
         self.data = self.ev_data = None
@@ -127,13 +126,12 @@ class LMRecipe(Recipe):
     def step(self, b) -> None:
         """One optimiser step on a batch of token rows already on the device (inside :meth:`own_rng`)."""
         c = self.config
-        targets = token_targets(batch_fields(b), self.meta)
+        alpha = c.alpha if self.soft is not None else 0.0
+        targets = self.soft.decode(b.stored()) if alpha else {}
         with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             hidden = self.net(b.x)
-            alpha = 0.0 if self.divergence is None else c.alpha
-            loss = token_losses.sliced_loss(hidden, self.wrapped.head, b.labels, targets if alpha else {},
-                                            vocab=self.vocab, form=self.form, temperature=c.temperature,
-                                            alpha=alpha, kind=self.divergence or "forward", teacher_logp=self.rt)
+            loss = token_losses.sliced_loss(hidden, self.wrapped.head, b.labels, targets, vocab=self.vocab,
+                                            soft=self.soft, alpha=alpha)
         self.apply(loss, (b.labels >= 0).sum())  # a mean over the positions with a loss (counted on the device)
 
     def evaluate_now(self) -> dict[str, float]:
@@ -186,22 +184,6 @@ def copy_tokenizer(path: str, folder: Path) -> None:
     for f in (tok.glob("tokenizer*.json") if tok.is_dir() else [tok]):
         if f.is_file():
             shutil.copy(f, folder / f.name)
-
-
-def batch_fields(b) -> dict[str, torch.Tensor]:
-    """A batch's stored per-position target fields by name ([B, L, ...] each)."""
-    return {"logits": b.logits} if b.logits is not None else dict(b.sparse or {})
-
-
-def token_targets(fields: dict[str, torch.Tensor], meta) -> dict[str, torch.Tensor]:
-    """The stored target fields as :mod:`.token_losses` reads them: a top-k store's values decoded to floats
-    (``head``, centred log space, whatever their stored encoding), the others as stored."""
-    from storage.forms import form_of
-
-    out = {k: v for k, v in fields.items() if k != "topk_logits"}
-    if "topk_logits" in fields:
-        out["head"] = form_of(meta).head(fields, meta)
-    return out
 
 
 def token_eval_rows(reader, rows: np.ndarray, whole_store: bool) -> TokenEvalRows:

@@ -51,6 +51,13 @@ class Batch:
     # views replayed on the training device: the recipe and what the batch's views are made from (x is None)
     deferred: tuple[Any, Any] | None = None  # (AugmentSpec, ViewInputs)
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The stored target fields by name ([B, ...] each; [B, L, ...] in a language model's batch): dense
+        ``logits`` (with ``members`` where they were read) or a sparse form's fields, as the store keeps them."""
+        if self.logits is not None:
+            return {"logits": self.logits, **({"members": self.members} if self.members is not None else {})}
+        return dict(self.sparse or {})
+
     def _map(self, f, deferred: tuple[Any, Any] | None = None) -> "Batch":
         return Batch(f(self.x), f(self.logits), f(self.labels), self.rows, f(self.members), self.shard, self.seq,
                      f(self.mix_labels), f(self.mix_lam),

@@ -28,6 +28,27 @@ def soft_kl(student: torch.Tensor, teacher_logp: torch.Tensor, temperature: floa
     return temperature**2 * kl
 
 
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str = "forward") -> torch.Tensor:
+    """[N, C], [N, C] log-probabilities of the teacher (p) and the student (q) -> [N] ``D(p, q)``: ``forward``
+    KL(p ‖ q) (Hinton's), ``reverse`` KL(q ‖ p) (mode-seeking) or ``jsd`` (½ KL(p ‖ m) + ½ KL(q ‖ m), m the
+    mean of p and q)."""
+    def kl(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
+        a = loga.exp()
+        return torch.where(a > 0, a * (loga - logb), torch.zeros_like(a)).sum(dim=-1)
+
+    if kind == "forward":
+        return kl(logp, logq)
+    if kind == "reverse":
+        return kl(logq, logp)
+    if kind == "jsd":
+        logm = torch.logaddexp(logp, logq) - math.log(2)
+        return 0.5 * kl(logp, logm) + 0.5 * kl(logq, logm)
+    raise ValueError(f"unknown divergence {kind!r}; divergences: {', '.join(DIVERGENCES)}")
+
+
 def hard_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, C], [B] -> [B]: cross-entropy with the hard label, 0 where unlabeled (−1)."""
     return F.cross_entropy(student, labels.clamp(min=0), reduction="none") * (labels >= 0)
@@ -44,7 +65,8 @@ def hard_ce_mixed(student: torch.Tensor, labels: torch.Tensor, labels2: torch.Te
     return torch.where(labels2 >= 0, lam * ce + (1 - lam) * hard_ce(student, labels2), ce)
 
 
-def _mix(soft: torch.Tensor, hard: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+def mix(soft: torch.Tensor, hard: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The mean over rows of ``α·soft + (1 − α)·hard`` on labeled rows and ``soft`` alone on unlabeled ones."""
     labeled = labels >= 0
     per_row = torch.where(labeled, alpha * soft + (1 - alpha) * hard, soft)
     return per_row.mean()
@@ -57,7 +79,7 @@ def kd_loss(
     """Hinton's loss: ``α·T²·KL(p‖q) + (1−α)·CE`` on labeled rows, the soft term alone on unlabeled rows.
     With ``labels2``/``lam`` (mixed views) the CE is :func:`hard_ce_mixed`."""
     soft = soft_kl(student, teacher_logp, temperature)
-    return _mix(soft, hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
+    return mix(soft, hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
 
 
 def logit_mse(student: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -73,7 +95,7 @@ def logit_mse_loss(
     labels2: torch.Tensor | None = None, lam: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``α·MSE(logits) + (1−α)·CE`` on labeled rows, the MSE alone on unlabeled rows."""
-    return _mix(logit_mse(student, teacher_logits), hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
+    return mix(logit_mse(student, teacher_logits), hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
 
 
 # --- sparse targets ---------------------------------------------------------------------------------------
@@ -112,23 +134,23 @@ def topk_teacher_logp(index: torch.Tensor, head: torch.Tensor, tail: torch.Tenso
     return F.log_softmax(full, dim=-1)
 
 
-def topk_bucket_kl(student: torch.Tensor, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-    """[B] ``T² · KL`` over k + 1 buckets ("other"): the head classes one by one and everything else as
-    one bucket, for both teacher and student, so no assumption is made about how the tail is shared."""
-    c = student.shape[-1]
-    k = index.shape[-1]
+def bucket_logps(student: torch.Tensor, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, C] student logits and a top-k store's [N, k] classes, [N, k] values and [N] tail log-sum-exp ->
+    the teacher's and the student's log-probabilities over k + 1 buckets at T ([N, k + 1] each): the kept
+    classes one by one, then everything else as one bucket ("other", Megatron's "ghost token"), for teacher
+    and student alike, so no assumption is made about how the tail's mass is shared."""
+    c, k = student.shape[-1], index.shape[-1]
     dtype = torch.promote_types(student.dtype, torch.float32)
     logq = F.log_softmax(student.to(dtype) / temperature, dim=-1)
-    logq_head = logq.gather(1, index.long())
-    lse_head = torch.logsumexp(logq_head, dim=-1)
-    logq_other = torch.log1p(-torch.exp(lse_head).clamp(max=1 - 1e-7)) if k < c else torch.full_like(lse_head, -1e30)
-    t = torch.cat([head.to(dtype) / temperature, tail_at(tail.to(dtype), c - k, temperature)[:, None]], dim=-1)
-    logp = F.log_softmax(t, dim=-1)
-    logq_b = torch.cat([logq_head, logq_other[:, None]], dim=-1)
-    p = logp.exp()
-    kl = torch.where(p > 0, p * (logp - logq_b), torch.zeros_like(p)).sum(dim=-1)
-    return temperature**2 * kl
+    logq_head = logq.gather(-1, index.long())
+    if k < c:
+        logq_other = torch.log1p(-torch.exp(torch.logsumexp(logq_head, dim=-1)).clamp(max=1 - 1e-7))
+    else:
+        logq_other = torch.full_like(logq_head[:, 0], float("-inf"))
+    tail_t = tail_at(tail.to(dtype), c - k, temperature)
+    logp = F.log_softmax(torch.cat([head.to(dtype) / temperature, tail_t[:, None]], dim=-1), dim=-1)
+    return logp, torch.cat([logq_head, logq_other[:, None]], dim=-1)
 
 
 def sampled_ce(student: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -136,23 +158,6 @@ def sampled_ce(student: torch.Tensor, index: torch.Tensor, temperature: float) -
     classes were drawn from the teacher's distribution at this T (duplicates count as often as drawn)."""
     logq = F.log_softmax(student.to(torch.promote_types(student.dtype, torch.float32)) / temperature, dim=-1)
     return -temperature**2 * logq.gather(1, index.long()).mean(dim=-1)
-
-
-def sparse_kd_loss(student: torch.Tensor, labels: torch.Tensor, *, form: str, index: torch.Tensor,
-                   temperature: float, alpha: float, head: torch.Tensor | None = None,
-                   tail: torch.Tensor | None = None, labels2: torch.Tensor | None = None,
-                   lam: torch.Tensor | None = None) -> torch.Tensor:
-    """Hinton's loss with sparse targets: ``form`` is ``topk-spread`` (the tail spread evenly, then the dense
-    KL), ``topk-bucket`` (KL over the head and one "other" bucket) or ``sampled``."""
-    if form == "topk-spread":
-        soft = soft_kl(student, topk_teacher_logp(index, head, tail, student.shape[-1], temperature), temperature)
-    elif form == "topk-bucket":
-        soft = topk_bucket_kl(student, index, head, tail, temperature)
-    elif form == "sampled":
-        soft = sampled_ce(student, index, temperature)
-    else:
-        raise ValueError(f"unknown sparse target form {form!r}")
-    return _mix(soft, hard_ce_mixed(student, labels, labels2, lam), labels, alpha)
 
 
 # --- hints (FitNets) ---------------------------------------------------------------------------------------

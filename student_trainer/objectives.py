@@ -40,7 +40,9 @@ from darkstore.errors import SpecError
 
 from . import losses
 from .loader import Batch
-from .retemper import Retemper
+from storage.forms import form_of
+
+from .forms import SoftTerm
 
 
 @dataclass(frozen=True)
@@ -48,26 +50,17 @@ class Step:
     """What an objective sees of one training step."""
     student: torch.Tensor  # [B, C] the student's logits, float32
     batch: Batch
-    temperature: float
     alpha: float
-    topk_loss: str  # "bucket" | "spread" (top-k stores)
-    rt: Retemper  # the store's re-temperature plan (dense stores)
+    soft: SoftTerm | None  # the run's soft term: the store's form read at T (None: no objective reads targets)
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # student layer -> its head's output
 
 
 def kd(step: Step) -> torch.Tensor:
-    """Hinton's loss against whatever targets the store holds."""
-    b = step.batch
-    if b.sparse is not None:
-        sp = step.batch.sparse
-        form = "sampled" if step.rt.mode == "sampled" else f"topk-{step.topk_loss}"
-        return losses.sparse_kd_loss(step.student, b.labels, form=form,
-                                     index=sp.get("sample_index", sp.get("topk_index")), head=sp.get("topk_logits"),
-                                     tail=sp.get("tail_lse"), temperature=step.temperature, alpha=step.alpha,
-                                     labels2=b.mix_labels, lam=b.mix_lam)
-    tlogp = step.rt(b.logits.float(), None if b.members is None else b.members.float())
-    return losses.kd_loss(step.student, tlogp, b.labels, temperature=step.temperature, alpha=step.alpha,
-                          labels2=b.mix_labels, lam=b.mix_lam)
+    """Hinton's loss against whatever targets the store holds, decoded and compared by its form (:mod:`.forms`)."""
+    b, soft = step.batch, step.soft
+    per_row = soft(step.student, soft.decode(b.stored()))
+    return losses.mix(per_row, losses.hard_ce_mixed(step.student, b.labels, b.mix_labels, b.mix_lam), b.labels,
+                      step.alpha)
 
 
 def mse(step: Step) -> torch.Tensor:
@@ -97,14 +90,14 @@ class Objective:
     name: str
     fn: Callable[[Step], torch.Tensor]
     doc: str
-    needs: str = "targets"  # "targets" | "dense" | "labels" | "features" | "sequences"
+    needs: str = "targets"  # "targets" | "logits" (every class's value) | "labels" | "features" | "sequences"
 
     def check(self, meta: Any, path: Any) -> None:
         """Refuse a store this objective cannot learn from, before anything trains."""
         if self.needs == "sequences" and meta.sequence is None:
             raise SpecError(f"--loss {self.name} is built for language models' per-token targets; {path} holds "
                             "classes (use --loss kl)")
-        if self.needs == "dense" and meta.target_form != "dense":
+        if self.needs == "logits" and not form_of(meta).every_class:
             raise SpecError(f"--loss {self.name} matches logits and needs dense targets; {path} holds "
                             f"{meta.targets} targets (use --loss kl)")
         if self.needs == "features" and not meta.features:
@@ -114,7 +107,7 @@ class Objective:
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("kl", kd, "Hinton's KD against the stored targets (dense, top-k or sampled)"),
-    Objective("mse", mse, "logit matching against dense stored logits", needs="dense"),
+    Objective("mse", mse, "logit matching against dense stored logits", needs="logits"),
     Objective("ce", ce, "hard labels only", needs="labels"),
     Objective("hint", hint, "FitNets' hint: regress a student layer onto stored teacher features", needs="features"),
     # language models' divergences: their loss is student_trainer.token_losses (the LM recipe computes it)

@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .dataset import check_transfer_set
 from .loader import batch_mixing, make_loader, window_chunks
 from .objectives import student_layer_shape
+from .forms import soft_term
 from .retemper import plan, unused
 from .tracking import open_trackers
 from .distributed import Dist
@@ -65,7 +66,7 @@ def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: b
                  fingerprints: FingerprintPolicy | None = None) -> TransferSet:
     """The transfer set a store was generated from (as recorded, unless given), checked by fingerprint."""
     if reader.meta.sequence is not None:
-        raise SpecError(f"{reader.path} holds a language model's per-token targets ({reader.meta.targets or 'dense'} "
+        raise SpecError(f"{reader.path} holds a language model's per-token targets ({reader.meta.target_form} "
                         "of each position); training students from a sequence store is not built yet (the "
                         "roadmap's next step): `darkstore inspect` reads it, and storage's reader gives its fields")
     if data is None:
@@ -275,8 +276,9 @@ class Recipe:
         for st in self.stages:
             st.objective.check(self.meta, self.reader.path)
         self.hint_name = hint_feature(self.meta, c.hint_layer) if c.loss == "hint" else None
-        uses_targets = any(st.objective.needs in ("targets", "dense") for st in self.stages)
+        uses_targets = any(st.objective.needs in ("targets", "logits") for st in self.stages)
         self.rt = plan(self.meta, c.temperature) if uses_targets else unused(c.temperature)
+        self.soft = soft_term(self.meta, self.rt, topk_loss=c.topk_loss) if uses_targets else None
         if log and c.alpha > 0 and uses_targets:
             log(f"targets: {self.rt.describe()}")
         for warning in inputs.warnings if log else ():
@@ -460,8 +462,7 @@ class Recipe:
         with torch.autocast(self.dev_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out, heads = self.net(preprocess(b.x, self.spec.preprocess))
         loss = self.stage.objective.fn(objectives.Step(
-            logits_of(out).float(), b, temperature=c.temperature, alpha=c.alpha, topk_loss=c.topk_loss, rt=self.rt,
-            heads={k: v.float() for k, v in heads.items()}))
+            logits_of(out).float(), b, alpha=c.alpha, soft=self.soft, heads={k: v.float() for k, v in heads.items()}))
         self.apply(loss, len(y))
 
     def apply(self, loss: torch.Tensor, weight: int | torch.Tensor) -> None:

@@ -46,7 +46,7 @@ class Retemper:
         return torch.log_softmax(logits.float() / t, dim=-1)
 
     def describe(self) -> str:
-        if self.mode in ("topk", "sampled", "unused", "specialists"):
+        if self.note:  # what a sparse form, specialists or an unused plan give, in their words
             return self.note
         return {
             "geometric": f"geometric mean re-tempered to T={self.temperature:g}: exact",

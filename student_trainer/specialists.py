@@ -31,6 +31,7 @@ from darkstore import __version__
 from darkstore.errors import SpecError
 from darkstore.models import ModelSpec, load_model, save_weights
 from storage import StoreMeta, StoreReader, StoreWriter, open_store
+from storage.forms import form_of
 from storage.schema import SpecialistOfRecord
 
 
@@ -63,7 +64,7 @@ def derive_store(generalist: StoreReader, classes: Sequence[int], out: str | Pat
     """The store one specialist trains on (see the module's docstring); an existing complete one of the same
     derivation is reused."""
     meta = generalist.meta
-    if meta.views or meta.target_form != "dense" or meta.combine == "specialists" or meta.specialist_of:
+    if meta.views or not form_of(meta).every_class or meta.combine == "specialists" or meta.specialist_of:
         raise SpecError(f"{generalist.path}: specialists train from a plain dense store of one generalist "
                         "(no recorded views, sparse targets or specialists of its own)")
     classes = [int(k) for k in classes]

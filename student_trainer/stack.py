@@ -139,9 +139,8 @@ class Stack:
         with torch.autocast(lead.dev_type, dtype=lead.amp_dtype, enabled=lead.amp_dtype is not None):
             out = self.forward(self.params, self.buffers, preprocess(b.x, lead.spec.preprocess))
         logits = logits_of(out).float()
-        loss = torch.stack([r.stage.objective.fn(objectives.Step(
-            logits[i], b, temperature=r.config.temperature, alpha=r.config.alpha, topk_loss=r.config.topk_loss,
-            rt=r.rt, heads={})) for i, r in enumerate(self.members)])
+        loss = torch.stack([r.stage.objective.fn(objectives.Step(logits[i], b, alpha=r.config.alpha, soft=r.soft))
+                            for i, r in enumerate(self.members)])
         self.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         self.opt.step()

@@ -7,7 +7,8 @@ position with a loss, with ``p`` the teachers' distribution at T and ``q = softm
 
 ``α · T² · D(p, q) + (1 − α) · CE(student, next token)``
 
-averaged over the positions that carry a loss (the stored loss mask: padding and prompts carry none). ``D``:
+averaged over the positions that carry a loss (the stored loss mask: padding and prompts carry none). The
+soft term is the store's form's (:mod:`.forms`, the same for classes and tokens). ``D``:
 
 ===========  =======================================================  =====================================
 divergence   D(p, q)                                                  forms
@@ -30,88 +31,28 @@ backward pass instead of kept, so memory holds one slice's, whatever the vocabul
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import losses
+from .forms import SoftTerm
 
-DIVERGENCES = ("forward", "reverse", "jsd")
 #: the most float32 student logits one slice of positions holds (the loss's working set is a few times this)
 SLICE_BYTES = 32 << 20
 
 
-def divergence(logp: torch.Tensor, logq: torch.Tensor, kind: str) -> torch.Tensor:
-    """[N, C], [N, C] log-probabilities of the teacher (p) and the student (q) -> [N] ``D(p, q)``."""
-    def kl(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
-        a = loga.exp()
-        return torch.where(a > 0, a * (loga - logb), torch.zeros_like(a)).sum(dim=-1)
-
-    if kind == "forward":
-        return kl(logp, logq)
-    if kind == "reverse":
-        return kl(logq, logp)
-    if kind == "jsd":
-        logm = torch.logaddexp(logp, logq) - math.log(2)
-        return 0.5 * kl(logp, logm) + 0.5 * kl(logq, logm)
-    raise ValueError(f"unknown divergence {kind!r}; divergences: {', '.join(DIVERGENCES)}")
-
-
-def bucket_logps(student: torch.Tensor, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, V] student logits and a top-k store's [N, K] tokens, [N, K] values and [N] tail log-sum-exp ->
-    the teacher's and the student's log-probabilities over K + 1 buckets at T ([N, K + 1] each): the kept
-    tokens one by one, then everything else."""
-    v, k = student.shape[-1], index.shape[-1]
-    logq = F.log_softmax(student / temperature, dim=-1)
-    logq_head = logq.gather(-1, index.long())
-    if k < v:
-        logq_other = torch.log1p(-torch.exp(torch.logsumexp(logq_head, dim=-1)).clamp(max=1 - 1e-7))
-    else:
-        logq_other = torch.full_like(logq_head[:, 0], float("-inf"))
-    tail_t = losses.tail_at(tail.to(student.dtype), v - k, temperature)
-    logp = F.log_softmax(torch.cat([head.to(student.dtype) / temperature, tail_t[:, None]], dim=-1), dim=-1)
-    return logp, torch.cat([logq_head, logq_other[:, None]], dim=-1)
-
-
-def soft_term(student: torch.Tensor, targets: dict[str, torch.Tensor], *, form: str, temperature: float,
-              kind: str = "forward", teacher_logp: Callable[[torch.Tensor], torch.Tensor] | None = None
-              ) -> torch.Tensor:
-    """[N] ``T² · D(p, q)`` at N positions. ``form``: ``dense`` (``targets["logits"]`` [N, V], turned into the
-    teacher's log-probabilities at T by ``teacher_logp``, the store's re-temperature plan), ``topk-bucket``,
-    ``topk-spread`` (``topk_index``, ``head`` as floats, ``tail_lse``) or ``sampled`` (``sample_index``)."""
-    t = temperature
-    if form == "sampled":
-        if kind != "forward":
-            raise ValueError("sampled targets estimate the forward KL only (a sample says nothing of log p)")
-        return losses.sampled_ce(student, targets["sample_index"], t)
-    if form == "topk-bucket":
-        logp, logq = bucket_logps(student, targets["topk_index"], targets["head"], targets["tail_lse"], t)
-    else:
-        if form == "topk-spread":
-            logp = losses.topk_teacher_logp(targets["topk_index"], targets["head"], targets["tail_lse"],
-                                            student.shape[-1], t)
-        elif form == "dense":
-            logp = teacher_logp(targets["logits"])
-        else:
-            raise ValueError(f"unknown per-token target form {form!r}")
-        logq = F.log_softmax(student / t, dim=-1)
-    return t * t * divergence(logp, logq, kind)
-
-
-def position_losses(student: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor], *, form: str,
-                    temperature: float, alpha: float, kind: str = "forward",
-                    teacher_logp: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """[N, V] student logits (float32 or wider), [N] next tokens -> [N] ``α · T² · D(p, q) + (1 − α) · CE`` per position
-    (every position given carries a loss; :func:`sliced_loss` picks them)."""
+def position_losses(student: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor], *,
+                    soft: SoftTerm | None, alpha: float) -> torch.Tensor:
+    """[N, V] student logits (float32 or wider), [N] next tokens, the decoded targets [N, ...] -> [N]
+    ``α · T² · D(p, q) + (1 − α) · CE`` per position, ``soft`` the run's soft term (:mod:`.forms`; every
+    position given carries a loss: :func:`sliced_loss` picks them)."""
     hard = F.cross_entropy(student, labels, reduction="none")
     if alpha == 0:
         return hard
-    soft = soft_term(student, targets, form=form, temperature=temperature, kind=kind, teacher_logp=teacher_logp)
-    return soft if alpha == 1 else alpha * soft + (1 - alpha) * hard
+    term = soft(student, targets)
+    return term if alpha == 1 else alpha * term + (1 - alpha) * hard
 
 
 def slice_positions(vocab: int, slice_bytes: int = SLICE_BYTES) -> int:
@@ -125,7 +66,7 @@ def sliced_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tenso
     """The mean of :func:`position_losses` over the positions with a loss (``labels`` ≥ 0).
 
     ``hidden`` [B, L, H]: the student's hidden states; ``head`` maps [n, H] to [n, V] logits; ``labels``
-    [B, L] the next tokens (−1: no loss); ``targets`` the stored per-position fields [B, L, ...]. Positions
+    [B, L] the next tokens (−1: no loss); ``targets`` the decoded per-position targets [B, L, ...]. Positions
     without a loss are dropped before the head runs. Where the positions' logits exceed ``slice_bytes`` they
     are made a slice at a time, each slice recomputed in the backward pass (activation checkpointing)."""
     keep = (labels >= 0).flatten().nonzero().squeeze(1)

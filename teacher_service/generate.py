@@ -307,10 +307,9 @@ def _specialists_record(spec: JobSpec) -> SpecialistsRecord | None:
 def _targets(spec: JobSpec, num_classes: int, unit: str = "classes") -> TargetsRecord | None:
     """The store's targets record (None: dense); top-k of every class (token) is refused."""
     t = spec.targets
-    if t.form == "dense":
+    if t.spec.every_class:
         return None
-    if t.form == "topk" and t.k >= num_classes:
-        raise SpecError(f"targets topk:{t.k} keeps every one of the {num_classes} {unit}: ask for dense targets")
+    t.spec.check_size(t, num_classes, unit)
     return t
 
 

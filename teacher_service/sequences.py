@@ -63,7 +63,7 @@ def sequence_record(data, stride: int = 1) -> SequenceRecord:
 
 def check_dense(spec, vocab: int) -> None:
     """Dense targets of a large vocabulary are refused: every position would cost megabytes."""
-    if spec.targets.form == "dense" and vocab > DENSE_VOCAB:
+    if spec.targets.spec.every_class and vocab > DENSE_VOCAB:
         raise SpecError(f"dense targets keep all {vocab:,} tokens at every position; above {DENSE_VOCAB:,} ask for "
                         "topk:K or sampled:K")
 

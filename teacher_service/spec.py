@@ -119,8 +119,8 @@ class JobSpec(BaseModel):
         if self.chunk_rows is None:
             length = getattr(self.data, "length", None) if self.data.kind == "text" else None
             self.chunk_rows = 1024 if length is None else max(1, 65536 // length)
-        if self.targets.form == "topk" and self.targets.step is None and self.data.kind == "text":
-            self.targets = self.targets.model_copy(update={"step": 1 / 16})  # see TargetsRecord.step
+        if self.data.kind == "text":
+            self.targets = self.targets.spec.for_tokens(self.targets)
         if self.data.kind == "text":
             said = [what for what, on in (("augment (recorded views)", self.augment is not None),
                                           ("features (hints)", bool(self.features)),
@@ -153,20 +153,8 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _sparse_options(self) -> "JobSpec":
-        t = self.targets
-        if t.form == "dense":
-            return self
-        if self.keep_members:
-            raise ValueError(f"keep_members stores every member's {self.teachers.num_classes or 'C'} logits per row "
-                             f"densely, more than {t} targets save; keep members in a dense store")
-        if self.combine == "arithmetic" and t.form == "topk" and self.temperature != 1.0:
-            raise ValueError(f"top-k of an arithmetic mean is exact only at the temperature it keeps its tail at, "
-                             f"T=1, and this job mixes at T={self.temperature:g}; use temperature 1, or "
-                             f"sampled:{t.k}@{self.temperature:g}, or dense targets")
-        if self.combine == "arithmetic" and t.form == "sampled" and t.temperature != self.temperature:
-            raise ValueError(f"sampled targets of an arithmetic mean must be drawn at its temperature: the job mixes "
-                             f"at T={self.temperature:g} and samples at T={t.temperature:g}; write "
-                             f"sampled:{t.k}@{self.temperature:g}")
+        self.targets.spec.check_job(self.targets, combine=self.combine, temperature=self.temperature,
+                                    keep_members=self.keep_members, num_classes=self.teachers.num_classes)
         return self
 
     @classmethod
@@ -210,7 +198,7 @@ class JobSpec(BaseModel):
             # only when set, so the keys of float32 jobs stay what they were before this option existed
             **({"precision": self.precision} if self.precision != "float32" else {}),
             **({"augment": self.augment.model_dump(mode="json")} if self.augment is not None else {}),
-            **({"targets": self.targets.model_dump(mode="json")} if self.targets.form != "dense" else {}),
+            **({"targets": self.targets.model_dump(mode="json")} if not self.targets.spec.every_class else {}),
             **({"features": [f.model_dump(mode="json", exclude={"shape"}) for f in self.features]}
                if self.features else {}),
             **({"specialists": self.teachers.specialists, "top_n": self.specialist_top_n}

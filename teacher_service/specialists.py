@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from darkstore.errors import SpecError
+from storage.forms import form_of
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def plan_specialists(reader, num: int, *, seed: int = 0, min_size: int = 2, pair
     from sklearn.cluster import KMeans
 
     meta = reader.meta
-    if meta.target_form != "dense":
+    if not form_of(meta).every_class:
         raise SpecError(f"{reader.path} keeps {meta.targets} targets: planning needs a dense generalist store")
     c = meta.num_classes
     if not 1 <= num <= c:

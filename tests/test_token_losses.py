@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from storage.forms import FORMS
+from student_trainer import losses
 from student_trainer import token_losses as tl
+from student_trainer.forms import LOSSES, SoftTerm
+from student_trainer.retemper import Retemper
 
 N, V, K = 12, 40, 6
 
@@ -31,6 +35,11 @@ def _d64(p: np.ndarray, q: np.ndarray, kind: str) -> np.ndarray:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
+def soft(form: str, t: float, *, topk_loss: str = "bucket", kind: str = "forward") -> SoftTerm:
+    """A soft term of ``form`` at T = ``t`` (a dense store of a geometric mean: re-tempered exactly)."""
+    return SoftTerm(FORMS[form], LOSSES[form], None, Retemper(t, "geometric", True), topk_loss, kind)
+
+
 @pytest.fixture
 def case():
     g = torch.Generator().manual_seed(0)
@@ -47,15 +56,14 @@ def _topk(teacher: torch.Tensor):
     vals = vals.gather(-1, order)
     hi = vals.amax(-1, keepdim=True)
     rest = teacher.scatter(-1, idx, float("-inf"))
-    return {"topk_index": idx, "head": vals - hi, "tail_lse": torch.logsumexp(rest, -1) - hi[:, 0]}
+    return {"index": idx, "head": vals - hi, "tail": torch.logsumexp(rest, -1) - hi[:, 0]}
 
 
-@pytest.mark.parametrize("kind", tl.DIVERGENCES)
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
 def test_dense_divergences_match_float64(case, kind):
     student, teacher, labels = case
     t, alpha = 2.0, 0.7
-    got = tl.position_losses(student, labels, {"logits": teacher}, form="dense", temperature=t, alpha=alpha,
-                             kind=kind, teacher_logp=lambda z: torch.log_softmax(z.float() / t, -1))
+    got = tl.position_losses(student, labels, {"logits": teacher}, soft=soft("dense", t, kind=kind), alpha=alpha)
     s64, z64 = student.double().numpy(), teacher.double().numpy()
     p, q = _softmax64(z64 / t), _softmax64(s64 / t)
     ce = -np.log(_softmax64(s64)[np.arange(N), labels.numpy()])
@@ -63,14 +71,14 @@ def test_dense_divergences_match_float64(case, kind):
     np.testing.assert_allclose(got.double().numpy(), want, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", tl.DIVERGENCES)
+@pytest.mark.parametrize("kind", losses.DIVERGENCES)
 def test_topk_bucket_is_the_divergence_over_the_kept_tokens_and_one_bucket(case, kind):
     """At T = 1 the buckets of a top-k store are exact: the divergence between the teacher's and the
     student's K + 1 bucket probabilities, computed from the whole distributions in float64."""
     student, teacher, labels = case
-    got = tl.soft_term(student, _topk(teacher), form="topk-bucket", temperature=1.0, kind=kind)
+    got = soft("topk", 1.0, kind=kind)(student, _topk(teacher))
     p, q = _softmax64(teacher.double().numpy()), _softmax64(student.double().numpy())
-    idx = _topk(teacher)["topk_index"].numpy()
+    idx = _topk(teacher)["index"].numpy()
 
     def buckets(d):
         head = np.take_along_axis(d, idx, -1)
@@ -83,10 +91,10 @@ def test_topk_spread_and_sampled_match_their_definitions(case):
     student, teacher, labels = case
     t = 1.5
     f = _topk(teacher)
-    got = tl.soft_term(student, f, form="topk-spread", temperature=t)
+    got = soft("topk", t, topk_loss="spread")(student, f)
     z = teacher.double().numpy()
     kept = np.zeros_like(z, dtype=bool)
-    np.put_along_axis(kept, f["topk_index"].numpy(), True, -1)
+    np.put_along_axis(kept, f["index"].numpy(), True, -1)
     hi = np.where(kept, z, -np.inf).max(-1, keepdims=True)
     tail = np.log(np.where(kept, 0, np.exp(z - hi)).sum(-1, keepdims=True))  # the tail's mass at T = 1
     each = np.log(V - K) + (tail - np.log(V - K)) / t - np.log(V - K)  # spread evenly at T
@@ -95,12 +103,12 @@ def test_topk_spread_and_sampled_match_their_definitions(case):
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-4, atol=1e-6)
 
     samples = torch.randint(V, (N, 8), generator=torch.Generator().manual_seed(1))
-    got = tl.soft_term(student, {"sample_index": samples}, form="sampled", temperature=t)
+    got = soft("sampled", t)(student, {"index": samples})
     logq = np.log(_softmax64(student.double().numpy() / t))
     want = -t * t * np.take_along_axis(logq, samples.numpy(), -1).mean(-1)
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5)
     with pytest.raises(ValueError, match="forward KL only"):
-        tl.soft_term(student, {"sample_index": samples}, form="sampled", temperature=t, kind="jsd")
+        soft("sampled", t, kind="jsd")(student, {"index": samples})
 
 
 def test_the_sliced_loss_equals_the_whole_one_and_ignores_positions_without_a_loss():
@@ -116,7 +124,7 @@ def test_the_sliced_loss_equals_the_whole_one_and_ignores_positions_without_a_lo
     labels[2, 7:] = -1
     teacher = torch.randn(b, length, V, generator=g, dtype=torch.float64)
     targets = {k: v.unflatten(0, (b, length)) for k, v in _topk(teacher.flatten(0, 1)).items()}
-    opts = {"form": "topk-bucket", "temperature": 1.0, "alpha": 0.5}
+    opts = {"soft": soft("topk", 1.0), "alpha": 0.5}
 
     def run(slice_bytes: int, tg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hd, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -129,7 +137,7 @@ def test_the_sliced_loss_equals_the_whole_one_and_ignores_positions_without_a_lo
     for a, c in zip(whole, sliced):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
     moved = {k: v.clone() for k, v in targets.items()}
-    moved["tail_lse"][0, :4] += 5.0  # positions without a loss
+    moved["tail"][0, :4] += 5.0  # positions without a loss
     assert float(run(1 << 30, moved)[0]) == float(whole[0])
     n = int((labels >= 0).sum())
     per = tl.position_losses((hidden.flatten(0, 1) @ weight.t())[labels.flatten() >= 0], labels[labels >= 0],

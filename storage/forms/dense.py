@@ -11,6 +11,11 @@ from .base import Form
 
 class Dense(Form):
     name = "dense"
+    logp_source = "the stored targets (exact)"
+    every_class = True
+
+    def check_job(self, targets, *, combine, temperature, keep_members, num_classes):
+        pass
     fields = (
         FieldSpec("logits", ("row", "class"), lambda m: (m.num_rows, m.num_classes), lambda m: m.dtype, np.nan,
                   lambda m: m.target_form == "dense", target=True, log_space=True, per_position=True,
@@ -22,6 +27,15 @@ class Dense(Form):
 
     def encode(self, ell, meta, uniforms=None, log_z=None):
         return {"logits": ell - ell.amax(-1, keepdim=True)}
+
+    def decode(self, parts, meta):
+        out = {"logits": parts["logits"].float()}
+        if parts.get("members") is not None:
+            out["members"] = parts["members"].float()
+        return out
+
+    def top1(self, parts, meta):
+        return parts["logits"].float().argmax(-1)
 
     def teacher_logp(self, parts, meta):
         import torch

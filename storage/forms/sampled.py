@@ -22,6 +22,17 @@ class Sampled(Form):
                   doc="sampled targets: k classes (tokens) drawn per row, sorted", when="sampled:K targets"),
     )
 
+    def check_job(self, targets, *, combine, temperature, keep_members, num_classes):
+        super().check_job(targets, combine=combine, temperature=temperature, keep_members=keep_members,
+                          num_classes=num_classes)
+        if combine == "arithmetic" and targets.temperature != temperature:
+            raise ValueError(f"sampled targets of an arithmetic mean must be drawn at its temperature: the job mixes "
+                             f"at T={temperature:g} and samples at T={targets.temperature:g}; write "
+                             f"sampled:{targets.k}@{temperature:g}")
+
+    def drawn_at(self, targets):
+        return float(targets.temperature)
+
     def target_bytes(self, meta) -> int:
         return np.dtype(index_dtype(meta)).itemsize * meta.targets.k
 
@@ -39,6 +50,15 @@ class Sampled(Form):
         u = torch.as_tensor(uniforms, dtype=torch.float64, device=ell.device)
         idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp_max(c - 1)
         return {"sample_index": idx.sort(dim=-1).values.to(torch.int32)}
+
+    def decode(self, parts, meta):
+        return {"index": parts["sample_index"].long()}
+
+    def top1(self, parts, meta):
+        """The most drawn class."""
+        idx = parts["sample_index"].long()
+        counts = (idx[..., :, None] == idx[..., None, :]).sum(-1)
+        return idx.gather(-1, counts.argmax(-1, keepdim=True)).squeeze(-1)
 
     def teacher_logp(self, parts, meta):
         """Sample frequencies, smoothed so that an unsampled class is unlikely rather than impossible."""

@@ -71,6 +71,7 @@ def top_k(x, k: int):
 
 class TopK(Form):
     name = "topk"
+    logp_source = "the stored top-k (exact where the next token was kept, else the tail spread evenly)"
     fields = (
         FieldSpec("topk_logits", ("row", "k"), lambda m: (m.num_rows, m.targets.k), _value_dtype, np.nan,
                   _topk, target=True, log_space=True, per_position=True,
@@ -85,6 +86,25 @@ class TopK(Form):
                   doc="top-k targets: log-sum-exp of the values left out (the tail's mass at T = 1)",
                   when="topk:K targets"),
     )
+
+    def check_job(self, targets, *, combine, temperature, keep_members, num_classes):
+        super().check_job(targets, combine=combine, temperature=temperature, keep_members=keep_members,
+                          num_classes=num_classes)
+        if combine == "arithmetic" and temperature != 1.0:
+            raise ValueError(f"top-k of an arithmetic mean is exact only at the temperature it keeps its tail at, "
+                             f"T=1, and this job mixes at T={temperature:g}; use temperature 1, or "
+                             f"sampled:{targets.k}@{temperature:g}, or dense targets")
+
+    def check_size(self, targets, num_classes, unit):
+        from darkstore.errors import SpecError
+
+        if targets.k >= num_classes:
+            raise SpecError(f"targets topk:{targets.k} keeps every one of the {num_classes} {unit}: ask for dense "
+                            "targets")
+
+    def for_tokens(self, targets):
+        """Values quantised to 1/16 nat unless the job says otherwise (see ``TargetsRecord.step``)."""
+        return targets.model_copy(update={"step": 1 / 16}) if targets.step is None else targets
 
     def target_bytes(self, meta) -> int:
         value = np.dtype(_value_dtype(meta)).itemsize
@@ -112,6 +132,18 @@ class TopK(Form):
         """The kept values as floats (centred log space), whatever their stored encoding."""
         head = parts["topk_logits"]
         return head.float() * -meta.targets.step if meta.targets.quantised else head.float()
+
+    def decode(self, parts, meta):
+        """The kept classes, their values in nats (a quantised store's steps decoded) and the tail."""
+        return {"index": parts["topk_index"].long(), "head": self.head(parts, meta),
+                "tail": parts["tail_lse"].float()}
+
+    def top1(self, parts, meta):
+        head = self.head(parts, meta)
+        return parts["topk_index"].long().gather(-1, head.argmax(-1, keepdim=True)).squeeze(-1)
+
+    def kept(self, parts, y):
+        return (parts["topk_index"].long() == y[..., None]).any(-1)
 
     def teacher_logp(self, parts, meta):
         """The head with the tail spread evenly over the classes left out (its argmax is the true top class)."""
