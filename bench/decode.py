@@ -33,6 +33,7 @@ from PIL import Image
 from _common import ROOT, machine, med, paired, teachers
 
 import darkstore.data as data
+import darkstore.transfer as transfer
 
 PIL_GENERATE = ("import darkstore.data as d; d._fast_decoder.cache_clear(); d._fast_decoder = lambda: None; "
                 "from darkstore_app.cli import main; main()")
@@ -91,7 +92,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="darkstore-decode-"))
     try:
         root = write_folder(work / "imgs", args.images)
-        paths = [s for s, _ in data.open_transfer_set({"kind": "image_folder", "root": str(root)}).samples]
+        paths = [s for s, _ in transfer.open_transfer_set({"kind": "image_folder", "root": str(root)}).samples]
         print(f"{len(paths)} JPEGs, 500x375 / 375x500, {sum(Path(p).stat().st_size for p in paths) / 1e6:.1f} MB")
 
         t = interleave({"pil": lambda p: data._read_image_pil(p, "RGB"), "ours": data.read_image}, paths, args.repeats)
@@ -99,7 +100,7 @@ def main() -> None:
               f"PIL / ours {paired(t['pil'], t['ours'])}")
 
         geometry = {"kind": "image_folder", "root": str(root), "short_side": 256, "crop": 224}
-        sets = {r: data.open_transfer_set({**geometry, "resample": r}) for r in ("float", "uint8")}
+        sets = {r: transfer.open_transfer_set({**geometry, "resample": r}) for r in ("float", "uint8")}
         idx = list(range(len(paths)))
         t = interleave({r: (lambda i, s=s: s[i]) for r, s in sets.items()}, idx, args.repeats)
         print(f"decode + 256/224: float {med(t['float']) * 1e3:.2f} ms, uint8 {med(t['uint8']) * 1e3:.2f} ms per "

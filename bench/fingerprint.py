@@ -40,7 +40,7 @@ from PIL import Image
 
 from _common import ROOT, machine, paired, teachers
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 
 IMAGENET_FILES, IMAGENET_BYTES = 1_281_167, 140e9

@@ -39,7 +39,7 @@ import yaml
 
 from _common import HERE, images, machine, paired, teachers
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.models import build_model
 from storage import StoreWriter, open_store
 from student_trainer import losses

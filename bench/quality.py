@@ -231,7 +231,8 @@ def cli(*args: str, cwd: Path) -> None:
 
 def write_views_out(work: Path, k: int) -> Path:
     """The views store's exact views (same recipe, same parameters) written out as a plain .npz."""
-    from darkstore.data import open_transfer_set, parse_data_spec
+    from darkstore.data import parse_data_spec
+    from darkstore.transfer import open_transfer_set
     from darkstore.views import AugmentSpec, ViewSet
     from storage.schema import RowLayout
 

@@ -19,7 +19,7 @@ import torch
 
 from _common import alternate, paired_ratio, images, machine, med, teachers
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.models import build_model
 from storage import open_store
 from student_trainer import losses

@@ -33,7 +33,7 @@ import yaml
 
 from _common import cli_seconds, paired, images, machine, teachers
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.models import build_model
 from storage.schema import RowLayout
 from darkstore.views import AugmentSpec, ViewSet

@@ -39,7 +39,7 @@ import torch
 from _common import alternate, cli_seconds, images, machine, med, paired, teachers
 
 import darkstore.views as views_mod
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.views import AugmentSpec, ViewSet
 from storage.schema import RowLayout
 from teacher_service.generate import generate

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 #: the library API for your own training loop (student_trainer.api), imported on first use: ``import darkstore``
 #: stays light (the CLI's --help does not load torch)
 _PUBLIC = {"SoftTargets": "student_trainer.api", "Batch": "student_trainer.api", "kd_loss": "student_trainer.api",
-           "soft_kl": "student_trainer.api", "open_store": "storage", "open_transfer_set": "darkstore.data"}
+           "soft_kl": "student_trainer.api", "open_store": "storage", "open_transfer_set": "darkstore.transfer"}
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ import os
 import stat
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from darkstore.errors import DataError, DataNotFoundError, SpecError
 
 from .fingerprint import FingerprintPolicy, FingerprintReport, cached_whole, files_under, folder_digests
-from .paths import import_callable, resolve
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -595,67 +594,3 @@ def _declared_dtype(feature: Any) -> str | None:
             return dtype
         feature = getattr(feature, "feature", None) or (feature[0] if isinstance(feature, list) and feature else None)
     return None
-
-
-def open_transfer_set(
-    spec: DataSpec | dict | str | Path,
-    *,
-    allow_code: bool = False,
-    base_dir: str | Path | None = None,
-    roots: Sequence[str | Path] | None = None,
-    fingerprints: FingerprintPolicy | None = None,
-) -> TransferSet:
-    """Open a transfer set. Paths resolve against ``base_dir`` and must lie in ``roots`` when given;
-    ``fingerprints``: how its fingerprint is computed (default: from scratch, every file hashed)."""
-    ds = _open(parse_data_spec(spec), allow_code=allow_code, base_dir=base_dir, roots=roots)
-    if len(ds) == 0:  # here, before anything (a fingerprint, a probe) reads a first sample
-        raise DataError("the transfer set is empty")
-    if fingerprints is not None:
-        ds.fingerprints = fingerprints
-    return ds
-
-
-def _open(spec: DataSpec, *, allow_code: bool, base_dir: str | Path | None,
-          roots: Sequence[str | Path] | None) -> TransferSet:
-    if isinstance(spec, ArraysSpec):
-        return ArraysSet(spec, resolve(spec.path, base_dir=base_dir, roots=roots))
-    if isinstance(spec, ImageFolderSpec):
-        return ImageFolderSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
-    if isinstance(spec, HuggingFaceSpec):
-        return HuggingFaceSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
-    if isinstance(spec, TextSpec):
-        from .text import TextSet
-
-        return TextSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots),
-                       resolve(spec.tokenizer, base_dir=base_dir, roots=roots))
-    if isinstance(spec, TorchvisionSpec):
-        import torchvision
-
-        root = resolve(spec.root, base_dir=base_dir, roots=roots)
-        cls = getattr(torchvision.datasets, spec.name, None)
-        if cls is None or not isinstance(cls, type):
-            raise SpecError(f"torchvision has no dataset {spec.name!r}")
-        if "download" in spec.kwargs:
-            raise SpecError("darkstore never downloads datasets; remove 'download' and point root at local files")
-        if not root.exists():
-            raise DataNotFoundError(f"dataset root not found: {root}")
-        try:
-            ds = cls(root=str(root), download=False, **spec.kwargs) if _takes_download(cls) else cls(root=str(root), **spec.kwargs)
-        except (RuntimeError, FileNotFoundError, OSError) as exc:
-            raise DataNotFoundError(f"torchvision {spec.name} not found under {root}: {exc}") from exc
-        except TypeError as exc:
-            raise SpecError(f"bad kwargs for torchvision {spec.name}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 — an abstract class (VisionDataset), a dataset that refuses
-            raise SpecError(f"torchvision {spec.name} cannot be opened: {type(exc).__name__}: {exc}") from exc
-        return WrappedSet(spec, ds, root=root.resolve())
-    fn = import_callable(spec.factory, allow_code=allow_code, what="dataset factory")
-    return WrappedSet(spec, fn(**spec.kwargs))
-
-
-def _takes_download(cls: type) -> bool:
-    import inspect
-
-    try:
-        return "download" in inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        return False

@@ -128,7 +128,7 @@ def _train_with_progress(cfg, store: str, out_: Path, *, checkpoint_every: int, 
     """Train with a progress bar (one line an epoch where there is no terminal); None on a rank other than 0."""
     import os
 
-    from darkstore.data import open_transfer_set
+    from darkstore.transfer import open_transfer_set
     from student_trainer.train import train as run
 
     rank0 = os.environ.get("RANK", "0") == "0"

@@ -31,7 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from darkstore.data import TransferSet, open_transfer_set
+from darkstore.data import TransferSet
+from darkstore.transfer import open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from storage import StoreReader, open_store
 
@@ -39,7 +40,7 @@ from . import losses, objectives, token_losses
 from .config import default_temperature
 from .lm_eval import teacher_top1
 from .forms import soft_term
-from .lm_train import sequence_split
+from .lm_eval import sequence_split
 from .loader import Batch, StudentLoader, make_loader
 from .retemper import plan
 from .eval_cache import eval_split, teacher_view

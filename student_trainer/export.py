@@ -70,7 +70,7 @@ def load_run_student(run: Path, allow_code: bool = False) -> tuple[torch.nn.Modu
 
 def check_inputs(summary: dict[str, Any], rows: int = CHECK_ROWS, allow_code: bool = False) -> torch.Tensor:
     """Real inputs from the run's transfer set (the first ``rows`` samples)."""
-    from darkstore.data import open_transfer_set
+    from darkstore.transfer import open_transfer_set
     from storage import open_store
 
     meta = open_store(summary["store"], allow_incomplete=True).meta

@@ -25,8 +25,11 @@ import numpy as np
 import torch
 
 from storage import StoreReader
+from storage.errors import SchemaError
 from storage.forms import form_of
 
+from .eval_cache import HOLDOUT_SEED
+from .eval_report import teacher_size
 from .loader import Batch, make_loader
 
 #: token eval rows kept in memory across epochs and students, when they fit
@@ -146,8 +149,6 @@ def lm_report(flat: dict[str, Any], reader: StoreReader, rows: np.ndarray, *, pa
     ``metrics``, the teachers' (``teacher_metrics``) and their sizes against the student's (``compression``)."""
     from storage.location import canonical
 
-    from .evaluate import teacher_size
-
     student = {k: v for k, v in flat.items() if k not in TEACHER_KEYS and k != "positions"}
     teachers = {TEACHER_KEYS[k]: v for k, v in flat.items() if k in TEACHER_KEYS}
     st = {"params": params, "size_bytes": weights_path.stat().st_size if weights_path else None}
@@ -158,3 +159,25 @@ def lm_report(flat: dict[str, Any], reader: StoreReader, rows: np.ndarray, *, pa
     return {"store": canonical(reader.location), "rows": int(len(rows)), "positions": flat.get("positions", 0),
             "metrics": student, "teacher_metrics": teachers,
             "compression": {"student": st, "teachers": te, "teachers_over_student": ratios}}
+
+
+def sequence_split(reader, holdout: float, ev_reader) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, eval rows): all finished rows and the eval store's, or a fixed holdout of rows (the same
+    rows for every student of the store)."""
+    rows = reader.finished_rows()
+    if ev_reader is not None:
+        return rows, ev_reader.finished_rows()
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(len(rows))
+    k = int(round(len(rows) * holdout))
+    return np.sort(rows[perm[k:]]), np.sort(rows[perm[:k]])
+
+
+def check_eval_store(meta, ev_meta, path) -> None:
+    """An eval store for a sequence store: token rows of the same tokenizer."""
+    if ev_meta.sequence is None:
+        raise SchemaError(f"the eval store {path} holds classes; the training store holds token sequences")
+    ours, theirs = meta.sequence.tokenizer, ev_meta.sequence.tokenizer
+    if ours.fingerprint != theirs.fingerprint:
+        raise SchemaError(f"the eval store {path} was tokenized by another tokenizer ({theirs.vocab_size} tokens, "
+                          f"{theirs.path}) than the training store ({ours.vocab_size} tokens, {ours.path}): their "
+                          "fingerprints differ")

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,8 +22,7 @@ from darkstore.lm import LanguageModel, load_student
 from darkstore.models import count_params, save_weights
 
 from . import token_losses
-from .eval_cache import HOLDOUT_SEED
-from .lm_eval import TokenEvalRows, evaluate_tokens, lm_report
+from .lm_eval import TokenEvalRows, check_eval_store, evaluate_tokens, lm_report, sequence_split
 from .loader import window_chunks
 from .recipe import Recipe, check_device, plan_stages
 from .forms import soft_term
@@ -53,28 +51,8 @@ class TokenStudent(nn.Module):
         return self.lm.logits(h)[..., :self.vocab]
 
 
-def sequence_split(reader, holdout: float, ev_reader) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, eval rows): all finished rows and the eval store's, or a fixed holdout of rows (the same
-    rows for every student of the store)."""
-    rows = reader.finished_rows()
-    if ev_reader is not None:
-        return rows, ev_reader.finished_rows()
-    perm = np.random.default_rng(HOLDOUT_SEED).permutation(len(rows))
-    k = int(round(len(rows) * holdout))
-    return np.sort(rows[perm[k:]]), np.sort(rows[perm[:k]])
 
 
-def check_eval_store(meta, ev_meta, path) -> None:
-    """An eval store for a sequence store: token rows of the same tokenizer."""
-    from storage.errors import SchemaError
-
-    if ev_meta.sequence is None:
-        raise SchemaError(f"the eval store {path} holds classes; the training store holds token sequences")
-    ours, theirs = meta.sequence.tokenizer, ev_meta.sequence.tokenizer
-    if ours.fingerprint != theirs.fingerprint:
-        raise SchemaError(f"the eval store {path} was tokenized by another tokenizer ({theirs.vocab_size} tokens, "
-                          f"{theirs.path}) than the training store ({ours.vocab_size} tokens, {ours.path}): their "
-                          "fingerprints differ")
 
 
 class LMRecipe(Recipe):
@@ -184,10 +162,6 @@ def copy_tokenizer(path: str, folder: Path) -> None:
     for f in (tok.glob("tokenizer*.json") if tok.is_dir() else [tok]):
         if f.is_file():
             shutil.copy(f, folder / f.name)
-
-
-def token_eval_rows(reader, rows: np.ndarray, whole_store: bool) -> TokenEvalRows:
-    return TokenEvalRows(reader, rows, whole_store=whole_store)
 
 
 def load_run_lm(run: Path, summary: dict[str, Any], record, length: int, *, allow_code: bool = False

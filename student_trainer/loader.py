@@ -30,7 +30,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from darkstore.data import TransferSet, open_transfer_set
+from darkstore.data import TransferSet
+from darkstore.transfer import open_transfer_set
 from storage import StoreReader, open_store
 from storage.fields import target_fields
 

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from darkstore.data import TransferSet, open_transfer_set
+from darkstore.data import TransferSet
+from darkstore.transfer import open_transfer_set
 from darkstore.errors import SpecError
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
@@ -40,6 +41,8 @@ from .retemper import plan, unused
 from .tracking import open_trackers
 from .distributed import Dist
 from .eval_cache import EvalRows, eval_split, evaluate
+from .eval_report import evaluate_student
+from .lm_eval import TokenEvalRows, check_eval_store, sequence_split
 from .run_dir import CHECKPOINT_VERSION, config_diff, save_atomic, write_json_atomic
 
 
@@ -201,8 +204,6 @@ class Inputs:
         self.ev_reader: StoreReader | None = None
         self.ev_data = self.data
         if eval_store is not None and self.sequence:
-            from .lm_train import check_eval_store
-
             self.ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
             check_eval_store(self.meta, self.ev_reader.meta, self.ev_reader.path)
         elif eval_store is not None:
@@ -220,10 +221,8 @@ class Inputs:
     def split(self, holdout: float) -> tuple[np.ndarray, np.ndarray, EvalRows]:
         """(train rows, eval rows, the eval rows' data) for a holdout (ignored with an eval store)."""
         if holdout not in self._splits and self.sequence:
-            from .lm_train import sequence_split, token_eval_rows
-
             tr, ev = sequence_split(self.reader, holdout, self.ev_reader)
-            self._splits[holdout] = (tr, ev, token_eval_rows(self.ev_reader or self.reader, ev,
+            self._splits[holdout] = (tr, ev, TokenEvalRows(self.ev_reader or self.reader, ev,
                                                              whole_store=self.ev_reader is not None))
         elif holdout not in self._splits:
             tr, ev = eval_split(self.reader, holdout, self.ev_reader)
@@ -562,8 +561,6 @@ class Recipe:
 
     def final_report(self, latency: bool) -> dict[str, Any]:
         """eval.json: the student against the teachers on the eval rows."""
-        from .evaluate import evaluate_student
-
         return evaluate_student(self.model, self.spec, self.ev_reader, self.ev_data, self.ev_rows,
                                 device=self.device, weights_path=self.out / "student.safetensors", latency=latency,
                                 allow_code=self.allow_code, roots=self.roots, eval_rows=self.eval_rows,

@@ -34,9 +34,12 @@ from typing import Any, Callable
 
 from darkstore.errors import DarkstoreError, SpecError
 from darkstore.paths import children_skip_working_directory
+from darkstore.transfer import open_transfer_set
 from storage import StoreMeta
 from teacher_service.errors import CheckerFailedError, CheckersBusyError, LimitExceededError
 
+from .generate import prepare
+from .prepared import identify
 from .settings import Settings
 from .spec import JobSpec
 
@@ -63,11 +66,6 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
 def admit(spec: JobSpec, settings: Settings, known: Callable[[str], bool] | None) -> tuple[str, StoreMeta | None]:
     """The job's key and, unless ``known(key)`` says the job exists already, its store metadata: every
     teacher loaded on the CPU (within the parameter budget) and probed on two samples."""
-    from darkstore.data import open_transfer_set
-
-    from .generate import prepare
-    from .jobs import identify
-
     data = open_transfer_set(spec.data, allow_code=settings.allow_code, roots=settings.roots,
                              fingerprints=settings.fingerprints)
     key = identify(spec, allow_code=settings.allow_code, roots=settings.roots, data=data)

@@ -35,16 +35,15 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from darkstore.data import open_transfer_set
-from darkstore.fingerprint import FingerprintPolicy
-from darkstore.models import sha256_file
 from darkstore.paths import resolve
 from storage import StoreMeta, StoreWriter, copy_store, open_store
 from storage.location import Location
-from darkstore.errors import DarkstoreError, SpecError, WeightsNotFoundError
+from darkstore.errors import DarkstoreError, SpecError
 from storage.errors import SchemaError, StoreAccessError, StoreNotFoundError
 
+from .admission import Admission
 from .generate import Cancelled, PreparedJob, prepare, run_chunks
+from .prepared import identify
 from .settings import Settings
 from .spec import JobSpec
 
@@ -149,25 +148,6 @@ class JobView(BaseModel):
     spec: dict[str, Any]
 
 
-def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | Path] | None = None,
-             data=None, fingerprints: FingerprintPolicy | None = None) -> str:
-    """The job key without loading any model: weight files are hashed, the data fingerprinted."""
-    hashes = []
-    for m in spec.teachers.members:
-        if m.weights is None:
-            hashes.append(None)
-            continue
-        path = resolve(m.weights, roots=roots)
-        if m.format == "transformers":
-            from darkstore.lm import folder_digest
-
-            hashes.append(folder_digest(m.label, path))
-            continue
-        if not path.is_file():
-            raise WeightsNotFoundError(f"weights of {m.label!r} not found: {path}")
-        hashes.append(sha256_file(path))
-    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
-    return spec.job_key(hashes, data.fingerprint)
 
 
 MAX_ID_LENGTH = 64
@@ -417,8 +397,6 @@ class JobManager:
     mode = "abstract"
 
     def __init__(self, settings: Settings):
-        from .admission import Admission
-
         self.settings = settings
         self.book = JobBook(settings.home, settings.store_root)
         self.admission = Admission(settings)

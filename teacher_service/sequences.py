@@ -24,6 +24,7 @@ from storage.forms import form_of
 from storage.schema import SequenceRecord, TokenizerRecord
 
 from .combine import combine
+from .prepared import Cancelled, PreparedJob, check_param_budget, in_store_order, store_meta, targets_record
 
 #: default bound on one slice's [members, batch, positions, vocabulary] float32 logits
 SLICE_BYTES = 16 << 20
@@ -38,8 +39,6 @@ TEACHER_FLUSH = 4096
 def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None
                  ) -> list[LanguageModel]:
     """Every LM member loaded, fitted to the transfer set's tokenizer and length, on ``device`` in eval mode."""
-    from .generate import check_param_budget
-
     vocab = data.tokenizer.vocab_size
     if max_params is not None:
         check_param_budget(spec.teachers.members, vocab, max_params)
@@ -70,11 +69,9 @@ def check_dense(spec, vocab: int) -> None:
 
 def prepare_sequences(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None):
     """The LM teachers loaded and checked against the text transfer set; the sequence store's metadata."""
-    from .generate import PreparedJob, _targets, store_meta
-
     vocab = data.tokenizer.vocab_size
     check_dense(spec, vocab)
-    targets = _targets(spec, vocab, "tokens")
+    targets = targets_record(spec, vocab, "tokens")
     members = load_members(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
     sequence = sequence_record(data, teacher_stride(members, spec.combine))
     meta = store_meta(spec, [m.loaded for m in members], data, vocab, None, sequence=sequence, targets=targets)
@@ -258,7 +255,7 @@ def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: in
         x = tokens[:, :-1]
         batch = Batch(slice(b0, b1), [m.hidden(x) for m in members], tokens[:, 1:], mask)
         refuse = batch.refuse(members, lambda r: int(data.sample_of(np.array([start + b0 + r]))[0]), v)
-        _targets(out, batch, members, fused, refuse, slices)
+        _encode_targets(out, batch, members, fused, refuse, slices)
         if sample is not None:
             sample.add(batch, start + b0)
     if sample is not None:
@@ -267,8 +264,8 @@ def compute_chunk(members: list[LanguageModel], data, writer: StoreWriter, i: in
     return out
 
 
-def _targets(out: ChunkTargets, batch: Batch, members: list[LanguageModel], fused: FusedHead | None,
-             refuse: Callable[[int, int], None], slices: Slices) -> None:
+def _encode_targets(out: ChunkTargets, batch: Batch, members: list[LanguageModel], fused: FusedHead | None,
+                    refuse: Callable[[int, int], None], slices: Slices) -> None:
     """Encode a batch's targets slice by slice (with each member's statistics where its logits exist)."""
     b, length = batch.y.shape
     s = slices.size(b, length)
@@ -334,8 +331,6 @@ def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batc
                         on_chunk: Callable[[int, int], None] | None = None,
                         should_stop: Callable[[], bool] | None = None, slice_bytes: int = SLICE_BYTES) -> int:
     """Compute and commit ``chunks`` of a sequence store (see :func:`teacher_service.generate.run_chunks`)."""
-    from .generate import Cancelled, in_store_order
-
     meta = writer.meta
     data = in_store_order(job.data, meta)
     fused = FusedHead.of(job.members, meta.combine, meta.num_classes) if meta.sequence.teacher_stride > 1 else None

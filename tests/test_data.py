@@ -11,7 +11,9 @@ import torch
 import yaml
 from PIL import Image
 
-from darkstore.data import open_transfer_set, parse_data_spec
+from darkstore.data import parse_data_spec
+
+from darkstore.transfer import open_transfer_set
 from darkstore.paths import resolve
 from storage import open_store
 from darkstore.errors import DataNotFoundError, PathOutsideRootsError, SpecError

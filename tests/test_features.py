@@ -91,7 +91,8 @@ def test_stored_features_equal_the_teachers_layers_after_their_reduction(made, t
 
 
 def test_views_stores_keep_each_views_own_features(made, tmp_path):
-    from darkstore.data import open_transfer_set, parse_data_spec
+    from darkstore.data import parse_data_spec
+    from darkstore.transfer import open_transfer_set
     from darkstore.views import AugmentSpec, ViewSet
     from storage.schema import RowLayout
 

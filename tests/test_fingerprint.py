@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 
 from .test_data import write_images

@@ -23,7 +23,7 @@ from student_trainer.config import TrainConfig, default_temperature
 from student_trainer.errors import ExportError
 from student_trainer.evaluate import evaluate_run
 from student_trainer.export import export_run
-from student_trainer.lm_train import check_eval_store, sequence_split
+from student_trainer.lm_eval import check_eval_store, sequence_split
 from student_trainer.train import train
 from teacher_service.generate import generate
 from teacher_service.spec import JobSpec

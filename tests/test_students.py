@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.models import ModelSpec, load_model
 from storage import open_store
 from student_trainer.errors import RunDirError
@@ -438,13 +438,14 @@ def test_eval_prints_a_small_confusion_matrix_whole_and_a_large_ones_top_confusi
 def test_teacher_cost_is_kept_in_the_cache_it_is_given(tmp_path, cache, monkeypatch):
     """The teachers' timed cost is kept in the cache the caller passes (the CLI: its own cache folder) and read
     from there the next time; with none it is measured each time — no environment variable read deep down."""
+    import student_trainer.eval_report as report
     import student_trainer.evaluate as ev
 
     run = tmp_path / "run"
     train(TrainConfig(student=MLP, epochs=1), cache, run, final_eval=False)
     calls = []
-    real = ev._teacher_cost
-    monkeypatch.setattr(ev, "_teacher_cost", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = report._teacher_cost
+    monkeypatch.setattr(report, "_teacher_cost", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = ev.evaluate_run(run, cache_dir=tmp_path / "c", write=False)
     again = ev.evaluate_run(run, cache_dir=tmp_path / "c", write=False)
     assert len(calls) == 1 and list((tmp_path / "c").glob("teacher-cost-*.json"))

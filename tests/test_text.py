@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from darkstore.data import TextSpec, open_transfer_set
+from darkstore.data import TextSpec
+from darkstore.transfer import open_transfer_set
 from darkstore.errors import DataError, SpecError
 from darkstore.text import load_tokenizer, pack, records
 

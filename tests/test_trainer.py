@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.models import ModelSpec, build_model
 from storage import StoreWriter, open_store
 from storage.errors import IncompleteStoreError, TransferSetMismatchError

@@ -12,7 +12,7 @@ import torch
 import yaml
 import zarr
 
-from darkstore.data import open_transfer_set
+from darkstore.transfer import open_transfer_set
 from darkstore.views import AugmentSpec, ReplayError, ViewSet, select_views
 from storage import open_store
 from storage.schema import RowLayout
