@@ -194,7 +194,8 @@ def efficiency(kit: dict, work: Path, a) -> float:
     """Generation in-process against the bare forward over the same rows, chunk by chunk: each chunk's rows
     through the bare forward and the same chunk generated and committed, side by side in alternating order,
     so that the drift of a shared machine hits both alike; the median of the paired per-chunk ratios."""
-    from teacher_service.generate import default_batch, in_store_order, prepare
+    from teacher_service.generate import default_batch, prepare
+    from teacher_service.prepared import in_store_order
     from teacher_service.sequences import run_sequence_chunks
     from teacher_service.spec import JobSpec
     from storage import StoreWriter

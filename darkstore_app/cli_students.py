@@ -76,6 +76,14 @@ def train(
     weight_decay: Annotated[float, typer.Option()] = 0.0,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
     schedule: Annotated[str, typer.Option(help="learning-rate schedule: cosine | linear | step | constant")] = "cosine",
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="clip the gradients' total norm (0: off; default: "
+                                                           "0 for classes, 1.0 for language models)")] = None,
+    betas: Annotated[Optional[str], typer.Option(help="AdamW's β1,β2 (default: 0.9,0.999 for classes, 0.9,0.95 "
+                                                 "for language models)")] = None,
+    decay: Annotated[Optional[str], typer.Option(help="what --weight-decay applies to: all | matrices (default: "
+                                                 "all for classes, matrices for language models)")] = None,
+    lr_floor: Annotated[Optional[float], typer.Option(help="where cosine/linear end, a fraction of --lr (default: "
+                                                      "0 for classes, 0.1 for language models)")] = None,
     warmup: Annotated[float, typer.Option(help="fraction of the steps spent warming the learning rate up")] = 0.0,
     amp: Annotated[str, typer.Option(help="mixed precision: off | bf16 | fp16 (fp16 needs CUDA)")] = "off",
     seed: Annotated[int, typer.Option()] = 0,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from darkstore.modelspec import ModelSpec
 from storage.forms import form_of
@@ -38,6 +38,16 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    # the optimiser's finer settings; None: the row kind's default (OPTIMISER_DEFAULTS)
+    max_grad_norm: float | None = Field(None, ge=0, description="clip the gradients' total norm to this before "
+                                        "each step (0: no clipping). Default: 0 for classes, 1.0 for language models")
+    betas: tuple[float, float] | None = Field(None, description="AdamW's (β1, β2). Default: (0.9, 0.999) for "
+                                              "classes, (0.9, 0.95) for language models")
+    decay: Literal["all", "matrices"] | None = Field(
+        None, description="the parameters weight_decay applies to: all, or matrices only (weights and embeddings; "
+        "not biases or norms' gains). Default: all for classes, matrices for language models")
+    lr_floor: float | None = Field(None, ge=0, le=1, description="where the cosine or linear schedule ends, a "
+                                   "fraction of lr. Default: 0 for classes, 0.1 for language models")
     warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming the LR up linearly")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision (fp16 needs CUDA)")
     seed: int = 0
@@ -55,6 +65,12 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bit-exact reruns)")
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas(cls, v):
+        """``0.9,0.95`` as the command line writes it."""
+        return tuple(float(b) for b in v.split(",")) if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _hint_options(self) -> "TrainConfig":
         if self.loss == "hint":
@@ -69,6 +85,17 @@ class TrainConfig(BaseModel):
     @property
     def total_epochs(self) -> int:
         return self.hint_epochs + self.epochs
+
+    def with_defaults(self, defaults: dict[str, object]) -> "TrainConfig":
+        """The settings with every unset optimiser setting (None) given its row kind's default."""
+        return self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+#: the optimiser settings of a class student where the run leaves them unset (torch's AdamW, no clipping)
+CLASS_OPTIMISER = {"max_grad_norm": 0.0, "betas": (0.9, 0.999), "decay": "all", "lr_floor": 0.0}
+#: a language-model student's: the usual recipe of language-model training (GPT-2/nanoGPT's), chosen by
+#: bench/lm_students.py --parts recipe (docs/language-models.md gives the figures)
+TOKEN_OPTIMISER = {"max_grad_norm": 1.0, "betas": (0.9, 0.95), "decay": "matrices", "lr_floor": 0.1}
 
 
 def default_temperature(meta) -> float:

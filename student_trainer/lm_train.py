@@ -22,6 +22,7 @@ from darkstore.lm import LanguageModel, load_student
 from darkstore.models import count_params, save_weights
 
 from . import token_losses
+from .config import TOKEN_OPTIMISER
 from .lm_eval import TokenEvalRows, check_eval_store, evaluate_tokens, lm_report, sequence_split
 from .loader import window_chunks
 from .recipe import Recipe, check_device, plan_stages
@@ -58,6 +59,7 @@ class TokenStudent(nn.Module):
 class LMRecipe(Recipe):
     """One language-model student's run (see the module docstring)."""
 
+    optimiser_defaults = TOKEN_OPTIMISER
     stackable = False  # students step one by one (stacking is for the small class models)
 
     def setup_data(self, inputs) -> None:
@@ -152,7 +154,8 @@ class LMRecipe(Recipe):
                 "tokens_per_second": tokens / seconds if seconds else None,
                 "sequence": {"length": seq.length, "vocab_size": seq.tokenizer.vocab_size,
                              "tokenizer_fingerprint": seq.tokenizer.fingerprint},
-                "loss_divergence": self.divergence, "target_form": self.form}
+                "loss_divergence": self.divergence, "target_form": self.meta.target_form,
+                "topk_loss": self.config.topk_loss}
 
 
 def copy_tokenizer(path: str, folder: Path) -> None:

@@ -32,7 +32,7 @@ from storage.location import canonical
 from student_trainer.errors import RunDirError
 
 from . import objectives
-from .config import TrainConfig
+from .config import CLASS_OPTIMISER, TrainConfig
 from .dataset import check_transfer_set
 from .loader import batch_mixing, make_loader, window_chunks
 from .objectives import student_layer_shape
@@ -46,22 +46,32 @@ from .lm_eval import TokenEvalRows, check_eval_store, sequence_split
 from .run_dir import CHECKPOINT_VERSION, config_diff, save_atomic, write_json_atomic
 
 
-def lr_lambda(schedule: str, total: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR factor after ``step`` scheduler steps: linear warm-up, then the schedule over the rest."""
+def lr_lambda(schedule: str, total: int, warmup_steps: int, floor: float = 0.0) -> Callable[[int], float]:
+    """LR factor after ``step`` scheduler steps: linear warm-up, then the schedule over the rest (cosine and
+    linear from 1 down to ``floor``)."""
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         p = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
         if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * p))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
         if schedule == "linear":
-            return 1.0 - p
+            return floor + (1.0 - floor) * (1.0 - p)
         if schedule == "step":  # ×0.1 at half and at three quarters
             return 0.1 ** ((p >= 0.5) + (p >= 0.75))
         return 1.0
 
     return f
+
+
+def param_groups(params: list[torch.Tensor], weight_decay: float, decay: str) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: ``weight_decay`` on every parameter (``all``), or on matrices only
+    (``matrices``: weights and embeddings, two or more dimensions; biases and norms' gains do not decay)."""
+    if decay == "all" or not weight_decay:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: bool = False,
@@ -248,10 +258,11 @@ class Recipe:
     The order of everything that draws random numbers is fixed: a resumed run reaches the same weights."""
 
     stackable = True  # students of one architecture may step as one stacked model (student_trainer.stack)
+    optimiser_defaults = CLASS_OPTIMISER  # the optimiser settings a run leaves unset
 
     def __init__(self, config: TrainConfig, out: Path, dist: Dist, *, allow_code: bool,
                  roots: Sequence[str | Path] | None, log: Callable[[str], None] | None, track: Sequence[str] = ()):
-        self.config, self.out, self.dist = config, out, dist
+        self.config, self.out, self.dist = config.with_defaults(self.optimiser_defaults), out, dist
         self.track, self.trackers = list(track), []  # run tracking (student_trainer.tracking), main rank only
         self.allow_code, self.roots = allow_code, roots
         self.log = log if dist.main else None  # what the run says once
@@ -376,10 +387,12 @@ class Recipe:
         """This run's optimiser and LR schedule over ``params`` for the current stage (a stack of students
         builds its own over the stacked parameters with this too)."""
         c, stage = self.config, self.stage
-        opt = (torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay) if c.optimizer == "adamw" else
-               torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True))
+        groups = param_groups(params, c.weight_decay, c.decay)
+        opt = (torch.optim.AdamW(groups, lr=c.lr, betas=c.betas) if c.optimizer == "adamw" else
+               torch.optim.SGD(groups, lr=c.lr, momentum=0.9, nesterov=True))
         steps = max(1, sum(self.per_epoch[stage.first - 1:stage.last]))
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.schedule, steps, int(c.warmup * steps)))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.schedule, steps, int(c.warmup * steps),
+                                                                     c.lr_floor))
 
     def stage_of(self, epoch: int) -> "Stage":
         return next(st for st in self.stages if st.first <= epoch <= st.last)
@@ -470,6 +483,10 @@ class Recipe:
         device: no host sync a step."""
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.config.max_grad_norm:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
+                                           self.config.max_grad_norm)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
@@ -576,6 +593,8 @@ class Recipe:
             "holdout": None if self.has_eval_store else c.holdout,
             "eval_rows": int(len(self.ev_rows)),
             "config": self.cfg_json,
+            # the optimiser settings that ran (the row kind's defaults where the config leaves them unset)
+            "optimiser": {k: getattr(c, k) for k in self.optimiser_defaults},
             "student": self.spec.model_dump(mode="json"),
             "num_params": count_params(self.model),
             "weights_sha256": digest,

@@ -39,9 +39,11 @@ def stack_key(r: "Recipe") -> str | None:
     c = r.config
     if not r.stackable or len(r.stages) > 1 or r.hint_name is not None or c.amp == "fp16" or r.dist.on:
         return None
+    if c.max_grad_norm or (c.decay == "matrices" and c.weight_decay):  # a norm or a shape per student, not per stack
+        return None
     return json.dumps({"student": r.spec.model_dump(mode="json"), "optimizer": c.optimizer, "lr": c.lr,
                        "weight_decay": c.weight_decay, "schedule": c.schedule, "warmup": c.warmup, "amp": c.amp,
-                       "device": r.device}, sort_keys=True)
+                       "betas": c.betas, "lr_floor": c.lr_floor, "device": r.device}, sort_keys=True)
 
 
 def stacks(group: list["Recipe"], auto: bool = False) -> tuple[list["Stack | AutoStack"], list["Recipe"]]:

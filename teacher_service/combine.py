@@ -41,7 +41,7 @@ def arithmetic(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def specialists(z: torch.Tensor, record: Any, names: Sequence[str]) -> torch.Tensor:
     """[M, B, C] -> [B, C]: the generalist (its logits) and specialists (their log-probabilities spread over
-    the C classes, :class:`~teacher_service.generate.Ensemble`) combined as in Hinton et al. (2015), section 5:
+    the C classes, :class:`~teacher_service.prepared.Ensemble`) combined as in Hinton et al. (2015), section 5:
     ``log q``, q minimising KL(p_g ‖ q) + Σ_active KL(p_m ‖ q_m) (:mod:`teacher_service.specialists`), in
     float64 on the device, row-centred."""
     from .specialists import SpecialistSets, active_specialists, combine_specialists

@@ -42,8 +42,8 @@ from darkstore.errors import DarkstoreError, SpecError
 from storage.errors import SchemaError, StoreAccessError, StoreNotFoundError
 
 from .admission import Admission
-from .generate import Cancelled, PreparedJob, prepare, run_chunks
-from .prepared import identify
+from .generate import prepare, run_chunks
+from .prepared import Cancelled, PreparedJob, identify
 from .settings import Settings
 from .spec import JobSpec
 

@@ -89,7 +89,7 @@ def test_static_limits(ensemble, arrays):
 def test_parameter_budget_is_counted_without_allocating(ensemble, arrays):
     import tracemalloc
 
-    from teacher_service.generate import check_param_budget
+    from teacher_service.prepared import check_param_budget
     from darkstore.models import ModelSpec
 
     huge = ModelSpec(arch="mlp", arch_kwargs={"in_features": 64, "hidden": [60000, 60000]})  # 3.6e9 params

@@ -23,6 +23,7 @@ from student_trainer.config import TrainConfig, default_temperature
 from student_trainer.errors import ExportError
 from student_trainer.evaluate import evaluate_run
 from student_trainer.export import export_run
+from student_trainer.config import TOKEN_OPTIMISER
 from student_trainer.lm_eval import check_eval_store, sequence_split
 from student_trainer.train import train
 from teacher_service.generate import generate
@@ -71,7 +72,9 @@ def test_a_gpt_student_resumes_mid_epoch_to_the_same_weights(stores, tmp_path):
     a, b = weights(tmp_path / "ref"), weights(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["modality"] == "tokens" and summary["target_form"] == "topk-bucket"
+    assert summary["modality"] == "tokens" and summary["target_form"] == "topk" and summary["topk_loss"] == "bucket"
+    # the language models' optimiser recipe where the run leaves it unset (clipping, β2 0.95, matrices decay)
+    assert summary["optimiser"] == {**TOKEN_OPTIMISER, "betas": list(TOKEN_OPTIMISER["betas"])}
     assert summary["retemper"]["exact"] is True
     rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]

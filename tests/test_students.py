@@ -25,7 +25,8 @@ from darkstore.models import ModelSpec, load_model
 from storage import open_store
 from student_trainer.errors import RunDirError
 from student_trainer.eval_cache import split_rows
-from student_trainer.recipe import lr_lambda
+from student_trainer.config import CLASS_OPTIMISER
+from student_trainer.recipe import lr_lambda, param_groups
 from student_trainer.train import Run, TrainConfig, train, train_many
 from teacher_service.generate import generate
 
@@ -312,6 +313,45 @@ def test_learning_rate_schedules():
     h = lr_lambda("linear", total=100, warmup_steps=0)
     assert [h(0), h(50), h(100)] == pytest.approx([1.0, 0.5, 0.0])
     assert lr_lambda("constant", 100, 0)(77) == 1.0
+    floor = lr_lambda("cosine", total=100, warmup_steps=0, floor=0.1)  # cosine to a tenth of the peak
+    assert [floor(0), floor(50), floor(100)] == pytest.approx([1.0, 0.55, 0.1])
+    assert lr_lambda("linear", 100, 0, floor=0.2)(100) == pytest.approx(0.2)
+
+
+def test_weight_decay_on_matrices_only_spares_biases():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = param_groups(list(net.parameters()), 0.1, "matrices")
+    assert [[tuple(p.shape) for p in g["params"]] for g in groups] == [[(4, 3)], [(4,), (4,), (4,)]]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [g["weight_decay"] for g in param_groups(list(net.parameters()), 0.1, "all")] == [0.1]
+
+
+def test_a_class_run_keeps_its_optimiser_defaults_and_takes_the_settings_given(tmp_path, cache):
+    """Unset, a class student's optimiser is what it always was; set, clipping, β and the floor take effect."""
+    train(TrainConfig(student=MLP, epochs=1), cache, tmp_path / "a", final_eval=False)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["optimiser"] == {**CLASS_OPTIMISER, "betas": list(CLASS_OPTIMISER["betas"])}
+    assert summary["config"]["max_grad_norm"] is None  # config.json keeps what the user said
+    cfg = TrainConfig(student=MLP, epochs=2, max_grad_norm=1e-3, betas="0.8,0.9", lr_floor=0.5, schedule="linear")
+    train(cfg, cache, tmp_path / "b", final_eval=False)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["optimiser"]["betas"] == [0.8, 0.9] and summary["optimiser"]["max_grad_norm"] == 1e-3
+    assert history(tmp_path / "b")[-1]["lr"] >= 0.5 * cfg.lr - 1e-12
+
+
+def test_gradient_clipping_bounds_every_step(tmp_path, cache):
+    """With SGD, each step moves the weights by at most lr × the clipped norm (momentum: at most 1/(1 − μ)
+    times over, Nesterov twice that): against the initial weights (a run whose lr is too small to move them)."""
+    from safetensors.torch import load_file
+
+    sgd = dict(student=MLP, epochs=1, optimizer="sgd", schedule="constant", batch_size=32)
+    train(TrainConfig(**sgd, lr=1e-12), cache, tmp_path / "init", final_eval=False)
+    r = train(TrainConfig(**sgd, lr=0.1, max_grad_norm=1e-6), cache, tmp_path / "clip", final_eval=False)
+    w0, w1 = (load_file(tmp_path / n / "student.safetensors") for n in ("init", "clip"))
+    moved = torch.sqrt(sum(((w1[k] - w0[k]).double() ** 2).sum() for k in w0))
+    steps = json.loads((tmp_path / "clip" / "summary.json").read_text())["steps"]
+    assert steps > 1 and r.final is not None
+    assert 0 < float(moved) <= steps * 0.1 * 1e-6 * 20
 
 
 def test_schedule_is_applied_per_step(tmp_path, cache):
