@@ -1,6 +1,7 @@
 """Language-model students from cached per-token targets, on real text, through the CLI as users run them.
 
-    ./dev bench lm_students [--parts quality,offline,efficiency --forms ce,dense,... --seeds 0,1,2 --megabytes 0.5]
+    ./dev bench lm_students [--parts quality,offline,efficiency --forms ce,dense,... --recipes lm,plain
+                             --seeds 0,1,2 --megabytes 0.5]
 
 The corpus, tokenizer and three trained GPT teachers are ``bench/lm.py``'s (cached in ``--work``): about
 ``--megabytes`` of the standard library's sources, split by file into transfer files and held-out files that
@@ -9,7 +10,9 @@ against the teachers' exact perplexity on the same tokens.
 
 - ``quality``: one store per target form, then ``darkstore train`` for each form and seed, the same student,
   steps, α and T = 1: next-token cross-entropy only (``--loss ce``), dense KD (the vocabulary is small enough),
-  top-k at several K, sampled at about top-32's bytes. Prints held-out perplexity mean ± std over the seeds,
+  top-k at several K, sampled at about top-32's bytes; each with darkstore's language-model optimiser
+  defaults (``lm``: clipping at 1, β2 0.95, decay on matrices, cosine to 10 %) and with the class students'
+  settings (``plain``: none of those, as the twin trains). Prints held-out perplexity mean ± std over the seeds,
   bits per byte, agreement, the store's bytes per token and the wall seconds of each `train`; beside them the
   same recipe in plain PyTorch (``bench/lm_twin.py``, no darkstore code) trained from the top-32 store's
   fields, which darkstore's must match within the spread.
@@ -84,16 +87,21 @@ def store_bytes(path: Path) -> float:
     return lm.field_bytes(path, names) / r.meta.sequence.positions
 
 
+#: quality's optimiser recipes: darkstore's language-model defaults, and the class students' settings (no
+#: clipping, β2 0.999, decay on every parameter, cosine to zero: what LM students ran with before, and the twin)
+RECIPES = {"lm": [], "plain": ["--max-grad-norm", "0", "--betas", "0.9,0.999", "--decay", "all", "--lr-floor", "0"]}
+
+
 def quality(kit: dict, work: Path, st: dict[str, Path], a) -> None:
-    print(f"\n{'form':>12} {'B/token':>8} {'held-out perplexity':>22} {'bits/byte':>10} {'agreement':>10} "
-          f"{'train s':>8}")
-    for form in a.forms:
+    print(f"\n{'form':>12} {'recipe':>7} {'B/token':>8} {'held-out perplexity':>22} {'bits/byte':>10} "
+          f"{'agreement':>10} {'train s':>8}")
+    for form, recipe in [(f, r) for f in a.forms for r in a.recipes]:
         store = st["topk:32" if form == "ce" else form]
         ppl, bpb, agree, secs = [], [], [], []
         for seed in a.seeds:
-            out = work / "runs" / f"{form.replace(':', '')}-s{seed}"
+            out = work / "runs" / f"{form.replace(':', '')}-{recipe}-s{seed}"
             shutil.rmtree(out, ignore_errors=True)
-            extra = ["--loss", "ce"] if form == "ce" else []
+            extra = (["--loss", "ce"] if form == "ce" else []) + RECIPES[recipe]
             secs.append(cli(["train", "--store", str(store), "--eval-store", str(st["eval"]), "--out", str(out),
                              "--seed", str(seed), *student_args(a), *extra]))
             ev = json.loads((out / "eval.json").read_text())
@@ -102,10 +110,10 @@ def quality(kit: dict, work: Path, st: dict[str, Path], a) -> None:
             agree.append(ev["metrics"]["agreement"])
         teacher = ev["teacher_metrics"]["perplexity"]
         size = "—" if form == "ce" else f"{store_bytes(store):.1f}"
-        print(f"{form:>12} {size:>8} {statistics.fmean(ppl):>13.3f} ± {statistics.stdev(ppl):<6.3f} "
+        print(f"{form:>12} {recipe:>7} {size:>8} {statistics.fmean(ppl):>13.3f} ± {statistics.stdev(ppl):<6.3f} "
               f"{statistics.fmean(bpb):>10.4f} {statistics.fmean(agree):>10.4f} {statistics.fmean(secs):>8.1f}",
               flush=True)
-    print(f"{'teachers':>12} {'':>8} {teacher:>13.3f} (the ensemble on the same held-out tokens, exact)")
+    print(f"{'teachers':>12} {'':>7} {'':>8} {teacher:>13.3f} (the ensemble on the same held-out tokens, exact)")
     if "topk:32" in a.forms:
         twin(st, work, a)
 
@@ -192,8 +200,9 @@ def efficiency(st: dict[str, Path], a) -> float:
     from storage import open_store
     from student_trainer import token_losses
     from student_trainer.config import TrainConfig
-    from student_trainer.lm_train import batch_fields, token_targets
+    from student_trainer.forms import soft_term
     from student_trainer.loader import _token_batch, make_loader, window_chunks
+    from student_trainer.retemper import plan
 
     reader = open_store(st["topk:32"])
     meta, rows = reader.meta, reader.finished_rows()
@@ -201,6 +210,7 @@ def efficiency(st: dict[str, Path], a) -> float:
     loader = make_loader(reader, rows, batch_size=a.batch_size, seed=0, buffer_chunks=window)
     names = ["tokens", "loss_mask", "topk_index", "topk_logits", "tail_lse"]
     everything = reader.read(rows, names)
+    soft = soft_term(meta, plan(meta, 1.0), topk_loss="bucket")
 
     def preloaded(epoch: int):
         stream = loader.stream
@@ -220,9 +230,8 @@ def efficiency(st: dict[str, Path], a) -> float:
             opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
             steps = 0
             for steps, b in enumerate(epoch_of(1), 1):
-                loss = token_losses.sliced_loss(model.hidden(b.x), model.head, b.labels,
-                                                token_targets(batch_fields(b), meta), vocab=meta.num_classes,
-                                                form="topk-bucket", temperature=1.0, alpha=a.alpha)
+                loss = token_losses.sliced_loss(model.hidden(b.x), model.head, b.labels, soft.decode(b.stored()),
+                                                vocab=meta.num_classes, soft=soft, alpha=a.alpha)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -265,12 +274,16 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--recipes", default="lm,plain", help=f"quality's optimiser recipes: {', '.join(RECIPES)}")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "darkstore-bench-lm-students")
     a = p.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.forms = a.forms.split(",")
+    a.recipes = a.recipes.split(",")
+    if not set(a.recipes) <= set(RECIPES):
+        p.error(f"--recipes: each of {', '.join(RECIPES)}")
     if not set(a.forms) <= set(FORMS):
         p.error(f"--forms: each of {', '.join(FORMS)}")
     parts = set(a.parts.split(","))
