@@ -105,9 +105,12 @@ def settings_page() -> str:
 
 def fields_page() -> str:
     from storage.fields import FIELDS
+    from storage.kinds import KINDS
     from storage.schema import SCHEMA_VERSION
 
-    sym = SimpleNamespace(dtype="the store's dtype", sequence=None, targets=SimpleNamespace(quantised=False))
+    # the dtypes of a store of classes (a sequence store's ids take the narrowest that holds its vocabulary)
+    sym = SimpleNamespace(dtype="the store's dtype", sequence=None, targets=SimpleNamespace(quantised=False),
+                          kind=KINDS["classes"])
     lines = ["# Store fields", "",
              f"Every array of a store (schema {SCHEMA_VERSION}), generated from `storage/fields.py`, where each is "
              "declared once. A *row field* holds one entry per store row, chunked by `chunk_rows` along its row "

@@ -11,9 +11,10 @@ written (C order, little-endian, the stored dtype), written before the chunk's `
 Readers verify what they read against it, so a chunk changed, swapped, truncated or lost after
 its commit is an error that names the chunk and the field, never silent data.
 
-A store's rows are samples of classes, or fixed-length token sequences (``meta.sequence``): then a
-*per-position* field gains a position axis after its row axis, and ``tokens`` and ``loss_mask`` replace
-``labels``. The target fields come from the target forms (:mod:`storage.forms`), one module per form.
+A store's rows are of one kind (:mod:`storage.kinds`: samples of classes, or fixed-length token sequences
+whose *per-position* fields gain a position axis after the row axis); each kind brings its own fields
+(``labels``; ``tokens`` and ``loss_mask``). The target fields come from the target forms
+(:mod:`storage.forms`), one module per form.
 
 To add a field: declare it here — a row field is then created, validated, written by
 ``StoreWriter.write_chunk(i, <name>=array)``, checksummed and read by ``StoreReader.read(rows,
@@ -27,22 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from .fieldspec import FieldSpec, index_dtype
+from .fieldspec import FieldSpec
 from .forms import FORMS, form_of
+from .kinds import KINDS
 from .schema import StoreMeta
 
 __all__ = ["FIELDS", "BY_NAME", "FieldSpec", "target_fields", "row_fields", "present"]
 
 def _always(meta: StoreMeta) -> bool:
     return True
-
-
-def _classes(m: StoreMeta) -> bool:
-    return m.sequence is None
-
-
-def _sequences(m: StoreMeta) -> bool:
-    return m.sequence is not None
 
 
 FIELDS: tuple[FieldSpec, ...] = (
@@ -54,14 +48,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               lambda m: bool(m.features), target=True,
               doc="kept teacher layers (FitNets' hints), each reduced and flattened, side by side",
               when="features kept"),
-    FieldSpec("labels", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _classes,
-              doc="hard labels, -1 where unlabeled", when="classes"),
-    FieldSpec("tokens", ("row", "token"), lambda m: (m.num_rows, m.sequence.length + 1), index_dtype, 0, _sequences,
-              doc="a sequence row's token ids: the inputs are tokens[:-1], position t's label is tokens[t + 1]",
-              when="token sequences"),
-    FieldSpec("loss_mask", ("row", "position"), lambda m: (m.num_rows, m.sequence.length), lambda m: "uint8", 0,
-              _sequences, doc="1 where a position's label and targets carry a loss (0: padding, prompt)",
-              when="token sequences"),
+    *(f for kind in KINDS.values() for f in kind.row_fields),
     FieldSpec("index", ("row",), lambda m: (m.num_rows,), lambda m: "int64", -1, _always,
               doc="the sample of each row (its position in the transfer set)"),
     FieldSpec("view_params", ("row", "param"), lambda m: (m.num_rows, m.num_view_params), lambda m: "float64",
@@ -70,15 +57,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("stats", ("chunk", "stat"), lambda m: (m.n_chunks, 2 + m.num_members), lambda m: "int64", 0, _always,
               per_row=False, compressed=False,
               doc="per chunk: labeled rows (positions), ensemble correct, each member's correct (top-1)"),
-    FieldSpec("nll", ("chunk", "stat"), lambda m: (m.n_chunks, 1 + m.num_members), lambda m: "float64", 0.0,
-              _sequences, per_row=False, compressed=False,
-              doc="per chunk: the ensemble's and each member's summed negative log-likelihood (nats) of the "
-                  "labels at the positions with a loss (a member's: those of teacher_positions), at T = 1",
-              when="token sequences"),
-    FieldSpec("teacher_positions", ("chunk",), lambda m: (m.n_chunks,), lambda m: "int64", 0, _sequences,
-              per_row=False, compressed=False,
-              doc="per chunk: the positions with a loss that each teacher's own statistics (its top-1 count in "
-                  "stats, its NLL) cover: one in teacher_stride (the sequence record)", when="token sequences"),
+    *(f for kind in KINDS.values() for f in kind.chunk_fields),
     FieldSpec("checksums", ("chunk", "field"), lambda m: (m.n_chunks, len(m.checksums or ())), lambda m: "uint32", 0,
               lambda m: m.checksums is not None, per_row=False, compressed=False,
               doc="per chunk: CRC32C of each row field's bytes", when="schema 2 and later"),
@@ -114,19 +93,11 @@ def create_arrays(group: Any, meta: StoreMeta, compressors: Any) -> None:
 
 
 def codecs_for(f: FieldSpec, meta: StoreMeta, compressors: Any) -> tuple[Any, Any]:
-    """A field's zarr filters and compressors. In a sequence store, ids kept in ascending order are stored as
-    their differences, and multi-byte values byte-shuffled before compression (what makes a kept top-k entry
-    about 2 bytes: bench/lm.py); a store of classes keeps the plain codecs it always had."""
+    """A field's zarr filters and compressors: the row kind's (a store of classes keeps the plain codecs it
+    always had; a sequence store delta-encodes ascending ids and byte-shuffles: :mod:`storage.kinds`)."""
     if not f.compressed or not compressors:
         return None, None
-    if meta.sequence is None:
-        return None, compressors
-    from zarr.codecs.numcodecs import Delta, Shuffle
-
-    dtype = np.dtype(f.dtype(meta))
-    filters = [Delta(dtype=dtype.str)] if f.sorted_ids else None
-    shuffle = [Shuffle(elementsize=dtype.itemsize)] if dtype.itemsize > 1 else []
-    return filters, (*shuffle, *compressors)
+    return meta.kind.codecs(f, meta, compressors)
 
 
 def check_arrays(group: Any, meta: StoreMeta, path: Any, schema_error: type[Exception]) -> None:
@@ -164,12 +135,7 @@ def checksum(x: np.ndarray) -> int:
 
 
 def bytes_per_row(meta: StoreMeta) -> int:
-    """Uncompressed bytes one row costs: its targets (the form's, :mod:`storage.forms`), members, features,
-    index and view parameters, and its label (classes) or its tokens and loss mask (sequences)."""
-    item = meta.item_bytes
-    targets = form_of(meta).target_bytes(meta) * meta.positions_per_row
-    if meta.sequence is not None:
-        length = meta.sequence.length
-        return targets + np.dtype(index_dtype(meta)).itemsize * (length + 1) + length + 8
-    members = meta.num_members if meta.keep_members else 0
-    return targets + item * (meta.num_classes * members + meta.feature_size) + 16 + 8 * meta.num_view_params
+    """Uncompressed bytes one row costs: its targets (the form's, :mod:`storage.forms`) and the rest of its
+    fields (the row kind's, :mod:`storage.kinds`: members, features, index, view parameters and a label, or
+    tokens and a loss mask)."""
+    return form_of(meta).target_bytes(meta) * meta.positions_per_row + meta.kind.own_bytes(meta)

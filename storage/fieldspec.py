@@ -16,8 +16,8 @@ class FieldSpec:
     """One array of a store.
 
     ``extent`` gives its shape in a store of classes; a ``per_position`` field gains a position axis right
-    after its row axis in a store of token sequences (``meta.sequence``), so that one declaration serves both
-    row models."""
+    after its row axis where the row kind has positions (a store of token sequences: :mod:`storage.kinds`), so
+    that one declaration serves every kind."""
 
     name: str
     dims: tuple[str, ...]
@@ -37,9 +37,10 @@ class FieldSpec:
 
     def shape(self, meta: StoreMeta) -> tuple[int, ...]:
         shape = self.extent(meta)
-        if self.per_position and meta.sequence is not None:
+        length = meta.kind.length(meta) if self.per_position else None
+        if length is not None:
             at = self.row_axis + 1
-            shape = (*shape[:at], meta.sequence.length, *shape[at:])
+            shape = (*shape[:at], length, *shape[at:])
         return shape
 
     def fill_for(self, meta: StoreMeta) -> Any:
@@ -50,7 +51,7 @@ class FieldSpec:
 
     def dims_for(self, meta: StoreMeta | None) -> tuple[str, ...]:
         """The dimension names (a position axis after the row's in a sequence store, or ``meta`` None: shown)."""
-        if not self.per_position or (meta is not None and meta.sequence is None):
+        if not self.per_position or (meta is not None and meta.kind.length(meta) is None):
             return self.dims
         at = self.row_axis + 1
         return (*self.dims[:at], "position", *self.dims[at:])
@@ -71,8 +72,6 @@ class FieldSpec:
 
 
 def index_dtype(meta: StoreMeta) -> str:
-    """The dtype of stored class or token numbers: int32 in a store of classes (as every such store has been);
-    in a sequence store the narrowest that holds the vocabulary (uint16 up to 65,536 tokens, else int32)."""
-    if meta.sequence is None:
-        return "int32"
-    return "uint16" if meta.num_classes <= 1 << 16 else "int32"
+    """The dtype of stored class or token numbers (the row kind's: int32 for classes, as every such store has
+    been; the narrowest that holds a vocabulary for tokens)."""
+    return meta.kind.index_dtype(meta)

@@ -225,7 +225,8 @@ class StoreReader:
         if labeled == 0:
             return None
         acc = {"ensemble": float(stats[:, 1].sum() / labeled)}
-        own = labeled if self.meta.sequence is None else self._teacher_positions()
+        own = self.meta.kind.teacher_positions(self)
+        own = labeled if own is None else own
         for j, t in enumerate(self.meta.teachers if own else ()):
             acc[t.name] = float(stats[:, 2 + j].sum() / own)
         acc["labeled_rows"] = labeled
@@ -235,23 +236,7 @@ class StoreReader:
         """A sequence store's per-token perplexity of the ensemble (its stored distribution at the generation
         temperature) over the committed positions with a loss, and of each teacher over those its statistics
         cover (one position in ``teacher_stride``), exp(mean NLL)."""
-        if self.meta.sequence is None:
-            return None
-        nll = self.group["nll"][:][self.done]
-        n = int(self.group["stats"][:][self.done][:, 0].sum())
-        if n == 0:
-            return None
-        own = self._teacher_positions()
-        out = {"ensemble": float(np.exp(nll[:, 0].sum() / n))}
-        out.update({t.name: float(np.exp(nll[:, 1 + j].sum() / own))
-                    for j, t in enumerate(self.meta.teachers if own else ())})
-        return out
-
-    def _teacher_positions(self) -> int | None:
-        """The committed positions each teacher's own statistics cover (a sequence store's), else None."""
-        if self.meta.sequence is None:
-            return None
-        return int(self.group["teacher_positions"][:][self.done].sum())
+        return self.meta.kind.perplexity(self)
 
     def verify(self) -> None:
         """Deep check: every committed chunk of every row field reads back, matches its checksum
@@ -260,9 +245,9 @@ class StoreReader:
         for i in self.finished_chunks():
             got = self.read_chunks([i], names)
             index = got["index"]
-            if "tokens" in got and int(got["tokens"].max(initial=0)) >= self.meta.num_classes:
-                raise CorruptChunkError(f"chunk {i} of {self.path}: field tokens has ids beyond the tokenizer's "
-                                        f"{self.meta.num_classes}. {REGENERATE}")
+            wrong = self.meta.kind.check_chunk(got, self.meta)
+            if wrong:
+                raise CorruptChunkError(f"chunk {i} of {self.path}: {wrong}. {REGENERATE}")
             if (index < 0).any() or (index >= self.meta.transfer_set.num_samples).any():
                 raise CorruptChunkError(f"chunk {i} of {self.path}: field index has row indices outside the "
                                         f"transfer set. {REGENERATE}")
@@ -303,7 +288,7 @@ class StoreReader:
             "teachers": [t.model_dump() for t in m.teachers],
             "transfer_set": m.transfer_set.model_dump(),
             "accuracy": self.accuracy(),
-            "sequence": m.sequence.model_dump() if m.sequence else None,
+            "sequence": m.kind.record(m),
             "perplexity": self.perplexity(),
             "values": m.values,
             "job_key": m.job_key,

@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .forms import TargetsRecord
+from .kinds import Kind, kind_of
 
 SCHEMA_VERSION = 2
 #: versions this darkstore opens: 1 (no chunk checksums) and 2
@@ -270,9 +271,14 @@ class StoreMeta(BaseModel):
                 "specialists": "log-probabilities at T=1"}[self.combine]
 
     @property
+    def kind(self) -> Kind:
+        """The kind of the store's rows (:mod:`storage.kinds`)."""
+        return kind_of(self)
+
+    @property
     def positions_per_row(self) -> int:
         """Target positions per row: the sequence length, or 1 for a row of classes."""
-        return self.sequence.length if self.sequence else 1
+        return self.kind.positions(self)
 
     @property
     def target_form(self) -> str:

@@ -221,8 +221,12 @@ def test_a_new_field_is_one_declaration_plus_its_producer_and_consumer(store_at,
 def test_stored_ids_take_the_narrowest_integer_that_holds_the_vocabulary():
     from types import SimpleNamespace
 
-    from storage.fieldspec import index_dtype
+    from storage.kinds import kind_of
 
-    assert index_dtype(SimpleNamespace(sequence=None, num_classes=10)) == "int32"  # classes: as always
-    assert index_dtype(SimpleNamespace(sequence=object(), num_classes=65_536)) == "uint16"
-    assert index_dtype(SimpleNamespace(sequence=object(), num_classes=152_064)) == "int32"  # no 2^17 cap
+    def index_dtype(**meta):
+        m = SimpleNamespace(**meta)
+        return kind_of(m).index_dtype(m)
+
+    assert index_dtype(sequence=None, num_classes=10) == "int32"  # classes: as always
+    assert index_dtype(sequence=object(), num_classes=65_536) == "uint16"
+    assert index_dtype(sequence=object(), num_classes=152_064) == "int32"  # no 2^17 cap

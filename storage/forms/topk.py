@@ -115,7 +115,7 @@ class TopK(Form):
         in ascending order (their gaps compress), and with a step the values as uint8 steps below the largest."""
         import torch
 
-        seq = meta.sequence is not None
+        seq = meta.kind.ascending_ids
         head, idx = top_k(ell, meta.targets.k) if seq else ell.topk(meta.targets.k, dim=-1)
         tail = tail_lse(ell, head, idx, log_z)
         hi = head.amax(-1, keepdim=True)  # the row's largest value: stored values are centred on it

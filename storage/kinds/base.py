@@ -1,0 +1,62 @@
+"""The interface every row kind implements on the storage side (see :mod:`storage.kinds`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..fieldspec import FieldSpec
+
+if TYPE_CHECKING:
+    from ..schema import StoreMeta
+
+
+class Kind:
+    name: str = ""
+    #: the kind's own row fields (after the targets, members and features) and chunk fields (after ``stats``)
+    row_fields: tuple[FieldSpec, ...] = ()
+    chunk_fields: tuple[FieldSpec, ...] = ()
+    #: what a row's targets are counted in, in words (progress, throughput)
+    unit: str = "rows"
+    #: whether stored ids (a sparse form's classes or tokens) are kept in ascending order, delta-encoded
+    ascending_ids: bool = False
+
+    def recognises(self, meta: "StoreMeta") -> bool:
+        """Whether ``meta`` describes a store of this kind (its record is there)."""
+        raise NotImplementedError
+
+    def length(self, meta: "StoreMeta") -> int | None:
+        """The position axis a per-position field gains after its row axis (None: no such axis)."""
+        return None
+
+    def positions(self, meta: "StoreMeta") -> int:
+        """Target positions per row."""
+        return self.length(meta) or 1
+
+    def index_dtype(self, meta: "StoreMeta") -> str:
+        """The dtype of stored class (token) numbers."""
+        return "int32"
+
+    def codecs(self, field: FieldSpec, meta: "StoreMeta", compressors: Any) -> tuple[Any, Any]:
+        """A compressed field's zarr filters and compressors."""
+        return None, compressors
+
+    def own_bytes(self, meta: "StoreMeta") -> int:
+        """Uncompressed bytes of one row's fields other than its targets."""
+        raise NotImplementedError
+
+    def teacher_positions(self, reader: Any) -> int | None:
+        """The committed positions each teacher's own statistics cover, where they differ from the labeled
+        rows the ensemble's cover (None: the same)."""
+        return None
+
+    def perplexity(self, reader: Any) -> dict[str, float] | None:
+        """The teachers' perplexity over the committed rows, where the kind measures one."""
+        return None
+
+    def check_chunk(self, got: dict[str, Any], meta: "StoreMeta") -> str | None:
+        """What is wrong with a committed chunk's fields as read (None: nothing the kind checks)."""
+        return None
+
+    def record(self, meta: "StoreMeta") -> dict[str, Any] | None:
+        """The kind's record as ``inspect`` and the summary show it."""
+        return None

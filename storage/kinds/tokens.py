@@ -1,0 +1,87 @@
+"""Rows of token sequences (a language model's transfer set): per-position targets, the tokens beside them and a
+loss mask; the store's record is ``meta.sequence`` (:class:`storage.schema.SequenceRecord`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..fieldspec import FieldSpec
+from .base import Kind
+
+
+def _tokens(m) -> bool:
+    return m.kind.name == Tokens.name
+
+
+class Tokens(Kind):
+    name = "tokens"
+    unit = "tokens"
+    ascending_ids = True
+    row_fields = (
+        FieldSpec("tokens", ("row", "token"), lambda m: (m.num_rows, m.sequence.length + 1),
+                  lambda m: m.kind.index_dtype(m), 0, _tokens,
+                  doc="a sequence row's token ids: the inputs are tokens[:-1], position t's label is tokens[t + 1]",
+                  when="token sequences"),
+        FieldSpec("loss_mask", ("row", "position"), lambda m: (m.num_rows, m.sequence.length), lambda m: "uint8", 0,
+                  _tokens, doc="1 where a position's label and targets carry a loss (0: padding, prompt)",
+                  when="token sequences"),
+    )
+    chunk_fields = (
+        FieldSpec("nll", ("chunk", "stat"), lambda m: (m.n_chunks, 1 + m.num_members), lambda m: "float64", 0.0,
+                  _tokens, per_row=False, compressed=False,
+                  doc="per chunk: the ensemble's and each member's summed negative log-likelihood (nats) of the "
+                      "labels at the positions with a loss (a member's: those of teacher_positions), at T = 1",
+                  when="token sequences"),
+        FieldSpec("teacher_positions", ("chunk",), lambda m: (m.n_chunks,), lambda m: "int64", 0, _tokens,
+                  per_row=False, compressed=False,
+                  doc="per chunk: the positions with a loss that each teacher's own statistics (its top-1 count in "
+                      "stats, its NLL) cover: one in teacher_stride (the sequence record)", when="token sequences"),
+    )
+
+    def recognises(self, meta) -> bool:
+        return meta.sequence is not None
+
+    def length(self, meta) -> int:
+        return meta.sequence.length
+
+    def index_dtype(self, meta) -> str:
+        """The narrowest dtype that holds the vocabulary (uint16 up to 65,536 tokens, else int32)."""
+        return "uint16" if meta.num_classes <= 1 << 16 else "int32"
+
+    def codecs(self, field, meta, compressors):
+        """Ids kept in ascending order are stored as their differences, and multi-byte values byte-shuffled
+        before compression (what makes a kept top-k entry about 2 bytes: bench/lm.py)."""
+        from zarr.codecs.numcodecs import Delta, Shuffle
+
+        dtype = np.dtype(field.dtype(meta))
+        filters = [Delta(dtype=dtype.str)] if field.sorted_ids else None
+        shuffle = [Shuffle(elementsize=dtype.itemsize)] if dtype.itemsize > 1 else []
+        return filters, (*shuffle, *compressors)
+
+    def own_bytes(self, meta) -> int:
+        length = meta.sequence.length
+        return np.dtype(self.index_dtype(meta)).itemsize * (length + 1) + length + 8
+
+    def teacher_positions(self, reader) -> int:
+        return int(reader.group["teacher_positions"][:][reader.done].sum())
+
+    def perplexity(self, reader):
+        """The ensemble's per-token perplexity (its stored distribution at the generation temperature) over the
+        committed positions with a loss, and each teacher's over those its statistics cover, exp(mean NLL)."""
+        nll = reader.group["nll"][:][reader.done]
+        n = int(reader.group["stats"][:][reader.done][:, 0].sum())
+        if n == 0:
+            return None
+        own = self.teacher_positions(reader)
+        out = {"ensemble": float(np.exp(nll[:, 0].sum() / n))}
+        out.update({t.name: float(np.exp(nll[:, 1 + j].sum() / own))
+                    for j, t in enumerate(reader.meta.teachers if own else ())})
+        return out
+
+    def check_chunk(self, got, meta):
+        if int(got["tokens"].max(initial=0)) >= meta.num_classes:
+            return f"field tokens has ids beyond the tokenizer's {meta.num_classes}"
+        return None
+
+    def record(self, meta):
+        return meta.sequence.model_dump()
