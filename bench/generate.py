@@ -18,7 +18,8 @@ import torch
 from _common import alternate, paired_ratio, images, machine, med, teachers
 
 from storage import StoreWriter
-from teacher_service.generate import _Batches, _chunk_batches, prepare, run_chunks
+from teacher_service.generate import prepare, run_chunks
+from teacher_service.kinds.classes import _Batches, _chunk_batches
 from teacher_service.spec import JobSpec
 
 

@@ -196,7 +196,7 @@ def efficiency(kit: dict, work: Path, a) -> float:
     so that the drift of a shared machine hits both alike; the median of the paired per-chunk ratios."""
     from teacher_service.generate import default_batch, prepare
     from teacher_service.prepared import in_store_order
-    from teacher_service.sequences import run_sequence_chunks
+    from teacher_service.kinds.tokens import run_sequence_chunks
     from teacher_service.spec import JobSpec
     from storage import StoreWriter
 

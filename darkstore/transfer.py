@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .data import (
-    ArraysSet, ArraysSpec, DataSpec, HuggingFaceSet, HuggingFaceSpec, ImageFolderSet, ImageFolderSpec, TextSpec,
+    ArraysSet, ArraysSpec, DataSpec, FactorySpec, HuggingFaceSet, HuggingFaceSpec, ImageFolderSet, ImageFolderSpec, TextSpec,
     TorchvisionSpec, TransferSet, WrappedSet, parse_data_spec,
 )
 from .errors import DataError, DataNotFoundError, SpecError
@@ -37,37 +37,56 @@ def open_transfer_set(
 
 def _open(spec: DataSpec, *, allow_code: bool, base_dir: str | Path | None,
           roots: Sequence[str | Path] | None) -> TransferSet:
-    if isinstance(spec, ArraysSpec):
-        return ArraysSet(spec, resolve(spec.path, base_dir=base_dir, roots=roots))
-    if isinstance(spec, ImageFolderSpec):
-        return ImageFolderSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
-    if isinstance(spec, HuggingFaceSpec):
-        return HuggingFaceSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
-    if isinstance(spec, TextSpec):
-        return TextSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots),
-                       resolve(spec.tokenizer, base_dir=base_dir, roots=roots))
-    if isinstance(spec, TorchvisionSpec):
-        import torchvision  # heavy: only for a torchvision transfer set
+    return OPENERS[spec.kind](spec, allow_code=allow_code, base_dir=base_dir, roots=roots)
 
-        root = resolve(spec.root, base_dir=base_dir, roots=roots)
-        cls = getattr(torchvision.datasets, spec.name, None)
-        if cls is None or not isinstance(cls, type):
-            raise SpecError(f"torchvision has no dataset {spec.name!r}")
-        if "download" in spec.kwargs:
-            raise SpecError("darkstore never downloads datasets; remove 'download' and point root at local files")
-        if not root.exists():
-            raise DataNotFoundError(f"dataset root not found: {root}")
-        try:
-            ds = cls(root=str(root), download=False, **spec.kwargs) if _takes_download(cls) else cls(root=str(root), **spec.kwargs)
-        except (RuntimeError, FileNotFoundError, OSError) as exc:
-            raise DataNotFoundError(f"torchvision {spec.name} not found under {root}: {exc}") from exc
-        except TypeError as exc:
-            raise SpecError(f"bad kwargs for torchvision {spec.name}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 — an abstract class (VisionDataset), a dataset that refuses
-            raise SpecError(f"torchvision {spec.name} cannot be opened: {type(exc).__name__}: {exc}") from exc
-        return WrappedSet(spec, ds, root=root.resolve())
+
+def _arrays(spec: ArraysSpec, *, base_dir, roots, **_) -> TransferSet:
+    return ArraysSet(spec, resolve(spec.path, base_dir=base_dir, roots=roots))
+
+
+def _image_folder(spec: ImageFolderSpec, *, base_dir, roots, **_) -> TransferSet:
+    return ImageFolderSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
+
+
+def _huggingface(spec: HuggingFaceSpec, *, base_dir, roots, **_) -> TransferSet:
+    return HuggingFaceSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots))
+
+
+def _text(spec: TextSpec, *, base_dir, roots, **_) -> TransferSet:
+    return TextSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots),
+                   resolve(spec.tokenizer, base_dir=base_dir, roots=roots))
+
+
+def _torchvision(spec: TorchvisionSpec, *, base_dir, roots, **_) -> TransferSet:
+    import torchvision  # heavy: only for a torchvision transfer set
+
+    root = resolve(spec.root, base_dir=base_dir, roots=roots)
+    cls = getattr(torchvision.datasets, spec.name, None)
+    if cls is None or not isinstance(cls, type):
+        raise SpecError(f"torchvision has no dataset {spec.name!r}")
+    if "download" in spec.kwargs:
+        raise SpecError("darkstore never downloads datasets; remove 'download' and point root at local files")
+    if not root.exists():
+        raise DataNotFoundError(f"dataset root not found: {root}")
+    try:
+        ds = cls(root=str(root), download=False, **spec.kwargs) if _takes_download(cls) else cls(root=str(root), **spec.kwargs)
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        raise DataNotFoundError(f"torchvision {spec.name} not found under {root}: {exc}") from exc
+    except TypeError as exc:
+        raise SpecError(f"bad kwargs for torchvision {spec.name}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 — an abstract class (VisionDataset), a dataset that refuses
+        raise SpecError(f"torchvision {spec.name} cannot be opened: {type(exc).__name__}: {exc}") from exc
+    return WrappedSet(spec, ds, root=root.resolve())
+
+
+def _factory(spec: FactorySpec, *, allow_code, **_) -> TransferSet:
     fn = import_callable(spec.factory, allow_code=allow_code, what="dataset factory")
     return WrappedSet(spec, fn(**spec.kwargs))
+
+
+#: how each kind of transfer-set spec (its ``kind:``) opens
+OPENERS = {"arrays": _arrays, "image_folder": _image_folder, "huggingface": _huggingface, "text": _text,
+           "torchvision": _torchvision, "factory": _factory}
 
 
 def _takes_download(cls: type) -> bool:

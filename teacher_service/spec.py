@@ -14,6 +14,7 @@ from darkstore.models import ModelSpec
 from darkstore.specfile import load_spec_file
 from darkstore.views import AugmentSpec
 from darkstore.errors import SpecError
+from storage.kinds import kind_for_data
 from storage.schema import Combine, Compressor, Dtype, FeatureRecord, TargetsRecord
 
 
@@ -116,18 +117,12 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _rows(self) -> "JobSpec":
+        kind = kind_for_data(self.data.kind)
         if self.chunk_rows is None:
-            length = getattr(self.data, "length", None) if self.data.kind == "text" else None
-            self.chunk_rows = 1024 if length is None else max(1, 65536 // length)
-        if self.data.kind == "text":
-            self.targets = self.targets.spec.for_tokens(self.targets)
-        if self.data.kind == "text":
-            said = [what for what, on in (("augment (recorded views)", self.augment is not None),
-                                          ("features (hints)", bool(self.features)),
-                                          ("keep_members", self.keep_members),
-                                          ("combine specialists", self.combine == "specialists")) if on]
-            if said:
-                raise ValueError(f"a text transfer set (language-model teachers) takes no {', '.join(said)}")
+            self.chunk_rows = kind.default_chunk_rows(self.data)
+        self.targets = kind.targets_for(self.targets)
+        kind.check_job({"augment (recorded views)": self.augment is not None, "features (hints)": bool(self.features),
+                        "keep_members": self.keep_members, "combine specialists": self.combine == "specialists"})
         return self
 
     @model_validator(mode="after")

@@ -351,7 +351,7 @@ def test_decoding_sets_get_loader_workers_by_default_and_the_same_store(tmp_path
 
     import torch
 
-    from teacher_service.generate import loader_workers
+    from teacher_service.kinds.classes import loader_workers
 
     root = write_images(tmp_path / "imgs", n_per_class=10)
     folder = open_transfer_set({"kind": "image_folder", "root": str(root), "size": 16})

@@ -119,7 +119,7 @@ INNER_IMPORTS = {
     "teacher_service/api/__init__.py": 2, "teacher_service/api/routes/ops.py": 1,
     # optional parts loaded on first use: feature taps, specialists' plans, stacks, exports, device checks,
     # language-model students (transformers), image decoders
-    "teacher_service/generate.py": 1, "teacher_service/combine.py": 1, "student_trainer/lockstep.py": 1,
+    "teacher_service/combine.py": 1, "student_trainer/lockstep.py": 1,
     "student_trainer/export.py": 6, "student_trainer/recipe.py": 1, "student_trainer/train.py": 1,
     "student_trainer/lm_train.py": 2, "student_trainer/lm_eval.py": 1, "student_trainer/eval_report.py": 1,
     "student_trainer/loader.py": 3, "darkstore/data.py": 2, "darkstore/lm.py": 2, "darkstore/models.py": 1,

@@ -1,4 +1,4 @@
-"""Language-model generation (teacher_service/sequences.py): per-token stores through the CLI checked against a
+"""Language-model generation (teacher_service/kinds/tokens.py): per-token stores through the CLI checked against a
 float64 recomputation of the members' combined distribution, a killed capture resumed, and each bad input."""
 
 from __future__ import annotations

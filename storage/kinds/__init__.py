@@ -25,4 +25,10 @@ def kind_of(meta) -> Kind:
     return next(k for k in KINDS.values() if k.recognises(meta))
 
 
-__all__ = ["KINDS", "Classes", "Kind", "Tokens", "kind_of"]
+def kind_for_data(data_kind: str) -> Kind:
+    """The kind of the rows a transfer set of ``data_kind`` makes (a job's ``data.kind``): the kind that lists
+    it, else rows of classes (arrays, images, datasets)."""
+    return next((k for k in KINDS.values() if data_kind in k.data_kinds), KINDS[Classes.name])
+
+
+__all__ = ["KINDS", "Classes", "Kind", "Tokens", "kind_for_data", "kind_of"]

@@ -19,6 +19,20 @@ class Kind:
     unit: str = "rows"
     #: whether stored ids (a sparse form's classes or tokens) are kept in ascending order, delta-encoded
     ascending_ids: bool = False
+    #: the transfer-set kinds (a job's ``data.kind``) whose rows are of this kind
+    data_kinds: tuple[str, ...] = ()
+
+    # -- what a job of this kind may ask for (checked when the job spec is read) --
+    def default_chunk_rows(self, data_spec: Any) -> int:
+        """Rows per chunk where the job names none."""
+        return 1024
+
+    def targets_for(self, targets: Any) -> Any:
+        """The job's targets record with this kind's defaults."""
+        return targets
+
+    def check_job(self, options: dict[str, bool]) -> None:
+        """Refuse (ValueError, one line) the store options a job turns on (by name) that this kind has no part in."""
 
     def recognises(self, meta: "StoreMeta") -> bool:
         """Whether ``meta`` describes a store of this kind (its record is there)."""

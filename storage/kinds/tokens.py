@@ -17,6 +17,7 @@ class Tokens(Kind):
     name = "tokens"
     unit = "tokens"
     ascending_ids = True
+    data_kinds = ("text",)
     row_fields = (
         FieldSpec("tokens", ("row", "token"), lambda m: (m.num_rows, m.sequence.length + 1),
                   lambda m: m.kind.index_dtype(m), 0, _tokens,
@@ -37,6 +38,18 @@ class Tokens(Kind):
                   doc="per chunk: the positions with a loss that each teacher's own statistics (its top-1 count in "
                       "stats, its NLL) cover: one in teacher_stride (the sequence record)", when="token sequences"),
     )
+
+    def default_chunk_rows(self, data_spec) -> int:
+        """About 65,536 positions a chunk."""
+        return max(1, 65536 // data_spec.length)
+
+    def targets_for(self, targets):
+        return targets.spec.for_tokens(targets)
+
+    def check_job(self, options):
+        said = [name for name, on in options.items() if on]
+        if said:
+            raise ValueError(f"a text transfer set (language-model teachers) takes no {', '.join(said)}")
 
     def recognises(self, meta) -> bool:
         return meta.sequence is not None

@@ -23,8 +23,11 @@ from storage.fields import BY_NAME
 from storage.forms import form_of
 from storage.schema import SequenceRecord, TokenizerRecord
 
-from .combine import combine
-from .prepared import Cancelled, PreparedJob, check_param_budget, in_store_order, store_meta, targets_record
+from ..combine import combine
+from storage.kinds import Tokens
+
+from ..prepared import Cancelled, PreparedJob, check_param_budget, in_store_order, store_meta, targets_record
+from .base import TeacherKind
 
 #: default bound on one slice's [members, batch, positions, vocabulary] float32 logits
 SLICE_BYTES = 16 << 20
@@ -349,3 +352,20 @@ def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batc
             on_chunk(i, stop - start)
     return written
 
+
+
+class TokenTeachers(TeacherKind):
+    name = Tokens.name
+
+    def prepare(self, spec, data, *, device, allow_code, roots, max_params, channels_last):
+        return prepare_sequences(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
+
+    def run(self, job, writer, chunks, *, batch_size, on_rows, on_chunk, should_stop, **options):
+        """Token rows computed a slice of positions at a time (the DataLoader and writer options of classes do
+        not apply)."""
+        return run_sequence_chunks(job, writer, chunks, batch_size=batch_size, on_rows=on_rows, on_chunk=on_chunk,
+                                   should_stop=should_stop)
+
+    def default_batch(self, meta):
+        """Token rows of about 8,192 positions."""
+        return max(1, 8192 // meta.sequence.length)
