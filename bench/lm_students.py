@@ -201,7 +201,7 @@ def efficiency(st: dict[str, Path], a) -> float:
     from student_trainer import token_losses
     from student_trainer.config import TrainConfig
     from student_trainer.forms import soft_term
-    from student_trainer.loader import _token_batch, make_loader, window_chunks
+    from student_trainer.loader import make_loader, stored_inputs_batch, window_chunks
     from student_trainer.retemper import plan
 
     reader = open_store(st["topk:32"])
@@ -217,7 +217,7 @@ def efficiency(st: dict[str, Path], a) -> float:
         stream.epoch = epoch
         for shard in stream.shards():
             for r in stream.plan(shard):
-                yield _token_batch({k: v[r] for k, v in everything.items()}, r, shard, 0)
+                yield stored_inputs_batch(meta.kind, {k: v[r] for k, v in everything.items()}, r, shard, 0)
 
     def from_store(epoch: int):
         loader.load_state_dict({"epoch": 0, "seen": {}})  # a whole epoch again, not the rest of one

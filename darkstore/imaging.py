@@ -9,6 +9,7 @@ import math
 from typing import Literal
 
 import torch
+from darkstore.errors import SpecError
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
@@ -32,8 +33,6 @@ def geometry(x: torch.Tensor, *, short_side: int | None = None, crop: int | tupl
     if crop is not None:
         size = pair(crop)
         if size[0] > x.shape[-2] or size[1] > x.shape[-1]:
-            from darkstore.errors import SpecError
-
             raise SpecError(f"crop {crop} is larger than the image ({x.shape[-2]}x{x.shape[-1]} after any resize)")
         x = TF.center_crop(x, size)
     return x
@@ -43,8 +42,6 @@ def preset_values(name: str) -> dict:
     """The evaluation transform published with a model's weights, as ``Preprocess`` options: ``torchvision/
     <Weights>.<NAME>`` reads torchvision's own ``ImageClassification`` preset (no download: it is metadata),
     ``timm/<model>`` timm's pretrained config (``crop_pct`` gives the shorter side, as timm's eval transform)."""
-    from darkstore.errors import SpecError
-
     source, _, ref = name.partition("/")
     if source == "torchvision" and ref:
         return _torchvision_preset(ref)
@@ -57,8 +54,6 @@ def preset_values(name: str) -> dict:
 def _torchvision_preset(ref: str) -> dict:
     from torchvision.models import get_weight
     from torchvision.transforms._presets import ImageClassification
-
-    from darkstore.errors import SpecError
 
     try:
         preset = get_weight(ref).transforms()
@@ -78,8 +73,6 @@ def _torchvision_preset(ref: str) -> dict:
 
 
 def _timm_preset(ref: str) -> dict:
-    from darkstore.errors import SpecError
-
     try:
         import timm
     except ImportError as exc:

@@ -111,7 +111,7 @@ class _GenerationProgress:
 
     def start(self, writer, chunks) -> None:
         meta, part = writer.meta, self.part
-        self.per, self.unit = meta.positions_per_row, "tokens" if meta.sequence else "rows"
+        self.per, self.unit = meta.positions_per_row, meta.kind.unit
         mine = meta.num_rows if part is None else sum(
             b - a for a, b in map(writer.bounds, part.chunks(range(meta.n_chunks))))
         done = mine - sum(b - a for a, b in map(writer.bounds, chunks))
@@ -380,23 +380,9 @@ def inspect(
     t.add_column()
     state = "[green]complete[/]" if s["complete"] else f"[yellow]incomplete[/] ({s['chunks_done']}/{s['chunks']} chunks)"
     t.add_row("state", state + (" (verified)" if verify else ""))
-    seq = s["sequence"]
-    if seq:
-        tok = seq["tokenizer"]
-        step = (s.get("targets_record") or {}).get("step")
-        values = (f"uint8 steps of {step:g} nat below each position's largest (off by ≤ {step / 2:g})" if step
-                  else s["dtype"]) + f", {s['values']}"
-        t.add_row("targets", f"{s['targets']} of {s['classes']:,} tokens per position, {seq['length']} positions per "
-                  f"row; values {values}; chunks of {s['chunk_rows']} rows, {s['compressor']}")
-        t.add_row("sequences", f"{s['rows']:,} rows ({seq['packing']}), {seq['positions']:,} positions with a loss, "
-                  f"from {_human(seq['text_bytes'])} of text; tokenizer {tok['path']} ({tok['vocab_size']:,} tokens, "
-                  f"fingerprint {tok['fingerprint'][:16]}…)")
-    elif s["targets_record"] is None:  # every class's value
-        t.add_row("logits", f"[{s['rows']}, {s['classes']}] {s['dtype']}, chunks of {s['chunk_rows']} rows, "
-                  f"{s['compressor']}")
-    else:
-        t.add_row("targets", f"{s['targets']} of {s['classes']} classes per row, {s['dtype']}, chunks of "
-                  f"{s['chunk_rows']} rows, {s['compressor']}")
+    kind = reader.meta.kind
+    for label, text in kind.describe(s, _human):
+        t.add_row(label, text)
     if s["keep_members"]:
         t.add_row("members", f"[{len(s['teachers'])}, {s['rows']}, {s['classes']}] {s['dtype']}")
     for f in s.get("features", ()):
@@ -407,14 +393,7 @@ def inspect(
         t.add_row("views", f"{s['views_per_sample']} per sample ({s['samples']} samples × {s['views_per_sample']} = "
                   f"{s['rows']} rows; view 0 {'clean' if s['augment']['clean_view0'] else 'augmented'}); ops: {ops}; "
                   f"{len(s['view_params'])} recorded parameters per row (float64)")
-    if seq:
-        per = seq["length"]
-        t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_row'] / per:.1f} B/token; "
-                  f"uncompressed {s['raw_bytes_per_row'] / per:.1f} B/token)")
-    else:
-        t.add_row("size on disk", f"{_human(s['disk_bytes'])} ({s['bytes_per_sample']:.1f} B/sample, "
-                  f"{s['bytes_per_row']:.1f} B/row; uncompressed {s['raw_bytes_per_sample']} B/sample, "
-                  f"{s['raw_bytes_per_row']} B/row)")
+    t.add_row("size on disk", kind.size_line(s, _human))
     if s.get("specialists"):
         sp = s["specialists"]
         covered = len({k for x in sp["specialists"] for k in x["classes"]})
@@ -429,20 +408,12 @@ def inspect(
     ts = s["transfer_set"]
     t.add_row("transfer set", f"{ts['spec'].get('kind')} {ts['spec'].get('path') or ts['spec'].get('root') or ts['spec'].get('name') or ''}"
               f" — {ts['num_samples']} samples, fingerprint {ts['fingerprint'][:16]}…")
-    acc, ppl = s["accuracy"] or {}, s["perplexity"] or {}
-    stride = (s.get("sequence") or {}).get("teacher_stride", 1)
     for tr in s["teachers"]:
-        a = f", accuracy {100 * acc[tr['name']]:.2f} %" if tr["name"] in acc else ""
-        if tr["name"] in ppl:
-            a = (f", perplexity {ppl[tr['name']]:,.2f}, top-1 {100 * acc[tr['name']]:.2f} %"
-                 + (f" (on one position in {stride})" if stride > 1 else ""))
+        a = kind.teacher_line(s, tr["name"])
         h = tr["sha256"][:16] + "…" if tr["sha256"] else "-"
         t.add_row(f"teacher {tr['name']}", f"{tr['arch']} ({tr['format']}), {tr['num_params']:,} params, sha256 {h}{a}")
-    if ppl:
-        t.add_row("ensemble", f"perplexity {ppl['ensemble']:,.2f}, top-1 {100 * acc['ensemble']:.2f} % on "
-                  f"{acc['labeled_rows']:,} positions")
-    elif acc:
-        t.add_row("ensemble accuracy", f"{100 * acc['ensemble']:.2f} % on {acc['labeled_rows']} labeled rows")
+    if kind.ensemble_line(s):
+        t.add_row(*kind.ensemble_line(s))
     t.add_row("job key", s["job_key"][:16] + "…")
     t.add_row("created", f"{s['created_at']} by darkstore {s['software_version']}")
     out.print(t)

@@ -211,7 +211,8 @@ def _settings_file(path: Optional[Path], sets: list[str]) -> dict:
 def _train_config(ctx: typer.Context, doc: dict, student, store: str):
     """The run's settings: the --config file's (after --set), then every option given on the command line; an
     option left out takes its default only where the file does not set it. T left unset: the store's default."""
-    from student_trainer.config import TrainConfig, store_temperature
+    from student_trainer.config import TrainConfig
+    from student_trainer.kinds import store_temperature
 
     def given(name: str) -> bool:  # typer may vendor its own click: compare the source by name
         source = ctx.get_parameter_source(name)
@@ -234,19 +235,16 @@ def _train_interrupted(out_: str, epochs: int, checkpoint_every: int) -> "Interr
                        f"{_again(add='--resume', drop=('--overwrite',))}")
 
 
-
-
-
-
 def _epoch_rate(row: dict) -> str:
-    if row.get("eval_perplexity") is not None:  # a language model
-        return f"loss {row['train_loss']:.4f} ppl {row['eval_perplexity']:.2f}"
-    acc = row.get("eval_accuracy")
-    return f"loss {row['train_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else "")
+    from student_trainer.kinds import epoch_text
+
+    return epoch_text(row)
 
 
 def _print_run(r) -> None:
     """What a finished `train` says: where the student went and how it did on the held-out rows."""
+    from student_trainer.kinds import finished_summary, run_kind
+
     f = r.final
     if r.already_finished:
         console.print(f"{r.out} is already finished: nothing to train")
@@ -256,26 +254,7 @@ def _print_run(r) -> None:
         return
     console.print(f"[green]saved[/] {r.out / 'student.safetensors'} ({r.num_params:,} params), metrics in "
                   f"{r.out / 'metrics.jsonl'}, evaluation in {r.out / 'eval.json'}")
-
-    if "perplexity" in f:
-        out.print(_lm_line(f))
-        return
-
-    def num(key: str) -> str:
-        v = f.get(key)
-        return "n/a (no labels)" if v is None or v != v else f"{v:.4f}"
-
-    out.print(f"held-out: accuracy {num('accuracy')}  agreement {num('agreement')}  NLL {num('nll')}  "
-              f"({f.get('rows', 0)} rows)")
-
-
-def _lm_line(f: dict) -> str:
-    """A language-model student's held-out metrics in one line, its teachers' beside them."""
-    teachers = f.get("teacher_perplexity")
-    line = f"held-out: perplexity {f['perplexity']:.3f}" + (f" (teachers {teachers:.3f})" if teachers else "")
-    if f.get("bits_per_byte") is not None:
-        line += f"  bits/byte {f['bits_per_byte']:.4f}"
-    return line + f"  top-1 {f['top1']:.4f}  agreement {f['agreement']:.4f}  ({f['positions']:,} positions)"
+    out.print(run_kind(finished_summary(r.out)).held_out_text(f))
 
 
 @app.command(cls=_Command)
@@ -373,17 +352,18 @@ def eval_(
 ):
     """Accuracy, agreement, NLL, ECE, confusion matrix and the student-vs-teachers cost of a run (a language
     model's: perplexity, bits per byte, top-1 and agreement beside the teachers')."""
-    from student_trainer.evaluate import evaluate_run
+    from student_trainer.runs import evaluate_run
 
     rep = evaluate_run(run, store=store, device=device, latency=not no_latency, allow_code=allow_code,
                        fingerprints=_fingerprints(verify_data), cache_dir=_cache())
     if as_json:
         out.print_json(json.dumps(rep))
         return
-    if "perplexity" in rep["metrics"]:
-        _print_lm_eval(run, rep)
-    else:
-        _print_class_eval(run, rep)
+    from storage.kinds import Classes, Tokens
+    from student_trainer.kinds import finished_summary, run_kind
+
+    printers = {Classes.name: _print_class_eval, Tokens.name: _print_lm_eval}  # each kind's table
+    printers[run_kind(finished_summary(run)).name](run, rep)
     if rep.get("note"):
         console.print(f"[yellow]note[/]: {rep['note']}")
     if store is None:
@@ -481,7 +461,7 @@ def export(
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow a student (or transfer set) built by a module:function factory", metavar="")] = False,
 ):
     """Export the student; each export is reloaded and compared with the PyTorch student."""
-    from student_trainer.export import export_run
+    from student_trainer.runs import export_run
 
     for fmt in format_:
         dest = (out_ / fmt if len(format_) > 1 else out_) if out_ is not None else None

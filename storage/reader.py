@@ -260,6 +260,7 @@ class StoreReader:
             "rows": m.num_rows,
             "classes": m.num_classes,
             "dtype": m.dtype,
+            "kind": m.kind.name,
             "targets": str(m.targets or TargetsRecord()),
             "targets_record": m.targets.model_dump() if m.targets else None,
             "compressor": m.compressor,

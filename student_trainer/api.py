@@ -36,15 +36,11 @@ from darkstore.transfer import open_transfer_set
 from darkstore.fingerprint import FingerprintPolicy
 from storage import StoreReader, open_store
 
-from . import losses, objectives, token_losses
-from .config import default_temperature
-from .lm_eval import teacher_top1
+from . import losses, token_losses
+from .kinds import default_temperature, student_kind
 from .forms import soft_term
-from .lm_eval import sequence_split
 from .loader import Batch, StudentLoader, make_loader
 from .retemper import plan
-from .eval_cache import eval_split, teacher_view
-from .recipe import open_checked
 
 
 class SoftTargets:
@@ -67,9 +63,9 @@ class SoftTargets:
         self.allow_code, self.roots = allow_code, roots
         if data is not None and not isinstance(data, TransferSet):
             data = open_transfer_set(data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
-        self.sequence = self.meta.sequence is not None  # token rows: their own inputs, no transfer set
-        self.data = None if self.sequence else open_checked(self.reader, data, allow_code=allow_code, roots=roots,
-                                                            fingerprints=fingerprints)
+        self.kind = student_kind(self.meta)
+        self.data = self.kind.open_data(self.reader, data, allow_code=allow_code, roots=roots,
+                                        fingerprints=fingerprints)  # None: the rows' inputs are in the store
         self.temperature = float(default_temperature(self.meta) if temperature is None else temperature)
         self.plan = plan(self.meta, self.temperature, use_members=members)
 
@@ -84,9 +80,7 @@ class SoftTargets:
     def split(self, holdout: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
         """(train rows, eval rows): the store's committed rows with a fixed, seeded holdout (in a views store by
         sample, evaluating the held-out samples' clean views), as ``darkstore train`` splits them."""
-        if self.sequence:
-            return sequence_split(self.reader, holdout, None)
-        return eval_split(self.reader, holdout, None)
+        return self.kind.split(self.reader, holdout, None, self.data)[:2]
 
     def loader(self, rows: np.ndarray | None = None, *, batch_size: int = 128, seed: int = 0, shuffle: bool = True,
                num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
@@ -113,11 +107,7 @@ class SoftTargets:
     def teacher_argmax(self, batch: Batch) -> torch.Tensor:
         """[B] the teachers' top class (any target form), e.g. for agreement; a language model's store: [B, L]
         their most likely next token at every position (a sampled store: the most drawn one)."""
-        if self.sequence:
-            fields = batch.stored()
-            flat = {k: v.flatten(0, 1) for k, v in fields.items()}
-            return teacher_top1(flat, self.meta).view(batch.labels.shape)
-        return teacher_view(batch, self.meta).argmax(-1)
+        return self.kind.teacher_argmax(batch, self.meta)
 
     def fields(self, batch: Batch) -> dict[str, torch.Tensor]:
         """A language model's batch as a dict: ``input_ids`` [B, L], ``labels`` [B, L] (−1: no loss) and the
@@ -130,10 +120,7 @@ class SoftTargets:
         minimises, for any target form (dense, top-k, sampled) and mixed views; at α = 0 labeled rows take the
         hard-label term alone (unlabeled rows always take the soft term). A language model's store: the
         student's [B, L, V] logits, the mean over positions with a loss (:meth:`loss_from_hidden`)."""
-        if self.sequence:
-            return self.loss_from_hidden(student_logits, lambda z: z, batch, alpha=alpha, topk_loss=topk_loss)
-        return objectives.kd(objectives.Step(student_logits, batch, alpha, soft_term(self.meta, self.plan,
-                                                                                     topk_loss=topk_loss)))
+        return self.kind.loss(self, student_logits, batch, alpha=alpha, topk_loss=topk_loss)
 
     def loss_from_hidden(self, hidden: torch.Tensor, head, batch: Batch | dict[str, torch.Tensor], *,
                          alpha: float = 0.9, topk_loss: str = "bucket", divergence: str = "forward") -> torch.Tensor:
@@ -142,8 +129,8 @@ class SoftTargets:
         [B, L, H] and its output ``head`` ([n, H] -> [n, V]), made a slice of positions at a time so that
         [B, L, V] logits never exist whole. ``divergence``: forward (KL), reverse or jsd
         (:mod:`student_trainer.token_losses`). ``batch``: a :class:`Batch` or :meth:`fields`' dict."""
-        if not self.sequence:
-            raise ValueError("loss_from_hidden is for a language model's store; use loss() for classes")
+        if self.meta.kind.length(self.meta) is None:
+            raise ValueError("loss_from_hidden is for a store of token sequences; use loss() for classes")
         labels = batch["labels"] if isinstance(batch, dict) else batch.labels
         stored = ({k: v for k, v in batch.items() if k not in ("input_ids", "labels")} if isinstance(batch, dict)
                   else batch.stored())

@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from darkstore.modelspec import ModelSpec
-from storage.forms import form_of
 
 
 class TrainConfig(BaseModel):
@@ -96,28 +95,6 @@ CLASS_OPTIMISER = {"max_grad_norm": 0.0, "betas": (0.9, 0.999), "decay": "all", 
 #: a language-model student's: the usual recipe of language-model training (GPT-2/nanoGPT's), chosen by
 #: bench/lm_students.py --parts recipe (docs/language-models.md gives the figures)
 TOKEN_OPTIMISER = {"max_grad_norm": 1.0, "betas": (0.9, 0.95), "decay": "matrices", "lr_floor": 0.1}
-
-
-def default_temperature(meta) -> float:
-    """T where none is given: 4 for a store of classes (in Hinton's range); 1 for a language model's store
-    (top-k and dense targets are exact there, and per-token distillation trains at 1), or a sampled store's own
-    T (the only one its samples estimate)."""
-    if meta.sequence is None:
-        return 4.0
-    drawn = form_of(meta).drawn_at(meta.targets)
-    return 1.0 if drawn is None else drawn
-
-
-def store_temperature(store) -> float | None:
-    """:func:`default_temperature` of the store at ``store`` (None where it cannot be opened yet: training
-    then says why)."""
-    from darkstore.errors import DarkstoreError
-    from storage import open_store
-
-    try:
-        return default_temperature(open_store(store, allow_incomplete=True).meta)
-    except DarkstoreError:
-        return None
 
 
 #: settings that are each student's own: students that differ only in these see the same batches and can train

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from darkstore.data import TransferSet
-from darkstore.models import ModelSpec, count_params, load_model
+from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess
 from storage import StoreReader
 from storage.location import canonical
 
@@ -155,8 +155,6 @@ def evaluate_student(model: torch.nn.Module, spec: ModelSpec, reader: StoreReade
     if latency:
         x = _sample_inputs(data)
         cpu_model = copy.deepcopy(model).cpu().eval()
-        from darkstore.models import logits_of, preprocess
-
         comp["student"].update(_cost(lambda b: logits_of(cpu_model(preprocess(b, spec.preprocess))), x))
         comp["teachers"] = teacher_cost(reader, x, allow_code=allow_code, roots=roots, cache_dir=cache_dir)
         comp["threads"] = torch.get_num_threads()

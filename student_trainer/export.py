@@ -25,8 +25,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from darkstore.lm import load_student, quiet_transformers
 from darkstore.models import ModelSpec, load_model, logits_of, preprocess
+from darkstore.transfer import open_transfer_set
+from storage import open_store
 from student_trainer.errors import ExportError
+
+from .lm_train import TokenStudent, copy_tokenizer, load_run_lm
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 ATOL = 1e-4
@@ -70,9 +75,6 @@ def load_run_student(run: Path, allow_code: bool = False) -> tuple[torch.nn.Modu
 
 def check_inputs(summary: dict[str, Any], rows: int = CHECK_ROWS, allow_code: bool = False) -> torch.Tensor:
     """Real inputs from the run's transfer set (the first ``rows`` samples)."""
-    from darkstore.transfer import open_transfer_set
-    from storage import open_store
-
     meta = open_store(summary["store"], allow_incomplete=True).meta
     data = open_transfer_set(meta.transfer_set.spec, allow_code=allow_code)
     x, _ = data.get_batch(np.arange(min(rows, len(data))))
@@ -97,13 +99,11 @@ def _compare(ref_fn: Callable[[torch.Tensor], torch.Tensor], got_fn: Callable[[t
     return worst, tol, sizes
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path | None = None, allow_code: bool = False) -> ExportResult:
-    """Export a finished run's student as ``fmt``, reload the file and compare it with the student on the run's
-    own inputs. ``allow_code`` as for training: a student built by a factory (or a transfer set made by one)
-    runs that code here too. A language model's run: :func:`export_lm_run`."""
-    summary_path = Path(run) / "summary.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("modality") == "tokens":
-        return export_lm_run(Path(run), fmt, out, allow_code)
+def export_class_run(run: str | Path, fmt: str, out: str | Path | None = None, allow_code: bool = False
+                     ) -> ExportResult:
+    """Export a finished class run's student as ``fmt``, reload the file and compare it with the student on the
+    run's own inputs. ``allow_code`` as for training: a student built by a factory (or a transfer set made by
+    one) runs that code here too."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     run = Path(run)
@@ -158,11 +158,6 @@ def export_lm_run(run: Path, fmt: str, out: str | Path | None = None, allow_code
     or as a ``transformers`` directory (``AutoModelForCausalLM`` and ``AutoTokenizer`` load it; the built-in GPT
     becomes a ``GPT2LMHeadModel``), reloaded and compared with the student's logits on the store's first
     rows. A transformers student exports as its directory in both formats."""
-    from darkstore.lm import load_student, quiet_transformers
-    from storage import open_store
-
-    from .lm_train import TokenStudent, copy_tokenizer, load_run_lm
-
     if fmt not in LM_FORMATS:
         raise ExportError(f"a language-model run exports as {' or '.join(LM_FORMATS)}; {fmt!r} is for class "
                           "students")

@@ -27,6 +27,7 @@ import torch
 from storage import StoreReader
 from storage.errors import SchemaError
 from storage.forms import form_of
+from storage.location import canonical
 
 from .eval_cache import HOLDOUT_SEED
 from .eval_report import teacher_size
@@ -147,8 +148,6 @@ def lm_report(flat: dict[str, Any], reader: StoreReader, rows: np.ndarray, *, pa
               weights_path: Path | None) -> dict[str, Any]:
     """eval.json of a language-model run, shaped as a class run's: the store and rows, the student's
     ``metrics``, the teachers' (``teacher_metrics``) and their sizes against the student's (``compression``)."""
-    from storage.location import canonical
-
     student = {k: v for k, v in flat.items() if k not in TEACHER_KEYS and k != "positions"}
     teachers = {TEACHER_KEYS[k]: v for k, v in flat.items() if k in TEACHER_KEYS}
     st = {"params": params, "size_bytes": weights_path.stat().st_size if weights_path else None}
@@ -174,8 +173,9 @@ def sequence_split(reader, holdout: float, ev_reader) -> tuple[np.ndarray, np.nd
 
 def check_eval_store(meta, ev_meta, path) -> None:
     """An eval store for a sequence store: token rows of the same tokenizer."""
-    if ev_meta.sequence is None:
-        raise SchemaError(f"the eval store {path} holds classes; the training store holds token sequences")
+    if ev_meta.kind is not meta.kind:
+        raise SchemaError(f"the eval store {path} holds {ev_meta.kind.name}; the training store holds "
+                          f"{meta.kind.name}")
     ours, theirs = meta.sequence.tokenizer, ev_meta.sequence.tokenizer
     if ours.fingerprint != theirs.fingerprint:
         raise SchemaError(f"the eval store {path} was tokenized by another tokenizer ({theirs.vocab_size} tokens, "

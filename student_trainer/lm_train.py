@@ -19,7 +19,8 @@ from torch import nn
 
 from darkstore.errors import SpecError
 from darkstore.lm import LanguageModel, load_student
-from darkstore.models import count_params, save_weights
+from darkstore.models import ModelSpec, count_params, save_weights
+from storage import open_store
 
 from . import token_losses
 from .config import TOKEN_OPTIMISER
@@ -150,7 +151,7 @@ class LMRecipe(Recipe):
         seq = self.meta.sequence
         tokens = sum(r.get("tokens", 0) for r in self.history)
         seconds = sum(r.get("seconds", 0.0) for r in self.history)
-        return {**super().summary(digest), "modality": "tokens", "tokens": tokens,
+        return {**super().summary(digest), "tokens": tokens,
                 "tokens_per_second": tokens / seconds if seconds else None,
                 "sequence": {"length": seq.length, "vocab_size": seq.tokenizer.vocab_size,
                              "tokenizer_fingerprint": seq.tokenizer.fingerprint},
@@ -171,8 +172,6 @@ def load_run_lm(run: Path, summary: dict[str, Any], record, length: int, *, allo
                 ) -> TokenStudent:
     """A finished LM run's student, in eval mode: its spec with the run's weights (a transformers student from
     the saved ``student/`` directory)."""
-    from darkstore.models import ModelSpec
-
     spec = ModelSpec.model_validate(summary["student"])
     weights = run / "student" if spec.format == "transformers" else run / "student.safetensors"
     lm = load_student(spec.model_copy(update={"weights": str(weights)}), record, length=length,
@@ -184,8 +183,6 @@ def evaluate_lm_run(run: Path, summary: dict[str, Any], *, store=None, device: s
                     allow_code: bool = False) -> dict[str, Any]:
     """``darkstore eval`` of a language-model run: its held-out rows (the eval store, or the same holdout it
     trained with), or every row of ``store`` (a sequence store of the same tokenizer)."""
-    from storage import open_store
-
     train_reader = open_store(summary["store"], allow_incomplete=True)
     if store is not None:
         reader = open_store(store)

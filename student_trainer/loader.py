@@ -32,7 +32,7 @@ import torch
 
 from darkstore.data import TransferSet
 from darkstore.transfer import open_transfer_set
-from storage import StoreReader, open_store
+from storage import StoreReader, bytes_per_row, open_store
 from storage.fields import target_fields
 
 
@@ -108,8 +108,6 @@ def shard_plan(rows_by_chunk: Sequence[np.ndarray], *, epoch: int, shard: int, n
 def window_chunks(meta, buffer_mb: float, members: bool = False, features: bool = False) -> int:
     """Chunks in one shuffle window: as many as ``buffer_mb`` MiB of targets hold (at least one). A
     window in bytes, not chunks, so small stores shuffle whole and large ones stay within memory."""
-    from storage import bytes_per_row
-
     row = bytes_per_row(meta)
     if not members and meta.keep_members:  # members are read only when re-temperature needs them
         row -= meta.item_bytes * meta.num_classes * meta.num_members
@@ -174,10 +172,11 @@ class StoreStream(torch.utils.data.IterableDataset):
         # what streams with the targets, a window of chunks at a time: a views store's parameters too (8·P bytes a
         # row, about 1 GB for ImageNet with 8 views: never read whole into every loader process)
         self.stream_fields = self.fields + (["view_params"] if meta.views else [])
-        # a sequence store: rows are token sequences, their inputs and labels the stored tokens (no transfer set)
-        self.sequence = meta.sequence is not None
-        if self.sequence:
-            self.stream_fields += ["tokens", "loss_mask"]
+        # rows whose inputs and labels are in the store (token sequences: storage.kinds), not in a transfer set
+        self.kind = meta.kind
+        self.own_inputs = bool(meta.kind.input_fields)
+        if self.own_inputs:
+            self.stream_fields += list(meta.kind.input_fields)
             self.labels = self.index = None
         else:
             # labels and sample indices (16 bytes a row) are read whole, once, here: forked loader workers share
@@ -328,7 +327,7 @@ class StoreStream(torch.utils.data.IterableDataset):
         pid = os.getpid()
         if self._opened is None or self._opened[0] != pid:
             reader = open_store(self.store, allow_incomplete=True)
-            if self.sequence:  # the inputs are in the store
+            if self.own_inputs:
                 self._opened = (pid, reader, None)
                 return reader, None
             # an open set given by the caller is inherited by forked workers (copy-on-write) rather
@@ -346,8 +345,8 @@ class StoreStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: np.ndarray, chunk_ids: np.ndarray, live: "_Live", data: TransferSet, shard: int,
                seq: int) -> Batch:
-        if self.sequence:
-            return _token_batch(live.gather(rows, chunk_ids), rows, shard, seq)
+        if self.own_inputs:
+            return stored_inputs_batch(self.kind, live.gather(rows, chunk_ids), rows, shard, seq)
         reader, labels, index = self._opened[1], self.labels, self.index  # labels, index: read once (__init__)
         t = live.gather(rows, chunk_ids)
         params = t.pop("view_params", None)
@@ -384,14 +383,12 @@ class StoreStream(torch.utils.data.IterableDataset):
                 for name, (cols, shape) in self.feature_slices.items()}
 
 
-def _token_batch(t: dict[str, np.ndarray], rows: np.ndarray, shard: int, seq: int) -> Batch:
-    """A batch of token rows: ``x`` the inputs [B, L] (int64), ``labels`` [B, L] the next tokens, −1 where the
-    stored loss mask says a position carries no loss; the per-position targets as stored ([B, L, ...])."""
-    tokens = t.pop("tokens").astype(np.int64)
-    mask = t.pop("loss_mask").astype(bool)
-    labels = np.where(mask, tokens[:, 1:], -1)
+def stored_inputs_batch(kind: Any, t: dict[str, np.ndarray], rows: np.ndarray, shard: int, seq: int) -> Batch:
+    """A batch of rows whose inputs are in the store (the kind's ``inputs``: token rows give ``x`` [B, L] and
+    ``labels`` [B, L], the next tokens, −1 where no loss); the targets as stored ([B, L, ...])."""
+    x, labels = kind.inputs(t)
     logits = t.pop("logits", None)
-    return Batch(torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+    return Batch(torch.from_numpy(x),
                  torch.from_numpy(logits) if logits is not None else None, torch.from_numpy(labels),
                  torch.from_numpy(rows.copy()), None, shard, seq,
                  sparse={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()} or None)

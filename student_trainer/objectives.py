@@ -90,13 +90,13 @@ class Objective:
     name: str
     fn: Callable[[Step], torch.Tensor]
     doc: str
-    needs: str = "targets"  # "targets" | "logits" (every class's value) | "labels" | "features" | "sequences"
+    needs: str = "targets"  # "targets" | "logits" (every class's value) | "labels" | "features" | "positions"
 
     def check(self, meta: Any, path: Any) -> None:
         """Refuse a store this objective cannot learn from, before anything trains."""
-        if self.needs == "sequences" and meta.sequence is None:
-            raise SpecError(f"--loss {self.name} is built for language models' per-token targets; {path} holds "
-                            "classes (use --loss kl)")
+        if self.needs == "positions" and meta.kind.length(meta) is None:
+            raise SpecError(f"--loss {self.name} is built for per-token targets (a store of token sequences); "
+                            f"{path} holds {meta.kind.name} (use --loss kl)")
         if self.needs == "logits" and not form_of(meta).every_class:
             raise SpecError(f"--loss {self.name} matches logits and needs dense targets; {path} holds "
                             f"{meta.targets} targets (use --loss kl)")
@@ -111,9 +111,9 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("ce", ce, "hard labels only", needs="labels"),
     Objective("hint", hint, "FitNets' hint: regress a student layer onto stored teacher features", needs="features"),
     # language models' divergences: their loss is student_trainer.token_losses (the LM recipe computes it)
-    Objective("reverse_kl", kd, "KL(q ‖ p) against per-token targets (sequence stores)", needs="sequences"),
+    Objective("reverse_kl", kd, "KL(q ‖ p) against per-token targets (sequence stores)", needs="positions"),
     Objective("jsd", kd, "the Jensen-Shannon divergence against per-token targets (sequence stores)",
-              needs="sequences"),
+              needs="positions"),
 )}
 
 

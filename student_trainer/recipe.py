@@ -9,41 +9,42 @@ inputs), :mod:`.retemper` (targets at T), :mod:`.objectives` (the loss), :mod:`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from darkstore.data import TransferSet
+from darkstore.device import check_device as check_device_name
 from darkstore.transfer import open_transfer_set
 from darkstore.errors import SpecError
 from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import ModelSpec, count_params, load_model, logits_of, preprocess, save_weights
-from storage import StoreMeta, StoreReader, open_store
-from storage.errors import SchemaError
+from storage import StoreMeta, StoreReader
 from storage.location import canonical
 from student_trainer.errors import RunDirError
 
 from . import objectives
 from .config import CLASS_OPTIMISER, TrainConfig
 from .dataset import check_transfer_set
-from .loader import batch_mixing, make_loader, window_chunks
+from .loader import batch_mixing, window_chunks
 from .objectives import student_layer_shape
 from .forms import soft_term
 from .retemper import plan, unused
 from .tracking import open_trackers
 from .distributed import Dist
-from .eval_cache import EvalRows, eval_split, evaluate
+from .eval_cache import evaluate
 from .eval_report import evaluate_student
-from .lm_eval import TokenEvalRows, check_eval_store, sequence_split
 from .run_dir import CHECKPOINT_VERSION, config_diff, save_atomic, write_json_atomic
+
+
+if TYPE_CHECKING:
+    from .inputs import Inputs
 
 
 def lr_lambda(schedule: str, total: int, warmup_steps: int, floor: float = 0.0) -> Callable[[int], float]:
@@ -78,10 +79,6 @@ def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: b
                  roots: Sequence[str | Path] | None = None,
                  fingerprints: FingerprintPolicy | None = None) -> TransferSet:
     """The transfer set a store was generated from (as recorded, unless given), checked by fingerprint."""
-    if reader.meta.sequence is not None:
-        raise SpecError(f"{reader.path} holds a language model's per-token targets ({reader.meta.target_form} "
-                        "of each position); training students from a sequence store is not built yet (the "
-                        "roadmap's next step): `darkstore inspect` reads it, and storage's reader gives its fields")
     if data is None:
         data = open_transfer_set(reader.meta.transfer_set.spec, allow_code=allow_code, roots=roots,
                                  fingerprints=fingerprints)
@@ -91,8 +88,6 @@ def open_checked(reader: StoreReader, data: TransferSet | None, *, allow_code: b
 
 def check_device(config: TrainConfig) -> None:
     """Refuse a device or precision this machine cannot run, before anything is opened."""
-    from darkstore.device import check_device as check_device_name
-
     check_device_name(config.device)
     if config.amp == "fp16" and not config.device.startswith("cuda"):
         raise SpecError("--amp fp16 needs a CUDA device (fp16 trains with a gradient scaler); on the CPU use --amp bf16")
@@ -196,59 +191,6 @@ def eval_store_warnings(train: StoreMeta, ev: StoreMeta) -> list[str]:
     return said
 
 
-class Inputs:
-    """What every student of one store shares, opened once per process: the store, its transfer set (checked
-    once), the eval store, the row splits, the eval rows (read once), and one loader per distinct batch order
-    (students whose batches are the same share one: each batch is read and decoded once for all of them)."""
-
-    def __init__(self, store, data, eval_store, eval_data, *, allow_incomplete: bool, allow_code: bool,
-                 roots: Sequence[str | Path] | None, fingerprints: FingerprintPolicy | None = None,
-                 cache_dir: Path | None = None):
-        self.allow_code, self.roots = allow_code, roots
-        self.cache_dir = cache_dir  # where the teachers' measured cost is kept (evaluate.teacher_cost)
-        self.reader = store if isinstance(store, StoreReader) else open_store(store, allow_incomplete=allow_incomplete)
-        self.meta = self.reader.meta
-        self.sequence = self.meta.sequence is not None  # token rows: their own inputs, no transfer set
-        self.data = None if self.sequence else open_checked(self.reader, data, allow_code=allow_code, roots=roots,
-                                                            fingerprints=fingerprints)
-        self.ev_reader: StoreReader | None = None
-        self.ev_data = self.data
-        if eval_store is not None and self.sequence:
-            self.ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
-            check_eval_store(self.meta, self.ev_reader.meta, self.ev_reader.path)
-        elif eval_store is not None:
-            self.ev_reader = eval_store if isinstance(eval_store, StoreReader) else open_store(eval_store)
-            if self.ev_reader.meta.num_classes != self.meta.num_classes:
-                raise SchemaError("the eval store has a different class count from the training store")
-            self.ev_data = open_checked(self.ev_reader, eval_data, allow_code=allow_code, roots=roots,
-                                        fingerprints=fingerprints)
-        self.has_eval_store = eval_store is not None
-        self.warnings = eval_store_warnings(self.meta, self.ev_reader.meta) if self.ev_reader else []
-        self._splits: dict[float, tuple[np.ndarray, np.ndarray, EvalRows]] = {}
-        self._loaders: dict[str, Any] = {}
-        self._mixing: dict[str, Any] = {}
-
-    def split(self, holdout: float) -> tuple[np.ndarray, np.ndarray, EvalRows]:
-        """(train rows, eval rows, the eval rows' data) for a holdout (ignored with an eval store)."""
-        if holdout not in self._splits and self.sequence:
-            tr, ev = sequence_split(self.reader, holdout, self.ev_reader)
-            self._splits[holdout] = (tr, ev, TokenEvalRows(self.ev_reader or self.reader, ev,
-                                                             whole_store=self.ev_reader is not None))
-        elif holdout not in self._splits:
-            tr, ev = eval_split(self.reader, holdout, self.ev_reader)
-            self._splits[holdout] = (tr, ev, EvalRows(self.ev_reader or self.reader, self.ev_data, ev))
-        return self._splits[holdout]
-
-    def loader(self, rows: np.ndarray, log: Callable[[str], None] | None, **kw: Any):
-        """The loader over ``rows`` with these settings: one per distinct setting, shared (and its batch mixing
-        reported once)."""
-        key = json.dumps({"rows": hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64)).hexdigest(), **kw},
-                         sort_keys=True, default=str)
-        if key not in self._loaders:
-            self._loaders[key] = make_loader(self.reader, rows, data=self.data, allow_code=self.allow_code,
-                                             roots=self.roots, **kw)
-            self._mixing[key] = report_mixing(self._loaders[key], log)
-        return self._loaders[key], self._mixing[key]
 
 
 class Recipe:
@@ -278,7 +220,7 @@ class Recipe:
         self.stacked_with = 0  # other students stepped with this one as one stacked model
 
     # -- setup ------------------------------------------------------------------------------
-    def setup_data(self, inputs: Inputs) -> None:
+    def setup_data(self, inputs: "Inputs") -> None:
         c, log = self.config, self.log
         check_device(c)
         self.inputs, self.reader, self.meta = inputs, inputs.reader, inputs.meta
@@ -589,6 +531,7 @@ class Recipe:
         return {
             "store": canonical(self.reader.location),
             "store_job_key": self.meta.job_key,
+            "kind": self.meta.kind.name,  # the run's row kind (student_trainer.kinds)
             "eval_store": canonical(self.ev_reader.location) if self.has_eval_store else None,
             "holdout": None if self.has_eval_store else c.holdout,
             "eval_rows": int(len(self.ev_rows)),

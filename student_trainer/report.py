@@ -30,7 +30,8 @@ from typing import Any
 
 from student_trainer.errors import RunDirError
 
-from .sweep import LM_METRICS, METRICS, format_metric, group_table, markdown_table, mean_std
+from .kinds import run_kind
+from .sweep import format_metric, group_table, markdown_table, mean_std
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,11 @@ class Headline:
 
 
 ACCURACY = Headline("accuracy", "held-out accuracy", True, True)
-PERPLEXITY = Headline("perplexity", "held-out perplexity", False, False)
 
 
 def headline_of(runs: list[dict[str, Any]]) -> Headline:
-    return PERPLEXITY if any(r["summary"].get("modality") == "tokens" for r in runs) else ACCURACY
+    """The number the report leads with: the runs' kind's (held-out accuracy, or perplexity)."""
+    return Headline(*run_kind(runs[0]["summary"]).headline)
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -254,53 +255,6 @@ def plot_reliability(run: dict[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
-def _num(v: Any, fmt: str) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
-def student_vs_teachers(run: dict[str, Any]) -> list[dict[str, str]]:
-    ev = run["eval"]
-    m, tm, comp = ev["metrics"], ev["teacher_metrics"], ev["compression"]
-    st, te = comp["student"], comp["teachers"]
-    # timings depend on the torch threads they ran with (a sweep's runs get a share of the cores; `darkstore eval`
-    # all of them): say how many
-    threads = f"{comp['threads']} torch thread{'s' if comp['threads'] != 1 else ''}" if comp.get("threads") else "threads not recorded"
-    pct = lambda v: _num(None if v is None else 100 * v, ".2f")  # noqa: E731
-    rows = [
-        {"": "held-out accuracy (%)", "student": pct(m.get("accuracy")), "teachers": pct(tm.get("accuracy"))},
-        {"": "agreement with teachers (%)", "student": pct(m.get("agreement")), "teachers": "100.00"},
-        {"": "NLL", "student": _num(m.get("nll"), ".4f"), "teachers": _num(tm.get("nll"), ".4f")},
-        {"": "ECE (%)", "student": pct(m.get("ece")), "teachers": pct(tm.get("ece"))},
-        {"": "parameters", "student": f"{st['params']:,}", "teachers": f"{te['params']:,} ({te['members']} members)"},
-        {"": "size on disk (KiB)", "student": _num(st.get("size_bytes") and st["size_bytes"] / 1024, ".1f"),
-         "teachers": _num(te.get("size_bytes") and te["size_bytes"] / 1024, ".1f")},
-        {"": f"CPU latency, batch 1 (ms, {threads})", "student": _num(st.get("latency_ms_batch1"), ".3f"),
-         "teachers": _num(te.get("latency_ms_batch1"), ".3f")},
-        {"": f"CPU throughput (samples/s, {threads})", "student": _num(st.get("throughput_per_s"), ",.0f"),
-         "teachers": _num(te.get("throughput_per_s"), ",.0f")},
-    ]
-    return rows
-
-
-def lm_vs_teachers(run: dict[str, Any]) -> list[dict[str, str]]:
-    """A language-model student beside its teachers: perplexity, bits per byte, top-1, agreement, sizes."""
-    ev = run["eval"]
-    m, tm, comp = ev["metrics"], ev["teacher_metrics"], ev["compression"]
-    st, te = comp["student"], comp["teachers"]
-    pct = lambda v: _num(None if v is None else 100 * v, ".2f")  # noqa: E731
-    return [
-        {"": "held-out perplexity", "student": _num(m.get("perplexity"), ".3f"),
-         "teachers": _num(tm.get("perplexity"), ".3f")},
-        {"": "bits per byte", "student": _num(m.get("bits_per_byte"), ".4f"),
-         "teachers": _num(tm.get("bits_per_byte"), ".4f")},
-        {"": "top-1, next token (%)", "student": pct(m.get("top1")), "teachers": "—"},
-        {"": "agreement with teachers (%)", "student": pct(m.get("agreement")), "teachers": "100.00"},
-        {"": "parameters", "student": f"{st['params']:,}", "teachers": f"{te['params']:,} ({te['members']} members)"},
-        {"": "size on disk (KiB)", "student": _num(st.get("size_bytes") and st["size_bytes"] / 1024, ".1f"),
-         "teachers": _num(te.get("size_bytes") and te["size_bytes"] / 1024, ".1f")},
-    ]
-
-
 def _md_table(rows: list[dict[str, str]]) -> str:
     head = list(rows[0])
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -355,7 +309,7 @@ def _figures(runs: list[dict[str, Any]], best: dict[str, Any], out: Path, axes: 
         data["reliability"] = plot_reliability(best, out / "reliability.png")
         images.append("reliability.png")
     if best["eval"]:
-        data["student_vs_teachers"] = (lm_vs_teachers(best) if head is PERPLEXITY else student_vs_teachers(best))
+        data["student_vs_teachers"] = run_kind(best["summary"]).vs_teachers(best)
     return data, images
 
 
@@ -372,10 +326,10 @@ def make_report(root: str | Path, *, fmt: str = "html", out: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     axes = _varying(runs)
     head = headline_of(runs)
-    metrics = LM_METRICS if head is PERPLEXITY else METRICS
+    metrics = run_kind(runs[0]["summary"]).metrics
     flat = [{"run": r["name"], **{a: (_label(v) if isinstance(v := r["config"].get(a), dict) else v) for a in axes},
              **{m: r["summary"]["final"].get(m) for m in metrics}} for r in runs]
-    table = group_table(flat, axes)
+    table = group_table(flat, axes, metrics)
     setting, best = best_setting(runs, flat, table, axes, head)
     data, images = _figures(runs, best, out, axes, head)
     data = {"runs": [r["name"] for r in runs], "best": best["name"], "best_setting": setting, "axes": axes,

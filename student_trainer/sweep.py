@@ -62,17 +62,13 @@ from darkstore.errors import SpecError
 from darkstore.fingerprint import FingerprintPolicy
 from storage.location import Location, canonical
 
-from .config import TrainConfig, batch_key, effect_key, store_temperature
+from .config import TrainConfig, batch_key, effect_key
+from .kinds import ALL_METRICS, STUDENTS, run_kind, store_temperature
 from .tracking import check_trackers
 
-METRICS = ("accuracy", "agreement", "nll", "ece")
-#: a language model's held-out metrics (student_trainer.lm_eval), shown instead where a sweep's runs have them
-LM_METRICS = ("perplexity", "bits_per_byte", "top1", "agreement")
-
-
 def metrics_of(runs: list[dict[str, Any]]) -> tuple[str, ...]:
-    """The metrics a sweep's tables show: a language model's where its runs report perplexity."""
-    return LM_METRICS if any(r.get("perplexity") is not None for r in runs) else METRICS
+    """The metrics a sweep's tables show: those of its runs' kind (:mod:`student_trainer.kinds`)."""
+    return tuple(dict.fromkeys(m for r in runs for m in STUDENTS[r["kind"]].metrics))
 SHORT = {"temperature": "T"}  # run names: axis=value joined by "_"
 
 
@@ -151,7 +147,7 @@ def _fmt(v: Any) -> str:
 
 def points(spec: GridSpec, temperature: float | None = None) -> list[Point]:
     """Every combination of the grid's axes over its base; ``temperature``: T where neither sets it (the
-    store's default, :func:`~student_trainer.config.default_temperature`)."""
+    store's default, :func:`~student_trainer.kinds.default_temperature`)."""
     keys = list(spec.grid)
     out = []
     for combo in itertools.product(*(spec.grid[k] for k in keys)) if keys else [()]:
@@ -454,7 +450,7 @@ def load_runs(out: Path, pts: list[Point]) -> list[dict[str, Any]]:
         if f.exists():
             s = json.loads(f.read_text())
             rows.append({"run": p.name, **{k: v for k, v in p.axes.items()},
-                         **{m: s["final"].get(m) for m in (*METRICS, *LM_METRICS)},
+                         "kind": run_kind(s).name, **{m: s["final"].get(m) for m in ALL_METRICS},
                          "epochs": s["config"]["epochs"],
                          "seconds": s.get("seconds"), "stacked_with": s.get("stacked_with", 0)})
     return rows
@@ -467,8 +463,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def group_table(runs: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
-    """Mean ± sample std of each metric over seeds, for every combination of the other axes."""
+def group_table(runs: list[dict[str, Any]], axes: list[str], metrics: Sequence[str] | None = None
+                ) -> list[dict[str, Any]]:
+    """Mean ± sample std of each metric (default: those of the runs' kind) over seeds, for every combination of
+    the other axes."""
+    metrics = metrics_of(runs) if metrics is None else metrics
     keys = [a for a in axes if a != "seed"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
@@ -480,7 +479,7 @@ def group_table(runs: list[dict[str, Any]], axes: list[str]) -> list[dict[str, A
     for _, rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         row: dict[str, Any] = {k: rs[0].get(k) for k in keys}
         row["n"] = len(rs)
-        for m in metrics_of(runs):
+        for m in metrics:
             row[m + "_mean"], row[m + "_std"] = mean_std([r[m] for r in rs])
         table.append(row)
     return table
@@ -499,7 +498,7 @@ def format_metric(m: str, mean: float, std: float) -> str:
 
 def markdown_table(table: list[dict[str, Any]], axes: list[str]) -> str:
     """The grouped table (:func:`group_table`) in Markdown, with the metrics it holds."""
-    metrics = LM_METRICS if table and "perplexity_mean" in table[0] else METRICS
+    metrics = [k[:-len("_mean")] for k in table[0] if k.endswith("_mean")] if table else []
     keys = [a for a in axes if a != "seed"]
     head = keys + ["n"] + [f"{m} (mean ± std)" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -29,7 +29,8 @@ from .config import TrainConfig
 from .tracking import check_trackers
 from .distributed import Dist
 from .lockstep import together, train_group
-from .recipe import Inputs, Recipe
+from .inputs import Inputs
+from .recipe import Recipe
 from .run_dir import RunResult, finished_run, refuse_to_replace
 
 
@@ -115,9 +116,7 @@ def train_many(
     inputs = Inputs(store, data, eval_store, eval_data, allow_incomplete=allow_incomplete, allow_code=allow_code,
                      roots=roots, fingerprints=fingerprints, cache_dir=cache_dir)
     recipes: dict[int, Recipe] = {}
-    kind = Recipe
-    if inputs.sequence:
-        from .lm_train import LMRecipe as kind
+    kind = inputs.kind.recipe
     for i in todo:
         run = runs[i]
         say = (lambda m, run=run: log(run, m)) if log else None

@@ -371,7 +371,8 @@ def job_exists(home: str, store_root: str | None, key: str) -> bool:
 
 
 def _positions(meta: StoreMeta) -> int | None:
-    return meta.sequence.length if meta.sequence else None
+    """Target positions per row where a row has several (None: one, a row of classes)."""
+    return meta.kind.length(meta)
 
 
 def make_view(rec: JobRecord, prog: Progress) -> JobView:

@@ -109,21 +109,19 @@ INNER_IMPORTS = {
     # the command line loads what a command needs when it runs: `darkstore --help` and every command's start
     # stay free of torch (bench/startup.py measures it)
     "darkstore_app/cli.py": 1, "darkstore_app/cli_common.py": 4, "darkstore_app/cli_service.py": 3,
-    "darkstore_app/cli_store.py": 14, "darkstore_app/cli_students.py": 18, "darkstore_app/demo.py": 4,
+    "darkstore_app/cli_store.py": 14, "darkstore_app/cli_students.py": 23, "darkstore_app/demo.py": 4,
     "darkstore_app/lmkit.py": 6,
-    # torch-free settings and specs (the API's request models, a sweep's planning) that load the heavy reader
-    # of what they name only when asked
+    # torch-free settings and specs (the API's request models, the HTTP client, a sweep's planning) that load
+    # the heavy modules of what they name only when asked
     "teacher_service/settings.py": 2, "teacher_service/spec.py": 1, "teacher_service/client.py": 1,
-    "student_trainer/config.py": 2, "student_trainer/sweep.py": 2, "darkstore/modelspec.py": 2,
+    "student_trainer/sweep.py": 2, "darkstore/modelspec.py": 2, "darkstore/data.py": 2, "darkstore/models.py": 1,
+    "darkstore/lm.py": 2,
     # the Celery app and the job runner are started only by the service (a local API runs without Celery)
     "teacher_service/api/__init__.py": 2, "teacher_service/api/routes/ops.py": 1,
-    # optional parts loaded on first use: feature taps, specialists' plans, stacks, exports, device checks,
-    # language-model students (transformers), image decoders
-    "teacher_service/combine.py": 1, "student_trainer/lockstep.py": 1,
-    "student_trainer/export.py": 6, "student_trainer/recipe.py": 1, "student_trainer/train.py": 1,
-    "student_trainer/lm_train.py": 2, "student_trainer/lm_eval.py": 1, "student_trainer/eval_report.py": 1,
-    "student_trainer/loader.py": 3, "darkstore/data.py": 2, "darkstore/lm.py": 2, "darkstore/models.py": 1,
-    "darkstore/imaging.py": 4, "storage/forms/sampled.py": 1, "storage/forms/topk.py": 1,
+    # optional parts loaded on first use: specialists' combination, stacked students, recorded views' replay,
+    # the built-in GPT's export to transformers
+    "teacher_service/combine.py": 1, "student_trainer/lockstep.py": 1, "student_trainer/loader.py": 2,
+    "student_trainer/export.py": 1,
 }
 
 
@@ -171,3 +169,45 @@ def test_form_names_are_spelled_only_in_storage_forms():
             if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
                 head = str(node.values[0].value)
                 assert not re.match(rf"({'|'.join(FORMS)})[-:]$", head), f"{path}:{node.lineno} builds a form name"
+
+
+KIND_PACKAGES = ("storage/kinds/", "teacher_service/kinds/", "student_trainer/kinds/")
+
+
+def _kind_branches(tree: ast.AST) -> list[tuple[int, str]]:
+    """Where a module tells row kinds apart itself: ``meta.sequence`` tested (``is None``, truthiness),
+    ``isinstance`` of a text spec or set, a ``modality``, a transfer set's kind compared with ``"text"``."""
+    found = []
+
+    def is_sequence(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "sequence"
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and (is_sequence(node.left) or any(map(is_sequence, node.comparators))):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, (ast.If, ast.IfExp, ast.While)) and is_sequence(node.test):
+            found.append((node.lineno, ast.unparse(node.test)))
+        elif isinstance(node, ast.BoolOp) and any(map(is_sequence, node.values)):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance" and "Text" in ast.unparse(node):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Constant) and node.value == "modality":
+            found.append((node.lineno, "modality"))
+        elif isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value == "text"
+                                                   for c in node.comparators):
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_row_kinds_are_told_apart_only_in_their_registries():
+    """A row kind (classes, token sequences) is found through its registries (storage.kinds, teacher_service.kinds,
+    student_trainer.kinds): no other module asks whether a store holds sequences."""
+    bad = [f"{path}:{line}: {what}" for name, (path, tree) in _modules().items()
+           if not path.startswith(KIND_PACKAGES) for line, what in _kind_branches(tree)]
+    assert not bad, "row-kind branches outside the kinds:\n" + "\n".join(bad)
+
+
+def test_the_kind_branch_finder_finds_each_way_of_asking():
+    src = ("if meta.sequence is None: pass\nx = 1 if r.meta.sequence else 2\nisinstance(spec, TextSpec)\n"
+           "s.get('modality')\nspec.data.kind == 'text'\n")
+    assert len(_kind_branches(ast.parse(src))) == 5

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,10 +18,11 @@ from darkstore.models import ModelSpec
 from storage import open_store
 from storage.errors import SchemaError
 from student_trainer import objectives
-from student_trainer.config import TrainConfig, default_temperature
+from student_trainer.config import TrainConfig
+from student_trainer.kinds import default_temperature
 from student_trainer.errors import ExportError
-from student_trainer.evaluate import evaluate_run
-from student_trainer.export import export_run
+from student_trainer.runs import evaluate_run
+from student_trainer.runs import export_run
 from student_trainer.config import TOKEN_OPTIMISER
 from student_trainer.lm_eval import check_eval_store, sequence_split
 from student_trainer.train import train
@@ -72,7 +72,7 @@ def test_a_gpt_student_resumes_mid_epoch_to_the_same_weights(stores, tmp_path):
     a, b = weights(tmp_path / "ref"), weights(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["modality"] == "tokens" and summary["target_form"] == "topk" and summary["topk_loss"] == "bucket"
+    assert summary["kind"] == "tokens" and summary["target_form"] == "topk" and summary["topk_loss"] == "bucket"
     # the language models' optimiser recipe where the run leaves it unset (clipping, β2 0.95, matrices decay)
     assert summary["optimiser"] == {**TOKEN_OPTIMISER, "betas": list(TOKEN_OPTIMISER["betas"])}
     assert summary["retemper"]["exact"] is True
@@ -178,8 +178,8 @@ def test_bad_language_model_settings_get_one_clear_error(lm_kit, stores, tmp_pat
         update={"fingerprint": "0" * 64})})
     with pytest.raises(SchemaError, match="another tokenizer"):
         check_eval_store(meta, meta.model_copy(update={"sequence": seq}), "elsewhere")
-    with pytest.raises(SpecError, match="language models' per-token targets"):
-        objectives.get("reverse_kl").check(SimpleNamespace(sequence=None), "a class store")
+    with pytest.raises(SpecError, match="per-token targets .* holds classes"):
+        objectives.get("reverse_kl").check(meta.model_copy(update={"sequence": None}), "a class store")
     sampled = meta.model_copy(update={"targets": meta.targets.model_copy(update={"form": "sampled",
                                                                                  "temperature": 2.0})})
     assert default_temperature(sampled) == 2.0 and default_temperature(meta) == 1.0

@@ -479,7 +479,7 @@ def test_teacher_cost_is_kept_in_the_cache_it_is_given(tmp_path, cache, monkeypa
     """The teachers' timed cost is kept in the cache the caller passes (the CLI: its own cache folder) and read
     from there the next time; with none it is measured each time — no environment variable read deep down."""
     import student_trainer.eval_report as report
-    import student_trainer.evaluate as ev
+    import student_trainer.runs as ev
 
     run = tmp_path / "run"
     train(TrainConfig(student=MLP, epochs=1), cache, run, final_eval=False)

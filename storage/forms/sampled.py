@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from darkstore.errors import SpecError
+
 from ..fieldspec import FieldSpec, index_dtype
 from .base import Form
 
@@ -71,8 +73,6 @@ class Sampled(Form):
         return torch.log((counts + 0.5 / num_classes) / (idx.shape[-1] + 0.5))
 
     def retemper(self, meta, temperature):
-        from darkstore.errors import SpecError
-
         ts, k = meta.targets.temperature, meta.targets.k
         if not math.isclose(temperature, ts, rel_tol=1e-9):
             raise SpecError(f"this store's targets are {k} classes sampled at T={ts:g}: an unbiased "

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from darkstore.errors import SpecError
+
 from ..fieldspec import FieldSpec, index_dtype
 from .base import Form
 
@@ -96,8 +98,6 @@ class TopK(Form):
                              f"sampled:{targets.k}@{temperature:g}, or dense targets")
 
     def check_size(self, targets, num_classes, unit):
-        from darkstore.errors import SpecError
-
         if targets.k >= num_classes:
             raise SpecError(f"targets topk:{targets.k} keeps every one of the {num_classes} {unit}: ask for dense "
                             "targets")

@@ -21,6 +21,12 @@ class Kind:
     ascending_ids: bool = False
     #: the transfer-set kinds (a job's ``data.kind``) whose rows are of this kind
     data_kinds: tuple[str, ...] = ()
+    #: the row fields that hold the rows' own inputs and labels (none: the transfer set holds the inputs)
+    input_fields: tuple[str, ...] = ()
+
+    def inputs(self, fields: dict[str, Any]) -> tuple[Any, Any]:
+        """(inputs, labels) of rows from their :attr:`input_fields` (taken out of ``fields``)."""
+        raise NotImplementedError
 
     # -- what a job of this kind may ask for (checked when the job spec is read) --
     def default_chunk_rows(self, data_spec: Any) -> int:
@@ -74,3 +80,20 @@ class Kind:
     def record(self, meta: "StoreMeta") -> dict[str, Any] | None:
         """The kind's record as ``inspect`` and the summary show it."""
         return None
+
+    def describe(self, s: dict[str, Any], human: Any) -> list[tuple[str, str]]:
+        """``inspect``'s lines about the targets and rows of a store with summary ``s`` (``human``: bytes in
+        words)."""
+        raise NotImplementedError
+
+    def size_line(self, s: dict[str, Any], human: Any) -> str:
+        """``inspect``'s size on disk, per the unit rows are counted in."""
+        raise NotImplementedError
+
+    def ensemble_line(self, s: dict[str, Any]) -> tuple[str, str] | None:
+        """``inspect``'s line on the ensemble's own quality (None where the store has no labels)."""
+        return None
+
+    def teacher_line(self, s: dict[str, Any], name: str) -> str:
+        """What ``inspect`` says of teacher ``name``'s own quality (empty where the store does not measure it)."""
+        return ""

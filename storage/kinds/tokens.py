@@ -18,6 +18,7 @@ class Tokens(Kind):
     unit = "tokens"
     ascending_ids = True
     data_kinds = ("text",)
+    input_fields = ("tokens", "loss_mask")
     row_fields = (
         FieldSpec("tokens", ("row", "token"), lambda m: (m.num_rows, m.sequence.length + 1),
                   lambda m: m.kind.index_dtype(m), 0, _tokens,
@@ -38,6 +39,13 @@ class Tokens(Kind):
                   doc="per chunk: the positions with a loss that each teacher's own statistics (its top-1 count in "
                       "stats, its NLL) cover: one in teacher_stride (the sequence record)", when="token sequences"),
     )
+
+    def inputs(self, fields):
+        """The rows' token ids but the last ([B, L], int64) and position t's label, the next token, or -1
+        where the loss mask says the position carries no loss."""
+        tokens = fields.pop("tokens").astype(np.int64)
+        mask = fields.pop("loss_mask").astype(bool)
+        return np.ascontiguousarray(tokens[:, :-1]), np.where(mask, tokens[:, 1:], -1)
 
     def default_chunk_rows(self, data_spec) -> int:
         """About 65,536 positions a chunk."""
@@ -98,3 +106,33 @@ class Tokens(Kind):
 
     def record(self, meta):
         return meta.sequence.model_dump()
+
+    def describe(self, s, human):
+        seq, tok = s["sequence"], s["sequence"]["tokenizer"]
+        step = (s.get("targets_record") or {}).get("step")
+        values = (f"uint8 steps of {step:g} nat below each position's largest (off by ≤ {step / 2:g})" if step
+                  else s["dtype"]) + f", {s['values']}"
+        return [("targets", f"{s['targets']} of {s['classes']:,} tokens per position, {seq['length']} positions per "
+                            f"row; values {values}; chunks of {s['chunk_rows']} rows, {s['compressor']}"),
+                ("sequences", f"{s['rows']:,} rows ({seq['packing']}), {seq['positions']:,} positions with a loss, "
+                              f"from {human(seq['text_bytes'])} of text; tokenizer {tok['path']} "
+                              f"({tok['vocab_size']:,} tokens, fingerprint {tok['fingerprint'][:16]}…)")]
+
+    def size_line(self, s, human):
+        per = s["sequence"]["length"]
+        return (f"{human(s['disk_bytes'])} ({s['bytes_per_row'] / per:.1f} B/token; uncompressed "
+                f"{s['raw_bytes_per_row'] / per:.1f} B/token)")
+
+    def ensemble_line(self, s):
+        acc, ppl = s["accuracy"], s["perplexity"]
+        if not ppl:
+            return None
+        return "ensemble", (f"perplexity {ppl['ensemble']:,.2f}, top-1 {100 * acc['ensemble']:.2f} % on "
+                            f"{acc['labeled_rows']:,} positions")
+
+    def teacher_line(self, s, name):
+        acc, ppl, stride = s["accuracy"] or {}, s["perplexity"] or {}, s["sequence"]["teacher_stride"]
+        if name not in ppl:
+            return ""
+        return (f", perplexity {ppl[name]:,.2f}, top-1 {100 * acc[name]:.2f} %"
+                + (f" (on one position in {stride})" if stride > 1 else ""))
