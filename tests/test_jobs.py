@@ -9,7 +9,7 @@ import pytest
 
 from storage import open_store
 from darkstore.errors import WeightsNotFoundError
-from teacher_service import generate as gen_mod
+from teacher_service import prepared as gen_mod
 from teacher_service.generate import generate
 from teacher_service.jobs import LocalRunner
 from teacher_service.settings import Settings
