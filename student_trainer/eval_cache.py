@@ -4,6 +4,8 @@ store), the eval rows read once and kept across epochs and students, and the stu
 from __future__ import annotations
 
 
+from typing import Any, Iterator
+
 import numpy as np
 import torch
 
@@ -54,38 +56,57 @@ def clean_rows(reader: StoreReader, rows: np.ndarray) -> np.ndarray:
 EVAL_CACHE_MB = 1024.0  # eval inputs kept in memory across epochs and students, when they fit
 
 
-class EvalRows:
-    """The rows a run is judged on, read once: inputs, the teachers' distribution and labels per batch. Kept in
-    memory (up to ``EVAL_CACHE_MB``) so that every epoch and every student trained together reuses them; read
-    again each time when they do not fit."""
+class KeptRows:
+    """The rows a run is judged on, read once and kept in memory (up to ``limit_mb``) so that every epoch and
+    every student trained together reuses them; read again each time when they do not fit. A row kind says
+    what a batch of them is (:meth:`_read`) and its size (:meth:`_nbytes`)."""
 
-    def __init__(self, reader: StoreReader, data: TransferSet, rows: np.ndarray, batch_size: int = 1024):
-        self.reader, self.data, self.rows, self.batch_size = reader, data, rows, batch_size
-        self._kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    limit_mb = EVAL_CACHE_MB
+
+    def __init__(self, reader: StoreReader, rows: np.ndarray):
+        self.reader, self.rows = reader, rows
+        self._kept: list[Any] | None = None
         self._fits: bool | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _read(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _nbytes(self, item: Any) -> int:
+        raise NotImplementedError
+
+    def batches(self) -> Iterator[Any]:
+        if self._kept is not None:
+            return iter(self._kept)
+        if self._fits is False:
+            return self._read()
+        kept, size = [], 0
+        for item in self._read():
+            size += self._nbytes(item)
+            if size > self.limit_mb * (1 << 20):
+                self._fits = False
+                return self._read()
+            kept.append(item)
+        self._kept, self._fits = kept, True
+        return iter(kept)
+
+
+class EvalRows(KeptRows):
+    """Rows of classes: inputs, the teachers' distribution and labels per batch."""
+
+    def __init__(self, reader: StoreReader, data: TransferSet, rows: np.ndarray, batch_size: int = 1024):
+        super().__init__(reader, rows)
+        self.data, self.batch_size = data, batch_size
 
     def _read(self):
         for b in make_loader(self.reader, self.rows, batch_size=self.batch_size, shuffle=False,
                              data=self.data).epoch(0):
             yield b.x, teacher_view(b, self.reader.meta), b.labels
 
-    def batches(self):
-        if self._kept is not None:
-            return iter(self._kept)
-        if self._fits is False:
-            return self._read()
-        kept, size = [], 0
-        for x, t, y in self._read():
-            size += x.nbytes + t.nbytes + y.nbytes
-            if size > EVAL_CACHE_MB * (1 << 20):
-                self._fits = False
-                return self._read()
-            kept.append((x, t, y))
-        self._kept, self._fits = kept, True
-        return iter(kept)
+    def _nbytes(self, item) -> int:
+        return sum(t.nbytes for t in item)
 
 
 @torch.no_grad()

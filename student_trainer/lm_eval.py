@@ -29,7 +29,7 @@ from storage.errors import SchemaError
 from storage.forms import form_of
 from storage.location import canonical
 
-from .eval_cache import HOLDOUT_SEED
+from .eval_cache import HOLDOUT_SEED, KeptRows
 from .eval_report import teacher_size
 from .loader import Batch, make_loader
 
@@ -39,36 +39,21 @@ EVAL_CACHE_MB = 512.0
 EVAL_BATCH = 32
 
 
-class TokenEvalRows:
-    """The token rows a run is judged on, read once and kept (up to ``EVAL_CACHE_MB``) for every epoch and every
-    student trained together; read again each time when they do not fit."""
+class TokenEvalRows(KeptRows):
+    """Token rows (batches as the loader gives them), kept up to ``EVAL_CACHE_MB``; ``whole_store``: the rows
+    are a whole eval store's (its generation measured the teachers' perplexity on them exactly)."""
+
+    limit_mb = EVAL_CACHE_MB
 
     def __init__(self, reader: StoreReader, rows: np.ndarray, *, whole_store: bool = False):
-        self.reader, self.rows, self.whole_store = reader, rows, whole_store
-        self._kept: list[Batch] | None = None
-        self._fits: bool | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
+        super().__init__(reader, rows)
+        self.whole_store = whole_store
 
     def _read(self) -> Iterator[Batch]:
         yield from make_loader(self.reader, self.rows, batch_size=EVAL_BATCH, shuffle=False).epoch(0)
 
-    def batches(self) -> Iterator[Batch]:
-        if self._kept is not None:
-            return iter(self._kept)
-        if self._fits is False:
-            return self._read()
-        kept, size = [], 0
-        for b in self._read():
-            size += b.x.nbytes + b.labels.nbytes + sum(v.nbytes for v in (b.sparse or {}).values())
-            size += b.logits.nbytes if b.logits is not None else 0
-            if size > EVAL_CACHE_MB * (1 << 20):
-                self._fits = False
-                return self._read()
-            kept.append(b)
-        self._kept, self._fits = kept, True
-        return iter(kept)
+    def _nbytes(self, b: Batch) -> int:
+        return b.x.nbytes + b.labels.nbytes + sum(v.nbytes for v in b.stored().values())
 
 
 def teacher_top1(parts: dict[str, torch.Tensor], meta) -> torch.Tensor:
