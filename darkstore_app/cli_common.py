@@ -5,11 +5,13 @@ formatting helpers. The commands live in :mod:`.cli_store`, :mod:`.cli_students`
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -45,6 +47,35 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def settings_options(model: Any, skip: Sequence[str] = (), **changed: dict[str, Any]) -> Callable:
+    """A command whose options are ``model``'s fields (a pydantic settings model), one to one: each option's
+    name, type (choices for a Literal; a flag for a bool), default and help are its field's, so a setting is
+    declared once, in its model. ``skip``: fields the command builds otherwise; ``changed``: per field, what the
+    command line does differently (``names``, ``annotation``, ``default``, ``help``). The command takes them as
+    keyword arguments (``**settings``), after its own options."""
+    def option(name: str, field: Any) -> inspect.Parameter:
+        c = changed.get(name, {})
+        annotation = c.get("annotation", field.annotation)
+        names = c.get("names", ("--" + name.replace("_", "-"),) if annotation is bool else ())
+        flag = {"metavar": ""} if annotation is bool else {}
+        opt = typer.Option(*names, help=c.get("help", field.description), **flag)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=c.get("default", field.default),
+                                 annotation=Annotated[annotation, opt])
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)  # typer reads a given signature as it is
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        generated = [option(n, f) for n, f in model.model_fields.items() if n not in skip]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=[*own, *generated])
+        return command
+    return wrap
 
 
 console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line

@@ -15,9 +15,21 @@ from rich.table import Table
 
 from .cli_common import (
     _again, app, _cache, _client, _Command, console, _data_root, _fingerprints, _human, Interrupted, _job_line,
-    _json_option, out, _pct, _progress, _task, Track, Verify, VerifyData,
+    _json_option, out, _pct, _progress, _task, Track, Verify, VerifyData, settings_options,
 )
 from .cli_store import _run_job
+
+from student_trainer.config import TrainConfig
+
+#: where `train`'s options differ from TrainConfig's fields (every other option is its field, one to one)
+TRAIN_OPTIONS = {
+    "temperature": {"annotation": Optional[float], "default": None,
+                    "help": "distillation temperature T (default: 4 for classes; 1 for a language model's store, or "
+                            "the T a sampled store was drawn at)"},
+    "loss": {"names": ("--loss", "--objective")},
+    "betas": {"annotation": Optional[str], "help": "AdamW's β1,β2, e.g. 0.9,0.95 (default: 0.9,0.999 for classes, "
+                                                   "0.9,0.95 for language models)"},
+}
 
 
 # --- train -----------------------------------------------------------------------
@@ -39,6 +51,7 @@ def _store_of_job(job: Path, api: Optional[str], token: Optional[str], timeout: 
 
 
 @app.command(cls=_Command)
+@settings_options(TrainConfig, skip=("student",), **TRAIN_OPTIONS)
 def train(
     ctx: typer.Context,
     out_: Annotated[Path, typer.Option("--out", help="run directory")],
@@ -57,47 +70,6 @@ def train(
     data: Annotated[Optional[str], typer.Option(help="transfer set (default: the one recorded in the store)")] = None,
     eval_store: Annotated[Optional[str], typer.Option(help="store over a held-out set to evaluate on (a directory or URL)")] = None,
     eval_data: Annotated[Optional[str], typer.Option(help="inputs of --eval-store (default: as recorded)")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="distillation temperature T (default: 4 for "
-                                                         "classes; 1 for a language model's store, or the T a "
-                                                         "sampled store was drawn at)")] = None,
-    alpha: Annotated[float, typer.Option(help="weight of the soft term (0 = hard labels only)")] = 0.9,
-    loss: Annotated[str, typer.Option("--loss", "--objective", help="kl (Hinton's KD) | mse (logit matching, "
-                                      "dense stores) | ce (hard labels only) | hint (FitNets: --hint-epochs "
-                                      "guiding --student-layer, then --epochs of kl) | reverse_kl | jsd "
-                                      "(language models' stores)")] = "kl",
-    hint_layer: Annotated[Optional[str], typer.Option(help="hint: the store's teacher layer, TEACHER:LAYER "
-                                                      "(default: its only one)")] = None,
-    student_layer: Annotated[Optional[str], typer.Option(help="hint: the student module it guides (e.g. "
-                                                         "features.3; `darkstore archs --layers ARCH` lists them)")] = None,
-    hint_epochs: Annotated[int, typer.Option(help="hint: epochs of the hint stage, before --epochs of KD")] = 0,
-    epochs: Annotated[int, typer.Option()] = 30,
-    batch_size: Annotated[int, typer.Option()] = 128,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    weight_decay: Annotated[float, typer.Option()] = 0.0,
-    optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = "adamw",
-    schedule: Annotated[str, typer.Option(help="learning-rate schedule: cosine | linear | step | constant")] = "cosine",
-    max_grad_norm: Annotated[Optional[float], typer.Option(help="clip the gradients' total norm (0: off; default: "
-                                                           "0 for classes, 1.0 for language models)")] = None,
-    betas: Annotated[Optional[str], typer.Option(help="AdamW's β1,β2 (default: 0.9,0.999 for classes, 0.9,0.95 "
-                                                 "for language models)")] = None,
-    decay: Annotated[Optional[str], typer.Option(help="what --weight-decay applies to: all | matrices (default: "
-                                                 "all for classes, matrices for language models)")] = None,
-    lr_floor: Annotated[Optional[float], typer.Option(help="where cosine/linear end, a fraction of --lr (default: "
-                                                      "0 for classes, 0.1 for language models)")] = None,
-    warmup: Annotated[float, typer.Option(help="fraction of the steps spent warming the learning rate up")] = 0.0,
-    amp: Annotated[str, typer.Option(help="mixed precision: off | bf16 | fp16 (fp16 needs CUDA)")] = "off",
-    seed: Annotated[int, typer.Option()] = 0,
-    holdout: Annotated[float, typer.Option(help="fraction of rows held out when no --eval-store")] = 0.1,
-    shuffle_buffer_mb: Annotated[float, typer.Option(help="MiB of targets shuffled together (a small store "
-                                                     "shuffles whole); the trainer reports how well batches mix")] = 256.0,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's own choice)")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")] = "cpu",
-    num_workers: Annotated[int, typer.Option(help="DataLoader processes streaming the store")] = 0,
-    views_per_epoch: Annotated[Optional[int], typer.Option(help="views store: this many random views of each sample per epoch (default: all K)")] = None,
-    view_targets: Annotated[str, typer.Option(help="views store: matched (each view's own targets) | clean (its sample's clean-view targets: the stale-target ablation)")] = "matched",
-    topk_loss: Annotated[str, typer.Option(help="top-k store: bucket (KL over the head and one 'other' bucket) | spread (the tail spread evenly, then the dense KL)")] = "bucket",
-    checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps too (0: at epoch ends only)")] = 0,
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="deterministic algorithms only (bit-exact reruns)", metavar="")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint (a finished run is left as is)", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="delete the run already in --out and start over "
                                             "(without it, or --resume, such a folder is refused)", metavar="")] = False,
@@ -111,6 +83,7 @@ def train(
     track: Track = None,
     job_timeout: Annotated[Optional[float], typer.Option("--job-timeout", help="with --job: give up (exit 1) when the "
                                                           "job has not finished after this many seconds")] = None,
+    **settings,  # the training settings, one option each (TrainConfig's fields): read through ctx
 ):
     """Train one student against the store's soft targets; saves safetensors + metrics."""
     doc = _settings_file(config, set_ or [])
@@ -123,7 +96,7 @@ def train(
     if job is not None:
         store = _store_of_job(job, api, token, job_timeout)
     cfg = _train_config(ctx, doc, _student_spec(student_spec, student, arch_kwargs, doc.pop("student", None)), store)
-    r = _train_with_progress(cfg, store, out_, checkpoint_every=checkpoint_every, data=data, eval_data=eval_data,
+    r = _train_with_progress(cfg, store, out_, checkpoint_every=cfg.checkpoint_every, data=data, eval_data=eval_data,
                              eval_store=eval_store, allow_incomplete=allow_incomplete, allow_code=allow_code,
                              resume=resume, overwrite=overwrite, latency=latency, verify_data=verify_data,
                              track=track)

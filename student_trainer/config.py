@@ -31,12 +31,13 @@ class TrainConfig(BaseModel):
     topk_loss: Literal["bucket", "spread"] = Field(
         "bucket", description="top-k stores: KL over the head and one 'other' bucket (no assumption about the "
         "tail), or the tail spread evenly over the classes left out and the dense KL")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    epochs: int = Field(30, ge=1, description="epochs of training (after a hint stage's)")
+    batch_size: int = Field(128, ge=1, description="rows per step")
+    lr: float = Field(1e-3, gt=0, description="the peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (decay says on which parameters)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum 0.9")
+    schedule: Literal["cosine", "linear", "step", "constant"] = Field(
+        "cosine", description="the learning rate per step after the warm-up (step: ×0.1 at ½ and ¾)")
     # the optimiser's finer settings; None: the row kind's default (OPTIMISER_DEFAULTS)
     max_grad_norm: float | None = Field(None, ge=0, description="clip the gradients' total norm to this before "
                                         "each step (0: no clipping). Default: 0 for classes, 1.0 for language models")
@@ -49,13 +50,13 @@ class TrainConfig(BaseModel):
                                    "fraction of lr. Default: 0 for classes, 0.1 for language models")
     warmup: float = Field(0.0, ge=0, lt=1, description="fraction of all steps spent warming the LR up linearly")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision (fp16 needs CUDA)")
-    seed: int = 0
+    seed: int = Field(0, description="the student's initialisation, the batches' order and its random draws")
     holdout: float = Field(0.1, ge=0, lt=1, description="fraction of store rows held out when no eval store is given")
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes streaming the store")
     shuffle_buffer_mb: float = Field(256.0, gt=0, description="MiB of targets shuffled together (the window; up to "
                                      "three windows are in memory with read-ahead). Whole small stores shuffle at once")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own choice)")
     views_per_epoch: int | None = Field(None, ge=1, description="views store: random views of each sample per "
                                                               "epoch (None: all K)")
     view_targets: Literal["matched", "clean"] = Field(
