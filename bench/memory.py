@@ -26,7 +26,7 @@ def child(phase: str, rows: int, tmp: Path, classes: int) -> None:
     import numpy as np
 
     from storage import open_store
-    from student_trainer.train import TrainConfig, train
+    from student_trainer.train import Sources, TrainConfig, train
     from teacher_service.generate import generate
     from teacher_service.spec import JobSpec
 
@@ -41,7 +41,7 @@ def child(phase: str, rows: int, tmp: Path, classes: int) -> None:
     else:
         cfg = TrainConfig(student={"arch": "mlp", "arch_kwargs": {"in_features": 768, "hidden": [256]}}, epochs=1,
                           batch_size=256, holdout=0.0)
-        train(cfg, store, tmp / f"run-{rows}", allow_code=True)
+        train(cfg, Sources(store, allow_code=True), tmp / f'run-{rows}')
         assert open_store(store).complete
     print(json.dumps({"peak_rss_mib": peak_rss_mib(), "rows": int(np.int64(rows))}))
 

@@ -96,26 +96,25 @@ def train(
     if job is not None:
         store = _store_of_job(job, api, token, job_timeout)
     cfg = _train_config(ctx, doc, _student_spec(student_spec, student, arch_kwargs, doc.pop("student", None)), store)
-    r = _train_with_progress(cfg, store, out_, checkpoint_every=cfg.checkpoint_every, data=data, eval_data=eval_data,
-                             eval_store=eval_store, allow_incomplete=allow_incomplete, allow_code=allow_code,
-                             resume=resume, overwrite=overwrite, latency=latency, verify_data=verify_data,
-                             track=track)
+    r = _train_with_progress(cfg, store, out_, data=data, eval_data=eval_data, eval_store=eval_store,
+                             allow_incomplete=allow_incomplete, allow_code=allow_code, resume=resume,
+                             overwrite=overwrite, latency=latency, verify_data=verify_data, track=track)
     if r is not None:
         _print_run(r)
 
 
-def _train_with_progress(cfg, store: str, out_: Path, *, checkpoint_every: int, data: Optional[str],
-                         eval_data: Optional[str], verify_data: "Verify", track, **options):
+def _train_with_progress(cfg, store: str, out_: Path, *, data: Optional[str], eval_data: Optional[str],
+                         eval_store: Optional[str], allow_incomplete: bool, allow_code: bool, verify_data: "Verify",
+                         track, **options):
     """Train with a progress bar (one line an epoch where there is no terminal); None on a rank other than 0."""
     import os
 
     from darkstore.transfer import open_transfer_set
-    from student_trainer.train import train as run
+    from student_trainer.train import Sources, train as run
 
     rank0 = os.environ.get("RANK", "0") == "0"
     with _progress() as progress:
         fps = _fingerprints(verify_data, progress if rank0 else None)
-        allow_code = options["allow_code"]
         tset = open_transfer_set(data, allow_code=allow_code, fingerprints=fps) if data else None
         etset = open_transfer_set(eval_data, allow_code=allow_code, fingerprints=fps) if eval_data else None
         task = progress.add_task("training", total=cfg.total_epochs, rate="", visible=rank0)
@@ -127,10 +126,12 @@ def _train_with_progress(cfg, store: str, out_: Path, *, checkpoint_every: int, 
                               f"{row.get('seconds', 0):.1f} s", highlight=False)
 
         try:
-            r = run(cfg, store, out_, data=tset, eval_data=etset, on_epoch=on_epoch, log=lambda m: console.print(m),
-                    fingerprints=fps, track=track or (), cache_dir=_cache(), **options)
+            sources = Sources(store, data=tset, eval_store=eval_store, eval_data=etset, fingerprints=fps,
+                              allow_incomplete=allow_incomplete, allow_code=allow_code, cache_dir=_cache())
+            r = run(cfg, sources, out_, on_epoch=on_epoch, log=lambda m: console.print(m), track=track or (),
+                    **options)
         except KeyboardInterrupt:
-            raise _train_interrupted(out_, int(_task(progress, task).completed), checkpoint_every) from None
+            raise _train_interrupted(out_, int(_task(progress, task).completed), cfg.checkpoint_every) from None
     return r if rank0 else None
 
 

@@ -137,7 +137,7 @@ class DemoResult:
 
 
 def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, quick: bool = False) -> DemoResult:
-    from student_trainer.train import TrainConfig, train
+    from student_trainer.train import Sources, TrainConfig, train
     from teacher_service.generate import generate
     from teacher_service.spec import EnsembleSpec, JobSpec
     from storage import open_store
@@ -180,7 +180,7 @@ def run_demo(out: Path, *, seeds: int = 3, log: Callable[[str], None] = print, q
                               batch_size=64, lr=2e-3, weight_decay=1e-4, seed=seed,
                               view_targets="clean" if kind == "stale" else "matched")
             store = stores["views" if on_views else "train"]
-            r = train(cfg, store, out / "runs" / f"{kind}_seed{seed}", eval_store=stores["test"],
+            r = train(cfg, Sources(store, eval_store=stores["test"]), out / "runs" / f"{kind}_seed{seed}",
                       overwrite=True)  # the demo makes its whole folder anew
             results[kind].append(r.final)
             n_params = r.num_params

@@ -551,7 +551,7 @@ def _run_points(run_dirs: list[Path], after_epoch: Callable[[], None] | None = N
 
 
 def _train_points(mine: list[Path], after_epoch: Callable[[], None] | None, out: TextIO) -> int:
-    from .train import Run, train_many
+    from .train import Run, Sources, train_many
 
     logs: dict[Path, Any] = {}
     points_ = [json.loads((d / "point.json").read_text()) for d in mine]
@@ -582,10 +582,10 @@ def _train_points(mine: list[Path], after_epoch: Callable[[], None] | None, out:
     p0 = points_[0]
     fps = FingerprintPolicy.model_validate(p0["fingerprints"]) if p0.get("fingerprints") else None
     try:
-        results = train_many(runs, p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"],
-                             resume=True, stack=p0.get("stack", "auto"), fingerprints=fps, log=say,
-                             track=p0.get("track", ()), on_epoch=epoch, on_done=done,
-                             cache_dir=Path(p0["cache_dir"]) if p0.get("cache_dir") else None)
+        sources = Sources(p0["store"], eval_store=p0["eval_store"], allow_code=p0["allow_code"], fingerprints=fps,
+                          cache_dir=Path(p0["cache_dir"]) if p0.get("cache_dir") else None)
+        results = train_many(runs, sources, resume=True, stack=p0.get("stack", "auto"), log=say,
+                             track=p0.get("track", ()), on_epoch=epoch, on_done=done)
     finally:
         for f in logs.values():
             f.close()

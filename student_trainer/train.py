@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
-from darkstore.data import TransferSet
 from darkstore.errors import SpecError
-from darkstore.fingerprint import FingerprintPolicy
 from darkstore.models import count_params
 from storage import StoreReader
 from student_trainer.errors import RunDirError
@@ -29,7 +27,7 @@ from .config import TrainConfig
 from .tracking import check_trackers
 from .distributed import Dist
 from .lockstep import together, train_group
-from .inputs import Inputs
+from .inputs import Inputs, Sources
 from .recipe import Recipe
 from .run_dir import RunResult, finished_run, refuse_to_replace
 
@@ -63,39 +61,29 @@ def _to_train(runs: Sequence[Run], resume: bool, overwrite: bool,
 
 def train_many(
     runs: Sequence[Run],
-    store: str | Path | StoreReader,
+    sources: Sources | str | Path | StoreReader,
     *,
-    data: TransferSet | None = None,
-    eval_store: str | Path | StoreReader | None = None,
-    eval_data: TransferSet | None = None,
-    allow_incomplete: bool = False,
-    allow_code: bool = False,
-    roots: Sequence[str | Path] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     final_eval: bool = True,
     latency: bool = False,
     stack: bool | str = True,
-    overwrite: bool = False,
-    fingerprints: FingerprintPolicy | None = None,
     on_epoch: Callable[[Run, dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_done: Callable[[Run, RunResult | BaseException], None] | None = None,
     log: Callable[[Run, str], None] | None = None,
     track: Sequence[str] = (),
-    cache_dir: Path | None = None,
 ) -> list[RunResult | BaseException]:
-    """Train several students from one store in one process: the store, the transfer set and the eval rows
-    are opened once; students whose batches are the same (:func:`together`) train in lockstep from one read
+    """Train several students from one store in one process: the ``sources`` (a :class:`Sources`, or a bare
+    store: the store, its transfer set, the eval store and how they are opened) are opened once; students whose batches are the same (:func:`together`) train in lockstep from one read
     of each batch; the others follow one group after another. Each run writes its own directory exactly as
     :func:`train` does (``resume``: finished runs are returned as they are, interrupted ones continue;
     without it a folder that holds a run is refused with :class:`RunDirError` unless ``overwrite``).
     ``stack``: students of one architecture and optimiser in a group step as one stacked model (equal to
     training each alone within float rounding, not bit for bit; False: each steps alone, bit-identical to a
     lone run; ``"auto"``: each stack times its first steps both ways and keeps the faster,
-    :class:`~student_trainer.stack.AutoStack`). ``fingerprints``: how the recorded transfer sets are fingerprinted to check them (default: every
-    file hashed; a policy with a cache reads them whole only the first time). ``track``: trackers each run's
-    metrics also go to (:mod:`student_trainer.tracking`: ``tensorboard``). ``cache_dir``: where the teachers'
-    timed cost is kept between runs (the CLI's cache folder; None: timed each time ``latency`` asks).
+    :class:`~student_trainer.stack.AutoStack`). ``track``: trackers each run's metrics also go to
+    (:mod:`student_trainer.tracking`: ``tensorboard``).
 
     A student whose setup fails (a setting its store refuses) gets its exception in the result list and the
     others go on; an error while a group trains fails that group's students."""
@@ -113,14 +101,14 @@ def train_many(
     dist = Dist.from_env()
     if dist.on and len(runs) > 1:
         raise SpecError("under torchrun, train one student per launch")
-    inputs = Inputs(store, data, eval_store, eval_data, allow_incomplete=allow_incomplete, allow_code=allow_code,
-                     roots=roots, fingerprints=fingerprints, cache_dir=cache_dir)
+    inputs = Inputs(Sources.of(sources))
     recipes: dict[int, Recipe] = {}
     kind = inputs.kind.recipe
     for i in todo:
         run = runs[i]
         say = (lambda m, run=run: log(run, m)) if log else None
-        r = kind(run.config, Path(run.out), dist, allow_code=allow_code, roots=roots, log=say, track=track)
+        r = kind(run.config, Path(run.out), dist, allow_code=inputs.allow_code, roots=inputs.roots, log=say,
+                 track=track)
         try:
             r.setup_data(inputs)
             r.setup_model()
@@ -152,15 +140,9 @@ def train_many(
 
 def train(
     config: TrainConfig,
-    store: str | Path | StoreReader,
+    sources: Sources | str | Path | StoreReader,
     out: str | Path,
     *,
-    data: TransferSet | None = None,
-    eval_store: str | Path | StoreReader | None = None,
-    eval_data: TransferSet | None = None,
-    allow_incomplete: bool = False,
-    allow_code: bool = False,
-    roots: Sequence[str | Path] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     final_eval: bool = True,
@@ -168,21 +150,17 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
-    fingerprints: FingerprintPolicy | None = None,
     track: Sequence[str] = (),
-    cache_dir: Path | None = None,
 ) -> RunResult:
-    """Train ``config.student`` on ``store``; write the run to ``out``.
+    """Train ``config.student`` from ``sources`` (a :class:`Sources`, or a bare store); write the run to ``out``.
 
     ``resume``: continue ``out``'s checkpoint (or return at once when ``out`` is finished); without it a
     run already in ``out`` is refused (:class:`RunDirError`), or deleted and started over with ``overwrite``.
     ``latency``: time the student's CPU latency
     for ``eval.json`` (``darkstore eval`` does it on request too)."""
-    (res,) = train_many([Run(config, Path(out))], store, data=data, eval_store=eval_store, eval_data=eval_data,
-                        allow_incomplete=allow_incomplete, allow_code=allow_code, roots=roots, resume=resume,
-                        overwrite=overwrite, final_eval=final_eval, latency=latency, fingerprints=fingerprints,
-                        on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None, on_step=on_step,
-                        log=(lambda _, m: log(m)) if log else None, track=track, cache_dir=cache_dir)
+    (res,) = train_many([Run(config, Path(out))], sources, resume=resume, overwrite=overwrite, final_eval=final_eval,
+                        latency=latency, on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None,
+                        on_step=on_step, log=(lambda _, m: log(m)) if log else None, track=track)
     if isinstance(res, BaseException):
         raise res
     return res

@@ -87,7 +87,7 @@ def check_repeats(out: Path) -> None:
     import yaml
     from safetensors.torch import load_file
 
-    from student_trainer.train import TrainConfig, train
+    from student_trainer.train import Sources, TrainConfig, train
     from teacher_service.generate import generate
     from teacher_service.spec import JobSpec
 
@@ -102,6 +102,6 @@ def check_repeats(out: Path) -> None:
     assert np.array_equal(again.read_all().logits, test.read_all().logits)
     run = out / "runs" / "distilled_seed0"
     cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
-    train(cfg, out / "stores" / "train", out / "again" / "distilled_seed0", eval_store=out / "stores" / "test")
+    train(cfg, Sources(out / 'stores' / 'train', eval_store=out / 'stores' / 'test'), out / 'again' / 'distilled_seed0')
     a, b = load_file(run / "student.safetensors"), load_file(out / "again" / "distilled_seed0" / "student.safetensors")
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)

@@ -25,7 +25,7 @@ from student_trainer.runs import evaluate_run
 from student_trainer.runs import export_run
 from student_trainer.config import TOKEN_OPTIMISER
 from student_trainer.lm_eval import check_eval_store, sequence_split
-from student_trainer.train import train
+from student_trainer.train import Sources, train
 from teacher_service.generate import generate
 from teacher_service.spec import JobSpec
 
@@ -144,7 +144,7 @@ def test_a_transformers_student_built_from_its_config_trains_on_jsd(lm_kit, stor
         shutil.copy(f, folder / f.name)
     spec = ModelSpec(format="transformers", weights=str(folder))
     cfg = TrainConfig(student=spec, temperature=1.0, loss="jsd", alpha=0.5, epochs=1, batch_size=16)
-    r = train(cfg, stores["topk"], tmp_path / "run", eval_store=stores["dense"])
+    r = train(cfg, Sources(stores['topk'], eval_store=stores['dense']), tmp_path / 'run')
     got = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert got["teacher_metrics"]["source"].startswith("the eval store's generation")
     assert got["teacher_metrics"]["perplexity"] == pytest.approx(open_store(stores["dense"]).perplexity()["ensemble"])

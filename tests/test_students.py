@@ -27,7 +27,7 @@ from student_trainer.errors import RunDirError
 from student_trainer.eval_cache import split_rows
 from student_trainer.config import CLASS_OPTIMISER
 from student_trainer.recipe import lr_lambda, param_groups
-from student_trainer.train import Run, TrainConfig, train, train_many
+from student_trainer.train import Run, Sources, TrainConfig, train, train_many
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
@@ -178,9 +178,9 @@ def test_students_trained_together_reach_each_ones_own_weights(tmp_path, cache):
     alone = [train(c, cache, tmp_path / f"alone{i}") for i, c in enumerate(cfgs)]
     spec = open_store(cache).meta.transfer_set.spec
     one, many = counting(open_transfer_set(spec)), counting(open_transfer_set(spec))
-    train(cfgs[0], cache, tmp_path / "counted", data=one)
+    train(cfgs[0], Sources(cache, data=one), tmp_path / 'counted')
     runs = [Run(c, tmp_path / f"together{i}") for i, c in enumerate(cfgs)]
-    got = train_many(runs, cache, data=many)
+    got = train_many(runs, Sources(cache, data=many))
     for i, (a, g) in enumerate(zip(alone, got)):
         assert same(weights(tmp_path / f"alone{i}"), weights(tmp_path / f"together{i}")), i
         assert g.final == a.final and history(tmp_path / f"together{i}") == history(tmp_path / f"alone{i}")
@@ -284,12 +284,11 @@ def test_a_model_vmap_cannot_run_steps_its_students_one_by_one(tmp_path, cache):
     spec = {"factory": "tests.factories:checked_mlp"}
     cfgs = [TrainConfig(student=spec, epochs=2, batch_size=32, temperature=t) for t in (2.0, 4.0)]
     said: list[str] = []
-    got = train_many([Run(c, tmp_path / f"s{i}") for i, c in enumerate(cfgs)], cache, allow_code=True,
-                     log=lambda run, m: said.append(m))
+    got = train_many([Run(c, tmp_path / f's{i}') for i, c in enumerate(cfgs)], Sources(cache, allow_code=True), log=lambda run, m: said.append(m))
     for i, c in enumerate(cfgs):
         assert not isinstance(got[i], BaseException), got[i]
         assert json.loads((tmp_path / f"s{i}" / "summary.json").read_text())["stacked_with"] == 0
-        alone = train(c, cache, tmp_path / f"alone{i}", allow_code=True)
+        alone = train(c, Sources(cache, allow_code=True), tmp_path / f'alone{i}')
         assert same(weights(tmp_path / f"s{i}"), weights(tmp_path / f"alone{i}"))  # nothing of the try was kept
         assert got[i].final == alone.final
     assert sum(m.startswith("cannot stack this architecture") for m in said) == 2
@@ -409,8 +408,7 @@ def _reference_ece(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
 
 def test_eval_matches_a_float64_reference(tmp_path, cache):
     run = tmp_path / "run"
-    train(TrainConfig(student=MLP, epochs=3, batch_size=32), cache, run, latency=True,  # timed only when asked
-          cache_dir=Path(os.environ["DARKSTORE_CACHE"]))  # the cache the CLI passes
+    train(TrainConfig(student=MLP, epochs=3, batch_size=32), Sources(cache, cache_dir=Path(os.environ['DARKSTORE_CACHE'])), run, latency=True)  # the cache the CLI passes
     rep = json.loads((run / "eval.json").read_text())
     # recompute from the saved student, independently of the evaluation code
     reader = open_store(cache)
@@ -585,8 +583,7 @@ def test_a_factory_student_exports_only_with_allow_code(tmp_path, cache):
     """A student built by module:function ran that code in training (with --allow-code); export runs it again to
     build and check the student, so it asks for the same permission, in one line, and then exports."""
     run = tmp_path / "run"
-    train(TrainConfig(student={"factory": "tests.factories:tiny_mlp"}, epochs=1), cache, run, final_eval=False,
-          allow_code=True)
+    train(TrainConfig(student={'factory': 'tests.factories:tiny_mlp'}, epochs=1), Sources(cache, allow_code=True), run, final_eval=False)
     args = [*DARKSTORE, "export", str(run), "--format", "safetensors", "--format", "onnx"]
     r = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 2 and "--allow-code" in r.stderr and "Traceback" not in r.stderr

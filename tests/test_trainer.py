@@ -13,7 +13,7 @@ from darkstore.transfer import open_transfer_set
 from darkstore.models import ModelSpec, build_model
 from storage import StoreWriter, open_store
 from storage.errors import IncompleteStoreError, TransferSetMismatchError
-from student_trainer.train import TrainConfig, train
+from student_trainer.train import Sources, TrainConfig, train
 from teacher_service.generate import generate
 
 from .conftest import DARKSTORE, MEMBERS, cli_env, job, make_arrays, make_ensemble
@@ -29,10 +29,10 @@ def store(tmp_path, ensemble, arrays):
 def test_mismatched_transfer_set_is_refused(tmp_path, store):
     other = make_arrays(tmp_path / "other.npz", n=300, seed=99)  # same size, other samples
     with pytest.raises(TransferSetMismatchError, match="fingerprint"):
-        train(TrainConfig(student=STUDENT, epochs=1), store, tmp_path / "run", data=open_transfer_set(other))
+        train(TrainConfig(student=STUDENT, epochs=1), Sources(store, data=open_transfer_set(other)), tmp_path / 'run')
     smaller = make_arrays(tmp_path / "small.npz", n=200)
     with pytest.raises(TransferSetMismatchError, match="200 samples"):
-        train(TrainConfig(student=STUDENT, epochs=1), store, tmp_path / "run", data=open_transfer_set(smaller))
+        train(TrainConfig(student=STUDENT, epochs=1), Sources(store, data=open_transfer_set(smaller)), tmp_path / 'run')
 
 
 def test_an_eval_store_of_the_training_inputs_or_of_other_teachers_is_warned_about(tmp_path, ensemble, store):
@@ -43,7 +43,7 @@ def test_an_eval_store_of_the_training_inputs_or_of_other_teachers_is_warned_abo
     said = {}
     for name, ev in (("itself", store), ("held out", same_teachers), ("other teachers", other_teachers)):
         lines: list[str] = []
-        train(TrainConfig(student=STUDENT, epochs=1), store, tmp_path / name, eval_store=ev, log=lines.append)
+        train(TrainConfig(student=STUDENT, epochs=1), Sources(store, eval_store=ev), tmp_path / name, log=lines.append)
         said[name] = [ln for ln in lines if ln.startswith("warning")]
     assert len(said["itself"]) == 1 and "training store's own transfer set" in said["itself"][0]
     assert said["held out"] == []
@@ -60,8 +60,7 @@ def test_incomplete_store_needs_explicit_consent(tmp_path, ensemble, arrays):
     run_chunks(p, w, [0, 1])
     with pytest.raises(IncompleteStoreError):
         train(TrainConfig(student=STUDENT, epochs=1), tmp_path / "part", tmp_path / "run")
-    r = train(TrainConfig(student=STUDENT, epochs=1, holdout=0.25), tmp_path / "part", tmp_path / "run",
-              allow_incomplete=True)
+    r = train(TrainConfig(student=STUDENT, epochs=1, holdout=0.25), Sources(tmp_path / 'part', allow_incomplete=True), tmp_path / 'run')
     assert r.final["rows"] == 32  # a quarter of the 128 committed rows
 
 
