@@ -34,8 +34,8 @@ def student_kind(meta: StoreMeta) -> StudentKind:
 
 
 def run_kind(summary: dict[str, Any]) -> StudentKind:
-    """The kind of a run from its ``summary.json`` (a run written before summaries named it: a language model's
-    said ``modality: tokens``, a class student's nothing)."""
+    """The kind of a run from its ``summary.json`` (runs written before summaries named their kind: a language
+    model's gave it as its modality, a class student's nothing)."""
     name = summary.get("kind") or (Tokens.name if summary.get("modality") == "tokens" else Classes.name)
     return STUDENTS[name]
 
