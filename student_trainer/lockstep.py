@@ -30,19 +30,21 @@ def train_group(group: list[Recipe], on_step: Callable[[int], None] | None,
             if dist.on and i >= budget:
                 break
             b = b.to(lead.device)
+            settled = []  # stepped on this batch already: one by one from the next
             for stk in list(stacked):
-                if not stk.try_step(b):
+                if not stk.try_step(b):  # cannot stack: its students step on this batch below
                     stacked.remove(stk)
                     alone += stk.members
                     continue
                 stk.after_step(epoch)
                 if stk.settled_alone:  # an AutoStack timed one by one as faster here
                     stacked.remove(stk)
-                    alone += stk.members
+                    settled += stk.members
             for r in alone:
                 with r.own_rng():
                     r.step(b)
                 r.after_step(epoch)
+            alone += settled
             if on_step:
                 on_step(lead.steps_done)
         for stk in stacked:

@@ -240,9 +240,22 @@ def test_students_of_one_architecture_step_as_one_stacked_model(tmp_path, cache)
                 assert h_s[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (i, k)
 
 
-def test_auto_stacking_times_both_ways_keeps_one_and_reaches_the_same_weights(tmp_path, cache):
+@pytest.mark.parametrize("faster", ["stacked", "one by one"])
+def test_auto_stacking_times_both_ways_keeps_one_and_reaches_the_same_weights(faster, tmp_path, cache, monkeypatch):
     """stack="auto" (a sweep's default): the first steps stacked, then one by one, then the faster way; the
-    students end within float rounding of training alone, and their summaries say which way they ended."""
+    students end within float rounding of training alone, and their summaries say which way they ended. Which
+    way is faster is forced here (a loaded machine's timings go either way): students that settle one by one
+    take the deciding batch once, not twice."""
+    from student_trainer.stack import AutoStack
+
+    decide = AutoStack._decide
+
+    def timed(self):
+        stacked, alone = ([1.0], [2.0]) if faster == "stacked" else ([2.0], [1.0])
+        self.times.update({"trial-stacked": stacked, "trial-alone": alone})
+        decide(self)
+
+    monkeypatch.setattr(AutoStack, "_decide", timed)
     cfgs = [c.model_copy(update={"checkpoint_every": 0}) for c in stack_configs()]  # no flush of the sums
     for i, c in enumerate(cfgs):
         train(c, cache, tmp_path / f"alone{i}")
@@ -253,6 +266,7 @@ def test_auto_stacking_times_both_ways_keeps_one_and_reaches_the_same_weights(tm
         verdict = [m for who, m in said if who == f"auto{i}" and m.startswith("timed 4 students: ")]
         assert len(verdict) == 1 and " ms a step stacked, " in verdict[0], said
         stepped_alone = verdict[0].endswith("they step one by one from here")
+        assert stepped_alone == (faster == "one by one")
         assert json.loads((tmp_path / f"auto{i}" / "summary.json").read_text())["stacked_with"] == \
             (0 if stepped_alone else 3)
         close(weights(tmp_path / f"alone{i}"), weights(tmp_path / f"auto{i}"), atol=1e-6)
