@@ -277,7 +277,7 @@ def specialists_train(
     from darkstore.specfile import load_spec_file
     from storage import open_store
     from student_trainer.specialists import correct_dustbin, derive_store, ensemble_doc, init_weights
-    from student_trainer.train import TrainConfig, train as run_train
+    from student_trainer.train import Sources, TrainConfig, train as run_train
 
     doc = load_spec_file(plan)
     gen = open_store(doc["generalist_store"])
@@ -305,7 +305,7 @@ def specialists_train(
         console.print(f"{name}: {len(classes)} classes + dustbin, {store.meta.num_rows} rows "
                       f"({rec.subset_fraction:.1%} of the generalist's rows are its classes, repeated {rec.repeat}x)",
                       highlight=False)
-        r = run_train(cfg, store, out_ / "runs" / name, resume=True, allow_code=allow_code,
+        r = run_train(cfg, Sources(store, allow_code=allow_code), out_ / "runs" / name, resume=True,
                       log=lambda m, name=name: console.print(f"{name}: {m}", highlight=False))
         weights = correct_dustbin(spec, out_ / "runs" / name / "student.safetensors", rec.repeat,
                                   out_ / f"{name}.safetensors", allow_code=allow_code)
