@@ -78,6 +78,15 @@ def settings_options(model: Any, skip: Sequence[str] = (), **changed: dict[str, 
     return wrap
 
 
+def given_settings(ctx: typer.Context, model: Any) -> dict[str, Any]:
+    """The options of ``model``'s fields given on the command line (not left at their defaults)."""
+    def given(name: str) -> bool:  # typer may vendor its own click: compare the source by name
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return {name: ctx.params[name] for name in model.model_fields if name in ctx.params and given(name)}
+
+
 console = Console(stderr=True, soft_wrap=True)  # messages stay one greppable line
 
 

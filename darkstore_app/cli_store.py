@@ -13,25 +13,22 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 from .cli_common import (
-    _again, app, _Command, console, _fingerprints, _Group, _human, Interrupted, out, _progress, _task, Verify,
-    VerifyData,
+    _again, app, _Command, console, _fingerprints, given_settings, _Group, _human, Interrupted, out, _progress,
+    settings_options, _task, Verify, VerifyData,
 )
+from darkstore.jobsettings import JobSettings
 
 
 
 # --- generate ---------------------------------------------------------------------
 @app.command(cls=_Command)
+@settings_options(JobSettings, specialist_top_n={"names": ("--top-n",)})
 def generate(
+    ctx: typer.Context,
     out_: Annotated[str, typer.Option("--out", help="store to create or resume: a directory, file:///…, s3://bucket/prefix")],
     teachers: Annotated[Optional[Path], typer.Option(help="ensemble spec (YAML/JSON)")] = None,
     data: Annotated[Optional[str], typer.Option(help="transfer set: spec file (YAML/JSON), .npz/.npy, or image folder")] = None,
     job: Annotated[Optional[Path], typer.Option(help="a whole job spec file instead of --teachers/--data/options")] = None,
-    combine: Annotated[str, typer.Option(help="geometric | arithmetic | specialists (a generalist and the "
-                                         "specialists the ensemble file names, Hinton et al.'s combination)")] = "geometric",
-    temperature: Annotated[float, typer.Option(help="generation temperature (used by arithmetic)")] = 1.0,
-    top_n: Annotated[int, typer.Option(help="with --combine specialists: a row's specialists are those whose classes "
-                                       "meet the generalist's top N")] = 1,
-    keep_members: Annotated[bool, typer.Option("--keep-members", help="also store each teacher's logits", metavar="")] = False,
     targets: Annotated[Optional[str], typer.Option(help="dense (default: every class) | topk:K (the K largest values "
                                                    "and the tail's mass) | sampled:K[@T] (K classes drawn per row)")] = None,
     keep_features: Annotated[Optional[list[str]], typer.Option(
@@ -41,21 +38,14 @@ def generate(
                                                         "[C, P, P]")] = None,
     feature_project: Annotated[Optional[int], typer.Option(help="then project each kept layer to D dimensions "
                                                            "(a fixed seeded Gaussian matrix)")] = None,
-    dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
-    compressor: Annotated[str, typer.Option(help="zstd | blosc | none")] = "zstd",
-    chunk_rows: Annotated[Optional[int], typer.Option(help="rows per chunk: the unit of work and commit (default: 1,024 "
-                                                      "rows of classes; token rows of about 65,536 positions)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="rows per forward pass (default: 256 rows of classes; "
                                                       "token rows of about 8,192 positions)")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader processes decoding inputs (default: none for "
                                                        "arrays files, else up to 8; half the cores on the CPU)")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
-    precision: Annotated[str, typer.Option(help="teacher forward precision: float32 | bfloat16 | float16 (autocast)")] = "float32",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="run conv teachers in channels-last memory format", metavar="")] = False,
     writer_processes: Annotated[Optional[bool], typer.Option("--writer-processes/--writer-threads", help="store writes in "
                                                              "forked processes or threads (default: processes on CUDA)", metavar="")] = None,
-    row_order: Annotated[Optional[str], typer.Option(help="shuffled (default: samples in a seeded random order, so "
-                                                     "class-sorted data streams well-mixed) | natural")] = None,
     allow_code: Annotated[bool, typer.Option("--allow-code", help="allow TorchScript/export files and module:function factories", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store of another job at --out", metavar="")] = False,
     views: Annotated[Optional[int], typer.Option(help="K recorded views per sample (needs --augment)")] = None,
@@ -67,16 +57,15 @@ def generate(
     wait: Annotated[float, typer.Option(help="--shard I/N with I > 0: seconds to wait for shard 0 to create the "
                                         "store")] = 600.0,
     verify_data: VerifyData = Verify.quick,
+    **settings,  # the job's settings, one option each (JobSettings' fields): a --job file's, unless given here
 ):
     """Run the teacher ensemble over the transfer set into a chunked Zarr store (resumable)."""
     from teacher_service.generate import Shard
 
     part = Shard.parse(shard) if shard is not None else None
-    spec = _job_spec(job, teachers, data, {
-        "combine": combine, "temperature": temperature, "dtype": dtype, "compressor": compressor,
-        "chunk_rows": chunk_rows, "keep_members": keep_members, "precision": precision, "specialist_top_n": top_n,
-    }, augment=augment, views=views, row_order=row_order, targets=targets, keep_features=keep_features,
-        feature_pool=feature_pool, feature_project=feature_project)
+    spec = _job_spec(job, teachers, data, given_settings(ctx, JobSettings) if job else settings, augment=augment,
+                     views=views, targets=targets, keep_features=keep_features, feature_pool=feature_pool,
+                     feature_project=feature_project)
     _run_job(spec, out_, part, verify_data, device=device, batch_size=batch_size, num_workers=num_workers,
              allow_code=allow_code, overwrite=overwrite, channels_last=channels_last, wait=wait,
              writer_processes=writer_processes)
@@ -140,25 +129,25 @@ class _GenerationProgress:
                           highlight=False)
 
 
-def _job_spec(job: Optional[Path], teachers: Optional[Path], data: Optional[str], options: dict, *,
-              augment: Optional[str], views: Optional[int], row_order: Optional[str], targets: Optional[str],
+def _job_spec(job: Optional[Path], teachers: Optional[Path], data: Optional[str], settings: dict, *,
+              augment: Optional[str], views: Optional[int], targets: Optional[str],
               keep_features: Optional[list[str]], feature_pool: Optional[int], feature_project: Optional[int]):
-    """The job `generate` runs: a job file, or --teachers/--data with the options; then the options that
-    refine either (views, row order, targets, kept features)."""
+    """The job `generate` runs: a job file with the settings given on the command line over its own, or
+    --teachers/--data with the settings; then the options that refine either (views, targets, kept features)."""
     from darkstore.data import parse_data_spec
     from teacher_service.spec import EnsembleSpec, JobSpec
 
     if job is not None:
         spec = JobSpec.from_file(job)
+        if settings:
+            spec = JobSpec.model_validate({**spec.model_dump(), **settings})
     else:
         if teachers is None or data is None:
             raise typer.BadParameter("give --teachers and --data, or --job")
         spec = JobSpec.model_validate({"teachers": EnsembleSpec.from_file(teachers), "data": parse_data_spec(data),
-                                       **options})
+                                       **settings})
     if augment is not None or views is not None:
         spec = spec.model_copy(update={"augment": _augment_spec(augment, views, spec.augment)})
-    if row_order is not None:
-        spec = JobSpec.model_validate({**spec.model_dump(), "row_order": row_order})
     if targets is not None:
         spec = JobSpec.model_validate({**spec.model_dump(), "targets": targets})
     if keep_features:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .cli_common import (
     _again, app, _cache, _client, _Command, console, _data_root, _fingerprints, _human, Interrupted, _job_line,
-    _json_option, out, _pct, _progress, _task, Track, Verify, VerifyData, settings_options,
+    _json_option, out, _pct, _progress, _task, Track, Verify, VerifyData, settings_options, given_settings,
 )
 from .cli_store import _run_job
 
@@ -188,14 +188,8 @@ def _train_config(ctx: typer.Context, doc: dict, student, store: str):
     from student_trainer.config import TrainConfig
     from student_trainer.kinds import store_temperature
 
-    def given(name: str) -> bool:  # typer may vendor its own click: compare the source by name
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-    values = dict(doc)
-    for name in TrainConfig.model_fields:
-        if name in ctx.params and (name not in values or given(name)):
-            values[name] = ctx.params[name]
+    values = {**{n: v for n, v in ctx.params.items() if n in TrainConfig.model_fields}, **doc,
+              **given_settings(ctx, TrainConfig)}
     if values.get("temperature") is None:
         values["temperature"] = store_temperature(store) or 4.0
     return TrainConfig.model_validate({**values, "student": student})

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from darkstore.jobsettings import Combine, Compressor, Dtype
+
 from .forms import TargetsRecord
 from .kinds import Kind, kind_of
 
@@ -29,9 +31,6 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ATTR_KEY = "darkstore"
 
-Dtype = Literal["float16", "float32"]
-Compressor = Literal["zstd", "blosc", "none"]
-Combine = Literal["geometric", "arithmetic", "specialists"]
 
 
 class TeacherRecord(BaseModel):

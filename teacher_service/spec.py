@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -14,8 +14,9 @@ from darkstore.models import ModelSpec
 from darkstore.specfile import load_spec_file
 from darkstore.views import AugmentSpec
 from darkstore.errors import SpecError
+from darkstore.jobsettings import JobSettings
 from storage.kinds import kind_for_data
-from storage.schema import Combine, Compressor, Dtype, FeatureRecord, TargetsRecord
+from storage.schema import FeatureRecord, TargetsRecord
 
 
 class EnsembleSpec(BaseModel):
@@ -83,21 +84,12 @@ class EnsembleSpec(BaseModel):
         return self.model_copy(update={"members": [m.rebased(base) for m in self.members]})
 
 
-class JobSpec(BaseModel):
-    """One generation job: teachers over a transfer set, with the store's options."""
+class JobSpec(JobSettings):
+    """One generation job: teachers over a transfer set, with the settings of :class:`JobSettings`."""
 
     model_config = ConfigDict(extra="forbid")
     teachers: EnsembleSpec
     data: DataSpec
-    combine: Combine = "geometric"
-    temperature: float = Field(1.0, gt=0, le=100, description="generation temperature (matters for arithmetic)")
-    dtype: Dtype = "float16"
-    compressor: Compressor = "zstd"
-    chunk_rows: int | None = Field(None, ge=1, le=1 << 20, description="rows per chunk, the unit of work and commit "
-                                   "(default: 1,024 rows of classes; token rows of about 65,536 positions)")
-    keep_members: bool = False
-    precision: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="teacher forward precision (autocast); part of the job's identity")
     augment: AugmentSpec | None = Field(
         None, description="K recorded views per sample (row = (sample, view)); see darkstore.views")
     targets: TargetsRecord = Field(
@@ -108,12 +100,6 @@ class JobSpec(BaseModel):
         default_factory=list, description="teacher layers to keep per row (FitNets' hints): 'TEACHER:LAYER' or "
         "{teacher, layer, pool, project, seed}; pool averages a [C, H, W] output to [C, pool, pool], project maps "
         "it to that many dimensions with a fixed seeded Gaussian matrix")
-    specialist_top_n: int = Field(1, ge=1, description="combine specialists: a row's specialists are those whose "
-                                  "classes meet the generalist's top n classes")
-    row_order: Literal["shuffled", "natural"] = Field(
-        "shuffled", description="shuffled (default): samples are stored in a seeded random order, so a store made "
-        "from a class-sorted set (an image folder) streams well-mixed batches; natural: transfer-set order. Not "
-        "part of the job's identity: both orders hold the same targets for every sample")
 
     @model_validator(mode="after")
     def _rows(self) -> "JobSpec":

@@ -118,6 +118,19 @@ def test_killed_generation_resumes_to_identical_store(tmp_path):
     assert open_store(killed).complete
 
 
+def test_options_given_with_a_job_file_win_over_its_settings(tmp_path, ensemble, arrays):
+    """`generate --job FILE` keeps the file's settings, except those given on the command line."""
+    doc = {"teachers": str(ensemble), "data": str(arrays), "combine": "arithmetic", "temperature": 2.0,
+           "chunk_rows": 100, "row_order": "natural"}
+    (tmp_path / "job.yaml").write_text(json.dumps(doc))
+    r = subprocess.run([*DARKSTORE, "generate", "--job", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "s"),
+                        "--dtype", "float32", "--chunk-rows", "64"], env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = open_store(tmp_path / "s").meta
+    assert (meta.dtype, meta.chunk_rows) == ("float32", 64)  # given here
+    assert (meta.combine, meta.temperature, meta.row_order) == ("arithmetic", 2.0, "natural")  # the file's
+
+
 # --- bad inputs: clear errors, nothing marked complete --------------------------------
 def _no_complete_store(path: Path) -> None:
     if path.exists():
