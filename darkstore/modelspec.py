@@ -71,12 +71,44 @@ class Preprocess(BaseModel):
         return self
 
 
+class EngineSpec(BaseModel):
+    """A teacher served by an inference engine: a running vLLM server's OpenAI-compatible API. darkstore sends it
+    token ids, never text, and asks for the top-K log-probabilities of every position of the prompt
+    (``prompt_logprobs``). See the engines page of the docs."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["vllm"] = Field("vllm", description="the engine: vllm (its OpenAI-compatible server)")
+    url: str = Field(description="the server's address, e.g. http://gpu-node:8000 (with or without /v1)")
+    model: str | None = Field(None, description="the served model's name (--served-model-name); default: the "
+                              "server's one model")
+    api_key_env: str | None = Field(None, description="the environment variable holding the server's API key "
+                                    "(--api-key); the key itself never goes in a job file")
+    max_in_flight: int = Field(8, ge=1, le=1024, description="requests this process keeps open at once")
+    rows_per_request: int = Field(4, ge=1, le=1024, description="rows (prompts) sent in one request")
+    timeout_s: float = Field(300.0, gt=0, description="one request's time limit, in seconds")
+    retry_for_s: float = Field(600.0, ge=0, description="how long a failing request (connection lost, 5xx, "
+                               "429) is retried before the job stops: a restarting server costs only time")
+    reference_rows: int = Field(4, ge=0, description="rows of the job's first chunk scored again by the same "
+                                "model through transformers (the member's weights: a local directory) and "
+                                "compared; 0: no comparison")
+    max_kl: float = Field(0.05, gt=0, description="the largest mean KL per token (nats) between the engine and "
+                          "the reference before the job stops")
+
+    @model_validator(mode="after")
+    def _url(self) -> "EngineSpec":
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"engine url {self.url!r}: give http://HOST:PORT or https://HOST:PORT")
+        return self
+
+
 class ModelSpec(BaseModel):
     """A teacher (ensemble member) or a student.
 
     Either ``arch`` (+ optional ``weights``), a causal language model saved by ``transformers`` (``format:
-    transformers`` with ``weights`` its local directory), or a code-carrying source: ``format:
-    torchscript|export`` with ``weights``, or ``factory: module:function``.
+    transformers`` with ``weights`` its local directory), a code-carrying source: ``format:
+    torchscript|export`` with ``weights``, or ``factory: module:function``; or, for a language-model teacher,
+    an ``engine`` serving it (``weights`` then optional: the same model's local directory, the reference the
+    engine is checked against).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -91,6 +123,10 @@ class ModelSpec(BaseModel):
     tokenizer: str | None = Field(
         None, description="language models: the tokenizer the model was trained with (a local directory or "
         "tokenizer.json), checked against the transfer set's; a transformers directory's own by default")
+    engine: EngineSpec | None = Field(
+        None, description="language-model teachers: an inference engine serving the model (a vLLM server: url, "
+        "model, api_key_env); weights, if given, are the same model's local transformers directory, the "
+        "reference the engine's first rows are checked against")
     key_map: dict[str, str] = Field(
         default_factory=dict, description="rename weight keys before loading, by prefix: {'module.': ''} drops DDP's "
         "prefix; {'0.': 'net.1.', '2.': 'net.3.'} loads a plain nn.Sequential MLP into the built-in mlp. The longest "
@@ -98,13 +134,23 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
+        if self.engine is not None:
+            return self._check_engine()
         sources = sum([self.arch is not None, self.factory is not None,
                        self.format in (*CODE_FORMATS, "transformers")])
         if sources != 1:
             raise ValueError("give exactly one of: arch, factory, or format torchscript/export/transformers with "
-                             "weights")
+                             "weights, or an engine")
         if self.format in (*CODE_FORMATS, "transformers") and not self.weights:
             raise ValueError(f"format {self.format} needs weights: the file to load")
+        return self
+
+    def _check_engine(self) -> "ModelSpec":
+        if self.arch is not None or self.factory is not None or self.format in CODE_FORMATS:
+            raise ValueError("an engine teacher takes no arch, factory or code format: the engine runs the model "
+                             "(weights, if given, are its local transformers directory: the reference)")
+        if self.weights and self.format == "auto":
+            self.format = "transformers"
         return self
 
     @classmethod
@@ -123,6 +169,8 @@ class ModelSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        return self.name or self.arch or self.factory or Path(self.weights or "model").stem
+        if self.name or self.arch or self.factory:
+            return self.name or self.arch or self.factory  # type: ignore[return-value]
+        return self.engine.kind if self.engine and not self.weights else Path(self.weights or "model").stem
 
 

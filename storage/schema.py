@@ -171,6 +171,28 @@ class SequenceRecord(BaseModel):
                                 "ensemble's cover all")
 
 
+class EngineMemberRecord(BaseModel):
+    """One ensemble member served by an inference engine, as the engine reported itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the ensemble member")
+    engine: str = Field(description="the engine and its version, e.g. vllm 0.32.0")
+    model: str = Field(description="the served model's name")
+    root: str | None = Field(None, description="what the engine loaded: its model path or hub name")
+    max_model_len: int | None = Field(None, description="the longest prompt and answer the server takes")
+
+
+class EngineRecord(BaseModel):
+    """A store whose teachers are served by inference engines: their values are normalised log-probabilities
+    at T = 1 (not logits), K per position, the tail's mass ``log1p(-Σp)`` of what was returned."""
+
+    model_config = ConfigDict(extra="forbid")
+    values: Literal["logprobs"] = "logprobs"
+    members: list[EngineMemberRecord] = Field(min_length=1)
+    tail_floor: float = Field(description="log of the smallest tail mass the engine's float32 values resolve "
+                              "(K · 2^-24); a tail below it is stored at it and counted in engine_counts")
+
+
 class SpecialistRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the ensemble member")
@@ -242,6 +264,8 @@ class StoreMeta(BaseModel):
                                                      "train one specialist (None: a teachers' store)")
     sequence: SequenceRecord | None = Field(None, description="rows are token sequences: their length, tokenizer "
                                             "and packing (None: rows are samples of classes)")
+    engine: EngineRecord | None = Field(None, description="teachers served by inference engines: the values "
+                                        "are their log-probabilities (None: the teachers ran in darkstore)")
 
     @property
     def item_bytes(self) -> int:
@@ -264,7 +288,12 @@ class StoreMeta(BaseModel):
     def values(self) -> str:
         """What the stored target values are, in words: the geometric mean keeps mean logits (softmax(ℓ / T)
         is the ensemble at every T); the arithmetic mean keeps T_gen × the log of the mean probability at
-        T_gen; specialists keep log-probabilities at T = 1. All centred: each row's (position's) largest is 0."""
+        T_gen; specialists keep log-probabilities at T = 1; engines' log-probabilities are kept as they come
+        (their geometric mean is the members' mean logits up to a constant). All centred: each row's
+        (position's) largest is 0."""
+        if self.engine is not None:
+            return ("log-probabilities at T=1 from the engine" if self.num_members == 1 else
+                    f"log-probabilities at T=1 from the engines ({self.combine} mean)")
         return {"geometric": "logits (the members' mean)",
                 "arithmetic": f"log-probabilities × T at T={self.temperature:g} (log of the members' mean)",
                 "specialists": "log-probabilities at T=1"}[self.combine]

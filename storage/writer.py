@@ -106,7 +106,8 @@ class StoreWriter:
 
     # -- writing --------------------------------------------------------------
     def write_chunk(self, i: int, *, stats: np.ndarray | None = None, nll: np.ndarray | None = None,
-                    teacher_positions: int | None = None, **fields: np.ndarray | None) -> None:
+                    teacher_positions: int | None = None, engine_counts: np.ndarray | None = None,
+                    reference_kl: np.ndarray | None = None, **fields: np.ndarray | None) -> None:
         """Write chunk ``i`` whole and commit it: one array per row field the store declares (``logits``,
         ``labels``, ``index``, and ``members``/``view_params`` where present), shaped as that field's rows of
         this chunk. Target fields (logits, members) come row-centred in float32/float64 and are refused when
@@ -128,6 +129,10 @@ class StoreWriter:
             a["nll"][i] = np.asarray(nll, dtype=np.float64)
         if teacher_positions is not None:
             a["teacher_positions"][i] = teacher_positions
+        if engine_counts is not None:
+            a["engine_counts"][i] = np.asarray(engine_counts, dtype=np.int64)
+        if reference_kl is not None:
+            a["reference_kl"][i] = np.asarray(reference_kl, dtype=np.float64)
         if self.meta.checksums is not None:  # schema 2: what was written, before the commit mark
             a["checksums"][i] = np.array([checksum(values[n]) for n in self.meta.checksums], dtype=np.uint32)
         a["done"][i] = 1  # the commit mark, strictly last

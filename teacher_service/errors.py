@@ -21,4 +21,23 @@ class CheckerFailedError(DarkstoreError, RuntimeError):
     """The submit-time checker process died of something other than the job (a server fault: 500)."""
 
 
-__all__ = ["CheckerFailedError", "CheckersBusyError", "LimitExceededError"]
+
+
+class EngineUnavailableError(DarkstoreError, ConnectionError):
+    """An inference engine did not answer (connection lost, 5xx, 429) for longer than its ``retry_for_s``."""
+
+
+class EngineRefusedError(DarkstoreError, ValueError):
+    """An inference engine cannot serve the job as asked (a server setting, its model, its tokenizer)."""
+
+
+class EngineAnswerError(DarkstoreError, ValueError):
+    """An inference engine's answer is not what was asked for (shape, token ids, values): never stored."""
+
+
+class EngineMismatchError(DarkstoreError, ValueError):
+    """An engine's log-probabilities differ from the same model run through transformers by more than allowed."""
+
+
+__all__ = ["CheckerFailedError", "CheckersBusyError", "EngineAnswerError", "EngineMismatchError", "EngineRefusedError",
+           "EngineUnavailableError", "LimitExceededError"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from storage.errors import NonFiniteLogitsError
 from storage.schema import FeatureRecord, SpecialistRecord, SpecialistsRecord, TargetsRecord
 from teacher_service.errors import LimitExceededError
 
+from .engines.vllm import VllmServer, engine_digest
 from .features import FeatureTaps
 from .spec import EnsembleSpec, JobSpec
 
@@ -172,6 +174,8 @@ class PreparedJob:
     meta: StoreMeta
     device: torch.device
     channels_last: bool = False
+    roots: Sequence[str | Path] | None = None  # where the job's paths may lie (engines' reference weights)
+    allow_code: bool = False
 
     @property
     def ensemble(self) -> Ensemble:
@@ -257,6 +261,13 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
     """The job key without loading any model: weight files are hashed, the data fingerprinted."""
     hashes = []
     for m in spec.teachers.members:
+        if m.engine is not None and m.weights is None:
+            server = VllmServer.connect(m, dict(os.environ))
+            try:
+                hashes.append(engine_digest(m, server.describe(), roots))
+            finally:
+                server.close()
+            continue
         if m.weights is None:
             hashes.append(None)
             continue

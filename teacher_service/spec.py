@@ -159,12 +159,13 @@ class JobSpec(JobSettings):
         return self.model_copy(update={"teachers": self.teachers.rebased(base), "data": _rebase(self.data, base)})
 
     def identity(self, weight_hashes: Sequence[str | None], data_fingerprint: str) -> dict[str, Any]:
-        """What makes two jobs the same: teachers by weight hash (not path, not name),
-        data by content fingerprint, and the options."""
+        """What makes two jobs the same: teachers by weight hash (not path, not name; an engine's by its local
+        weights, else by the model it reports), data by content fingerprint, and the options."""
         return {
             "teachers": [
                 {**m.model_dump(include={"arch", "arch_kwargs", "num_classes", "factory", "preprocess"}),
-                 "format": m.format, "sha256": h, **({"key_map": m.key_map} if m.key_map else {})}
+                 "format": m.format, "sha256": h, **({"key_map": m.key_map} if m.key_map else {}),
+                 **({"engine": m.engine.kind} if m.engine else {})}
                 for m, h in zip(self.teachers.members, weight_hashes)
             ],
             "num_classes": self.teachers.num_classes,

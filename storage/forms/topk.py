@@ -117,15 +117,23 @@ class TopK(Form):
 
         seq = meta.kind.ascending_ids
         head, idx = top_k(ell, meta.targets.k) if seq else ell.topk(meta.targets.k, dim=-1)
-        tail = tail_lse(ell, head, idx, log_z)
+        return self.encode_kept(head, idx, tail_lse(ell, head, idx, log_z), meta)
+
+    def encode_kept(self, head, idx, tail, meta):
+        """The stored fields of K kept values ``head`` [..., K] (log space up to a shift per row) of classes
+        ``idx`` and the log-sum-exp of the rest, ``tail`` [...], in the same space: what :meth:`encode` stores
+        of a whole row, and what an engine's top-K log-probabilities become."""
+        import torch
+
         hi = head.amax(-1, keepdim=True)  # the row's largest value: stored values are centred on it
         head, tail = head - hi, tail - hi[..., 0]
-        if seq:
+        if meta.kind.ascending_ids:
             idx, order = idx.sort(dim=-1)
             head = head.gather(-1, order)
         if meta.targets.quantised:
             head = torch.round(-head / meta.targets.step).clamp_(0, 255).to(torch.uint8)
-        return {"topk_logits": head, "topk_index": idx.to(torch.int32), "tail_lse": tail.float()}
+        return {"topk_logits": head.float() if head.is_floating_point() else head, "topk_index": idx.to(torch.int32),
+                "tail_lse": tail.float()}
 
     @staticmethod
     def head(parts, meta):

@@ -13,6 +13,10 @@ def _tokens(m) -> bool:
     return m.kind.name == Tokens.name
 
 
+def _engine(m) -> bool:
+    return m.kind.name == Tokens.name and m.engine is not None
+
+
 class Tokens(Kind):
     name = "tokens"
     unit = "tokens"
@@ -38,6 +42,16 @@ class Tokens(Kind):
                   per_row=False, compressed=False,
                   doc="per chunk: the positions with a loss that each teacher's own statistics (its top-1 count in "
                       "stats, its NLL) cover: one in teacher_stride (the sequence record)", when="token sequences"),
+        FieldSpec("engine_counts", ("chunk", "count"), lambda m: (m.n_chunks, 2), lambda m: "int64", 0, _engine,
+                  per_row=False, compressed=False,
+                  doc="per chunk: positions whose tail mass was below what the engine's float32 values resolve "
+                      "(stored at the floor), and kept entries of an engine ensemble that estimate a member's "
+                      "value (a token that member did not return)", when="engine teachers"),
+        FieldSpec("reference_kl", ("chunk", "member"), lambda m: (m.n_chunks, m.num_members), lambda m: "float64",
+                  np.nan, _engine, per_row=False, compressed=False,
+                  doc="per chunk: the mean KL per token (nats) from each engine member to the same model run "
+                      "through transformers on a few rows, where that chunk was checked (NaN: not checked)",
+                  when="engine teachers"),
     )
 
     def inputs(self, fields):

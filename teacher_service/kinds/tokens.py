@@ -9,6 +9,7 @@ the summed negative log-likelihoods of the labels (nll) for the ensemble and eac
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,9 +24,10 @@ from storage.fields import BY_NAME
 from storage.forms import form_of
 from storage.schema import SequenceRecord, TokenizerRecord
 
-from ..combine import combine
 from storage.kinds import Tokens
 
+from ..combine import combine
+from ..engines.run import connect_engines, run_engine_chunks, uses_engines
 from ..prepared import Cancelled, PreparedJob, check_param_budget, in_store_order, store_meta, targets_record
 from .base import TeacherKind
 
@@ -354,15 +356,31 @@ def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batc
 
 
 
+def prepare_engine_sequences(spec, data, *, roots, allow_code: bool, environ) -> PreparedJob:
+    """Engine teachers connected and checked against the text transfer set; the sequence store's metadata
+    with the engines' record (:mod:`teacher_service.engines`)."""
+    members, engine = connect_engines(spec, data, roots=roots, environ=environ)
+    meta = store_meta(spec, members, data, data.tokenizer.vocab_size, None, sequence=sequence_record(data),
+                      targets=targets_record(spec, data.tokenizer.vocab_size, "tokens"), engine=engine)
+    return PreparedJob(spec, members, data, meta, torch.device("cpu"), roots=roots, allow_code=allow_code)
+
+
 class TokenTeachers(TeacherKind):
     name = Tokens.name
 
     def prepare(self, spec, data, *, device, allow_code, roots, max_params, channels_last):
+        """Local teachers loaded onto ``device``, or engine members connected (their API keys read from this
+        process's environment, by the names the job gives)."""
+        if uses_engines(spec):
+            return prepare_engine_sequences(spec, data, roots=roots, allow_code=allow_code, environ=os.environ)
         return prepare_sequences(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
 
     def run(self, job, writer, chunks, *, batch_size, on_rows, on_chunk, should_stop, **options):
         """Token rows computed a slice of positions at a time (the DataLoader and writer options of classes do
-        not apply)."""
+        not apply), or requested from the job's engines."""
+        if writer.meta.engine is not None:
+            return run_engine_chunks(job, writer, chunks, on_rows=on_rows, on_chunk=on_chunk, should_stop=should_stop,
+                                     roots=job.roots, allow_code=job.allow_code)
         return run_sequence_chunks(job, writer, chunks, batch_size=batch_size, on_rows=on_rows, on_chunk=on_chunk,
                                    should_stop=should_stop)
 
