@@ -400,7 +400,9 @@ def inspect(
     for tr in s["teachers"]:
         a = kind.teacher_line(s, tr["name"])
         h = tr["sha256"][:16] + "…" if tr["sha256"] else "-"
-        t.add_row(f"teacher {tr['name']}", f"{tr['arch']} ({tr['format']}), {tr['num_params']:,} params, sha256 {h}{a}")
+        what = ("served by an engine" if tr["format"] == "engine" else
+                f"{tr['arch']} ({tr['format']}), {tr['num_params']:,} params")
+        t.add_row(f"teacher {tr['name']}", f"{what}, sha256 {h}{a}")
     if kind.ensemble_line(s):
         t.add_row(*kind.ensemble_line(s))
     t.add_row("job key", s["job_key"][:16] + "…")

@@ -292,6 +292,7 @@ class StoreReader:
             "sequence": m.kind.record(m),
             "perplexity": self.perplexity(),
             "values": m.values,
+            "engine": m.kind.engine_summary(self),
             "job_key": m.job_key,
             "created_at": m.created_at,
             "software_version": m.software_version,

@@ -36,11 +36,11 @@ from darkstore.errors import DarkstoreError, SpecError
 from darkstore.paths import children_skip_working_directory
 from darkstore.transfer import open_transfer_set
 from storage import StoreMeta
-from teacher_service.errors import CheckerFailedError, CheckersBusyError, LimitExceededError
+from teacher_service.errors import CheckerFailedError, CheckersBusyError, EngineRefusedError, LimitExceededError
 
 from .generate import prepare
 from .prepared import identify
-from .settings import Settings
+from .settings import Settings, engine_base
 from .spec import JobSpec
 
 _PRELOAD = ["torch", "torchvision", "teacher_service.generate", "teacher_service.jobs"]
@@ -61,6 +61,11 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
         vals = [v] if isinstance(v, int) else list(v)
         if any(x < 1 or x > side for x in vals):
             raise LimitExceededError(f"{what} {v} is outside 1..{side} pixels (DARKSTORE_MAX_INPUT_SIDE)")
+    for m in spec.teachers.members:
+        if m.engine is not None and engine_base(m.engine.url) not in settings.engine_urls:
+            raise EngineRefusedError(f"teacher {m.label!r}: this service calls no engine at {m.engine.url}; the "
+                                     f"operator lists the allowed servers in DARKSTORE_ENGINE_URLS "
+                                     f"({', '.join(settings.engine_urls) or 'none now'})")
 
 
 def admit(spec: JobSpec, settings: Settings, known: Callable[[str], bool] | None) -> tuple[str, StoreMeta | None]:

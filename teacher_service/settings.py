@@ -15,6 +15,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def engine_base(url: str) -> str:
+    """An engine server's address as compared: no trailing slash, no /v1."""
+    return url.strip().rstrip("/").removesuffix("/v1")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DARKSTORE_", extra="ignore", validate_default=True,
                                       env_ignore_empty=True)  # DARKSTORE_TOKEN= (empty) means no token
@@ -78,6 +83,9 @@ class Settings(BaseSettings):
     verify_data: Literal["quick", "full"] = Field("quick", description="quick: files unchanged since the manifest "
                                                   "keep their digest (a sample is re-read); full: hash every file "
                                                   "at every submit and task")
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="the inference-engine servers (vLLM) that jobs' engine members may call, "
+        "comma-separated base URLs (http://vllm:8000); empty: engine members are refused")
     mode: Literal["auto", "local", "celery"] = Field("auto", description="auto: celery when broker_url is set")
 
     @field_validator("data_roots", mode="before")
@@ -87,6 +95,13 @@ class Settings(BaseSettings):
             parts = str(v).replace(",", os.pathsep).split(os.pathsep)
             return [p.strip() for p in parts if p.strip()]
         return v
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, v):
+        if isinstance(v, str):
+            v = [p for p in v.split(",") if p.strip()]
+        return [engine_base(str(p)) for p in v]
 
     @field_validator("store_root")
     @classmethod

@@ -77,6 +77,10 @@ class Kind:
         """What is wrong with a committed chunk's fields as read (None: nothing the kind checks)."""
         return None
 
+    def engine_summary(self, reader: Any) -> dict[str, Any] | None:
+        """What the store's inference engines reported and how their answers fared (None: no engines)."""
+        return None
+
     def record(self, meta: "StoreMeta") -> dict[str, Any] | None:
         """The kind's record as ``inspect`` and the summary show it."""
         return None

@@ -118,6 +118,19 @@ class Tokens(Kind):
             return f"field tokens has ids beyond the tokenizer's {meta.num_classes}"
         return None
 
+    def engine_summary(self, reader):
+        """The engines' record, the committed chunks' counts of floored tails and estimated entries, and each
+        member's KL to its reference where a chunk was checked."""
+        meta = reader.meta
+        if meta.engine is None:
+            return None
+        counts = reader.group["engine_counts"][:][reader.done].sum(0)
+        kl = reader.group["reference_kl"][:][reader.done]
+        checked = kl[~np.isnan(kl).all(1)]
+        return {**meta.engine.model_dump(), "tail_floored": int(counts[0]), "head_estimated": int(counts[1]),
+                "reference_kl": {t.name: (None if np.isnan(checked[0, j]) else float(checked[0, j]))
+                                 if len(checked) else None for j, t in enumerate(meta.teachers)}}
+
     def record(self, meta):
         return meta.sequence.model_dump()
 
@@ -130,7 +143,23 @@ class Tokens(Kind):
                             f"row; values {values}; chunks of {s['chunk_rows']} rows, {s['compressor']}"),
                 ("sequences", f"{s['rows']:,} rows ({seq['packing']}), {seq['positions']:,} positions with a loss, "
                               f"from {human(seq['text_bytes'])} of text; tokenizer {tok['path']} "
-                              f"({tok['vocab_size']:,} tokens, fingerprint {tok['fingerprint'][:16]}…)")]
+                              f"({tok['vocab_size']:,} tokens, fingerprint {tok['fingerprint'][:16]}…)"),
+                *self._engine_lines(s.get("engine"))]
+
+    @staticmethod
+    def _engine_lines(e):
+        if not e:
+            return []
+        out = []
+        for m in e["members"]:
+            kl = e["reference_kl"].get(m["name"])
+            out.append((f"engine {m['name']}", f"{m['engine']} serving {m['model']} ({m['root'] or '?'}); "
+                        + ("not compared with local weights" if kl is None else
+                           f"KL {kl:.2g} nats/token to its weights through transformers")))
+        out.append(("engine answers", f"log-probabilities at T=1, not logits; {e['tail_floored']:,} positions with "
+                    f"the tail at the float32 floor (e^{e['tail_floor']:.1f}), {e['head_estimated']:,} kept "
+                    "entries estimated for a member that did not return them"))
+        return out
 
     def size_line(self, s, human):
         per = s["sequence"]["length"]

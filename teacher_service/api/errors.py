@@ -35,7 +35,7 @@ from storage.errors import (
     TransferSetMismatchError,
 )
 
-from ..errors import CheckerFailedError, CheckersBusyError, LimitExceededError
+from ..errors import CheckerFailedError, CheckersBusyError, EngineMismatchError, EngineRefusedError, LimitExceededError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ STATUS: list[tuple[type[Exception], int]] = [
     (TransferSetMismatchError, 422),
     (NonFiniteLogitsError, 422),
     (LimitExceededError, 422),
+    (EngineRefusedError, 422),  # an engine not allowed, or one that cannot serve the job as asked
+    (EngineMismatchError, 422),
     (StoreURLError, 422),
     (SchemaError, 409),
 ]
