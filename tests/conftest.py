@@ -187,3 +187,17 @@ def lm_kit(tmp_path_factory) -> dict:
         return path
 
     return {"root": root, "tokenizer": tok, "corpus": corpus, "members": members, "job": job}
+
+
+def pytest_collection_finish(session):
+    """The engine tests' vLLM server starts while the other tests run: its start-up takes about a minute."""
+    if any(item.nodeid.startswith("tests/test_engines.py") for item in session.items):
+        from .engines import Shared
+
+        Shared.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from .engines import Shared
+
+    Shared.stop()
