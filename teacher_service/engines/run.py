@@ -79,10 +79,7 @@ def uses_engines(spec) -> bool:
 
 def check_engine_job(spec) -> None:
     """Refuse what engines' answers cannot serve, one line each."""
-    t = spec.targets
-    if t.form != "topk":
-        raise SpecError(f"engine teachers return each position's top-K log-probabilities, not the whole "
-                        f"distribution: targets {t.form} cannot be made from them; ask for topk:K")
+    spec.targets.spec.check_from_engine(spec.targets)
     if spec.temperature != 1.0:
         raise SpecError(f"engine teachers give log-probabilities at T=1 and the store keeps them so (temperature "
                         f"{spec.temperature:g} asked): generate at 1 and train at any T (--temperature)")
