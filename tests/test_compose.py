@@ -82,6 +82,20 @@ def test_compose_file_is_valid_and_has_the_topology(config):
     assert "COPY constraints.txt" in dockerfile
 
 
+def test_the_vllm_profile_serves_a_teacher_the_workers_may_call():
+    r = compose("--profile", "vllm", "config")
+    assert r.returncode == 0, r.stderr
+    s = yaml.safe_load(r.stdout)["services"]
+    v = s["vllm"]
+    cmd = v["command"]
+    assert cmd[cmd.index("--max-logprobs") + 1] == "128" and cmd[cmd.index("--port") + 1] == "8000"
+    assert v["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert v["healthcheck"]["test"][0] == "CMD" and "/health" in v["healthcheck"]["test"][-1]
+    for name in ("api", "worker"):  # the service calls only the engines its operator lists: this one
+        assert s[name]["environment"]["DARKSTORE_ENGINE_URLS"] == "http://vllm:8000"
+    assert v["profiles"] == ["vllm"]  # started only with the profile
+
+
 def _spec_schema() -> dict:
     """The Compose specification's JSON schema as Debian's docker-compose ships it."""
     exe = need_tool("docker-compose")
@@ -95,6 +109,7 @@ def _spec_schema() -> dict:
 
 @pytest.mark.parametrize("files,profiles", [(["docker-compose.yml"], ["example"]),
                                             (["docker-compose.yml"], ["s3"]),
+                                            (["docker-compose.yml"], ["vllm"]),
                                             (["docker-compose.yml", "compose.trainer-gpu.yml"], [])])
 def test_rendered_compose_files_meet_the_compose_specification(files, profiles):
     """Each way the README starts the pipeline, rendered, validates against the Compose specification's schema;
