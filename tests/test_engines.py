@@ -258,5 +258,18 @@ def test_a_server_killed_mid_job_and_restarted_leaves_the_same_store(vllm, clean
     assert_same_store(tmp_path / "store", clean)
 
 
+def test_the_engines_page_shows_a_valid_job():
+    import re
+
+    from .conftest import ROOT
+
+    page = (ROOT / "docs" / "engines.md").read_text()
+    doc = yaml.safe_load(re.search(r"```yaml\n(.*?)```", page, re.S).group(1))
+    job = JobSpec.model_validate(doc)
+    m = job.teachers.members[0]
+    assert m.engine.url == "http://gpu-node-1:8000" and m.engine.api_key_env == "VLLM_API_KEY"
+    assert m.format == "transformers" and job.targets.k == 32
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
