@@ -77,8 +77,14 @@ class EngineSpec(BaseModel):
     (``prompt_logprobs``). See the engines page of the docs."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["vllm"] = Field("vllm", description="the engine: vllm (its OpenAI-compatible server)")
-    url: str = Field(description="the server's address, e.g. http://gpu-node:8000 (with or without /v1)")
+    kind: Literal["vllm"] = Field("vllm", description="the engine: vllm (its OpenAI-compatible server, or vllm.LLM "
+                                  "in this process)")
+    url: str | None = Field(None, description="a running server's address, e.g. http://gpu-node:8000 (with or "
+                            "without /v1)")
+    engine_args: dict[str, Any] | None = Field(
+        None, description="instead of url: the engine in this process, vllm.LLM(**engine_args) (model, "
+        "tensor_parallel_size, dtype, max_logprobs, max_model_len, ...), for a process that owns its GPUs; "
+        "needs vllm installed beside darkstore")
     model: str | None = Field(None, description="the served model's name (--served-model-name); default: the "
                               "server's one model")
     api_key_env: str | None = Field(None, description="the environment variable holding the server's API key "
@@ -96,8 +102,13 @@ class EngineSpec(BaseModel):
 
     @model_validator(mode="after")
     def _url(self) -> "EngineSpec":
-        if not self.url.startswith(("http://", "https://")):
+        if (self.url is None) == (self.engine_args is None):
+            raise ValueError("an engine takes url (a running server) or engine_args (vllm.LLM in this process), "
+                             "one of them")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"engine url {self.url!r}: give http://HOST:PORT or https://HOST:PORT")
+        if self.engine_args is not None and not self.engine_args.get("model"):
+            raise ValueError("engine_args needs model: the model's directory (or name) vllm.LLM loads")
         return self
 
 

@@ -62,6 +62,10 @@ def check_spec(spec: JobSpec, settings: Settings) -> None:
         if any(x < 1 or x > side for x in vals):
             raise LimitExceededError(f"{what} {v} is outside 1..{side} pixels (DARKSTORE_MAX_INPUT_SIDE)")
     for m in spec.teachers.members:
+        if m.engine is not None and m.engine.url is None:
+            raise EngineRefusedError(f"teacher {m.label!r}: the service runs no engine in its own processes "
+                                     "(engine_args); serve the model with vLLM and give its url, listed in "
+                                     "DARKSTORE_ENGINE_URLS")
         if m.engine is not None and engine_base(m.engine.url) not in settings.engine_urls:
             raise EngineRefusedError(f"teacher {m.label!r}: this service calls no engine at {m.engine.url}; the "
                                      f"operator lists the allowed servers in DARKSTORE_ENGINE_URLS "

@@ -261,6 +261,9 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
     """The job key without loading any model: weight files are hashed, the data fingerprinted."""
     hashes = []
     for m in spec.teachers.members:
+        if m.engine is not None and m.weights is None and m.engine.url is None:
+            hashes.append(engine_digest(m, None, roots))
+            continue
         if m.engine is not None and m.weights is None:
             server = VllmServer.connect(m, dict(os.environ))
             try:

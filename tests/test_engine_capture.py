@@ -91,3 +91,37 @@ def test_two_members_are_exact_where_both_returned_a_token_and_bounded_elsewhere
     np.testing.assert_allclose(c.label, truth[np.arange(N), labels], atol=1e-12)  # labels are always returned
     if rule == "arithmetic":  # the mean of normalised members: its mass is 1 whatever the estimates
         np.testing.assert_allclose(c.log_z, 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["geometric", "arithmetic"])
+def test_local_members_alone_combine_exactly(rule, labels):
+    """Local members give every token's value: their combination is the dense one, tail included."""
+    lps = [dense(4), dense(5)]
+    c = combine_members([], [], [], vocab=V, k=K, rule=rule, dense=lps,
+                        dense_labels=[x[np.arange(N), labels] for x in lps])
+    truth = (np.mean(lps, 0) if rule == "geometric" else logsumexp(np.stack(lps), axis=0) - math.log(2))
+    top = np.argsort(-truth, 1)[:, :K]
+    assert np.array_equal(np.sort(c.idx, 1), np.sort(top, 1)) and c.estimated == 0
+    np.testing.assert_allclose(c.head, np.take_along_axis(truth, c.idx, 1), atol=1e-12)
+    rest = truth.copy()
+    np.put_along_axis(rest, top, -np.inf, 1)
+    np.testing.assert_allclose(c.tail, logsumexp(rest, axis=1), atol=1e-9)
+    np.testing.assert_allclose(c.log_z, logsumexp(truth, axis=1), atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["geometric", "arithmetic"])
+def test_an_engine_beside_a_local_member_is_exact_on_what_both_know(rule, labels):
+    lp_engine, lp_local = dense(6), dense(7)
+    ids, top, lab = answer(lp_engine, labels)
+    c = combine_members([ids], [top], [lab], vocab=V, k=K, rule=rule, dense=[lp_local],
+                        dense_labels=[lp_local[np.arange(N), labels]])
+    truth = (np.mean([lp_engine, lp_local], 0) if rule == "geometric" else
+             logsumexp(np.stack([lp_engine, lp_local]), axis=0) - math.log(2))
+    returned = np.zeros((N, V), dtype=bool)
+    np.put_along_axis(returned, ids, True, 1)
+    exact = np.take_along_axis(returned, c.idx, 1)  # kept tokens the engine returned: every value known
+    assert exact.any() and c.estimated == int((~exact).sum())
+    np.testing.assert_allclose(c.head[exact], np.take_along_axis(truth, c.idx, 1)[exact], atol=1e-12)
+    np.testing.assert_allclose(c.label, truth[np.arange(N), labels], atol=1e-12)
+    if rule == "arithmetic":
+        np.testing.assert_allclose(c.log_z, 0.0, atol=1e-9)

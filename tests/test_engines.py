@@ -22,7 +22,7 @@ from teacher_service.generate import generate
 from teacher_service.spec import JobSpec
 
 from .conftest import DARKSTORE, cli_env
-from .engines import MAX_LOGPROBS, MAX_MODEL_LEN, SERVED, FaultProxy, Shared
+from .engines import MAX_LOGPROBS, MAX_MODEL_LEN, SERVED, VLLM_PYTHON, FaultProxy, Shared
 from .procs import Api, service_env
 
 K, LENGTH = 32, 32
@@ -133,6 +133,9 @@ def test_rest_writes_the_cli_store_and_calls_only_the_listed_engines(vllm, clean
             other = spec(vllm, url="http://127.0.0.1:9")
             with pytest.raises(Exception, match="DARKSTORE_ENGINE_URLS"):
                 c.submit(other)
+            other["teachers"]["members"][0]["engine"] = {"engine_args": {"model": str(vllm.model)}}
+            with pytest.raises(Exception, match="runs no engine in its own processes"):
+                c.submit(other)
     finally:
         api.stop()
 
@@ -177,9 +180,6 @@ def test_what_engines_cannot_serve_is_refused_before_connecting(vllm, tmp_path, 
     dead = "http://127.0.0.1:9"  # nothing listens: a request would fail otherwise
     refused(spec(vllm, url=dead, targets="sampled:8"), "top-K log-probabilities")
     refused(spec(vllm, url=dead, temperature=2.0), "T=1")
-    mixed = spec(vllm, url=dead)
-    mixed["teachers"]["members"].append({"name": "local", "format": "transformers", "weights": str(vllm.model)})
-    refused(mixed, "mixes engine teachers and local ones")
     keyed = spec(vllm, url=dead)
     keyed["teachers"]["members"][0]["engine"]["api_key_env"] = "DARKSTORE_TEST_UNSET_KEY"
     monkeypatch.delenv("DARKSTORE_TEST_UNSET_KEY", raising=False)
@@ -226,6 +226,44 @@ def test_two_engine_members_combine_over_their_answers(vllm, tmp_path):
     r = open_store(two.path)
     assert r.group["engine_counts"][:][:, 1].sum() == 0  # both returned every kept token: nothing estimated
     assert [t.name for t in r.meta.teachers] == ["big0", "big1"] and len(r.meta.engine.members) == 2
+
+
+def test_an_engine_beside_a_local_teacher_combines_with_it(vllm, tmp_path):
+    """The served model and the same weights run locally: kept entries the engine returned are exact (their
+    mean, each within float32 of float64), the others counted as estimated; each teacher's own perplexity."""
+    doc = spec(vllm, glob="[st]*.py")
+    doc["teachers"]["members"].append({"name": "local", "format": "transformers", "weights": str(vllm.model)})
+    r = open_store(generate(JobSpec.model_validate(doc), tmp_path / "mixed").path)
+    f = fields(tmp_path / "mixed")
+    lp = float64_reference(vllm.model, f["tokens"])
+    idx = f["topk_index"].astype(np.int64)
+    ref = np.take_along_axis(lp, idx, -1)
+    assert np.abs((ref - ref.max(-1, keepdims=True)) - f["topk_logits"]).max() < 1e-3
+    ppl = r.perplexity()
+    assert ppl["big0"] == pytest.approx(ppl["local"], rel=1e-4) == pytest.approx(ppl["ensemble"], rel=1e-3)
+    assert [t.format for t in r.meta.teachers] == ["engine", "transformers"] and len(r.meta.engine.members) == 1
+    assert np.isfinite(r.group["reference_kl"][:][0, 0]) and np.isnan(r.group["reference_kl"][:][0, 1])
+
+
+def test_vllm_in_process_gives_the_servers_store(vllm, tmp_path):
+    """engine_args: vllm.LLM in the darkstore process (run from .venv-vllm, where vLLM and darkstore both are):
+    the same model and job as through the server, so the same job key, rows and values."""
+    served = generate(JobSpec.model_validate(spec(vllm, glob="[st]*.py")), tmp_path / "served")
+    doc = spec(vllm, glob="[st]*.py")
+    doc["teachers"]["members"][0]["engine"] = {"engine_args": {"model": str(vllm.model), "dtype": "float32",
+                                                               "max_logprobs": K, "max_model_len": MAX_MODEL_LEN}}
+    env = {**cli_env(), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    r = subprocess.run([str(VLLM_PYTHON), "-m", "darkstore_app.cli", "generate", "--job",
+                        str(write(tmp_path / "job.yaml", doc)), "--out", str(tmp_path / "offline")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = open_store(served.path), open_store(tmp_path / "offline")
+    assert a.meta.job_key == b.meta.job_key and "(in process)" in b.meta.engine.members[0].engine
+    fa, fb = fields(served.path), fields(tmp_path / "offline")
+    for name in ("tokens", "index", "loss_mask", "topk_index"):
+        np.testing.assert_array_equal(fa[name], fb[name], err_msg=name)
+    np.testing.assert_allclose(fa["topk_logits"], fb["topk_logits"], atol=1e-5)
+    np.testing.assert_allclose(fa["tail_lse"], fb["tail_lse"], atol=1e-5)
 
 
 def test_dropped_connections_and_503s_leave_the_same_store(vllm, clean, tmp_path):

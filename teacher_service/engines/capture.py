@@ -19,6 +19,10 @@ its tail's mass over the V − K tokens it left out: the estimate is the smaller
 
 The label's combined value is exact (every member returns the actual next token), so the ensemble's NLL is
 exact up to its normaliser.
+
+**Local members beside engines.** A teacher run by darkstore gives every token's value. The candidates are then
+the engines' returned tokens and the top K of the local members' own combination (a token no engine returned
+ranks by that), and the tokens outside them take the local members' exact values beside the engines' estimates.
 """
 
 from __future__ import annotations
@@ -61,22 +65,28 @@ class Combined:
 
 
 def combine_members(ids: list[np.ndarray], logp: list[np.ndarray], labels: list[np.ndarray], *, vocab: int,
-                    k: int, rule: str) -> Combined:
-    """The members' top-K answers at n positions (``ids``/``logp`` [n, K] each, ``labels`` [n] each) as the
-    ensemble's K kept entries and tail (see the module's docstring)."""
+                    k: int, rule: str, dense: list[np.ndarray] = (), dense_labels: list[np.ndarray] = ()
+                    ) -> Combined:
+    """The members' answers at n positions as the ensemble's K kept entries and tail (see the module's
+    docstring): engines' top-K (``ids``/``logp`` [n, K] each, ``labels`` [n] each), and local members' whole
+    log-probabilities ``dense`` [n, V] each (exact at every token; ``dense_labels`` [n] each)."""
     floor = tail_floor(k)
-    tails = []
-    floored = 0
+    tails, floored = [], 0
     for lp in logp:
         t, f = tail_mass(lp, floor)
         tails.append(t)
         floored += f
-    if len(ids) == 1:
+    if len(ids) == 1 and not dense:
         return Combined(ids[0], logp[0], tails[0], labels[0], np.zeros(len(labels[0])), floored)
-    estimates = np.stack([np.minimum(lp.min(1), t - math.log(max(vocab - k, 1))) for lp, t in zip(logp, tails)])
-    cand, values, known = _union_values(ids, logp, estimates, vocab)
+    if dense:  # a token no engine returned ranks by the local members' combination: its top K are candidates
+        ids = [*ids, np.argpartition(-_mean(np.stack(dense), rule), k - 1, axis=1)[:, :k]]
+    estimates = np.stack([np.minimum(lp.min(1), t - math.log(max(vocab - k, 1))) for lp, t in zip(logp, tails)]) \
+        if logp else np.zeros((0, len(ids[0])))
+    cand, values, known = _union_values(ids[:len(logp)], logp, estimates, vocab, np.concatenate(ids, axis=1))
+    values = np.concatenate([values, [np.take_along_axis(d, cand, 1) for d in dense]]) if dense else values
+    known = np.concatenate([known, np.ones((len(dense), *cand.shape), dtype=bool)]) if dense else known
     dup = _duplicates(cand)
-    out = _outside(known, dup, tails, estimates, vocab, rule)
+    out = _outside(known[:len(logp)], dup, tails, estimates, vocab, rule, dense, cand)
     ell = _mean(values, rule)
     ell[dup] = -np.inf
     keep = np.argpartition(-ell, k - 1, axis=1)[:, :k]
@@ -84,19 +94,18 @@ def combine_members(ids: list[np.ndarray], logp: list[np.ndarray], labels: list[
     rest = ell.copy()
     np.put_along_axis(rest, keep, -np.inf, 1)
     tail = logsumexp(np.concatenate([rest, out[:, None]], 1), axis=1)
-    low = ~(tail - logsumexp(np.concatenate([ell, out[:, None]], 1), axis=1) >= floor)
     log_z = logsumexp(np.concatenate([ell, out[:, None]], 1), axis=1)
+    low = ~(tail - log_z >= floor)
     tail = np.where(low, log_z + floor, tail)
     estimated = int((~np.take_along_axis(known.all(0), keep, 1)).sum())
-    label = _mean(np.stack(labels)[:, :, None], rule)[:, 0]
+    label = _mean(np.stack([*labels, *dense_labels])[:, :, None], rule)[:, 0]
     return Combined(np.take_along_axis(cand, keep, 1), head, tail, label, log_z, floored + int(low.sum()), estimated)
 
 
-def _union_values(ids, logp, estimates, vocab):
-    """[n, M·K] every member's returned tokens side by side, and [M, n, M·K] each member's log-probability of
-    each of them: returned, or its estimate ``estimates`` [M, n]; with whether it was returned."""
-    n, k = ids[0].shape
-    cand = np.concatenate(ids, axis=1)
+def _union_values(ids, logp, estimates, vocab, cand):
+    """[M, n, C] each engine member's log-probability of each candidate token ``cand`` [n, C]: returned, or its
+    estimate ``estimates`` [M, n]; with whether it was returned."""
+    n = len(cand)
     rows = np.arange(n)[:, None]
     values = np.empty((len(ids), n, cand.shape[1]))
     known = np.empty(values.shape, dtype=bool)
@@ -112,7 +121,7 @@ def _union_values(ids, logp, estimates, vocab):
 
 
 def _duplicates(cand: np.ndarray) -> np.ndarray:
-    """[n, M·K] True at every repeat of a token already listed earlier in its row."""
+    """[n, C] True at every repeat of a token already listed earlier in its row."""
     order = np.argsort(cand, axis=1, kind="stable")
     s = np.take_along_axis(cand, order, 1)
     repeat = np.zeros(cand.shape, dtype=bool)
@@ -130,15 +139,23 @@ def _mean(values: np.ndarray, rule: str) -> np.ndarray:
     return values.mean(0)
 
 
-def _outside(known, dup, tails, estimates, vocab, rule) -> np.ndarray:
-    """[n] the log-sum-exp of the combined values of the tokens outside the union U: each takes every member's
-    estimate (geometric); or each member's tail less its estimates for the tokens of U it did not return, the
-    rest of its mass, averaged (arithmetic)."""
-    with np.errstate(divide="ignore"):
-        log_out = np.log(np.maximum(vocab - (~dup).sum(1), 0).astype(np.float64))
+def _outside(known, dup, tails, estimates, vocab, rule, dense, cand) -> np.ndarray:
+    """[n] the log-sum-exp of the combined values of the tokens outside the union U. Geometric: each such token
+    takes every engine's estimate and every local member's own value. Arithmetic: each engine's tail less its
+    estimates for the tokens of U it did not return (the rest of its mass), and each local member's mass
+    outside U, averaged."""
+    m = len(estimates) + len(dense)
+    if dense:
+        outside = [d.copy() for d in dense]
+        for o in outside:
+            np.put_along_axis(o, cand, -np.inf, 1)
     if rule != "arithmetic":
-        return estimates.mean(0) + log_out
-    unknown = ((~known) & ~dup[None]).sum(2)  # [M, n]
+        if dense:
+            return estimates.sum(0) / m + logsumexp(sum(outside) / m, axis=1)
+        with np.errstate(divide="ignore"):
+            return estimates.mean(0) + np.log(np.maximum(vocab - (~dup).sum(1), 0).astype(np.float64))
+    unknown = ((~known) & ~dup[None]).sum(2)  # [engines, n]
     with np.errstate(divide="ignore", invalid="ignore"):
-        left = np.log(np.maximum(np.exp(np.stack(tails)) - unknown * np.exp(estimates), 0.0))
-    return logsumexp(left, axis=0) - math.log(len(estimates))
+        left = [np.log(np.maximum(np.exp(t) - u * np.exp(e), 0.0)) for t, u, e in zip(tails, unknown, estimates)]
+    return logsumexp(np.stack([*left, *(logsumexp(o, axis=1) for o in outside)] if dense else left), axis=0) \
+        - math.log(m)

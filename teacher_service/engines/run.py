@@ -30,12 +30,15 @@ from storage.schema import EngineMemberRecord, EngineRecord
 from ..errors import EngineMismatchError
 from ..prepared import Cancelled, PreparedJob, in_store_order
 from .capture import combine_members, tail_floor
+from .offline import VllmOffline
 from .vllm import Scored, VllmServer, engine_digest
 
 log = logging.getLogger(__name__)
 
 #: bound on the reference's [positions, vocabulary] float64 log-probabilities at a time
 REFERENCE_BYTES = 64 << 20
+#: bound on the local members' [members, rows, positions, vocabulary] float64 log-probabilities at a time
+LOCAL_BYTES = 32 << 20
 
 
 @dataclass
@@ -44,7 +47,7 @@ class EngineTeacher:
     attributes a store's teacher record reads)."""
 
     spec: ModelSpec
-    server: VllmServer
+    server: VllmServer | VllmOffline
     record: EngineMemberRecord
     sha256: str
     weights_path: Path | None = None
@@ -56,9 +59,15 @@ class EngineTeacher:
     def name(self) -> str:
         return self.spec.label
 
+    @property
+    def rows_per_request(self) -> int | None:
+        """Rows a request takes (None: a whole chunk at once, for an engine in this process)."""
+        return self.spec.engine.rows_per_request if self.server.concurrent else None
+
     def submit(self, rows: np.ndarray, k: int, vocab: int) -> Future:
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.spec.engine.max_in_flight, thread_name_prefix=f"engine-{self.name}")
+            n = self.spec.engine.max_in_flight if self.server.concurrent else 1
+            self.pool = ThreadPoolExecutor(n, thread_name_prefix=f"engine-{self.name}")
         return self.pool.submit(self.server.score, rows, k, vocab)
 
     def close(self) -> None:
@@ -69,12 +78,8 @@ class EngineTeacher:
 
 
 def uses_engines(spec) -> bool:
-    """Whether the job's teachers are engine members (all of them: mixing is refused)."""
-    engines = [m.engine is not None for m in spec.teachers.members]
-    if any(engines) and not all(engines):
-        raise SpecError("an ensemble mixes engine teachers and local ones; this darkstore combines engines with "
-                        "engines only: serve every member with the engine, or run them as separate jobs")
-    return all(engines)
+    """Whether any of the job's teachers is an engine member."""
+    return any(m.engine is not None for m in spec.teachers.members)
 
 
 def check_engine_job(spec) -> None:
@@ -92,12 +97,14 @@ def connect_engines(spec, data, *, roots: Sequence[str | Path] | None, environ: 
     check_engine_job(spec)
     k = spec.targets.k
     probe = _probe_text(data)
-    servers: list[VllmServer] = []
+    servers: list[VllmServer | VllmOffline] = []
     members = []
     try:
         for m in spec.teachers.members:
+            if m.engine is None:
+                continue
             check_tokenizer(m, tokenizer_path(m, roots), data.tokenizer)
-            server = VllmServer.connect(m, dict(environ))
+            server = VllmServer.connect(m, dict(environ)) if m.engine.url else VllmOffline(m, roots)
             servers.append(server)
             record = server.check(k=k, length=data.length, tokenizer=data.tokenizer, sample_text=probe)
             members.append(EngineTeacher(m, server, record, engine_digest(m, record, roots),
@@ -122,7 +129,7 @@ class ChunkRequests:
     def __init__(self, members: Sequence[EngineTeacher], tokens: np.ndarray, k: int, vocab: int):
         self.futures = []
         for t in members:
-            step = t.spec.engine.rows_per_request
+            step = t.rows_per_request or len(tokens)
             self.futures.append([t.submit(tokens[r:r + step], k, vocab) for r in range(0, len(tokens), step)])
 
     def answers(self) -> list[Scored]:
@@ -143,7 +150,7 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
                       on_rows: Callable[[int], None] | None = None,
                       on_chunk: Callable[[int, int], None] | None = None,
                       should_stop: Callable[[], bool] | None = None, roots: Sequence[str | Path] | None = None,
-                      allow_code: bool = False) -> int:
+                      allow_code: bool = False, batch_size: int = 8) -> int:
     """Compute and commit ``chunks`` of an engine store, the next chunk's requests sent while the current one
     is combined and written (see the module's docstring)."""
     meta = writer.meta
@@ -153,7 +160,8 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
 
     def send(i: int) -> ChunkRequests:
         start, stop = writer.bounds(i)
-        return ChunkRequests(job.members, data.get_batch(np.arange(start, stop))[0].numpy(), k, vocab)
+        engines = [m for m in job.members if isinstance(m, EngineTeacher)]
+        return ChunkRequests(engines, data.get_batch(np.arange(start, stop))[0].numpy(), k, vocab)
 
     pending = send(chunks[0]) if chunks else None
     try:
@@ -166,7 +174,7 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
             answers = current.answers()
             kl = reference_kl(job, answers, tokens, mask, roots=roots, allow_code=allow_code) if i == 0 else None
             writer.write_chunk(i, tokens=tokens, loss_mask=mask, index=data.sample_of(np.arange(start, stop)),
-                               reference_kl=kl, **chunk_fields(meta, answers, tokens, mask))
+                               reference_kl=kl, **chunk_fields(job, answers, tokens, mask, batch_size))
             written += stop - start
             if on_rows:
                 on_rows(stop - start)
@@ -178,19 +186,81 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
     return written
 
 
-def chunk_fields(meta, answers: list[Scored], tokens: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    """A chunk's target fields and statistics from every member's answers for its rows."""
-    rows, length, k = answers[0].ids.shape
-    flat = [(a.ids.reshape(-1, k), a.logp.reshape(-1, k), a.label.reshape(-1)) for a in answers]
-    c = combine_members(*(list(x) for x in zip(*flat)), vocab=meta.num_classes, k=k, rule=meta.combine)
+@dataclass
+class ChunkCombined:
+    """A chunk's combined answers, position by position ([rows · L, ...]), and each member's own statistics."""
+
+    head: np.ndarray
+    idx: np.ndarray
+    tail: np.ndarray
+    label: np.ndarray
+    log_z: np.ndarray
+    member_hit: np.ndarray  # [M, rows · L] the member's most likely token is the label
+    member_label: np.ndarray  # [M, rows · L] the label's log-probability under the member
+    floored: int = 0
+    estimated: int = 0
+
+
+def combine_chunk(job: PreparedJob, answers: list[Scored], tokens: np.ndarray, batch_size: int) -> ChunkCombined:
+    """The engines' answers for a chunk's rows, with the local members' log-probabilities computed a batch of
+    rows and a slice of positions at a time (every token's value, in float64, within :data:`LOCAL_BYTES`)."""
+    k, v = job.meta.targets.k, job.meta.num_classes
+    rows, length = tokens.shape[0], tokens.shape[1] - 1
+    local = [m for m in job.members if not isinstance(m, EngineTeacher)]
+    n = rows * length
+    out = ChunkCombined(np.empty((n, k)), np.empty((n, k), dtype=np.int64), np.empty(n), np.empty(n), np.empty(n),
+                        np.empty((len(job.members), n), dtype=bool), np.empty((len(job.members), n)))
+    batch = batch_size if local else rows
+    for b0 in range(0, rows, batch):
+        b1 = min(b0 + batch, rows)
+        x = torch.from_numpy(tokens[b0:b1, :-1].astype(np.int64)).to(job.device)
+        with torch.inference_mode():
+            hidden = [m.hidden(x) for m in local]
+        step = length if not local else max(1, LOCAL_BYTES // (8 * len(local) * (b1 - b0) * v))
+        for p0 in range(0, length, step):
+            pos = slice(p0, min(p0 + step, length))
+            at = (np.arange(b0, b1)[:, None] * length + np.arange(length)[pos]).ravel()
+            _combine_slice(out, job, answers, hidden, local, tokens[b0:b1, 1:][:, pos].reshape(-1), b0, b1, pos, at)
+    return out
+
+
+def _combine_slice(out: ChunkCombined, job, answers, hidden, local, y, b0, b1, pos, at) -> None:
+    k, v = job.meta.targets.k, job.meta.num_classes
+    with torch.inference_mode():
+        dense = [torch.log_softmax(m.logits(h[:, pos])[..., :v].double(), -1).reshape(-1, v).cpu().numpy()
+                 for m, h in zip(local, hidden)]
+    parts = [(a.ids[b0:b1, pos].reshape(-1, k), a.logp[b0:b1, pos].reshape(-1, k), a.label[b0:b1, pos].reshape(-1))
+             for a in answers]
+    rows = np.arange(len(y))
+    c = combine_members([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                        vocab=v, k=k, rule=job.meta.combine, dense=dense, dense_labels=[d[rows, y] for d in dense])
+    out.head[at], out.idx[at], out.tail[at], out.label[at], out.log_z[at] = c.head, c.idx, c.tail, c.label, c.log_z
+    out.floored += c.floored
+    out.estimated += c.estimated
+    engines, locals_ = iter(parts), iter(dense)
+    for j, m in enumerate(job.members):
+        if isinstance(m, EngineTeacher):
+            _, lp, lab = next(engines)
+            out.member_hit[j, at], out.member_label[j, at] = lab >= lp[:, 0], lab
+        else:
+            d = next(locals_)
+            out.member_hit[j, at], out.member_label[j, at] = d[rows, y] >= d.max(1), d[rows, y]
+
+
+def chunk_fields(job: PreparedJob, answers: list[Scored], tokens: np.ndarray, mask: np.ndarray,
+                 batch_size: int) -> dict[str, Any]:
+    """A chunk's target fields and statistics from the engines' answers for its rows (and the local members')."""
+    meta, k = job.meta, job.meta.targets.k
+    rows, length = tokens.shape[0], tokens.shape[1] - 1
+    c = combine_chunk(job, answers, tokens, batch_size)
     head = np.maximum(c.head, c.head.max(1, keepdims=True) - 1e4)  # a returned p = 0: stored 10⁴ nats down
     parts = form_of(meta).encode_kept(torch.from_numpy(head).view(rows, length, k),
                                       torch.from_numpy(c.idx).view(rows, length, k),
                                       torch.from_numpy(c.tail).view(rows, length), meta)
     keep = mask.reshape(-1).astype(bool)
-    hits = [c.label >= c.head.max(1)] + [a.label.reshape(-1) >= a.logp.reshape(-1, k)[:, 0] for a in answers]
+    hits = [c.label >= c.head.max(1), *c.member_hit]
     stats = np.array([keep.sum()] + [(h & keep).sum() for h in hits], dtype=np.int64)
-    nll = np.array([(c.log_z - c.label)[keep].sum()] + [-a.label.reshape(-1)[keep].sum() for a in answers])
+    nll = np.array([(c.log_z - c.label)[keep].sum()] + [-lab[keep].sum() for lab in c.member_label])
     return {**{name: t.numpy() for name, t in parts.items()}, "stats": stats, "nll": nll,
             "teacher_positions": int(keep.sum()), "engine_counts": np.array([c.floored, c.estimated])}
 
@@ -201,7 +271,8 @@ def reference_kl(job: PreparedJob, answers: list[Scored], tokens: np.ndarray, ma
     ``transformers`` on the chunk's first ``reference_rows`` rows (NaN for a member with no local weights);
     above ``max_kl`` the job stops (:class:`EngineMismatchError`) before anything of the chunk is written."""
     out = np.full(len(job.members), np.nan)
-    for j, (t, a) in enumerate(zip(job.members, answers)):
+    engines = [(j, t) for j, t in enumerate(job.members) if isinstance(t, EngineTeacher)]
+    for (j, t), a in zip(engines, answers):
         n = min(t.spec.engine.reference_rows, len(tokens))
         if not t.spec.weights or n == 0:
             continue

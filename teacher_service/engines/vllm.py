@@ -62,6 +62,8 @@ class VllmServer:
     """One member's server: its address, the served model, and a pooled HTTP client that keeps at most
     ``spec.max_in_flight`` connections open."""
 
+    concurrent = True  # requests may be sent from several threads at once
+
     def __init__(self, spec: EngineSpec, name: str, api_key: str | None = None):
         self.spec, self.name = spec, name
         self.base = spec.url.rstrip("/").removesuffix("/v1")
@@ -272,6 +274,14 @@ def engine_digest(member: ModelSpec, record: EngineMemberRecord | None, roots: S
     them (the reference), else the model the engine reports having loaded (its path or hub name)."""
     if member.weights:
         return folder_digest(member.label, resolve(member.weights, roots=roots))
-    what = {"engine": member.engine.kind, "root": record.root if record else None,
-            "model": record.model if record else member.engine.model}
+    if member.engine.engine_args is not None:  # in this process: the model directory it loads, where local
+        model = str(member.engine.engine_args["model"])
+        if Path(model).is_absolute() or Path(model).exists():
+            folder = resolve(model, roots=roots)
+            if (folder / "config.json").is_file():
+                return folder_digest(member.label, folder)
+        what = {"engine": member.engine.kind, "model": model}
+    else:
+        what = {"engine": member.engine.kind, "root": record.root if record else None,
+                "model": record.model if record else member.engine.model}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()

@@ -356,13 +356,20 @@ def run_sequence_chunks(job, writer: StoreWriter, chunks: Sequence[int], *, batc
 
 
 
-def prepare_engine_sequences(spec, data, *, roots, allow_code: bool, environ) -> PreparedJob:
-    """Engine teachers connected and checked against the text transfer set; the sequence store's metadata
-    with the engines' record (:mod:`teacher_service.engines`)."""
-    members, engine = connect_engines(spec, data, roots=roots, environ=environ)
-    meta = store_meta(spec, members, data, data.tokenizer.vocab_size, None, sequence=sequence_record(data),
+def prepare_engine_sequences(spec, data, *, device: torch.device, roots, allow_code: bool, max_params: int | None,
+                             environ) -> PreparedJob:
+    """Engine teachers connected and checked against the text transfer set, the local ones beside them loaded;
+    the sequence store's metadata with the engines' record (:mod:`teacher_service.engines`)."""
+    engines, engine = connect_engines(spec, data, roots=roots, environ=environ)
+    own = [m for m in spec.teachers.members if m.engine is None]
+    local = load_members(spec.model_copy(update={"teachers": spec.teachers.model_copy(update={"members": own})}),
+                         data, device=device, allow_code=allow_code, roots=roots, max_params=max_params) if own else []
+    queues = {True: iter(engines), False: iter(local)}
+    members = [next(queues[m.engine is not None]) for m in spec.teachers.members]
+    meta = store_meta(spec, [m.loaded if isinstance(m, LanguageModel) else m for m in members], data, data.tokenizer.vocab_size,
+                      None, sequence=sequence_record(data),
                       targets=targets_record(spec, data.tokenizer.vocab_size, "tokens"), engine=engine)
-    return PreparedJob(spec, members, data, meta, torch.device("cpu"), roots=roots, allow_code=allow_code)
+    return PreparedJob(spec, members, data, meta, device, roots=roots, allow_code=allow_code)
 
 
 class TokenTeachers(TeacherKind):
@@ -372,7 +379,8 @@ class TokenTeachers(TeacherKind):
         """Local teachers loaded onto ``device``, or engine members connected (their API keys read from this
         process's environment, by the names the job gives)."""
         if uses_engines(spec):
-            return prepare_engine_sequences(spec, data, roots=roots, allow_code=allow_code, environ=os.environ)
+            return prepare_engine_sequences(spec, data, device=device, roots=roots, allow_code=allow_code,
+                                            max_params=max_params, environ=os.environ)
         return prepare_sequences(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
 
     def run(self, job, writer, chunks, *, batch_size, on_rows, on_chunk, should_stop, **options):
@@ -380,7 +388,7 @@ class TokenTeachers(TeacherKind):
         not apply), or requested from the job's engines."""
         if writer.meta.engine is not None:
             return run_engine_chunks(job, writer, chunks, on_rows=on_rows, on_chunk=on_chunk, should_stop=should_stop,
-                                     roots=job.roots, allow_code=job.allow_code)
+                                     roots=job.roots, allow_code=job.allow_code, batch_size=batch_size)
         return run_sequence_chunks(job, writer, chunks, batch_size=batch_size, on_rows=on_rows, on_chunk=on_chunk,
                                    should_stop=should_stop)
 
