@@ -229,8 +229,8 @@ def test_two_engine_members_combine_over_their_answers(vllm, tmp_path):
 
 
 def test_an_engine_beside_a_local_teacher_combines_with_it(vllm, tmp_path):
-    """The served model and the same weights run locally: kept entries the engine returned are exact (their
-    mean, each within float32 of float64), the others counted as estimated; each teacher's own perplexity."""
+    """The served model beside the same weights run here: the kept values are the model's (within 1e-3 nats of
+    float64), each teacher's own perplexity the same, the reference compared for the engine only."""
     doc = spec(vllm, glob="[st]*.py")
     doc["teachers"]["members"].append({"name": "local", "format": "transformers", "weights": str(vllm.model)})
     r = open_store(generate(JobSpec.model_validate(doc), tmp_path / "mixed").path)
@@ -240,7 +240,9 @@ def test_an_engine_beside_a_local_teacher_combines_with_it(vllm, tmp_path):
     ref = np.take_along_axis(lp, idx, -1)
     assert np.abs((ref - ref.max(-1, keepdims=True)) - f["topk_logits"]).max() < 1e-3
     ppl = r.perplexity()
-    assert ppl["big0"] == pytest.approx(ppl["local"], rel=1e-4) == pytest.approx(ppl["ensemble"], rel=1e-3)
+    assert ppl["big0"] == pytest.approx(ppl["local"], rel=1e-4)  # one model, served and run here
+    # (the ensemble's own is not theirs: the engine's tokens outside what it returned are estimated, the
+    # geometric mean's normaliser with them)
     assert [t.format for t in r.meta.teachers] == ["engine", "transformers"] and len(r.meta.engine.members) == 1
     assert np.isfinite(r.group["reference_kl"][:][0, 0]) and np.isnan(r.group["reference_kl"][:][0, 1])
 

@@ -163,7 +163,7 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
         engines = [m for m in job.members if isinstance(m, EngineTeacher)]
         return ChunkRequests(engines, data.get_batch(np.arange(start, stop))[0].numpy(), k, vocab)
 
-    pending = send(chunks[0]) if chunks else None
+    pending = current = send(chunks[0]) if chunks else None
     try:
         for n, i in enumerate(chunks):
             if should_stop is not None and should_stop():
@@ -180,6 +180,10 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
                 on_rows(stop - start)
             if on_chunk:
                 on_chunk(i, stop - start)
+    except BaseException:
+        if current is not None:  # the failing chunk's other requests are not waited for
+            current.cancel()
+        raise
     finally:
         if pending is not None:
             pending.cancel()
