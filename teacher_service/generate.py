@@ -183,10 +183,13 @@ def generate(
     ``writer_processes``: see :func:`run_chunks` (None: processes on CUDA, threads elsewhere)."""
     job = prepare(spec, device=device, allow_code=allow_code, roots=roots, channels_last=channels_last,
                   fingerprints=fingerprints)
-    writer = open_for(job, out, overwrite=overwrite, shard=shard, wait=wait)
-    chunks = shard.chunks(writer.pending_chunks()) if shard else writer.pending_chunks()
-    if on_start:
-        on_start(writer, chunks)
-    run_chunks(job, writer, chunks, batch_size=batch_size, num_workers=num_workers, on_rows=on_rows,
-               should_stop=should_stop, writer_processes=writer_processes)
+    try:
+        writer = open_for(job, out, overwrite=overwrite, shard=shard, wait=wait)
+        chunks = shard.chunks(writer.pending_chunks()) if shard else writer.pending_chunks()
+        if on_start:
+            on_start(writer, chunks)
+        run_chunks(job, writer, chunks, batch_size=batch_size, num_workers=num_workers, on_rows=on_rows,
+                   should_stop=should_stop, writer_processes=writer_processes)
+    finally:
+        job.close()
     return writer

@@ -539,7 +539,7 @@ class EnsembleCache:
                 )
             self._items[rec.job_key] = job
             while len(self._items) > self.size:
-                self._items.popitem(last=False)
+                self._items.popitem(last=False)[1].close()
             if on_load:
                 on_load(time.perf_counter() - t0)
             return job

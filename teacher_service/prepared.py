@@ -177,6 +177,13 @@ class PreparedJob:
     roots: Sequence[str | Path] | None = None  # where the job's paths may lie (engines' reference weights)
     allow_code: bool = False
 
+    def close(self) -> None:
+        """Let go of what members hold beyond memory: engines' connections, an in-process engine."""
+        for m in self.members:
+            close = getattr(m, "close", None)
+            if close is not None:
+                close()
+
     @property
     def ensemble(self) -> Ensemble:
         return Ensemble(self.members, self.meta.num_classes, self.device, self.spec.precision, self.channels_last,

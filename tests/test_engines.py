@@ -189,6 +189,26 @@ def test_what_engines_cannot_serve_is_refused_before_connecting(vllm, tmp_path, 
             {"engine": {"url": dead}, "arch": "gpt"}]}})
 
 
+def test_an_engine_unlike_its_reference_stops_the_job_before_writing(vllm, tmp_path):
+    """The member's weights are another model than the server's: the KL on the first rows is far above
+    max_kl, and the job stops in one line with no chunk committed."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config.from_pretrained(str(vllm.model))).save_pretrained(str(other))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(vllm.model / name, other / name)
+    doc = spec(vllm, glob="[st]*.py")
+    doc["teachers"]["members"][0]["weights"] = str(other)
+    r = cli_generate(write(tmp_path / "job.yaml", doc), tmp_path / "store")
+    assert r.returncode != 0 and "differs from its weights run through transformers" in r.stderr, r.stderr
+    assert "above max_kl 0.05" in r.stderr and "Traceback" not in r.stderr
+    assert int(open_store(tmp_path / "store", allow_incomplete=True).done.sum()) == 0
+
+
 def test_answers_are_checked_whole():
     rows = np.array([[1, 2, 3]])
 

@@ -78,4 +78,8 @@ class VllmOffline:
         return parse_answer({"choices": choices}, rows, k, vocab, self.name)
 
     def close(self) -> None:
+        """Stop the engine's own processes now, not at the interpreter's exit (where they abort it)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
         self.llm = None
