@@ -265,9 +265,11 @@ def part_bigvocab(work: Path, kit: dict, a) -> tuple[float, float]:
 
     tok = big_tokenizer(work, kit)
     texts = big_corpus(work, kit, a)
-    config = {"block_size": BIG_LENGTH, "n_layer": 2, "n_head": 4, "n_embd": 256}
-    member = lmkit.gpt_teacher(work / "big.safetensors", BIG_VOCAB, **config)
-    member["weights"] = str(work / "big.safetensors")
+    config = {"block_size": BIG_LENGTH, "n_layer": a.big_layers, "n_head": max(1, a.big_width // 64),
+              "n_embd": a.big_width}
+    weights = work / f"big-{a.big_layers}x{a.big_width}.safetensors"
+    member = lmkit.gpt_teacher(weights, BIG_VOCAB, **config)
+    member["weights"] = str(weights)
     job_path = work / "big.yaml"
     job_path.write_text(yaml.safe_dump({
         "teachers": {"members": [member]}, "targets": "topk:32", "chunk_rows": 2,
@@ -306,7 +308,8 @@ def part_bigvocab(work: Path, kit: dict, a) -> tuple[float, float]:
     k = r.meta.targets.k
     kept = sum(f.stat().st_size for name in ("topk_index", "topk_logits")
                for f in (work / "big-cli" / name / "c").rglob("*") if f.is_file()) / (r.meta.num_rows * BIG_LENGTH * k)
-    print(f"\nlocal path at V {v:,}, {BIG_LENGTH:,} positions a row ({job.meta.num_rows} rows, top-{k}, batch {batch}, "
+    print(f"\nlocal path at V {v:,}, {BIG_LENGTH:,} positions a row (a GPT of {a.big_layers} layers of width "
+          f"{a.big_width}; {job.meta.num_rows} rows, top-{k}, batch {batch}, "
           f"{a.rounds} rounds): {n / sum(tg):,.0f} tokens/s against the bare forward's {n / sum(tb):,.0f}; "
           f"bare / generation per chunk {m:.3f} (range {lo:.3f}–{hi:.3f})")
     print(f"  the whole CLI: {job.meta.num_rows * BIG_LENGTH / seconds:,.0f} tokens/s, peak RSS {peak:,.0f} MiB "
@@ -367,7 +370,10 @@ def main() -> None:
     p.add_argument("--in-flight", type=int, default=8)
     p.add_argument("--server-args", default="", help="more options for the engine part's server, e.g. "
                    "--skip-tokenizer-init")
-    p.add_argument("--big-rows", type=int, default=4, help="rows of 8,192 positions in the big-vocabulary part")
+    p.add_argument("--big-rows", type=int, default=2, help="rows of 8,192 positions in the big-vocabulary parts")
+    p.add_argument("--big-width", type=int, default=256, help="the big-vocabulary local teacher's width (Qwen2.5's "
+                   "smallest at this vocabulary: 896)")
+    p.add_argument("--big-layers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "darkstore-bench-engine")
     a = p.parse_args()
