@@ -17,7 +17,7 @@ range.
   darkstore share this machine's cores.
 - ``shapes``: the bare requests' tokens/s by rows per request, and with the server started with
   ``--skip-tokenizer-init`` (no detokenisation of the returned tokens; a second server start).
-- ``bigvocab``: a built-in GPT whose head has 151,936 outputs (Qwen's vocabulary: the tokenizer is the BPE
+- ``bigvocab``: a built-in GPT (``--big-layers`` of ``--big-width``) whose head has 151,936 outputs (Qwen's vocabulary: the tokenizer is the BPE
   above with added tokens up to that size), rows of 8,192 positions, ``topk:32``: ``run_sequence_chunks``
   in-process against the bare forward (backbone and the whole head, a slice of positions at a time, nothing
   kept), chunk by chunk in alternating order; then the whole CLI process's peak memory beside what one row's
@@ -371,8 +371,9 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="more options for the engine part's server, e.g. "
                    "--skip-tokenizer-init")
     p.add_argument("--big-rows", type=int, default=2, help="rows of 8,192 positions in the big-vocabulary parts")
-    p.add_argument("--big-width", type=int, default=256, help="the big-vocabulary local teacher's width (Qwen2.5's "
-                   "smallest at this vocabulary: 896)")
+    p.add_argument("--big-width", type=int, default=896, help="the big-vocabulary local teacher's width (896: "
+                   "Qwen2.5's smallest at this vocabulary; narrower widths weigh darkstore's passes over the "
+                   "vocabulary more)")
     p.add_argument("--big-layers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "darkstore-bench-engine")
