@@ -126,7 +126,8 @@ def _probe_text(data) -> str:
 class ChunkRequests:
     """One chunk's rows sent to every member, ``rows_per_request`` rows a request: futures of their answers."""
 
-    def __init__(self, members: Sequence[EngineTeacher], tokens: np.ndarray, k: int, vocab: int):
+    def __init__(self, members: Sequence[EngineTeacher], tokens: np.ndarray, mask: np.ndarray, k: int, vocab: int):
+        self.tokens, self.mask = tokens, mask
         self.futures = []
         for t in members:
             step = t.rows_per_request or len(tokens)
@@ -161,7 +162,8 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
     def send(i: int) -> ChunkRequests:
         start, stop = writer.bounds(i)
         engines = [m for m in job.members if isinstance(m, EngineTeacher)]
-        return ChunkRequests(engines, data.get_batch(np.arange(start, stop))[0].numpy(), k, vocab)
+        tokens, mask = (t.numpy() for t in data.get_batch(np.arange(start, stop)))
+        return ChunkRequests(engines, tokens, mask, k, vocab)
 
     pending = current = send(chunks[0]) if chunks else None
     try:
@@ -170,7 +172,7 @@ def run_engine_chunks(job: PreparedJob, writer: StoreWriter, chunks: Sequence[in
                 raise Cancelled(f"stopped before chunk {i}; {written} rows were committed in this run")
             current, pending = pending, (send(chunks[n + 1]) if n + 1 < len(chunks) else None)
             start, stop = writer.bounds(i)
-            tokens, mask = (t.numpy() for t in data.get_batch(np.arange(start, stop)))
+            tokens, mask = current.tokens, current.mask
             answers = current.answers()
             kl = reference_kl(job, answers, tokens, mask, roots=roots, allow_code=allow_code) if i == 0 else None
             writer.write_chunk(i, tokens=tokens, loss_mask=mask, index=data.sample_of(np.arange(start, stop)),
