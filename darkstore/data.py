@@ -105,6 +105,22 @@ class FactorySpec(_Spec):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class ChatSpec(_Spec):
+    """How a chat transfer set's records are read and which tokens carry a loss (read by :mod:`darkstore.chat`)."""
+
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion"] = Field(
+        "auto", description="messages: a list of {role, content} (roles system, user, assistant, tool); sharegpt: "
+        "a list of {from, value} (system, human, gpt, tool); prompt_completion: a prompt and a completion, each "
+        "text or a list of messages; auto: whichever column a record holds")
+    column: str | None = Field(None, description="the column holding the conversation (default: messages, "
+                               "conversations, or prompt and completion)")
+    turns: Literal["all", "last"] = Field("all", description="which assistant turns carry a loss: every one, or "
+                                          "the last of each conversation")
+    overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="a conversation longer than a row: cut to the row (a conversation with no "
+        "assistant token left inside it is dropped), or dropped; both are counted and reported")
+
+
 class TextSpec(_Spec):
     """A text corpus cut into token sequences for language-model teachers (read by :mod:`darkstore.text`)."""
 
@@ -121,10 +137,16 @@ class TextSpec(_Spec):
     tokenizer: str = Field(description="a local tokenizer: a directory holding tokenizer.json (or a transformers "
                            "tokenizer), or a tokenizer.json file; never downloaded")
     length: int = Field(ge=1, le=1 << 20, description="positions per row: each row holds length + 1 tokens")
-    packing: Literal["packed", "records"] = Field(
+    packing: Literal["packed", "records", "chat"] = Field(
         "packed", description="packed: documents joined, each ended by the tokenizer's EOS, and cut into rows; "
         "records: one record per row (prompt, response, EOS), truncated to the row and padded, loss on the "
-        "response only")
+        "response only; chat: one conversation per row, rendered with the chat template, loss on the "
+        "assistant's turns")
+    chat: ChatSpec | None = Field(None, description="chat: the records' format and which turns carry a loss "
+                                  "(default: every assistant turn)")
+    chat_template: str | None = Field(None, description="chat: a Jinja template file used in place of the "
+                                      "tokenizer's own (chat_template in tokenizer_config.json, or "
+                                      "chat_template.jinja beside it)")
 
     @model_validator(mode="after")
     def _records(self) -> "TextSpec":
@@ -132,6 +154,13 @@ class TextSpec(_Spec):
             raise ValueError("prompt: names the prompt column of records; give packing: records")
         if self.prompt is not None and self.format == "files":
             raise ValueError("prompt: needs a column: give format jsonl or huggingface")
+        if (self.chat is not None or self.chat_template is not None) and self.packing != "chat":
+            raise ValueError("chat: and chat_template: describe conversations; give packing: chat")
+        if self.packing == "chat":
+            if self.format == "files":
+                raise ValueError("packing chat reads records: give format jsonl or huggingface")
+            if self.chat is None:
+                self.chat = ChatSpec()
         return self
 
 
@@ -168,13 +197,13 @@ def parse_data_spec(value: Any) -> DataSpec:
 
 #: the fields of each kind of data spec that name a file or folder (factories name none)
 PATH_FIELDS = {"arrays": ("path",), "image_folder": ("root",), "torchvision": ("root",), "huggingface": ("root",),
-               "text": ("root", "tokenizer")}
+               "text": ("root", "tokenizer", "chat_template")}
 
 
 def _rebase(spec: DataSpec, base: Path) -> DataSpec:
     """Make a spec file's relative paths relative to the file."""
     for field in PATH_FIELDS.get(spec.kind, ()):
-        if not Path(getattr(spec, field)).is_absolute():
+        if getattr(spec, field) is not None and not Path(getattr(spec, field)).is_absolute():
             spec = spec.model_copy(update={field: str(base / getattr(spec, field))})
     return spec
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,9 @@ import torch
 
 from darkstore.errors import DataError, DataNotFoundError, SpecError
 
+from .chat import ChatTemplate, chat_rows, conversation, load_template
 from .data import TextSpec, TransferSet
+from .records import raw_records, read_text
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class LoadedTokenizer:
     path: str
     eos_id: int | None
     pad_id: int | None
+    specials: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, … as its configuration names them
 
     @property
     def vocab_size(self) -> int:
@@ -93,11 +96,14 @@ def load_tokenizer(path: str | Path) -> LoadedTokenizer:
     if eos is None:
         eos = next((i for t in EOS_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
     pad = _token_id(tok, config.get("pad_token")) if config.get("pad_token") else None
-    return LoadedTokenizer(tok, str(path), eos, pad)
+    return LoadedTokenizer(tok, str(path), eos, pad, config)
+
+
+SPECIALS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _special_tokens(folder: Path) -> dict[str, Any]:
-    """eos_token and pad_token as tokenizer_config.json or special_tokens_map.json name them."""
+    """The special tokens (:data:`SPECIALS`) as tokenizer_config.json or special_tokens_map.json name them."""
     out: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = folder / name
@@ -106,7 +112,7 @@ def _special_tokens(folder: Path) -> dict[str, Any]:
                 raw = json.loads(f.read_text())
             except (OSError, ValueError) as exc:
                 raise DataError(f"{f} is not readable JSON: {exc}") from exc
-            for key in ("eos_token", "pad_token"):
+            for key in SPECIALS:
                 v = raw.get(key)
                 if isinstance(v, dict):
                     v = v.get("content")
@@ -146,21 +152,8 @@ def read_documents(spec: TextSpec, root: Path) -> list[tuple[str, str]]:
         files = [root] if root.is_file() else sorted(p for p in root.glob(spec.glob) if p.is_file())
         if not files:
             raise DataError(f"no files match {spec.glob!r} under {root}: the corpus is empty")
-        return [("", _read_text(p)) for p in files]
-    if spec.format == "jsonl":
-        return _jsonl(spec, root)
-    return _huggingface(spec, root)
-
-
-def _read_text(p: Path) -> str:
-    data = p.read_bytes()
-    if b"\0" in data:
-        raise DataError(f"{p} is not text (it holds NUL bytes): a text corpus takes UTF-8 text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}): a text corpus takes UTF-8 "
-                        "text files") from None
+        return [("", read_text(p)) for p in files]
+    return [_record(raw, spec, where) for raw, where in raw_records(spec.format, root, spec.split)]
 
 
 def _record(raw: Any, spec: TextSpec, where: str) -> tuple[str, str]:
@@ -172,35 +165,6 @@ def _record(raw: Any, spec: TextSpec, where: str) -> tuple[str, str]:
             raise DataError(f"{where} has no prompt column {spec.prompt!r} (prompt:)")
         prompt = raw[spec.prompt]
     return prompt, raw[spec.field]
-
-
-def _jsonl(spec: TextSpec, root: Path) -> list[tuple[str, str]]:
-    out = []
-    for n, line in enumerate(_read_text(root).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{root} line {n} is not JSON: {exc}") from None
-        out.append(_record(raw, spec, f"{root} line {n}"))
-    return out
-
-
-def _huggingface(spec: TextSpec, root: Path) -> list[tuple[str, str]]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise SpecError("format huggingface needs the datasets package: pip install 'darkstore[hf]'") from exc
-    try:
-        ds = datasets.load_from_disk(str(root))
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataNotFoundError(f"{root} is not a dataset saved with save_to_disk: {exc}") from exc
-    if isinstance(ds, datasets.DatasetDict):
-        if spec.split is None or spec.split not in ds:
-            raise SpecError(f"{root} holds splits {', '.join(ds)}: name one with split:")
-        ds = ds[spec.split]
-    return [_record(row, spec, f"{root} row {i}") for i, row in enumerate(ds)]
 
 
 @dataclass
@@ -272,20 +236,38 @@ def make_rows(spec: TextSpec, docs: list[tuple[str, str]], tok: LoadedTokenizer)
 
 
 class TextSet(TransferSet):
-    """Token rows of a text corpus: ``get_batch(rows)`` gives tokens [B, L + 1] and the loss mask [B, L]."""
+    """Token rows of a text corpus: ``get_batch(rows)`` gives tokens [B, L + 1] and the loss mask [B, L].
+    ``template``: the chat template of a chat set (None otherwise)."""
 
     decodes = False
 
-    def __init__(self, spec: TextSpec, root: Path, tokenizer: Path):
+    def __init__(self, spec: TextSpec, root: Path, tokenizer: Path, chat_template: Path | None = None):
         self.spec = spec
         if not root.exists():
             raise DataNotFoundError(f"text corpus {str(root)!r} does not exist")
         self.tokenizer = load_tokenizer(tokenizer)
-        self.rows = make_rows(spec, read_documents(spec, root), self.tokenizer)
+        self.template: ChatTemplate | None = None
+        if spec.packing == "chat":
+            self.template = load_template(tokenizer, self.tokenizer.tokenizer, self.tokenizer.specials,
+                                          chat_template)
+            self.rows = self._chat_rows(root)
+        else:
+            self.rows = make_rows(spec, read_documents(spec, root), self.tokenizer)
         if self.rows.dropped:
             log.info("text corpus %s: %s", root, self.rows.dropped)
         if int(self.rows.tokens.max()) >= self.tokenizer.vocab_size:
             raise DataError("the tokenizer produced ids beyond its own vocabulary size")
+
+    def _chat_rows(self, root: Path) -> Rows:
+        tok = self.tokenizer
+        pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+        if pad is None:
+            raise DataError(f"the tokenizer at {tok.path} has neither a pad nor an EOS token to fill a row after "
+                            "its conversation")
+        convs = (conversation(raw, self.spec.chat, where) for raw, where in raw_records(self.spec.format, root,
+                                                                                        self.spec.split))
+        self.chat = chat_rows(convs, self.template, tok.encode, self.spec.chat, self.spec.length, pad, tok.eos_id)
+        return Rows(self.chat.tokens, self.chat.mask, self.chat.text_bytes, self.chat.said)
 
     @property
     def length(self) -> int:
@@ -310,6 +292,8 @@ class TextSet(TransferSet):
 
     def _hash_content(self, h) -> None:
         h.update(f"text:{self.tokenizer.fingerprint}:".encode())
+        if self.template is not None:
+            h.update(f"chat:{self.template.digest}:{self.spec.chat.turns}:".encode())
         for a in (self.rows.tokens, self.rows.mask):
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(np.ascontiguousarray(a).tobytes())

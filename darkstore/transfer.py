@@ -53,8 +53,9 @@ def _huggingface(spec: HuggingFaceSpec, *, base_dir, roots, **_) -> TransferSet:
 
 
 def _text(spec: TextSpec, *, base_dir, roots, **_) -> TransferSet:
+    template = None if spec.chat_template is None else resolve(spec.chat_template, base_dir=base_dir, roots=roots)
     return TextSet(spec, resolve(spec.root, base_dir=base_dir, roots=roots),
-                   resolve(spec.tokenizer, base_dir=base_dir, roots=roots))
+                   resolve(spec.tokenizer, base_dir=base_dir, roots=roots), template)
 
 
 def _torchvision(spec: TorchvisionSpec, *, base_dir, roots, **_) -> TransferSet:

@@ -35,6 +35,27 @@ def train_tokenizer(files: list[Path], out: Path, vocab_size: int = 512) -> Path
     return out
 
 
+#: ChatML, as Qwen's and many other models' templates render conversations
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chat_tokenizer(base: Path, out: Path, template: str = CHATML) -> Path:
+    """``base``'s tokenizer with ChatML's ``<|im_start|>`` and ``<|im_end|>`` added as special tokens, EOS
+    ``<|im_end|>`` and ``template`` as its chat template, saved to ``out``."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": template}, indent=1) + "\n")
+    return out
+
+
 def gpt_teacher(path: Path, vocab_size: int, *, seed: int = 0, **config: Any) -> dict[str, Any]:
     """A built-in GPT saved as safetensors; returns its member spec (relative to ``path``'s folder)."""
     from darkstore.gpt import GPT

@@ -156,19 +156,37 @@ class TokenizerRecord(BaseModel):
     pad_id: int | None = Field(None, description="the token filling a padded record (no loss there)")
 
 
+class ChatRecord(BaseModel):
+    """A store whose rows are conversations rendered with a chat template, a loss on the assistant's turns."""
+
+    model_config = ConfigDict(extra="forbid")
+    template: str = Field(description="the chat template (Jinja) the conversations were rendered with")
+    source: str = Field(description="where the template was read: the tokenizer's configuration or a file")
+    sha256: str = Field(description="the template text's sha256 (part of the transfer set's fingerprint)")
+    turns: Literal["all", "last"] = Field(description="which assistant turns carry a loss")
+    overflow: Literal["truncate", "drop"] = Field(description="what became of a conversation longer than a row")
+    conversations: int = Field(ge=0, description="conversations read")
+    truncated: int = Field(0, ge=0, description="conversations cut to the row")
+    dropped: int = Field(0, ge=0, description="conversations left out (longer than a row, or no assistant token "
+                         "inside it)")
+
+
 class SequenceRecord(BaseModel):
     """A store whose rows are fixed-length token sequences: per-position targets, the tokens beside them."""
 
     model_config = ConfigDict(extra="forbid")
     length: int = Field(ge=1, description="positions per row (L); `tokens` holds L + 1 ids per row")
     tokenizer: TokenizerRecord
-    packing: Literal["packed", "records"] = Field(description="packed: documents joined by EOS and cut into "
-                                                  "rows; records: one record per row, padded, its prompt masked")
+    packing: Literal["packed", "records", "chat"] = Field(
+        description="packed: documents joined by EOS and cut into rows; records: one record per row, padded, its "
+        "prompt masked; chat: one conversation per row, rendered with its chat template, a loss on the "
+        "assistant's turns")
     positions: int = Field(ge=0, description="positions with a loss in the whole store")
     text_bytes: int = Field(ge=0, description="UTF-8 bytes of the text the rows were made from")
     teacher_stride: int = Field(1, ge=1, description="each teacher's own statistics (top-1, NLL) cover position "
                                 "p of row r where p - r is a multiple of teacher_stride (those with a loss); the "
                                 "ensemble's cover all")
+    chat: ChatRecord | None = Field(None, description="chat: the template and what did not fit")
 
 
 class EngineMemberRecord(BaseModel):

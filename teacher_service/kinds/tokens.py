@@ -22,7 +22,7 @@ from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter
 from storage.errors import NonFiniteLogitsError
 from storage.fields import BY_NAME
 from storage.forms import form_of
-from storage.schema import SequenceRecord, TokenizerRecord
+from storage.schema import ChatRecord, SequenceRecord, TokenizerRecord
 
 from storage.kinds import Tokens
 
@@ -60,9 +60,18 @@ def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, m
 def sequence_record(data, stride: int = 1) -> SequenceRecord:
     tok = data.tokenizer
     return SequenceRecord(length=data.length, packing=data.spec.packing, positions=data.positions,
-                          text_bytes=data.rows.text_bytes, teacher_stride=stride,
+                          text_bytes=data.rows.text_bytes, teacher_stride=stride, chat=chat_record(data),
                           tokenizer=TokenizerRecord(path=tok.path, fingerprint=tok.fingerprint,
                                                     vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id))
+
+
+def chat_record(data) -> ChatRecord | None:
+    """A chat set's template and what did not fit, as the store keeps them."""
+    if data.template is None:
+        return None
+    t, rows, spec = data.template, data.chat, data.spec.chat
+    return ChatRecord(template=t.text, source=t.source, sha256=t.digest, turns=spec.turns, overflow=spec.overflow,
+                      conversations=rows.conversations, truncated=rows.truncated, dropped=rows.dropped)
 
 
 def check_dense(spec, vocab: int) -> None:
