@@ -180,6 +180,13 @@ def _own_template(folder: Path) -> tuple[str, str]:
     return template, str(config)
 
 
+def prompt_text(conv: Conversation, template: ChatTemplate) -> str:
+    """The text a model answers: the conversation without its closing assistant turn (if it ends with one),
+    rendered with the generation prompt."""
+    upto = len(conv.messages) - 1 if conv.messages[-1]["role"] == "assistant" else len(conv.messages)
+    return template.render(conv, upto, generation_prompt=True)
+
+
 # --- conversations to rows -------------------------------------------------------------------------------
 @dataclass
 class ChatRows:

@@ -21,6 +21,17 @@ class _Block(nn.Module):
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
+    def cached(self, x: torch.Tensor, cache: "KVCache", layer: int, attend: torch.Tensor) -> torch.Tensor:
+        """The block on new positions ``x`` [B, T, C], their keys and values written into ``cache`` after those
+        already there; ``attend`` [B, 1, T, S]: which of the S cached positions each new one sees."""
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
+        q, k, v = (a.view(b, t, self.heads, c // self.heads).transpose(1, 2) for a in (q, k, v))
+        k, v = cache.put(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
@@ -28,6 +39,25 @@ class _Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for positions written so far, in buffers of ``size`` positions."""
+
+    def __init__(self, layers: int, batch: int, heads: int, size: int, head_dim: int, like: torch.Tensor):
+        shape = (batch, heads, size, head_dim)
+        self.k = [like.new_empty(shape) for _ in range(layers)]
+        self.v = [like.new_empty(shape) for _ in range(layers)]
+        self.used = 0
+
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``, ``v`` [B, H, T, D] after the positions used; the keys and values up to them."""
+        stop = self.used + k.shape[2]
+        self.k[layer][:, :, self.used:stop] = k
+        self.v[layer][:, :, self.used:stop] = v
+        if layer == len(self.k) - 1:
+            self.used = stop
+        return self.k[layer][:, :, :stop], self.v[layer][:, :, :stop]
 
 
 class GPT(nn.Module):
@@ -65,6 +95,25 @@ class GPT(nn.Module):
             raise ValueError(f"a sequence of {t} tokens is longer than this GPT's block_size {self.block_size}")
         pos = torch.arange(t, device=idx.device)
         return self.ln_f(self.blocks(self.drop(self.wte(idx) + self.wpe(pos))))
+
+    def new_cache(self, batch: int, size: int, like: torch.Tensor) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``size`` positions."""
+        blocks = list(self.blocks)
+        width = self.wte.embedding_dim
+        heads = blocks[0].heads if blocks else 1
+        return KVCache(len(blocks), batch, heads, size, width // heads, like)
+
+    def hidden_cached(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, attend: torch.Tensor
+                      ) -> torch.Tensor:
+        """[B, T] new token ids at positions ``pos`` [B, T], after those in ``cache`` -> [B, T, n_embd]; ``attend``
+        [B, 1, T, S] says which of the S = used + T cached positions each new one sees (a left-padded batch:
+        its padding is seen by none but itself)."""
+        if int(pos.max()) >= self.block_size:
+            raise ValueError(f"position {int(pos.max())} is beyond this GPT's block_size {self.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.blocks):
+            x = block.cached(x, cache, i, attend)
+        return self.ln_f(x)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)

@@ -14,6 +14,8 @@ whole, and says so.
 
 from __future__ import annotations
 
+import inspect
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -28,6 +30,14 @@ from .paths import resolve
 
 class TokenizerMismatchError(SpecError):
     """A teacher's tokenizer or vocabulary does not match the transfer set's."""
+
+
+@dataclass
+class DecodeState:
+    """What a member keeps between decoding steps: its key/value cache and which positions are real tokens."""
+
+    cache: Any
+    valid: torch.Tensor  # [B, S] bool
 
 
 @dataclass
@@ -58,6 +68,43 @@ class LanguageModel:
         if not self.sliced:
             return m(input_ids=tokens).logits
         return m.base_model(input_ids=tokens).last_hidden_state
+
+    def start(self, tokens: torch.Tensor, valid: torch.Tensor, size: int) -> tuple[torch.Tensor, "DecodeState"]:
+        """Prefill for decoding: left-padded prompts ``tokens`` [B, T] (``valid`` [B, T]: False on the padding)
+        -> the last position's hidden states [B, H] (logits where not sliced) and the cache to continue from,
+        room for ``size`` positions in all."""
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+        state = DecodeState(None, valid)
+        if self.kind == "gpt":
+            m = self.loaded.module
+            state.cache = m.new_cache(tokens.shape[0], size, m.wte.weight)
+            t = tokens.shape[1]
+            causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+            attend = causal & (valid[:, None, None, :] | torch.eye(t, dtype=torch.bool, device=tokens.device))
+            return m.hidden_cached(tokens, pos, state.cache, attend)[:, -1], state
+        from transformers import DynamicCache
+
+        state.cache = DynamicCache()
+        return self._hf_step(tokens, pos, state), state
+
+    def step(self, token: torch.Tensor, state: "DecodeState") -> torch.Tensor:
+        """The next token of every sequence [B] -> its hidden states [B, H] (logits where not sliced)."""
+        pos = state.valid.sum(1, keepdim=True)
+        state.valid = torch.cat([state.valid, state.valid.new_ones(len(token), 1)], dim=1)
+        if self.kind == "gpt":
+            attend = state.valid[:, None, None, :]
+            return self.loaded.module.hidden_cached(token[:, None], pos, state.cache, attend)[:, -1]
+        return self._hf_step(token[:, None], pos, state)
+
+    def _hf_step(self, tokens: torch.Tensor, pos: torch.Tensor, state: "DecodeState") -> torch.Tensor:
+        m = self.loaded.module
+        net = m if not self.sliced else m.base_model
+        # transformers 5.2x names the cache ``cache``; earlier releases ``past_key_values``
+        name = "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+        out = net(input_ids=tokens, attention_mask=state.valid.long(), position_ids=pos, use_cache=True,
+                  **{name: state.cache})
+        state.cache = out[name]
+        return (out.logits if not self.sliced else out.last_hidden_state)[:, -1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states of some positions [..., H] -> their logits [..., V] in float32."""

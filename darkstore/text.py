@@ -30,7 +30,7 @@ import torch
 
 from darkstore.errors import DataError, DataNotFoundError, SpecError
 
-from .chat import ChatTemplate, chat_rows, conversation, load_template
+from .chat import ChatTemplate, chat_rows, conversation, load_template, prompt_text
 from .data import TextSpec, TransferSet
 from .records import raw_records, read_text
 
@@ -242,7 +242,7 @@ class TextSet(TransferSet):
     decodes = False
 
     def __init__(self, spec: TextSpec, root: Path, tokenizer: Path, chat_template: Path | None = None):
-        self.spec = spec
+        self.spec, self.root = spec, root
         if not root.exists():
             raise DataNotFoundError(f"text corpus {str(root)!r} does not exist")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -257,6 +257,18 @@ class TextSet(TransferSet):
             log.info("text corpus %s: %s", root, self.rows.dropped)
         if int(self.rows.tokens.max()) >= self.tokenizer.vocab_size:
             raise DataError("the tokenizer produced ids beyond its own vocabulary size")
+
+    def prompt_ids(self) -> list[list[int]]:
+        """Each record's prompt as tokens, for teachers to answer: a conversation without its closing assistant
+        turn, rendered with the generation prompt (chat), or a record's prompt column (records)."""
+        if self.template is not None:
+            convs = [conversation(raw, self.spec.chat, where)
+                     for raw, where in raw_records(self.spec.format, self.root, self.spec.split)]
+            return self.tokenizer.encode([prompt_text(c, self.template) for c in convs])
+        if self.spec.packing == "records" and self.spec.prompt is not None:
+            return self.tokenizer.encode([p for p, _ in read_documents(self.spec, self.root)])
+        raise DataError("responses are written to prompts: give a chat set (packing: chat) or records with a prompt "
+                        "column (packing: records, prompt:)")
 
     def _chat_rows(self, root: Path) -> Rows:
         tok = self.tokenizer
@@ -297,3 +309,63 @@ class TextSet(TransferSet):
         for a in (self.rows.tokens, self.rows.mask):
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(np.ascontiguousarray(a).tobytes())
+
+
+class PromptSet(TransferSet):
+    """The rows a responses job writes: each prompt of a text set ``n`` times (row r: prompt r // n, sample
+    r % n), as its tokens followed by padding, no position with a loss yet. ``prompt_length[r]``: its tokens.
+    Prompts with no room in a row for one written token are left out (``dropped``)."""
+
+    decodes = False
+
+    def __init__(self, text: TextSet, n: int):
+        self.text, self.spec, self.tokenizer, self.n = text, text.spec, text.tokenizer, n
+        ids = text.prompt_ids()
+        keep = [i for i, p in enumerate(ids) if 0 < len(p) <= text.length]
+        self.prompts, self.dropped = len(keep), len(ids) - len(keep)
+        if not keep:
+            raise DataError(f"no prompt leaves room for a response in a row of {text.length + 1} tokens "
+                            f"({len(ids)} prompts): give a longer length")
+        pad = text.tokenizer.pad_id if text.tokenizer.pad_id is not None else text.tokenizer.eos_id
+        tokens = np.full((len(keep), text.length + 1), pad, dtype=np.int64)
+        for row, i in enumerate(keep):
+            tokens[row, :len(ids[i])] = ids[i]
+        self.prompt_length = np.repeat(np.array([len(ids[i]) for i in keep], dtype=np.int64), n)
+        self.tokens = np.repeat(tokens, n, axis=0)
+        self.kept = keep
+
+    @property
+    def length(self) -> int:
+        return self.text.length
+
+    @property
+    def template(self):
+        return self.text.template
+
+    @property
+    def chat(self):
+        return getattr(self.text, "chat", None)
+
+    @property
+    def rows(self) -> Rows:
+        return Rows(self.tokens, np.zeros((len(self.tokens), self.length), dtype=np.uint8), self.text.rows.text_bytes)
+
+    @property
+    def positions(self) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int):
+        return self.get_batch([i])
+
+    def get_batch(self, rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        return torch.from_numpy(self.tokens[rows]), torch.from_numpy(self.prompt_length[rows])
+
+    def labels(self) -> np.ndarray:
+        return np.full(len(self), -1, dtype=np.int64)
+
+    def _hash_content(self, h) -> None:
+        self.text._hash_content(h)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from darkstore.jobsettings import Combine, Compressor, Dtype
 
@@ -171,6 +171,34 @@ class ChatRecord(BaseModel):
                          "inside it)")
 
 
+class ResponsesRecord(BaseModel):
+    """Responses the teachers write to the transfer set's prompts: how they were decoded. Each row is one
+    response (prompt ``index // n``, sample ``index % n``); its written tokens carry the loss and their
+    targets are the ensemble's distribution each was drawn from."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(256, ge=1, description="the most tokens a response is written (and a row holds "
+                                "what fits)")
+    temperature: float = Field(1.0, ge=0.0, description="decoding temperature over the stored distribution "
+                               "(0: greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: draw from the smallest set of tokens "
+                         "holding this much probability")
+    n: int = Field(1, ge=1, le=1024, description="responses per prompt")
+    stop: list[str] = Field(default_factory=list, description="strings that end a response (the token completing "
+                            "one is its last; the tokenizer's EOS always ends one)")
+    seed: int = Field(0, ge=0, description="draws are a function of (seed, prompt, sample, step): a resumed or "
+                      "sharded job writes the same tokens")
+    prompts: int | None = Field(None, ge=0, description="prompts written to (set when the job is prepared)")
+    dropped: int | None = Field(None, ge=0, description="prompts left out: no room in a row for a response")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("a stop string must not be empty")
+        return v
+
+
 class SequenceRecord(BaseModel):
     """A store whose rows are fixed-length token sequences: per-position targets, the tokens beside them."""
 
@@ -187,6 +215,8 @@ class SequenceRecord(BaseModel):
                                 "p of row r where p - r is a multiple of teacher_stride (those with a loss); the "
                                 "ensemble's cover all")
     chat: ChatRecord | None = Field(None, description="chat: the template and what did not fit")
+    responses: ResponsesRecord | None = Field(None, description="rows written by the teachers: the decoding "
+                                              "settings (None: the transfer set's own tokens, scored)")
 
 
 class EngineMemberRecord(BaseModel):

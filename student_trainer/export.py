@@ -187,7 +187,7 @@ def export_lm_run(run: Path, fmt: str, out: str | Path | None = None, allow_code
             to_gpt2(student.student, eos_id=seq.tokenizer.eos_id).save_pretrained(str(out), safe_serialization=True)
         else:
             student.student.save_pretrained(str(out), safe_serialization=True)
-        copy_tokenizer(seq.tokenizer.path, out)
+        copy_tokenizer(seq.tokenizer.path, out, seq.chat)
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, use_safetensors=True,

@@ -136,7 +136,7 @@ class LMRecipe(Recipe):
         if self.wrapped.lm.kind == "transformers":
             folder = self.out / "student"
             self.model.save_pretrained(str(folder), safe_serialization=True)
-            copy_tokenizer(self.meta.sequence.tokenizer.path, folder)
+            copy_tokenizer(self.meta.sequence.tokenizer.path, folder, self.meta.sequence.chat)
         return digest
 
     def epoch_extra(self, seen: float, seconds: float) -> dict[str, Any]:
@@ -159,13 +159,18 @@ class LMRecipe(Recipe):
                 "topk_loss": self.config.topk_loss}
 
 
-def copy_tokenizer(path: str, folder: Path) -> None:
+def copy_tokenizer(path: str, folder: Path, chat: Any = None) -> None:
     """The store's tokenizer files (``tokenizer.json``, ``tokenizer_config.json``) into ``folder``, so that
-    ``AutoTokenizer`` loads it from there."""
+    ``AutoTokenizer`` loads it from there; with a chat store's record (``chat``), its template as the
+    configuration's ``chat_template``, so that ``apply_chat_template`` renders conversations as the store did."""
     tok = Path(path)
     for f in (tok.glob("tokenizer*.json") if tok.is_dir() else [tok]):
         if f.is_file():
             shutil.copy(f, folder / f.name)
+    if chat is not None:
+        config = folder / "tokenizer_config.json"
+        raw = json.loads(config.read_text()) if config.is_file() else {}
+        config.write_text(json.dumps({**raw, "chat_template": chat.template}, indent=2) + "\n")
 
 
 def load_run_lm(run: Path, summary: dict[str, Any], record, length: int, *, allow_code: bool = False

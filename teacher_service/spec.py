@@ -16,7 +16,7 @@ from darkstore.views import AugmentSpec
 from darkstore.errors import SpecError
 from darkstore.jobsettings import JobSettings
 from storage.kinds import kind_for_data
-from storage.schema import FeatureRecord, TargetsRecord
+from storage.schema import FeatureRecord, ResponsesRecord, TargetsRecord
 
 
 class EnsembleSpec(BaseModel):
@@ -96,6 +96,10 @@ class JobSpec(JobSettings):
         default_factory=TargetsRecord, description="the targets' form: dense (default: every class), topk:K (the "
         "K largest values and the tail's mass) or sampled:K (K classes drawn from the ensemble's distribution; "
         "sampled:K@T draws at temperature T); a string or an object {form, k, temperature, seed}")
+    responses: ResponsesRecord | None = Field(
+        None, description="the teachers write responses to the transfer set's prompts (a chat set, or records with "
+        "a prompt column) instead of scoring its own: {max_new_tokens, temperature, top_p, n, stop, seed}; the "
+        "targets at each written token are the distribution it was drawn from")
     features: list[FeatureRecord] = Field(
         default_factory=list, description="teacher layers to keep per row (FitNets' hints): 'TEACHER:LAYER' or "
         "{teacher, layer, pool, project, seed}; pool averages a [C, H, W] output to [C, pool, pool], project maps "
@@ -109,6 +113,12 @@ class JobSpec(JobSettings):
         self.targets = kind.targets_for(self.targets)
         kind.check_job({"augment (recorded views)": self.augment is not None, "features (hints)": bool(self.features),
                         "keep_members": self.keep_members, "combine specialists": self.combine == "specialists"})
+        if self.responses is not None and not kind.writes_responses:
+            raise ValueError(f"responses: teachers write responses to text prompts; a {self.data.kind} transfer set "
+                             "holds none")
+        if self.responses is not None and any(m.engine is not None for m in self.teachers.members):
+            raise ValueError("responses: engine teachers score given tokens; they do not write responses here "
+                             "(run the job with local teachers)")
         return self
 
     @model_validator(mode="after")
@@ -181,6 +191,8 @@ class JobSpec(JobSettings):
             **({"precision": self.precision} if self.precision != "float32" else {}),
             **({"augment": self.augment.model_dump(mode="json")} if self.augment is not None else {}),
             **({"targets": self.targets.model_dump(mode="json")} if not self.targets.spec.every_class else {}),
+            **({"responses": self.responses.model_dump(mode="json", exclude={"prompts", "dropped"})}
+               if self.responses is not None else {}),
             **({"features": [f.model_dump(mode="json", exclude={"shape"}) for f in self.features]}
                if self.features else {}),
             **({"specialists": self.teachers.specialists, "top_n": self.specialist_top_n}

@@ -23,6 +23,8 @@ class Kind:
     data_kinds: tuple[str, ...] = ()
     #: the row fields that hold the rows' own inputs and labels (none: the transfer set holds the inputs)
     input_fields: tuple[str, ...] = ()
+    #: whether the teachers can write this kind's rows (responses to prompts) rather than score given ones
+    writes_responses: bool = False
 
     def inputs(self, fields: dict[str, Any]) -> tuple[Any, Any]:
         """(inputs, labels) of rows from their :attr:`input_fields` (taken out of ``fields``)."""

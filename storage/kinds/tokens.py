@@ -13,6 +13,14 @@ def _tokens(m) -> bool:
     return m.kind.name == Tokens.name
 
 
+def _responses(m) -> bool:
+    return m.kind.name == Tokens.name and m.sequence.responses is not None
+
+
+#: why a written response ended, by the code ``finish`` stores
+FINISH = ("none", "eos", "stop", "length")
+
+
 def _engine(m) -> bool:
     return m.kind.name == Tokens.name and m.engine is not None
 
@@ -23,6 +31,7 @@ class Tokens(Kind):
     ascending_ids = True
     data_kinds = ("text",)
     input_fields = ("tokens", "loss_mask")
+    writes_responses = True
     row_fields = (
         FieldSpec("tokens", ("row", "token"), lambda m: (m.num_rows, m.sequence.length + 1),
                   lambda m: m.kind.index_dtype(m), 0, _tokens,
@@ -31,6 +40,9 @@ class Tokens(Kind):
         FieldSpec("loss_mask", ("row", "position"), lambda m: (m.num_rows, m.sequence.length), lambda m: "uint8", 0,
                   _tokens, doc="1 where a position's label and targets carry a loss (0: padding, prompt)",
                   when="token sequences"),
+        FieldSpec("finish", ("row",), lambda m: (m.num_rows,), lambda m: "uint8", 0, _responses,
+                  doc="why the row's written response ended: 1 the tokenizer's EOS, 2 a stop string, 3 the "
+                      "length (max_new_tokens or the row's end)", when="responses written by the teachers"),
     )
     chunk_fields = (
         FieldSpec("nll", ("chunk", "stat"), lambda m: (m.n_chunks, 1 + m.num_members), lambda m: "float64", 0.0,

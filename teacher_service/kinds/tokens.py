@@ -18,15 +18,16 @@ import torch
 
 from darkstore.errors import SpecError
 from darkstore.lm import LanguageModel, check_fit, load_lm
-from storage import FLOAT16_FLOOR, StoreMeta, StoreWriter
+from darkstore.text import PromptSet
+from storage import StoreWriter
 from storage.errors import NonFiniteLogitsError
-from storage.fields import BY_NAME
-from storage.forms import form_of
-from storage.schema import ChatRecord, SequenceRecord, TokenizerRecord
+from storage.schema import ChatRecord, ResponsesRecord, SequenceRecord, TokenizerRecord
 
 from storage.kinds import Tokens
 
 from ..combine import combine
+from .responses import run_response_chunks
+from .token_targets import ChunkTargets
 from ..engines.run import connect_engines, run_engine_chunks, uses_engines
 from ..prepared import Cancelled, PreparedJob, check_param_budget, in_store_order, store_meta, targets_record
 from .base import TeacherKind
@@ -57,10 +58,14 @@ def load_members(spec, data, *, device: torch.device, allow_code: bool, roots, m
     return members
 
 
-def sequence_record(data, stride: int = 1) -> SequenceRecord:
+def sequence_record(data, stride: int = 1, responses: ResponsesRecord | None = None) -> SequenceRecord:
+    """The sequence store's record of ``data``; with ``responses``, a prompt set's decoding settings and counts."""
     tok = data.tokenizer
+    if responses is not None:
+        responses = responses.model_copy(update={"prompts": data.prompts, "dropped": data.dropped})
     return SequenceRecord(length=data.length, packing=data.spec.packing, positions=data.positions,
                           text_bytes=data.rows.text_bytes, teacher_stride=stride, chat=chat_record(data),
+                          responses=responses,
                           tokenizer=TokenizerRecord(path=tok.path, fingerprint=tok.fingerprint,
                                                     vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id))
 
@@ -82,12 +87,16 @@ def check_dense(spec, vocab: int) -> None:
 
 
 def prepare_sequences(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None):
-    """The LM teachers loaded and checked against the text transfer set; the sequence store's metadata."""
+    """The LM teachers loaded and checked against the text transfer set (for a responses job, its prompts,
+    each ``n`` times); the sequence store's metadata."""
     vocab = data.tokenizer.vocab_size
     check_dense(spec, vocab)
     targets = targets_record(spec, vocab, "tokens")
+    if spec.responses is not None:
+        data = PromptSet(data, spec.responses.n)
     members = load_members(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
-    sequence = sequence_record(data, teacher_stride(members, spec.combine))
+    stride = 1 if spec.responses is not None else teacher_stride(members, spec.combine)
+    sequence = sequence_record(data, stride, spec.responses)
     meta = store_meta(spec, [m.loaded for m in members], data, vocab, None, sequence=sequence, targets=targets)
     return PreparedJob(spec, members, data, meta, device)
 
@@ -166,64 +175,6 @@ def member_logits(members: Sequence[LanguageModel], hidden: Sequence[torch.Tenso
     for j, (m, h) in enumerate(zip(members, hidden)):
         m.logits_into(h[:, pos], z[j])
     return z
-
-
-class ChunkTargets:
-    """One chunk's stored arrays, filled slice by slice, and its statistics."""
-
-    def __init__(self, meta: StoreMeta, rows: int, chunk: int):
-        self.meta, self.form, self.rows = meta, form_of(meta), rows
-        self.length = meta.sequence.length
-        self.draws = self.form.draws(meta, chunk, (rows, self.length))
-        self.parts: dict[str, np.ndarray] = {}
-        self.stats = np.zeros(2 + meta.num_members, dtype=np.int64)
-        self.nll = np.zeros(1 + meta.num_members, dtype=np.float64)
-        self.teacher_positions = 0
-        self.tokens: np.ndarray | None = None  # the chunk's rows, set once its targets are computed
-        self.mask: np.ndarray | None = None
-
-    def add(self, rows: slice, pos: slice, ell: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-            refuse: Callable[[int, int], None]) -> None:
-        """Encode the combined values ``ell`` [b, s, V] of rows × positions, after refusing a position whose
-        values are NaN or +Inf, or all −Inf (``refuse(row, position)`` raises; a −Inf value is a token the
-        teachers rule out); count the ensemble's statistics at the masked positions."""
-        meta = self.meta
-        log_z = torch.logsumexp(ell, dim=-1)
-        bad = ~torch.isfinite(log_z)
-        if bool(bad.any()):
-            refuse(*(int(v) for v in bad.nonzero()[0]))
-        u = None if self.draws is None else self.draws[rows, pos]
-        parts = self.form.encode(ell, meta, u, log_z)
-        for name, t in parts.items():
-            if BY_NAME[name].log_space and t.is_floating_point() and meta.dtype == "float16":
-                t = t.clamp_min(FLOAT16_FLOOR).half()
-            arr = self.parts.get(name)
-            host = t.cpu().numpy()
-            if arr is None:
-                arr = self.parts[name] = np.empty((self.rows, self.length, *host.shape[2:]), dtype=host.dtype)
-            arr[rows, pos] = host
-        self._count(ell, log_z, y.long()[..., None], mask.bool())
-
-    def _count(self, ell: torch.Tensor, log_z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> None:
-        """The ensemble's top-1 hits and summed NLL of the labels ``y`` [b, s, 1] at the kept positions, of its
-        stored distribution at its generation temperature: a hit where the label's value is the largest, and
-        the NLL a log-sum-exp less a gather (no argmax or whole log-softmax passes)."""
-        t = self.meta.temperature
-        at = ell.gather(-1, y)[..., 0]
-        self.stats[0] += int(keep.sum())
-        self.stats[1] += int(((at >= ell.amax(-1)) & keep).sum())
-        lse = log_z if t == 1 else torch.logsumexp(ell / t, -1)
-        self.nll[0] += float((lse - at / t)[keep].double().sum())
-
-    def count_teachers(self, z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> None:
-        """Each member's own top-1 hits and summed NLL at T = 1 from its logits ``z`` [M, b, s, V] at some
-        positions, their labels ``y`` [b, s] and mask ``keep`` [b, s]."""
-        y, keep = y.long()[..., None], keep.bool()
-        self.teacher_positions += int(keep.sum())
-        for j, zm in enumerate(z):
-            at = zm.gather(-1, y)[..., 0]
-            self.stats[2 + j] += int(((at >= zm.amax(-1)) & keep).sum())
-            self.nll[1 + j] += float((torch.logsumexp(zm, -1) - at)[keep].double().sum())
 
 
 @dataclass
@@ -395,6 +346,9 @@ class TokenTeachers(TeacherKind):
     def run(self, job, writer, chunks, *, batch_size, on_rows, on_chunk, should_stop, **options):
         """Token rows computed a slice of positions at a time (the DataLoader and writer options of classes do
         not apply), or requested from the job's engines."""
+        if writer.meta.sequence.responses is not None:
+            return run_response_chunks(job, writer, chunks, batch_size=batch_size, on_rows=on_rows, on_chunk=on_chunk,
+                                       should_stop=should_stop)
         if writer.meta.engine is not None:
             return run_engine_chunks(job, writer, chunks, on_rows=on_rows, on_chunk=on_chunk, should_stop=should_stop,
                                      roots=job.roots, allow_code=job.allow_code, batch_size=batch_size)
