@@ -30,7 +30,7 @@ import torch
 
 from darkstore.errors import DataError, DataNotFoundError, SpecError
 
-from .chat import ChatTemplate, chat_rows, conversation, load_template, prompt_text
+from .chat import ChatRows, ChatTemplate, chat_rows, conversation, load_template, prompt_text
 from .data import TextSpec, TransferSet
 from .records import raw_records, read_text
 
@@ -250,23 +250,27 @@ class TextSet(TransferSet):
         if spec.packing == "chat":
             self.template = load_template(tokenizer, self.tokenizer.tokenizer, self.tokenizer.specials,
                                           chat_template)
-            self.rows = self._chat_rows(root)
-        else:
-            self.rows = make_rows(spec, read_documents(spec, root), self.tokenizer)
-        if self.rows.dropped:
-            log.info("text corpus %s: %s", root, self.rows.dropped)
-        if int(self.rows.tokens.max()) >= self.tokenizer.vocab_size:
-            raise DataError("the tokenizer produced ids beyond its own vocabulary size")
 
-    def prompt_ids(self) -> list[list[int]]:
-        """Each record's prompt as tokens, for teachers to answer: a conversation without its closing assistant
-        turn, rendered with the generation prompt (chat), or a record's prompt column (records)."""
+    @cached_property
+    def rows(self) -> Rows:
+        """The set's token rows, made when first read (a responses job reads only its prompts)."""
+        rows = self._chat_rows(self.root) if self.template is not None else \
+            make_rows(self.spec, read_documents(self.spec, self.root), self.tokenizer)
+        if rows.dropped:
+            log.info("text corpus %s: %s", self.root, rows.dropped)
+        if int(rows.tokens.max()) >= self.tokenizer.vocab_size:
+            raise DataError("the tokenizer produced ids beyond its own vocabulary size")
+        return rows
+
+    def prompts(self) -> list[str]:
+        """Each record's prompt, for teachers to answer: a conversation without its closing assistant turn,
+        rendered with the generation prompt (chat), or a record's prompt column (records)."""
         if self.template is not None:
             convs = [conversation(raw, self.spec.chat, where)
                      for raw, where in raw_records(self.spec.format, self.root, self.spec.split)]
-            return self.tokenizer.encode([prompt_text(c, self.template) for c in convs])
+            return [prompt_text(c, self.template) for c in convs]
         if self.spec.packing == "records" and self.spec.prompt is not None:
-            return self.tokenizer.encode([p for p, _ in read_documents(self.spec, self.root)])
+            return [p for p, _ in read_documents(self.spec, self.root)]
         raise DataError("responses are written to prompts: give a chat set (packing: chat) or records with a prompt "
                         "column (packing: records, prompt:)")
 
@@ -314,41 +318,40 @@ class TextSet(TransferSet):
 class PromptSet(TransferSet):
     """The rows a responses job writes: each prompt of a text set ``n`` times (row r: prompt r // n, sample
     r % n), as its tokens followed by padding, no position with a loss yet. ``prompt_length[r]``: its tokens.
-    Prompts with no room in a row for one written token are left out (``dropped``)."""
+    Prompts with no room in a row for one written token are left out (``dropped``); ``kept``: the record each
+    prompt is."""
 
     decodes = False
 
     def __init__(self, text: TextSet, n: int):
-        self.text, self.spec, self.tokenizer, self.n = text, text.spec, text.tokenizer, n
-        ids = text.prompt_ids()
-        keep = [i for i, p in enumerate(ids) if 0 < len(p) <= text.length]
-        self.prompts, self.dropped = len(keep), len(ids) - len(keep)
-        if not keep:
+        self.text, self.spec, self.tokenizer, self.template, self.n = text, text.spec, text.tokenizer, text.template, n
+        texts = text.prompts()
+        ids = text.tokenizer.encode(texts)
+        self.kept = [i for i, p in enumerate(ids) if 0 < len(p) <= text.length]
+        self.prompts, self.dropped = len(self.kept), len(ids) - len(self.kept)
+        if not self.kept:
             raise DataError(f"no prompt leaves room for a response in a row of {text.length + 1} tokens "
                             f"({len(ids)} prompts): give a longer length")
-        pad = text.tokenizer.pad_id if text.tokenizer.pad_id is not None else text.tokenizer.eos_id
-        tokens = np.full((len(keep), text.length + 1), pad, dtype=np.int64)
-        for row, i in enumerate(keep):
+        if self.dropped:
+            log.info("%d prompts leave no room for a response in a row of %d tokens: left out", self.dropped,
+                     text.length + 1)
+        tok = text.tokenizer
+        pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+        tokens = np.full((self.prompts, text.length + 1), 0 if pad is None else pad, dtype=np.int64)
+        for row, i in enumerate(self.kept):
             tokens[row, :len(ids[i])] = ids[i]
-        self.prompt_length = np.repeat(np.array([len(ids[i]) for i in keep], dtype=np.int64), n)
+        if int(tokens.max()) >= tok.vocab_size:
+            raise DataError("the tokenizer produced ids beyond its own vocabulary size")
+        self.prompt_length = np.repeat(np.array([len(ids[i]) for i in self.kept], dtype=np.int64), n)
         self.tokens = np.repeat(tokens, n, axis=0)
-        self.kept = keep
+        text_bytes = sum(len(texts[i].encode()) for i in self.kept)
+        self.rows = Rows(self.tokens, np.zeros((len(self.tokens), text.length), dtype=np.uint8), text_bytes)
+        self.chat = ChatRows(self.rows.tokens, self.rows.mask, text_bytes, len(ids), dropped=self.dropped) \
+            if self.template is not None else None
 
     @property
     def length(self) -> int:
         return self.text.length
-
-    @property
-    def template(self):
-        return self.text.template
-
-    @property
-    def chat(self):
-        return getattr(self.text, "chat", None)
-
-    @property
-    def rows(self) -> Rows:
-        return Rows(self.tokens, np.zeros((len(self.tokens), self.length), dtype=np.uint8), self.text.rows.text_bytes)
 
     @property
     def positions(self) -> int:
@@ -368,4 +371,8 @@ class PromptSet(TransferSet):
         return np.full(len(self), -1, dtype=np.int64)
 
     def _hash_content(self, h) -> None:
-        self.text._hash_content(h)
+        h.update(f"prompts:{self.tokenizer.fingerprint}:{self.n}:".encode())
+        if self.template is not None:
+            h.update(f"chat:{self.template.digest}:".encode())
+        h.update(np.ascontiguousarray(self.tokens[::self.n]).tobytes())
+        h.update(np.asarray(self.kept, dtype=np.int64).tobytes())

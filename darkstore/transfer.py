@@ -14,7 +14,7 @@ from .data import (
 from .errors import DataError, DataNotFoundError, SpecError
 from .fingerprint import FingerprintPolicy
 from .paths import import_callable, resolve
-from .text import TextSet
+from .text import PromptSet, TextSet
 
 
 def open_transfer_set(
@@ -24,10 +24,16 @@ def open_transfer_set(
     base_dir: str | Path | None = None,
     roots: Sequence[str | Path] | None = None,
     fingerprints: FingerprintPolicy | None = None,
+    prompts: int | None = None,
 ) -> TransferSet:
     """Open a transfer set. Paths resolve against ``base_dir`` and must lie in ``roots`` when given;
-    ``fingerprints``: how its fingerprint is computed (default: from scratch, every file hashed)."""
+    ``fingerprints``: how its fingerprint is computed (default: from scratch, every file hashed); ``prompts``:
+    open a text set's prompts instead, each that many times (the rows of a job whose teachers write responses)."""
     ds = _open(parse_data_spec(spec), allow_code=allow_code, base_dir=base_dir, roots=roots)
+    if prompts is not None:
+        if not isinstance(ds, TextSet):
+            raise SpecError(f"a {ds.spec.kind} transfer set holds no prompts to write responses to")
+        ds = PromptSet(ds, prompts)
     if len(ds) == 0:  # here, before anything (a fingerprint, a probe) reads a first sample
         raise DataError("the transfer set is empty")
     if fingerprints is not None:

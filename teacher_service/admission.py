@@ -76,7 +76,7 @@ def admit(spec: JobSpec, settings: Settings, known: Callable[[str], bool] | None
     """The job's key and, unless ``known(key)`` says the job exists already, its store metadata: every
     teacher loaded on the CPU (within the parameter budget) and probed on two samples."""
     data = open_transfer_set(spec.data, allow_code=settings.allow_code, roots=settings.roots,
-                             fingerprints=settings.fingerprints)
+                             fingerprints=settings.fingerprints, prompts=spec.responses and spec.responses.n)
     key = identify(spec, allow_code=settings.allow_code, roots=settings.roots, data=data)
     if known is not None and known(key):
         return key, None  # not one forward pass for a job that exists

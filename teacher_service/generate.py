@@ -47,7 +47,8 @@ def prepare(
     """Open the data, load the teachers, check they fit each other, build the store's metadata."""
     check_device(device)
     dev = torch.device(device)
-    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
+    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints,
+                                     prompts=spec.responses and spec.responses.n)
     kind = TEACHERS[kind_for_data(spec.data.kind).name]
     job = kind.prepare(spec, data, device=dev, allow_code=allow_code, roots=roots, max_params=max_params,
                        channels_last=channels_last)

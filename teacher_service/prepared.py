@@ -288,5 +288,6 @@ def identify(spec: JobSpec, *, allow_code: bool = False, roots: Sequence[str | P
         if not path.is_file():
             raise WeightsNotFoundError(f"weights of {m.label!r} not found: {path}")
         hashes.append(sha256_file(path))
-    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints)
+    data = data or open_transfer_set(spec.data, allow_code=allow_code, roots=roots, fingerprints=fingerprints,
+                                     prompts=spec.responses and spec.responses.n)
     return spec.job_key(hashes, data.fingerprint)

@@ -18,7 +18,6 @@ import torch
 
 from darkstore.errors import SpecError
 from darkstore.lm import LanguageModel, check_fit, load_lm
-from darkstore.text import PromptSet
 from storage import StoreWriter
 from storage.errors import NonFiniteLogitsError
 from storage.schema import ChatRecord, ResponsesRecord, SequenceRecord, TokenizerRecord
@@ -87,13 +86,11 @@ def check_dense(spec, vocab: int) -> None:
 
 
 def prepare_sequences(spec, data, *, device: torch.device, allow_code: bool, roots, max_params: int | None):
-    """The LM teachers loaded and checked against the text transfer set (for a responses job, its prompts,
-    each ``n`` times); the sequence store's metadata."""
+    """The LM teachers loaded and checked against the text transfer set (for a responses job, its prompts:
+    :class:`darkstore.text.PromptSet`); the sequence store's metadata."""
     vocab = data.tokenizer.vocab_size
     check_dense(spec, vocab)
     targets = targets_record(spec, vocab, "tokens")
-    if spec.responses is not None:
-        data = PromptSet(data, spec.responses.n)
     members = load_members(spec, data, device=device, allow_code=allow_code, roots=roots, max_params=max_params)
     stride = 1 if spec.responses is not None else teacher_stride(members, spec.combine)
     sequence = sequence_record(data, stride, spec.responses)
