@@ -97,10 +97,13 @@ class _GenerationProgress:
     def __init__(self, progress, part):
         self.progress, self.part = progress, part
         self.id, self.n, self.per, self.unit, self.said = None, 0, 1, "rows", None
+        self.writer, self.counts_written, self.written0 = None, False, 0
 
     def start(self, writer, chunks) -> None:
         meta, part = writer.meta, self.part
-        self.per, self.unit = meta.positions_per_row, meta.kind.unit
+        self.unit, self.per, self.counts_written = meta.kind.progress(meta)
+        self.writer = writer
+        self.written0 = self._written()
         mine = meta.num_rows if part is None else sum(
             b - a for a, b in map(writer.bounds, part.chunks(range(meta.n_chunks))))
         done = mine - sum(b - a for a, b in map(writer.bounds, chunks))
@@ -113,11 +116,22 @@ class _GenerationProgress:
         elif done:
             console.print(f"resuming: {done} of {mine} rows already committed")
 
+    def _written(self) -> int:
+        """Tokens written into the committed chunks (responses stores)."""
+        if not self.counts_written:
+            return 0
+        return int(self.writer.group["stats"][:][self.writer.done_mask()][:, 0].sum())
+
     def rows(self, n: int) -> None:
         self.n += n
         n *= self.per
-        rate = self.n * self.per / max(1e-9, time.perf_counter() - self.t)
-        self.progress.update(self.id, advance=n, rate=f"{rate:,.0f} {self.unit}/s")
+        seconds = max(1e-9, time.perf_counter() - self.t)
+        rate = self.n * self.per / seconds
+        said = f"{rate:,.1f} {self.unit}/s" if rate < 10 else f"{rate:,.0f} {self.unit}/s"
+        if self.counts_written:
+            written = self._written()
+            said += f", {written:,} tokens written, {(written - self.written0) / seconds:,.0f} tokens/s"
+        self.progress.update(self.id, advance=n, rate=said)
         if not self.progress.disable:
             return
         t = _task(self.progress, self.id)  # a log file, CI, a notebook: no bar, so a line every tenth
@@ -125,8 +139,7 @@ class _GenerationProgress:
         if tenth > (self.said if self.said is not None else int(10 * (t.completed - n) / max(1, t.total))):
             self.said = tenth
             console.print(f"{t.description}: {int(t.completed):,} of {int(t.total):,} {self.unit} "
-                          f"({100 * t.completed / max(1, t.total):.0f} %), {rate:,.0f} {self.unit}/s",
-                          highlight=False)
+                          f"({100 * t.completed / max(1, t.total):.0f} %), {said}", highlight=False)
 
 
 def _job_spec(job: Optional[Path], teachers: Optional[Path], data: Optional[str], settings: dict, *,

@@ -371,8 +371,10 @@ def job_exists(home: str, store_root: str | None, key: str) -> bool:
 
 
 def _positions(meta: StoreMeta) -> int | None:
-    """Target positions per row where a row has several (None: one, a row of classes)."""
-    return meta.kind.length(meta)
+    """Target positions per row where the job's work is counted in them (None: in rows, a row of classes or a
+    written response)."""
+    unit, per, _ = meta.kind.progress(meta)
+    return per if unit == "tokens" else None
 
 
 def make_view(rec: JobRecord, prog: Progress) -> JobView:

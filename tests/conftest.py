@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -187,6 +188,51 @@ def lm_kit(tmp_path_factory) -> dict:
         return path
 
     return {"root": root, "tokenizer": tok, "corpus": corpus, "members": members, "job": job}
+
+
+@pytest.fixture(scope="session")
+def chat_kit(lm_kit, tmp_path_factory) -> dict:
+    """A ChatML tokenizer (vocabulary 514), twelve prompts with answers, a built-in GPT leaning towards EOS, a
+    transformers GPT-2 and another built-in GPT; ``job(path, members, **options)`` writes a responses or scoring
+    job of rows of 40 positions, top-8 targets."""
+    from safetensors.torch import load_file
+
+    from darkstore.gpt import GPT
+    from darkstore.models import save_weights
+    from darkstore.text import load_tokenizer
+    from darkstore_app.lmkit import chat_tokenizer, gpt2_teacher, gpt_teacher
+
+    V = 514
+    root = tmp_path_factory.mktemp("responses")
+    tok = chat_tokenizer(lm_kit["tokenizer"], root / "tok")
+    eos = load_tokenizer(tok).eos_id
+    a = gpt_teacher(root / "a.safetensors", V, seed=0, **LM_CONFIG)
+    model = GPT(V, **LM_CONFIG)
+    model.load_state_dict(load_file(root / "a.safetensors"))
+    with torch.no_grad():  # EOS's logit follows one hidden unit: some responses end early, others run on
+        model.ln_f.bias[0] = 0.5
+        model.lm_head.weight[eos] = 0.0
+        model.lm_head.weight[eos, 0] = 6.0
+    save_weights(model, root / "a.safetensors")
+    b = gpt2_teacher(root / "b", V, seed=1, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    c = gpt_teacher(root / "c.safetensors", V, seed=2, **LM_CONFIG)
+    records = [{"prompt": f"What is {i} + {i % 3}?", "completion": f"{i + i % 3}"} for i in range(12)]
+    (root / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def job(path: Path, members: list | None = None, at: Path | None = root, **options) -> Path:
+        """A job file; ``at``: where the kit's files are named from (None: relative paths, for a copy of the
+        kit's folder beside the job file)."""
+        def where(name):
+            return name if at is None else str(at / name)
+
+        data = {"kind": "text", "root": where("p.jsonl"), "format": "jsonl", "tokenizer": where(tok.name),
+                "length": 40, "packing": "chat", **options.pop("data", {})}
+        spec = {"teachers": {"members": [dict(m, weights=where(m["weights"])) for m in (members or [a, b])]},
+                "data": data, "targets": "topk:8", "chunk_rows": 6, **options}
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return {"root": root, "tokenizer": tok, "eos": eos, "members": [a, b, c], "job": job}
 
 
 def pytest_collection_finish(session):

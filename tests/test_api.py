@@ -381,6 +381,24 @@ def test_language_model_jobs_over_rest_match_generate(site, lm_kit, tmp_path):
         assert s.targets == "sampled:8@1" and s.sequence["length"] == 32 and s.perplexity["ensemble"] > 1
 
 
+def test_a_responses_job_over_rest_matches_generate(site, chat_kit):
+    """Teachers writing responses to chat prompts, submitted with `darkstore submit`: the same key and bytes as
+    `darkstore generate`, progress counted in responses."""
+    import shutil
+
+    proj = site["root"] / "chat"
+    shutil.copytree(chat_kit["root"], proj)
+    job = chat_kit["job"](proj / "job.yaml", members=chat_kit["members"][:2], at=None,
+                          responses={"max_new_tokens": 12, "n": 2, "seed": 4, "top_p": 0.95})
+    served, _ = generate_and_submit(site, job, proj / "local")
+    assert served.state == "succeeded", served.error
+    a, b = open_store(served.store), open_store(proj / "local")
+    assert a.meta.job_key == b.meta.job_key and a.meta.sequence.responses.prompts == 12
+    assert served.progress.rows_done == 24 and served.progress.tokens_total is None
+    for name in ("tokens", "loss_mask", "finish", "topk_index", "topk_logits", "tail_lse"):
+        np.testing.assert_array_equal(a.read_field(name), b.read_field(name), err_msg=name)
+
+
 def test_a_store_generate_made_is_adopted_not_recomputed(site, tmp_path):
     """`submit --adopt STORE`: the store `generate` made for this very job, inside the data root, is verified
     and becomes the job's store (no teacher runs); a store of another job is refused."""

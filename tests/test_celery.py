@@ -228,6 +228,37 @@ def test_direct_celery_submission(cluster):
         submit_via_celery(bad, c["settings"], timeout=60)
 
 
+def test_a_responses_job_on_two_workers_matches_generate(cluster, chat_kit):
+    """Teachers writing responses, submitted through the broker alone: the workers share its chunks and write
+    the bytes `darkstore generate` writes."""
+    import shutil
+
+    from teacher_service.celery_app import submit_via_celery
+
+    c = cluster
+    proj = c["root"] / "chat"
+    shutil.copytree(chat_kit["root"], proj)
+    job = chat_kit["job"](proj / "job.yaml", members=chat_kit["members"][:1], at=None, chunk_rows=2,
+                          responses={"max_new_tokens": 10, "n": 2, "seed": 2})
+    local = subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(c["tmp"] / "chat-local")],
+                           env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert local.returncode == 0, local.stderr
+    body = yaml.safe_load(job.read_text())
+    body["data"]["root"], body["data"]["tokenizer"] = "chat/p.jsonl", "chat/tok"
+    body["teachers"]["members"][0]["weights"] = "chat/" + body["teachers"]["members"][0]["weights"]
+    view, created = submit_via_celery(body, c["settings"], timeout=60)
+    assert created
+    with api(c) as client:
+        done = client.wait(view.id, timeout=180)
+        assert done.state == "succeeded", done.error
+        committed = [e for e in client.events(view.id) if e["event"] == "chunk_committed"]
+    assert sorted(e["chunk"] for e in committed) == list(range(12))
+    a, b = open_store(done.store), open_store(c["tmp"] / "chat-local")
+    assert a.meta.job_key == b.meta.job_key
+    for name in ("tokens", "loss_mask", "finish", "topk_index", "topk_logits", "tail_lse"):
+        np.testing.assert_array_equal(a.read_field(name), b.read_field(name), err_msg=name)
+
+
 def test_soft_time_limit_requeues_the_rest_of_a_range_or_fails_clearly(cluster):
     """Soft limit 4.5 s: a 3-chunk task at 2 s per chunk commits 2 chunks, then hands the third back
     to the queue; a single chunk longer than the limit fails the job with advice instead of looping."""

@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from darkstore.lm import load_lm
-from darkstore.models import ModelSpec, save_weights
-from darkstore.gpt import GPT
+from darkstore.models import ModelSpec
 from darkstore.text import load_tokenizer
-from darkstore_app.lmkit import chat_tokenizer, gpt2_teacher, gpt_teacher
 from storage import open_store
 from storage.fields import row_fields
 from storage.forms.topk import TopK
@@ -26,41 +23,16 @@ from teacher_service.generate import Shard
 from teacher_service.generate import generate as run
 from teacher_service.spec import JobSpec
 
-from .conftest import DARKSTORE, LM_CONFIG, cli_env
+from .conftest import DARKSTORE, cli_env
 from .procs import kill_generation_midway
 
 V = 514  # the base tokenizer's 512 and ChatML's two
 LENGTH = 40
 
 
-@pytest.fixture(scope="module")
-def kit(lm_kit, tmp_path_factory) -> dict:
-    """A ChatML tokenizer, prompts, a built-in GPT leaning towards EOS and a transformers GPT-2."""
-    root = tmp_path_factory.mktemp("responses")
-    tok = chat_tokenizer(lm_kit["tokenizer"], root / "tok")
-    eos = load_tokenizer(tok).eos_id
-    a = gpt_teacher(root / "a.safetensors", V, seed=0, **LM_CONFIG)
-    model = GPT(V, **LM_CONFIG)
-    model.load_state_dict(load_file(root / "a.safetensors"))
-    with torch.no_grad():  # EOS's logit follows one hidden unit: some responses end early, others run on
-        model.ln_f.bias[0] = 0.5
-        model.lm_head.weight[eos] = 0.0
-        model.lm_head.weight[eos, 0] = 6.0
-    save_weights(model, root / "a.safetensors")
-    b = gpt2_teacher(root / "b", V, seed=1, n_positions=64, n_embd=32, n_layer=1, n_head=2)
-    c = gpt_teacher(root / "c.safetensors", V, seed=2, **LM_CONFIG)
-    records = [{"prompt": f"What is {i} + {i % 3}?", "completion": f"{i + i % 3}"} for i in range(12)]
-    (root / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    def job(path: Path, members: list | None = None, **options) -> Path:
-        data = {"kind": "text", "root": str(root / "p.jsonl"), "format": "jsonl", "tokenizer": str(tok),
-                "length": LENGTH, "packing": "chat", **options.pop("data", {})}
-        spec = {"teachers": {"members": [dict(m, weights=str(root / m["weights"])) for m in (members or [a, b])]},
-                "data": data, "targets": "topk:8", "chunk_rows": 6, **options}
-        path.write_text(yaml.safe_dump(spec))
-        return path
-
-    return {"root": root, "tokenizer": tok, "eos": eos, "members": [a, b, c], "job": job}
+@pytest.fixture
+def kit(chat_kit) -> dict:
+    return chat_kit
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
@@ -96,6 +68,7 @@ def test_written_tokens_and_their_targets_match_a_float64_recomputation(kit, tmp
     done = subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(tmp_path / "s")], env=cli_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "24 of 24 responses (100 %)" in done.stderr and "tokens written" in done.stderr
     r = open_store(tmp_path / "s")
     r.verify()
     m = r.meta
@@ -235,3 +208,42 @@ def test_each_bad_responses_job_is_refused_in_one_line(kit, lm_kit, tmp_path, op
     done = subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(tmp_path / "s")], env=cli_env(),
                           capture_output=True, text=True, timeout=120)
     _one_error(done, tmp_path / "s", says)
+
+
+def test_a_student_of_written_responses_exports_a_model_that_answers_a_conversation(kit, tmp_path):
+    """Prompts alone (no assistant turn) are answered; a student trained on the answers through the CLI, on the
+    written tokens and their targets (--alpha), exports a transformers directory whose tokenizer renders the
+    store's chat template and whose ``generate`` answers a conversation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    asks = [{"messages": [{"role": "user", "content": f"Name {i}."}]} for i in range(6)]
+    (tmp_path / "asks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in asks))
+    data = {"root": str(tmp_path / "asks.jsonl")}
+    job = kit["job"](tmp_path / "job.yaml", members=kit["members"][:1], data=data,
+                     responses={"max_new_tokens": 8, "n": 2})
+    scored = kit["job"](tmp_path / "scored.yaml", members=kit["members"][:1], data=data)
+    refused = subprocess.run([*DARKSTORE, "generate", "--job", str(scored), "--out", str(tmp_path / "x")],
+                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    _one_error(refused, tmp_path / "x", "has no assistant turn")
+    for args in (["generate", "--job", str(job), "--out", str(tmp_path / "s")],
+                 ["train", "--store", str(tmp_path / "s"), "--student", "gpt", "--arch-kwargs",
+                  json.dumps({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": LENGTH}), "--epochs", "1",
+                  "--batch-size", "4", "--alpha", "0.5", "--out", str(tmp_path / "run")],
+                 ["export", str(tmp_path / "run"), "--format", "transformers"]):
+        done = subprocess.run([*DARKSTORE, *args], env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    r = open_store(tmp_path / "s")
+    assert r.meta.sequence.responses.prompts == 6 and r.meta.num_rows == 12
+    out = tmp_path / "run" / "export" / "transformers"
+    hf_tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert hf_tok.chat_template == r.meta.sequence.chat.template
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": "Name 3."}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    rows = r.read_chunks(r.finished_chunks(), ["tokens", "loss_mask", "index"])
+    row = int(np.flatnonzero(rows["index"] // 2 == 3)[0])
+    plen = int(rows["loss_mask"][row].argmax()) + 1
+    assert list(ids) == rows["tokens"][row, :plen].tolist()  # the export renders a prompt as the store did
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    answer = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                            pad_token_id=hf_tok.pad_token_id)
+    assert answer.shape[1] > len(ids) and answer[0, :len(ids)].tolist() == list(ids)

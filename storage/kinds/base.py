@@ -62,6 +62,11 @@ class Kind:
         """A compressed field's zarr filters and compressors."""
         return None, compressors
 
+    def progress(self, meta: "StoreMeta") -> tuple[str, int, bool]:
+        """How generation counts its work: the unit, units per row, and whether it also reports the tokens
+        written (``stats[:, 0]`` of the committed chunks)."""
+        return self.unit, self.positions(meta), False
+
     def own_bytes(self, meta: "StoreMeta") -> int:
         """Uncompressed bytes of one row's fields other than its targets."""
         raise NotImplementedError

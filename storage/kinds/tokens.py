@@ -105,6 +105,13 @@ class Tokens(Kind):
         shuffle = [Shuffle(elementsize=dtype.itemsize)] if dtype.itemsize > 1 else []
         return filters, (*shuffle, *compressors)
 
+    def progress(self, meta):
+        """Responses written by the teachers are counted as responses, with the tokens written beside them;
+        other token rows in tokens (positions)."""
+        if meta.sequence.responses is not None:
+            return "responses", 1, True
+        return super().progress(meta)
+
     def own_bytes(self, meta) -> int:
         length = meta.sequence.length
         return np.dtype(self.index_dtype(meta)).itemsize * (length + 1) + length + 8
