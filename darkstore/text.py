@@ -64,6 +64,28 @@ class LoadedTokenizer:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
+def render_row(tok: LoadedTokenizer, tokens: list[int], mask: list[int], chars: int = 600) -> list[tuple[str, bool]]:
+    """A stored row as text, in runs that carry a loss (True) or not (the prompt, the template's markers), the
+    padding after the last token with a loss left out; at most the last ``chars`` characters."""
+    last = max((t for t, on in enumerate(mask) if on), default=len(mask) - 1) + 2  # tokens through the last label
+    runs: list[tuple[list[int], bool]] = []
+    for j, t in enumerate(tokens[:last]):
+        on = bool(j and mask[j - 1])  # token j is position j - 1's label
+        if runs and runs[-1][1] == on:
+            runs[-1][0].append(t)
+        else:
+            runs.append(([t], on))
+    out = [(tok.tokenizer.decode(ids, skip_special_tokens=False), on) for ids, on in runs]
+    total, kept = 0, []
+    for text, on in reversed(out):
+        if total + len(text) > chars:
+            kept.append(("…" + text[len(text) - (chars - total):], on))
+            break
+        kept.append((text, on))
+        total += len(text)
+    return kept[::-1]
+
+
 def tokenizer_fingerprint(tokenizer: Any, eos_id: int | None, pad_id: int | None) -> str:
     canon = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, separators=(",", ":"))
     h = hashlib.sha256(b"darkstore-tokenizer-v1\0")

@@ -366,6 +366,8 @@ def inspect(
     store: Annotated[str, typer.Argument(help="store: a directory, file:///… or s3://bucket/prefix")],
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON", metavar="")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="also read every committed row and check it", metavar="")] = False,
+    examples: Annotated[int, typer.Option("--examples", min=0, help="a token store: show this many rows as text, "
+                                          "what carries a loss marked (and why a written response ended)")] = 2,
 ):
     """Describe a store: shape, size, teachers, combine rule, completeness, accuracies."""
     from storage import open_store
@@ -374,8 +376,9 @@ def inspect(
     if verify:
         reader.verify()
     s = reader.summary()
+    shown = reader.meta.kind.examples(reader, examples)
     if as_json:
-        out.print_json(json.dumps(s))
+        out.print_json(json.dumps({**s, "examples": shown}))
         return
     t = Table(title=f"darkstore store {s['path']}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -421,3 +424,26 @@ def inspect(
     t.add_row("job key", s["job_key"][:16] + "…")
     t.add_row("created", f"{s['created_at']} by darkstore {s['software_version']}")
     out.print(t)
+    _examples(reader.meta, shown)
+
+
+def _examples(meta, shown: list[dict]) -> None:
+    """Rows of a token store as text: what carries a loss in green between ⟦ and ⟧."""
+    if not shown:
+        return
+    from rich.markup import escape
+
+    from darkstore.errors import DarkstoreError
+    from darkstore.text import load_tokenizer, render_row
+
+    path = meta.sequence.tokenizer.path
+    try:
+        tok = load_tokenizer(path)
+    except DarkstoreError as exc:
+        out.print(f"examples not shown: the store's tokenizer cannot be read here ({exc})")
+        return
+    for e in shown:
+        why = f", ended by {e['finish']}" if "finish" in e else ""
+        out.print(f"[bold]row {e['row']}[/] (sample {e['index']}{why}); what carries a loss is in [green]⟦…⟧[/]:")
+        out.print("".join(f"[green]⟦{escape(text)}⟧[/]" if on else escape(text)
+                          for text, on in render_row(tok, e["tokens"], e["loss_mask"])), highlight=False)

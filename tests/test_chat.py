@@ -179,3 +179,7 @@ def test_a_chat_store_keeps_its_template_and_counts(chat_tok, tmp_path):
     tokens, mask = (a.numpy() for a in ds.get_batch(np.arange(len(ds))))
     assert np.array_equal(fields["tokens"][order], tokens) and np.array_equal(fields["loss_mask"][order], mask)
     assert seq.positions == int(mask.sum())
+    shown = subprocess.run([*DARKSTORE, "inspect", str(tmp_path / "s")], env=cli_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "3 truncated" in shown.stdout and "every assistant turn" in shown.stdout
+    assert "⟦" in shown.stdout and "ended by" not in shown.stdout

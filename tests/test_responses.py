@@ -114,6 +114,18 @@ def test_written_tokens_and_their_targets_match_a_float64_recomputation(kit, tmp
     above = (p * (p > at[..., None])).sum(-1)
     assert (above[keep] < 0.9 + 1e-6).all()
 
+    # inspect shows rows as text, what carries a loss marked, and why each response ended
+    shown = subprocess.run([*DARKSTORE, "inspect", str(tmp_path / "s"), "--examples", "3"], env=cli_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("ended by") == 3 and shown.stdout.count("⟦") >= 3
+    assert "written by the teachers: 2 per prompt to 12 prompts" in shown.stdout
+    js = json.loads(subprocess.run([*DARKSTORE, "inspect", str(tmp_path / "s"), "--json"], env=cli_env(),
+                                   capture_output=True, text=True, timeout=120).stdout)
+    rows = r.finished_rows()[:2]
+    assert [e["tokens"] for e in js["examples"]] == tokens[rows].tolist()
+    assert [e["finish"] for e in js["examples"]] == [{1: "eos", 3: "length"}[int(f)] for f in finish[rows]]
+
     # the ensemble's statistics cover the written tokens (each member's too: every position, stride 1)
     nll64 = -torch.log_softmax(ell, -1).gather(-1, y[..., None])[..., 0][keep].sum()
     assert float(r.group["nll"][:][:, 0].sum()) == pytest.approx(float(nll64), rel=1e-5)

@@ -88,6 +88,10 @@ class Kind:
         """What the store's inference engines reported and how their answers fared (None: no engines)."""
         return None
 
+    def examples(self, reader: Any, n: int) -> list[dict[str, Any]]:
+        """A few committed rows as ``inspect`` shows them (none where the kind has nothing to show)."""
+        return []
+
     def record(self, meta: "StoreMeta") -> dict[str, Any] | None:
         """The kind's record as ``inspect`` and the summary show it."""
         return None

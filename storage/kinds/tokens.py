@@ -150,6 +150,18 @@ class Tokens(Kind):
                 "reference_kl": {t.name: (None if np.isnan(checked[0, j]) else float(checked[0, j]))
                                  if len(checked) else None for j, t in enumerate(meta.teachers)}}
 
+    def examples(self, reader, n):
+        """The first ``n`` committed rows: their tokens, loss mask and (written responses) why each ended."""
+        rows = reader.finished_rows()[:n]
+        if not len(rows):
+            return []
+        names = ["tokens", "loss_mask", "index"] + ["finish"] * (reader.meta.sequence.responses is not None)
+        got = reader.read(rows, names)
+        return [{"row": int(r), "index": int(got["index"][j]), "tokens": got["tokens"][j].tolist(),
+                 "loss_mask": got["loss_mask"][j].tolist(),
+                 **({"finish": FINISH[int(got["finish"][j])]} if "finish" in got else {})}
+                for j, r in enumerate(rows)]
+
     def record(self, meta):
         return meta.sequence.model_dump()
 
@@ -160,10 +172,33 @@ class Tokens(Kind):
                   else s["dtype"]) + f", {s['values']}"
         return [("targets", f"{s['targets']} of {s['classes']:,} tokens per position, {seq['length']} positions per "
                             f"row; values {values}; chunks of {s['chunk_rows']} rows, {s['compressor']}"),
-                ("sequences", f"{s['rows']:,} rows ({seq['packing']}), {seq['positions']:,} positions with a loss, "
+                ("sequences", f"{s['rows']:,} rows ({seq['packing']}), {self._positions(s):,} positions with a loss, "
                               f"from {human(seq['text_bytes'])} of text; tokenizer {tok['path']} "
                               f"({tok['vocab_size']:,} tokens, fingerprint {tok['fingerprint'][:16]}…)"),
-                *self._engine_lines(s.get("engine"))]
+                *self._chat_lines(seq), *self._engine_lines(s.get("engine"))]
+
+    @staticmethod
+    def _positions(s):
+        """Positions with a loss: the set's, or for written responses the tokens written so far."""
+        if s["sequence"].get("responses") and s["accuracy"]:
+            return s["accuracy"]["labeled_rows"]
+        return s["sequence"]["positions"]
+
+    @staticmethod
+    def _chat_lines(seq):
+        out = []
+        chat, r = seq.get("chat"), seq.get("responses")
+        if chat:
+            out.append(("chat", f"template from {chat['source']} (sha256 {chat['sha256'][:16]}…); loss on "
+                        f"{'every assistant turn' if chat['turns'] == 'all' else 'the last assistant turn'}; "
+                        f"{chat['conversations']:,} conversations read, {chat['truncated']:,} truncated, "
+                        f"{chat['dropped']:,} dropped"))
+        if r:
+            stop = f", stop {', '.join(map(repr, r['stop']))}" if r["stop"] else ""
+            out.append(("responses", f"written by the teachers: {r['n']} per prompt to {r['prompts']:,} prompts "
+                        f"({r['dropped']:,} left out: no room), up to {r['max_new_tokens']} tokens, temperature "
+                        f"{r['temperature']:g}, top-p {r['top_p']:g}{stop}, seed {r['seed']}"))
+        return out
 
     @staticmethod
     def _engine_lines(e):
