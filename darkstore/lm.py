@@ -14,6 +14,7 @@ whole, and says so.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import hashlib
@@ -34,10 +35,13 @@ class TokenizerMismatchError(SpecError):
 
 @dataclass
 class DecodeState:
-    """What a member keeps between decoding steps: its key/value cache and which positions are real tokens."""
+    """What a member keeps between decoding steps: its key/value cache, which of the positions so far are real
+    tokens (``valid[:, :used]``; a buffer of the decoding's whole size) and each row's next position."""
 
     cache: Any
-    valid: torch.Tensor  # [B, S] bool
+    valid: torch.Tensor  # [B, size] bool
+    used: int
+    next_pos: torch.Tensor  # [B, 1] long
 
 
 @dataclass
@@ -74,11 +78,13 @@ class LanguageModel:
         -> the last position's hidden states [B, H] (logits where not sliced) and the cache to continue from,
         room for ``size`` positions in all."""
         pos = (valid.long().cumsum(1) - 1).clamp_min(0)
-        state = DecodeState(None, valid)
+        t = tokens.shape[1]
+        buffer = valid.new_zeros(valid.shape[0], size)
+        buffer[:, :t] = valid
+        state = DecodeState(None, buffer, t, valid.long().sum(1, keepdim=True))
         if self.kind == "gpt":
             m = self.loaded.module
             state.cache = m.new_cache(tokens.shape[0], size, m.wte.weight)
-            t = tokens.shape[1]
             causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
             attend = causal & (valid[:, None, None, :] | torch.eye(t, dtype=torch.bool, device=tokens.device))
             return m.hidden_cached(tokens, pos, state.cache, attend)[:, -1], state
@@ -89,20 +95,21 @@ class LanguageModel:
 
     def step(self, token: torch.Tensor, state: "DecodeState") -> torch.Tensor:
         """The next token of every sequence [B] -> its hidden states [B, H] (logits where not sliced)."""
-        pos = state.valid.sum(1, keepdim=True)
-        state.valid = torch.cat([state.valid, state.valid.new_ones(len(token), 1)], dim=1)
+        pos = state.next_pos.clone()
+        state.next_pos += 1
+        state.valid[:, state.used] = True
+        state.used += 1
         if self.kind == "gpt":
-            attend = state.valid[:, None, None, :]
+            attend = state.valid[:, None, None, :state.used]
             return self.loaded.module.hidden_cached(token[:, None], pos, state.cache, attend)[:, -1]
         return self._hf_step(token[:, None], pos, state)
 
     def _hf_step(self, tokens: torch.Tensor, pos: torch.Tensor, state: "DecodeState") -> torch.Tensor:
         m = self.loaded.module
         net = m if not self.sliced else m.base_model
-        # transformers 5.2x names the cache ``cache``; earlier releases ``past_key_values``
-        name = "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
-        out = net(input_ids=tokens, attention_mask=state.valid.long(), position_ids=pos, use_cache=True,
-                  **{name: state.cache})
+        name = _cache_argument(type(net))
+        out = net(input_ids=tokens, attention_mask=state.valid[:, :state.used].long(), position_ids=pos,
+                  use_cache=True, **{name: state.cache})
         state.cache = out[name]
         return (out.logits if not self.sliced else out.last_hidden_state)[:, -1]
 
@@ -154,6 +161,13 @@ class LanguageModel:
             self.sliced = False
             self.notes.append("its head is not a plain output projection: logits computed whole, not by slices "
                               "of positions (memory grows with batch × length × vocabulary)")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(cls: type) -> str:
+    """What a transformers model's forward calls its key/value cache: ``cache`` in transformers 5.2x,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def load_lm(spec: ModelSpec, *, vocab_size: int, allow_code: bool = False,

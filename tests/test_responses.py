@@ -259,3 +259,26 @@ def test_a_student_of_written_responses_exports_a_model_that_answers_a_conversat
     answer = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
                             pad_token_id=hf_tok.pad_token_id)
     assert answer.shape[1] > len(ids) and answer[0, :len(ids)].tolist() == list(ids)
+
+
+@pytest.mark.parametrize("scale", [0.5, 8.0])  # nearly flat (the nucleus needs a whole sort) and peaked (a top-k)
+def test_the_sampler_draws_each_token_of_the_nucleus_at_its_renormalised_probability(scale):
+    """Inverse CDFs over a stratified grid of uniforms: every token's share of the draws is its probability
+    renormalised over the top-p nucleus (a float64 sort), whichever path found the nucleus."""
+    from storage.schema import ResponsesRecord
+    from teacher_service.kinds.responses import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    ell = torch.randn(6, 3000, generator=g) * scale
+    sampler = Sampler(ResponsesRecord(top_p=0.8, temperature=0.7), temperature=1.0)
+    n = 4000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    drawn = torch.stack([sampler.draw(ell, torch.full((6,), float(v), dtype=torch.float64)) for v in u], 1)
+    p = torch.softmax(ell.double() / 0.7, -1)
+    ps, order = p.sort(-1, descending=True)
+    keep = (ps.cumsum(-1) - ps) < 0.8
+    ref = torch.zeros_like(p).scatter(-1, order, ps * keep)
+    ref /= ref.sum(-1, keepdim=True)
+    freq = torch.zeros_like(p).scatter_add(-1, drawn, torch.ones_like(drawn, dtype=torch.float64)) / n
+    assert ((freq > 0) <= (ref > 0)).all()  # nothing outside the nucleus
+    assert (freq - ref).abs().max() <= 1.5 / n  # a stratified grid: each share within a grid step or so

@@ -30,6 +30,10 @@ from .token_targets import ChunkTargets
 #: the second half of the draws' Philox key (the first is the job's seed)
 DRAW_KEY = 0x5E5F0D5EC0DE
 EOS, STOP, LENGTH = 1, 2, 3
+#: how many of the most likely tokens a nucleus is looked for among, in turn, before a row is sorted whole
+NUCLEUS_FIRST = (256, 4096)
+#: decoding steps' values held before their targets are encoded together
+PENDING_BYTES = 8 << 20
 
 
 @dataclass
@@ -51,19 +55,43 @@ class Sampler:
         return torch.from_numpy(uniforms(philox(counters, (self.record.seed, DRAW_KEY))[..., 0]))
 
     def draw(self, ell: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """[b, V] values and [b] uniforms -> [b] token ids."""
-        tau = self.record.temperature
+        """[b, V] values and [b] uniforms -> [b] token ids. With top-p, a row's nucleus is looked for among its
+        most likely tokens (a top-k of each size in :data:`NUCLEUS_FIRST`, far cheaper than a sort), the whole
+        row sorted only where they hold less than top-p."""
+        tau, top_p = self.record.temperature, self.record.top_p
         if tau == 0:
             return ell.argmax(-1)
-        p = torch.softmax(ell.double() / (self.temperature * tau), dim=-1)
-        u = u.to(p.device)[:, None]
-        if self.record.top_p < 1:
-            p, order = p.sort(dim=-1, descending=True)
-            before = p.cumsum(-1) - p  # mass of the tokens ranked above each
-            p = p.masked_fill(before >= self.record.top_p, 0.0)
-        cdf = p.cumsum(-1)
-        idx = torch.searchsorted(cdf, (u * cdf[:, -1:]).contiguous(), right=True).clamp_max(p.shape[-1] - 1)[:, 0]
-        return order.gather(1, idx[:, None])[:, 0] if self.record.top_p < 1 else idx
+        x = ell.double()
+        if self.temperature * tau != 1:
+            x = x / (self.temperature * tau)
+        logz = x.logsumexp(-1, keepdim=True)
+        u = u.to(x.device, torch.float64)[:, None]
+        if top_p >= 1:
+            return _inverse_cdf((x - logz).exp(), None, u, 1.0)
+        out = torch.empty(len(x), dtype=torch.long, device=x.device)
+        rows = torch.arange(len(x), device=x.device)
+        for k in (*(k for k in NUCLEUS_FIRST if k < x.shape[-1]), x.shape[-1]):
+            vals, order = x[rows].topk(k, dim=-1) if k < x.shape[-1] else x[rows].sort(dim=-1, descending=True)
+            p = (vals - logz[rows]).exp()
+            found = p.sum(-1) >= top_p if k < x.shape[-1] else torch.ones(len(rows), dtype=torch.bool)
+            out[rows[found]] = _inverse_cdf(p[found], order[found], u[rows[found]], top_p)
+            rows = rows[~found]
+            if not len(rows):
+                break
+        return out
+
+
+def _inverse_cdf(p: torch.Tensor, order: torch.Tensor | None, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The token at uniform ``u`` of probabilities ``p`` [b, n] (in the order ``order`` gives: descending for a
+    nucleus; None: the vocabulary's), keeping the prefix whose mass before each token is below ``top_p``."""
+    cdf = p.cumsum(-1)
+    last = p.shape[-1] - 1
+    if top_p < 1:
+        last = (((cdf - p) < top_p).sum(-1, keepdim=True) - 1).clamp_min(0)
+    total = cdf[:, -1:] if top_p >= 1 else cdf.gather(-1, last)
+    idx = torch.searchsorted(cdf, (u * total).contiguous(), right=True)
+    idx = torch.minimum(idx, last if torch.is_tensor(last) else torch.full_like(idx, last))[:, 0]
+    return idx if order is None else order.gather(1, idx[:, None])[:, 0]
 
 
 class Stops:
@@ -129,25 +157,52 @@ def answer(dec: Decoding, batch: Rows, out: ChunkTargets, mask: np.ndarray, fini
     hidden, states = [h for h, _ in started], [s for _, s in started]
     active = np.ones(len(batch.rows), dtype=bool)
     vocab = out.meta.num_classes
-    written = 0
+    pending = Pending(out, refuse, dec.members)
     for s in range(steps):
         z = torch.stack([m.logits(h)[..., :vocab] for m, h in zip(dec.members, hidden)])
         ell = combine(z, dec.rule, out.meta.temperature)
         token = dec.sampler.draw(ell, u[:, s])
         on = np.flatnonzero(active)
         pos = batch.plen[on] - 1 + s
-        tok = token[on]
-        out.add_at(batch.rows[on], pos, ell[on], tok, refuse)
-        out.count_teachers(z[:, on, None], tok[:, None], torch.ones_like(tok, dtype=torch.bool)[:, None])
-        host = tok.cpu().numpy()
+        pending.add(batch.rows[on], pos, ell, z, token, on)
+        host = token[on].cpu().numpy()
         batch.tokens[on, pos + 1] = host
         mask[batch.rows[on], pos] = 1
-        written += len(on)
         _finish(dec, batch, on, host, s, budget, finish, active)
         if not active.any():
             break
         hidden = [m.step(token, st) for m, st in zip(dec.members, states)]
-    return written
+    return pending.flush()
+
+
+class Pending:
+    """Decoding steps' values held until about :data:`PENDING_BYTES` of them are, then encoded as one batch of
+    positions (a step's few rows would pay each operation's fixed cost once per step)."""
+
+    def __init__(self, out: ChunkTargets, refuse: Callable[[int, int], None], members: Sequence[LanguageModel]):
+        self.out, self.refuse, self.members = out, refuse, members
+        self.parts: list[tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.bytes = self.written = 0
+
+    def add(self, rows: np.ndarray, pos: np.ndarray, ell: torch.Tensor, z: torch.Tensor, token: torch.Tensor,
+            on: np.ndarray) -> None:
+        sel = torch.from_numpy(on).to(ell.device)
+        self.parts.append((rows, pos, ell.index_select(0, sel), z.index_select(1, sel), token.index_select(0, sel)))
+        self.bytes += 4 * ell.shape[-1] * len(on) * (1 + z.shape[0])
+        if self.bytes >= PENDING_BYTES:
+            self.flush()
+
+    def flush(self) -> int:
+        """Encode what is held; the tokens written so far."""
+        if self.parts:
+            rows, pos = (np.concatenate([p[i] for p in self.parts]) for i in (0, 1))
+            ell, token = torch.cat([p[2] for p in self.parts]), torch.cat([p[4] for p in self.parts])
+            z = torch.cat([p[3] for p in self.parts], dim=1)
+            self.out.add_at(rows, pos, ell, token, self.refuse)
+            self.out.count_teachers(z[:, :, None], token[:, None], torch.ones_like(token, dtype=torch.bool)[:, None])
+            self.written += len(rows)
+            self.parts, self.bytes = [], 0
+        return self.written
 
 
 def _finish(dec: Decoding, batch: Rows, on: np.ndarray, tok: np.ndarray, s: int, budget: np.ndarray,
