@@ -477,9 +477,20 @@ def example_data(
     quick: Annotated[bool, typer.Option("--quick", help="teachers trained for a few epochs only", metavar="")] = False,
     lm: Annotated[bool, typer.Option("--lm", help="a language-model example instead: the json package's sources, "
                                      "a tokenizer trained on them, two small GPT teachers, job.yaml", metavar="")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="a conversations example instead: questions with a right "
+                                       "answer in a chat template, two small GPT teachers trained on the answers, "
+                                       "job.yaml (the teachers write their answers) and gold.yaml", metavar="")] = False,
 ):
     """Write a ready-to-submit example into a data root: digits, trained teachers, job.yaml, student.yaml (or,
-    with --lm, a language-model job)."""
+    with --lm, a language-model job; with --chat, conversations the teachers answer)."""
+    if chat:
+        from darkstore_app.lmkit import write_chat_example
+
+        job = write_chat_example(root, steps=60 if quick else 600, records=600 if quick else 2000,
+                                 log=lambda m: console.print(m))
+        console.print(f"[green]ready[/]: the teachers write their answers with `darkstore generate --job {job} "
+                      "--out STORE`, or submit it")
+        return
     if lm:
         from darkstore_app.lmkit import write_lm_example
 

@@ -5,11 +5,14 @@ to a local directory). The LM demo, benches and tests build from here; nothing i
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
 import sysconfig
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -171,4 +174,116 @@ def write_lm_example(root: Path, *, steps: int = 150, log=print) -> Path:
         "teachers": {"members": members}, "targets": "topk:32",
         "data": {"kind": "text", "root": "corpus", "glob": "*.py", "tokenizer": "tokenizer", "length": 64}},
         sort_keys=False))
+    return job
+
+
+# --- a task with right answers, in conversations ---------------------------------------------------------
+#: positions per row of the question-and-answer conversations (the longest is 36 tokens)
+QA_LENGTH = 40
+
+
+def qa_records(n: int, seed: int, avoid: set | None = None) -> list[dict]:
+    """``n`` conversations with a right answer, half sums of two 2-digit numbers ("What is 37 + 48?" → "85"),
+    half random words spelt backwards ("Reverse the letters of kqzt." → "tzqk"), none of whose questions is in
+    ``avoid``; each record's ``kind`` says which."""
+    rng = random.Random(seed)
+    out, seen = [], set(avoid or ())
+    while len(out) < n:
+        if len(out) % 2 == 0:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            q, ans, kind = f"What is {a} + {b}?", str(a + b), "sum"
+        else:
+            w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 6)))
+            q, ans, kind = f"Reverse the letters of {w}.", w[::-1], "reverse"
+        if q in seen:
+            continue
+        seen.add(q)
+        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}],
+                    "kind": kind})
+    return out
+
+
+def qa_tokenizer(folder: Path, texts: list[str], vocab: int) -> Path:
+    """Byte-level BPE trained on ``texts`` with digits split one by one, ChatML's tokens, its template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    return folder
+
+
+def chat_data(path: Path, tok: Path, length: int = QA_LENGTH) -> dict:
+    """A chat transfer set's data spec: JSON lines of conversations, rows of ``length`` positions."""
+    return {"kind": "text", "root": str(path), "format": "jsonl", "tokenizer": str(tok), "length": length,
+            "packing": "chat"}
+
+
+def train_answer_gpt(path: Path, rows, mask, vocab: int, *, steps: int, seed: int, **config) -> dict:
+    """A built-in GPT trained on the answers (the loss mask) of conversation rows ``rows`` [N, L + 1] (AdamW,
+    a warm-up, cosine decay), saved as safetensors; returns its member spec."""
+    import torch.nn.functional as F
+
+    from darkstore.gpt import GPT
+    from darkstore.models import save_weights
+
+    torch.manual_seed(seed)
+    model = GPT(vocab, **config)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    x, m = torch.as_tensor(rows), torch.as_tensor(mask).bool()
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * min(1.0, (step + 1) / 200) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        b = torch.randint(len(x), (64,), generator=gen)
+        logits = model(x[b, :-1])
+        loss = F.cross_entropy(logits[m[b]], x[b, 1:][m[b]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    save_weights(model, path)
+    return {"name": path.stem, "arch": "gpt", "arch_kwargs": config, "weights": str(path)}
+
+
+def write_chat_example(root: Path, *, steps: int = 600, records: int = 2000, log=print) -> Path:
+    """A ready-to-run example of conversations in ``root``: ``train.jsonl`` and ``held.jsonl`` (questions with a
+    right answer: :func:`qa_records`), a tokenizer with ChatML's template trained on them, two small GPT teachers
+    trained on the training answers for ``steps`` steps, ``job.yaml`` (the teachers write their answers to the
+    training prompts, greedily, top-32 targets on each written token) and ``gold.yaml`` (the gold
+    conversations scored by the same teachers). Returns the job file."""
+    import yaml
+
+    from darkstore.transfer import open_transfer_set
+
+    root.mkdir(parents=True, exist_ok=True)
+    train = qa_records(records, seed=1)
+    held = qa_records(max(1, records // 10), seed=2, avoid={r["messages"][0]["content"] for r in train})
+    for name, recs in (("train", train), ("held", held)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = qa_tokenizer(root / "tokenizer", [m["content"] for r in train for m in r["messages"]], 400)
+    data = open_transfer_set(chat_data(root / "train.jsonl", tok))
+    (root / "teachers").mkdir(exist_ok=True)
+    members = []
+    for i in range(2):
+        m = train_answer_gpt(root / "teachers" / f"gpt{i}.safetensors", data.rows.tokens, data.rows.mask,
+                             data.tokenizer.vocab_size, steps=steps, seed=i, block_size=QA_LENGTH, n_layer=2,
+                             n_head=2, n_embd=64)
+        members.append({**m, "weights": f"teachers/gpt{i}.safetensors"})
+        log(f"trained teacher gpt{i} on the training answers for {steps} steps")
+    spec = {"kind": "text", "root": "train.jsonl", "format": "jsonl", "tokenizer": "tokenizer",
+            "length": QA_LENGTH, "packing": "chat"}
+    base = {"teachers": {"members": members}, "targets": "topk:32", "data": spec}
+    (root / "gold.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    job = root / "job.yaml"
+    job.write_text(yaml.safe_dump({**base, "responses": {"max_new_tokens": 8, "temperature": 0}}, sort_keys=False))
     return job

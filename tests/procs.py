@@ -195,3 +195,13 @@ def kill_generation_midway(args: list[str], out: Path, chunks: int = 3) -> None:
     proc.wait()
     partial = open_store(out, allow_incomplete=True)
     assert 0 < int(partial.done.sum()) < partial.meta.n_chunks, "the kill must land mid-job"
+
+
+def one_error(done, out, says: str) -> None:
+    """A CLI run refused its input: exit 2, one line on stderr starting ``error:`` and saying ``says``, and
+    nothing at ``out``."""
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert says in lines[0], lines[0]
+    assert not out.exists(), "nothing may be written"

@@ -24,7 +24,7 @@ from teacher_service.generate import generate as run
 from teacher_service.spec import JobSpec
 
 from .conftest import DARKSTORE, cli_env
-from .procs import kill_generation_midway
+from .procs import kill_generation_midway, one_error
 
 V = 514  # the base tokenizer's 512 and ChatML's two
 LENGTH = 40
@@ -197,14 +197,6 @@ def test_a_killed_responses_job_resumes_and_two_shards_write_the_same_bytes(kit,
     assert not np.array_equal(d["tokens"][order_d], b["tokens"][order_b])  # another seed, other draws
 
 
-def _one_error(done: subprocess.CompletedProcess, out: Path, says: str) -> None:
-    assert done.returncode == 2, done.stderr
-    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
-    assert says in lines[0], lines[0]
-    assert not out.exists(), "nothing may be written"
-
-
 @pytest.mark.parametrize("options, says", [
     ({"data": {"format": "files", "packing": "packed", "root": "{corpus}", "glob": "*.py"}},
      "responses are written to prompts: give a chat set"),
@@ -219,7 +211,7 @@ def test_each_bad_responses_job_is_refused_in_one_line(kit, lm_kit, tmp_path, op
     job = kit["job"](tmp_path / "job.yaml", members=kit["members"][:1], **options)
     done = subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(tmp_path / "s")], env=cli_env(),
                           capture_output=True, text=True, timeout=120)
-    _one_error(done, tmp_path / "s", says)
+    one_error(done, tmp_path / "s", says)
 
 
 def test_a_student_of_written_responses_exports_a_model_that_answers_a_conversation(kit, tmp_path):
@@ -236,7 +228,7 @@ def test_a_student_of_written_responses_exports_a_model_that_answers_a_conversat
     scored = kit["job"](tmp_path / "scored.yaml", members=kit["members"][:1], data=data)
     refused = subprocess.run([*DARKSTORE, "generate", "--job", str(scored), "--out", str(tmp_path / "x")],
                              env=cli_env(), capture_output=True, text=True, timeout=120)
-    _one_error(refused, tmp_path / "x", "has no assistant turn")
+    one_error(refused, tmp_path / "x", "has no assistant turn")
     for args in (["generate", "--job", str(job), "--out", str(tmp_path / "s")],
                  ["train", "--store", str(tmp_path / "s"), "--student", "gpt", "--arch-kwargs",
                   json.dumps({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": LENGTH}), "--epochs", "1",

@@ -22,7 +22,7 @@ from teacher_service.generate import generate as run
 from teacher_service.spec import JobSpec
 
 from .conftest import DARKSTORE, cli_env
-from .procs import kill_generation_midway
+from .procs import kill_generation_midway, one_error
 
 V = 512
 
@@ -152,14 +152,6 @@ def test_a_killed_capture_resumes_to_the_same_bytes(lm_kit, tmp_path):
         np.testing.assert_array_equal(c[k], b[k], err_msg=k)
 
 
-def _one_error(done: subprocess.CompletedProcess, out: Path, says: str) -> None:
-    assert done.returncode == 2, done.stderr
-    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
-    assert says in lines[0], lines[0]
-    assert not out.exists(), "nothing may be written"
-
-
 def test_bad_language_model_inputs_get_one_clear_error_and_write_nothing(lm_kit, tmp_path):
     """A mismatched tokenizer through the CLI (one `error:` line), then each other bad input in-process (the
     CLI prints every DarkstoreError alike): the error names the problem and nothing is written."""
@@ -169,7 +161,7 @@ def test_bad_language_model_inputs_get_one_clear_error_and_write_nothing(lm_kit,
     kit, out = lm_kit, tmp_path / "store"
     other = train_tokenizer(sorted((kit["corpus"].parent / "http").glob("*.py")), tmp_path / "other", 512)
     member = {**kit["members"][0], "tokenizer": str(other)}
-    _one_error(generate(kit["job"](tmp_path / "a.yaml", members_=[member, kit["members"][1]]), out),
+    one_error(generate(kit["job"](tmp_path / "a.yaml", members_=[member, kit["members"][1]]), out),
                out, "was made with another tokenizer")
 
     small = gpt_teacher(kit["root"] / "small.safetensors", 300, seed=0, block_size=64, n_layer=1, n_head=2, n_embd=32)
