@@ -114,8 +114,8 @@ class JobSpec(JobSettings):
         kind.check_job({"augment (recorded views)": self.augment is not None, "features (hints)": bool(self.features),
                         "keep_members": self.keep_members, "combine specialists": self.combine == "specialists"})
         if self.responses is not None and not kind.writes_responses:
-            raise ValueError(f"responses: teachers write responses to text prompts; a {self.data.kind} transfer set "
-                             "holds none")
+            raise ValueError(f"responses: teachers write responses to text prompts; a transfer set of kind "
+                             f"{self.data.kind} holds none")
         if self.responses is not None and any(m.engine is not None for m in self.teachers.members):
             raise ValueError("responses: engine teachers score given tokens; they do not write responses here "
                              "(run the job with local teachers)")

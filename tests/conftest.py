@@ -227,7 +227,8 @@ def chat_kit(lm_kit, tmp_path_factory) -> dict:
 
         data = {"kind": "text", "root": where("p.jsonl"), "format": "jsonl", "tokenizer": where(tok.name),
                 "length": 40, "packing": "chat", **options.pop("data", {})}
-        spec = {"teachers": {"members": [dict(m, weights=where(m["weights"])) for m in (members or [a, b])]},
+        spec = {"teachers": {"members": [dict(m, **({"weights": where(m["weights"])} if "weights" in m else {}))
+                                         for m in (members or [a, b])]},
                 "data": data, "targets": "topk:8", "chunk_rows": 6, **options}
         path.write_text(yaml.safe_dump(spec))
         return path

@@ -204,11 +204,19 @@ def test_a_killed_responses_job_resumes_and_two_shards_write_the_same_bytes(kit,
     ({"responses": {"max_new_tokens": 0}}, "max_new_tokens"),
     ({"responses": {"stop": [""]}}, "a stop string must not be empty"),
     ({"responses": {"top_p": 0}}, "top_p"),
+    ({"members": [{"name": "e", "engine": {"url": "http://127.0.0.1:9", "model": "m"}}]},
+     "engine teachers score given tokens; they do not write responses"),
+    ({"data": {"kind": "arrays", "path": "x.npz"}}, "a transfer set of kind arrays holds none"),
 ])
 def test_each_bad_responses_job_is_refused_in_one_line(kit, lm_kit, tmp_path, options, says):
     options = json.loads(json.dumps(options).replace("{corpus}", str(lm_kit["corpus"])))
     options.setdefault("responses", {})
-    job = kit["job"](tmp_path / "job.yaml", members=kit["members"][:1], **options)
+    members = options.pop("members", kit["members"][:1])
+    data = options.pop("data", {})
+    job = kit["job"](tmp_path / "job.yaml", members=members, data={} if "kind" in data else data, **options)
+    if "kind" in data:  # another kind of transfer set altogether
+        spec = yaml.safe_load(job.read_text())
+        job.write_text(yaml.safe_dump({**spec, "data": data}))
     done = subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(tmp_path / "s")], env=cli_env(),
                           capture_output=True, text=True, timeout=120)
     one_error(done, tmp_path / "s", says)
