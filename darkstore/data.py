@@ -217,6 +217,11 @@ class TransferSet(torch.utils.data.Dataset):
     decodes: bool = True  # reading a batch is per-sample work (files, decoding); False: one array slice
     fingerprints: FingerprintPolicy = FingerprintPolicy()  # open_transfer_set sets it
 
+    def prompt_set(self, n: int) -> "TransferSet":
+        """The set's prompts, each ``n`` times: the rows of a job whose teachers write responses (only a text
+        set holds prompts)."""
+        raise SpecError(f"a transfer set of kind {self.spec.kind} holds no prompts to write responses to")
+
     @cached_property
     def fingerprint_report(self) -> FingerprintReport:
         """What the fingerprint cost (filled when :attr:`fingerprint` is computed)."""

@@ -284,6 +284,9 @@ class TextSet(TransferSet):
             raise DataError("the tokenizer produced ids beyond its own vocabulary size")
         return rows
 
+    def prompt_set(self, n: int) -> "PromptSet":
+        return PromptSet(self, n)
+
     def prompts(self) -> list[str]:
         """Each record's prompt, for teachers to answer: a conversation without its closing assistant turn,
         rendered with the generation prompt (chat), or a record's prompt column (records)."""

@@ -14,7 +14,7 @@ from .data import (
 from .errors import DataError, DataNotFoundError, SpecError
 from .fingerprint import FingerprintPolicy
 from .paths import import_callable, resolve
-from .text import PromptSet, TextSet
+from .text import TextSet
 
 
 def open_transfer_set(
@@ -31,9 +31,7 @@ def open_transfer_set(
     open a text set's prompts instead, each that many times (the rows of a job whose teachers write responses)."""
     ds = _open(parse_data_spec(spec), allow_code=allow_code, base_dir=base_dir, roots=roots)
     if prompts is not None:
-        if not isinstance(ds, TextSet):
-            raise SpecError(f"a {ds.spec.kind} transfer set holds no prompts to write responses to")
-        ds = PromptSet(ds, prompts)
+        ds = ds.prompt_set(prompts)
     if len(ds) == 0:  # here, before anything (a fingerprint, a probe) reads a first sample
         raise DataError("the transfer set is empty")
     if fingerprints is not None:

@@ -15,6 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from darkstore.data import TextSpec
+from darkstore.gpt import GPT
+from darkstore.models import save_weights
+from darkstore.text import TextSet
+from darkstore.transfer import open_transfer_set
+
 
 def stdlib() -> Path:
     """The standard library's source directory."""
@@ -61,8 +67,6 @@ def chat_tokenizer(base: Path, out: Path, template: str = CHATML) -> Path:
 
 def gpt_teacher(path: Path, vocab_size: int, *, seed: int = 0, **config: Any) -> dict[str, Any]:
     """A built-in GPT saved as safetensors; returns its member spec (relative to ``path``'s folder)."""
-    from darkstore.gpt import GPT
-    from darkstore.models import save_weights
 
     torch.manual_seed(seed)
     save_weights(GPT(vocab_size, **config), path)
@@ -123,8 +127,6 @@ def train_gpt(path: Path, rows: Any, vocab_size: int, *, steps: int = 300, batch
     import numpy as np
     import torch.nn.functional as F
 
-    from darkstore.gpt import GPT
-    from darkstore.models import save_weights
 
     torch.manual_seed(seed)
     model = GPT(vocab_size, **config)
@@ -153,8 +155,6 @@ def write_lm_example(root: Path, *, steps: int = 150, log=print) -> Path:
     job.yaml asking for top-32 targets at 64 positions per row. Returns the job file."""
     import yaml
 
-    from darkstore.data import TextSpec
-    from darkstore.text import TextSet
 
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -232,8 +232,6 @@ def train_answer_gpt(path: Path, rows, mask, vocab: int, *, steps: int, seed: in
     a warm-up, cosine decay), saved as safetensors; returns its member spec."""
     import torch.nn.functional as F
 
-    from darkstore.gpt import GPT
-    from darkstore.models import save_weights
 
     torch.manual_seed(seed)
     model = GPT(vocab, **config)
@@ -263,7 +261,6 @@ def write_chat_example(root: Path, *, steps: int = 600, records: int = 2000, log
     conversations scored by the same teachers). Returns the job file."""
     import yaml
 
-    from darkstore.transfer import open_transfer_set
 
     root.mkdir(parents=True, exist_ok=True)
     train = qa_records(records, seed=1)
