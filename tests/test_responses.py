@@ -201,9 +201,7 @@ def test_a_killed_responses_job_resumes_and_two_shards_write_the_same_bytes(kit,
     ({"data": {"format": "files", "packing": "packed", "root": "{corpus}", "glob": "*.py"}},
      "responses are written to prompts: give a chat set"),
     ({"data": {"length": 8}}, "no prompt leaves room for a response in a row of 9 tokens"),
-    ({"responses": {"max_new_tokens": 0}}, "max_new_tokens"),
     ({"responses": {"stop": [""]}}, "a stop string must not be empty"),
-    ({"responses": {"top_p": 0}}, "top_p"),
     ({"members": [{"name": "e", "engine": {"url": "http://127.0.0.1:9", "model": "m"}}]},
      "engine teachers score given tokens; they do not write responses"),
     ({"data": {"kind": "arrays", "path": "x.npz"}}, "a transfer set of kind arrays holds none"),
@@ -220,6 +218,15 @@ def test_each_bad_responses_job_is_refused_in_one_line(kit, lm_kit, tmp_path, op
     done = subprocess.run([*DARKSTORE, "generate", "--job", str(job), "--out", str(tmp_path / "s")], env=cli_env(),
                           capture_output=True, text=True, timeout=120)
     one_error(done, tmp_path / "s", says)
+
+
+@pytest.mark.parametrize("responses, says", [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 0}, "top_p"),
+                                             ({"temperature": -1}, "temperature"), ({"n": 0}, "n")])
+def test_each_bad_decoding_setting_is_refused_when_the_job_is_read(kit, tmp_path, responses, says):
+    from darkstore.errors import SpecError
+
+    with pytest.raises(SpecError, match=f"responses.{says}"):
+        JobSpec.from_file(kit["job"](tmp_path / "job.yaml", members=kit["members"][:1], responses=responses))
 
 
 def test_a_student_of_written_responses_exports_a_model_that_answers_a_conversation(kit, tmp_path):
@@ -269,11 +276,13 @@ def test_the_sampler_draws_each_token_of_the_nucleus_at_its_renormalised_probabi
     from teacher_service.kinds.responses import Sampler
 
     g = torch.Generator().manual_seed(0)
-    ell = torch.randn(6, 3000, generator=g) * scale
+    ell = torch.randn(6, 1000, generator=g) * scale
     sampler = Sampler(ResponsesRecord(top_p=0.8, temperature=0.7), temperature=1.0)
-    n = 4000
+    n = 2000
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    drawn = torch.stack([sampler.draw(ell, torch.full((6,), float(v), dtype=torch.float64)) for v in u], 1)
+    per = 200  # uniforms a call: [6 · per, V] rows at once
+    drawn = torch.cat([sampler.draw(ell.repeat(per, 1), u[i:i + per].repeat_interleave(6)).view(per, 6).t()
+                       for i in range(0, n, per)], 1)
     p = torch.softmax(ell.double() / 0.7, -1)
     ps, order = p.sort(-1, descending=True)
     keep = (ps.cumsum(-1) - ps) < 0.8
