@@ -1,7 +1,7 @@
 """Students of conversations: the gold answers against the answers the teachers write, with and without
 token-level targets, judged by exact match of the exported students' greedy answers.
 
-    ./dev bench chat_students [--seeds 0,1,2 --train 6000 --held-out 400 --epochs 6]
+    ./dev bench chat_students [--seeds 0,1,2 --train 6000 --held-out 400 --epochs 16 --work DIR]
 
 A task with a right answer, built on every machine: questions in a chat template (ChatML) whose answers are
 worked out in code, two kinds: the sum of two 2-digit numbers ("What is 37 + 48?" → "85") and a random word
@@ -95,7 +95,29 @@ def exact(got: list[str], gold: list[dict], kind: str | None = None) -> float:
 
 
 def setup(work: Path, a) -> dict:
-    """Records, tokenizer, teachers and the two stores."""
+    """Records, tokenizer, teachers and the stores (kept in ``--work`` and reused while the settings that make
+    them are the same)."""
+    key = {"train": a.train, "held_out": a.held_out, "vocab": a.vocab, "teacher_width": a.teacher_width,
+           "teacher_steps": a.teacher_steps}
+    stamp = work / "setup.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == key):
+        make(work, a)
+        stamp.write_text(json.dumps(key))
+    train, held = ([json.loads(line) for line in (work / f"{n}.jsonl").read_text().splitlines()]
+                   for n in ("train", "held"))
+    tok = work / "tok"
+    ens = answers_from_store(work / "teachers_held", tok)
+    ens_answers = [ens[i] for i in range(len(held))]
+    written = answers_from_store(work / "written", tok)
+    agree = sum(written[i] == r["messages"][1]["content"] for i, r in enumerate(train)) / len(train)
+    return {"train": train, "held": held, "tok": tok, "teachers_exact": exact(ens_answers, held),
+            "teachers_by_kind": {k: exact(ens_answers, held, k) for k in ("sum", "reverse")},
+            "written_correct": agree}
+
+
+def make(work: Path, a) -> None:
+    """The records, tokenizer, two trained teachers, and three stores: the gold conversations scored, the
+    teachers' answers to the training prompts and to the held-out ones."""
     from darkstore.transfer import open_transfer_set
 
     train = lmkit.qa_records(a.train, seed=1)
@@ -120,14 +142,8 @@ def setup(work: Path, a) -> dict:
                               "responses": {"max_new_tokens": 8, "temperature": 0}}}
     for name, job in jobs.items():
         (work / f"{name}.yaml").write_text(yaml.safe_dump(job))
+        shutil.rmtree(work / name, ignore_errors=True)
         cli("generate", "--job", str(work / f"{name}.yaml"), "--out", str(work / name))
-    ens = answers_from_store(work / "teachers_held", tok)
-    ens_answers = [ens[i] for i in range(len(held))]
-    written = answers_from_store(work / "written", tok)
-    agree = sum(written[i] == r["messages"][1]["content"] for i, r in enumerate(train)) / len(train)
-    return {"train": train, "held": held, "tok": tok, "teachers_exact": exact(ens_answers, held),
-            "teachers_by_kind": {k: exact(ens_answers, held, k) for k in ("sum", "reverse")},
-            "written_correct": agree}
 
 
 def main() -> None:
@@ -138,8 +154,10 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=400)
     p.add_argument("--teacher-width", type=int, default=128)
     p.add_argument("--teacher-steps", type=int, default=1500)
-    p.add_argument("--student", default='{"n_layer": 2, "n_head": 2, "n_embd": 96}')
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--student", default='{"n_layer": 3, "n_head": 4, "n_embd": 128}')
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--variants", default="a,b,c,d")
     p.add_argument("--work", default=None, help="keep the files here (default: a temporary folder)")
     a = p.parse_args()
@@ -162,15 +180,15 @@ def main() -> None:
                 shutil.rmtree(run, ignore_errors=True)
                 t0 = time.perf_counter()
                 cli("train", "--store", str(work / store), "--student", "gpt", "--arch-kwargs", json.dumps(student),
-                    "--epochs", str(a.epochs), "--alpha", str(alpha), "--seed", str(seed), "--batch-size", "32",
-                    "--out", str(run))
+                    "--epochs", str(a.epochs), "--alpha", str(alpha), "--seed", str(seed), "--batch-size",
+                    str(a.batch), "--lr", str(a.lr), "--out", str(run))
                 cli("export", str(run), "--format", "transformers")
                 got = student_answers(run / "export" / "transformers", prompts)
                 results[v].append((exact(got, s["held"]), exact(got, s["held"], "sum"),
                                    exact(got, s["held"], "reverse")))
                 print(f"  seed {seed} ({v}) {store:7s} α {alpha:g}: exact match {results[v][-1][0]:.3f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        print(f"\nstudents (GPT {a.student}, {a.epochs} epochs), exact match on {len(prompts)} held-out prompts, "
+        print(f"\nstudents (GPT {a.student}, {a.epochs} epochs, batch {a.batch}, lr {a.lr:g}), exact match on {len(prompts)} held-out prompts, "
               f"mean ± std over seeds {a.seeds}:")
         for v, rs in results.items():
             store, alpha = VARIANTS[v]
