@@ -74,6 +74,8 @@ class Progress(BaseModel):
     fraction: float = 0.0
     tokens_done: int | None = Field(None, description="a language-model job: token positions committed")
     tokens_total: int | None = Field(None, description="a language-model job: token positions in all")
+    tokens_written: int | None = Field(None, description="a job whose teachers write responses: the tokens written "
+                                       "into the committed chunks")
 
 
 class JobRecord(BaseModel):
@@ -95,6 +97,8 @@ class JobRecord(BaseModel):
     num_rows: int | None = None
     chunk_rows: int | None = None
     positions_per_row: int | None = Field(None, description="a language-model job: token positions per row")
+    tokens_written: int | None = Field(None, description="a job whose teachers write responses: the tokens written "
+                                       "into the committed chunks (None: another job)")
     committed: str = Field("", description="commit bitmap: base64 of numpy.packbits over the chunks")
 
     @property
@@ -124,7 +128,8 @@ class JobRecord(BaseModel):
         per = self.positions_per_row
         return Progress(rows_done=rows, rows_total=self.num_rows, chunks_done=done, chunks_total=n,
                         fraction=rows / self.num_rows if self.num_rows else 1.0,
-                        tokens_done=rows * per if per else None, tokens_total=self.num_rows * per if per else None)
+                        tokens_done=rows * per if per else None, tokens_total=self.num_rows * per if per else None,
+                        tokens_written=self.tokens_written)
 
 
 class JobView(BaseModel):
@@ -138,7 +143,7 @@ class JobView(BaseModel):
     progress: Progress
     rows_per_second: float | None = Field(None, description="this attempt's throughput")
     tokens_per_second: float | None = Field(None, description="a language-model job: this attempt's throughput in "
-                                            "token positions")
+                                            "token positions (a job writing responses: in tokens written)")
     eta_seconds: float | None = None
     created_at: str
     updated_at: str
@@ -279,15 +284,18 @@ class JobBook:
         return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
 
     # -- progress -------------------------------------------------------------------
-    def mark_committed(self, job_id: str, chunk: int) -> JobRecord:
-        """Record one commit; the commit of the last chunk marks an active job succeeded."""
+    def mark_committed(self, job_id: str, chunk: int, written: int | None = None) -> JobRecord:
+        """Record one commit (``written``: the tokens its responses hold); the commit of the last chunk marks
+        an active job succeeded."""
         with self.lock(job_id):
             rec = self.get(job_id)
             if rec.n_chunks is None:
                 return rec  # a record from before progress was kept: the next sync fills it in
             mask = rec.committed_mask()
-            mask[chunk] = True
             changes: dict[str, Any] = {"updated_at": _now()}
+            if written is not None and not mask[chunk]:
+                changes["tokens_written"] = (rec.tokens_written or 0) + written
+            mask[chunk] = True
             if mask.all() and rec.state in ACTIVE:
                 changes.update(state="succeeded", error=None, finished_at=_now())
             return self.put(rec.with_mask(mask).model_copy(update=changes))
@@ -311,7 +319,8 @@ class JobBook:
             if (rec.num_rows, rec.chunk_rows) != (r.meta.num_rows, r.meta.chunk_rows) or \
                     not np.array_equal(rec.committed_mask(), mask) or changes:
                 rec = rec.model_copy(update={"num_rows": r.meta.num_rows, "chunk_rows": r.meta.chunk_rows,
-                                             "positions_per_row": _positions(r.meta)})
+                                             "positions_per_row": _positions(r.meta),
+                                             "tokens_written": _written(r.meta, r.group, mask)})
                 rec = self.put(rec.with_mask(mask).model_copy(update={**changes, "updated_at": _now()}))
         return rec, mask
 
@@ -377,6 +386,20 @@ def _positions(meta: StoreMeta) -> int | None:
     return per if unit == "tokens" else None
 
 
+def _written(meta: StoreMeta, group, mask: np.ndarray) -> int | None:
+    """Tokens written into the committed chunks of a store whose teachers write responses (None: another)."""
+    return int(group["stats"][:][mask][:, 0].sum()) if meta.kind.progress(meta)[2] else None
+
+
+def _token_rate(rate: float | None, rec: JobRecord, prog: Progress) -> float | None:
+    """Tokens a second: positions, or tokens written at the mean written per committed row so far."""
+    if not rate:
+        return None
+    if rec.tokens_written is not None:
+        return rate * rec.tokens_written / prog.rows_done if prog.rows_done else None
+    return rate * rec.positions_per_row if rec.positions_per_row else None
+
+
 def make_view(rec: JobRecord, prog: Progress) -> JobView:
     rate = eta = None
     start = _ts(rec.started_at)
@@ -389,7 +412,7 @@ def make_view(rec: JobRecord, prog: Progress) -> JobView:
                 eta = (prog.rows_total - prog.rows_done) / rate
     return JobView(id=rec.id, state=rec.state, store=rec.store, error=rec.error, attempt=rec.attempt, progress=prog,
                    rows_per_second=rate, eta_seconds=eta,
-                   tokens_per_second=rate * rec.positions_per_row if rate and rec.positions_per_row else None,
+                   tokens_per_second=_token_rate(rate, rec, prog),
                    created_at=rec.created_at, updated_at=rec.updated_at,
                    started_at=rec.started_at, finished_at=rec.finished_at, job_key=rec.job_key, spec=rec.spec)
 
@@ -430,7 +453,8 @@ class JobManager:
                 rec = JobRecord(id=job_id, job_key=key, state="queued", spec=spec.model_dump(mode="json"),
                                 store=store, attempt=(rec.attempt + 1) if rec else 1, created_at=now,
                                 updated_at=now, num_rows=meta.num_rows, chunk_rows=meta.chunk_rows,
-                                positions_per_row=_positions(meta))
+                                positions_per_row=_positions(meta),
+                                tokens_written=_written(meta, writer.group, writer.done_mask()))
                 rec = self.book.put(rec.with_mask(writer.done_mask()))
                 self.book.log_event(job_id, "submitted", attempt=rec.attempt)
         if existing is None:
@@ -459,7 +483,8 @@ class JobManager:
         rec = JobRecord(id=key[:24], job_key=key, state="succeeded", spec=spec.model_dump(mode="json"),
                         store=str(dest), attempt=(prior.attempt + 1) if prior else 1, created_at=now, updated_at=now,
                         started_at=now, finished_at=now, num_rows=reader.meta.num_rows,
-                        chunk_rows=reader.meta.chunk_rows, positions_per_row=_positions(reader.meta))
+                        chunk_rows=reader.meta.chunk_rows, positions_per_row=_positions(reader.meta),
+                        tokens_written=_written(reader.meta, reader.group, reader.done))
         rec = self.book.put(rec.with_mask(np.ones(reader.meta.n_chunks, dtype=bool)))
         self.book.log_event(rec.id, "adopted", attempt=rec.attempt, source=path)
         return rec
@@ -578,7 +603,8 @@ def run_job_chunks(book: JobBook, settings: Settings, cache: EnsembleCache, job_
 
     def committed(i: int, rows: int) -> None:
         book.log_event(job_id, "chunk_committed", attempt=attempt, chunk=i, rows=rows, worker=worker, pid=os.getpid())
-        book.mark_committed(job_id, i)  # the last commit marks the job succeeded
+        written = int(writer.group["stats"][i, 0]) if writer.meta.kind.progress(writer.meta)[2] else None
+        book.mark_committed(job_id, i, written)  # the last commit marks the job succeeded
 
     try:
         rows = run_chunks(job, writer, chunks, batch_size=settings.batch_size, num_workers=settings.loader_workers,

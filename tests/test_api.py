@@ -395,6 +395,8 @@ def test_a_responses_job_over_rest_matches_generate(site, chat_kit):
     a, b = open_store(served.store), open_store(proj / "local")
     assert a.meta.job_key == b.meta.job_key and a.meta.sequence.responses.prompts == 12
     assert served.progress.rows_done == 24 and served.progress.tokens_total is None
+    written = int(b.group["stats"][:][:, 0].sum())
+    assert served.progress.tokens_written == written and served.tokens_per_second > 0
     for name in ("tokens", "loss_mask", "finish", "topk_index", "topk_logits", "tail_lse"):
         np.testing.assert_array_equal(a.read_field(name), b.read_field(name), err_msg=name)
 

@@ -254,6 +254,7 @@ def test_a_responses_job_on_two_workers_matches_generate(cluster, chat_kit):
         committed = [e for e in client.events(view.id) if e["event"] == "chunk_committed"]
     assert sorted(e["chunk"] for e in committed) == list(range(12))
     a, b = open_store(done.store), open_store(c["tmp"] / "chat-local")
+    assert done.progress.tokens_written == int(b.group["stats"][:][:, 0].sum())  # counted as workers commit
     assert a.meta.job_key == b.meta.job_key
     for name in ("tokens", "loss_mask", "finish", "topk_index", "topk_logits", "tail_lse"):
         np.testing.assert_array_equal(a.read_field(name), b.read_field(name), err_msg=name)
