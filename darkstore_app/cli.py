@@ -15,6 +15,7 @@ from darkstore.errors import DarkstoreError
 from . import cli_store  # noqa: F401, I001
 from . import cli_students  # noqa: F401
 from . import cli_service  # noqa: F401
+from . import cli_interop  # noqa: F401
 from .cli_common import Interrupted, _error, app, console
 
 __all__ = ["app", "main"]

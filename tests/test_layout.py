@@ -1,4 +1,4 @@
-"""The packages' arrows point one way: kernel (darkstore) <- storage <- the two halves <- the app.
+"""The packages' arrows point one way: kernel (darkstore) <- storage <- the two halves <- interop <- the app.
 Every import counts, the lazy ones inside functions included."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import pytest
 
 from .conftest import ROOT
 
-PACKAGES = ("darkstore", "storage", "teacher_service", "student_trainer", "darkstore_app")
+PACKAGES = ("darkstore", "storage", "teacher_service", "student_trainer", "interop", "darkstore_app")
 ALLOWED = {
     "darkstore": set(),
     "storage": {"darkstore"},
     "teacher_service": {"darkstore", "storage"},
     "student_trainer": {"darkstore", "storage"},
-    "darkstore_app": {"darkstore", "storage", "teacher_service", "student_trainer"},
+    "interop": {"darkstore", "storage", "teacher_service", "student_trainer"},
+    "darkstore_app": {"darkstore", "storage", "teacher_service", "student_trainer", "interop"},
 }
 
 

@@ -85,6 +85,15 @@ class Form:
         says nothing of it)."""
         return None
 
+    def top_logprobs(self, parts: dict[str, "torch.Tensor"], meta: StoreMeta, k: int | None
+                     ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+        """What the top-K formats of other tools hold: at each position the ``k`` most likely classes (tokens),
+        most likely first ([..., k] int64), their normalised log-probabilities at the store's temperature
+        ([..., k] float64) and the log of the mass left out ([...]; -inf where nothing is). ``k`` None: the
+        form's own K. Raises SpecError where the form does not keep a top K."""
+        raise SpecError(f"targets {self.name} keep no top-K log-probabilities: they cannot be written as a top-K "
+                        "format (export a store with topk:K or dense targets)")
+
     def retemper(self, meta: StoreMeta, temperature: float) -> tuple[bool, str] | None:
         """Whether training at ``temperature`` reads these targets exactly and what it gets, in words; None
         where the combine rule decides (dense targets). Raises SpecError where the form cannot give T."""

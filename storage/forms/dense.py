@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from darkstore.errors import SpecError
+
 from ..fieldspec import FieldSpec
 from .base import Form
 
@@ -41,3 +43,17 @@ class Dense(Form):
         import torch
 
         return torch.log_softmax(parts["logits"].float(), dim=-1)
+
+    def top_logprobs(self, parts, meta, k):
+        """The ``k`` largest of every class's log-probability (k must be given: dense targets keep them all)."""
+        import torch
+
+        if k is None:
+            raise SpecError(f"dense targets keep all {meta.num_classes:,} values: say how many to write (--k)")
+        if not 0 < k < meta.num_classes:
+            raise SpecError(f"--k {k}: give 1 to {meta.num_classes - 1} (fewer than the {meta.num_classes:,} "
+                            "classes kept)")
+        logp = torch.log_softmax(parts["logits"].double(), dim=-1)
+        head, idx = logp.topk(k, dim=-1)
+        rest = logp.scatter(-1, idx, float("-inf"))
+        return idx, head, torch.logsumexp(rest, dim=-1)

@@ -169,6 +169,23 @@ class TopK(Form):
         full.scatter_(-1, idx, head)
         return torch.log_softmax(full, dim=-1)
 
+    def top_logprobs(self, parts, meta, k):
+        """The kept entries, most likely first, normalised by the head's and the tail's total; the first ``k``
+        of them where ``k`` is given (the rest join the tail)."""
+        import torch
+
+        if k is not None and not 0 < k <= meta.targets.k:
+            raise SpecError(f"--k {k}: this store keeps the top {meta.targets.k}; give 1 to {meta.targets.k}")
+        head, idx, tail = self.head(parts, meta).double(), parts["topk_index"].long(), parts["tail_lse"].double()
+        log_z = torch.logaddexp(torch.logsumexp(head, dim=-1), tail)
+        head, order = (head - log_z[..., None]).sort(dim=-1, descending=True)
+        idx = idx.gather(-1, order)
+        tail = tail - log_z
+        if k is not None and k < head.shape[-1]:
+            tail = torch.logaddexp(tail, torch.logsumexp(head[..., k:], dim=-1))
+            head, idx = head[..., :k], idx[..., :k]
+        return idx, head, tail
+
     def retemper(self, meta, temperature):
         k, c = meta.targets.k, meta.num_classes
         exact = math.isclose(temperature, 1.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from darkstore.errors import SpecError
+
 from ..fieldspec import FieldSpec
 
 if TYPE_CHECKING:
@@ -41,6 +43,11 @@ class Kind:
 
     def check_job(self, options: dict[str, bool]) -> None:
         """Refuse (ValueError, one line) the store options a job turns on (by name) that this kind has no part in."""
+
+    def check_token_rows(self, meta: "StoreMeta", what: str) -> None:
+        """Refuse (SpecError, one line) ``what`` (a format of another tool) where rows are not token sequences."""
+        raise SpecError(f"{what} holds token sequences with per-position targets; this store has one target per row "
+                        f"({meta.num_rows:,} rows over {meta.num_classes:,} classes)")
 
     def recognises(self, meta: "StoreMeta") -> bool:
         """Whether ``meta`` describes a store of this kind (its record is there)."""

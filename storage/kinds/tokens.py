@@ -85,6 +85,9 @@ class Tokens(Kind):
         if said:
             raise ValueError(f"a text transfer set (language-model teachers) takes no {', '.join(said)}")
 
+    def check_token_rows(self, meta, what):
+        """Token rows are what those formats hold."""
+
     def recognises(self, meta) -> bool:
         return meta.sequence is not None
 

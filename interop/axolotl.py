@@ -1,0 +1,53 @@
+"""axolotl's knowledge-distillation dataset (``axolotl.integrations.kd``), pre-tokenized: the columns its
+``DataCollatorForKD`` pads and its top-K KL losses read, beside ``input_ids``/``attention_mask``/``labels``
+(which make axolotl take the rows as already tokenized: no chat template is applied again)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .base import Format
+from .hf import hf_labels
+from .parquet import ragged
+
+
+class Axolotl(Format):
+    name = "axolotl"
+    title = "axolotl's KD dataset"
+    source = "axolotl-ai-cloud/axolotl@067b021c8 src/axolotl/integrations/kd (chat_template.py, collator.py, " \
+             "topk_logprob/forward_kl.py)"
+    not_kept = ("the tail's mass: each position's K log-probabilities are renormalised to sum to 1, as axolotl's "
+                "own KD strategy does",
+                "an ensemble's members and provenance beyond the manifest (darkstore-export.json)")
+    columns = {
+        "input_ids": "the row's n + 1 tokens (trailing padding without a loss dropped)",
+        "attention_mask": "1 for each of them",
+        "labels": "Hugging Face convention (-100: no loss)",
+        "target_token_ids": "(n + 1) × K: at position t the K most likely next tokens, most likely first (the "
+                            "last position's are placeholders, masked)",
+        "target_logprobs": "(n + 1) × K: their log-probabilities at the store's temperature, renormalised over "
+                           "the K",
+        "target_mask": "(n + 1) × K: 1 where position t carries a loss",
+    }
+
+    def schema(self, k, vocab):
+        return pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())),
+                          ("labels", pa.list_(pa.int32())), ("target_token_ids", pa.list_(pa.list_(pa.int32()))),
+                          ("target_logprobs", pa.list_(pa.list_(pa.float32()))),
+                          ("target_mask", pa.list_(pa.list_(pa.int8())))])
+
+    def table(self, chunk, k, vocab):
+        ids, logp, mask = [], [], []
+        for i, lp, m in zip(chunk.ids, chunk.logp, chunk.mask):
+            ids.append(np.concatenate([i, np.arange(k)[None]]).astype(np.int32))
+            lp = lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True)
+            logp.append(np.concatenate([lp, np.full((1, k), -np.inf)]).astype(np.float32))
+            mask.append(np.repeat(np.append(m, False)[:, None], k, axis=1).astype(np.int8))
+        return pa.table({
+            "input_ids": ragged([t.astype(np.int32) for t in chunk.tokens], pa.int32()),
+            "attention_mask": ragged([np.ones(len(t), np.int8) for t in chunk.tokens], pa.int8()),
+            "labels": ragged(hf_labels(chunk), pa.int32()),
+            "target_token_ids": ragged(ids, pa.int32()), "target_logprobs": ragged(logp, pa.float32()),
+            "target_mask": ragged(mask, pa.int8()),
+        })

@@ -1,0 +1,75 @@
+"""Parquet shards as the Hugging Face hub lays them out (``data/train-00000-of-00002.parquet``), written a
+chunk at a time, and the nested columns the formats use built from numpy without Python loops over tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: rows per parquet file
+ROWS_PER_FILE = 4096
+
+
+def ragged(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
+    """One list per row: ``arrays`` [n_i] (or [n_i, K]: a list of lists per row)."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros((0,), dtype=type_.to_pandas_dtype())
+    if flat.ndim == 2:
+        inner = np.zeros(flat.shape[0] + 1, dtype=np.int32)
+        inner[1:] = np.arange(1, flat.shape[0] + 1) * flat.shape[1]
+        values = pa.ListArray.from_arrays(pa.array(inner), pa.array(flat.ravel(), type=type_))
+    else:
+        values = pa.array(flat, type=type_)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+class Shards:
+    """Tables appended to parquet files of at most ``rows_per_file`` rows under ``out/data``; :meth:`close`
+    names them ``train-NNNNN-of-MMMMM.parquet`` (what ``datasets.load_dataset(out)`` reads as its train split)."""
+
+    def __init__(self, out: Path, schema: pa.Schema, rows_per_file: int = ROWS_PER_FILE,
+                 compression: str = "zstd"):
+        self.folder = out / "data"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.schema, self.rows_per_file, self.compression = schema, rows_per_file, compression
+        self.files: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        table = table.cast(self.schema)
+        while table.num_rows:
+            if self._writer is None or self._rows >= self.rows_per_file:
+                self._next()
+            take = min(table.num_rows, self.rows_per_file - self._rows)
+            self._writer.write_table(table.slice(0, take))
+            self._rows += take
+            table = table.slice(take)
+
+    def _next(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        path = self.folder / f"part-{len(self.files):05d}.parquet"
+        self.files.append(path)
+        self._writer, self._rows = pq.ParquetWriter(path, self.schema, compression=self.compression), 0
+
+    def close(self) -> list[Path]:
+        if self._writer is None:
+            self._next()
+        self._writer.close()
+        named = []
+        for i, path in enumerate(self.files):
+            final = path.with_name(f"train-{i:05d}-of-{len(self.files):05d}.parquet")
+            path.rename(final)
+            named.append(final)
+        return named
+
+
+def read_batches(paths: list[Path], columns: list[str] | None = None, batch_rows: int = 1024):
+    """Record batches of the parquet files ``paths``, in order."""
+    for path in paths:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
