@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from darkstore.errors import SpecError
+from darkstore.errors import DataNotFoundError, SpecError
 from storage import open_store
 
 from .axolotl import Axolotl
 from .base import MANIFEST, ExportReport, Format
+from .capture import ImportReport, import_rows
 from .distillkit import DistillKit
 from .hf import HuggingFace
 
@@ -34,4 +35,20 @@ def export_store(store: str, fmt: str, out: str | Path, *, k: int | None = None,
                                     rows_per_file=rows_per_file)
 
 
-__all__ = ["FORMATS", "MANIFEST", "ExportReport", "Format", "export_store", "format_named"]
+def import_capture(fmt: str, src: str | Path, out: str | Path, tokenizer: str | Path, *, k: int | None = None,
+                   name: str | None = None, temperature: float = 1.0, step: float = 0.0, overwrite: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> ImportReport:
+    """The capture ``src`` (format ``fmt``) as a darkstore store at ``out``, its ids checked against
+    ``tokenizer``; ``temperature``: the one it was captured at; ``step``: quantise the kept values to uint8
+    steps of that many nats (0: float32)."""
+    f = format_named(fmt)
+    src = Path(src)
+    if not src.exists():
+        raise DataNotFoundError(f"{src} does not exist")
+    files, rows = f.capture(src, k)
+    return import_rows(f.name, src, files, rows, out, tokenizer, name=name, temperature=temperature, step=step,
+                       overwrite=overwrite, progress=progress)
+
+
+__all__ = ["FORMATS", "MANIFEST", "ExportReport", "Format", "ImportReport", "export_store", "format_named",
+           "import_capture"]

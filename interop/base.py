@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -15,6 +15,7 @@ from darkstore.errors import SpecError
 from storage import StoreReader
 from student_trainer.lm_train import copy_tokenizer
 
+from .capture import CapturedRow
 from .parquet import Shards
 from .rows import TokenChunk, check_token_store, token_chunks
 
@@ -41,9 +42,13 @@ class ExportReport:
 
 
 class Format:
-    """A format of another tool: its name, what it holds and cannot, and how a store's rows become its rows."""
+    """A format of another tool: its name, what it holds and cannot, and how a store's rows become its rows
+    (:meth:`export`) and its rows a store's (:meth:`capture`)."""
 
     name: str = ""
+    #: whether darkstore writes the format (export) and reads it (import)
+    writes: bool = True
+    reads: bool = True
     #: the tool and what reads the files, in words
     title: str = ""
     #: the peer's source this module follows (repository and commit)
@@ -63,11 +68,19 @@ class Format:
     def extra_files(self, out: Path, reader: StoreReader, k: int) -> None:
         """Files the format's readers need beside the data (a configuration)."""
 
+    def capture(self, src: Path, k: int | None) -> tuple[list[Path], Callable[[], Iterator[CapturedRow]]]:
+        """The capture at ``src``: its files and a function that reads its rows from the start each time it is
+        called (an import reads them twice: to check, then to write). ``k``: the K to keep where the capture
+        does not say."""
+        raise SpecError(f"darkstore does not import {self.title}")
+
     def export(self, reader: StoreReader, out: Path, *, k: int | None = None,
                progress: Callable[[int, int], None] | None = None, rows_per_file: int | None = None
                ) -> ExportReport:
         """Every committed row of ``reader`` into ``out`` (a new or empty folder), a chunk at a time;
         ``progress(rows_done, rows)`` after each chunk."""
+        if not self.writes:
+            raise SpecError(f"darkstore reads {self.title} (darkstore targets import) but does not write it")
         k = check_token_store(reader, f"{self.title}", k)
         _check_out(out)
         vocab = reader.meta.num_classes

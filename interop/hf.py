@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .base import Format
-from .parquet import ragged
+from .capture import CapturedRow
+from .parquet import list_rows, need_columns, parquet_files, ragged, read_batches
 from .rows import TokenChunk
+
+#: what a capture in this layout must have (labels and tail_logprob are read where present)
+NEEDED = ("input_ids", "topk_ids", "topk_logprobs")
 
 
 def hf_labels(chunk: TokenChunk) -> list[np.ndarray]:
@@ -57,3 +62,22 @@ class HuggingFace(Format):
             "topk_logprobs": ragged([v.astype(np.float32) for v in chunk.logp], pa.float32()),
             "tail_logprob": ragged([t.astype(np.float32) for t in chunk.tail], pa.float32()),
         })
+
+    def capture(self, src, k):
+        files = parquet_files(src, self.title)
+        schema = pq.read_schema(files[0])
+        need_columns(schema, NEEDED, self.title, files[0])
+        columns = [c for c in (*NEEDED, "labels", "tail_logprob") if c in schema.names]
+
+        def rows():
+            for batch in read_batches(files, columns):
+                got = {c: list_rows(batch.column(c), c) for c in columns}
+                for j, tokens in enumerate(got["input_ids"]):
+                    n = len(tokens) - 1
+                    labels = got["labels"][j] if "labels" in got else None
+                    yield CapturedRow(tokens.astype(np.int64), got["topk_ids"][j][:n].astype(np.int64),
+                                      got["topk_logprobs"][j][:n].astype(np.float64),
+                                      mask=None if labels is None else labels[1:n + 1] != -100,
+                                      tail=got["tail_logprob"][j][:n].astype(np.float64) if "tail_logprob" in got
+                                      else None)
+        return files, rows

@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from darkstore.errors import DataError
+
 #: rows per parquet file
 ROWS_PER_FILE = 4096
 
@@ -73,3 +75,43 @@ def read_batches(paths: list[Path], columns: list[str] | None = None, batch_rows
     """Record batches of the parquet files ``paths``, in order."""
     for path in paths:
         yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def parquet_files(src: Path, what: str) -> list[Path]:
+    """The parquet files of a capture: ``src`` itself, or those under it (``data/*.parquet`` or ``*.parquet``),
+    in name order."""
+    if src.is_file():
+        return [src]
+    files = sorted(src.glob("data/*.parquet")) or sorted(src.glob("*.parquet")) if src.is_dir() else []
+    if not files:
+        raise DataError(f"{src} holds no parquet files ({what}: a .parquet file, or a folder of them or of "
+                        "data/*.parquet)")
+    return files
+
+
+def list_rows(col: pa.Array, name: str) -> list[np.ndarray]:
+    """A list column's rows as numpy arrays: [n_i] for a list of values, [n_i, K] for a list of lists (whose
+    inner lists must all hold K)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    off = col.offsets.to_numpy()
+    values = col.values
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        inner = values.offsets.to_numpy()[off[0]:off[-1] + 1]
+        widths = np.diff(inner)
+        k = int(widths[0]) if len(widths) else 0
+        if (widths != k).any():
+            row = int(np.searchsorted(off, np.flatnonzero(widths != k)[0] + off[0], side="right") - 1)
+            raise DataError(f"column {name}: row {row} has positions of {int(widths[widths != k][0])} entries where "
+                            f"others have {k}: every position must keep the same K")
+        flat = values.values.to_numpy(zero_copy_only=False)[inner[0]:inner[-1]].reshape(-1, max(k, 1))[:, :k]
+        return [flat[a - off[0]:b - off[0]] for a, b in zip(off[:-1], off[1:])]
+    flat = values.to_numpy(zero_copy_only=False)
+    return [flat[a:b] for a, b in zip(off[:-1], off[1:])]
+
+
+def need_columns(table_or_schema, names: tuple[str, ...], what: str, path: Path) -> None:
+    have = set(table_or_schema.names)
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise DataError(f"{path} is not {what}: it has no column {', '.join(missing)} (it has {', '.join(sorted(have))})")

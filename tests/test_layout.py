@@ -110,7 +110,7 @@ INNER_IMPORTS = {
     # the command line loads what a command needs when it runs: `darkstore --help` and every command's start
     # stay free of torch (bench/startup.py measures it)
     "darkstore_app/cli.py": 1, "darkstore_app/cli_common.py": 4, "darkstore_app/cli_service.py": 3,
-    "darkstore_app/cli_store.py": 16, "darkstore_app/cli_students.py": 24, "darkstore_app/demo.py": 4,
+    "darkstore_app/cli_store.py": 16, "darkstore_app/cli_interop.py": 4, "darkstore_app/cli_students.py": 24, "darkstore_app/demo.py": 4,
     # torch-free settings and specs (the API's request models, the HTTP client, a sweep's planning) that load
     # the heavy modules of what they name only when asked
     "teacher_service/settings.py": 2, "teacher_service/spec.py": 1, "teacher_service/client.py": 1,

@@ -220,11 +220,11 @@ def parse_answer(payload: Any, rows: np.ndarray, k: int, vocab: int, name: str) 
         i = c.get("index") if isinstance(c, dict) else None
         if not isinstance(i, int) or not 0 <= i < r:
             raise EngineAnswerError(f"engine teacher {name!r} answered a choice without a valid index")
-        ids[i], logp[i], label[i] = _positions(c.get("prompt_logprobs"), rows[i], k, vocab, f"{name!r}, prompt {i}")
+        ids[i], logp[i], label[i] = prompt_positions(c.get("prompt_logprobs"), rows[i], k, vocab, f"{name!r}, prompt {i}")
     return Scored(ids, logp, label)
 
 
-def _positions(plp: Any, tokens: np.ndarray, k: int, vocab: int, who: str) -> tuple[np.ndarray, ...]:
+def prompt_positions(plp: Any, tokens: np.ndarray, k: int, vocab: int, who: str) -> tuple[np.ndarray, ...]:
     """One prompt's ``prompt_logprobs`` as [L, K] ids and log-probabilities (most likely first) and [L] the
     actual next tokens' log-probabilities."""
     n = len(tokens)
