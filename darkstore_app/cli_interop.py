@@ -73,6 +73,9 @@ def import_(
     temperature: Annotated[float, typer.Option(help="the temperature the capture's log-probabilities are at")] = 1.0,
     step: Annotated[float, typer.Option(help="store each kept value as uint8 steps of this many nats below its "
                                         "position's largest (0: float32, as captured)")] = 0.0,
+    length: Annotated[Optional[int], typer.Option(help="positions per row: shorter rows are padded (default: a "
+                                                  "darkstore export's store length, else the longest row)")] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option(help="rows per chunk (default: about 65,536 positions)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace another job's store at --out")] = False,
 ):
     """Write a capture made by another tool (vLLM prompt_logprobs, DistillKit, axolotl, a datasets top-K
@@ -86,7 +89,8 @@ def import_(
             progress.update(task, completed=done, total=total)
 
         report = import_capture(fmt, capture, out_, tokenizer, k=k, name=name, temperature=temperature, step=step,
-                                overwrite=overwrite, progress=moved)
+                                chunk_rows=chunk_rows, length=length, overwrite=overwrite,
+                                progress=moved)
     console.print(f"imported {report.rows:,} rows ({report.positions:,} positions with a loss, top-{report.k}, "
                   f"rows of {report.length}) into {report.store}: {report.written_chunks} chunk(s) written"
                   + (f", {report.floored:,} tails below what float32 resolves (stored at the floor)"

@@ -16,8 +16,9 @@ from .base import MANIFEST, ExportReport, Format
 from .capture import ImportReport, import_rows
 from .distillkit import DistillKit
 from .hf import HuggingFace
+from .vllm import Vllm
 
-FORMATS: dict[str, Format] = {f.name: f for f in (HuggingFace(), Axolotl(), DistillKit())}
+FORMATS: dict[str, Format] = {f.name: f for f in (HuggingFace(), Axolotl(), DistillKit(), Vllm())}
 
 
 def format_named(name: str) -> Format:
@@ -36,7 +37,8 @@ def export_store(store: str, fmt: str, out: str | Path, *, k: int | None = None,
 
 
 def import_capture(fmt: str, src: str | Path, out: str | Path, tokenizer: str | Path, *, k: int | None = None,
-                   name: str | None = None, temperature: float = 1.0, step: float = 0.0, overwrite: bool = False,
+                   name: str | None = None, temperature: float = 1.0, step: float = 0.0,
+                   chunk_rows: int | None = None, length: int | None = None, overwrite: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> ImportReport:
     """The capture ``src`` (format ``fmt``) as a darkstore store at ``out``, its ids checked against
     ``tokenizer``; ``temperature``: the one it was captured at; ``step``: quantise the kept values to uint8
@@ -47,7 +49,7 @@ def import_capture(fmt: str, src: str | Path, out: str | Path, tokenizer: str | 
         raise DataNotFoundError(f"{src} does not exist")
     files, rows = f.capture(src, k)
     return import_rows(f.name, src, files, rows, out, tokenizer, name=name, temperature=temperature, step=step,
-                       overwrite=overwrite, progress=progress)
+                       chunk_rows=chunk_rows, length=length, overwrite=overwrite, progress=progress)
 
 
 __all__ = ["FORMATS", "MANIFEST", "ExportReport", "Format", "ImportReport", "export_store", "format_named",

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from darkstore.errors import DataError
 
 from .base import Format
+from .capture import CapturedRow
 from .hf import hf_labels
-from .parquet import ragged
+from .parquet import list_rows, need_columns, parquet_files, ragged, read_batches
+
+#: the tokenized KD columns darkstore reads (axolotl's collator input)
+NEEDED = ("input_ids", "target_token_ids", "target_logprobs", "target_mask")
 
 
 class Axolotl(Format):
@@ -51,3 +58,31 @@ class Axolotl(Format):
             "target_token_ids": ragged(ids, pa.int32()), "target_logprobs": ragged(logp, pa.float32()),
             "target_mask": ragged(mask, pa.int8()),
         })
+
+    def capture(self, src, k):
+        files = parquet_files(src, self.title)
+        schema = pq.read_schema(files[0])
+        if "target_mask" not in schema.names and any(c in schema.names for c in ("messages", "conversations")):
+            raise DataError(f"{files[0]} holds conversations for axolotl to tokenize: darkstore reads axolotl's "
+                            "tokenized KD columns (input_ids, target_token_ids, target_logprobs, target_mask)")
+        need_columns(schema, NEEDED, self.title, files[0])
+
+        def rows():
+            for batch in read_batches(files, list(NEEDED)):
+                got = {c: list_rows(batch.column(c), c) for c in NEEDED}
+                for j, tokens in enumerate(got["input_ids"]):
+                    yield _row(tokens, *(got[c][j] for c in NEEDED[1:]))
+        return files, rows
+
+
+def _row(tokens, ids, logp, mask) -> CapturedRow:
+    """One tokenized row: its targets right-aligned to the tokens as axolotl aligns them (positions before
+    them carry no loss), the last token's (no next token) dropped."""
+    n = len(tokens) - 1
+    pad = len(tokens) - len(ids)
+    full_ids, full_logp = np.tile(np.arange(ids.shape[1]), (n, 1)), np.full((n, ids.shape[1]), -np.inf)
+    full_mask = np.zeros(n, bool)
+    full_ids[pad:], full_logp[pad:] = ids[:n - pad], logp[:n - pad]
+    full_mask[pad:] = mask[:n - pad, 0] > 0
+    full_logp[:pad, 0] = 0.0
+    return CapturedRow(tokens.astype(np.int64), full_ids, full_logp.astype(np.float64), mask=full_mask)

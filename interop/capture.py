@@ -65,6 +65,17 @@ class ImportReport:
     floored: int
 
 
+def exported_length(src: Path) -> int | None:
+    """The row length of the store a darkstore export at ``src`` came from (its manifest), if it is one."""
+    manifest = (src if src.is_dir() else src.parent) / "darkstore-export.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return int(json.loads(manifest.read_text())["store"]["length"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def digest(paths: list[Path]) -> str:
     """sha256 over the capture's files (names relative to their folder, sizes and bytes)."""
     h = hashlib.sha256()
@@ -126,16 +137,17 @@ def _check_row(row: CapturedRow, where: str, vocab: int) -> None:
 
 
 def import_meta(fmt: str, src: Path, files: list[Path], tok: LoadedTokenizer, s: Scan, *, name: str,
-                temperature: float, step: float) -> StoreMeta:
+                temperature: float, step: float, chunk_rows: int | None = None) -> StoreMeta:
     """The store's metadata: an engine-like record of the capture (its format, files and digest)."""
     source = digest(files)
     spec = {"kind": "capture", "format": fmt, "path": str(src)}
-    job = {"import": {**spec, "tokenizer": tok.path, "temperature": temperature, "step": step, "name": name}}
+    job = {"import": {**spec, "tokenizer": tok.path, "temperature": temperature, "step": step, "name": name,
+                      "length": s.length, "chunk_rows": chunk_rows}}
     key = hashlib.sha256(json.dumps({"source": source, "tokenizer": tok.fingerprint, **job}, sort_keys=True)
                          .encode()).hexdigest()
     return StoreMeta(
         software_version=darkstore.__version__, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        job_key=key, num_rows=s.rows, num_classes=tok.vocab_size, chunk_rows=max(1, 65536 // s.length),
+        job_key=key, num_rows=s.rows, num_classes=tok.vocab_size, chunk_rows=chunk_rows or max(1, 65536 // s.length),
         dtype="float32", compressor="zstd", combine="geometric", temperature=temperature, keep_members=False,
         teachers=[TeacherRecord(name=name, arch="capture", format="none", sha256=source, num_params=0, spec=spec)],
         transfer_set=TransferSetRecord(spec=spec, fingerprint=source, num_samples=s.rows), job=job,
@@ -224,16 +236,32 @@ def write_capture(meta: StoreMeta, out: str | Path, rows: Callable[[], Iterator[
     return written, floored
 
 
-def import_rows(fmt: str, src: Path, files: list[Path], rows: Callable[[], Iterator[CapturedRow]], out: str | Path,
+def plan_import(fmt: str, src: Path, files: list[Path], rows: Callable[[], Iterator[CapturedRow]],
                 tokenizer: str | Path, *, name: str | None = None, temperature: float = 1.0, step: float = 0.0,
-                overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ImportReport:
-    """Scan, check and write a capture (see the module's docstring); the store is verified at the end."""
+                chunk_rows: int | None = None, length: int | None = None) -> StoreMeta:
+    """The store a capture becomes, after one checking pass over it. Rows are padded to ``length`` positions
+    (default: the length of the store a darkstore export was made from, as its manifest says, else the
+    longest row)."""
     if temperature <= 0:
         raise SpecError(f"--temperature {temperature:g}: the temperature the capture was made at is positive")
     tok = load_tokenizer(tokenizer)
     s = scan(rows(), tok, f"{fmt} capture {src}")
-    meta = import_meta(fmt, src, files, tok, s, name=name or f"{fmt}-capture", temperature=temperature, step=step)
+    length = length or exported_length(src)
+    if length is not None and length < s.length:
+        raise SpecError(f"--length {length}: the capture has rows of {s.length} positions; give at least that")
+    s.length = length or s.length
+    return import_meta(fmt, src, files, tok, s, name=name or f"{fmt}-capture", temperature=temperature, step=step,
+                       chunk_rows=chunk_rows)
+
+
+def import_rows(fmt: str, src: Path, files: list[Path], rows: Callable[[], Iterator[CapturedRow]], out: str | Path,
+                tokenizer: str | Path, *, overwrite: bool = False,
+                progress: Callable[[int, int], None] | None = None, **options) -> ImportReport:
+    """Scan, check and write a capture (see the module's docstring and :func:`plan_import`); the store is
+    verified at the end."""
+    meta = plan_import(fmt, src, files, rows, tokenizer, **options)
     written, floored = write_capture(meta, out, rows, overwrite=overwrite, progress=progress)
     reader = open_store(out)
     reader.verify()
-    return ImportReport(fmt, reader.path, s.rows, s.positions, s.k, s.length, written, floored)
+    return ImportReport(fmt, reader.path, meta.num_rows, meta.sequence.positions, meta.targets.k,
+                        meta.sequence.length, written, floored)

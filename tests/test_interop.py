@@ -15,9 +15,13 @@ import pytest
 import torch
 import yaml
 
-from darkstore.errors import SpecError
-from interop import FORMATS, MANIFEST, export_store
+from darkstore.errors import DataError, SpecError
+from darkstore.lm import TokenizerMismatchError
+from darkstore_app.lmkit import stdlib, train_tokenizer
+from interop import FORMATS, MANIFEST, export_store, import_capture
+from interop.capture import plan_import, write_capture
 from storage import open_store
+from storage.forms import form_of
 from teacher_service.generate import generate
 from teacher_service.spec import JobSpec
 
@@ -226,7 +230,7 @@ def test_refusals_are_one_line(stores, tmp_path, lm_kit):
 
 
 def test_cli_writes_every_format_and_says_what_is_not_kept(stores, tmp_path):
-    for name, fmt in FORMATS.items():
+    for name, fmt in ((n, f) for n, f in FORMATS.items() if f.writes):
         out = tmp_path / name
         done = subprocess.run([*DARKSTORE, "targets", "export", stores["topk"], "-f", name, "--out", str(out)],
                               capture_output=True, text=True, env={**cli_env(), "DARKSTORE_PROGRESS": "1"})
@@ -237,6 +241,9 @@ def test_cli_writes_every_format_and_says_what_is_not_kept(stores, tmp_path):
         manifest = json.loads((out / MANIFEST).read_text())
         assert manifest["rows"] == open_store(stores["topk"]).rows_done and manifest["not_kept"] == list(fmt.not_kept)
     assert os.path.isfile(tmp_path / "distillkit" / "compression_config.yaml")
+    done = subprocess.run([*DARKSTORE, "targets", "export", stores["topk"], "-f", "vllm", "--out", str(tmp_path / "v")],
+                          capture_output=True, text=True, env=cli_env())
+    one_error(done, tmp_path / "v", "does not write it")
 
 
 def test_the_trl_example_distils_from_an_export(stores, tmp_path):
@@ -249,3 +256,134 @@ def test_the_trl_example_distils_from_an_export(stores, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["kl_after"] < out["kl_before"] / 4, out
+
+
+# --- imports ----------------------------------------------------------------------------------------------
+
+
+def imported(store: str) -> dict[str, np.ndarray]:
+    """An imported store's targets as the top-K formats read them (through the form), with tokens and mask."""
+    r = open_store(store)
+    names = ["tokens", "loss_mask", "topk_logits", "topk_index", "tail_lse"]
+    got = r.read_chunks(r.finished_chunks(), names)
+    parts = {n: torch.from_numpy(got[n].astype(np.int64) if got[n].dtype == np.uint16 else got[n]) for n in names[2:]}
+    ids, logp, tail = form_of(r.meta).top_logprobs(parts, r.meta, None)
+    return {"tokens": got["tokens"].astype(np.int64), "mask": got["loss_mask"].astype(bool), "ids": ids.numpy(),
+            "logp": logp.numpy(), "tail": tail.numpy()}
+
+
+@pytest.mark.parametrize("fmt", ["hf", "distillkit", "axolotl"])
+def test_round_trips_keep_what_the_format_keeps(stores, tmp_path, chat_kit, fmt):
+    ref = reference(stores["chat"])
+    export_store(stores["chat"], fmt, tmp_path / "x")
+    report = import_capture(fmt, tmp_path / "x", tmp_path / "back.zarr", chat_kit["tokenizer"])
+    back = imported(report.store)
+    assert report.rows == len(ref["tokens"]) and report.k == 8
+    assert (back["tokens"] == ref["tokens"]).all() and (back["mask"] == ref["mask"]).all()
+    m = ref["mask"]
+    _same_ids(back["ids"][m], ref["ids"][m], ref["logp"][m])
+    if fmt == "axolotl":  # renormalised over the K: the head's shape is kept, its mass and the tail are not
+        want = ref["logp"][m] - np.logaddexp.reduce(ref["logp"][m], axis=-1, keepdims=True)
+        np.testing.assert_allclose(back["logp"][m], want, atol=2e-6)
+        assert report.positions == int(m.sum())
+    else:
+        np.testing.assert_allclose(back["logp"][m], ref["logp"][m], atol=2e-6)
+        np.testing.assert_allclose(back["tail"][m], ref["tail"][m], atol=1e-4)
+    meta = open_store(report.store).meta
+    assert meta.engine.members[0].engine == f"{fmt} capture" and meta.teachers[0].sha256 == meta.transfer_set.fingerprint
+
+
+def test_an_import_resumes_where_it_stopped(stores, tmp_path, chat_kit):
+    """A crash after the first chunk: the same import again writes only the rest, and the store is the one an
+    uninterrupted import writes."""
+    export_store(stores["chat"], "hf", tmp_path / "x")
+    fmt = FORMATS["hf"]
+    files, rows = fmt.capture(tmp_path / "x", None)
+
+    def crashing():
+        for j, row in enumerate(rows()):
+            if j == 5:
+                raise RuntimeError("killed")
+            yield row
+
+    meta = plan_import("hf", tmp_path / "x", files, rows, chat_kit["tokenizer"], chunk_rows=4)
+    with pytest.raises(RuntimeError):
+        write_capture(meta, tmp_path / "a.zarr", crashing)
+    assert int(open_store(tmp_path / "a.zarr", allow_incomplete=True).done.sum()) == 1
+    again = import_capture("hf", tmp_path / "x", tmp_path / "a.zarr", chat_kit["tokenizer"], chunk_rows=4)
+    whole = import_capture("hf", tmp_path / "x", tmp_path / "b.zarr", chat_kit["tokenizer"], chunk_rows=4)
+    assert again.written_chunks == whole.written_chunks - 1
+    a, b = open_store(tmp_path / "a.zarr"), open_store(tmp_path / "b.zarr")
+    for name in ("tokens", "loss_mask", "topk_logits", "topk_index", "tail_lse"):
+        assert (a.read_field(name) == b.read_field(name)).all(), name
+
+
+def write_parquet(path: Path, columns: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_bad_captures_are_refused_in_one_line(stores, tmp_path, chat_kit):
+    tok = chat_kit["tokenizer"]
+    export_store(stores["chat"], "hf", tmp_path / "hf")
+    export_store(stores["chat"], "distillkit", tmp_path / "dk")
+    good = loaded(tmp_path / "hf")[:3]
+
+    def refused(fmt, src, match, error=DataError, tokenizer=tok):
+        with pytest.raises(error, match=match):
+            import_capture(fmt, src, tmp_path / "never.zarr", tokenizer)
+        assert not (tmp_path / "never.zarr").exists()
+
+    refused("distillkit", tmp_path / "hf", "has no column compressed_logprobs")
+    refused("vllm", tmp_path / "hf" / "data", "no .jsonl or .json files")
+    (tmp_path / "dk" / "compression_config.yaml").unlink()
+    refused("distillkit", tmp_path / "dk", "has no compression_config.yaml")
+    other = train_tokenizer(sorted((stdlib() / "email").glob("*.py"))[:4], tmp_path / "other", vocab_size=600)
+    refused("hf", tmp_path / "hf", "does not give back the capture's token ids", TokenizerMismatchError,
+            tokenizer=other)
+    ids = [[list(p) for p in r] for r in good["topk_ids"]]
+    ids[1][2][0] = 600
+    refused("hf", write_parquet(tmp_path / "wide.parquet", {**good, "topk_ids": ids}),
+            "top-K token id 600 is outside the tokenizer's vocabulary", TokenizerMismatchError)
+    fewer = {k: v[:1] for k, v in good.items()}
+    fewer["topk_ids"] = [[p[:4] for p in fewer["topk_ids"][0]]]
+    fewer["topk_logprobs"] = [[p[:4] for p in fewer["topk_logprobs"][0]]]
+    folder = tmp_path / "mixed"
+    write_parquet(folder / "a.parquet", {k: v[:1] for k, v in good.items()})
+    write_parquet(folder / "b.parquet", fewer)
+    refused("hf", folder, "keeps 4 tokens a position where the rows before it keep 8")
+    ragged_k = {k: v[:1] for k, v in good.items()}
+    ragged_k["topk_ids"] = [[p[:4] if j == 3 else p for j, p in enumerate(ragged_k["topk_ids"][0])]]
+    refused("hf", write_parquet(tmp_path / "ragged.parquet", ragged_k), "every position must keep the same K")
+    logits = {**good, "topk_logprobs": [[[v + 5 for v in p] for p in r] for r in good["topk_logprobs"]]}
+    refused("hf", write_parquet(tmp_path / "logits.parquet", logits), "logits cannot be imported")
+    (tmp_path / "v.jsonl").write_text('{"prompt_logprobs": [null, {"5": {"logprob": -0.1, "rank": 1}}]}\n')
+    refused("vllm", tmp_path / "v.jsonl", "no prompt_token_ids")
+    (tmp_path / "w.jsonl").write_text("not json\n")
+    refused("vllm", tmp_path / "w.jsonl", "is not JSON")
+    done = subprocess.run([*DARKSTORE, "targets", "import", str(tmp_path / "hf"), "-f", "axolotl", "--tokenizer",
+                           str(tok), "--out", str(tmp_path / "cli.zarr")], capture_output=True, text=True, env=cli_env())
+    one_error(done, tmp_path / "cli.zarr", "has no column target_token_ids")
+
+
+def test_an_imported_store_trains_evaluates_and_inspects(stores, tmp_path, chat_kit):
+    """What a user does after an import: inspect the store, train a student on it and evaluate the run."""
+    export_store(stores["chat"], "distillkit", tmp_path / "dk")
+    gpt = json.dumps({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 40})
+    for args in (["targets", "import", str(tmp_path / "dk"), "-f", "distillkit", "--tokenizer",
+                  str(chat_kit["tokenizer"]), "--out", str(tmp_path / "s.zarr")],
+                 ["inspect", str(tmp_path / "s.zarr")],
+                 ["train", "--store", str(tmp_path / "s.zarr"), "--student", "gpt", "--arch-kwargs", gpt, "--epochs",
+                  "1", "--batch-size", "4", "--out", str(tmp_path / "run")],
+                 ["eval", str(tmp_path / "run")]):
+        done = subprocess.run([*DARKSTORE, *args], env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (args[:2], done.stderr[-3000:])
+        if args[0] == "inspect":
+            assert "distillkit capture" in done.stdout, done.stdout
+        if args[0] == "targets":
+            assert "imported" in done.stderr and "rows of 40" in done.stderr
+    assert (tmp_path / "run" / "student.safetensors").is_file()
