@@ -238,7 +238,7 @@ def chat_kit(lm_kit, tmp_path_factory) -> dict:
 
 def pytest_collection_finish(session):
     """The engine tests' vLLM server starts while the other tests run: its start-up takes about a minute."""
-    if any(item.nodeid.startswith("tests/test_engines.py") for item in session.items):
+    if any(item.nodeid.startswith(("tests/test_engines.py", "tests/test_interop_vllm.py")) for item in session.items):
         from .engines import Shared
 
         Shared.start()
