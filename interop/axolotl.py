@@ -45,18 +45,19 @@ class Axolotl(Format):
                           ("target_mask", pa.list_(pa.list_(pa.int8())))])
 
     def table(self, chunk, k, vocab):
-        ids, logp, mask = [], [], []
-        for i, lp, m in zip(chunk.ids, chunk.logp, chunk.mask):
-            ids.append(np.concatenate([i, np.arange(k)[None]]).astype(np.int32))
-            lp = lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True)
-            logp.append(np.concatenate([lp, np.full((1, k), -np.inf)]).astype(np.float32))
-            mask.append(np.repeat(np.append(m, False)[:, None], k, axis=1).astype(np.int8))
+        r, length = chunk.mask.shape
+        n1, at = chunk.n + 1, (np.arange(r), chunk.n)  # position n of each row: the last token's, a placeholder
+        ids = np.concatenate([chunk.ids, np.zeros((r, 1, k), chunk.ids.dtype)], axis=1)
+        logp = chunk.logp - np.logaddexp.reduce(chunk.logp, axis=-1, keepdims=True)
+        logp = np.concatenate([logp, np.zeros((r, 1, k))], axis=1)
+        mask = np.concatenate([chunk.mask, np.zeros((r, 1), bool)], axis=1)
+        ids[at], logp[at], mask[at] = np.arange(k), -np.inf, False
         return pa.table({
-            "input_ids": ragged([t.astype(np.int32) for t in chunk.tokens], pa.int32()),
-            "attention_mask": ragged([np.ones(len(t), np.int8) for t in chunk.tokens], pa.int8()),
-            "labels": ragged(hf_labels(chunk), pa.int32()),
-            "target_token_ids": ragged(ids, pa.int32()), "target_logprobs": ragged(logp, pa.float32()),
-            "target_mask": ragged(mask, pa.int8()),
+            "input_ids": ragged(chunk.tokens, n1, pa.int32()),
+            "attention_mask": ragged(np.ones(chunk.tokens.shape, np.int8), n1, pa.int8()),
+            "labels": ragged(hf_labels(chunk), n1, pa.int32()),
+            "target_token_ids": ragged(ids, n1, pa.int32()), "target_logprobs": ragged(logp, n1, pa.float32()),
+            "target_mask": ragged(np.repeat(mask[..., None], k, axis=2).astype(np.int8), n1, pa.int8()),
         })
 
     def capture(self, src, k):

@@ -150,18 +150,15 @@ class DistillKit(Format):
                           ("bytepacked_indices", pa.list_(pa.list_(pa.uint8())))])
 
     def table(self, chunk, k, vocab):
-        bits = index_bits(vocab)
-        labels = []
-        for tokens, mask in zip(chunk.tokens, chunk.mask):
-            lab = np.full(len(tokens), -100, dtype=np.int64)
-            lab[:-1][mask] = tokens[1:][mask]
-            labels.append(lab)
-        values = [np.ascontiguousarray(v.astype("<f4")).view(np.uint8) for v in chunk.logp]
+        r, length = chunk.mask.shape
+        labels = np.full((r, length + 1), -100, dtype=np.int64)
+        labels[:, :length] = np.where(chunk.mask, chunk.tokens[:, 1:], -100)
+        values = np.ascontiguousarray(chunk.logp.astype("<f4")).view(np.uint8)
         return pa.table({
-            "input_ids": ragged([t.astype(np.uint64) for t in chunk.tokens], pa.uint64()),
-            "labels": ragged(labels, pa.int64()),
-            "compressed_logprobs": ragged(values, pa.uint8()),
-            "bytepacked_indices": ragged([pack_bits(i, bits) for i in chunk.ids], pa.uint8()),
+            "input_ids": ragged(chunk.tokens, chunk.n + 1, pa.uint64()),
+            "labels": ragged(labels, chunk.n + 1, pa.int64()),
+            "compressed_logprobs": ragged(values, chunk.n, pa.uint8()),
+            "bytepacked_indices": ragged(pack_bits(chunk.ids, index_bits(vocab)), chunk.n, pa.uint8()),
         })
 
     def extra_files(self, out, reader, k):

@@ -16,15 +16,12 @@ from .rows import TokenChunk
 NEEDED = ("input_ids", "topk_ids", "topk_logprobs")
 
 
-def hf_labels(chunk: TokenChunk) -> list[np.ndarray]:
-    """Labels in the Hugging Face convention (the model shifts them): ``labels[t + 1] = input_ids[t + 1]`` where
-    position t carries a loss, else -100; ``labels[0] = -100``."""
-    out = []
-    for tokens, mask in zip(chunk.tokens, chunk.mask):
-        lab = np.full(len(tokens), -100, dtype=np.int32)
-        lab[1:][mask] = tokens[1:][mask]
-        out.append(lab)
-    return out
+def hf_labels(chunk: TokenChunk) -> np.ndarray:
+    """[r, L + 1] labels in the Hugging Face convention (the model shifts them): ``labels[t + 1] =
+    tokens[t + 1]`` where position t carries a loss, else -100; ``labels[0] = -100``."""
+    labels = np.full(chunk.tokens.shape, -100, dtype=np.int32)
+    labels[:, 1:] = np.where(chunk.mask, chunk.tokens[:, 1:], -100)
+    return labels
 
 
 class HuggingFace(Format):
@@ -53,14 +50,14 @@ class HuggingFace(Format):
                           ("tail_logprob", pa.list_(pa.float32()))])
 
     def table(self, chunk, k, vocab):
+        n, n1 = chunk.n, chunk.n + 1
         return pa.table({
             "row": pa.array(chunk.rows, pa.int64()), "index": pa.array(chunk.index, pa.int64()),
-            "input_ids": ragged([t.astype(np.int32) for t in chunk.tokens], pa.int32()),
-            "attention_mask": ragged([np.ones(len(t), np.int8) for t in chunk.tokens], pa.int8()),
-            "labels": ragged(hf_labels(chunk), pa.int32()),
-            "topk_ids": ragged([i.astype(np.int32) for i in chunk.ids], pa.int32()),
-            "topk_logprobs": ragged([v.astype(np.float32) for v in chunk.logp], pa.float32()),
-            "tail_logprob": ragged([t.astype(np.float32) for t in chunk.tail], pa.float32()),
+            "input_ids": ragged(chunk.tokens, n1, pa.int32()),
+            "attention_mask": ragged(np.ones(chunk.tokens.shape, np.int8), n1, pa.int8()),
+            "labels": ragged(hf_labels(chunk), n1, pa.int32()),
+            "topk_ids": ragged(chunk.ids, n, pa.int32()), "topk_logprobs": ragged(chunk.logp, n, pa.float32()),
+            "tail_logprob": ragged(chunk.tail, n, pa.float32()),
         })
 
     def capture(self, src, k):

@@ -15,18 +15,18 @@ from darkstore.errors import DataError
 ROWS_PER_FILE = 4096
 
 
-def ragged(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
-    """One list per row: ``arrays`` [n_i] (or [n_i, K]: a list of lists per row)."""
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    flat = np.concatenate(arrays) if arrays else np.zeros((0,), dtype=type_.to_pandas_dtype())
+def ragged(x: np.ndarray, lengths: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """One list per row of ``x`` [r, L] (or [r, L, K]: a list of K-lists), the first ``lengths[i]`` of row i."""
+    offsets = np.zeros(len(x) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = x[np.arange(x.shape[1]) < np.asarray(lengths)[:, None]]
     if flat.ndim == 2:
-        inner = np.zeros(flat.shape[0] + 1, dtype=np.int32)
-        inner[1:] = np.arange(1, flat.shape[0] + 1) * flat.shape[1]
-        values = pa.ListArray.from_arrays(pa.array(inner), pa.array(flat.ravel(), type=type_))
+        k = flat.shape[1]
+        inner = pa.array(np.arange(flat.shape[0] + 1, dtype=np.int32) * k, pa.int32())
+        values = pa.ListArray.from_arrays(inner, pa.array(flat.ravel(), type=type_))
     else:
         values = pa.array(flat, type=type_)
-    return pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
 class Shards:

@@ -18,21 +18,23 @@ from storage.kinds import kind_of
 
 @dataclass
 class TokenChunk:
-    """One committed chunk's rows, ``r`` of them, each trimmed to its ``n`` positions (trailing padding without a
-    loss dropped): ``tokens`` (n + 1 ids, the inputs and the last label), ``mask`` (n, whether position t's label
-    ``tokens[t + 1]`` and targets carry a loss), ``ids``/``logp`` (n × K, most likely first) and ``tail`` (n)."""
+    """One committed chunk's ``r`` rows, whole (``L`` positions each), with the ``n`` positions each keeps
+    (trailing padding without a loss dropped): ``tokens`` [r, L + 1] (the inputs and the last label), ``mask``
+    [r, L] (whether position t's label ``tokens[t + 1]`` and targets carry a loss), ``ids``/``logp`` [r, L, K]
+    (most likely first) and ``tail`` [r, L]."""
 
     rows: np.ndarray  # [r] the rows' numbers in the store
     index: np.ndarray  # [r] the transfer-set record (sample) each row was made from
-    tokens: list[np.ndarray]
-    mask: list[np.ndarray]
-    ids: list[np.ndarray]
-    logp: list[np.ndarray]
-    tail: list[np.ndarray]
+    n: np.ndarray  # [r] positions kept per row
+    tokens: np.ndarray
+    mask: np.ndarray
+    ids: np.ndarray
+    logp: np.ndarray
+    tail: np.ndarray
 
     @property
     def positions(self) -> int:
-        return int(sum(len(m) for m in self.mask))
+        return int(self.n.sum())
 
 
 def check_token_store(reader: StoreReader, what: str, k: int | None) -> int:
@@ -49,7 +51,7 @@ def _dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=np.dtype(dtype).newbyteorder("="))).dtype
 
 
-def token_chunks(reader: StoreReader, k: int | None, chunks_at_once: int = 1) -> Iterator[TokenChunk]:
+def token_chunks(reader: StoreReader, k: int | None) -> Iterator[TokenChunk]:
     """Every committed chunk of ``reader`` as a :class:`TokenChunk`, in row order."""
     meta = reader.meta
     form, names = form_of(meta), target_fields(meta)
@@ -60,12 +62,9 @@ def token_chunks(reader: StoreReader, k: int | None, chunks_at_once: int = 1) ->
         parts = {name: torch.from_numpy(np.ascontiguousarray(got[name])) for name in names}
         ids, logp, tail = (t.numpy() for t in form.top_logprobs(parts, meta, k))
         a, b = reader.bounds(c)
-        n = _lengths(got["tokens"], got["loss_mask"], pad)
         yield TokenChunk(np.arange(a, b), got["index"].astype(np.int64),
-                         [got["tokens"][j, :m + 1] for j, m in enumerate(n)],
-                         [got["loss_mask"][j, :m].astype(bool) for j, m in enumerate(n)],
-                         [ids[j, :m] for j, m in enumerate(n)], [logp[j, :m] for j, m in enumerate(n)],
-                         [tail[j, :m] for j, m in enumerate(n)])
+                         _lengths(got["tokens"], got["loss_mask"], pad), got["tokens"].astype(np.int64),
+                         got["loss_mask"].astype(bool), ids, logp, tail)
 
 
 def _lengths(tokens: np.ndarray, mask: np.ndarray, pad: int | None) -> np.ndarray:
