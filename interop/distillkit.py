@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -71,51 +72,64 @@ class Config(BaseModel):
     error_diffusion: bool = False
     normalize_t: bool = False
 
-    def value_bytes(self) -> int:
-        n = self.exact_k * _width(self.exact_dtype) + len(self.polynomial_terms or ()) * _width(self.term_dtype)
-        return n + sum(_width(b.scale_dtype) + (b.element_bits * b.num_elements + 7) // 8 for b in self.residual_bins)
 
 
 def _width(dtype: str) -> int:
     return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
 
 
-def _floats(b: np.ndarray, dtype: str, n: int) -> np.ndarray:
-    """[..., n · width] little-endian bytes as [..., n] float64 values of ``dtype`` (bfloat16 included)."""
-    b = np.ascontiguousarray(b)
-    if dtype == "bfloat16":
-        return (b.view("<u2").astype(np.uint32) << 16).view("<f4").astype(np.float64).reshape(*b.shape[:-1], n)
-    return b.view({"float16": "<f2", "float32": "<f4", "float64": "<f8"}[dtype]).astype(np.float64).reshape(
-        *b.shape[:-1], n)
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return getattr(torch, dtype)
+
+
+def _floats(b: torch.Tensor, dtype: str, n: int) -> torch.Tensor:
+    """[..., n · width] bytes as [..., n] values of ``dtype`` (little-endian, as DistillKit views them)."""
+    return b.contiguous().view(_torch_dtype(dtype)).reshape(*b.shape[:-1], n)
+
+
+def _terms(c: Config, t: int) -> torch.Tensor:
+    """[t, terms] the polynomial's terms at t points, computed in the terms' dtype as DistillKit does."""
+    dtype = _torch_dtype(c.term_dtype)
+    pts = torch.linspace(0, 1, steps=t, dtype=dtype) if c.normalize_t else torch.arange(t, dtype=dtype)
+    return torch.stack([pts ** p if isinstance(p, int) else getattr(torch, p)(pts) for p in c.polynomial_terms], -1)
 
 
 def decompress(b: np.ndarray, c: Config) -> np.ndarray:
-    """[n, bytes] compressed log-probabilities as [n, K] (DistillKit's ``decompress_monotonic_logprobs``):
-    exact values, a polynomial fit with quantised residuals for the rest, and the deltas summed back."""
+    """[n, bytes] compressed log-probabilities as [n, K] float64 (DistillKit's ``decompress_monotonic_logprobs``,
+    with its dtypes at every step, so that the values are the ones its trainer reads): exact values, a
+    polynomial fit with quantised residuals for the rest, and the deltas summed back."""
+    x = torch.from_numpy(np.ascontiguousarray(b, dtype=np.uint8))
+    out = _torch_dtype(c.exact_dtype)
     at = c.exact_k * _width(c.exact_dtype)
-    exact = _floats(b[:, :at], c.exact_dtype, c.exact_k)
+    exact = _floats(x[:, :at], c.exact_dtype, c.exact_k)
     approx = c.k - c.exact_k
-    fit = np.zeros((len(b), approx))
+    coeffs = None
     if c.polynomial_terms:
-        n_terms = len(c.polynomial_terms)
-        coeffs = _floats(b[:, at:at + n_terms * _width(c.term_dtype)], c.term_dtype, n_terms)
-        at += n_terms * _width(c.term_dtype)
-        t = np.linspace(0, 1, approx) if c.normalize_t else np.arange(approx, dtype=np.float64)
-        x = np.stack([t ** p if isinstance(p, int) else getattr(np, p)(t) for p in c.polynomial_terms], -1)
-        fit = coeffs @ x.T
-    residual, used = [], 0
+        size = len(c.polynomial_terms) * _width(c.term_dtype)
+        coeffs = _floats(x[:, at:at + size], c.term_dtype, len(c.polynomial_terms))
+        at += size
+    residual = []
     for bin_ in c.residual_bins:
-        scale = _floats(b[:, at:at + _width(bin_.scale_dtype)], bin_.scale_dtype, 1)
+        scale = _floats(x[:, at:at + _width(bin_.scale_dtype)], bin_.scale_dtype, 1)
         at += _width(bin_.scale_dtype)
         size = (bin_.element_bits * bin_.num_elements + 7) // 8
-        q = unpack_bits(b[:, at:at + size], bin_.element_bits, bin_.num_elements).astype(np.float64)
+        q = torch.from_numpy(unpack_bits(x[:, at:at + size].numpy(), bin_.element_bits, bin_.num_elements))
         at += size
-        residual.append((q * 2 - 1) * scale if bin_.element_bits == 1 else (q - 2 ** (bin_.element_bits - 1)) * scale)
-        used += bin_.num_elements
-    if residual:
-        fit[:, :used] += np.concatenate(residual, axis=1)
-    values = np.concatenate([exact, fit], axis=1)
-    return np.cumsum(values, axis=1) if c.delta_encoding else values
+        if bin_.element_bits == 1:
+            residual.append((q.to(torch.float32) * 2.0 - 1.0) * scale)
+        else:
+            residual.append((q - 2 ** (bin_.element_bits - 1)).to(torch.float32) * scale)
+    used = sum(bin_.num_elements for bin_ in c.residual_bins)
+    rest = torch.cat(residual, -1) if residual else torch.zeros((len(x), 0), dtype=out)
+    rest = torch.nn.functional.pad(rest, (0, approx - used)) if residual else torch.zeros((len(x), approx), dtype=out)
+    if coeffs is not None:
+        values = (_terms(c, approx) * coeffs.unsqueeze(-2)).sum(-1) + rest.to(out)
+    else:
+        values = rest.to(out)
+    values = torch.cat([exact.to(out), values], -1)
+    if c.delta_encoding:
+        values = torch.cumsum(values.float(), dim=-1).to(out)
+    return values.double().numpy()
 
 
 def read_config(src: Path) -> Config:

@@ -134,11 +134,7 @@ def test_dense_store_exports_its_top_k(stores, tmp_path):
 
 
 def test_distillkits_own_compressor_reads_the_export(stores, tmp_path):
-    sys.path.insert(0, str(PEERS))
-    try:
-        from distillkit.compression import DistributionQuantizationConfig, LogprobCompressor
-    finally:
-        sys.path.remove(str(PEERS))
+    DistributionQuantizationConfig, LogprobCompressor = distillkit()
     ref = reference(stores["chat"])
     export_store(stores["chat"], "distillkit", tmp_path / "dk", rows_per_file=5)
     out = tmp_path / "dk"
@@ -387,3 +383,60 @@ def test_an_imported_store_trains_evaluates_and_inspects(stores, tmp_path, chat_
         if args[0] == "targets":
             assert "imported" in done.stderr and "rows of 40" in done.stderr
     assert (tmp_path / "run" / "student.safetensors").is_file()
+
+
+def distillkit():
+    """DistillKit's compression package (tests/peers, unchanged)."""
+    sys.path.insert(0, str(PEERS))
+    try:
+        from distillkit.compression import DistributionQuantizationConfig, LogprobCompressor
+    finally:
+        sys.path.remove(str(PEERS))
+    return DistributionQuantizationConfig, LogprobCompressor
+
+
+LOSSY = {"d": 514, "k": 8, "exact_k": 2, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, 2, "sqrt"],
+         "term_dtype": "float16", "residual_bins": [{"scale_dtype": "float16", "element_bits": 4, "num_elements": 4},
+                                                    {"scale_dtype": "bfloat16", "element_bits": 1, "num_elements": 2}],
+         "delta_encoding": True, "error_diffusion": True, "normalize_t": True}
+
+
+def test_a_lossy_distillkit_capture_imports_as_distillkit_decodes_it(stores, tmp_path, chat_kit):
+    """A capture as DistillKit's sampler writes it (its compressor, a lossy configuration: bfloat16 exact values,
+    a polynomial with a square-root term, quantised residuals, deltas), imported: the values DistillKit's own
+    decompressor gives back, the ids it packed."""
+    import pyarrow as pa
+
+    Config, Compressor = distillkit()
+    config = Config.model_validate(LOSSY)
+    compressor = Compressor(config)
+    ref = reference(stores["chat"])
+    rows = {"input_ids": [], "compressed_logprobs": [], "bytepacked_indices": []}
+    want = []
+    for r in range(len(ref["tokens"])):
+        packed = compressor.compress_from_sparse(torch.from_numpy(ref["ids"][r])[None],
+                                                 torch.from_numpy(ref["logp"][r]).float()[None])
+        ids, logp = compressor.decompress_to_sparse({k: v for k, v in packed.items()})
+        want.append((ids[0].numpy(), logp[0].double().numpy()))
+        rows["input_ids"].append(ref["tokens"][r].tolist())
+        rows["compressed_logprobs"].append(packed["compressed_logprobs"][0].tolist())
+        rows["bytepacked_indices"].append(packed["bytepacked_indices"][0].tolist())
+    schema = pa.schema([("input_ids", pa.list_(pa.uint64())),
+                        ("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
+                        ("bytepacked_indices", pa.list_(pa.list_(pa.uint8())))])
+    (tmp_path / "cap").mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(rows, schema=schema), tmp_path / "cap" / "part-0.parquet")
+    (tmp_path / "cap" / "compression_config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    report = import_capture("distillkit", tmp_path / "cap", tmp_path / "s.zarr", chat_kit["tokenizer"])
+    back = imported(report.store)
+    assert report.k == 8 and report.length == ref["tokens"].shape[1] - 1
+    for r, (ids, logp) in enumerate(want):  # compared by token: ties may be listed in either order
+        got_order, want_order = np.argsort(back["ids"][r], -1), np.argsort(ids, -1)
+        np.testing.assert_array_equal(np.take_along_axis(back["ids"][r], got_order, -1),
+                                      np.take_along_axis(ids, want_order, -1))
+        got = np.take_along_axis(back["logp"][r], got_order, -1)
+        norm = np.take_along_axis(logp, want_order, -1)
+        # the store normalises the K values with the tail log1p(-Σp): the values less one shift per position
+        np.testing.assert_allclose(got - got.max(-1, keepdims=True), norm - norm.max(-1, keepdims=True), atol=2e-5)
