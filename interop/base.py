@@ -4,6 +4,8 @@ of them: check the store, stream its rows, write the shards, the tokenizer and a
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -78,11 +80,23 @@ class Format:
                progress: Callable[[int, int], None] | None = None, rows_per_file: int | None = None
                ) -> ExportReport:
         """Every committed row of ``reader`` into ``out`` (a new or empty folder), a chunk at a time;
-        ``progress(rows_done, rows)`` after each chunk."""
+        ``progress(rows_done, rows)`` after each chunk. Written beside ``out`` and moved there whole at the end:
+        an export that stops leaves nothing at ``out``."""
         if not self.writes:
             raise SpecError(f"darkstore reads {self.title} (darkstore targets import) but does not write it")
         k = check_token_store(reader, f"{self.title}", k)
         _check_out(out)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            report = self._write(reader, work, k, progress, rows_per_file, out)
+            if out.exists():
+                out.rmdir()
+            work.rename(out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return report
+
+    def _write(self, reader, out, k, progress, rows_per_file, final) -> ExportReport:
         vocab = reader.meta.num_classes
         shards = Shards(out, self.schema(k, vocab), **({"rows_per_file": rows_per_file} if rows_per_file else {}))
         rows = positions = 0
@@ -94,9 +108,8 @@ class Format:
                 progress(rows, total)
         files = shards.close()
         self.extra_files(out, reader, k)
-        seq = reader.meta.sequence
-        _tokenizer(out / "tokenizer", seq)
-        report = ExportReport(self.name, str(out), rows, positions, k, reader.meta.temperature,
+        _tokenizer(out / "tokenizer", reader.meta.sequence)
+        report = ExportReport(self.name, str(final), rows, positions, k, reader.meta.temperature,
                               [str(f.relative_to(out)) for f in files], sum(f.stat().st_size for f in files),
                               list(self.not_kept), dict(self.columns))
         _manifest(out, reader, report, self)
@@ -123,7 +136,7 @@ def _tokenizer(folder: Path, seq) -> None:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecError(f"{out} exists and is not an empty folder: export into a new one")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _manifest(out: Path, reader: StoreReader, report: ExportReport, fmt: Format) -> None:

@@ -214,6 +214,13 @@ def test_refusals_are_one_line(stores, tmp_path, lm_kit):
     with pytest.raises(SpecError, match="not an empty folder"):
         export_store(stores["topk"], "hf", tmp_path / "full")
     assert not any((tmp_path / p).exists() for p in "abc")
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_store(stores["topk"], "hf", tmp_path / "stopped", progress=stop, rows_per_file=64)
+    assert not (tmp_path / "stopped").exists() and not list(tmp_path.glob(".stopped*")), "nothing half-written"
     ens, data = make_ensemble(tmp_path / "ens", MEMBERS[1:2]), make_arrays(tmp_path / "d.npz", n=64)
     classes = generate(job(ens, data), tmp_path / "classes.zarr").path
     with pytest.raises(SpecError, match="one target per row"):
