@@ -206,7 +206,7 @@ def _interrupt(args: list[str], ready, tmp_path: Path) -> subprocess.CompletedPr
 def test_ctrl_c_says_what_was_kept_and_the_command_that_continues(made, tmp_path):
     slow = tmp_path / "slow.yaml"
     slow.write_text(yaml.safe_dump({"num_classes": 5, "members": [
-        {"name": "slow", "factory": "tests.factories:slow_mlp", "arch_kwargs": {"delay": 0.25}}]}))
+        {"name": "slow", "factory": "tests.factories:slow_mlp", "arch_kwargs": {"delay": 1.0}}]}))
     store = tmp_path / "store"
     args = ["generate", "--teachers", str(slow), "--data", str(made["data"]), "--out", str(store),
             "--chunk-rows", "8", "--batch-size", "8", "--allow-code"]
