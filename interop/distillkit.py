@@ -31,18 +31,28 @@ def index_bits(vocab: int) -> int:
     return max(1, math.ceil(math.log2(vocab)))
 
 
+def _width(bits: int) -> int:
+    """Bytes of the big-endian integers that hold ``bits`` bits."""
+    return 2 if bits <= 16 else 4 if bits <= 32 else 8
+
+
 def pack_bits(x: np.ndarray, bits: int) -> np.ndarray:
     """[..., N] non-negative integers as [..., ⌈N·bits/8⌉] bytes, most significant bit first (DistillKit's
     ``pack_to_bytes``)."""
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
-    stream = ((x.astype(np.uint64)[..., None] >> shifts) & 1).astype(np.uint8)
+    w = _width(bits)
+    be = np.ascontiguousarray(x.astype(f">u{w}")).view(np.uint8).reshape(*x.shape, w)
+    stream = np.unpackbits(be, axis=-1)[..., 8 * w - bits:]
     return np.packbits(stream.reshape(*x.shape[:-1], -1), axis=-1)
 
 
 def unpack_bits(b: np.ndarray, bits: int, n: int) -> np.ndarray:
     """The inverse of :func:`pack_bits`: [..., n] int64."""
-    stream = np.unpackbits(b.astype(np.uint8), axis=-1)[..., :n * bits].reshape(*b.shape[:-1], n, bits)
-    return (stream.astype(np.int64) << np.arange(bits - 1, -1, -1)).sum(-1)
+    w = _width(bits)
+    stream = np.unpackbits(np.ascontiguousarray(b, dtype=np.uint8), axis=-1)[..., :n * bits]
+    stream = stream.reshape(*b.shape[:-1], n, bits)
+    padded = np.zeros((*stream.shape[:-1], 8 * w), dtype=np.uint8)
+    padded[..., 8 * w - bits:] = stream
+    return np.packbits(padded, axis=-1).view(f">u{w}")[..., 0].astype(np.int64)
 
 
 def exact_config(vocab: int, k: int) -> dict:
@@ -74,7 +84,7 @@ class Config(BaseModel):
 
 
 
-def _width(dtype: str) -> int:
+def _bytes(dtype: str) -> int:
     return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
 
 
@@ -100,18 +110,18 @@ def decompress(b: np.ndarray, c: Config) -> np.ndarray:
     polynomial fit with quantised residuals for the rest, and the deltas summed back."""
     x = torch.from_numpy(np.ascontiguousarray(b, dtype=np.uint8))
     out = _torch_dtype(c.exact_dtype)
-    at = c.exact_k * _width(c.exact_dtype)
+    at = c.exact_k * _bytes(c.exact_dtype)
     exact = _floats(x[:, :at], c.exact_dtype, c.exact_k)
     approx = c.k - c.exact_k
     coeffs = None
     if c.polynomial_terms:
-        size = len(c.polynomial_terms) * _width(c.term_dtype)
+        size = len(c.polynomial_terms) * _bytes(c.term_dtype)
         coeffs = _floats(x[:, at:at + size], c.term_dtype, len(c.polynomial_terms))
         at += size
     residual = []
     for bin_ in c.residual_bins:
-        scale = _floats(x[:, at:at + _width(bin_.scale_dtype)], bin_.scale_dtype, 1)
-        at += _width(bin_.scale_dtype)
+        scale = _floats(x[:, at:at + _bytes(bin_.scale_dtype)], bin_.scale_dtype, 1)
+        at += _bytes(bin_.scale_dtype)
         size = (bin_.element_bits * bin_.num_elements + 7) // 8
         q = torch.from_numpy(unpack_bits(x[:, at:at + size].numpy(), bin_.element_bits, bin_.num_elements))
         at += size

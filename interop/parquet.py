@@ -57,7 +57,10 @@ class Shards:
             self._writer.close()
         path = self.folder / f"part-{len(self.files):05d}.parquet"
         self.files.append(path)
-        self._writer, self._rows = pq.ParquetWriter(path, self.schema, compression=self.compression), 0
+        floats, others = _leaves(self.schema)
+        self._writer = pq.ParquetWriter(path, self.schema, compression=self.compression, use_dictionary=others,
+                                        use_byte_stream_split=floats)
+        self._rows = 0
 
     def close(self) -> list[Path]:
         if self._writer is None:
@@ -69,6 +72,19 @@ class Shards:
             path.rename(final)
             named.append(final)
         return named
+
+
+def _leaves(schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """The parquet column paths of the float leaves (byte-stream-split: their bytes grouped by significance
+    compress a quarter smaller, as the store's shuffle does; every parquet reader since 2020 reads it) and of
+    the others (dictionary-encoded, the default)."""
+    floats, others = [], []
+    for f in schema:
+        path, t = f.name, f.type
+        while pa.types.is_list(t) or pa.types.is_large_list(t):
+            path, t = path + ".list.element", t.value_type
+        (floats if pa.types.is_floating(t) else others).append(path)
+    return floats, others
 
 
 def read_batches(paths: list[Path], columns: list[str] | None = None, batch_rows: int = 1024):

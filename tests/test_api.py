@@ -517,7 +517,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(site):
     bad: list[str] = []
     for result in schema.get_all_operations():
         op = result.ok()
-        examples = 500 if op.method.upper() == "POST" and op.path == "/v1/jobs" else 150
+        examples = 300 if op.method.upper() == "POST" and op.path == "/v1/jobs" else 80
         strategies = []
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             strategies.append(op.as_strategy(mode))
@@ -543,7 +543,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(site):
 
         fuzz()
     assert not bad, "\n".join(bad[:20])
-    assert sum(calls.values()) >= 1200, calls
+    assert sum(calls.values()) >= 700, calls
     assert len(calls) >= 8, calls  # every operation was exercised
 
 

@@ -277,6 +277,8 @@ def test_compose_services_run_the_pipeline_as_local_processes(profile, config, e
                 assert store.complete and store.meta.num_rows == 1198
                 assert Path(items[0].store).is_relative_to(local.home)
             assert any(e.event == "task_finished" and e.worker.startswith("worker-") for e in c.events(items[0].id))
+        if profile == "s3":
+            return  # the profiles' stores differ in where they live only: the default one's cache is reused below
         # a second trainer reuses the cache: the job is found, no teacher runs again
         r = subprocess.run(local.command(s["trainer"]["command"]), env=local.env(s["trainer"]), capture_output=True,
                            text=True, timeout=600)

@@ -55,7 +55,8 @@ def check_stores(out) -> dict[str, int]:
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reports_only_what_its_seeds_support(tmp_path):
     out = tmp_path / "demo"
-    r = run_demo(out, "--seeds", "2")  # the README's command but for a third seed (the suite's time)
+    r = run_demo(out, "--seeds", "2", "--quick")  # the README's command with fewer seeds and epochs (the suite's
+    # time): the same path end to end; the full demo's figures are the README's and bench/quality.py's
     n_test = check_stores(out)["test"]
     res = json.loads((out / "results.json").read_text())
     for arm in ARMS:
@@ -65,7 +66,8 @@ def test_demo_runs_end_to_end_and_reports_only_what_its_seeds_support(tmp_path):
     for row in res["rows"]:
         assert 0 <= row["accuracy_mean"] <= 1 and row["accuracy_std"] >= 0 and row["params"] > 0, row
     ens = next(row for row in res["rows"] if row["model"].startswith("ensemble"))
-    assert ens["accuracy_mean"] > 0.9  # real teachers on real digits (they reach about 0.99)
+    assert ens["accuracy_mean"] > 0.8  # real teachers on real digits (about 0.9 after --quick's 3 epochs, 0.99
+    # after the demo's 40), where chance is 0.1
     # each printed comparison is the runs' own difference, with the verdict its standard error gives
     assert [(c["arm"], c["other"]) for c in res["comparisons"]] == COMPARISONS
     for c in res["comparisons"]:
