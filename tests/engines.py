@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from .conftest import ROOT
 from .procs import Proc, free_port
@@ -166,3 +167,15 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
         self._http.close()
+
+
+def float64_reference(model_dir, tokens: np.ndarray) -> np.ndarray:
+    """[rows, L, V] the served model's log-probabilities of ``tokens`` [rows, L + 1] through transformers in
+    float64."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    with torch.no_grad():
+        z = m(input_ids=torch.from_numpy(tokens[:, :-1].astype(np.int64))).logits
+    return torch.log_softmax(z, -1).numpy()

@@ -22,20 +22,11 @@ from teacher_service.generate import generate
 from teacher_service.spec import JobSpec
 
 from .conftest import DARKSTORE, cli_env
-from .engines import MAX_LOGPROBS, MAX_MODEL_LEN, SERVED, VLLM_PYTHON, FaultProxy, Shared
+from .engines import MAX_LOGPROBS, MAX_MODEL_LEN, SERVED, VLLM_PYTHON, FaultProxy, float64_reference
 from .procs import Api, service_env
 
 K, LENGTH = 32, 32
 FIELDS = ("tokens", "loss_mask", "index", "topk_index", "topk_logits", "tail_lse", "stats", "nll", "done")
-
-
-@pytest.fixture(scope="module")
-def vllm():
-    if Shared.skip:
-        pytest.skip(Shared.skip)
-    Shared.start()  # already started at collection, unless this file runs alone
-    Shared.proc.ready()
-    return Shared
 
 
 def corpus():
@@ -84,15 +75,6 @@ def clean(vllm, tmp_path_factory):
     r = cli_generate(write(tmp / "job.yaml", spec(vllm)), tmp / "store")
     assert r.returncode == 0, r.stderr
     return tmp / "store"
-
-
-def float64_reference(model_dir, tokens: np.ndarray) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
-    with torch.no_grad():
-        z = m(input_ids=torch.from_numpy(tokens[:, :-1].astype(np.int64))).logits
-    return torch.log_softmax(z, -1).numpy()
 
 
 def test_the_servers_topk_is_stored_as_transformers_computes_it(vllm, clean):

@@ -17,18 +17,9 @@ from storage import open_store
 from storage.forms import form_of
 
 from .conftest import DARKSTORE, cli_env
-from .engines import SERVED, Shared
+from .engines import SERVED, float64_reference
 
 K, ROWS, LENGTH = 8, 3, 24
-
-
-@pytest.fixture(scope="module")
-def vllm():
-    if Shared.skip:
-        pytest.skip(Shared.skip)
-    Shared.start()  # already started at collection, unless this file runs alone
-    Shared.proc.ready()
-    return Shared
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +43,6 @@ def captured(vllm, tmp_path_factory):
                for c in sorted(answer["choices"], key=lambda c: c["index"])]
     (tmp / "offline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"dir": tmp, "prompts": np.array(prompts)}
-
-
-def float64_reference(model_dir, tokens: np.ndarray) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
-    with torch.no_grad():
-        z = m(input_ids=torch.from_numpy(tokens[:, :-1].astype(np.int64))).logits
-    return torch.log_softmax(z, -1).numpy()
 
 
 def test_a_servers_capture_imports_as_transformers_computes_it(vllm, captured, tmp_path):
