@@ -66,7 +66,8 @@ def import_(
     fmt: Format,
     out_: Annotated[str, typer.Option("--out", help="the store to write (a new one, or this import's to resume)")],
     tokenizer: Annotated[Path, typer.Option(help="the tokenizer the capture's ids come from (a local folder or "
-                                            "tokenizer.json): checked against them")],
+                                            "tokenizer.json): checked against them; its chat template renders "
+                                            "an axolotl dataset of conversations")],
     k: Annotated[Optional[int], typer.Option(help="vllm: the K the capture asked for (default: the fewest entries "
                                              "at a position of its first row)")] = None,
     name: Annotated[Optional[str], typer.Option(help="the teacher's name in the store (default FORMAT-capture)")] = None,
@@ -94,7 +95,10 @@ def import_(
     console.print(f"imported {report.rows:,} rows ({report.positions:,} positions with a loss, top-{report.k}, "
                   f"rows of {report.length}) into {report.store}: {report.written_chunks} chunk(s) written"
                   + (f", {report.floored:,} tails below what float32 resolves (stored at the floor)"
-                     if report.floored else ""), highlight=False)
+                     if report.floored else "")
+                  + (f"; the next token is among the kept {report.k} at {report.label_kept:.1%} of the positions "
+                     "written with a loss (a capture aligned a position off shows far less than its "
+                     "teacher's usual share)" if report.label_kept is not None else ""), highlight=False)
 
 
 __all__ = ["export", "formats", "import_", "targets"]

@@ -47,7 +47,7 @@ def import_capture(fmt: str, src: str | Path, out: str | Path, tokenizer: str | 
     src = Path(src)
     if not src.exists():
         raise DataNotFoundError(f"{src} does not exist")
-    files, rows = f.capture(src, k)
+    files, rows = f.capture(src, k, tokenizer)
     return import_rows(f.name, src, files, rows, out, tokenizer, name=name, temperature=temperature, step=step,
                        chunk_rows=chunk_rows, length=length, overwrite=overwrite, progress=progress)
 

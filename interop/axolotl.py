@@ -1,6 +1,7 @@
 """axolotl's knowledge-distillation dataset (``axolotl.integrations.kd``), pre-tokenized: the columns its
 ``DataCollatorForKD`` pads and its top-K KL losses read, beside ``input_ids``/``attention_mask``/``labels``
-(which make axolotl take the rows as already tokenized: no chat template is applied again)."""
+(which make axolotl take the rows as already tokenized: no chat template is applied again). Imports read those
+columns, or a dataset of conversations beside per-position log-probabilities (:mod:`interop.axolotl_chat`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from darkstore.errors import DataError
-
+from .axolotl_chat import chat_capture, chat_files
 from .base import Format
 from .capture import CapturedRow
 from .hf import hf_labels
@@ -60,12 +60,11 @@ class Axolotl(Format):
             "target_mask": ragged(np.repeat(mask[..., None], k, axis=2).astype(np.int8), n1, pa.int8()),
         })
 
-    def capture(self, src, k):
+    def capture(self, src, k, tokenizer=None):
+        if not _tokenized(src):
+            return chat_capture(src, tokenizer)
         files = parquet_files(src, self.title)
         schema = pq.read_schema(files[0])
-        if "target_mask" not in schema.names and any(c in schema.names for c in ("messages", "conversations")):
-            raise DataError(f"{files[0]} holds conversations for axolotl to tokenize: darkstore reads axolotl's "
-                            "tokenized KD columns (input_ids, target_token_ids, target_logprobs, target_mask)")
         need_columns(schema, NEEDED, self.title, files[0])
 
         def rows():
@@ -74,6 +73,14 @@ class Axolotl(Format):
                 for j, tokens in enumerate(got["input_ids"]):
                     yield _row(tokens, *(got[c][j] for c in NEEDED[1:]))
         return files, rows
+
+
+def _tokenized(src) -> bool:
+    """Whether the dataset at ``src`` holds axolotl's tokenized KD columns (else: conversations to render)."""
+    files = chat_files(src)
+    if files[0].suffix != ".parquet":
+        return False
+    return "input_ids" in pq.read_schema(files[0]).names
 
 
 def _row(tokens, ids, logp, mask) -> CapturedRow:

@@ -70,10 +70,11 @@ class Format:
     def extra_files(self, out: Path, reader: StoreReader, k: int) -> None:
         """Files the format's readers need beside the data (a configuration)."""
 
-    def capture(self, src: Path, k: int | None) -> tuple[list[Path], Callable[[], Iterator[CapturedRow]]]:
+    def capture(self, src: Path, k: int | None, tokenizer: str | Path | None = None
+                ) -> tuple[list[Path], Callable[[], Iterator[CapturedRow]]]:
         """The capture at ``src``: its files and a function that reads its rows from the start each time it is
         called (an import reads them twice: to check, then to write). ``k``: the K to keep where the capture
-        does not say."""
+        does not say; ``tokenizer``: for a capture that holds text to tokenize."""
         raise SpecError(f"darkstore does not import {self.title}")
 
     def export(self, reader: StoreReader, out: Path, *, k: int | None = None,

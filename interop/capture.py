@@ -63,6 +63,9 @@ class ImportReport:
     length: int
     written_chunks: int
     floored: int
+    #: of the positions written with a loss, the share whose actual next token is among the kept K (a capture
+    #: aligned one position off shows far less than the teacher's usual share)
+    label_kept: float | None = None
 
 
 def exported_length(src: Path) -> int | None:
@@ -175,7 +178,7 @@ class ChunkFields:
         logp = np.full((r, length, k), -math.log(v))
         tail = np.full((r, length), math.log1p(-k / v))
         label = np.full((r, length), np.nan)
-        self.floored = 0
+        self.floored = self.kept = 0
         floor = tail_floor(k)
         for j, row in enumerate(rows):
             n = len(row.ids)
@@ -205,6 +208,7 @@ class ChunkFields:
         spread = self.tail - math.log(max(meta.num_classes - k, 1))
         label = np.where(np.isnan(self.label), np.where(at.any(-1), kept, spread), self.label)
         keep = self.mask
+        self.kept = int((at.any(-1) & keep).sum())
         hit = int(((label >= self.logp[..., 0]) & keep).sum())
         nll = float(-label[keep].sum())
         return {**{name: t.numpy() for name, t in parts.items()}, "tokens": self.tokens, "loss_mask": self.mask,
@@ -214,12 +218,14 @@ class ChunkFields:
 
 
 def write_capture(meta: StoreMeta, out: str | Path, rows: Callable[[], Iterator[CapturedRow]], *,
-                  overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+                  overwrite: bool = False, progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[int, int, float | None]:
     """The capture's rows into the store at ``out`` (created, or reopened to resume), chunk by chunk: only the
-    chunks not yet committed are written. Returns (chunks written, tails floored)."""
+    chunks not yet committed are written. Returns (chunks written, tails floored, the share of the written
+    positions with a loss whose next token is among the kept K)."""
     writer = StoreWriter.open_or_create(out, meta, overwrite=overwrite)
     pending = set(writer.pending_chunks())
-    written = floored = 0
+    written = floored = kept = positions = 0
     batch: list[CapturedRow] = []
     chunk = 0
     for row in rows():
@@ -230,10 +236,11 @@ def write_capture(meta: StoreMeta, out: str | Path, rows: Callable[[], Iterator[
                 f = ChunkFields(meta, batch, a)
                 writer.write_chunk(chunk, **f.fields())
                 written, floored = written + 1, floored + f.floored
+                kept, positions = kept + f.kept, positions + int(f.mask.sum())
             if progress is not None:
                 progress(b, meta.num_rows)
             batch, chunk = [], chunk + 1
-    return written, floored
+    return written, floored, kept / positions if positions else None
 
 
 def plan_import(fmt: str, src: Path, files: list[Path], rows: Callable[[], Iterator[CapturedRow]],
@@ -260,8 +267,8 @@ def import_rows(fmt: str, src: Path, files: list[Path], rows: Callable[[], Itera
     """Scan, check and write a capture (see the module's docstring and :func:`plan_import`); the store is
     verified at the end."""
     meta = plan_import(fmt, src, files, rows, tokenizer, **options)
-    written, floored = write_capture(meta, out, rows, overwrite=overwrite, progress=progress)
+    written, floored, kept = write_capture(meta, out, rows, overwrite=overwrite, progress=progress)
     reader = open_store(out)
     reader.verify()
     return ImportReport(fmt, reader.path, meta.num_rows, meta.sequence.positions, meta.targets.k,
-                        meta.sequence.length, written, floored)
+                        meta.sequence.length, written, floored, kept)

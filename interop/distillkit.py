@@ -188,7 +188,7 @@ class DistillKit(Format):
     def extra_files(self, out, reader, k):
         (out / CONFIG).write_text(yaml.safe_dump(exact_config(reader.meta.num_classes, k), sort_keys=False))
 
-    def capture(self, src, k):
+    def capture(self, src, k, tokenizer=None):
         files = parquet_files(src, self.title)
         schema = pq.read_schema(files[0])
         raw = {"token_ids", "top_values"} <= set(schema.names)

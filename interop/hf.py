@@ -60,7 +60,7 @@ class HuggingFace(Format):
             "tail_logprob": ragged(chunk.tail, n, pa.float32()),
         })
 
-    def capture(self, src, k):
+    def capture(self, src, k, tokenizer=None):
         files = parquet_files(src, self.title)
         schema = pq.read_schema(files[0])
         need_columns(schema, NEEDED, self.title, files[0])

@@ -90,7 +90,7 @@ class Vllm(Format):
     writes = False
     not_kept = ("which positions carry a loss: every position of a prompt does",)
 
-    def capture(self, src, k):
+    def capture(self, src, k, tokenizer=None):
         files = _files(src)
         first = list(itertools.islice(_records(files), K_PROBE_RECORDS))
         if not first:

@@ -447,3 +447,40 @@ def test_a_lossy_distillkit_capture_imports_as_distillkit_decodes_it(stores, tmp
         norm = np.take_along_axis(logp, want_order, -1)
         # the store normalises the K values with the tail log1p(-Σp): the values less one shift per position
         np.testing.assert_allclose(got - got.max(-1, keepdims=True), norm - norm.max(-1, keepdims=True), atol=2e-5)
+
+
+def test_an_axolotl_dataset_of_conversations_imports_as_axolotl_aligns_it(stores, tmp_path, chat_kit):
+    """Conversations beside per-position log-probabilities, as axolotl's KD chat strategies read them (v2:
+    values with target_token_ids; legacy: token_id:N entries): rendered with the tokenizer's template, the
+    targets right-aligned, the assistant's tokens carrying the loss: the chat store back, where the values
+    and the mask come from two different code paths."""
+    ref = reference(stores["chat"])
+    export_store(stores["chat"], "hf", tmp_path / "hf")
+    asked = [json.loads(line) for line in (chat_kit["root"] / "p.jsonl").read_text().splitlines()]
+    v2, legacy = [], []
+    for row in loaded(tmp_path / "hf"):
+        k = len(row["topk_ids"][0])
+        ids = row["topk_ids"] + [list(range(k))]  # one entry per token: the last token's predicts nothing
+        values = row["topk_logprobs"] + [[0.0] + [-30.0] * (k - 1)]
+        v2.append({**asked[row["index"]], "logprobs": values, "target_token_ids": ids})
+        legacy.append({**asked[row["index"]], "llm_logprobs": [
+            [{"token": f"token_id:{i}", "logprob": v} for i, v in zip(pi, pv)] for pi, pv in zip(ids, values)]})
+    for name, recs in (("v2", v2), ("legacy", legacy)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        report = import_capture("axolotl", tmp_path / f"{name}.jsonl", tmp_path / f"{name}.zarr",
+                                chat_kit["tokenizer"], length=ref["tokens"].shape[1] - 1)
+        back = imported(report.store)
+        assert (back["tokens"] == ref["tokens"]).all() and (back["mask"] == ref["mask"]).all(), name
+        m = ref["mask"]
+        _same_ids(back["ids"][m], ref["ids"][m], ref["logp"][m])
+        np.testing.assert_allclose(back["logp"][m], ref["logp"][m], atol=2e-6)
+        assert report.label_kept == pytest.approx(float(np.mean((ref["ids"] == ref["tokens"][:, 1:, None]).any(-1)[m])))
+    short = [{**r, "logprobs": r["logprobs"][2:], "target_token_ids": r["target_token_ids"][2:]} for r in v2]
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    shifted = imported(import_capture("axolotl", tmp_path / "short.jsonl", tmp_path / "short.zarr",
+                                      chat_kit["tokenizer"]).store)
+    assert not shifted["mask"][:, :2].any(), "positions before the log-probabilities carry no loss"
+    with pytest.raises(DataError, match="every position must keep the same K"):
+        bad = [{**v2[0], "logprobs": [p[:3] for p in v2[0]["logprobs"]]}]
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad[0]) + "\n")
+        import_capture("axolotl", tmp_path / "bad.jsonl", tmp_path / "bad.zarr", chat_kit["tokenizer"])
