@@ -175,8 +175,9 @@ class Tokens(Kind):
                   else s["dtype"]) + f", {s['values']}"
         return [("targets", f"{s['targets']} of {s['classes']:,} tokens per position, {seq['length']} positions per "
                             f"row; values {values}; chunks of {s['chunk_rows']} rows, {s['compressor']}"),
-                ("sequences", f"{s['rows']:,} rows ({seq['packing']}), {self._positions(s):,} positions with a loss, "
-                              f"from {human(seq['text_bytes'])} of text; tokenizer {tok['path']} "
+                ("sequences", f"{s['rows']:,} rows ({seq['packing']}), {self._positions(s):,} positions with a loss"
+                              + (f", from {human(seq['text_bytes'])} of text" if seq["text_bytes"] else "")
+                              + f"; tokenizer {tok['path']} "
                               f"({tok['vocab_size']:,} tokens, fingerprint {tok['fingerprint'][:16]}…)"),
                 *self._chat_lines(seq), *self._engine_lines(s.get("engine"))]
 
