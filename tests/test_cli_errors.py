@@ -191,9 +191,13 @@ def _interrupt(args: list[str], ready, tmp_path: Path) -> subprocess.CompletedPr
     import signal
     import time
 
+    def as_from_a_terminal():  # SIGINT handled, whatever this test process inherited or set (an ignored SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # passes to children: Python then installs no handler)
+
     err = tmp_path / "stderr.txt"
     with err.open("w") as fh:
-        p = subprocess.Popen([*DARKSTORE, *args], env=cli_env(), stdout=subprocess.PIPE, stderr=fh, text=True)
+        p = subprocess.Popen([*DARKSTORE, *args], env=cli_env(), stdout=subprocess.PIPE, stderr=fh, text=True,
+                             preexec_fn=as_from_a_terminal)
         deadline = time.monotonic() + 120
         while not ready() and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.02)
