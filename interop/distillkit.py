@@ -108,7 +108,7 @@ def decompress(b: np.ndarray, c: Config) -> np.ndarray:
     """[n, bytes] compressed log-probabilities as [n, K] float64 (DistillKit's ``decompress_monotonic_logprobs``,
     with its dtypes at every step, so that the values are the ones its trainer reads): exact values, a
     polynomial fit with quantised residuals for the rest, and the deltas summed back."""
-    x = torch.from_numpy(np.ascontiguousarray(b, dtype=np.uint8))
+    x = torch.from_numpy(np.array(b, dtype=np.uint8))  # a copy: parquet buffers are read-only
     out = _torch_dtype(c.exact_dtype)
     at = c.exact_k * _bytes(c.exact_dtype)
     exact = _floats(x[:, :at], c.exact_dtype, c.exact_k)
